@@ -1,0 +1,219 @@
+"""``chiron bench local-autoscaler``: adaptive max batch size vs the best static cap vs vLLM's default.
+
+The simulated Llama-3-8B / A100-80GB engine (``services.engine.core`` + the fitted performance model) runs
+in virtual time under a closed-loop load that keeps it saturated (a backlog of requests is always waiting;
+prompt and output lengths drawn from ShareGPT, ``../shared/data/traces/sharegpt/
+sharegpt_8k_filtered_stats_llama2_tokenizer.csv``, Apache-2.0, via microsoft/sarathi-serve). Every setting
+sees the same request sequence (common random numbers).
+
+Settings per ITL SLO:
+* ``adaptive`` — the local autoscaler (``services.engine.local_autoscaler``), starting at its initial batch
+  size with no profiling; token budget tied to the batch size;
+* ``best_static`` — the static max batch size with the highest throughput among those meeting the ITL SLO
+  (attainment ≥ 0.99), found by a sweep over the same engine (what a well-tuned operator would pick);
+* ``default_256`` — vLLM's defaults: ``max_num_seqs`` 256 and ``max_num_batched_tokens`` 8192.
+
+Metrics are taken after a warm-up (``warmup_s``) over the rest of the run. ``itl_slo_attainment`` is the
+fraction of output tokens (after each request's first) whose inter-token latency is within the SLO.
+``converge_s`` is the simulated time until the adaptive batch size stays within 10% of its final value
+(the median over the run's last 30 s).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from services.common.paths import shared_data_dir
+from services.engine.core import EngineConfig, EngineCore
+from services.engine.local_autoscaler import LocalAutoscalerConfig, Observation, decide, initial_state
+from services.engine.perf_model import default_perf_model
+from services.engine.stats import weighted_quantile
+
+SHAREGPT = "traces/sharegpt/sharegpt_8k_filtered_stats_llama2_tokenizer.csv"
+STATIC_GRID = (4, 8, 12, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384, 448,
+               512, 640, 768, 896, 1024)
+
+
+def load_sharegpt_lengths(max_total_tokens: int) -> np.ndarray:
+    """(prompt_tokens, output_tokens) rows of the ShareGPT trace whose sum fits ``max_total_tokens``."""
+    path = shared_data_dir() / SHAREGPT
+    with path.open(newline="") as f:
+        rows = [(int(r["num_prefill_tokens"]), int(r["num_decode_tokens"])) for r in csv.DictReader(f)]
+    arr = np.array(rows)
+    return arr[(arr.sum(axis=1) <= max_total_tokens) & (arr[:, 0] > 0) & (arr[:, 1] > 0)]
+
+
+@dataclass
+class RunResult:
+    itl_slo_ms: float
+    setting: str
+    max_batch_size: int
+    throughput_tokens_per_s: float
+    itl_p50_ms: float
+    itl_p95_ms: float
+    itl_slo_attainment: float
+    converge_s: float | None = None
+    num_preemptions: int = 0
+
+
+def run_engine(itl_slo_ms: float, setting: str, batch_size: int, duration_s: float, warmup_s: float,
+               seed: int = 0, backlog: int = 32, fixed_token_budget: int | None = None,
+               autoscaler: LocalAutoscalerConfig | None = None) -> tuple[RunResult, list[tuple[float, int]]]:
+    """Run one setting in virtual time. Returns the result and the batch-size trajectory [(t_s, B)]."""
+    perf = default_perf_model("llama-3-8b")
+    lengths = load_sharegpt_lengths(perf.model.max_model_len)
+    rng = np.random.default_rng(seed)
+    order = rng.integers(0, len(lengths), size=200_000)
+    cfg = EngineConfig(max_num_seqs=batch_size, max_num_seqs_limit=1024, max_num_batched_tokens=fixed_token_budget)
+    engine = EngineCore(perf, cfg)
+    a_cfg = a_state = None
+    if autoscaler is not None:
+        a_cfg = autoscaler.validate()
+        a_state = initial_state(a_cfg)
+        engine.set_max_num_seqs(a_cfg.initial_batch_size)
+    trajectory = [(0.0, engine.max_num_seqs)]
+
+    now, k = 0.0, 0
+    itl_vals: list[float] = []
+    itl_counts: list[int] = []
+    tokens_measured = 0
+    win_itl: list[tuple[float, int]] = []
+    win_tokens = 0
+    next_control = a_cfg.control_interval_s if a_cfg else math.inf
+    while now < duration_s:
+        while len(engine.waiting) < backlog:
+            p, d = lengths[order[k % len(order)]]
+            engine.add_request(f"r{k}", int(p), int(d), now)
+            k += 1
+        res = engine.step(now)
+        now = res.end_s
+        itl_ms = res.duration_s * 1e3
+        n_itl = sum(1 for e in res.events if not e.first)
+        n_tok = len(res.events)
+        if now >= warmup_s:
+            tokens_measured += n_tok
+            if n_itl:
+                itl_vals.append(itl_ms)
+                itl_counts.append(n_itl)
+        if a_cfg is not None:
+            if n_itl:
+                win_itl.append((itl_ms, n_itl))
+            win_tokens += n_tok
+            if now >= next_control:
+                arr = np.array(win_itl, dtype=float).reshape(-1, 2)
+                q = weighted_quantile(arr[:, 0], arr[:, 1], a_cfg.itl_quantile) if len(win_itl) else math.nan
+                obs = Observation(now, q, win_tokens / a_cfg.control_interval_s, engine.saturated)
+                a_state, decision = decide(a_cfg, a_state, obs)
+                engine.set_max_num_seqs(decision.max_batch_size)
+                trajectory.append((now, engine.max_num_seqs))
+                win_itl, win_tokens = [], 0
+                next_control = now + a_cfg.control_interval_s
+
+    vals = np.array(itl_vals)
+    cnts = np.array(itl_counts, dtype=float)
+    att = float(cnts[vals <= itl_slo_ms].sum() / cnts.sum()) if cnts.size else 0.0
+    result = RunResult(
+        itl_slo_ms=itl_slo_ms, setting=setting, max_batch_size=engine.max_num_seqs,
+        throughput_tokens_per_s=tokens_measured / max(now - warmup_s, 1e-9),
+        itl_p50_ms=weighted_quantile(vals, cnts, 0.50), itl_p95_ms=weighted_quantile(vals, cnts, 0.95),
+        itl_slo_attainment=att, num_preemptions=engine.num_preemptions_total,
+    )
+    if setting == "adaptive":
+        result.converge_s = converge_time(trajectory)
+    return result, trajectory
+
+
+def converge_time(trajectory: list[tuple[float, int]], tolerance: float = 0.10, final_window_s: float = 30.0) -> float:
+    """Seconds until the batch size stays within ``tolerance`` of its final value for the rest of the run.
+
+    The final value is the median batch size over the last ``final_window_s`` seconds (the right batch size
+    moves a little with the context lengths of the running requests; one control step is not "final").
+    """
+    end = trajectory[-1][0]
+    final = float(np.median([b for t, b in trajectory if t >= end - final_window_s]))
+    converged_at = 0.0
+    for t, b in trajectory:
+        if abs(b - final) > tolerance * final:
+            converged_at = t
+    # The first control point after the last excursion is when it settled.
+    later = [t for t, _ in trajectory if t > converged_at]
+    return later[0] if later and converged_at > 0 else converged_at
+
+
+def _run_static(args: tuple) -> RunResult:
+    slo, b, duration, warmup, seed = args
+    return run_engine(slo, "static", b, duration, warmup, seed)[0]
+
+
+def run_bench(slos: tuple[float, ...] = (25.0, 50.0, 100.0), duration_s: float = 300.0, warmup_s: float = 60.0,
+              seed: int = 0, workers: int = 2, progress=None) -> dict:
+    """Run all settings for every SLO. Returns ``{"results": [...], "sweep": [...], "config": {...}}``."""
+    results: list[RunResult] = []
+    sweep: list[dict] = []
+    jobs = [(slo, b, duration_s, warmup_s, seed) for slo in slos for b in STATIC_GRID]
+    with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
+        statics = []
+        for r in pool.map(_run_static, jobs):
+            statics.append(r)
+            if progress:
+                progress()
+        adaptive_runs = list(pool.map(_run_adaptive, [(slo, duration_s, warmup_s, seed) for slo in slos]))
+        default_runs = list(pool.map(_run_default, [(slo, duration_s, warmup_s, seed) for slo in slos]))
+    for slo, adaptive, default in zip(slos, adaptive_runs, default_runs, strict=True):
+        cands = [r for r in statics if r.itl_slo_ms == slo]
+        sweep += [asdict(r) for r in cands]
+        ok = [r for r in cands if r.itl_slo_attainment >= 0.99]
+        best = max(ok, key=lambda r: r.throughput_tokens_per_s) if ok else None
+        results.append(adaptive)
+        if best is not None:
+            best.setting = "best_static"
+            results.append(best)
+        default.setting = "default_256"
+        results.append(default)
+    rows = []
+    for r in results:
+        d = asdict(r)
+        if r.setting != "adaptive":
+            d.pop("converge_s")
+        rows.append(d)
+    return {"results": rows, "sweep": sweep,
+            "config": {"duration_s": duration_s, "warmup_s": warmup_s, "seed": seed,
+                       "model": "llama-3-8b", "gpu": "A100-80GB", "workload": SHAREGPT,
+                       "autoscaler": asdict(LocalAutoscalerConfig())}}
+
+
+def _run_adaptive(args: tuple) -> RunResult:
+    slo, duration, warmup, seed = args
+    cfg = LocalAutoscalerConfig(itl_slo_ms=slo)
+    return run_engine(slo, "adaptive", cfg.initial_batch_size, duration, warmup, seed, autoscaler=cfg)[0]
+
+
+def _run_default(args: tuple) -> RunResult:
+    slo, duration, warmup, seed = args
+    return run_engine(slo, "default_256", 256, duration, warmup, seed, fixed_token_budget=8192)[0]
+
+
+def summarize(report: dict) -> list[dict]:
+    """Per SLO: adaptive throughput as a fraction of best static, and whether the issue's targets hold."""
+    out = []
+    by = {(r["itl_slo_ms"], r["setting"]): r for r in report["results"]}
+    for slo in sorted({r["itl_slo_ms"] for r in report["results"]}):
+        a, b = by.get((slo, "adaptive")), by.get((slo, "best_static"))
+        if a is None:
+            continue
+        frac = a["throughput_tokens_per_s"] / b["throughput_tokens_per_s"] if b else math.nan
+        out.append({"itl_slo_ms": slo, "adaptive_vs_best_static": frac,
+                    "targets_met": bool(frac >= 0.95 and a["itl_slo_attainment"] >= 0.99
+                                        and (a["converge_s"] or 0) <= 30.0)})
+    return out
+
+
+def write_json(report: dict, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(report, indent=2))

@@ -1,0 +1,335 @@
+"""Continuous-batching engine core in virtual time (the simulated backend's scheduler).
+
+Pure and steppable: :meth:`EngineCore.step` takes ``now`` (seconds, any clock) and returns what one
+iteration did and how long it took according to a :class:`~services.engine.perf_model.PerfModel`. The
+engine agent's simulated backend drives it in wall-clock time; the fleet simulator drives the same class
+in virtual time.
+
+The scheduling follows vLLM v1's scheduler (``vllm/v1/core/sched/scheduler.py``):
+
+* iteration-level scheduling with a per-iteration token budget (``max_num_batched_tokens``) and a cap on
+  running requests (``max_num_seqs``, the *max batch size* the local autoscaler sets at run time);
+* running requests first (one decode token each, or the next chunk of an unfinished prefill), then
+  waiting requests in FIFO order while the cap, the budget and free KV blocks allow (chunked prefill);
+* the KV cache is allocated in blocks of ``block_size`` tokens; when a running request needs a block and
+  none is free, the most recently admitted running request is preempted (recompute: its blocks are freed
+  and it goes back to the front of the waiting queue);
+* lowering the cap never evicts running requests (as in vLLM); it only stops admissions.
+
+A request can arrive with output tokens generated elsewhere (``resumed_tokens``, after an eviction) and
+optionally with its KV cache on host memory (``host_kv_tokens``): then its first iteration pays the
+host-to-GPU copy instead of recomputing the prefill (``../shared/notes/hardware.md``, "Costs worth
+modelling").
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from enum import Enum
+
+from services.engine.perf_model import PerfModel, kv_capacity_tokens
+
+
+class RequestRejected(ValueError):
+    """A request that the engine can never serve (``code`` names the gRPC status to return)."""
+
+    def __init__(self, message: str, code: str = "INVALID_ARGUMENT") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class RequestState(Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class EngineRequest:
+    """One request inside the engine. Token counts are in tokens; times in seconds of the engine clock."""
+
+    request_id: str
+    prompt_tokens: int
+    max_tokens: int
+    arrival_s: float
+    resumed_tokens: int = 0
+    host_kv_tokens: int = 0
+    state: RequestState = RequestState.WAITING
+    num_generated: int = 0  # output tokens so far, including resumed ones
+    num_computed: int = 0  # context tokens whose KV is on the GPU
+    num_blocks: int = 0
+    first_token_s: float | None = None
+    last_token_s: float | None = None
+    num_preemptions: int = 0
+
+    def __post_init__(self) -> None:
+        self.num_generated = self.resumed_tokens
+
+    @property
+    def context_len(self) -> int:
+        """Prompt plus generated tokens: the tokens whose KV a decode step needs."""
+        return self.prompt_tokens + self.num_generated
+
+    @property
+    def done(self) -> bool:
+        return self.num_generated >= self.max_tokens
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """Output of one request in one iteration."""
+
+    request_id: str
+    new_tokens: int
+    num_generated: int
+    finished: bool
+    first: bool
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one engine iteration did. ``duration_s`` is the modelled iteration time."""
+
+    start_s: float
+    duration_s: float
+    events: tuple[TokenEvent, ...]
+    num_decode: int
+    num_prefill_tokens: int
+    preempted: tuple[str, ...] = ()
+
+    @property
+    def end_s(self) -> float:
+        return self.start_s + self.duration_s
+
+
+@dataclass
+class EngineConfig:
+    """Limits of one engine instance (vLLM's names where vLLM has the knob).
+
+    ``max_num_seqs`` is the initial max batch size; ``max_num_seqs_limit`` the largest the local autoscaler
+    may set (vLLM sizes its runner for it). ``max_num_batched_tokens`` is the per-iteration token budget:
+    an integer fixes it (vLLM's behaviour; v1's default on 80 GB GPUs for the OpenAI server is 8192),
+    ``None`` ties it to the current max batch size, so that the one knob the local autoscaler turns bounds
+    all the tokens of an iteration (decode tokens plus prefill chunks) and hence its latency. Chiron's
+    default is the tied budget (a choice, measured in ``chiron bench local-autoscaler``): with prompts much
+    longer than outputs, a fixed large budget lets prefill chunks stall every decode in the iteration and no
+    batch size then meets an ITL SLO. ``kv_capacity_tokens`` 0 = derive it from GPU memory minus weights
+    (:func:`~services.engine.perf_model.kv_capacity_tokens`).
+    """
+
+    max_num_seqs: int = 256
+    max_num_seqs_limit: int = 1024
+    max_num_batched_tokens: int | None = None
+    block_size: int = 16
+    kv_capacity_tokens: int = 0
+    max_model_len: int = 0  # 0 = the model's
+
+
+class EngineCore:
+    """Continuous-batching scheduler + performance model. Not thread-safe; one owner drives it."""
+
+    def __init__(self, perf: PerfModel, config: EngineConfig | None = None) -> None:
+        self.perf = perf
+        self.config = cfg = config or EngineConfig()
+        if not 1 <= cfg.max_num_seqs <= cfg.max_num_seqs_limit:
+            raise ValueError("max_num_seqs must be in [1, max_num_seqs_limit]")
+        self.max_model_len = cfg.max_model_len or perf.model.max_model_len
+        capacity = cfg.kv_capacity_tokens or kv_capacity_tokens(perf.model, perf.gpu)
+        self.total_blocks = capacity // cfg.block_size
+        self.free_blocks = self.total_blocks
+        self.max_num_seqs = cfg.max_num_seqs
+        self.waiting: deque[EngineRequest] = deque()
+        self.running: list[EngineRequest] = []
+        self.requests: dict[str, EngineRequest] = {}
+        self.num_preemptions_total = 0
+        self.generated_tokens_total = 0
+        self.finished_total = 0
+
+    # ---- admission -------------------------------------------------------------------------
+    @property
+    def kv_capacity_tokens(self) -> int:
+        return self.total_blocks * self.config.block_size
+
+    def validate(self, prompt_tokens: int, max_tokens: int, resumed_tokens: int = 0) -> None:
+        """Raise :class:`RequestRejected` for a request this engine can never serve."""
+        if prompt_tokens <= 0:
+            raise RequestRejected("prompt is empty: send at least one prompt token")
+        if max_tokens <= 0:
+            raise RequestRejected(f"max_tokens must be > 0 (got {max_tokens})")
+        if resumed_tokens < 0 or resumed_tokens >= max_tokens:
+            raise RequestRejected(f"resumed tokens ({resumed_tokens}) must be fewer than max_tokens ({max_tokens})")
+        total = prompt_tokens + max_tokens
+        if total > self.max_model_len:
+            raise RequestRejected(
+                f"prompt ({prompt_tokens}) + max_tokens ({max_tokens}) = {total} tokens exceeds the model's "
+                f"context of {self.max_model_len} tokens; shorten the prompt or lower max_tokens")
+        if total > self.kv_capacity_tokens:
+            raise RequestRejected(
+                f"request needs {total} tokens of KV cache but this instance holds only "
+                f"{self.kv_capacity_tokens}; it can never be scheduled here", code="RESOURCE_EXHAUSTED")
+
+    def add_request(self, request_id: str, prompt_tokens: int, max_tokens: int, now: float,
+                    resumed_tokens: int = 0, host_kv_tokens: int = 0) -> EngineRequest:
+        """Queue a request. Raises :class:`RequestRejected` (bad or unservable) or ValueError (duplicate id)."""
+        if request_id in self.requests:
+            raise RequestRejected(f"request id {request_id!r} is already in this engine", code="ALREADY_EXISTS")
+        self.validate(prompt_tokens, max_tokens, resumed_tokens)
+        req = EngineRequest(request_id, prompt_tokens, max_tokens, now, resumed_tokens,
+                            min(host_kv_tokens, prompt_tokens + resumed_tokens))
+        self.requests[request_id] = req
+        self.waiting.append(req)
+        return req
+
+    def remove(self, request_id: str) -> EngineRequest | None:
+        """Abort or evict: drop the request wherever it is and free its KV blocks. None if unknown."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        if req.state is RequestState.RUNNING:
+            self.running.remove(req)
+        elif req.state is RequestState.WAITING:
+            self.waiting.remove(req)
+        self._free(req)
+        req.state = RequestState.FINISHED
+        return req
+
+    def set_max_num_seqs(self, n: int) -> int:
+        """Set the max batch size, clamped to [1, max_num_seqs_limit]; returns the value applied."""
+        self.max_num_seqs = max(1, min(int(n), self.config.max_num_seqs_limit))
+        return self.max_num_seqs
+
+    # ---- state ---------------------------------------------------------------------------
+    def has_work(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    @property
+    def kv_cache_usage(self) -> float:
+        return 1.0 - self.free_blocks / self.total_blocks if self.total_blocks else 0.0
+
+    @property
+    def saturated(self) -> bool:
+        """Work is waiting, or the batch is at its cap: throughput then reflects capacity, not load."""
+        return bool(self.waiting) or len(self.running) >= self.max_num_seqs
+
+    # ---- one iteration ---------------------------------------------------------------------
+    def _blocks_for(self, tokens: int) -> int:
+        return -(-tokens // self.config.block_size)
+
+    def _free(self, req: EngineRequest) -> None:
+        self.free_blocks += req.num_blocks
+        req.num_blocks = 0
+
+    def _grow(self, req: EngineRequest, new_computed: int) -> bool:
+        need = self._blocks_for(new_computed) - req.num_blocks
+        if need <= 0:
+            return True
+        if need > self.free_blocks:
+            return False
+        self.free_blocks -= need
+        req.num_blocks += need
+        return True
+
+    def _preempt(self, victim: EngineRequest) -> None:
+        self.running.remove(victim)
+        self._free(victim)
+        victim.num_computed = 0
+        victim.host_kv_tokens = 0
+        victim.state = RequestState.WAITING
+        victim.num_preemptions += 1
+        self.num_preemptions_total += 1
+        self.waiting.appendleft(victim)
+
+    def _tokens_wanted(self, req: EngineRequest) -> int:
+        # Tokens to run through the model so that the step samples the next output token.
+        return max(1, req.context_len - req.num_computed)
+
+    def step(self, now: float) -> StepResult:
+        """Schedule and run one iteration starting at ``now`` (seconds). Returns an empty result when idle."""
+        budget = self.config.max_num_batched_tokens or self.max_num_seqs
+        scheduled: list[tuple[EngineRequest, int]] = []
+        preempted: list[str] = []
+        host_load_tokens = 0
+
+        # 1) running requests, oldest first; preempt the newest when KV blocks run out.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(self._tokens_wanted(req), budget)
+            while not self._grow(req, req.num_computed + n):
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted.append(victim.request_id)
+                if victim is req:
+                    break
+            if req.state is not RequestState.RUNNING:
+                break
+            scheduled.append((req, n))
+            budget -= n
+            i += 1
+
+        # 2) waiting requests (FIFO) while the cap, the budget and the KV cache allow; none after a preemption.
+        while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            req = self.waiting[0]
+            if req.host_kv_tokens and req.num_computed == 0:
+                if not self._grow(req, req.host_kv_tokens):
+                    break
+                req.num_computed = req.host_kv_tokens
+                host_load_tokens += req.host_kv_tokens
+                req.host_kv_tokens = 0
+            n = min(self._tokens_wanted(req), budget)
+            if not self._grow(req, req.num_computed + n):
+                break
+            self.waiting.popleft()
+            req.state = RequestState.RUNNING
+            self.running.append(req)
+            scheduled.append((req, n))
+            budget -= n
+
+        if not scheduled:
+            return StepResult(now, 0.0, (), 0, 0, tuple(preempted))
+
+        num_decode = 0
+        sum_ctx = 0
+        chunks: list[tuple[int, int]] = []
+        for req, n in scheduled:
+            if n == 1 and req.num_computed == req.context_len - 1 and req.num_generated > 0:
+                num_decode += 1
+                sum_ctx += req.context_len
+            else:
+                chunks.append((n, req.num_computed))
+        duration = self.perf.iteration_ms(num_decode, sum_ctx, chunks) / 1e3
+        if host_load_tokens:
+            duration += host_load_tokens * self.perf.model.kv_bytes_per_token / self.perf.gpu.host_link_bytes_per_s
+        end = now + duration
+
+        events: list[TokenEvent] = []
+        for req, n in scheduled:
+            req.num_computed += n
+            if req.num_computed < req.context_len:
+                continue  # prefill chunk only, no token sampled yet
+            first = req.first_token_s is None
+            req.num_generated += 1
+            self.generated_tokens_total += 1
+            if first:
+                req.first_token_s = end
+            req.last_token_s = end
+            finished = req.done
+            if finished:
+                self.running.remove(req)
+                self._free(req)
+                req.state = RequestState.FINISHED
+                del self.requests[req.request_id]
+                self.finished_total += 1
+            events.append(TokenEvent(req.request_id, 1, req.num_generated, finished, first))
+        num_prefill_tokens = sum(c for c, _ in chunks)
+        return StepResult(now, duration, tuple(events), num_decode, num_prefill_tokens, tuple(preempted))
+
+
+def decode_kv_offload_ms(perf: PerfModel, context_tokens: int) -> float:
+    """Cost of moving ``context_tokens`` of KV cache between GPU and host memory, milliseconds (hardware.md)."""
+    return 1e3 * context_tokens * perf.model.kv_bytes_per_token / perf.gpu.host_link_bytes_per_s
+
+
+__all__ = ["EngineConfig", "EngineCore", "EngineRequest", "RequestRejected", "RequestState", "StepResult",
+           "TokenEvent", "decode_kv_offload_ms"]

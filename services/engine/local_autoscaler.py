@@ -1,0 +1,170 @@
+"""Chiron's local autoscaler: the engine's maximum batch size from latency and throughput backpressure.
+
+A pure function of ``(config, state, observation)`` — no clock, no I/O — so the engine agent (wall clock)
+and the fleet simulator (virtual clock) run the very same code.
+
+The rule (paper "Hierarchical Autoscaling for LLM Serving with Chiron", arXiv 2501.08090, local
+autoscaler; restated in ``../shared/notes/paper.md`` §0b):
+
+* latency backpressure ``LBP = observed ITL / ITL SLO``;
+* throughput backpressure ``TBP = previous throughput / current throughput``;
+* backpressure ``> 1`` ⇒ halve the max batch size; ``< 1`` ⇒ grow toward ``current / BP`` through an
+  EWMA: ``B ← (1 − α)·B + α·B/BP``.
+
+Choices where the paper is silent (``paper.md`` §0c lists the pitfalls they guard against):
+
+* **Observed ITL** is a high quantile (``itl_quantile``, default p99) of the per-token ITLs of the last
+  control interval, smoothed by an EWMA (``itl_smoothing``) so one prefill-heavy interval does not halve
+  the batch (one interval above ``overload_factor`` × SLO still halves at once).
+* **Halve only on a real violation, grow toward a margin.** LBP > 1 (ITL above the SLO itself) halves;
+  growth aims at ``latency_target_fraction`` × SLO (default 0.9), and between that target and the SLO
+  the same proportional EWMA step eases the batch down instead of halving it. A literal "halve when > 1"
+  around the growth target throws half the throughput away on noise every few seconds (a sawtooth the
+  first version of this module showed in ``chiron bench local-autoscaler``).
+* **TBP counts only while the engine is saturated** (work waiting or batch at its cap) **and only after
+  a step that did not lower the batch size.** Throughput also falls when load falls, and it falls right
+  after a halving by construction; a literal TBP > 1 would then halve again and cascade to a batch of 1.
+  Throughput is smoothed by the same EWMA (restarted after a halving), and TBP must exceed
+  ``1 + tbp_tolerance`` before it halves (noise band).
+* **Combined** growth backpressure ``BP = max(ITL / target, TBP / (1 + tbp_tolerance))``: whichever
+  resource is closer to its limit. A batch instance has a relaxed ITL SLO, so its LBP is small and TBP
+  drives it.
+* Worked example (ITL ≈ a + b·B, SLO target S): growth maps B to ``(1−α)B + α·B·S/(a+bB)``, which is
+  increasing, concave and has its fixed point at the largest B whose ITL meets S, so growth approaches
+  it from below without overshooting; only noise can push LBP above 1, and the smoothing damps that.
+  ``tests/test_local_autoscaler.py`` checks the step-load, oscillation and noise cases.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+
+@dataclass(frozen=True)
+class LocalAutoscalerConfig:
+    """Knobs of the local autoscaler (units in names; defaults from the bench in ``bench/local_autoscaler.py``).
+
+    Raises ValueError from :meth:`validate` for inconsistent values.
+    """
+
+    itl_slo_ms: float = 50.0
+    min_batch_size: int = 1
+    max_batch_size: int = 1024
+    initial_batch_size: int = 16
+    control_interval_s: float = 1.0
+    ewma_alpha: float = 0.75  # weight of the new target in the proportional step
+    itl_quantile: float = 0.99
+    itl_smoothing: float = 0.5  # EWMA weight of a new ITL / throughput observation
+    latency_target_fraction: float = 0.9
+    tbp_tolerance: float = 0.25
+    deadband: float = 0.05  # hold while the growth backpressure is within 1 ± deadband (damps wandering)
+    overload_factor: float = 1.5  # one interval with ITL above this × SLO halves at once (no smoothing)
+
+    def validate(self) -> LocalAutoscalerConfig:
+        if self.itl_slo_ms <= 0:
+            raise ValueError(f"itl_slo_ms must be > 0 (got {self.itl_slo_ms})")
+        if not 1 <= self.min_batch_size <= self.initial_batch_size <= self.max_batch_size:
+            raise ValueError("need 1 <= min_batch_size <= initial_batch_size <= max_batch_size")
+        if self.control_interval_s <= 0:
+            raise ValueError("control_interval_s must be > 0")
+        for name in ("ewma_alpha", "itl_smoothing", "latency_target_fraction"):
+            v = getattr(self, name)
+            if not 0 < v <= 1:
+                raise ValueError(f"{name} must be in (0, 1] (got {v})")
+        if not 0 < self.itl_quantile < 1:
+            raise ValueError("itl_quantile must be in (0, 1)")
+        if self.tbp_tolerance < 0:
+            raise ValueError("tbp_tolerance must be >= 0")
+        return self
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What the engine saw over the last control interval.
+
+    ``itl_ms``: the ``itl_quantile`` of per-token ITLs in the interval (NaN when no token was produced);
+    ``throughput_tokens_per_s``: output tokens per second in the interval; ``saturated``: work was waiting
+    or the batch was at its cap at the end of the interval.
+    """
+
+    now: float
+    itl_ms: float
+    throughput_tokens_per_s: float
+    saturated: bool
+
+
+@dataclass(frozen=True)
+class LocalAutoscalerState:
+    """State carried between decisions. ``batch_size`` is fractional; the engine gets its floor."""
+
+    batch_size: float
+    itl_ewma_ms: float | None = None
+    throughput_ewma: float | None = None
+    last_decision_s: float | None = None
+    last_action: str = "hold"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One control decision and the inputs that explain it."""
+
+    now: float
+    max_batch_size: int
+    latency_backpressure: float
+    throughput_backpressure: float
+    backpressure: float
+    action: str  # "grow", "halve", "hold"
+    reason: str
+
+
+def initial_state(config: LocalAutoscalerConfig) -> LocalAutoscalerState:
+    return LocalAutoscalerState(batch_size=float(config.initial_batch_size))
+
+
+def _ewma(prev: float | None, new: float, w: float) -> float:
+    return new if prev is None else (1 - w) * prev + w * new
+
+
+def decide(config: LocalAutoscalerConfig, state: LocalAutoscalerState,
+           obs: Observation) -> tuple[LocalAutoscalerState, Decision]:
+    """One control step. Returns the new state and the decision (``max_batch_size`` to apply)."""
+    cfg = config
+    cur = state.batch_size
+    if math.isnan(obs.itl_ms):
+        # No tokens in the interval: nothing to learn from; keep the batch size.
+        d = Decision(obs.now, int(cur), 0.0, 0.0, 0.0, "hold", "no tokens produced in the interval")
+        return replace(state, last_decision_s=obs.now), d
+
+    itl = _ewma(state.itl_ewma_ms, obs.itl_ms, cfg.itl_smoothing)
+    lbp = itl / cfg.itl_slo_ms  # the paper's latency backpressure
+    target_ms = cfg.itl_slo_ms * cfg.latency_target_fraction
+
+    prev_tp = state.throughput_ewma  # None right after a halving
+    tp = _ewma(prev_tp, obs.throughput_tokens_per_s, cfg.itl_smoothing)
+    tbp = 0.0
+    if obs.saturated and state.last_action == "grow" and prev_tp is not None and tp > 0:
+        tbp = prev_tp / tp
+    # Backpressure against the growth target: latency against the SLO margin, throughput against its noise band.
+    bp = max(itl / target_ms, tbp / (1.0 + cfg.tbp_tolerance))
+
+    if lbp > 1.0 or obs.itl_ms > cfg.overload_factor * cfg.itl_slo_ms:
+        new, action = cur / 2.0, "halve"
+        reason = f"latency backpressure {max(lbp, obs.itl_ms / cfg.itl_slo_ms):.2f} > 1 (ITL {itl:.1f} ms, SLO {cfg.itl_slo_ms:g} ms)"
+    elif tbp > 1.0 + cfg.tbp_tolerance:
+        new, action = cur / 2.0, "halve"
+        reason = f"throughput backpressure {tbp:.2f} > 1: throughput fell after growing while saturated"
+    elif bp < 1.0 and not obs.saturated:
+        # Below the target and not saturated: the cap is not binding; growing it would add no evidence.
+        new, action, reason = cur, "hold", "engine not saturated: the cap is not binding"
+    elif abs(bp - 1.0) <= cfg.deadband:
+        new, action, reason = cur, "hold", f"backpressure {bp:.2f} within the deadband around the ITL target"
+    else:
+        # Proportional move toward cur / bp, smoothed: grows below the target, eases down inside the margin.
+        target = cur / max(bp, 1e-3)
+        new = (1 - cfg.ewma_alpha) * cur + cfg.ewma_alpha * target
+        action = "grow" if new > cur else "hold"
+        reason = f"backpressure {bp:.2f} against ITL target {target_ms:.1f} ms: move toward {target:.0f}"
+    new = min(float(cfg.max_batch_size), max(float(cfg.min_batch_size), new))
+    new_state = LocalAutoscalerState(new, itl, None if action == "halve" else tp, obs.now, action)
+    return new_state, Decision(obs.now, int(new), lbp, tbp, bp, action, reason)
