@@ -1,0 +1,46 @@
+# Chiron developer entry points. `make demo` and `make test` are the README's first two commands.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test install lint protos bench-perf-model bench-local-autoscaler clean
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "need Python >= 3.11 ($(PYTHON) not found)"; exit 1; }
+	$(PYTHON) -m venv $(VENV) || { echo "python venv failed: on Debian/Ubuntu run 'apt-get install -y python3-venv'"; exit 1; }
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+node_modules/.installed: package.json package-lock.json
+	@command -v npm >/dev/null || { echo "need npm for buf (protobuf lint): apt-get install -y npm"; exit 1; }
+	npm ci --no-audit --no-fund --loglevel=error
+	touch node_modules/.installed
+
+install: $(STAMP)
+
+## The main job: a local engine agent serving a replay of the Azure conversation trace.
+demo: $(STAMP)
+	$(VENV)/bin/chiron demo
+
+protos: $(STAMP)
+	$(PY) scripts/gen_protos.py
+
+lint: $(STAMP) node_modules/.installed
+	$(PY) scripts/gen_protos.py --check
+	cd protos && ../node_modules/.bin/buf lint && ../node_modules/.bin/buf format --diff --exit-code
+	$(VENV)/bin/ruff check .
+
+## The whole test suite (CI runs exactly this).
+test: lint
+	$(PY) -m pytest -q
+
+bench-perf-model: $(STAMP)
+	$(VENV)/bin/chiron bench perf-model --json out/bench-perf-model.json
+
+bench-local-autoscaler: $(STAMP)
+	$(VENV)/bin/chiron bench local-autoscaler --json out/bench-local-autoscaler.json
+
+clean:
+	rm -rf $(VENV) node_modules out .pytest_cache .ruff_cache

@@ -1,0 +1,261 @@
+"""The ``chiron`` command: run services, demos and benchmarks.
+
+    chiron engine                 run one engine agent (gRPC Engine service + local autoscaler)
+    chiron demo                   engine agent + replay of the Azure conversation trace + autoscaler report
+    chiron bench perf-model       fit error of the A100 performance model on held-out profile rows
+    chiron bench local-autoscaler adaptive vs best static vs vLLM default max batch size
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import signal
+import tempfile
+import time
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+console = Console()
+
+
+def _fmt(v, digits: int = 1) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, float):
+        return "—" if math.isnan(v) else f"{v:.{digits}f}"
+    return str(v)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.option("--log-level", default="INFO", show_default=True, type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
+def main(log_level: str) -> None:
+    """Chiron: SLO-aware hierarchical autoscaling for LLM serving (arXiv 2501.08090)."""
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+# ----------------------------------------------------------------------------------------------
+# chiron engine
+# ----------------------------------------------------------------------------------------------
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
+@click.option("--port", default=50061, show_default=True, help="gRPC port (0 = pick a free one).")
+@click.option("--port-file", type=click.Path(dir_okay=False), help="Write the bound port here once serving.")
+@click.option("--backend", type=click.Choice(["simulated"]), default="simulated", show_default=True,
+              help="simulated: continuous-batching A100 engine from the fitted performance model.")
+@click.option("--model", default="llama-3-8b", show_default=True, type=click.Choice(["llama-3-8b", "llama-2-70b"]),
+              help="Model of the simulated engine (llama-2-70b runs over TP=4).")
+@click.option("--role", type=click.Choice(["interactive", "mixed", "batch"]), default="interactive", show_default=True)
+@click.option("--instance-id", default="", help="Instance id (default: generated).")
+@click.option("--itl-slo-ms", type=float, default=None,
+              help="ITL SLO the local autoscaler holds [ms]. Default: 50 (interactive/mixed), 500 (batch).")
+@click.option("--initial-batch-size", default=16, show_default=True, help="Max batch size at start [requests].")
+@click.option("--max-batch-size", default=1024, show_default=True, help="Upper bound of the max batch size.")
+@click.option("--control-interval-s", default=1.0, show_default=True, help="Local autoscaler period [s].")
+@click.option("--static-batch-size", type=int, default=None,
+              help="Disable the local autoscaler and fix the max batch size [requests].")
+@click.option("--token-budget", type=int, default=None,
+              help="Fixed per-iteration token budget (vLLM max_num_batched_tokens); default: tied to the batch size.")
+@click.option("--speedup", default=1.0, show_default=True, help="Run the simulated engine's clock this much faster.")
+def engine(host, port, port_file, backend, model, role, instance_id, itl_slo_ms, initial_batch_size,
+           max_batch_size, control_interval_s, static_batch_size, token_budget, speedup) -> None:
+    """Run one engine agent: the chiron.v1.Engine gRPC service with health checking and reflection.
+
+    SIGTERM or Ctrl-C drains: new requests get UNAVAILABLE, running ones finish (up to 30 s).
+    """
+    from services.engine.backend import SimulatedBackend
+    from services.engine.core import EngineConfig
+    from services.engine.local_autoscaler import LocalAutoscalerConfig
+    from services.engine.server import ROLE_NAMES, AgentConfig, EngineAgent, serve
+
+    if itl_slo_ms is None:
+        itl_slo_ms = 500.0 if role == "batch" else 50.0
+    try:
+        a_cfg = LocalAutoscalerConfig(itl_slo_ms=itl_slo_ms, initial_batch_size=static_batch_size or initial_batch_size,
+                                      max_batch_size=max(max_batch_size, static_batch_size or 1),
+                                      control_interval_s=control_interval_s).validate()
+        e_cfg = EngineConfig(max_num_seqs=a_cfg.initial_batch_size, max_num_seqs_limit=a_cfg.max_batch_size,
+                             max_num_batched_tokens=token_budget)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from e
+
+    async def run() -> None:
+        be = SimulatedBackend(model, e_cfg, speedup=speedup)
+        agent = EngineAgent(be, AgentConfig(instance_id=instance_id, role=ROLE_NAMES[role], autoscaler=a_cfg,
+                                            autoscale=static_batch_size is None))
+        srv = await serve(agent, host, port)
+        if port_file:
+            Path(port_file).write_text(str(srv.port))
+        console.print(f"engine agent [bold]{agent.config.instance_id}[/] ({backend}, {model}, {role}) "
+                      f"serving on {host}:{srv.port}")
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        console.print("draining…")
+        await srv.stop(grace_s=30.0)
+
+    asyncio.run(run())
+
+
+# ----------------------------------------------------------------------------------------------
+# chiron demo
+# ----------------------------------------------------------------------------------------------
+@main.command()
+@click.option("--trace", "trace_name", default="azure-conv", show_default=True,
+              help="azure-conv, azure-code, or a CSV path with TIMESTAMP,ContextTokens,GeneratedTokens.")
+@click.option("--start-s", default=0.0, show_default=True, help="Start of the trace slice [s].")
+@click.option("--duration-s", default=120.0, show_default=True, help="Length of the trace slice [s of trace time].")
+@click.option("--speedup", default=2.0, show_default=True, help="Replay (and simulated engine) speed-up factor.")
+@click.option("--itl-slo-ms", default=50.0, show_default=True, help="Interactive ITL SLO [ms].")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default="out/demo-engine.json",
+              show_default=True, help="Where to write the JSON report.")
+def demo(trace_name, start_s, duration_s, speedup, itl_slo_ms, json_path) -> None:
+    """Start a local engine agent, replay a slice of the Azure conversation trace, report the local autoscaler.
+
+    The agent is a real subprocess speaking gRPC; the simulated Llama-3-8B/A100 engine starts at a max batch
+    size of 16 and the local autoscaler adapts it from ITL and throughput backpressure.
+    """
+    from services.common.traces import load_azure_trace
+    from services.engine.demo import replay, start_engine_process, stop_process, summarize, wait_healthy, wait_port_file
+
+    trace = load_azure_trace(trace_name).slice(start_s, duration_s)
+    if len(trace) == 0:
+        raise click.BadParameter("the trace slice holds no requests; check --start-s/--duration-s")
+    log_path = Path(tempfile.gettempdir()) / "chiron-demo-engine.log"
+    proc, port_file = start_engine_process(["--speedup", str(speedup), "--itl-slo-ms", str(itl_slo_ms)], log_path)
+
+    async def run():
+        port = await wait_port_file(port_file, proc)
+        target = f"127.0.0.1:{port}"
+        await wait_healthy(target, proc=proc)
+        console.print(f"engine agent up on {target} (log: {log_path}); replaying {len(trace)} requests of "
+                      f"{trace_name} ({duration_s:.0f} s of trace at {speedup:g}×)")
+        with Progress(TextColumn("replay"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=console) as bar:
+            task = bar.add_task("replay", total=len(trace))
+            return await replay(target, trace, speedup, int(itl_slo_ms), on_progress=lambda: bar.advance(task))
+
+    t0 = time.monotonic()
+    try:
+        records, timeline = asyncio.run(run())
+    finally:
+        stop_process(proc)
+        port_file.unlink(missing_ok=True)
+    report = summarize(records, timeline, itl_slo_ms, time.monotonic() - t0, trace_name)
+
+    table = Table(title="Local autoscaler over time (engine time)")
+    for col in ("t [s]", "max batch", "running", "waiting", "ITL p95 [ms]", "LBP", "tokens/s", "KV use"):
+        table.add_column(col, justify="right")
+    step = max(1, len(timeline) // 20)
+    for p in timeline[::step]:
+        table.add_row(_fmt(p["t_s"], 0), str(p["max_batch_size"]), str(p["running"]), str(p["waiting"]),
+                      _fmt(p["itl_p95_ms"]), _fmt(p["latency_backpressure"], 2),
+                      _fmt(p["throughput_tokens_per_s"], 0), _fmt(p["kv_cache_usage"], 2))
+    console.print(table)
+    summary = Table(title="Replay summary")
+    summary.add_column("metric")
+    summary.add_column("value", justify="right")
+    for k in ("requests", "completed", "errors", "lost_requests", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms",
+              "itl_p95_ms", "itl_p99_ms", "itl_slo_ms", "itl_slo_attainment", "throughput_tokens_per_s",
+              "max_batch_size_initial", "max_batch_size_final", "wall_seconds"):
+        summary.add_row(k, _fmt(report[k], 3 if k == "itl_slo_attainment" else 1))
+    console.print(summary)
+    Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+    Path(json_path).write_text(json.dumps(report, indent=2))
+    console.print(f"report written to {json_path}")
+    if report["errors"] or report["lost_requests"]:
+        raise SystemExit(1)
+
+
+# ----------------------------------------------------------------------------------------------
+# chiron bench
+# ----------------------------------------------------------------------------------------------
+@main.group()
+def bench() -> None:
+    """Benchmarks: each prints a table and writes JSON."""
+
+
+@bench.command("perf-model")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default="out/bench-perf-model.json",
+              show_default=True)
+@click.option("--holdout", default=0.2, show_default=True, help="Fraction of profile rows held out of the fit.")
+@click.option("--seed", default=0, show_default=True)
+def bench_perf_model(json_path, holdout, seed) -> None:
+    """Fit error of the A100 performance model on Vidur profile rows held out from the fit.
+
+    JSON: {"median_abs_rel_error": <worst model's median over its held-out rows>, "models": {...per table...}}.
+    Target ≤ 0.10.
+    """
+    from services.engine.perf_model import MODELS, fit_perf_model
+
+    models = {}
+    table = Table(title=f"Performance model fit error on held-out rows ({holdout:.0%}, seed {seed})")
+    for col in ("model", "table", "rows held out", "median |rel err|"):
+        table.add_column(col, justify="right" if col != "model" else "left")
+    for name in MODELS:
+        pm = fit_perf_model(name, holdout_fraction=holdout, seed=seed)
+        models[name] = pm.fit_error
+        for key in ("linear", "decode", "prefill", "kv_save", "allreduce"):
+            if f"{key}_median_abs_rel_error" in pm.fit_error:
+                table.add_row(name, key, str(pm.fit_error[f"{key}_rows_held_out"]),
+                              f"{pm.fit_error[f'{key}_median_abs_rel_error']:.3f}")
+        table.add_row(name, "[bold]all", str(pm.fit_error["rows_held_out"]),
+                      f"[bold]{pm.fit_error['median_abs_rel_error']:.3f}")
+    console.print(table)
+    # The headline is the worse of the two models' medians (each over all its held-out rows).
+    worst = max(m["median_abs_rel_error"] for m in models.values())
+    report = {"median_abs_rel_error": worst, "target": 0.10, "holdout_fraction": holdout, "seed": seed,
+              "models": models}
+    console.print(f"median_abs_rel_error (worst model) = {report['median_abs_rel_error']:.3f} (target ≤ 0.10)")
+    Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+    Path(json_path).write_text(json.dumps(report, indent=2))
+    console.print(f"written to {json_path}")
+
+
+@bench.command("local-autoscaler")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default="out/bench-local-autoscaler.json",
+              show_default=True)
+@click.option("--duration-s", default=300.0, show_default=True, help="Simulated seconds per run.")
+@click.option("--warmup-s", default=60.0, show_default=True, help="Simulated seconds excluded from the metrics.")
+@click.option("--seed", default=0, show_default=True, help="Workload seed (same for every setting).")
+@click.option("--workers", default=2, show_default=True, help="Parallel processes for the static sweep.")
+def bench_local_autoscaler(json_path, duration_s, warmup_s, seed, workers) -> None:
+    """Adaptive local autoscaler vs best static max batch size vs vLLM's default (256) on a saturated
+    Llama-3-8B/A100 engine, for ITL SLOs of 25, 50 and 100 ms.
+
+    Targets: adaptive ≥ 95% of best-static throughput, ≥ 99% ITL SLO attainment, converges within 30 s.
+    """
+    from bench.local_autoscaler import STATIC_GRID, run_bench, summarize, write_json
+
+    slos = (25.0, 50.0, 100.0)
+    with Progress(TextColumn("static sweep"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console) as bar:
+        task = bar.add_task("sweep", total=len(slos) * len(STATIC_GRID))
+        report = run_bench(slos, duration_s, warmup_s, seed, workers, progress=lambda: bar.advance(task))
+    table = Table(title="Local autoscaler: saturated Llama-3-8B on A100-80GB (simulated), ShareGPT lengths")
+    for col in ("ITL SLO [ms]", "setting", "max batch", "tokens/s", "ITL p50 [ms]", "ITL p95 [ms]",
+                "ITL attainment", "converge [s]"):
+        table.add_column(col, justify="right")
+    for r in report["results"]:
+        table.add_row(_fmt(r["itl_slo_ms"], 0), r["setting"], str(r["max_batch_size"]),
+                      _fmt(r["throughput_tokens_per_s"], 0), _fmt(r["itl_p50_ms"]), _fmt(r["itl_p95_ms"]),
+                      _fmt(r["itl_slo_attainment"], 4), _fmt(r.get("converge_s")))
+    console.print(table)
+    report["summary"] = summarize(report)
+    for s in report["summary"]:
+        console.print(f"ITL SLO {s['itl_slo_ms']:.0f} ms: adaptive = {s['adaptive_vs_best_static']:.1%} of best static; "
+                      f"targets met: {s['targets_met']}")
+    write_json(report, json_path)
+    console.print(f"written to {json_path}")
+
+
+if __name__ == "__main__":
+    main()

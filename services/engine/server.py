@@ -1,0 +1,266 @@
+"""The engine agent: the ``chiron.v1.Engine`` gRPC service over a backend, with the local autoscaler.
+
+A thin shell: requests are validated and handed to the backend; every ``control_interval_s`` the agent
+feeds the last interval's ITL quantile and throughput into the pure local autoscaler
+(:mod:`services.engine.local_autoscaler`) and applies its max batch size to the backend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+import uuid
+from dataclasses import dataclass
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from chiron.v1 import engine_pb2, engine_pb2_grpc, types_pb2
+from services.engine.backend import Backend, BackendRequest
+from services.engine.core import RequestRejected
+from services.engine.local_autoscaler import (
+    Decision,
+    LocalAutoscalerConfig,
+    Observation,
+    decide,
+    initial_state,
+)
+from services.engine.stats import LatencyWindow, RateWindow
+
+log = logging.getLogger("chiron.engine")
+
+ROLE_NAMES = {
+    "interactive": types_pb2.INSTANCE_ROLE_INTERACTIVE,
+    "mixed": types_pb2.INSTANCE_ROLE_MIXED,
+    "batch": types_pb2.INSTANCE_ROLE_BATCH,
+}
+FINISH = {
+    "length": types_pb2.FINISH_REASON_LENGTH,
+    "stop": types_pb2.FINISH_REASON_STOP,
+    "abort": types_pb2.FINISH_REASON_ABORT,
+    "evicted": types_pb2.FINISH_REASON_EVICTED,
+}
+_CODES = {
+    "INVALID_ARGUMENT": grpc.StatusCode.INVALID_ARGUMENT,
+    "RESOURCE_EXHAUSTED": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "ALREADY_EXISTS": grpc.StatusCode.ALREADY_EXISTS,
+}
+
+
+def _timestamp(seconds_since_epoch: float) -> Timestamp:
+    ts = Timestamp()
+    ts.FromNanoseconds(int(seconds_since_epoch * 1e9))
+    return ts
+
+
+@dataclass
+class AgentConfig:
+    """Engine agent settings. ``itl_slo_ms`` is the ITL SLO the local autoscaler holds on this instance."""
+
+    instance_id: str = ""
+    role: int = types_pb2.INSTANCE_ROLE_INTERACTIVE
+    autoscaler: LocalAutoscalerConfig = LocalAutoscalerConfig()
+    autoscale: bool = True
+    stats_window_s: float = 10.0
+
+
+class EngineAgent(engine_pb2_grpc.EngineServicer):
+    """Implements ``chiron.v1.Engine`` over a :class:`~services.engine.backend.Backend`."""
+
+    def __init__(self, backend: Backend, config: AgentConfig | None = None) -> None:
+        self.backend = backend
+        self.config = cfg = config or AgentConfig()
+        if not cfg.instance_id:
+            cfg.instance_id = f"engine-{uuid.uuid4().hex[:8]}"
+        cfg.autoscaler.validate()
+        self.itl = LatencyWindow(cfg.stats_window_s)
+        self.ttft = LatencyWindow(cfg.stats_window_s)
+        self.tokens = RateWindow(cfg.stats_window_s)
+        self._ctl_itl = LatencyWindow(max(cfg.autoscaler.control_interval_s * 4, 1.0))
+        self._ctl_tokens = 0
+        self._saturated = False
+        self._state = initial_state(cfg.autoscaler)
+        self.last_decision: Decision | None = None
+        self.decisions: list[Decision] = []
+        self.draining = False
+        self._tasks: list[asyncio.Task] = []
+        backend.add_step_listener(self._on_step)
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    async def start(self) -> None:
+        await self.backend.start()
+        if self.config.autoscale:
+            self.backend.set_max_batch_size(self.config.autoscaler.initial_batch_size)
+            self._tasks.append(asyncio.create_task(self._control_loop(), name="local-autoscaler"))
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        await self.backend.stop()
+
+    # ---- statistics ------------------------------------------------------------------------
+    def _on_step(self, s) -> None:
+        for lat, count in s.itl_ms:
+            self.itl.add(s.time_s, lat, count)
+            self._ctl_itl.add(s.time_s, lat, count)
+        for t in s.ttft_ms:
+            self.ttft.add(s.time_s, t)
+        self.tokens.add(s.time_s, s.num_generation_tokens)
+        self._ctl_tokens += s.num_generation_tokens
+        self._saturated = s.saturated
+
+    async def _control_loop(self) -> None:
+        cfg = self.config.autoscaler
+        last = self.backend.now()
+        while True:
+            await asyncio.sleep(cfg.control_interval_s / getattr(self.backend, "speedup", 1.0))
+            now = self.backend.now()
+            snap = self.backend.snapshot()
+            q = self._ctl_itl.quantile(cfg.itl_quantile, now, since_s=last)
+            obs = Observation(now, q, self._ctl_tokens / max(now - last, 1e-9),
+                              snap.saturated or self._saturated)
+            self._ctl_tokens = 0
+            last = now
+            self._state, decision = decide(cfg, self._state, obs)
+            applied = self.backend.set_max_batch_size(decision.max_batch_size)
+            self.last_decision = decision
+            self.decisions.append(decision)
+            if decision.action != "hold":
+                log.info("local autoscaler: %s → max batch size %d (%s)", decision.action, applied, decision.reason)
+
+    def stats(self) -> types_pb2.EngineStats:
+        """Current statistics (windowed over ``stats_window_s``)."""
+        now = self.backend.now()
+        snap = self.backend.snapshot()
+        d = self.last_decision
+
+        def nz(x: float) -> float:
+            return 0.0 if math.isnan(x) else x
+
+        return types_pb2.EngineStats(
+            instance_id=self.config.instance_id, role=self.config.role, model=self.backend.model_name,
+            backend=self.backend.name, time=_timestamp(time.time()),
+            num_running=snap.num_running, num_waiting=snap.num_waiting, max_batch_size=snap.max_batch_size,
+            kv_cache_usage=snap.kv_cache_usage, kv_cache_capacity_tokens=snap.kv_cache_capacity_tokens,
+            itl_p50_ms=nz(self.itl.quantile(0.5, now)), itl_p95_ms=nz(self.itl.quantile(0.95, now)),
+            ttft_p50_ms=nz(self.ttft.quantile(0.5, now)),
+            throughput_tokens_per_s=self.tokens.rate(now),
+            num_preemptions_total=snap.num_preemptions_total,
+            generated_tokens_total=snap.generated_tokens_total,
+            finished_requests_total=snap.finished_requests_total,
+            latency_backpressure=d.latency_backpressure if d else 0.0,
+            throughput_backpressure=d.throughput_backpressure if d else 0.0,
+            itl_slo_ms=int(self.config.autoscaler.itl_slo_ms),
+        )
+
+    # ---- request validation ----------------------------------------------------------------
+    def _to_backend(self, req: types_pb2.InferenceRequest) -> BackendRequest:
+        if req.request_class not in (types_pb2.REQUEST_CLASS_UNSPECIFIED, types_pb2.REQUEST_CLASS_INTERACTIVE,
+                                     types_pb2.REQUEST_CLASS_BATCH):
+            raise RequestRejected(f"unknown request_class {req.request_class}: use INTERACTIVE or BATCH")
+        if req.slo.ttft_ms < 0 or req.slo.itl_ms < 0:
+            raise RequestRejected(f"SLO bounds must be >= 0 (ttft_ms={req.slo.ttft_ms}, itl_ms={req.slo.itl_ms})")
+        if req.model and req.model != self.backend.model_name:
+            raise RequestRejected(f"model {req.model!r} is not served here; this engine serves "
+                                  f"{self.backend.model_name!r}")
+        if not req.prompt_token_ids:
+            raise RequestRejected("prompt is empty: set prompt_token_ids (the simulated backend has no tokenizer)"
+                                  if req.prompt == "" else "text prompts need a backend with a tokenizer; "
+                                  "send prompt_token_ids")
+        rid = req.request_id or f"req-{uuid.uuid4().hex[:12]}"
+        br = BackendRequest(rid, tuple(req.prompt_token_ids), int(req.max_tokens), tuple(req.resume_token_ids))
+        self.backend.validate(br)
+        return br
+
+    # ---- RPCs --------------------------------------------------------------------------------
+    async def Generate(self, request: engine_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
+        if self.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "engine is draining; send the request elsewhere")
+        try:
+            br = self._to_backend(request.request)
+        except RequestRejected as e:
+            await context.abort(_CODES.get(e.code, grpc.StatusCode.INVALID_ARGUMENT), str(e))
+        prev_s: float | None = None
+        start_s = self.backend.now()
+        n_prompt = len(br.prompt_token_ids)
+        try:
+            async for out in self.backend.generate(br):
+                resp = engine_pb2.GenerateResponse(
+                    request_id=br.request_id, token_ids=list(out.token_ids), num_generated_tokens=out.num_generated,
+                    finish_reason=FINISH.get(out.finish_reason or "", types_pb2.FINISH_REASON_UNSPECIFIED),
+                    emitted_time=_timestamp(_wall(out.time_s, self.backend)), num_prompt_tokens=n_prompt)
+                if out.token_ids:
+                    if prev_s is None:
+                        resp.ttft_ms = (out.time_s - start_s) * 1e3
+                    else:
+                        resp.itl_ms = (out.time_s - prev_s) * 1e3
+                    prev_s = out.time_s
+                yield resp
+        except RequestRejected as e:
+            await context.abort(_CODES.get(e.code, grpc.StatusCode.INVALID_ARGUMENT), str(e))
+
+    async def Evict(self, request: engine_pb2.EvictRequest, context: grpc.aio.ServicerContext):
+        progress = await self.backend.evict(request.request_id)
+        if progress is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"request {request.request_id!r} is not on this engine")
+        return engine_pb2.EvictResponse(progress=types_pb2.RequestProgress(
+            request_id=progress.request_id, generated_token_ids=list(progress.generated_token_ids),
+            num_prompt_tokens=progress.num_prompt_tokens, kv_offloaded_tokens=progress.kv_offloaded_tokens,
+            kv_offload_ms=progress.kv_offload_ms))
+
+    async def GetStats(self, request, context):
+        return engine_pb2.GetStatsResponse(stats=self.stats())
+
+    async def WatchStats(self, request: engine_pb2.WatchStatsRequest, context):
+        interval = max(request.interval_ms or 1000, 50) / 1e3
+        while True:
+            yield engine_pb2.WatchStatsResponse(stats=self.stats())
+            await asyncio.sleep(interval)
+
+
+def _wall(engine_s: float, backend: Backend) -> float:
+    """Map a backend-clock time to wall-clock seconds since the epoch."""
+    speed = getattr(backend, "speedup", 1.0)
+    return time.time() - (backend.now() - engine_s) / speed
+
+
+@dataclass
+class RunningServer:
+    server: grpc.aio.Server
+    agent: EngineAgent
+    health: health.aio.HealthServicer
+    port: int
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        """Drain: refuse new requests, let in-flight streams finish for up to ``grace_s``, then stop."""
+        self.agent.draining = True
+        await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.stop(grace_s)
+        await self.agent.stop()
+
+
+async def serve(agent: EngineAgent, host: str = "127.0.0.1", port: int = 0) -> RunningServer:
+    """Start the gRPC server (health checking and reflection on). ``port`` 0 picks a free port."""
+    server = grpc.aio.server()
+    engine_pb2_grpc.add_EngineServicer_to_server(agent, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = (engine_pb2.DESCRIPTOR.services_by_name["Engine"].full_name, health.SERVICE_NAME,
+             reflection.SERVICE_NAME)
+    reflection.enable_server_reflection(names, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot bind {host}:{port}")
+    await agent.start()
+    await server.start()
+    for name in ("", names[0]):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("engine agent %s serving on %s:%d", agent.config.instance_id, host, bound)
+    return RunningServer(server, agent, health_servicer, bound)
