@@ -216,4 +216,5 @@ def summarize(report: dict) -> list[dict]:
 
 
 def write_json(report: dict, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(report, indent=2))

@@ -23,6 +23,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 console = Console()
+if not console.is_terminal:
+    console.width = 140  # tables in logs and CI output stay readable
 
 
 def _fmt(v, digits: int = 1) -> str:

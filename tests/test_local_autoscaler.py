@@ -1,0 +1,376 @@
+"""Unit tests of the local autoscaler (services/engine/local_autoscaler.py) against synthetic plants.
+
+The plant is the decode-latency shape of the performance model: ITL(B) = a + b·B milliseconds for a batch
+of B requests, observed once per control interval (a fake clock of plain floats, one second apart), with
+the engine saturated unless a test says otherwise. Its throughput is B / ITL tokens per second.
+
+With the default config (SLO 50 ms, growth target 0.9 × SLO = 45 ms, deadband ±5 % of backpressure) and
+a = 12, b = 0.1: the largest B meeting the target is B* = (45 − 12) / 0.1 = 330, and ITL reaches the SLO
+itself at B_slo = (50 − 12) / 0.1 = 380.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+
+from services.engine.local_autoscaler import (
+    Decision,
+    LocalAutoscalerConfig,
+    LocalAutoscalerState,
+    Observation,
+    decide,
+    initial_state,
+)
+
+CFG = LocalAutoscalerConfig().validate()
+SLO = CFG.itl_slo_ms
+TARGET = SLO * CFG.latency_target_fraction
+
+
+@dataclass
+class Trace:
+    batch: list[int] = field(default_factory=list)  # batch size applied during each interval
+    itl: list[float] = field(default_factory=list)  # ITL observed in that interval
+    decisions: list[Decision] = field(default_factory=list)
+    states: list[LocalAutoscalerState] = field(default_factory=list)
+
+    def halvings(self, start: int = 0, stop: int | None = None) -> int:
+        return sum(d.action == "halve" for d in self.decisions[start:stop])
+
+
+def run_plant(cfg: LocalAutoscalerConfig, steps: int, a: float = 12.0, b: float = 0.1,
+              noise: float = 0.0, seed: int = 0, b_after: tuple[int, float] | None = None,
+              saturated: bool = True) -> Trace:
+    """Drive ``decide`` against ITL(B) = (a + b·B)·(1 + U(−noise, noise)); ``b_after = (k, b2)`` switches b at k."""
+    rng = np.random.default_rng(seed)
+    state = initial_state(cfg)
+    batch = cfg.initial_batch_size
+    tr = Trace()
+    for k in range(steps):
+        slope = b if b_after is None or k < b_after[0] else b_after[1]
+        itl = (a + slope * batch) * (1.0 + noise * rng.uniform(-1.0, 1.0))
+        obs = Observation(now=float(k), itl_ms=itl, throughput_tokens_per_s=1e3 * batch / itl,
+                          saturated=saturated)
+        state, d = decide(cfg, state, obs)
+        tr.batch.append(batch)
+        tr.itl.append(itl)
+        tr.decisions.append(d)
+        tr.states.append(state)
+        batch = d.max_batch_size
+    return tr
+
+
+def b_at(itl_ms: float, a: float, b: float) -> float:
+    return (itl_ms - a) / b
+
+
+# ---- (a) convergence on a clean plant ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("a", "b"), [(12.0, 0.1), (12.0, 0.2), (12.0, 0.05), (20.0, 0.05)])
+def test_converges_to_itl_target_without_overshoot_or_oscillation(a, b):
+    tr = run_plant(CFG, 160, a=a, b=b)
+    b_star, b_slo = b_at(TARGET, a, b), b_at(SLO, a, b)
+    assert tr.batch[0] == CFG.initial_batch_size
+
+    # Converged: the applied batch is within the deadband around the ITL target and under the SLO.
+    final = tr.batch[-1]
+    itl_final = a + b * final
+    assert (1 - CFG.deadband) * TARGET <= itl_final <= (1 + CFG.deadband) * TARGET, (final, itl_final)
+    assert itl_final < SLO
+    assert abs(final - b_star) / b_star <= 0.10
+
+    # It got there from far below (16 → hundreds) in a few dozen intervals.
+    first_near = next(k for k, x in enumerate(tr.batch) if abs(x - final) <= 0.1 * final)
+    assert first_near <= 30
+
+    # Never overshoots B_slo (where ITL = SLO) by more than a few percent.
+    assert max(tr.batch) <= 1.05 * b_slo, (max(tr.batch), b_slo)
+
+    # No oscillation: once converged, 100 intervals within ±10 % and no halving.
+    settled = tr.batch[40:140]
+    assert max(settled) <= 1.1 * min(settled)
+    ref = tr.batch[40]
+    assert all(abs(x - ref) <= 0.1 * ref for x in settled)
+    assert tr.halvings(0, None) == 0
+
+
+def test_convergence_is_monotone_growth_from_below():
+    tr = run_plant(CFG, 20)
+    # The first intervals only grow, each step a bounded multiple (EWMA α = 0.75, ITL ≥ a).
+    grow = [d for d in tr.decisions[:6]]
+    assert all(d.action == "grow" for d in grow)
+    for prev, nxt in zip(tr.batch[:6], tr.batch[1:7], strict=True):
+        assert prev < nxt <= 4 * prev + 1
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "DESIGN CLAIM NOT MET (low severity) services/engine/local_autoscaler.py: the module docstring says "
+    "growth 'approaches [the SLO-feasible B] from below without overshooting; only noise can push LBP "
+    "above 1', but growth is computed from the lagged ITL EWMA, so on the noiseless plant "
+    "ITL = 12 + 0.1·B ms (SLO 50) the batch overshoots to 389 > B_slo = 380 and the observed ITL is "
+    "50.9 ms > SLO for 2 intervals; with ITL = 8 + 0.3·B from batch 1 it overshoots to 151 > 140 "
+    "(ITL 53.3 ms) and halves without any noise"))
+def test_noiseless_plant_never_exceeds_slo():
+    tr = run_plant(CFG, 100, a=12.0, b=0.1)
+    assert max(tr.itl) <= SLO
+    tr2 = run_plant(dataclasses.replace(CFG, initial_batch_size=1), 100, a=8.0, b=0.3)
+    assert max(tr2.itl) <= SLO
+    assert tr2.halvings() == 0
+
+
+# ---- (b) noise -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3, 4])
+def test_noisy_plant_stays_in_band_without_collapse(seed):
+    tr = run_plant(CFG, 200, noise=0.10, seed=seed)
+    b_star, b_slo = 330.0, 380.0
+    after_warmup = tr.batch[20:]
+    # In a band around the target: never collapsed far below, never far above the SLO point.
+    assert min(after_warmup) >= 0.75 * b_star, min(after_warmup)
+    assert max(after_warmup) <= 1.05 * b_slo, max(after_warmup)
+    # Halvings are rare (a handful at most in 200 intervals).
+    assert tr.halvings() <= 3
+    # SLO violations (observed ITL above the SLO) are a small fraction of intervals.
+    violations = sum(itl > SLO for itl in tr.itl)
+    assert violations / len(tr.itl) <= 0.10
+    # Mean throughput after warm-up is close to the clean optimum's (B*/ITL(B*)).
+    tput = [1e3 * bb / itl for bb, itl in zip(tr.batch[20:], tr.itl[20:], strict=True)]
+    assert np.mean(tput) >= 0.85 * (1e3 * b_star / TARGET)
+
+
+def test_single_spike_is_smoothed_but_overload_halves_at_once():
+    base = LocalAutoscalerState(batch_size=300.0, itl_ewma_ms=40.0, throughput_ewma=7500.0,
+                                last_decision_s=0.0, last_action="hold")
+    # One interval at 1.2 × SLO: the EWMA (50 ms) is not above the SLO, so no halving.
+    s, d = decide(CFG, base, Observation(1.0, 60.0, 5000.0, True))
+    assert d.action != "halve"
+    assert s.batch_size >= 0.9 * 300.0
+    # One interval above overload_factor × SLO (75 ms) halves at once even though the EWMA (57.5) is
+    # what LBP reports.
+    s, d = decide(CFG, base, Observation(1.0, 80.0, 5000.0, True))
+    assert d.action == "halve"
+    assert s.batch_size == pytest.approx(150.0)
+    assert d.max_batch_size == 150
+
+
+# ---- (c) step change of load -------------------------------------------------------------------------
+
+
+def test_step_change_in_plant_brings_itl_back_under_slo():
+    change = 100
+    tr = run_plant(CFG, 200, a=12.0, b=0.1, b_after=(change, 0.2))
+    assert tr.batch[change - 1] >= 300  # converged on the old plant
+    assert tr.itl[change] > SLO  # the change hits: 12 + 0.2·333 ≈ 78.6 ms
+    assert tr.decisions[change].action == "halve"
+    # Within a few intervals the ITL is back under the SLO, and it stays there.
+    assert all(itl <= SLO for itl in tr.itl[change + 3:])
+    assert tr.itl[change + 1] <= SLO
+    # It re-converges to the new plant's target (B* = (45 − 12) / 0.2 = 165).
+    itl_final = 12.0 + 0.2 * tr.batch[-1]
+    assert (1 - CFG.deadband) * TARGET <= itl_final <= (1 + CFG.deadband) * TARGET
+    assert tr.halvings(change + 3) == 0
+
+
+def test_step_change_down_in_load_lets_batch_grow_again():
+    tr = run_plant(CFG, 200, a=12.0, b=0.2, b_after=(100, 0.1))
+    assert abs(tr.batch[99] - 165) <= 0.1 * 165
+    itl_final = 12.0 + 0.1 * tr.batch[-1]
+    assert (1 - CFG.deadband) * TARGET <= itl_final <= (1 + CFG.deadband) * TARGET
+    assert tr.halvings() == 0
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG services/engine/local_autoscaler.py decide(): the ITL EWMA is not restarted after a halving "
+    "(the throughput EWMA is), so the interval after a halving still carries the pre-halving ITL: "
+    "plant 12 + 0.1·B → 12 + 0.2·B at B=333: ITL 78.6 ms → halve to 166; next interval observes "
+    "45.2 ms (< SLO 50, right at the 45-ms target) but the EWMA is (78.6+45.2)/2 = 61.9 > 50, so it "
+    "halves again to 83 (ITL 28.6 ms), throwing away half the feasible throughput; same from "
+    "initial_batch_size=600 on the 12 + 0.1·B plant (600 → 300 → 150 while ITL(300) = 42 ms)"))
+def test_step_change_halves_once_when_one_halving_suffices():
+    change = 100
+    tr = run_plant(CFG, 200, a=12.0, b=0.1, b_after=(change, 0.2))
+    assert tr.itl[change + 1] <= SLO  # one halving was enough ...
+    assert tr.halvings(change) == 1  # ... so no second halving
+    assert min(tr.batch[change:]) >= 0.9 * 165
+
+
+# ---- (d) throughput backpressure ------------------------------------------------------------------
+
+
+def _after_growth(batch: float = 200.0, tp: float = 5000.0, action: str = "grow") -> LocalAutoscalerState:
+    return LocalAutoscalerState(batch_size=batch, itl_ewma_ms=20.0, throughput_ewma=tp,
+                                last_decision_s=0.0, last_action=action)
+
+
+def test_tbp_halves_when_throughput_falls_after_growth_while_saturated():
+    s, d = decide(CFG, _after_growth(), Observation(1.0, 20.0, 2000.0, saturated=True))
+    # Smoothed throughput 3500 against 5000 before: TBP ≈ 1.43 > 1 + tolerance.
+    assert d.throughput_backpressure == pytest.approx(5000.0 / 3500.0)
+    assert d.action == "halve"
+    assert s.batch_size == pytest.approx(100.0)
+    assert d.max_batch_size == 100
+    assert "throughput" in d.reason
+    # Throughput smoothing restarts after a halving.
+    assert s.throughput_ewma is None
+    assert s.last_action == "halve"
+
+
+def test_tbp_small_drop_within_tolerance_does_not_halve():
+    s, d = decide(CFG, _after_growth(), Observation(1.0, 20.0, 4000.0, saturated=True))
+    assert 1.0 < d.throughput_backpressure <= 1.0 + CFG.tbp_tolerance
+    assert d.action != "halve"
+    assert s.batch_size >= 200.0
+
+
+def test_tbp_ignored_when_not_saturated():
+    s, d = decide(CFG, _after_growth(), Observation(1.0, 20.0, 1000.0, saturated=False))
+    assert d.throughput_backpressure == 0.0
+    assert d.action == "hold"
+    assert s.batch_size == 200.0
+
+
+def test_tbp_ignored_after_lowering_step():
+    # The previous step eased the batch down (action "hold"): falling throughput is expected, not a signal.
+    s, d = decide(CFG, _after_growth(action="hold"), Observation(1.0, 20.0, 1000.0, saturated=True))
+    assert d.throughput_backpressure == 0.0
+    assert d.action != "halve"
+    assert s.batch_size >= 200.0
+
+
+def test_no_halving_cascade_after_a_halving():
+    state = _after_growth()
+    state, d = decide(CFG, state, Observation(1.0, 20.0, 2000.0, saturated=True))
+    assert d.action == "halve"
+    # Throughput keeps falling right after the halving (fewer requests in the batch), still saturated.
+    state, d = decide(CFG, state, Observation(2.0, 18.0, 1000.0, saturated=True))
+    assert d.action != "halve"
+    assert d.throughput_backpressure == 0.0
+    assert state.batch_size >= 100.0
+
+
+def _cliff_throughput(batch: int, power: float = 2.0) -> float:
+    """Plant throughput (tokens/s) with a cliff past B = 250 (e.g. KV thrash): B/ITL below, falling as B^-power above."""
+    itl = 12.0 + 0.1 * batch
+    if batch <= 250:
+        return 1e3 * batch / itl
+    return 1e3 * 250 / (12.0 + 0.1 * 250) * (250 / batch) ** power
+
+
+def _run_cliff(steps: int, slo_ms: float = 1000.0) -> tuple[list[int], list[float], list[Decision]]:
+    cfg = dataclasses.replace(CFG, itl_slo_ms=slo_ms).validate()  # relaxed SLO (batch role): TBP drives
+    state = initial_state(cfg)
+    batch = cfg.initial_batch_size
+    batches, tputs, decisions = [], [], []
+    for k in range(steps):
+        tput = _cliff_throughput(batch)
+        state, d = decide(cfg, state, Observation(float(k), 12.0 + 0.1 * batch, tput, saturated=True))
+        batches.append(batch)
+        tputs.append(tput)
+        decisions.append(d)
+        batch = d.max_batch_size
+    return batches, tputs, decisions
+
+
+def test_tbp_fires_on_throughput_cliff_without_cascade():
+    batches, _, decisions = _run_cliff(40)
+    halves = [k for k, d in enumerate(decisions) if d.action == "halve"]
+    assert halves, "growing past the throughput cliff must trigger TBP"
+    for k in halves:
+        d = decisions[k]
+        # Caused by throughput, not latency (ITL ≤ 114 ms against a 1000-ms SLO).
+        assert d.latency_backpressure < 0.2
+        assert d.throughput_backpressure > 1.0 + CFG.tbp_tolerance
+        assert "throughput" in d.reason
+        assert decisions[k - 1].action == "grow"
+        assert batches[k] > 250  # only ever past the cliff
+    # No cascade: never two halvings in a row, never below the cliff's half.
+    assert all(b - a > 1 for a, b in zip(halves, halves[1:], strict=False))
+    assert min(batches[1:]) >= 250
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG (design) services/engine/local_autoscaler.py decide(): TBP cannot settle below a throughput "
+    "cliff. After a halving the throughput EWMA is reset, so the next step has TBP = 0 and grows toward "
+    "cur / (ITL/target) with no memory of where throughput fell: with a relaxed ITL SLO (1000 ms) and "
+    "throughput peaking at B = 250 (falling as B^-2 beyond), the batch size 2-cycles 512 -> 1024 -> 512 "
+    "forever (a halving every other interval, 40 in 80) at ~15% of the peak throughput; with a milder "
+    "B^-1 fall, the first growth step jumps 16 -> 798 across the cliff, TBP never fires and the batch sits "
+    "at 1024 (~24% of peak). Growth steps are not bounded in ratio (x50 in one interval)"))
+def test_tbp_settles_near_throughput_peak():
+    batches, tputs, decisions = _run_cliff(80)
+    peak = _cliff_throughput(250)
+    assert sum(d.action == "halve" for d in decisions[20:]) <= 5
+    assert np.mean(tputs[20:]) >= 0.5 * peak
+
+
+# ---- (e) no tokens ---------------------------------------------------------------------------------
+
+
+def test_nan_itl_holds():
+    state = LocalAutoscalerState(batch_size=123.7, itl_ewma_ms=30.0, throughput_ewma=4000.0,
+                                 last_decision_s=4.0, last_action="grow")
+    s, d = decide(CFG, state, Observation(5.0, math.nan, 0.0, saturated=True))
+    assert d.action == "hold"
+    assert d.max_batch_size == 123
+    assert s.batch_size == 123.7
+    assert s.itl_ewma_ms == 30.0 and s.throughput_ewma == 4000.0
+    assert s.last_decision_s == 5.0
+    # And with no previous observation at all.
+    s0, d0 = decide(CFG, initial_state(CFG), Observation(0.0, math.nan, 0.0, saturated=False))
+    assert d0.action == "hold" and d0.max_batch_size == CFG.initial_batch_size
+    assert s0.itl_ewma_ms is None
+
+
+# ---- bounds ----------------------------------------------------------------------------------------
+
+
+def test_batch_size_clamped_to_config_bounds():
+    cfg = dataclasses.replace(CFG, min_batch_size=4, initial_batch_size=16, max_batch_size=64).validate()
+    up = run_plant(cfg, 30, a=1.0, b=0.001)  # ITL far below target: grows to the max and stops
+    assert max(up.batch) == 64 and up.batch[-1] == 64
+    assert all(d.max_batch_size <= 64 for d in up.decisions)
+    down = run_plant(cfg, 30, a=200.0, b=0.1)  # ITL above SLO at any batch: halves down to the min
+    assert down.batch[-1] == 4 and min(down.batch) == 4
+    assert all(d.max_batch_size >= 4 for d in down.decisions)
+
+
+def test_idle_engine_below_target_does_not_grow():
+    tr = run_plant(CFG, 20, saturated=False)
+    assert all(bb == CFG.initial_batch_size for bb in tr.batch)
+
+
+# ---- (f) config validation -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("changes", [
+    {"itl_slo_ms": 0.0},
+    {"itl_slo_ms": -5.0},
+    {"min_batch_size": 32, "initial_batch_size": 16},
+    {"min_batch_size": 0},
+    {"initial_batch_size": 2048},  # above max_batch_size
+    {"control_interval_s": 0.0},
+    {"ewma_alpha": 0.0},
+    {"ewma_alpha": 1.5},
+    {"itl_smoothing": 0.0},
+    {"itl_smoothing": -0.1},
+    {"latency_target_fraction": 1.2},
+    {"itl_quantile": 1.0},
+    {"itl_quantile": 0.0},
+    {"tbp_tolerance": -0.1},
+])
+def test_config_validate_rejects_bad_values(changes):
+    with pytest.raises(ValueError):
+        dataclasses.replace(LocalAutoscalerConfig(), **changes).validate()
+
+
+def test_config_validate_accepts_defaults_and_edges():
+    assert LocalAutoscalerConfig().validate() == LocalAutoscalerConfig()
+    LocalAutoscalerConfig(ewma_alpha=1.0, itl_smoothing=1.0, latency_target_fraction=1.0,
+                          min_batch_size=8, initial_batch_size=8, max_batch_size=8).validate()
