@@ -54,10 +54,6 @@ def test_weighted_quantile_empty_is_nan():
     assert math.isnan(weighted_quantile(np.array([1.0, 2.0]), np.array([0.0, 0.0]), 0.5))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG (minor) services/engine/stats.py weighted_quantile: with q=0 a leading value of weight 0 is "
-    "returned (searchsorted(cum, 0, side='left') lands on the zero-weight entry), although a value "
-    "weighted 0 'counts 0 times'; expected the smallest value with positive weight"))
 def test_weighted_quantile_ignores_zero_weight_values():
     assert weighted_quantile(np.array([1.0, 2.0, 3.0]), np.array([0.0, 1.0, 1.0]), 0.0) == 2.0
 
@@ -133,11 +129,6 @@ def test_rate_window_steady_rate_within_one_sample():
     assert 10.0 <= r.rate(100.0) <= 11.0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG (minor) services/engine/stats.py RateWindow.rate: the window [now - w, now] is closed at both "
-    "ends, so in steady state it counts w/dt + 1 samples over a span of w: 10 events/s reported each "
-    "second reads 11/s over a 10-s window and 12/s over rate(now, 5); 1 event per 50 ms over a 1-s "
-    "window reads 21/s instead of 20/s (the over-estimate is dt/w)"))
 def test_rate_window_steady_rate_exact():
     r = RateWindow(window_s=10.0)
     for t in range(0, 101):

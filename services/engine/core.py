@@ -175,8 +175,9 @@ class EngineCore:
         if request_id in self.requests:
             raise RequestRejected(f"request id {request_id!r} is already in this engine", code="ALREADY_EXISTS")
         self.validate(prompt_tokens, max_tokens, resumed_tokens)
+        # A decoding request holds KV for all but its last sampled token: that is the most a host copy brings.
         req = EngineRequest(request_id, prompt_tokens, max_tokens, now, resumed_tokens,
-                            min(host_kv_tokens, prompt_tokens + resumed_tokens))
+                            max(0, min(host_kv_tokens, prompt_tokens + resumed_tokens - 1)))
         self.requests[request_id] = req
         self.waiting.append(req)
         return req
@@ -246,7 +247,8 @@ class EngineCore:
 
     def step(self, now: float) -> StepResult:
         """Schedule and run one iteration starting at ``now`` (seconds). Returns an empty result when idle."""
-        budget = self.config.max_num_batched_tokens or self.max_num_seqs
+        # Tied budget: never below the running set, so lowering the cap stops admissions but starves no one.
+        budget = self.config.max_num_batched_tokens or max(self.max_num_seqs, len(self.running))
         scheduled: list[tuple[EngineRequest, int]] = []
         preempted: list[str] = []
         host_load_tokens = 0
@@ -271,15 +273,15 @@ class EngineCore:
         # 2) waiting requests (FIFO) while the cap, the budget and the KV cache allow; none after a preemption.
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
-            if req.host_kv_tokens and req.num_computed == 0:
-                if not self._grow(req, req.host_kv_tokens):
-                    break
-                req.num_computed = req.host_kv_tokens
-                host_load_tokens += req.host_kv_tokens
-                req.host_kv_tokens = 0
-            n = min(self._tokens_wanted(req), budget)
-            if not self._grow(req, req.num_computed + n):
+            host = req.host_kv_tokens if req.num_computed == 0 else 0
+            n = min(req.context_len - req.num_computed - host, budget)
+            # One allocation for the host copy and the new tokens: a failed admission holds no blocks.
+            if not self._grow(req, req.num_computed + host + n):
                 break
+            if host:
+                req.num_computed = host
+                host_load_tokens += host
+                req.host_kv_tokens = 0
             self.waiting.popleft()
             req.state = RequestState.RUNNING
             self.running.append(req)

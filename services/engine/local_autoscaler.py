@@ -21,17 +21,23 @@ Choices where the paper is silent (``paper.md`` §0c lists the pitfalls they gua
   the same proportional EWMA step eases the batch down instead of halving it. A literal "halve when > 1"
   around the growth target throws half the throughput away on noise every few seconds (a sawtooth the
   first version of this module showed in ``chiron bench local-autoscaler``).
-* **TBP counts only while the engine is saturated** (work waiting or batch at its cap) **and only after
-  a step that did not lower the batch size.** Throughput also falls when load falls, and it falls right
-  after a halving by construction; a literal TBP > 1 would then halve again and cascade to a batch of 1.
-  Throughput is smoothed by the same EWMA (restarted after a halving), and TBP must exceed
-  ``1 + tbp_tolerance`` before it halves (noise band).
+* **TBP counts only while the engine is saturated** (work waiting or batch at its cap) **and only right
+  after a growth step.** Throughput also falls when load falls, and it falls right after a halving by
+  construction; a literal TBP > 1 would then halve again and cascade to a batch of 1. Throughput is
+  smoothed by the same EWMA, and TBP must exceed ``1 + tbp_tolerance`` before it halves (noise band).
+* **Both EWMAs restart after a halving**, so the interval after a halving is judged on what the smaller
+  batch does, not on the pre-halving ITL (which would halve twice for one violation).
+* **A throughput cliff is remembered.** When TBP halves, the batch size before the growth step that lost
+  throughput becomes a ceiling for ``tbp_ceiling_ttl_s`` seconds; otherwise a relaxed-SLO instance would
+  grow straight back over the cliff and alternate forever. One step grows by at most
+  ``max_growth_factor``.
 * **Combined** growth backpressure ``BP = max(ITL / target, TBP / (1 + tbp_tolerance))``: whichever
   resource is closer to its limit. A batch instance has a relaxed ITL SLO, so its LBP is small and TBP
   drives it.
 * Worked example (ITL ≈ a + b·B, SLO target S): growth maps B to ``(1−α)B + α·B·S/(a+bB)``, which is
   increasing, concave and has its fixed point at the largest B whose ITL meets S, so growth approaches
-  it from below without overshooting; only noise can push LBP above 1, and the smoothing damps that.
+  it from below. Growth uses the larger of the smoothed and the latest ITL, so the smoothing's lag does
+  not carry it past the target; halving uses the smoothed value, so one noisy interval does not halve.
   ``tests/test_local_autoscaler.py`` checks the step-load, oscillation and noise cases.
 """
 
@@ -58,7 +64,9 @@ class LocalAutoscalerConfig:
     itl_smoothing: float = 0.5  # EWMA weight of a new ITL / throughput observation
     latency_target_fraction: float = 0.9
     tbp_tolerance: float = 0.25
-    deadband: float = 0.05  # hold while the growth backpressure is within 1 ± deadband (damps wandering)
+    deadband: float = 0.05  # hold while backpressure is within 1 ± deadband (damps wandering)
+    max_growth_factor: float = 2.0  # one step grows the batch size by at most this factor
+    tbp_ceiling_ttl_s: float = 60.0  # how long a throughput cliff caps growth [s]
     overload_factor: float = 1.5  # one interval with ITL above this × SLO halves at once (no smoothing)
 
     def validate(self) -> LocalAutoscalerConfig:
@@ -76,6 +84,8 @@ class LocalAutoscalerConfig:
             raise ValueError("itl_quantile must be in (0, 1)")
         if self.tbp_tolerance < 0:
             raise ValueError("tbp_tolerance must be >= 0")
+        if self.max_growth_factor <= 1:
+            raise ValueError("max_growth_factor must be > 1")
         return self
 
 
@@ -103,6 +113,9 @@ class LocalAutoscalerState:
     throughput_ewma: float | None = None
     last_decision_s: float | None = None
     last_action: str = "hold"
+    batch_size_before: float | None = None  # batch size before the last step
+    ceiling: float | None = None  # throughput-cliff ceiling on the batch size
+    ceiling_until_s: float = -math.inf
 
 
 @dataclass(frozen=True)
@@ -134,7 +147,7 @@ def decide(config: LocalAutoscalerConfig, state: LocalAutoscalerState,
     if math.isnan(obs.itl_ms):
         # No tokens in the interval: nothing to learn from; keep the batch size.
         d = Decision(obs.now, int(cur), 0.0, 0.0, 0.0, "hold", "no tokens produced in the interval")
-        return replace(state, last_decision_s=obs.now), d
+        return replace(state, last_decision_s=obs.now, last_action="hold"), d
 
     itl = _ewma(state.itl_ewma_ms, obs.itl_ms, cfg.itl_smoothing)
     lbp = itl / cfg.itl_slo_ms  # the paper's latency backpressure
@@ -146,25 +159,41 @@ def decide(config: LocalAutoscalerConfig, state: LocalAutoscalerState,
     if obs.saturated and state.last_action == "grow" and prev_tp is not None and tp > 0:
         tbp = prev_tp / tp
     # Backpressure against the growth target: latency against the SLO margin, throughput against its noise band.
-    bp = max(itl / target_ms, tbp / (1.0 + cfg.tbp_tolerance))
+    # Growth is judged on the larger of the smoothed and the latest ITL (the smoothing's lag must not carry
+    # growth past the target); easing down is judged on the smoothed ITL alone (one spike must not shrink it).
+    tbp_term = tbp / (1.0 + cfg.tbp_tolerance)
+    bp = max(itl / target_ms, tbp_term)
+    bp_grow = max(max(itl, obs.itl_ms) / target_ms, tbp_term)
+    ceiling, ceiling_until = (state.ceiling, state.ceiling_until_s) if obs.now < state.ceiling_until_s else (None, -math.inf)
 
     if lbp > 1.0 or obs.itl_ms > cfg.overload_factor * cfg.itl_slo_ms:
         new, action = cur / 2.0, "halve"
-        reason = f"latency backpressure {max(lbp, obs.itl_ms / cfg.itl_slo_ms):.2f} > 1 (ITL {itl:.1f} ms, SLO {cfg.itl_slo_ms:g} ms)"
+        reason = (f"latency backpressure {max(lbp, obs.itl_ms / cfg.itl_slo_ms):.2f} > 1 "
+                  f"(ITL {itl:.1f} ms, SLO {cfg.itl_slo_ms:g} ms)")
     elif tbp > 1.0 + cfg.tbp_tolerance:
         new, action = cur / 2.0, "halve"
-        reason = f"throughput backpressure {tbp:.2f} > 1: throughput fell after growing while saturated"
-    elif bp < 1.0 and not obs.saturated:
+        ceiling = state.batch_size_before if state.batch_size_before is not None else cur / 2.0
+        ceiling_until = obs.now + cfg.tbp_ceiling_ttl_s
+        reason = (f"throughput backpressure {tbp:.2f} > 1: throughput fell after growing while saturated; "
+                  f"batch size capped at {ceiling:.0f} for {cfg.tbp_ceiling_ttl_s:g} s")
+    elif bp_grow < 1.0 and not obs.saturated:
         # Below the target and not saturated: the cap is not binding; growing it would add no evidence.
         new, action, reason = cur, "hold", "engine not saturated: the cap is not binding"
-    elif abs(bp - 1.0) <= cfg.deadband:
-        new, action, reason = cur, "hold", f"backpressure {bp:.2f} within the deadband around the ITL target"
-    else:
-        # Proportional move toward cur / bp, smoothed: grows below the target, eases down inside the margin.
-        target = cur / max(bp, 1e-3)
+    elif bp > 1.0 + cfg.deadband or bp_grow < 1.0 - cfg.deadband:
+        # Proportional move toward cur / bp, smoothed: eases down above the target (on the smoothed ITL),
+        # grows below it (on the larger of smoothed and latest ITL), at most max_growth_factor per step.
+        step_bp = bp if bp > 1.0 + cfg.deadband else bp_grow
+        target = min(cur / max(step_bp, 1e-3), cur * cfg.max_growth_factor)
         new = (1 - cfg.ewma_alpha) * cur + cfg.ewma_alpha * target
+        reason = f"backpressure {step_bp:.2f} against ITL target {target_ms:.1f} ms: move toward {target:.0f}"
+        if ceiling is not None and new > ceiling:
+            new = max(cur, ceiling)
+            reason += f" (throughput ceiling {ceiling:.0f})"
         action = "grow" if new > cur else "hold"
-        reason = f"backpressure {bp:.2f} against ITL target {target_ms:.1f} ms: move toward {target:.0f}"
+    else:
+        new, action, reason = cur, "hold", f"backpressure {bp:.2f} within the deadband around the ITL target"
     new = min(float(cfg.max_batch_size), max(float(cfg.min_batch_size), new))
-    new_state = LocalAutoscalerState(new, itl, None if action == "halve" else tp, obs.now, action)
+    halved = action == "halve"
+    new_state = LocalAutoscalerState(new, None if halved else itl, None if halved else tp, obs.now, action,
+                                     batch_size_before=cur, ceiling=ceiling, ceiling_until_s=ceiling_until)
     return new_state, Decision(obs.now, int(new), lbp, tbp, bp, action, reason)

@@ -13,7 +13,9 @@ import numpy as np
 
 def weighted_quantile(values: np.ndarray, weights: np.ndarray, q: float) -> float:
     """Quantile ``q`` in [0, 1] of ``values`` where each value counts ``weights`` times (NaN when empty)."""
-    if values.size == 0 or weights.sum() <= 0:
+    keep = weights > 0
+    values, weights = values[keep], weights[keep]
+    if values.size == 0:
         return math.nan
     order = np.argsort(values)
     v, w = values[order], weights[order]
@@ -80,4 +82,5 @@ class RateWindow:
         if self._first_s is None:
             return 0.0
         span = min(w, max(now - self._first_s, 1e-9))
-        return sum(c for t, c in self._events if t >= now - w) / span
+        # Half-open window (now - w, now]: a closed one counts one sample interval too many.
+        return sum(c for t, c in self._events if t > now - w) / span
