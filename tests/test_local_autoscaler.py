@@ -155,11 +155,11 @@ def test_deadband_and_margin_around_the_target(itl_ms, expect):
     elif expect == "ease":
         bp = itl_ms / TARGET
         assert d.action == "hold"  # easing down is not a halving
-        assert s.batch_size == pytest.approx(0.25 * 300.0 + 0.75 * 300.0 / bp)
+        assert s.batch_size == pytest.approx((1 - CFG.ewma_alpha) * 300.0 + CFG.ewma_alpha * 300.0 / bp)
         assert 0.9 * 300.0 < s.batch_size < 300.0
     else:
         assert d.action == "grow"
-        assert s.batch_size == pytest.approx(0.25 * 300.0 + 0.75 * 300.0 / 0.8)
+        assert s.batch_size == pytest.approx((1 - CFG.ewma_alpha) * 300.0 + CFG.ewma_alpha * 300.0 / 0.8)
 
 
 def test_single_spike_is_smoothed_but_overload_halves_at_once():

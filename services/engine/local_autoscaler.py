@@ -59,7 +59,7 @@ class LocalAutoscalerConfig:
     max_batch_size: int = 1024
     initial_batch_size: int = 16
     control_interval_s: float = 1.0
-    ewma_alpha: float = 0.75  # weight of the new target in the proportional step
+    ewma_alpha: float = 0.9  # weight of the new target in the proportional step
     itl_quantile: float = 0.99
     itl_smoothing: float = 0.5  # EWMA weight of a new ITL / throughput observation
     latency_target_fraction: float = 0.9
