@@ -13,6 +13,7 @@ import logging
 import math
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass
 
 import grpc
@@ -86,7 +87,7 @@ class EngineAgent(engine_pb2_grpc.EngineServicer):
         self._saturated = False
         self._state = initial_state(cfg.autoscaler)
         self.last_decision: Decision | None = None
-        self.decisions: list[Decision] = []
+        self.decisions: deque[Decision] = deque(maxlen=1000)  # recent decisions (bounded)
         self.draining = False
         self._tasks: list[asyncio.Task] = []
         backend.add_step_listener(self._on_step)
