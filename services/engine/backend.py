@@ -101,6 +101,7 @@ class Backend(abc.ABC):
     name: str = "abstract"
     model_name: str = ""
     max_model_len: int = 0
+    speedup: float = 1.0  # backend-clock seconds per wall-clock second (1 for a real engine)
 
     def __init__(self) -> None:
         self._listeners: list[Callable[[StepStats], None]] = []

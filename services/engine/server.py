@@ -121,7 +121,7 @@ class EngineAgent(engine_pb2_grpc.EngineServicer):
         cfg = self.config.autoscaler
         last = self.backend.now()
         while True:
-            await asyncio.sleep(cfg.control_interval_s / getattr(self.backend, "speedup", 1.0))
+            await asyncio.sleep(cfg.control_interval_s / self.backend.speedup)
             now = self.backend.now()
             snap = self.backend.snapshot()
             q = self._ctl_itl.quantile(cfg.itl_quantile, now, since_s=last)
@@ -228,8 +228,7 @@ class EngineAgent(engine_pb2_grpc.EngineServicer):
 
 def _wall(engine_s: float, backend: Backend) -> float:
     """Map a backend-clock time to wall-clock seconds since the epoch."""
-    speed = getattr(backend, "speedup", 1.0)
-    return time.time() - (backend.now() - engine_s) / speed
+    return time.time() - (backend.now() - engine_s) / backend.speedup
 
 
 @dataclass
