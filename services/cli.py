@@ -1,6 +1,7 @@
 """The ``chiron`` command: run services, demos and benchmarks.
 
     chiron engine                 run one engine agent (gRPC Engine service + local autoscaler)
+    chiron tiny-model DIR         write a tiny Llama model directory for the vllm backend on CPU
     chiron demo                   engine agent + replay of the Azure conversation trace + autoscaler report
     chiron bench perf-model       fit error of the A100 performance model on held-out profile rows
     chiron bench local-autoscaler adaptive vs best static vs vLLM default max batch size
@@ -50,24 +51,32 @@ def main(log_level: str) -> None:
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
 @click.option("--port", default=50061, show_default=True, help="gRPC port (0 = pick a free one).")
 @click.option("--port-file", type=click.Path(dir_okay=False), help="Write the bound port here once serving.")
-@click.option("--backend", type=click.Choice(["simulated"]), default="simulated", show_default=True,
-              help="simulated: continuous-batching A100 engine from the fitted performance model.")
-@click.option("--model", default="llama-3-8b", show_default=True, type=click.Choice(["llama-3-8b", "llama-2-70b"]),
-              help="Model of the simulated engine (llama-2-70b runs over TP=4).")
+@click.option("--backend", type=click.Choice(["simulated", "vllm"]), default="simulated", show_default=True,
+              help="simulated: continuous-batching A100 engine from the fitted performance model; "
+                   "vllm: a real vLLM engine in this process (needs vLLM: scripts/install_vllm_cpu.sh on CPU).")
+@click.option("--model", default="llama-3-8b", show_default=True,
+              help="simulated: llama-3-8b or llama-2-70b (TP=4). vllm: a Hugging Face model directory "
+                   "('chiron tiny-model DIR' writes a tiny test model).")
+@click.option("--load-format", type=click.Choice(["auto", "dummy"]), default="auto", show_default=True,
+              help="vllm: 'dummy' runs the model with random weights (no weight files needed).")
+@click.option("--dtype", default="auto", show_default=True, help="vllm: weight/activation dtype (float32 is fastest on CPU).")
+@click.option("--kv-cache-mb", type=int, default=0, show_default=True,
+              help="vllm: KV-cache size [MiB] (0 = vLLM's default sizing).")
 @click.option("--role", type=click.Choice(["interactive", "mixed", "batch"]), default="interactive", show_default=True)
 @click.option("--instance-id", default="", help="Instance id (default: generated).")
 @click.option("--itl-slo-ms", type=float, default=None,
               help="ITL SLO the local autoscaler holds [ms]. Default: 50 (interactive/mixed), 500 (batch).")
 @click.option("--initial-batch-size", default=16, show_default=True, help="Max batch size at start [requests].")
-@click.option("--max-batch-size", default=1024, show_default=True, help="Upper bound of the max batch size.")
+@click.option("--max-batch-size", type=int, default=None,
+              help="Upper bound of the max batch size [requests]. Default: 1024 (simulated), 256 (vllm).")
 @click.option("--control-interval-s", default=1.0, show_default=True, help="Local autoscaler period [s].")
 @click.option("--static-batch-size", type=int, default=None,
               help="Disable the local autoscaler and fix the max batch size [requests].")
 @click.option("--token-budget", type=int, default=None,
               help="Fixed per-iteration token budget (vLLM max_num_batched_tokens); default: tied to the batch size.")
 @click.option("--speedup", default=1.0, show_default=True, help="Run the simulated engine's clock this much faster.")
-def engine(host, port, port_file, backend, model, role, instance_id, itl_slo_ms, initial_batch_size,
-           max_batch_size, control_interval_s, static_batch_size, token_budget, speedup) -> None:
+def engine(host, port, port_file, backend, model, load_format, dtype, kv_cache_mb, role, instance_id, itl_slo_ms,
+           initial_batch_size, max_batch_size, control_interval_s, static_batch_size, token_budget, speedup) -> None:
     """Run one engine agent: the chiron.v1.Engine gRPC service with health checking and reflection.
 
     SIGTERM or Ctrl-C drains: new requests get UNAVAILABLE, running ones finish (up to 30 s).
@@ -79,6 +88,23 @@ def engine(host, port, port_file, backend, model, role, instance_id, itl_slo_ms,
 
     if itl_slo_ms is None:
         itl_slo_ms = 500.0 if role == "batch" else 50.0
+    if max_batch_size is None:
+        max_batch_size = 256 if backend == "vllm" else 1024
+    if backend == "simulated" and model not in ("llama-3-8b", "llama-2-70b"):
+        raise click.BadParameter(f"the simulated backend models llama-3-8b or llama-2-70b, not {model!r}",
+                                 param_hint="--model")
+    vllm_cfg = None
+    if backend == "vllm":
+        from services.engine.vllm_backend import ModelDirError, VllmConfig, check_model_dir, quiet_vllm_logs
+
+        quiet_vllm_logs()
+        try:
+            check_model_dir(model, load_format)
+        except ModelDirError as e:
+            raise click.BadParameter(str(e), param_hint="--model") from e
+        vllm_cfg = VllmConfig(model_dir=model, load_format=load_format, dtype=dtype,
+                              max_num_seqs=max(max_batch_size, static_batch_size or 1),
+                              kv_cache_bytes=kv_cache_mb << 20)
     try:
         a_cfg = LocalAutoscalerConfig(itl_slo_ms=itl_slo_ms, initial_batch_size=static_batch_size or initial_batch_size,
                                       max_batch_size=max(max_batch_size, static_batch_size or 1),
@@ -89,13 +115,22 @@ def engine(host, port, port_file, backend, model, role, instance_id, itl_slo_ms,
         raise click.BadParameter(str(e)) from e
 
     async def run() -> None:
-        be = SimulatedBackend(model, e_cfg, speedup=speedup)
+        if vllm_cfg is not None:
+            from services.engine.vllm_backend import VllmBackend
+
+            be = VllmBackend(vllm_cfg)
+        else:
+            be = SimulatedBackend(model, e_cfg, speedup=speedup)
         agent = EngineAgent(be, AgentConfig(instance_id=instance_id, role=ROLE_NAMES[role], autoscaler=a_cfg,
                                             autoscale=static_batch_size is None))
-        srv = await serve(agent, host, port)
+        try:
+            srv = await serve(agent, host, port)
+        except Exception as e:
+            console.print(f"[red]engine failed to start ({backend} backend): {e}[/]")
+            raise SystemExit(1) from e
         if port_file:
             Path(port_file).write_text(str(srv.port))
-        console.print(f"engine agent [bold]{agent.config.instance_id}[/] ({backend}, {model}, {role}) "
+        console.print(f"engine agent [bold]{agent.config.instance_id}[/] ({backend}, {be.model_name}, {role}) "
                       f"serving on {host}:{srv.port}")
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -106,6 +141,25 @@ def engine(host, port, port_file, backend, model, role, instance_id, itl_slo_ms,
         await srv.stop(grace_s=30.0)
 
     asyncio.run(run())
+
+
+@main.command("tiny-model")
+@click.argument("model_dir", type=click.Path(file_okay=False))
+@click.option("--layers", default=2, show_default=True, help="Decoder layers.")
+@click.option("--hidden-size", default=128, show_default=True, help="Hidden size (4 heads of hidden/4).")
+@click.option("--vocab-size", default=1024, show_default=True, help="Vocabulary size [tokens].")
+@click.option("--max-len", default=2048, show_default=True, help="Context length [tokens].")
+def tiny_model(model_dir, layers, hidden_size, vocab_size, max_len) -> None:
+    """Write a tiny Llama-architecture model directory (config only) for the vllm backend on CPU.
+
+    Serve it with: chiron engine --backend vllm --model MODEL_DIR --load-format dummy
+    """
+    from services.engine.vllm_backend import write_tiny_model
+
+    d = write_tiny_model(model_dir, num_layers=layers, hidden_size=hidden_size, vocab_size=vocab_size,
+                         max_position_embeddings=max_len)
+    console.print(f"wrote {d}/config.json: {layers} layers, hidden {hidden_size}, vocab {vocab_size}, "
+                  f"context {max_len} (random weights: --load-format dummy)")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -288,6 +288,43 @@ def test_remove_frees_blocks():
     assert e.step(now).events == ()
 
 
+def test_hold_frees_kv_keeps_progress_and_release_resumes_from_host_kv():
+    e = engine(kv_capacity_tokens=16_384, max_num_batched_tokens=4096)
+    e.add_request("mixed", 2000, 50, 0.0)
+    e.add_request("other", 100, 50, 0.0)
+    now = 0.0
+    for _ in range(6):
+        now = e.step(now).end_s
+    req = e.requests["mixed"]
+    generated, computed = req.num_generated, req.num_computed
+    assert generated > 0 and computed >= 2000
+    assert e.hold("mixed") is True
+    assert e.hold("mixed") is False and e.hold("nope") is False
+    assert req.state is RequestState.HELD and req.num_blocks == 0 and req.host_kv_tokens >= 2000
+    check_blocks(e)
+    # While held it makes no progress; the other request finishes.
+    while "other" in e.requests:
+        res = e.step(now)
+        now = res.end_s
+        assert all(ev.request_id != "mixed" for ev in res.events)
+    assert req.num_generated == generated and e.num_preemptions_total == 1
+    assert e.release("mixed") is True and e.release("mixed") is False
+    first = e.step(now)
+    # It resumes from its host KV (a copy, not a 2000-token prefill) and finishes exactly.
+    assert first.num_prefill_tokens <= 1
+    events: dict[str, list[TokenEvent]] = defaultdict(list)
+    run_to_completion(e, now=first.end_s, events=events)
+    assert events["mixed"][-1].num_generated == 50 and events["mixed"][-1].finished
+
+
+def test_held_request_can_be_removed():
+    e = engine()
+    e.add_request("h", 10, 5, 0.0)
+    assert e.hold("h")  # held while still waiting
+    assert e.remove("h").state is RequestState.FINISHED
+    assert e.release("h") is False and not e.has_work()
+
+
 # ---- admission errors ------------------------------------------------------------------------------
 
 

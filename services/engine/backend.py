@@ -7,7 +7,9 @@ engine fits behind it unchanged:
   consumer aborts the request (as cancelling ``generate()`` does in vLLM);
 * ``abort`` / ``evict`` stop a request (``AsyncLLM.abort``); ``evict`` also returns its progress;
 * ``set_max_batch_size`` is the runtime cap the local autoscaler sets (vLLM: the scheduler's
-  ``max_num_running_reqs``, reached through an engine utility call);
+  ``max_num_active_reqs``, reached through an engine utility call);
+* ``preempt`` / ``resume`` hold one request out of the batch and bring it back (MIXED instances making
+  room for interactive work; vLLM: recompute-style preemption through the same utility route);
 * per-step statistics reach listeners after every engine iteration (vLLM: ``StatLoggerBase.record`` with
   ``SchedulerStats`` and ``IterationStats``).
 
@@ -25,7 +27,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-from services.engine.core import EngineConfig, EngineCore, RequestRejected, decode_kv_offload_ms
+from services.engine.core import EngineConfig, EngineCore, RequestRejected, decode_kv_offload_ms, validate_request
 from services.engine.perf_model import default_perf_model
 
 
@@ -38,6 +40,7 @@ class BackendRequest:
     max_tokens: int
     resume_token_ids: tuple[int, ...] = ()
     host_kv_tokens: int = 0  # context tokens whose KV cache the request brings in host memory
+    ignore_eos: bool = False  # keep generating past the end-of-sequence token (benchmarks, tests)
 
 
 @dataclass(frozen=True)
@@ -123,9 +126,22 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     async def stop(self) -> None: ...
 
+    vocab_size: int = 0
+
+    @property
     @abc.abstractmethod
+    def kv_cache_capacity_tokens(self) -> int:
+        """Tokens the whole KV cache of this instance holds."""
+
     def validate(self, request: BackendRequest) -> None:
-        """Raise :class:`RequestRejected` for a request this engine can never serve."""
+        """Raise :class:`RequestRejected` for a request this engine can never serve (same rules for every
+        backend: :func:`~services.engine.core.validate_request` plus the vocabulary range)."""
+        validate_request(len(request.prompt_token_ids), request.max_tokens, len(request.resume_token_ids),
+                         self.max_model_len, self.kv_cache_capacity_tokens)
+        bad = [t for t in (*request.prompt_token_ids, *request.resume_token_ids) if not 0 <= t < self.vocab_size]
+        if bad:
+            raise RequestRejected(f"token ids must be in [0, {self.vocab_size}) for {self.model_name} "
+                                  f"(got {bad[0]})")
 
     @abc.abstractmethod
     def generate(self, request: BackendRequest) -> AsyncIterator[TokenOutput]:
@@ -136,8 +152,16 @@ class Backend(abc.ABC):
         """Stop a request and return its progress (None if unknown). Its stream ends with ``evicted``."""
 
     @abc.abstractmethod
-    def set_max_batch_size(self, n: int) -> int:
+    async def set_max_batch_size(self, n: int) -> int:
         """Set the max batch size at run time; returns the value applied (clamped to the engine's limits)."""
+
+    @abc.abstractmethod
+    async def preempt(self, request_id: str) -> bool:
+        """Hold a request out of the batch (its stream pauses); False if unknown, finished or held."""
+
+    @abc.abstractmethod
+    async def resume(self, request_id: str) -> bool:
+        """Return a held request to the front of the waiting queue; False if it is not held."""
 
     @abc.abstractmethod
     def snapshot(self) -> BackendSnapshot: ...
@@ -171,7 +195,7 @@ class SimulatedBackend(Backend):
         self.core = EngineCore(self.perf, config)
         self.model_name = model_name
         self.max_model_len = self.core.max_model_len
-        self.vocab = self.perf.model.vocab
+        self.vocab_size = self.perf.model.vocab
         self.speedup = speedup
         self._t0 = time.monotonic()
         self._streams: dict[str, _Stream] = {}
@@ -194,10 +218,9 @@ class SimulatedBackend(Backend):
         for rid in list(self._streams):
             self._finish(rid, "abort")
 
-    def validate(self, request: BackendRequest) -> None:
-        self.core.validate(len(request.prompt_token_ids), request.max_tokens, len(request.resume_token_ids))
-        if any(t < 0 or t >= self.vocab for t in request.prompt_token_ids):
-            raise RequestRejected(f"prompt token ids must be in [0, {self.vocab}) for {self.model_name}")
+    @property
+    def kv_cache_capacity_tokens(self) -> int:
+        return self.core.kv_capacity_tokens
 
     async def generate(self, request: BackendRequest) -> AsyncIterator[TokenOutput]:
         rid = request.request_id
@@ -238,10 +261,18 @@ class SimulatedBackend(Backend):
         return Progress(request_id, tuple(stream.token_ids), len(stream.request.prompt_token_ids),
                         kv_offloaded_tokens=context, kv_offload_ms=decode_kv_offload_ms(self.perf, context))
 
-    def set_max_batch_size(self, n: int) -> int:
+    async def set_max_batch_size(self, n: int) -> int:
         applied = self.core.set_max_num_seqs(n)
         self._wake.set()
         return applied
+
+    async def preempt(self, request_id: str) -> bool:
+        return request_id in self._streams and self.core.hold(request_id)
+
+    async def resume(self, request_id: str) -> bool:
+        ok = self.core.release(request_id)
+        self._wake.set()
+        return ok
 
     def snapshot(self) -> BackendSnapshot:
         c = self.core
@@ -272,7 +303,7 @@ class SimulatedBackend(Backend):
                 stream = self._streams.get(ev.request_id)
                 if stream is None:
                     continue  # aborted while the step ran
-                tok = stream.rng.randrange(self.vocab)
+                tok = stream.rng.randrange(self.vocab_size)
                 stream.token_ids.append(tok)
                 if stream.last_token_s is None:
                     ttft.append((end - stream.added_s) * 1e3)

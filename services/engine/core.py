@@ -39,9 +39,36 @@ class RequestRejected(ValueError):
         self.code = code
 
 
+def validate_request(prompt_tokens: int, max_tokens: int, resumed_tokens: int, max_model_len: int,
+                     kv_capacity_tokens: int) -> None:
+    """The checks every backend applies before accepting a request (token counts in tokens).
+
+    Raises :class:`RequestRejected`: INVALID_ARGUMENT for an empty prompt, ``max_tokens`` ≤ 0, resumed
+    tokens not fewer than ``max_tokens``, or prompt + ``max_tokens`` beyond the model's context;
+    RESOURCE_EXHAUSTED when prompt + ``max_tokens`` exceeds the instance's whole KV cache (it could never
+    be scheduled there).
+    """
+    if prompt_tokens <= 0:
+        raise RequestRejected("prompt is empty: send at least one prompt token")
+    if max_tokens <= 0:
+        raise RequestRejected(f"max_tokens must be > 0 (got {max_tokens})")
+    if resumed_tokens < 0 or resumed_tokens >= max_tokens:
+        raise RequestRejected(f"resumed tokens ({resumed_tokens}) must be fewer than max_tokens ({max_tokens})")
+    total = prompt_tokens + max_tokens
+    if total > max_model_len:
+        raise RequestRejected(
+            f"prompt ({prompt_tokens}) + max_tokens ({max_tokens}) = {total} tokens exceeds the model's "
+            f"context of {max_model_len} tokens; shorten the prompt or lower max_tokens")
+    if total > kv_capacity_tokens:
+        raise RequestRejected(
+            f"request needs {total} tokens of KV cache but this instance holds only "
+            f"{kv_capacity_tokens}; it can never be scheduled here", code="RESOURCE_EXHAUSTED")
+
+
 class RequestState(Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    HELD = "held"  # preempted by the agent (MIXED instance making room); resumes on release
     FINISHED = "finished"
 
 
@@ -142,6 +169,7 @@ class EngineCore:
         self.waiting: deque[EngineRequest] = deque()
         self.running: list[EngineRequest] = []
         self.requests: dict[str, EngineRequest] = {}
+        self.held: dict[str, EngineRequest] = {}
         self.num_preemptions_total = 0
         self.generated_tokens_total = 0
         self.finished_total = 0
@@ -153,21 +181,7 @@ class EngineCore:
 
     def validate(self, prompt_tokens: int, max_tokens: int, resumed_tokens: int = 0) -> None:
         """Raise :class:`RequestRejected` for a request this engine can never serve."""
-        if prompt_tokens <= 0:
-            raise RequestRejected("prompt is empty: send at least one prompt token")
-        if max_tokens <= 0:
-            raise RequestRejected(f"max_tokens must be > 0 (got {max_tokens})")
-        if resumed_tokens < 0 or resumed_tokens >= max_tokens:
-            raise RequestRejected(f"resumed tokens ({resumed_tokens}) must be fewer than max_tokens ({max_tokens})")
-        total = prompt_tokens + max_tokens
-        if total > self.max_model_len:
-            raise RequestRejected(
-                f"prompt ({prompt_tokens}) + max_tokens ({max_tokens}) = {total} tokens exceeds the model's "
-                f"context of {self.max_model_len} tokens; shorten the prompt or lower max_tokens")
-        if total > self.kv_capacity_tokens:
-            raise RequestRejected(
-                f"request needs {total} tokens of KV cache but this instance holds only "
-                f"{self.kv_capacity_tokens}; it can never be scheduled here", code="RESOURCE_EXHAUSTED")
+        validate_request(prompt_tokens, max_tokens, resumed_tokens, self.max_model_len, self.kv_capacity_tokens)
 
     def add_request(self, request_id: str, prompt_tokens: int, max_tokens: int, now: float,
                     resumed_tokens: int = 0, host_kv_tokens: int = 0) -> EngineRequest:
@@ -191,9 +205,42 @@ class EngineCore:
             self.running.remove(req)
         elif req.state is RequestState.WAITING:
             self.waiting.remove(req)
+        self.held.pop(request_id, None)
         self._free(req)
         req.state = RequestState.FINISHED
         return req
+
+    def hold(self, request_id: str) -> bool:
+        """Preempt a request and keep it out of the batch until :meth:`release` (MIXED instances).
+
+        Its KV cache moves to host memory (the paper's mixed instances keep it in CPU memory), so on
+        release it resumes by loading, not recomputing, its context. Returns False for an unknown,
+        finished or already held request.
+        """
+        req = self.requests.get(request_id)
+        if req is None or req.state in (RequestState.HELD, RequestState.FINISHED):
+            return False
+        if req.state is RequestState.RUNNING:
+            self.running.remove(req)
+            req.host_kv_tokens = max(req.host_kv_tokens, req.num_computed)
+            self._free(req)
+            req.num_computed = 0
+            req.num_preemptions += 1
+            self.num_preemptions_total += 1
+        else:
+            self.waiting.remove(req)
+        req.state = RequestState.HELD
+        self.held[request_id] = req
+        return True
+
+    def release(self, request_id: str) -> bool:
+        """Put a held request back at the front of the waiting queue. False if it is not held."""
+        req = self.held.pop(request_id, None)
+        if req is None:
+            return False
+        req.state = RequestState.WAITING
+        self.waiting.appendleft(req)
+        return True
 
     def set_max_num_seqs(self, n: int) -> int:
         """Set the max batch size, clamped to [1, max_num_seqs_limit]; returns the value applied."""

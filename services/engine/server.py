@@ -50,6 +50,7 @@ _CODES = {
     "INVALID_ARGUMENT": grpc.StatusCode.INVALID_ARGUMENT,
     "RESOURCE_EXHAUSTED": grpc.StatusCode.RESOURCE_EXHAUSTED,
     "ALREADY_EXISTS": grpc.StatusCode.ALREADY_EXISTS,
+    "UNAVAILABLE": grpc.StatusCode.UNAVAILABLE,
 }
 
 
@@ -84,6 +85,7 @@ class EngineAgent(engine_pb2_grpc.EngineServicer):
         self.tokens = RateWindow(cfg.stats_window_s)
         self._ctl_itl = LatencyWindow(max(cfg.autoscaler.control_interval_s * 4, 1.0))
         self._ctl_tokens = 0
+        self._ctl_last_s: float | None = None
         self._saturated = False
         self._state = initial_state(cfg.autoscaler)
         self.last_decision: Decision | None = None
@@ -96,7 +98,7 @@ class EngineAgent(engine_pb2_grpc.EngineServicer):
     async def start(self) -> None:
         await self.backend.start()
         if self.config.autoscale:
-            self.backend.set_max_batch_size(self.config.autoscaler.initial_batch_size)
+            await self.backend.set_max_batch_size(self.config.autoscaler.initial_batch_size)
             self._tasks.append(asyncio.create_task(self._control_loop(), name="local-autoscaler"))
 
     async def stop(self) -> None:
@@ -119,22 +121,28 @@ class EngineAgent(engine_pb2_grpc.EngineServicer):
 
     async def _control_loop(self) -> None:
         cfg = self.config.autoscaler
-        last = self.backend.now()
+        self._ctl_last_s = self.backend.now()
         while True:
             await asyncio.sleep(cfg.control_interval_s / self.backend.speedup)
-            now = self.backend.now()
-            snap = self.backend.snapshot()
-            q = self._ctl_itl.quantile(cfg.itl_quantile, now, since_s=last)
-            obs = Observation(now, q, self._ctl_tokens / max(now - last, 1e-9),
-                              snap.saturated or self._saturated)
-            self._ctl_tokens = 0
-            last = now
-            self._state, decision = decide(cfg, self._state, obs)
-            applied = self.backend.set_max_batch_size(decision.max_batch_size)
-            self.last_decision = decision
-            self.decisions.append(decision)
-            if decision.action != "hold":
-                log.info("local autoscaler: %s → max batch size %d (%s)", decision.action, applied, decision.reason)
+            await self.control_step()
+
+    async def control_step(self) -> Decision:
+        """One local-autoscaler decision from the stats since the previous one, applied to the backend."""
+        cfg = self.config.autoscaler
+        now = self.backend.now()
+        last = self._ctl_last_s if self._ctl_last_s is not None else now - cfg.control_interval_s
+        snap = self.backend.snapshot()
+        q = self._ctl_itl.quantile(cfg.itl_quantile, now, since_s=last)
+        obs = Observation(now, q, self._ctl_tokens / max(now - last, 1e-9), snap.saturated or self._saturated)
+        self._ctl_tokens = 0
+        self._ctl_last_s = now
+        self._state, decision = decide(cfg, self._state, obs)
+        applied = await self.backend.set_max_batch_size(decision.max_batch_size)
+        self.last_decision = decision
+        self.decisions.append(decision)
+        if decision.action != "hold":
+            log.info("local autoscaler: %s → max batch size %d (%s)", decision.action, applied, decision.reason)
+        return decision
 
     def stats(self) -> types_pb2.EngineStats:
         """Current statistics (windowed over ``stats_window_s``)."""
@@ -176,7 +184,8 @@ class EngineAgent(engine_pb2_grpc.EngineServicer):
                                   if req.prompt == "" else "text prompts need a backend with a tokenizer; "
                                   "send prompt_token_ids")
         rid = req.request_id or f"req-{uuid.uuid4().hex[:12]}"
-        br = BackendRequest(rid, tuple(req.prompt_token_ids), int(req.max_tokens), tuple(req.resume_token_ids))
+        br = BackendRequest(rid, tuple(req.prompt_token_ids), int(req.max_tokens), tuple(req.resume_token_ids),
+                            ignore_eos=req.ignore_eos)
         self.backend.validate(br)
         return br
 
