@@ -100,6 +100,7 @@ async def run_bench(concurrencies=(1, 8, 32), max_tokens: int = 256, reps: int =
     backend = VllmBackend(VllmConfig(str(model), load_format="dummy", dtype="float32", max_num_seqs=max_num_seqs))
     try:
         await backend.start()
+        await backend.set_max_batch_size(max_num_seqs)  # what the agent applies at start (cap + token budget)
         port = await wait_port_file(port_file, proc, timeout_s=180)
         target = f"127.0.0.1:{port}"
         await wait_healthy(target, timeout_s=60, proc=proc)

@@ -112,6 +112,9 @@ class Backend(abc.ABC):
     def add_step_listener(self, listener: Callable[[StepStats], None]) -> None:
         self._listeners.append(listener)
 
+    def remove_step_listener(self, listener: Callable[[StepStats], None]) -> None:
+        self._listeners.remove(listener)
+
     def _emit(self, stats: StepStats) -> None:
         for listener in self._listeners:
             listener(stats)

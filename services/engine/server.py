@@ -97,8 +97,9 @@ class EngineAgent(engine_pb2_grpc.EngineServicer):
     # ---- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
         await self.backend.start()
+        # The initial (or, without the autoscaler, the static) max batch size.
+        await self.backend.set_max_batch_size(self.config.autoscaler.initial_batch_size)
         if self.config.autoscale:
-            await self.backend.set_max_batch_size(self.config.autoscaler.initial_batch_size)
             self._tasks.append(asyncio.create_task(self._control_loop(), name="local-autoscaler"))
 
     async def stop(self) -> None:

@@ -12,7 +12,10 @@ methods below to ``EngineCore``:
     The local autoscaler's max batch size: the scheduler admits while ``len(running) <
     max_num_active_reqs`` (``v1/core/sched/scheduler.py``). Clamped to ``[1, max_num_seqs]``
     (``max_num_seqs`` sizes the model runner's buffers, so the engine starts with the largest cap
-    allowed). Lowering it does not evict running requests; they finish and are not replaced.
+    allowed). Lowering it does not evict running requests; they finish and are not replaced. The
+    per-step token budget stays vLLM's (``max_num_batched_tokens``): tying it to the cap, as the
+    simulated engine does by default, cut the tiny model's throughput by half at small caps on this CPU
+    for no ITL gain (per-step overhead, not tokens, dominates there; stop-10 note).
 ``chiron_preempt(request_ids) -> list[str]``
     Take requests out of the batch and hold them (MIXED instances make room for interactive work this
     way). vLLM v1 preemption is recompute-style: the request's KV blocks are freed, its generated tokens
@@ -63,8 +66,7 @@ def _resolve(sched: Any, request_ids: list[str]) -> list[str]:
 
 def chiron_set_max_active(self: Any, n: int) -> int:
     sched = self.scheduler
-    limit = int(sched.scheduler_config.max_num_seqs)
-    applied = max(1, min(int(n), limit))
+    applied = max(1, min(int(n), int(sched.scheduler_config.max_num_seqs)))
     sched.max_num_active_reqs = applied
     return applied
 
@@ -111,6 +113,7 @@ def chiron_state(self: Any) -> dict[str, Any]:
         "held": [_external(rid) for rid in _held(sched)],
         "max_active": int(sched.max_num_active_reqs),
         "max_num_seqs": int(sched.scheduler_config.max_num_seqs),
+        "token_budget": int(sched.max_num_scheduled_tokens),
         "kv_cache_usage": float(sched.kv_cache_manager.usage),
     }
 
