@@ -7,6 +7,7 @@
     chiron bench perf-model       fit error of the A100 performance model on held-out profile rows
     chiron bench local-autoscaler adaptive vs best static vs vLLM default max batch size
     chiron bench estimator        accuracy of the global queue's waiting-time estimator
+    chiron bench queue            global queue throughput, latency, memory at 1M queued
     chiron bench engine-overhead  tokens/s through the agent's gRPC vs vLLM called directly
 """
 
@@ -391,6 +392,34 @@ def bench_estimator(json_path, slots) -> None:
     from bench.estimator import main as run_estimator_bench
 
     run_estimator_bench(json_path, slots=slots)
+
+
+@bench.command("queue")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default="out/bench-queue.json", show_default=True)
+@click.option("--n-rss", default=1_000_000, show_default=True, help="Queued requests for the memory / refresh run.")
+def bench_queue(json_path, n_rss) -> None:
+    """The global queue: enqueue/s in-process and over gRPC, lease/s and Enqueue p99 over gRPC, resident
+    memory and statistics-refresh time with 1,000,000 queued requests.
+
+    Targets: ≥ 20,000 enqueues/s in-process; 1M queued within 1.5 GB RSS; refresh ≤ 50 ms at 1M.
+    """
+    from bench.queue import TARGETS, run_bench
+
+    with console.status("benchmarking the queue…") as status:
+        report = run_bench(n_rss=n_rss, progress=lambda what: status.update(f"done: {what}…"))
+    table = Table(title="Global queue (SQLite WAL store, gRPC on loopback)")
+    for col in ("metric", "value", "target"):
+        table.add_column(col, justify="right")
+    for key in ("enqueue_per_s_inprocess", "enqueue_per_s_grpc", "lease_per_s_grpc", "enqueue_p99_ms_grpc",
+                "rss_bytes_1m", "estimator_refresh_ms_1m"):
+        v = report[key]
+        op, bound = TARGETS.get(key, ("", None))
+        ok = "" if bound is None else ("met" if (v >= bound if op == ">=" else v <= bound) else "MISSED")
+        table.add_row(key, f"{v:,.1f}", f"{op} {bound:,.0f} {ok}" if bound is not None else "—")
+    console.print(table)
+    Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+    Path(json_path).write_text(json.dumps(report, indent=2))
+    console.print(f"written to {json_path}")
 
 
 @bench.command("engine-overhead")

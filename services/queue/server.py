@@ -1,0 +1,283 @@
+"""The ``chiron.v1.Queue`` gRPC service: the durable grouped store plus the waiting-time estimator.
+
+* Requests live in :class:`~services.queue.store.QueueStore` (SQLite, WAL): durable before ``Enqueue``
+  returns, grouped by model and TTFT-SLO deadline bucket, served earliest-deadline-first and FIFO inside a
+  group, handed out under leases that expire back into the queue.
+* Waiting-time estimates come from :class:`~services.queue.estimator.WaitingTimeEstimator`, fed with the
+  output lengths of acked requests. The serving capacity it assumes per model is measured here: output
+  tokens acked (and returned) over the last ``capacity_window_s`` divided by that window, over as many
+  slots as there are leases out (:class:`CapacityTracker`); before the first ack, the configured prior
+  (``prior_throughput_tokens_per_s``) or none (estimates then read ``inf``). The global scaler reads the
+  per-group estimates from ``GetStats`` / ``WatchStats``.
+* Stats cost O(groups): the store keeps per-group aggregates; the estimator's Monte-Carlo tables are
+  rebuilt by a background task (``prepare``), not on the stats path.
+
+The store is not thread-safe; every RPC runs on the server's single asyncio event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+import uuid
+from collections import defaultdict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from chiron.v1 import queue_pb2, queue_pb2_grpc, types_pb2
+from services.queue.estimator import GroupEstimate, ServingCapacity, WaitingTimeEstimator
+from services.queue.store import QueueConfig, QueueError, QueueStore
+
+log = logging.getLogger("chiron.queue")
+
+_CODES = {name: getattr(grpc.StatusCode, name) for name in
+          ("INVALID_ARGUMENT", "ALREADY_EXISTS", "RESOURCE_EXHAUSTED", "NOT_FOUND", "FAILED_PRECONDITION")}
+_STATES = {"QUEUED": queue_pb2.QUEUED_REQUEST_STATE_QUEUED, "LEASED": queue_pb2.QUEUED_REQUEST_STATE_LEASED,
+           "DONE": queue_pb2.QUEUED_REQUEST_STATE_DONE, "CANCELLED": queue_pb2.QUEUED_REQUEST_STATE_CANCELLED}
+
+
+def _ts(seconds: float) -> Timestamp:
+    t = Timestamp()
+    if math.isfinite(seconds):
+        t.FromNanoseconds(int(seconds * 1e9))
+    return t
+
+
+@dataclass
+class CapacityTracker:
+    """Measured batch-serving capacity per model (tokens/s over ``window_s``, slots = leases out).
+
+    ``prior_throughput_tokens_per_s``: assumed before any completion is seen (0 = unknown: no capacity).
+    """
+
+    window_s: float = 60.0
+    prior_throughput_tokens_per_s: float = 0.0
+    _events: dict[str, deque] = field(default_factory=lambda: defaultdict(deque))
+    _first_s: dict[str, float] = field(default_factory=dict)
+
+    def record(self, model: str, tokens: int, now: float) -> None:
+        """``tokens`` output tokens of ``model`` finished (acked or returned) at ``now`` [s]."""
+        self._first_s.setdefault(model, now)
+        self._events[model].append((now, tokens))
+
+    def capacity(self, model: str, leased: int, now: float) -> ServingCapacity | None:
+        ev = self._events.get(model)
+        while ev and ev[0][0] < now - self.window_s:
+            ev.popleft()
+        slots = max(1, leased)
+        if ev:
+            span = min(self.window_s, max(now - self._first_s[model], 1.0))
+            tput = sum(t for _, t in ev) / span
+            if tput > 0:
+                return ServingCapacity(tput, slots, in_service=leased > 0)
+        if self.prior_throughput_tokens_per_s > 0:
+            return ServingCapacity(self.prior_throughput_tokens_per_s, slots, in_service=leased > 0)
+        return None
+
+
+class QueueService(queue_pb2_grpc.QueueServicer):
+    """Implements ``chiron.v1.Queue`` over a :class:`QueueStore` (see the module docstring)."""
+
+    def __init__(self, store: QueueStore, estimator: WaitingTimeEstimator | None = None,
+                 capacity: CapacityTracker | None = None, clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.estimator = estimator or WaitingTimeEstimator()
+        self.capacity = capacity or CapacityTracker()
+        self.clock = clock
+        self._tasks: list[asyncio.Task] = []
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    async def start(self, maintenance_interval_s: float = 1.0) -> None:
+        self._tasks.append(asyncio.create_task(self._maintenance(maintenance_interval_s), name="queue-maintenance"))
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        self._tasks.clear()
+
+    async def _maintenance(self, interval_s: float) -> None:
+        """Return expired leases; rebuild the estimator's tables off the stats path."""
+        while True:
+            try:
+                n = self.store.expire_leases()
+                if n:
+                    log.info("%d expired lease(s) returned to the queue", n)
+                for model, cap in self.capacities().items():
+                    self.estimator.prepare(model, cap)
+            except Exception:  # keep the service alive; the next round retries
+                log.exception("queue maintenance failed")
+            await asyncio.sleep(interval_s)
+
+    # ---- estimates -------------------------------------------------------------------------
+    def capacities(self) -> dict[str, ServingCapacity]:
+        now = self.clock()
+        leased: dict[str, int] = defaultdict(int)
+        models = set()
+        for g in self.store.groups():
+            leased[g.model] += g.leased
+            models.add(g.model)
+        models |= set(self.capacity._events)
+        out = {}
+        for m in models:
+            cap = self.capacity.capacity(m, leased[m], now)
+            if cap is not None:
+                out[m] = cap
+        return out
+
+    def group_estimates(self) -> tuple[list, list[GroupEstimate], dict[str, ServingCapacity]]:
+        groups = self.store.groups()
+        caps = self.capacities()
+        snaps = [g.snapshot() for g in groups]
+        est = self.estimator.refresh(snaps, caps, self.clock())
+        return groups, est, caps
+
+    def stats(self) -> queue_pb2.QueueStats:
+        groups, estimates, caps = self.group_estimates()
+        by_id = {g.group_id: g for g in groups}
+        out = queue_pb2.QueueStats(time=_ts(self.clock()))
+        for e in estimates:
+            g = by_id[e.group_id]
+            out.queued += g.queued
+            out.leased += g.leased
+            out.groups.append(queue_pb2.GroupStats(
+                group_id=g.group_id, model=g.model, size=g.queued, leased=g.leased,
+                oldest_arrival=_ts(g.oldest_arrival_s if g.oldest_arrival_s is not None else math.nan),
+                deadline=_ts(g.deadline_s),
+                estimated_wait_mean_s=e.last_wait_mean_s, estimated_wait_p95_s=e.last_wait_quantile_s,
+                slack_s=e.slack_s, projected_slo_violation=e.projected_violation))
+        for model, cap in sorted(caps.items()):
+            out.capacity.append(queue_pb2.ModelCapacity(model=model, throughput_tokens_per_s=cap.throughput_tokens_per_s,
+                                                        slots=cap.slots))
+        return out
+
+    # ---- RPCs --------------------------------------------------------------------------------
+    async def _fail(self, context, e: QueueError):
+        await context.abort(_CODES.get(e.code, grpc.StatusCode.INVALID_ARGUMENT), e.message)
+
+    async def Enqueue(self, request: queue_pb2.EnqueueRequest, context):
+        r = request.request
+        rid = r.request_id or f"batch-{uuid.uuid4().hex}"
+        try:
+            rid, group = self.store.enqueue(rid, r.model, r.prompt_token_ids, r.max_tokens, r.slo.ttft_ms)
+        except QueueError as e:
+            await self._fail(context, e)
+        return queue_pb2.EnqueueResponse(request_id=rid, group_id=group, deadline=_ts(self.store.deadline_s(rid)))
+
+    async def Lease(self, request: queue_pb2.LeaseRequest, context):
+        if request.max_requests == 0:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "max_requests must be >= 1")
+        timeout = request.lease_timeout_ms / 1e3 if request.lease_timeout_ms else None
+        leases = self.store.lease(request.worker_id or context.peer(), int(request.max_requests),
+                                  models=list(request.models) or None, lease_timeout_s=timeout)
+        resp = queue_pb2.LeaseResponse()
+        for ls in leases:
+            resp.leases.append(queue_pb2.LeasedRequest(
+                lease_id=ls.lease_id, group_id=ls.group_id, deadline=_ts(ls.deadline_s),
+                lease_expiry=_ts(ls.lease_expiry_s), attempts=ls.attempts,
+                request=types_pb2.InferenceRequest(
+                    request_id=ls.request_id, model=ls.model, prompt_token_ids=list(ls.prompt_token_ids),
+                    max_tokens=ls.max_tokens, resume_token_ids=list(ls.resume_token_ids),
+                    slo=types_pb2.SLO(ttft_ms=ls.ttft_slo_ms), request_class=types_pb2.REQUEST_CLASS_BATCH,
+                    arrival_time=_ts(ls.arrival_s))))
+        return resp
+
+    async def Ack(self, request: queue_pb2.AckRequest, context):
+        try:
+            info = self.store.get(request.request_id)
+            self.store.ack(request.request_id, request.lease_id, int(request.output_tokens))
+        except QueueError as e:
+            await self._fail(context, e)
+        now = self.clock()
+        self.estimator.observe(info.model, float(request.output_tokens))
+        self.capacity.record(info.model, int(request.output_tokens) - info.resume_tokens, now)
+        return queue_pb2.AckResponse()
+
+    async def Return(self, request: queue_pb2.ReturnRequest, context):
+        try:
+            info = self.store.get(request.request_id)
+            self.store.return_request(request.request_id, request.lease_id, list(request.generated_token_ids))
+        except QueueError as e:
+            await self._fail(context, e)
+        self.capacity.record(info.model, max(0, len(request.generated_token_ids) - info.resume_tokens), self.clock())
+        log.info("request %s returned to the queue with %d tokens (%s)", request.request_id,
+                 len(request.generated_token_ids), request.reason or "no reason given")
+        return queue_pb2.ReturnResponse()
+
+    async def Cancel(self, request: queue_pb2.CancelRequest, context):
+        try:
+            return queue_pb2.CancelResponse(cancelled=self.store.cancel(request.request_id))
+        except QueueError as e:
+            await self._fail(context, e)
+
+    async def GetRequest(self, request: queue_pb2.GetRequestRequest, context):
+        try:
+            info = self.store.get(request.request_id)
+        except QueueError as e:
+            await self._fail(context, e)
+        resp = queue_pb2.GetRequestResponse(
+            request_id=request.request_id, state=_STATES[info.state], group_id=info.group_id,
+            position=info.position, deadline=_ts(info.deadline_s), attempts=info.attempts,
+            num_generated_tokens=info.resume_tokens)
+        if info.position >= 0:
+            cap = self.capacities().get(info.model)
+            if cap is None:
+                resp.estimated_wait_mean_s = resp.estimated_wait_p95_s = math.inf
+            else:
+                est = self.estimator.estimate(info.model, int(info.position), cap)
+                resp.estimated_wait_mean_s, resp.estimated_wait_p95_s = est.mean_s, est.quantile_s
+        return resp
+
+    async def GetStats(self, request, context):
+        return queue_pb2.QueueGetStatsResponse(stats=self.stats())
+
+    async def WatchStats(self, request: queue_pb2.QueueWatchStatsRequest, context):
+        interval = max(request.interval_ms or 1000, 50) / 1e3
+        while True:
+            yield queue_pb2.QueueWatchStatsResponse(stats=self.stats())
+            await asyncio.sleep(interval)
+
+
+@dataclass
+class RunningQueue:
+    server: grpc.aio.Server
+    service: QueueService
+    port: int
+
+    async def stop(self, grace_s: float = 1.0) -> None:
+        await self.server.stop(grace_s)
+        await self.service.stop()
+        self.service.store.close()
+
+
+async def serve(config: QueueConfig, host: str = "127.0.0.1", port: int = 0,
+                capacity: CapacityTracker | None = None, estimator: WaitingTimeEstimator | None = None) -> RunningQueue:
+    """Open the store (recovering what a previous process left) and serve ``chiron.v1.Queue`` with health
+    checking and reflection. ``port`` 0 picks a free port. Raises ValueError for a bad config."""
+    config.validate()
+    store = QueueStore(config)
+    service = QueueService(store, estimator, capacity)
+    server = grpc.aio.server()
+    queue_pb2_grpc.add_QueueServicer_to_server(service, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = (queue_pb2.DESCRIPTOR.services_by_name["Queue"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME)
+    reflection.enable_server_reflection(names, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot bind {host}:{port}")
+    await service.start()
+    await server.start()
+    for name in ("", names[0]):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("queue serving on %s:%d (store %s)", host, bound, config.db_path)
+    return RunningQueue(server, service, bound)
