@@ -244,3 +244,31 @@ async def test_kill_9_loses_no_acknowledged_enqueue_and_leases_come_back(tmp_pat
             proc.wait(10)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+async def test_watch_stats_flags_a_projected_slo_violation(tmp_path):
+    # 10 tokens/s of batch capacity cannot start 30 requests within a 2-minute TTFT SLO.
+    cfg = QueueConfig(db_path=str(tmp_path / "q.db"), group_granularity_s=60.0)
+    srv = await serve(cfg, port=0, capacity=CapacityTracker(prior_throughput_tokens_per_s=10.0))
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
+            stub = queue_pb2_grpc.QueueStub(ch)
+            for i in range(30):
+                await stub.Enqueue(req(f"v{i}", ttft_s=120))
+            stream = stub.WatchStats(queue_pb2.QueueWatchStatsRequest(interval_ms=50))
+            seen = []
+            async for msg in stream:
+                seen.append(msg.stats)
+                if len(seen) == 2:
+                    break
+            stream.cancel()
+            g = seen[-1].groups[0]
+            assert g.size == 30 and g.projected_slo_violation and g.slack_s < 0
+            assert g.estimated_wait_p95_s > 120
+            assert seen[-1].capacity[0].throughput_tokens_per_s == 10.0
+            head = await stub.GetRequest(queue_pb2.GetRequestRequest(request_id="v0"))
+            tail = await stub.GetRequest(queue_pb2.GetRequestRequest(request_id="v29"))
+            assert head.position == 0 and tail.position == 29
+            assert head.estimated_wait_p95_s < tail.estimated_wait_mean_s
+    finally:
+        await srv.stop()
