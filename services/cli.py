@@ -2,12 +2,14 @@
 
     chiron engine                 run one engine agent (gRPC Engine service + local autoscaler)
     chiron queue                  run the global queue (durable request groups, leases, waiting-time estimates)
+    chiron scaler                 run the global scaler (policy + instance provider, or --advisory)
     chiron tiny-model DIR         write a tiny Llama model directory for the vllm backend on CPU
     chiron demo                   engine agent + replay of the Azure conversation trace + autoscaler report
     chiron bench perf-model       fit error of the A100 performance model on held-out profile rows
     chiron bench local-autoscaler adaptive vs best static vs vLLM default max batch size
     chiron bench estimator        accuracy of the global queue's waiting-time estimator
     chiron bench queue            global queue throughput, latency, memory at 1M queued
+    chiron bench scaler           scaling-policy decision latency, scale-up-to-registered time
     chiron bench engine-overhead  tokens/s through the agent's gRPC vs vLLM called directly
 """
 
@@ -63,6 +65,9 @@ def main(log_level: str) -> None:
 @click.option("--load-format", type=click.Choice(["auto", "dummy"]), default="auto", show_default=True,
               help="vllm: 'dummy' runs the model with random weights (no weight files needed).")
 @click.option("--dtype", default="auto", show_default=True, help="vllm: weight/activation dtype (float32 is fastest on CPU).")
+@click.option("--max-num-batched-tokens", type=int, default=None,
+              help="vllm: per-step token budget (decodes + prefill chunks); default: vLLM's. A small budget keeps "
+                   "prefill chunks from stalling decodes past a tight ITL SLO.")
 @click.option("--kv-cache-mb", type=int, default=0, show_default=True,
               help="vllm: KV-cache size [MiB] (0 = vLLM's default sizing).")
 @click.option("--role", type=click.Choice(["interactive", "mixed", "batch"]), default="interactive", show_default=True)
@@ -78,8 +83,9 @@ def main(log_level: str) -> None:
 @click.option("--token-budget", type=int, default=None,
               help="Fixed per-iteration token budget (vLLM max_num_batched_tokens); default: tied to the batch size.")
 @click.option("--speedup", default=1.0, show_default=True, help="Run the simulated engine's clock this much faster.")
-def engine(host, port, port_file, backend, model, load_format, dtype, kv_cache_mb, role, instance_id, itl_slo_ms,
-           initial_batch_size, max_batch_size, control_interval_s, static_batch_size, token_budget, speedup) -> None:
+def engine(host, port, port_file, backend, model, load_format, dtype, max_num_batched_tokens,
+           kv_cache_mb, role, instance_id, itl_slo_ms, initial_batch_size, max_batch_size, control_interval_s,
+           static_batch_size, token_budget, speedup) -> None:
     """Run one engine agent: the chiron.v1.Engine gRPC service with health checking and reflection.
 
     SIGTERM or Ctrl-C drains: new requests get UNAVAILABLE, running ones finish (up to 30 s).
@@ -107,7 +113,7 @@ def engine(host, port, port_file, backend, model, load_format, dtype, kv_cache_m
             raise click.BadParameter(str(e), param_hint="--model") from e
         vllm_cfg = VllmConfig(model_dir=model, load_format=load_format, dtype=dtype,
                               max_num_seqs=max(max_batch_size, static_batch_size or 1),
-                              kv_cache_bytes=kv_cache_mb << 20)
+                              kv_cache_bytes=kv_cache_mb << 20, max_num_batched_tokens=max_num_batched_tokens)
     try:
         a_cfg = LocalAutoscalerConfig(itl_slo_ms=itl_slo_ms, initial_batch_size=static_batch_size or initial_batch_size,
                                       max_batch_size=max(max_batch_size, static_batch_size or 1),
@@ -187,6 +193,96 @@ def queue(host, port, port_file, db_path, models, capacity, group_granularity_s,
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         await srv.stop()
+
+    asyncio.run(run())
+
+
+def _role_limits(text: str, role: str) -> tuple[int, int]:
+    try:
+        lo, hi = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: use MIN:MAX instance counts, e.g. 1:8", param_hint=f"--{role}") from None
+    return lo, hi
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
+@click.option("--port", default=50071, show_default=True, help="gRPC port of the Scaler service (0 = pick a free one).")
+@click.option("--port-file", type=click.Path(dir_okay=False), help="Write the bound port here once serving.")
+@click.option("--etcd", required=True, help="etcd endpoint (host:port) holding engine membership.")
+@click.option("--queue", "queue_addr", default=None, help="Queue service (host:port) for batch backpressure.")
+@click.option("--provider", type=click.Choice(["local", "nomad"]), default="local", show_default=True,
+              help="local: chiron engine processes on this machine; nomad: scale engine task groups via Nomad's API.")
+@click.option("--advisory", is_flag=True,
+              help="Compute, log and expose every decision exactly as when active, but never call the provider.")
+@click.option("--interval-s", default=5.0, show_default=True, help="Scaling interval [s].")
+@click.option("--scale-down-delay-s", default=120.0, show_default=True, help="Scale-down delay window [s].")
+@click.option("--model-load-time-s", default=60.0, show_default=True,
+              help="Time a new instance needs before it serves [s] (sizes the over-provisioning Θ).")
+@click.option("--arrival-cv", default=1.0, show_default=True,
+              help="Coefficient of variation of interactive inter-arrival times (1 = Poisson) until the router reports it.")
+@click.option("--interactive", "lim_i", default="1:16", show_default=True, help="MIN:MAX INTERACTIVE instances.")
+@click.option("--mixed", "lim_m", default="0:16", show_default=True, help="MIN:MAX MIXED instances.")
+@click.option("--batch", "lim_b", default="0:16", show_default=True, help="MIN:MAX BATCH instances.")
+@click.option("--gpu-budget", default=50, show_default=True, help="Most GPUs the fleet may use.")
+@click.option("--gpus-per-instance", default=1, show_default=True, help="GPUs one engine instance uses.")
+@click.option("--engine-args", default="--backend simulated", show_default=True,
+              help="local provider: extra 'chiron engine' arguments (one shell-quoted string).")
+@click.option("--work-dir", default="out/scaler-local", show_default=True, type=click.Path(file_okay=False),
+              help="local provider: where engine logs and port files go.")
+@click.option("--nomad-address", default="http://127.0.0.1:4646", show_default=True, help="nomad provider: Nomad HTTP API.")
+@click.option("--nomad-job", default="chiron-engine", show_default=True, help="nomad provider: the engine job's id.")
+def scaler(host, port, port_file, etcd, queue_addr, provider, advisory, interval_s, scale_down_delay_s, model_load_time_s,
+           arrival_cv, lim_i, lim_m, lim_b, gpu_budget, gpus_per_instance, engine_args, work_dir, nomad_address,
+           nomad_job) -> None:
+    """Run the global scaler: desired INTERACTIVE / MIXED / BATCH instance counts from interactive load (with
+    over-provisioning Θ) and batch backpressure, applied through an instance provider, explained over gRPC
+    (GetDecision / WatchDecisions) and in the log.
+    """
+    import dataclasses
+    import shlex
+
+    from services.global_scaler.policy import PolicyConfig, with_limits
+
+    try:
+        cfg = dataclasses.replace(
+            with_limits(PolicyConfig(), interactive=_role_limits(lim_i, "interactive"), mixed=_role_limits(lim_m, "mixed"),
+                        batch=_role_limits(lim_b, "batch")),
+            interval_s=interval_s, scale_down_delay_s=scale_down_delay_s, model_load_time_s=model_load_time_s,
+            gpu_budget=gpu_budget, gpus_per_instance=gpus_per_instance).validate()
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from e
+
+    async def run() -> None:
+        from services.common.membership import MembershipWatcher
+        from services.global_scaler.server import ScalerService, serve
+
+        prov = None
+        if not advisory:
+            if provider == "local":
+                from services.global_scaler.local_provider import LocalProvider
+
+                prov = LocalProvider(shlex.split(engine_args), etcd, work_dir)
+            else:
+                from services.global_scaler.nomad import NomadProvider
+
+                prov = NomadProvider(address=nomad_address, job_id=nomad_job)
+        watcher = MembershipWatcher([etcd])
+        await watcher.start()
+        service = ScalerService(cfg, watcher, prov, queue=queue_addr, advisory=advisory, arrival_cv=arrival_cv)
+        srv = await serve(service, host, port)
+        if port_file:
+            Path(port_file).write_text(str(srv.port))
+        console.print(f"scaler serving on {host}:{srv.port} ({'advisory' if advisory else provider + ' provider'})")
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await srv.stop()
+        if prov is not None:
+            await prov.close()
+        await watcher.stop()
 
     asyncio.run(run())
 
@@ -350,7 +446,7 @@ def bench_local_autoscaler(json_path, backend, duration_s, warmup_s, seed, worke
         json_path = json_path or "out/bench-local-autoscaler-vllm.json"
         with Progress(TextColumn("runs on vLLM"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=console) as bar:
-            task = bar.add_task("runs", total=1 + len(lav.STATIC_GRID) + 2)
+            task = bar.add_task("runs", total=1 + len(lav.STATIC_GRID) + 3)
             report = asyncio.run(lav.run_bench(seed=seed, progress=lambda: bar.advance(task), log=console.print))
         title = (f"Local autoscaler on real vLLM (CPU, tiny Llama; batch-1 ITL p99 "
                  f"{report['config']['batch1_itl_ms']:.2f} ms)")
@@ -416,6 +512,30 @@ def bench_queue(json_path, n_rss) -> None:
         op, bound = TARGETS.get(key, ("", None))
         ok = "" if bound is None else ("met" if (v >= bound if op == ">=" else v <= bound) else "MISSED")
         table.add_row(key, f"{v:,.1f}", f"{op} {bound:,.0f} {ok}" if bound is not None else "—")
+    console.print(table)
+    Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+    Path(json_path).write_text(json.dumps(report, indent=2))
+    console.print(f"written to {json_path}")
+
+
+@bench.command("scaler")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default="out/bench-scaler.json", show_default=True)
+def bench_scaler(json_path) -> None:
+    """Global scaler: policy decision latency for 1,000 instances and 10,000 request groups (target ≤ 10 ms),
+    and the time from batch backpressure to a new instance registered in etcd with the local provider (needs
+    the etcd binary: apt-get install etcd-server).
+    """
+    from bench.scaler import run_bench
+
+    with console.status("benchmarking the scaler…") as status:
+        report = run_bench(progress=lambda what: status.update(f"done: {what}…"))
+    table = Table(title="Global scaler")
+    for col in ("metric", "value", "target"):
+        table.add_column(col, justify="right")
+    table.add_row("decision_ms_p50", _fmt(report["decision_ms_p50"], 2), "")
+    table.add_row("decision_ms_p99", _fmt(report["decision_ms_p99"], 2),
+                  "≤ 10 " + ("met" if report["decision_ms_p99"] <= 10 else "MISSED"))
+    table.add_row("scale_up_to_registered_s", _fmt(report["scale_up_to_registered_s"], 2), "")
     console.print(table)
     Path(json_path).parent.mkdir(parents=True, exist_ok=True)
     Path(json_path).write_text(json.dumps(report, indent=2))

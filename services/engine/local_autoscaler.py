@@ -14,8 +14,9 @@ autoscaler; restated in ``../shared/notes/paper.md`` §0b):
 Choices where the paper is silent (``paper.md`` §0c lists the pitfalls they guard against):
 
 * **Observed ITL** is a high quantile (``itl_quantile``, default p99) of the per-token ITLs of the last
-  control interval, smoothed by an EWMA (``itl_smoothing``) so one prefill-heavy interval does not halve
-  the batch (one interval above ``overload_factor`` × SLO still halves at once).
+  control interval (or of the last ``itl_window_s`` seconds since the last halving, for engines whose
+  per-interval p99 is noisy), smoothed by an EWMA (``itl_smoothing``) so one prefill-heavy interval does
+  not halve the batch (one interval above ``overload_factor`` × SLO still halves at once).
 * **Halve only on a real violation, grow toward a margin.** LBP > 1 (ITL above the SLO itself) halves;
   growth aims at ``latency_target_fraction`` × SLO (default 0.9), and between that target and the SLO
   the same proportional EWMA step eases the batch down instead of halving it. A literal "halve when > 1"
@@ -68,6 +69,7 @@ class LocalAutoscalerConfig:
     max_growth_factor: float = 2.0  # one step grows the batch size by at most this factor
     tbp_ceiling_ttl_s: float = 60.0  # how long a throughput cliff caps growth [s]
     overload_factor: float = 1.5  # one interval with ITL above this × SLO halves at once (no smoothing)
+    itl_window_s: float = 0.0  # ITL quantile over this many seconds (since the last halving); 0 = one interval
 
     def validate(self) -> LocalAutoscalerConfig:
         if self.itl_slo_ms <= 0:
@@ -86,6 +88,8 @@ class LocalAutoscalerConfig:
             raise ValueError("tbp_tolerance must be >= 0")
         if self.max_growth_factor <= 1:
             raise ValueError("max_growth_factor must be > 1")
+        if self.itl_window_s < 0:
+            raise ValueError("itl_window_s must be >= 0")
         return self
 
 

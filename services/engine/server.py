@@ -83,9 +83,10 @@ class EngineAgent(engine_pb2_grpc.EngineServicer):
         self.itl = LatencyWindow(cfg.stats_window_s)
         self.ttft = LatencyWindow(cfg.stats_window_s)
         self.tokens = RateWindow(cfg.stats_window_s)
-        self._ctl_itl = LatencyWindow(max(cfg.autoscaler.control_interval_s * 4, 1.0))
+        self._ctl_itl = LatencyWindow(max(cfg.autoscaler.control_interval_s * 4, cfg.autoscaler.itl_window_s, 1.0))
         self._ctl_tokens = 0
         self._ctl_last_s: float | None = None
+        self._last_halving_s = -math.inf
         self._saturated = False
         self._state = initial_state(cfg.autoscaler)
         self.last_decision: Decision | None = None
@@ -133,7 +134,8 @@ class EngineAgent(engine_pb2_grpc.EngineServicer):
         now = self.backend.now()
         last = self._ctl_last_s if self._ctl_last_s is not None else now - cfg.control_interval_s
         snap = self.backend.snapshot()
-        q = self._ctl_itl.quantile(cfg.itl_quantile, now, since_s=last)
+        since = last if cfg.itl_window_s <= 0 else max(now - cfg.itl_window_s, self._last_halving_s)
+        q = self._ctl_itl.quantile(cfg.itl_quantile, now, since_s=since)
         obs = Observation(now, q, self._ctl_tokens / max(now - last, 1e-9), snap.saturated or self._saturated)
         self._ctl_tokens = 0
         self._ctl_last_s = now
@@ -141,6 +143,8 @@ class EngineAgent(engine_pb2_grpc.EngineServicer):
         applied = await self.backend.set_max_batch_size(decision.max_batch_size)
         self.last_decision = decision
         self.decisions.append(decision)
+        if decision.action == "halve":
+            self._last_halving_s = now
         if decision.action != "hold":
             log.info("local autoscaler: %s → max batch size %d (%s)", decision.action, applied, decision.reason)
         return decision

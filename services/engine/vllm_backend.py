@@ -119,6 +119,7 @@ class VllmConfig:
     enforce_eager: bool = True
     served_model_name: str | None = None
     seed: int = 0
+    max_num_batched_tokens: int | None = None  # per-step token budget (decodes + prefill chunks); None = vLLM's
 
 
 @dataclass
@@ -167,6 +168,8 @@ class VllmBackend(Backend):
             skip_tokenizer_init=True, enforce_eager=cfg.enforce_eager, max_num_seqs=cfg.max_num_seqs,
             max_model_len=self.max_model_len, served_model_name=self.model_name, seed=cfg.seed,
             disable_log_stats=False)
+        if cfg.max_num_batched_tokens:
+            kwargs["max_num_batched_tokens"] = cfg.max_num_batched_tokens
         from vllm.platforms import current_platform
 
         kv_bytes = cfg.kv_cache_bytes

@@ -1,0 +1,289 @@
+"""Chiron's global scaling policy: desired engine instances per role. Pure and clock-injected.
+
+One call of :func:`decide` maps what the scaler observed (instances and their engine stats, interactive
+arrivals, the queue's per-group waiting-time estimates) to desired counts of INTERACTIVE, MIXED and BATCH
+instances, each with the inputs and the reason that explain it. The same function runs in the ``chiron
+scaler`` service (wall clock) and the fleet simulator (virtual clock).
+
+The rules (paper: arXiv 2501.08090, global autoscaler; ``../shared/notes/paper.md`` §0b and §3.4 — the
+paper gives the shape, not the formulas; every formula below is Chiron's choice):
+
+**Interactive capacity and Θ.** Interactive demand ``D`` is measured in concurrent requests (running +
+waiting at interactive and mixed instances); one instance holds ``C`` of them, the mean max batch size its
+local autoscaler settled on (``default_instance_concurrency`` before any is known). Arrivals over one
+model-load time ``L`` (the time a new instance needs to serve) are modelled as Normal with mean ``λL`` and
+variance ``λL·CV²`` (renewal-process counts; CV = coefficient of variation of inter-arrival times, 1 for
+Poisson). Over-provisioning Θ is chosen so the ``theta_quantile`` (default p99) of those arrivals fits:
+``Θ = z_q · CV / sqrt(λL)``, clamped to ``[theta_min, theta_max]``: bursty or slow traffic gets more
+headroom than smooth heavy traffic. INTERACTIVE instances cover ``D``; MIXED instances cover the headroom
+``Θ·D``: ``n_I = ceil(D / C)``, ``n_M = ceil(D·(1+Θ) / C) − n_I`` (at least ``min_mixed``).
+
+**Batch capacity and batch backpressure.** For each request group the queue reports the estimated wait of
+its last request (p95) and its deadline. With the batch capacity ``B`` now serving (BATCH instances plus
+the fraction of each MIXED instance that is idle from interactive work, ``mixed_lend_fraction``), the
+waiting time scales as ``1 / B``, so the capacity a group needs is ``B · wait_p95 / time_left``. Batch
+backpressure ``BBP = max_g(wait_p95_g / time_left_g) − 1``; BBP > 0 ⇒ the groups need
+``B·(1 + BBP)·(1 + batch_margin)`` instances' worth of capacity. BATCH instances = that need minus what
+MIXED instances lend. An empty queue needs no BATCH instance (``min_batch`` aside); a group already past
+its deadline counts as the largest ratio ``max_ratio``.
+
+**Stability and limits.** A desired count below the current one is applied only after it has stayed below
+for ``scale_down_delay_s`` (the largest desired count seen in that window is used), so capacity does not
+flap. Counts are clamped to per-role min/max, then to the GPU budget (``gpus_per_instance`` each): BATCH is
+cut first, then MIXED, never INTERACTIVE below its demand.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+
+from scipy.stats import norm
+
+ROLES = ("interactive", "mixed", "batch")
+
+
+@dataclass(frozen=True)
+class RoleLimits:
+    min_instances: int = 0
+    max_instances: int = 64
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """Knobs of the global scaling policy (units in names). :meth:`validate` raises ValueError."""
+
+    interval_s: float = 5.0
+    model_load_time_s: float = 60.0  # time from "start an instance" to "it serves" (L)
+    theta_quantile: float = 0.99
+    theta_min: float = 0.1
+    theta_max: float = 2.0
+    default_instance_concurrency: float = 64.0  # C before any instance reports its max batch size [requests]
+    mixed_lend_fraction: float = 1.0  # share of a MIXED instance's idle capacity lent to batch work
+    batch_margin: float = 0.1
+    max_ratio: float = 10.0  # wait/time-left ratio assumed for a group already past its deadline
+    scale_down_delay_s: float = 120.0
+    gpus_per_instance: int = 1
+    gpu_budget: int = 50  # the paper's experiments cap the fleet at 50 GPUs
+    limits: Mapping[str, RoleLimits] = field(default_factory=lambda: {
+        "interactive": RoleLimits(1, 64), "mixed": RoleLimits(0, 64), "batch": RoleLimits(0, 64)})
+
+    def validate(self) -> PolicyConfig:
+        for name in ("interval_s", "model_load_time_s", "default_instance_concurrency"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0 (got {getattr(self, name)})")
+        if self.scale_down_delay_s < 0:
+            raise ValueError(f"scale_down_delay_s must be >= 0 (got {self.scale_down_delay_s})")
+        if not 0.5 < self.theta_quantile < 1:
+            raise ValueError(f"theta_quantile must be in (0.5, 1) (got {self.theta_quantile})")
+        if not 0 <= self.theta_min <= self.theta_max:
+            raise ValueError(f"need 0 <= theta_min <= theta_max (got {self.theta_min}, {self.theta_max})")
+        if not 0 <= self.mixed_lend_fraction <= 1:
+            raise ValueError(f"mixed_lend_fraction must be in [0, 1] (got {self.mixed_lend_fraction})")
+        if self.batch_margin < 0 or self.max_ratio < 1:
+            raise ValueError("batch_margin must be >= 0 and max_ratio >= 1")
+        if self.gpus_per_instance < 1 or self.gpu_budget < 1:
+            raise ValueError("gpus_per_instance and gpu_budget must be >= 1")
+        unknown = set(self.limits) - set(ROLES)
+        if unknown:
+            raise ValueError(f"unknown role(s) in limits: {sorted(unknown)}; roles are {ROLES}")
+        mins = 0
+        for role in ROLES:
+            lim = self.limits.get(role, RoleLimits())
+            if not 0 <= lim.min_instances <= lim.max_instances:
+                raise ValueError(f"{role}: need 0 <= min_instances <= max_instances "
+                                 f"(got {lim.min_instances} > {lim.max_instances})" if lim.min_instances > lim.max_instances
+                                 else f"{role}: min_instances must be >= 0")
+            mins += lim.min_instances
+        if mins * self.gpus_per_instance > self.gpu_budget:
+            raise ValueError(f"the per-role minimums need {mins * self.gpus_per_instance} GPUs, over the budget "
+                             f"of {self.gpu_budget}")
+        return self
+
+    def limit(self, role: str) -> RoleLimits:
+        return self.limits.get(role, RoleLimits())
+
+
+@dataclass(frozen=True)
+class InstanceView:
+    """One engine instance as the scaler sees it (membership + its engine stats).
+
+    ``max_batch_size``: its local autoscaler's current cap [requests]; ``num_running`` / ``num_waiting``:
+    requests [requests]; ``interactive_running``: of those, interactive ones (MIXED instances run both).
+    ``serving``: registered and healthy (False while starting or draining).
+    """
+
+    instance_id: str
+    role: str
+    max_batch_size: int = 0
+    num_running: int = 0
+    num_waiting: int = 0
+    interactive_running: int = 0
+    serving: bool = True
+
+
+@dataclass(frozen=True)
+class ArrivalStats:
+    """Interactive arrivals over the scaler's window: ``rate_per_s`` (λ, requests/s) and ``cv`` (coefficient
+    of variation of inter-arrival times; 1 for Poisson). ``inflight``: interactive requests running or
+    waiting now (the demand D, requests)."""
+
+    rate_per_s: float = 0.0
+    cv: float = 1.0
+    inflight: float = 0.0
+
+
+@dataclass(frozen=True)
+class GroupView:
+    """One request group from the queue: ``wait_p95_s`` (estimated wait of its last request, s),
+    ``deadline_s`` (its TTFT deadline, s on the scaler's clock), ``size`` (queued requests)."""
+
+    group_id: str
+    size: int
+    wait_p95_s: float
+    deadline_s: float
+
+
+@dataclass(frozen=True)
+class ScalerInputs:
+    now: float
+    instances: Sequence[InstanceView] = ()
+    arrivals: ArrivalStats = ArrivalStats()
+    groups: Sequence[GroupView] = ()
+
+
+@dataclass(frozen=True)
+class RoleDecision:
+    role: str
+    current: int
+    wanted: float  # before rounding, limits and delay [instances]
+    desired: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class ScalerDecision:
+    """Desired counts per role with their explanation; ``inputs`` echoes the derived quantities."""
+
+    now: float
+    roles: Mapping[str, RoleDecision]
+    theta: float
+    batch_backpressure: float
+    inputs: Mapping[str, float]
+
+    def desired(self, role: str) -> int:
+        return self.roles[role].desired
+
+
+@dataclass
+class PolicyState:
+    """What :func:`decide` carries between calls: recent raw desired counts per role (for the scale-down
+    delay window)."""
+
+    history: dict[str, deque] = field(default_factory=lambda: {r: deque() for r in ROLES})
+
+
+def overprovisioning_theta(cfg: PolicyConfig, arrivals: ArrivalStats) -> float:
+    """Θ = z_q · CV / sqrt(λ·L), clamped to [theta_min, theta_max] (module docstring). No traffic → theta_max."""
+    lam_l = arrivals.rate_per_s * cfg.model_load_time_s
+    if lam_l <= 0:
+        return cfg.theta_max
+    z = float(norm.ppf(cfg.theta_quantile))
+    return min(cfg.theta_max, max(cfg.theta_min, z * max(arrivals.cv, 0.0) / math.sqrt(lam_l)))
+
+
+def decide(cfg: PolicyConfig, state: PolicyState, inp: ScalerInputs) -> tuple[PolicyState, ScalerDecision]:
+    """One scaling decision. O(instances + groups). Returns the (mutated) state and the decision."""
+    now = inp.now
+    current = {r: sum(1 for i in inp.instances if i.role == r) for r in ROLES}
+    caps = [i.max_batch_size for i in inp.instances if i.role in ("interactive", "mixed") and i.max_batch_size > 0]
+    conc = sum(caps) / len(caps) if caps else cfg.default_instance_concurrency
+
+    # Interactive: demand D covered by INTERACTIVE instances, headroom Θ·D by MIXED instances.
+    theta = overprovisioning_theta(cfg, inp.arrivals)
+    demand = max(0.0, inp.arrivals.inflight)
+    want_i = demand / conc
+    want_m = demand * (1 + theta) / conc - math.ceil(want_i - 1e-9)
+
+    # Batch: capacity serving batch now, and the groups' need relative to it.
+    mixed = [i for i in inp.instances if i.role == "mixed"]
+    lend = sum(cfg.mixed_lend_fraction * max(0.0, 1 - i.interactive_running / max(i.max_batch_size, 1)) for i in mixed)
+    batch_now = current["batch"] + lend
+    ratio = 0.0
+    worst = ""
+    for g in inp.groups:
+        if g.size <= 0:
+            continue
+        left = g.deadline_s - now
+        r = cfg.max_ratio if left <= 0 else min(cfg.max_ratio, g.wait_p95_s / left) if math.isfinite(g.wait_p95_s) else cfg.max_ratio
+        if r > ratio:
+            ratio, worst = r, g.group_id
+    bbp = ratio - 1.0 if inp.groups and ratio > 0 else -1.0
+    queued = sum(g.size for g in inp.groups)
+    if queued == 0:
+        want_b, b_reason = 0.0, "queue empty: no batch capacity needed"
+    elif batch_now <= 0:
+        want_b, b_reason = 1.0, f"{queued} queued requests and no batch capacity: start one"
+    else:
+        need = batch_now * ratio * (1 + cfg.batch_margin)
+        want_b = max(need - lend, 0.0)
+        b_reason = (f"batch backpressure {bbp:+.2f} (worst group {worst}: wait p95 / time left = {ratio:.2f}); "
+                    f"capacity {batch_now:.2f} instances (MIXED lend {lend:.2f}) → need {need:.2f}")
+    if queued and want_b == 0 and current["batch"] == 0 and lend <= 0:
+        want_b = 1.0
+
+    wanted = {"interactive": want_i, "mixed": max(0.0, want_m), "batch": want_b}
+    reasons = {
+        "interactive": f"demand {demand:.1f} concurrent requests / {conc:.1f} per instance",
+        "mixed": (f"headroom Θ={theta:.2f} (λ={inp.arrivals.rate_per_s:.2f}/s, CV={inp.arrivals.cv:.2f}, "
+                  f"L={cfg.model_load_time_s:g} s) over demand {demand:.1f}"),
+        "batch": b_reason,
+    }
+    raw = {}
+    for role in ROLES:
+        lim = cfg.limit(role)
+        raw[role] = min(lim.max_instances, max(lim.min_instances, math.ceil(wanted[role] - 1e-9)))
+
+    # Scale-down delay: the largest raw count over the last scale_down_delay_s, when below the current count.
+    desired = {}
+    for role in ROLES:
+        h = state.history[role]
+        h.append((now, raw[role]))
+        while h and h[0][0] < now - cfg.scale_down_delay_s:
+            h.popleft()
+        d = raw[role]
+        if d < current[role]:
+            held = max(c for _, c in h)
+            if held > d:
+                reasons[role] += f"; scale-down held by the {cfg.scale_down_delay_s:g} s delay window"
+                d = min(current[role], held)
+        desired[role] = d
+
+    # GPU budget: cut BATCH, then MIXED; INTERACTIVE keeps its demand (down to its minimum only).
+    budget = cfg.gpu_budget // cfg.gpus_per_instance
+    over = sum(desired.values()) - budget
+    for role in ("batch", "mixed", "interactive"):
+        if over <= 0:
+            break
+        cut = min(over, desired[role] - cfg.limit(role).min_instances)
+        if cut > 0:
+            desired[role] -= cut
+            over -= cut
+            reasons[role] += f"; cut by {cut} to fit the GPU budget of {cfg.gpu_budget}"
+
+    roles = {r: RoleDecision(r, current[r], wanted[r], desired[r], reasons[r]) for r in ROLES}
+    decision = ScalerDecision(now, roles, theta, bbp, {
+        "demand_requests": demand, "instance_concurrency": conc, "arrival_rate_per_s": inp.arrivals.rate_per_s,
+        "arrival_cv": inp.arrivals.cv, "batch_capacity_instances": batch_now, "mixed_lend_instances": lend,
+        "queued_requests": float(queued), "groups": float(len(inp.groups)), "worst_group_ratio": ratio})
+    return state, decision
+
+
+def with_limits(cfg: PolicyConfig, **limits: tuple[int, int]) -> PolicyConfig:
+    """A copy of ``cfg`` with ``role=(min, max)`` limits replaced (convenience for CLIs and tests)."""
+    merged = dict(cfg.limits)
+    for role, (lo, hi) in limits.items():
+        merged[role] = RoleLimits(lo, hi)
+    return replace(cfg, limits=merged)

@@ -1,0 +1,135 @@
+"""Unit tests of the global scaling policy (services/global_scaler/policy.py) with a fake clock."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+from scipy.stats import norm
+
+from services.global_scaler.policy import (
+    ArrivalStats,
+    GroupView,
+    InstanceView,
+    PolicyConfig,
+    PolicyState,
+    RoleLimits,
+    ScalerInputs,
+    decide,
+    overprovisioning_theta,
+    with_limits,
+)
+
+CFG = PolicyConfig(model_load_time_s=60.0, scale_down_delay_s=30.0, default_instance_concurrency=50.0).validate()
+
+
+def fleet(interactive=1, mixed=0, batch=0, cap=50, mixed_busy=0) -> list[InstanceView]:
+    out = [InstanceView(f"i{k}", "interactive", cap) for k in range(interactive)]
+    out += [InstanceView(f"m{k}", "mixed", cap, interactive_running=mixed_busy) for k in range(mixed)]
+    out += [InstanceView(f"b{k}", "batch", 256) for k in range(batch)]
+    return out
+
+
+def test_theta_follows_burstiness_and_load():
+    z = norm.ppf(0.99)
+    # 10 req/s over a 60 s load time, Gamma arrivals with CV 3: Θ = z·CV/sqrt(λL).
+    assert overprovisioning_theta(CFG, ArrivalStats(10.0, 3.0)) == pytest.approx(z * 3 / math.sqrt(600))
+    # Smooth heavy traffic needs less headroom than bursty light traffic; bounded both ways.
+    smooth = overprovisioning_theta(CFG, ArrivalStats(100.0, 1.0))
+    bursty = overprovisioning_theta(CFG, ArrivalStats(0.1, 4.0))
+    assert smooth == CFG.theta_min < bursty == CFG.theta_max
+    assert overprovisioning_theta(CFG, ArrivalStats(0.0, 1.0)) == CFG.theta_max
+
+
+def test_interactive_demand_and_mixed_headroom():
+    arrivals = ArrivalStats(rate_per_s=10.0, cv=3.0, inflight=200.0)
+    _, d = decide(CFG, PolicyState(), ScalerInputs(0.0, fleet(4), arrivals))
+    theta = overprovisioning_theta(CFG, arrivals)
+    assert d.theta == pytest.approx(theta)
+    assert d.desired("interactive") == 4  # 200 concurrent / 50 per instance
+    assert d.desired("mixed") == math.ceil(200 * (1 + theta) / 50) - 4
+    assert d.desired("batch") == 0 and d.batch_backpressure == -1.0
+    assert "demand 200.0" in d.roles["interactive"].reason and "Θ=" in d.roles["mixed"].reason
+    # The per-instance concurrency is what the local autoscalers settled on, not the default.
+    _, d2 = decide(CFG, PolicyState(), ScalerInputs(0.0, fleet(4, cap=100), arrivals))
+    assert d2.desired("interactive") == 2
+
+
+def test_batch_backpressure_adds_capacity_in_proportion():
+    groups = [GroupView("m/1", 500, wait_p95_s=600.0, deadline_s=300.0),  # needs 2x the capacity
+              GroupView("m/2", 100, wait_p95_s=200.0, deadline_s=3600.0)]
+    _, d = decide(CFG, PolicyState(), ScalerInputs(0.0, fleet(1, batch=2), groups=groups))
+    assert d.batch_backpressure == pytest.approx(1.0)
+    assert d.desired("batch") == math.ceil(2 * 2.0 * (1 + CFG.batch_margin))  # 4.4 → 5
+    assert "worst group m/1" in d.roles["batch"].reason
+    # Comfortable slack: fewer instances suffice (applied once the delay window has passed).
+    relaxed = [GroupView("m/1", 50, wait_p95_s=60.0, deadline_s=3600.0)]
+    st = PolicyState()
+    for t in (0.0, 10.0, 20.0, 31.0, 62.0):
+        st, d = decide(CFG, st, ScalerInputs(t, fleet(1, batch=4), groups=relaxed))
+    assert d.batch_backpressure < 0 and d.desired("batch") == 1
+
+
+def test_first_batch_instance_and_past_deadline_groups():
+    late = [GroupView("m/0", 10, wait_p95_s=5.0, deadline_s=-1.0)]
+    _, d = decide(CFG, PolicyState(), ScalerInputs(0.0, fleet(1), groups=late))
+    assert d.desired("batch") == 1 and "no batch capacity" in d.roles["batch"].reason
+    _, d = decide(CFG, PolicyState(), ScalerInputs(0.0, fleet(1, batch=1), groups=late))
+    assert d.desired("batch") == math.ceil(CFG.max_ratio * (1 + CFG.batch_margin))
+    inf = [GroupView("m/0", 10, wait_p95_s=math.inf, deadline_s=100.0)]
+    _, d = decide(CFG, PolicyState(), ScalerInputs(0.0, fleet(1, batch=1), groups=inf))
+    assert d.desired("batch") == math.ceil(CFG.max_ratio * (1 + CFG.batch_margin))
+
+
+def test_idle_mixed_capacity_is_lent_to_batch_work():
+    groups = [GroupView("m/1", 100, wait_p95_s=400.0, deadline_s=200.0)]  # ratio 2
+    # Two idle MIXED instances lend 2 instances' worth: need 2·2·1.1 = 4.4, minus 2 lent → 3 BATCH.
+    _, idle = decide(CFG, PolicyState(), ScalerInputs(0.0, fleet(1, mixed=2, batch=0), groups=groups))
+    assert idle.inputs["mixed_lend_instances"] == pytest.approx(2.0)
+    assert idle.desired("batch") == 3
+    # Busy MIXED instances lend nothing: the batch work needs its own instances.
+    _, busy = decide(CFG, PolicyState(), ScalerInputs(0.0, fleet(1, mixed=2, batch=2, mixed_busy=50), groups=groups))
+    assert busy.inputs["mixed_lend_instances"] == 0 and busy.desired("batch") == 5
+
+
+def test_scale_down_waits_for_the_delay_window_but_scale_up_is_immediate():
+    st = PolicyState()
+    busy = ArrivalStats(10.0, 1.0, inflight=400.0)
+    quiet = ArrivalStats(10.0, 1.0, inflight=50.0)
+    st, d = decide(CFG, st, ScalerInputs(0.0, fleet(1), busy))
+    assert d.desired("interactive") == 8  # up at once
+    for t in (5.0, 15.0, 25.0):
+        st, d = decide(CFG, st, ScalerInputs(t, fleet(8), quiet))
+        assert d.desired("interactive") == 8 and "delay window" in d.roles["interactive"].reason
+    # 31 s after the last busy decision the window holds only quiet ones: down.
+    st, d = decide(CFG, st, ScalerInputs(31.0, fleet(8), quiet))
+    assert d.desired("interactive") == 1
+
+
+def test_limits_and_gpu_budget_cut_batch_first():
+    cfg = dataclasses.replace(with_limits(CFG, interactive=(2, 10), mixed=(0, 3), batch=(0, 20)), gpu_budget=12).validate()
+    groups = [GroupView("m/1", 1000, wait_p95_s=3000.0, deadline_s=300.0)]
+    _, d = decide(cfg, PolicyState(), ScalerInputs(0.0, fleet(2, batch=4), ArrivalStats(5.0, 2.0, 300.0), groups))
+    theta = overprovisioning_theta(cfg, ArrivalStats(5.0, 2.0))
+    mixed = math.ceil(300 * (1 + theta) / 50) - 6
+    assert d.desired("interactive") == 6 and d.desired("mixed") == mixed == 2
+    # Batch wanted 4·10·1.1 = 44 instances; the 12-GPU budget leaves it what INTERACTIVE and MIXED do not use.
+    assert d.roles["batch"].wanted == pytest.approx(44.0)
+    assert d.desired("batch") == 12 - 6 - mixed and "GPU budget" in d.roles["batch"].reason
+    # Minimums hold with no load at all.
+    _, d = decide(cfg, PolicyState(), ScalerInputs(0.0, []))
+    assert d.desired("interactive") == 2 and d.desired("mixed") == 0 and d.desired("batch") == 0
+
+
+@pytest.mark.parametrize(("changes", "fragment"), [
+    ({"interval_s": 0}, "interval_s"),
+    ({"scale_down_delay_s": -1}, "scale_down_delay_s"),
+    ({"limits": {"interactive": RoleLimits(5, 2)}}, "min_instances <= max_instances"),
+    ({"limits": {"gpu": RoleLimits(0, 2)}}, "unknown role"),
+    ({"gpu_budget": 1, "limits": {"interactive": RoleLimits(2, 4)}}, "budget"),
+    ({"theta_quantile": 1.0}, "theta_quantile"),
+])
+def test_invalid_config_is_rejected_with_a_clear_message(changes, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        dataclasses.replace(PolicyConfig(), **changes).validate()
