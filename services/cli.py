@@ -83,9 +83,12 @@ def main(log_level: str) -> None:
 @click.option("--token-budget", type=int, default=None,
               help="Fixed per-iteration token budget (vLLM max_num_batched_tokens); default: tied to the batch size.")
 @click.option("--speedup", default=1.0, show_default=True, help="Run the simulated engine's clock this much faster.")
+@click.option("--etcd", default=None, help="Register this instance in etcd (host:port) under a kept-alive lease.")
+@click.option("--advertise-host", default=None,
+              help="Host others reach this agent at (registered in etcd). Default: --host, or 127.0.0.1 for 0.0.0.0.")
 def engine(host, port, port_file, backend, model, load_format, dtype, max_num_batched_tokens,
            kv_cache_mb, role, instance_id, itl_slo_ms, initial_batch_size, max_batch_size, control_interval_s,
-           static_batch_size, token_budget, speedup) -> None:
+           static_batch_size, token_budget, speedup, etcd, advertise_host) -> None:
     """Run one engine agent: the chiron.v1.Engine gRPC service with health checking and reflection.
 
     SIGTERM or Ctrl-C drains: new requests get UNAVAILABLE, running ones finish (up to 30 s).
@@ -137,17 +140,36 @@ def engine(host, port, port_file, backend, model, load_format, dtype, max_num_ba
         except Exception as e:
             console.print(f"[red]engine failed to start ({backend} backend): {e}[/]")
             raise SystemExit(1) from e
-        if port_file:
+        reg = None
+        if etcd:
+            import os
+
+            from services.common.membership import InstanceInfo, MembershipError, Registration
+
+            adv = advertise_host or ("127.0.0.1" if host in ("0.0.0.0", "::") else host)
+            info = InstanceInfo(instance_id=agent.config.instance_id, role=role, model=be.model_name,
+                                address=f"{adv}:{srv.port}", backend=backend, pid=os.getpid())
+            try:
+                reg = await Registration.create(etcd, info)
+            except MembershipError as e:
+                console.print(f"[red]cannot register in etcd at {etcd}: {e}[/]")
+                await srv.stop(grace_s=0)
+                raise SystemExit(1) from e
+        if port_file:  # last: whoever waits on it may count the instance as registered and serving
             Path(port_file).write_text(str(srv.port))
         console.print(f"engine agent [bold]{agent.config.instance_id}[/] ({backend}, {be.model_name}, {role}) "
-                      f"serving on {host}:{srv.port}")
+                      f"serving on {host}:{srv.port}" + (f", registered in etcd {etcd}" if reg else ""))
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         console.print("draining…")
+        if reg is not None:
+            await reg.update(state="draining")  # routers stop sending; in-flight requests finish below
         await srv.stop(grace_s=30.0)
+        if reg is not None:
+            await reg.close()
 
     asyncio.run(run())
 

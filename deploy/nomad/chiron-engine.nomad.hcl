@@ -1,0 +1,326 @@
+# Chiron engine agents on GPU nodes: one task group per role, one A100 and one `chiron engine` per allocation.
+#
+# The global scaler (`chiron scaler --provider nomad --nomad-job chiron-engine`) owns the groups' counts: it calls
+# Nomad's job scale API (POST /v1/job/chiron-engine/scale) per group, within each group's `scaling` min/max
+# (Nomad refuses a count outside them with HTTP 400). Re-submit this file with `nomad job run -preserve-counts`
+# so a spec update does not reset the counts the scaler chose to the `count` values below.
+#
+# Driver: raw_exec. The engine runs from a Python virtual environment installed on every GPU node
+# (`pip install chiron-serving[vllm]` into var.chiron_bin's venv); the repository ships no container image.
+# raw_exec has no filesystem isolation, so GPU isolation comes from the device reservation: Nomad's NVIDIA
+# device plugin reserves one GPU per allocation and exports its UUID as NVIDIA_VISIBLE_DEVICES; the task copies
+# it into CUDA_VISIBLE_DEVICES (CUDA accepts GPU UUIDs) before exec'ing the engine, so several engines on one
+# node each see only their own GPU. raw_exec must be enabled on the clients (plugin "raw_exec" { config {
+# enabled = true } }).
+#
+# Health: gRPC checks need the Consul service provider (Nomad's built-in provider checks only http and tcp).
+# The check asks the server's overall health (grpc_service ""), the status the engine turns NOT_SERVING when it
+# drains on SIGTERM. Routers find engines through etcd membership, not Consul; the check lets Nomad restart an
+# engine that stopped answering (check_restart, after a grace period that covers the model load) and shows health
+# to operators. The engine serves gRPC only once its model is loaded, so a starting engine reads as critical.
+
+variable "datacenters" {
+  type        = list(string)
+  description = "Datacenters the engines may run in."
+  default     = ["dc1"]
+}
+
+variable "model_dir" {
+  type        = string
+  description = "Hugging Face model directory on every GPU node (passed to `chiron engine --model`)."
+  default     = "/opt/models/Meta-Llama-3-8B-Instruct"
+}
+
+variable "chiron_bin" {
+  type        = string
+  description = "Path of the `chiron` executable on the GPU nodes (inside the venv that has vLLM)."
+  default     = "/opt/chiron/.venv/bin/chiron"
+}
+
+variable "etcd_address" {
+  type        = string
+  description = "etcd client endpoint HOST:PORT where engines register (key /chiron/v1/instances/<id>, under a lease)."
+  default     = "127.0.0.1:2379"
+}
+
+variable "interactive_itl_slo_ms" {
+  type        = number
+  description = "ITL SLO the local autoscaler of INTERACTIVE and MIXED engines holds [ms]."
+  default     = 50
+}
+
+variable "batch_itl_slo_ms" {
+  type        = number
+  description = "ITL SLO the local autoscaler of BATCH engines holds [ms]."
+  default     = 500
+}
+
+variable "engine_cpu_mhz" {
+  type        = number
+  description = "CPU reserved per engine [MHz]."
+  default     = 8000
+}
+
+variable "engine_memory_mb" {
+  type        = number
+  description = "Host memory reserved per engine [MiB] (vLLM's CPU swap space and KV offload of evicted requests live here)."
+  default     = 65536
+}
+
+job "chiron-engine" {
+  datacenters = var.datacenters
+  type        = "service"
+
+  # --------------------------------------------------------------------------- INTERACTIVE: TTFT-bound requests
+  group "engine-interactive" {
+    count = 1
+
+    # Bounds the global scaler works within; no `policy` block: Chiron's scaler, not the Nomad Autoscaler, decides.
+    scaling {
+      enabled = true
+      min     = 1
+      max     = 16
+    }
+
+    network {
+      port "grpc" {}
+    }
+
+    # No deployments (max_parallel = 0): Nomad refuses a job scale request while the job has an active deployment
+    # ("job scaling blocked due to active deployment", HTTP 400), and with deployments every scale-up would start one
+    # that lasts a model load. The price: a changed spec replaces this group's allocations all at once.
+    update {
+      max_parallel = 0
+    }
+
+    restart {
+      attempts = 2
+      interval = "10m"
+      delay    = "30s"
+      mode     = "fail"
+    }
+
+    task "engine" {
+      driver = "raw_exec"
+
+      # A task-level service: check_restart restarts this task, and its grace restarts with the task.
+      service {
+        provider = "consul"
+        name     = "chiron-engine-interactive"
+        port     = "grpc"
+        tags     = ["chiron", "engine", "role-interactive"]
+
+        check {
+          name         = "engine-grpc-health"
+          type         = "grpc"
+          port         = "grpc"
+          grpc_service = ""
+          grpc_use_tls = false
+          interval     = "10s"
+          timeout      = "2s"
+
+          check_restart {
+            limit = 3
+            grace = "20m"
+          }
+        }
+      }
+
+      config {
+        command = "/bin/sh"
+        args = [
+          "-c",
+          "CUDA_VISIBLE_DEVICES=\"$NVIDIA_VISIBLE_DEVICES\" exec ${var.chiron_bin} engine --backend vllm --model ${var.model_dir} --role interactive --host ${NOMAD_IP_grpc} --port ${NOMAD_PORT_grpc} --instance-id ${NOMAD_ALLOC_ID} --itl-slo-ms ${var.interactive_itl_slo_ms} --etcd ${var.etcd_address}",
+        ]
+      }
+
+      # The engine drains on SIGTERM (new requests UNAVAILABLE, running ones finish, at most 30 s).
+      # shutdown_delay: the Consul service is deregistered this long before SIGTERM.
+      kill_signal    = "SIGTERM"
+      kill_timeout   = "45s"
+      shutdown_delay = "5s"
+
+      resources {
+        cpu    = var.engine_cpu_mhz
+        memory = var.engine_memory_mb
+
+        device "nvidia/gpu" {
+          count = 1
+
+          constraint {
+            attribute = "${device.model}"
+            operator  = "regexp"
+            value     = "A100" # device.model as the NVIDIA plugin reports it, e.g. "A100-SXM4-80GB"
+          }
+        }
+      }
+    }
+  }
+
+  # --------------------------------------------------------------------------- MIXED: interactive overflow + batch
+  group "engine-mixed" {
+    count = 0
+
+    scaling {
+      enabled = true
+      min     = 0
+      max     = 8
+    }
+
+    network {
+      port "grpc" {}
+    }
+
+    # No deployments (max_parallel = 0): Nomad refuses a job scale request while the job has an active deployment
+    # ("job scaling blocked due to active deployment", HTTP 400), and with deployments every scale-up would start one
+    # that lasts a model load. The price: a changed spec replaces this group's allocations all at once.
+    update {
+      max_parallel = 0
+    }
+
+    restart {
+      attempts = 2
+      interval = "10m"
+      delay    = "30s"
+      mode     = "fail"
+    }
+
+    task "engine" {
+      driver = "raw_exec"
+
+      # A task-level service: check_restart restarts this task, and its grace restarts with the task.
+      service {
+        provider = "consul"
+        name     = "chiron-engine-mixed"
+        port     = "grpc"
+        tags     = ["chiron", "engine", "role-mixed"]
+
+        check {
+          name         = "engine-grpc-health"
+          type         = "grpc"
+          port         = "grpc"
+          grpc_service = ""
+          grpc_use_tls = false
+          interval     = "10s"
+          timeout      = "2s"
+
+          check_restart {
+            limit = 3
+            grace = "20m"
+          }
+        }
+      }
+
+      config {
+        command = "/bin/sh"
+        args = [
+          "-c",
+          "CUDA_VISIBLE_DEVICES=\"$NVIDIA_VISIBLE_DEVICES\" exec ${var.chiron_bin} engine --backend vllm --model ${var.model_dir} --role mixed --host ${NOMAD_IP_grpc} --port ${NOMAD_PORT_grpc} --instance-id ${NOMAD_ALLOC_ID} --itl-slo-ms ${var.interactive_itl_slo_ms} --etcd ${var.etcd_address}",
+        ]
+      }
+
+      kill_signal    = "SIGTERM"
+      kill_timeout   = "45s"
+      shutdown_delay = "5s"
+
+      resources {
+        cpu    = var.engine_cpu_mhz
+        memory = var.engine_memory_mb
+
+        device "nvidia/gpu" {
+          count = 1
+
+          constraint {
+            attribute = "${device.model}"
+            operator  = "regexp"
+            value     = "A100" # device.model as the NVIDIA plugin reports it, e.g. "A100-SXM4-80GB"
+          }
+        }
+      }
+    }
+  }
+
+  # --------------------------------------------------------------------------- BATCH: leases work from the queue
+  group "engine-batch" {
+    count = 0
+
+    scaling {
+      enabled = true
+      min     = 0
+      max     = 32
+    }
+
+    network {
+      port "grpc" {}
+    }
+
+    # No deployments (max_parallel = 0): Nomad refuses a job scale request while the job has an active deployment
+    # ("job scaling blocked due to active deployment", HTTP 400), and with deployments every scale-up would start one
+    # that lasts a model load. The price: a changed spec replaces this group's allocations all at once.
+    update {
+      max_parallel = 0
+    }
+
+    restart {
+      attempts = 2
+      interval = "10m"
+      delay    = "30s"
+      mode     = "fail"
+    }
+
+    task "engine" {
+      driver = "raw_exec"
+
+      # A task-level service: check_restart restarts this task, and its grace restarts with the task.
+      service {
+        provider = "consul"
+        name     = "chiron-engine-batch"
+        port     = "grpc"
+        tags     = ["chiron", "engine", "role-batch"]
+
+        check {
+          name         = "engine-grpc-health"
+          type         = "grpc"
+          port         = "grpc"
+          grpc_service = ""
+          grpc_use_tls = false
+          interval     = "10s"
+          timeout      = "2s"
+
+          check_restart {
+            limit = 3
+            grace = "20m"
+          }
+        }
+      }
+
+      config {
+        command = "/bin/sh"
+        args = [
+          "-c",
+          "CUDA_VISIBLE_DEVICES=\"$NVIDIA_VISIBLE_DEVICES\" exec ${var.chiron_bin} engine --backend vllm --model ${var.model_dir} --role batch --host ${NOMAD_IP_grpc} --port ${NOMAD_PORT_grpc} --instance-id ${NOMAD_ALLOC_ID} --itl-slo-ms ${var.batch_itl_slo_ms} --etcd ${var.etcd_address}",
+        ]
+      }
+
+      # A batch engine that is stopped returns its leased work to the queue (lease expiry at worst).
+      kill_signal    = "SIGTERM"
+      kill_timeout   = "45s"
+      shutdown_delay = "5s"
+
+      resources {
+        cpu    = var.engine_cpu_mhz
+        memory = var.engine_memory_mb
+
+        device "nvidia/gpu" {
+          count = 1
+
+          constraint {
+            attribute = "${device.model}"
+            operator  = "regexp"
+            value     = "A100" # device.model as the NVIDIA plugin reports it, e.g. "A100-SXM4-80GB"
+          }
+        }
+      }
+    }
+  }
+}

@@ -1,0 +1,144 @@
+# Chiron global scaler: every scaling interval it computes desired engine counts per role (from etcd membership,
+# engine stats and the queue's waiting-time estimates) and applies them with Nomad's job scale API to the task
+# groups engine-interactive / engine-mixed / engine-batch of job var.engine_job (chiron-engine.nomad.hcl).
+#
+# One allocation: a single writer of scale decisions. Driver: raw_exec (see chiron-engine.nomad.hcl).
+#
+# Nomad ACLs: the task gets a workload-identity token in NOMAD_TOKEN (identity { env = true }), which the scaler
+# sends as X-Nomad-Token. Attach a policy granting read-job, read-job-scaling and scale-job on the engine job's
+# namespace to this job (see README.md); without ACLs the token is ignored. The scaler addresses the namespace in
+# NOMAD_NAMESPACE, which Nomad sets to this job's own: run it in the engine job's namespace.
+#
+# The --interactive / --mixed / --batch MIN:MAX limits below must match the engine groups' scaling blocks in
+# chiron-engine.nomad.hcl (Nomad refuses counts outside those; tests/test_nomad.py checks they agree).
+
+variable "datacenters" {
+  type        = list(string)
+  description = "Datacenters the scaler may run in."
+  default     = ["dc1"]
+}
+
+variable "chiron_bin" {
+  type        = string
+  description = "Path of the `chiron` executable on the nodes."
+  default     = "/opt/chiron/.venv/bin/chiron"
+}
+
+variable "etcd_address" {
+  type        = string
+  description = "etcd client endpoint HOST:PORT where engines register."
+  default     = "127.0.0.1:2379"
+}
+
+variable "nomad_address" {
+  type        = string
+  description = "Nomad HTTP API the scaler calls (raw_exec: the local agent on the node)."
+  default     = "http://127.0.0.1:4646"
+}
+
+variable "engine_job" {
+  type        = string
+  description = "Job id whose task groups the scaler sets (one group per role)."
+  default     = "chiron-engine"
+}
+
+variable "scaling_interval_s" {
+  type        = number
+  description = "Period of the global scaling decision [s]."
+  default     = 10
+}
+
+variable "model_load_time_s" {
+  type        = number
+  description = "Time a new engine needs before it serves (placement, start, model load) [s]; sizes the over-provisioning."
+  default     = 120
+}
+
+variable "gpu_budget" {
+  type        = number
+  description = "Most GPUs the engine fleet may use (one per engine)."
+  default     = 56
+}
+
+job "chiron-scaler" {
+  datacenters = var.datacenters
+  type        = "service"
+
+  group "scaler" {
+    count = 1
+
+    network {
+      port "grpc" {}
+    }
+
+    update {
+      max_parallel     = 1
+      health_check     = "checks"
+      min_healthy_time = "5s"
+      healthy_deadline = "3m"
+      auto_revert      = true
+    }
+
+    service {
+      provider = "consul"
+      name     = "chiron-scaler"
+      port     = "grpc"
+      tags     = ["chiron", "scaler"]
+
+      check {
+        name         = "scaler-grpc-health"
+        type         = "grpc"
+        port         = "grpc"
+        grpc_service = "chiron.v1.Scaler"
+        grpc_use_tls = false
+        interval     = "10s"
+        timeout      = "2s"
+      }
+    }
+
+    task "scaler" {
+      driver = "raw_exec"
+
+      identity {
+        env = true
+      }
+
+      # CHIRON_QUEUE_ADDRESS=host:port of the healthy queue; the task restarts when it changes.
+      template {
+        data        = "{{ range service \"chiron-queue\" }}CHIRON_QUEUE_ADDRESS={{ .Address }}:{{ .Port }}\n{{ end }}"
+        destination = "local/queue.env"
+        env         = true
+        change_mode = "restart"
+      }
+
+      config {
+        command = var.chiron_bin
+        args = [
+          "scaler",
+          "--host", "${NOMAD_IP_grpc}",
+          "--port", "${NOMAD_PORT_grpc}",
+          "--etcd", var.etcd_address,
+          "--queue", "${CHIRON_QUEUE_ADDRESS}",
+          "--interval-s", "${var.scaling_interval_s}",
+          "--model-load-time-s", "${var.model_load_time_s}",
+          "--gpu-budget", "${var.gpu_budget}",
+          "--gpus-per-instance", "1",
+          "--interactive", "1:16",
+          "--mixed", "0:8",
+          "--batch", "0:32",
+          "--provider", "nomad",
+          "--nomad-address", var.nomad_address,
+          "--nomad-job", var.engine_job,
+        ]
+      }
+
+      kill_signal  = "SIGTERM"
+      kill_timeout = "15s"
+
+      resources {
+        cpu    = 1000
+        memory = 1024
+      }
+    }
+  }
+}
