@@ -75,16 +75,18 @@ class LeaseResponse(_message.Message):
     def __init__(self, leases: _Optional[_Iterable[_Union[LeasedRequest, _Mapping]]] = ...) -> None: ...
 
 class AckRequest(_message.Message):
-    __slots__ = ("request_id", "lease_id", "output_tokens", "ttft_ms")
+    __slots__ = ("request_id", "lease_id", "output_tokens", "ttft_ms", "output_token_ids")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TTFT_MS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     lease_id: str
     output_tokens: int
     ttft_ms: float
-    def __init__(self, request_id: _Optional[str] = ..., lease_id: _Optional[str] = ..., output_tokens: _Optional[int] = ..., ttft_ms: _Optional[float] = ...) -> None: ...
+    output_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, request_id: _Optional[str] = ..., lease_id: _Optional[str] = ..., output_tokens: _Optional[int] = ..., ttft_ms: _Optional[float] = ..., output_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class AckResponse(_message.Message):
     __slots__ = ()
@@ -125,7 +127,7 @@ class GetRequestRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ...) -> None: ...
 
 class GetRequestResponse(_message.Message):
-    __slots__ = ("request_id", "state", "group_id", "position", "estimated_wait_mean_s", "estimated_wait_p95_s", "deadline", "attempts", "num_generated_tokens")
+    __slots__ = ("request_id", "state", "group_id", "position", "estimated_wait_mean_s", "estimated_wait_p95_s", "deadline", "attempts", "num_generated_tokens", "output_token_ids")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     GROUP_ID_FIELD_NUMBER: _ClassVar[int]
@@ -135,6 +137,7 @@ class GetRequestResponse(_message.Message):
     DEADLINE_FIELD_NUMBER: _ClassVar[int]
     ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
     NUM_GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     state: QueuedRequestState
     group_id: str
@@ -144,7 +147,8 @@ class GetRequestResponse(_message.Message):
     deadline: _timestamp_pb2.Timestamp
     attempts: int
     num_generated_tokens: int
-    def __init__(self, request_id: _Optional[str] = ..., state: _Optional[_Union[QueuedRequestState, str]] = ..., group_id: _Optional[str] = ..., position: _Optional[int] = ..., estimated_wait_mean_s: _Optional[float] = ..., estimated_wait_p95_s: _Optional[float] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attempts: _Optional[int] = ..., num_generated_tokens: _Optional[int] = ...) -> None: ...
+    output_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, request_id: _Optional[str] = ..., state: _Optional[_Union[QueuedRequestState, str]] = ..., group_id: _Optional[str] = ..., position: _Optional[int] = ..., estimated_wait_mean_s: _Optional[float] = ..., estimated_wait_p95_s: _Optional[float] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attempts: _Optional[int] = ..., num_generated_tokens: _Optional[int] = ..., output_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class QueueGetStatsRequest(_message.Message):
     __slots__ = ()

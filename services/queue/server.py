@@ -192,14 +192,15 @@ class QueueService(queue_pb2_grpc.QueueServicer):
         return resp
 
     async def Ack(self, request: queue_pb2.AckRequest, context):
+        output = list(request.output_token_ids) if request.output_token_ids else int(request.output_tokens)
         try:
             info = self.store.get(request.request_id)
-            self.store.ack(request.request_id, request.lease_id, int(request.output_tokens))
+            count = self.store.ack(request.request_id, request.lease_id, output)
         except QueueError as e:
             await self._fail(context, e)
         now = self.clock()
-        self.estimator.observe(info.model, float(request.output_tokens))
-        self.capacity.record(info.model, int(request.output_tokens) - info.resume_tokens, now)
+        self.estimator.observe(info.model, float(count))
+        self.capacity.record(info.model, max(0, count - info.resume_tokens), now)
         return queue_pb2.AckResponse()
 
     async def Return(self, request: queue_pb2.ReturnRequest, context):
@@ -228,6 +229,11 @@ class QueueService(queue_pb2_grpc.QueueServicer):
             request_id=request.request_id, state=_STATES[info.state], group_id=info.group_id,
             position=info.position, deadline=_ts(info.deadline_s), attempts=info.attempts,
             num_generated_tokens=info.resume_tokens)
+        if info.state == "DONE":
+            resp.num_generated_tokens = info.output_tokens or 0
+            output = self.store.get_tokens(request.request_id)[1]
+            if output:
+                resp.output_token_ids.extend(output)
         if info.position >= 0:
             cap = self.capacities().get(info.model)
             if cap is None:

@@ -741,27 +741,34 @@ class QueueStore:
         """Mark a leased request DONE (committed on return); only its current lease holder may.
 
         ``output_tokens``: the total number of output tokens generated for the request (resumed tokens included),
-        or the output token ids themselves (their count is stored). Returns that count. Acking a DONE request again
+        or the output token ids themselves (stored, and returned by :meth:`get_tokens` as the second element).
+        Returns that count. Acking a DONE request again
         with the lease that completed it is idempotent (returns the stored count). A lease past its expiry that has
         not been swept back yet is still accepted (nobody else holds the request). Raises QueueError NOT_FOUND
         (unknown id), FAILED_PRECONDITION (not the current lease: expired and re-queued or re-leased, cancelled,
         or DONE by another lease), INVALID_ARGUMENT (negative count or bad ids).
         """
+        blob = None
         if isinstance(output_tokens, int | np.integer) and not isinstance(output_tokens, bool):
             count = int(output_tokens)
         else:
             try:
-                count = len(output_tokens)  # type: ignore[arg-type]
+                len(output_tokens)  # type: ignore[arg-type]
             except TypeError:
                 raise QueueError("INVALID_ARGUMENT", "output_tokens must be a token count or a sequence of token ids") from None
+            blob, count = _encode_tokens(output_tokens, "output_tokens")
         if count < 0:
             raise QueueError("INVALID_ARGUMENT", f"output_tokens must be >= 0, got {count}")
         row = self._conn.execute(_SELECT_FOR_UPDATE, (request_id,)).fetchone()
         if row is not None and row[3] == _DONE and row[4] == lease_id:
             return int(row[8])
         seq, model, bucket, *_ = self._leased_row(request_id, lease_id, "ack")
-        self._conn.execute("UPDATE requests SET state = 2, output_tokens = ?, lease_expiry_s = NULL, finished_s = ? WHERE seq = ?",
-                           (count, float(self._clock()), seq))
+        if blob is None:
+            self._conn.execute("UPDATE requests SET state = 2, output_tokens = ?, lease_expiry_s = NULL, finished_s = ? WHERE seq = ?",
+                               (count, float(self._clock()), seq))
+        else:  # the output itself is kept (resume column: every token generated), for the client to fetch
+            self._conn.execute("UPDATE requests SET state = 2, output_tokens = ?, lease_expiry_s = NULL, finished_s = ?, "
+                               "resume = ?, n_resume = ? WHERE seq = ?", (count, float(self._clock()), blob, count, seq))
         g = self._groups[(model, bucket)]
         g.leased -= 1
         self._leased -= 1
