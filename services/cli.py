@@ -2,6 +2,7 @@
 
     chiron engine                 run one engine agent (gRPC Engine service + local autoscaler)
     chiron queue                  run the global queue (durable request groups, leases, waiting-time estimates)
+    chiron router                 run the router (interactive routing, batch submission via the queue)
     chiron scaler                 run the global scaler (policy + instance provider, or --advisory)
     chiron tiny-model DIR         write a tiny Llama model directory for the vllm backend on CPU
     chiron demo                   engine agent + replay of the Azure conversation trace + autoscaler report
@@ -304,6 +305,48 @@ def scaler(host, port, port_file, etcd, queue_addr, provider, advisory, interval
         await srv.stop()
         if prov is not None:
             await prov.close()
+        await watcher.stop()
+
+    asyncio.run(run())
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
+@click.option("--port", default=50050, show_default=True, help="gRPC port of the Router service (0 = pick a free one).")
+@click.option("--port-file", type=click.Path(dir_okay=False), help="Write the bound port here once serving.")
+@click.option("--etcd", required=True, help="etcd endpoint (host:port) holding engine membership.")
+@click.option("--queue", "queue_addr", required=True, help="Queue service (host:port) for batch requests.")
+@click.option("--interactive-ttft-max-ms", default=60_000, show_default=True,
+              help="Requests with a TTFT SLO up to this are interactive, longer ones batch [ms].")
+@click.option("--stats-interval-s", default=0.25, show_default=True, help="How often engine stats are refreshed [s].")
+def router(host, port, port_file, etcd, queue_addr, interactive_ttft_max_ms, stats_interval_s) -> None:
+    """Run the router: the client-facing chiron.v1.Router service (Generate for interactive requests,
+    Submit / GetResult / StreamResult / Cancel for batch ones), with health checking and reflection."""
+    import dataclasses
+
+    from services.router.routing import RouterConfig
+
+    try:
+        cfg = dataclasses.replace(RouterConfig(), interactive_ttft_max_ms=interactive_ttft_max_ms).validate()
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from e
+
+    async def run() -> None:
+        from services.common.membership import MembershipWatcher
+        from services.router.server import RouterService, serve
+
+        watcher = MembershipWatcher([etcd])
+        await watcher.start()
+        srv = await serve(RouterService(cfg, watcher, queue_addr, stats_interval_s=stats_interval_s), host, port)
+        if port_file:
+            Path(port_file).write_text(str(srv.port))
+        console.print(f"router serving on {host}:{srv.port}")
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await srv.stop()
         await watcher.stop()
 
     asyncio.run(run())

@@ -1,0 +1,233 @@
+"""The ``chiron.v1.Router`` gRPC service: the cluster's front door.
+
+* Interactive requests (:func:`services.router.routing.classify`) stream through ``Generate`` from the
+  instance :func:`~services.router.routing.choose_instance` picks, using etcd membership and engine stats
+  that a background task refreshes every ``stats_interval_s`` (plus the requests this router dispatched
+  since, so a burst does not pile onto one instance between refreshes). The client's deadline is passed on
+  to the engine call.
+* Batch requests go to the queue (``Submit``); ``GetResult`` / ``StreamResult`` / ``Cancel`` read and act on
+  them there, so a client need not hold a stream open for hours.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass, replace
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from chiron.v1 import engine_pb2, engine_pb2_grpc, queue_pb2, queue_pb2_grpc, router_pb2, router_pb2_grpc, types_pb2
+from services.router.routing import InstanceLoad, Rejected, RouterConfig, choose_instance, classify
+
+log = logging.getLogger("chiron.router")
+
+_FINAL = (queue_pb2.QUEUED_REQUEST_STATE_DONE, queue_pb2.QUEUED_REQUEST_STATE_CANCELLED)
+
+
+class RouterService(router_pb2_grpc.RouterServicer):
+    """See the module docstring. ``membership``: ``snapshot() -> dict[str, InstanceInfo]``; ``queue``:
+    "host:port" of the queue service."""
+
+    def __init__(self, config: RouterConfig, membership, queue: str, *, stats_interval_s: float = 0.25,
+                 result_poll_s: float = 0.5) -> None:
+        self.config = config.validate()
+        self.membership = membership
+        self.queue_address = queue
+        self.stats_interval_s = stats_interval_s
+        self.result_poll_s = result_poll_s
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._loads: dict[str, InstanceLoad] = {}
+        self._pending: dict[str, int] = defaultdict(int)
+        self._task: asyncio.Task | None = None
+        self.accepted = 0  # interactive requests streamed to an engine
+        self.submitted = 0  # batch requests handed to the queue
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+    async def start(self) -> None:
+        await self.refresh()
+        self._task = asyncio.create_task(self._refresh_loop(), name="router-stats")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for ch in self._channels.values():
+            await ch.close()
+
+    def _channel(self, address: str) -> grpc.aio.Channel:
+        ch = self._channels.get(address)
+        if ch is None:
+            ch = self._channels[address] = grpc.aio.insecure_channel(address)
+        return ch
+
+    @property
+    def _queue(self) -> queue_pb2_grpc.QueueStub:
+        return queue_pb2_grpc.QueueStub(self._channel(self.queue_address))
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.stats_interval_s)
+            try:
+                await self.refresh()
+            except Exception:
+                log.exception("router stats refresh failed")
+
+    async def refresh(self) -> None:
+        """Re-read membership and every interactive/mixed instance's stats."""
+        members = [m for m in self.membership.snapshot().values()
+                   if m.state == "serving" and m.role in ("interactive", "mixed")]
+
+        async def one(m):
+            try:
+                s = (await engine_pb2_grpc.EngineStub(self._channel(m.address)).GetStats(
+                    engine_pb2.GetStatsRequest(), timeout=1.0)).stats
+            except grpc.aio.AioRpcError:
+                return None
+            return InstanceLoad(m.instance_id, m.role, m.address, m.model, s.max_batch_size, s.num_running,
+                                s.num_waiting, s.ttft_p50_ms)
+
+        loads = await asyncio.gather(*(one(m) for m in members))
+        self._loads = {ld.instance_id: ld for ld in loads if ld is not None}
+        self._pending.clear()  # the fresh stats include what this router sent
+
+    def loads(self) -> list[InstanceLoad]:
+        return [replace(ld, pending=self._pending.get(ld.instance_id, 0)) for ld in self._loads.values()]
+
+    # ---- helpers --------------------------------------------------------------------------------------
+    @staticmethod
+    async def _abort(context, code: str, message: str):
+        await context.abort(getattr(grpc.StatusCode, code, grpc.StatusCode.INVALID_ARGUMENT), message)
+
+    def _check(self, r: types_pb2.InferenceRequest) -> None:
+        if not r.model:
+            raise Rejected("model is required")
+        if not r.prompt_token_ids:
+            raise Rejected("prompt is empty: set prompt_token_ids" if not r.prompt else
+                           "text prompts need a tokenizer at the gateway; send prompt_token_ids")
+        if len(r.prompt_token_ids) > self.config.max_prompt_tokens:
+            raise Rejected(f"prompt of {len(r.prompt_token_ids)} tokens exceeds the router's limit of "
+                           f"{self.config.max_prompt_tokens}")
+        if any(t < 0 for t in r.prompt_token_ids):
+            raise Rejected("token ids must be >= 0")
+        if r.max_tokens <= 0:
+            raise Rejected(f"max_tokens must be > 0 (got {r.max_tokens})")
+        if r.resume_token_ids:
+            raise Rejected("resume_token_ids is for engines and the queue, not for clients")
+
+    # ---- RPCs -------------------------------------------------------------------------------------------
+    async def Generate(self, request: router_pb2.RouterGenerateRequest, context):
+        r = request.request
+        try:
+            self._check(r)
+            c = classify(self.config, slo_class=r.slo.slo_class, ttft_ms=r.slo.ttft_ms, itl_ms=r.slo.itl_ms,
+                         request_class=r.request_class)
+            if c.request_class == "batch":
+                raise Rejected(f"a TTFT SLO of {c.ttft_ms} ms makes this a batch request: use Submit", "FAILED_PRECONDITION")
+            target = choose_instance(self.loads(), r.model, c.ttft_ms)
+        except Rejected as e:
+            await self._abort(context, e.code, str(e))
+        fwd = types_pb2.InferenceRequest()
+        fwd.CopyFrom(r)
+        fwd.request_id = r.request_id or f"req-{uuid.uuid4().hex[:12]}"
+        fwd.request_class = types_pb2.REQUEST_CLASS_INTERACTIVE
+        fwd.slo.ttft_ms, fwd.slo.itl_ms = c.ttft_ms, c.itl_ms
+        self._pending[target.instance_id] += 1
+        self.accepted += 1
+        first = True
+        remaining = context.time_remaining()
+        try:
+            call = engine_pb2_grpc.EngineStub(self._channel(target.address)).Generate(
+                engine_pb2.GenerateRequest(request=fwd), timeout=remaining)
+            async for chunk in call:
+                yield router_pb2.RouterGenerateResponse(chunk=chunk, instance_id=target.instance_id if first else "")
+                first = False
+        except grpc.aio.AioRpcError as e:
+            await context.abort(e.code(), f"engine {target.instance_id}: {e.details()}")
+        finally:
+            if self._pending.get(target.instance_id, 0) > 0:
+                self._pending[target.instance_id] -= 1
+
+    async def Submit(self, request: router_pb2.SubmitRequest, context):
+        r = request.request
+        try:
+            self._check(r)
+            c = classify(self.config, slo_class=r.slo.slo_class, ttft_ms=r.slo.ttft_ms, itl_ms=r.slo.itl_ms,
+                         request_class=r.request_class)
+        except Rejected as e:
+            await self._abort(context, e.code, str(e))
+        fwd = types_pb2.InferenceRequest()
+        fwd.CopyFrom(r)
+        fwd.request_id = r.request_id or f"batch-{uuid.uuid4().hex}"
+        fwd.request_class = types_pb2.REQUEST_CLASS_BATCH
+        fwd.slo.ttft_ms, fwd.slo.itl_ms = c.ttft_ms, c.itl_ms
+        try:
+            resp = await self._queue.Enqueue(queue_pb2.EnqueueRequest(request=fwd), timeout=context.time_remaining())
+        except grpc.aio.AioRpcError as e:
+            await context.abort(e.code(), e.details())
+        self.submitted += 1
+        return router_pb2.SubmitResponse(request_id=resp.request_id, group_id=resp.group_id)
+
+    async def _get(self, request_id: str, context) -> queue_pb2.GetRequestResponse:
+        try:
+            return await self._queue.GetRequest(queue_pb2.GetRequestRequest(request_id=request_id), timeout=5.0)
+        except grpc.aio.AioRpcError as e:
+            await context.abort(e.code(), e.details())
+
+    async def GetResult(self, request: router_pb2.GetResultRequest, context):
+        return router_pb2.GetResultResponse(result=await self._get(request.request_id, context))
+
+    async def StreamResult(self, request: router_pb2.StreamResultRequest, context):
+        last = None
+        while True:
+            res = await self._get(request.request_id, context)
+            key = (res.state, res.position, res.attempts)
+            if key != last:
+                yield router_pb2.StreamResultResponse(result=res)
+                last = key
+            if res.state in _FINAL:
+                return
+            await asyncio.sleep(self.result_poll_s)
+
+    async def Cancel(self, request: router_pb2.RouterCancelRequest, context):
+        try:
+            resp = await self._queue.Cancel(queue_pb2.CancelRequest(request_id=request.request_id), timeout=5.0)
+        except grpc.aio.AioRpcError as e:
+            await context.abort(e.code(), e.details())
+        return router_pb2.RouterCancelResponse(cancelled=resp.cancelled)
+
+
+@dataclass
+class RunningRouter:
+    server: grpc.aio.Server
+    service: RouterService
+    port: int
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        await self.server.stop(grace_s)
+        await self.service.stop()
+
+
+async def serve(service: RouterService, host: str = "127.0.0.1", port: int = 0) -> RunningRouter:
+    """Serve ``chiron.v1.Router`` (health checking, reflection) after a first stats refresh."""
+    await service.start()
+    server = grpc.aio.server()
+    router_pb2_grpc.add_RouterServicer_to_server(service, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = (router_pb2.DESCRIPTOR.services_by_name["Router"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME)
+    reflection.enable_server_reflection(names, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot bind {host}:{port}")
+    await server.start()
+    for name in ("", names[0]):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("router serving on %s:%d", host, bound)
+    return RunningRouter(server, service, bound)

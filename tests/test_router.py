@@ -1,0 +1,151 @@
+"""The router over real gRPC: a real etcd for membership, simulated engine agents served on loopback and
+registered there, the real queue service."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from chiron.v1 import queue_pb2, router_pb2, router_pb2_grpc, types_pb2
+from services.common.membership import InstanceInfo, MembershipWatcher, Registration
+from services.engine.backend import SimulatedBackend
+from services.engine.core import EngineConfig
+from services.engine.local_autoscaler import LocalAutoscalerConfig
+from services.engine.server import AgentConfig, EngineAgent
+from services.engine.server import serve as serve_engine
+from services.queue.server import serve as serve_queue
+from services.queue.store import QueueConfig
+from services.router.routing import InstanceLoad, Rejected, RouterConfig, choose_instance, classify
+from services.router.server import RouterService
+from services.router.server import serve as serve_router
+from tests.conftest import start_etcd
+
+pytestmark = pytest.mark.timeout(120)
+MODEL = "llama-3-8b"
+
+
+async def engine(etcd: str, iid: str, role: str, cap: int):
+    be = SimulatedBackend(MODEL, EngineConfig(max_num_seqs=cap), speedup=20.0)
+    agent = EngineAgent(be, AgentConfig(instance_id=iid, autoscale=False,
+                                        autoscaler=LocalAutoscalerConfig(initial_batch_size=cap)))
+    srv = await serve_engine(agent, port=0)
+    reg = await Registration.create(etcd, InstanceInfo(instance_id=iid, role=role, model=MODEL,
+                                                       address=f"127.0.0.1:{srv.port}"))
+    return srv, reg
+
+
+@pytest.fixture
+async def cluster(tmp_path):
+    etcd = start_etcd(tmp_path / "etcd")
+    engines = [await engine(etcd.endpoint, "inter-1", "interactive", 2), await engine(etcd.endpoint, "mixed-1", "mixed", 8)]
+    watcher = MembershipWatcher(etcd.endpoint)
+    await watcher.start()
+    await watcher.wait_for(lambda m: len(m) == 2, timeout_s=20)
+    queue = await serve_queue(QueueConfig(db_path=str(tmp_path / "q.db")), port=0)
+    router = await serve_router(RouterService(RouterConfig(), watcher, f"127.0.0.1:{queue.port}", stats_interval_s=0.1), port=0)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{router.port}")
+    yield router_pb2_grpc.RouterStub(channel), router
+    await channel.close()
+    await router.stop()
+    await queue.stop()
+    await watcher.stop()
+    for srv, reg in engines:
+        await reg.close()
+        await srv.stop(grace_s=1.0)
+    etcd.stop()
+
+
+def req(rid: str, max_tokens: int = 30, **slo) -> types_pb2.InferenceRequest:
+    return types_pb2.InferenceRequest(request_id=rid, model=MODEL, prompt_token_ids=list(range(1, 65)),
+                                      max_tokens=max_tokens, slo=types_pb2.SLO(**slo))
+
+
+async def generate(stub, r) -> tuple[str, list]:
+    msgs = [m async for m in stub.Generate(router_pb2.RouterGenerateRequest(request=r))]
+    return msgs[0].instance_id, [m.chunk for m in msgs]
+
+
+async def test_interactive_requests_fill_interactive_then_overflow_to_mixed(cluster):
+    stub, router = cluster
+    results = await asyncio.gather(*(generate(stub, req(f"r{i}", 200, ttft_ms=5000)) for i in range(6)))
+    where = [iid for iid, _ in results]
+    assert where.count("inter-1") == 2 and where.count("mixed-1") == 4  # 2 slots on the interactive one
+    for _, chunks in results:
+        assert chunks[-1].finish_reason == types_pb2.FINISH_REASON_LENGTH and chunks[-1].num_generated_tokens == 200
+    assert router.service.accepted == 6
+
+
+async def test_batch_requests_go_through_the_queue(cluster):
+    stub, _ = cluster
+    with pytest.raises(grpc.aio.AioRpcError) as e:  # a batch SLO on the streaming path
+        await generate(stub, req("slow", ttft_ms=3_600_000))
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "Submit" in e.value.details()
+    sub = await stub.Submit(router_pb2.SubmitRequest(request=req("job-1", slo_class="batch")))
+    assert sub.request_id == "job-1" and sub.group_id.startswith(MODEL)
+    res = (await stub.GetResult(router_pb2.GetResultRequest(request_id="job-1"))).result
+    assert res.state == queue_pb2.QUEUED_REQUEST_STATE_QUEUED and res.position == 0
+    stream = stub.StreamResult(router_pb2.StreamResultRequest(request_id="job-1"))
+    first = await stream.read()
+    assert first.result.state == queue_pb2.QUEUED_REQUEST_STATE_QUEUED
+    assert (await stub.Cancel(router_pb2.RouterCancelRequest(request_id="job-1"))).cancelled
+    last = first
+    while (msg := await stream.read()) is not grpc.aio.EOF:
+        last = msg
+    assert last.result.state == queue_pb2.QUEUED_REQUEST_STATE_CANCELLED
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await stub.GetResult(router_pb2.GetResultRequest(request_id="never"))
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+@pytest.mark.parametrize(("r", "code", "fragment"), [
+    (types_pb2.InferenceRequest(model=MODEL, max_tokens=5), "INVALID_ARGUMENT", "prompt is empty"),
+    (types_pb2.InferenceRequest(model=MODEL, prompt_token_ids=[1], max_tokens=0), "INVALID_ARGUMENT", "max_tokens"),
+    (types_pb2.InferenceRequest(prompt_token_ids=[1], max_tokens=5), "INVALID_ARGUMENT", "model is required"),
+    (types_pb2.InferenceRequest(model=MODEL, prompt_token_ids=[1], max_tokens=5, slo=types_pb2.SLO(slo_class="gold")),
+     "INVALID_ARGUMENT", "unknown SLO class"),
+    (types_pb2.InferenceRequest(model=MODEL, prompt_token_ids=[1], max_tokens=5, slo=types_pb2.SLO(ttft_ms=-1)),
+     "INVALID_ARGUMENT", "SLO bounds"),
+    (types_pb2.InferenceRequest(model="other", prompt_token_ids=[1], max_tokens=5), "UNAVAILABLE", "no interactive"),
+    (types_pb2.InferenceRequest(model=MODEL, prompt_token_ids=[1], max_tokens=99_999), "INVALID_ARGUMENT", "context"),
+])
+async def test_bad_input_gets_a_status_and_a_message(cluster, r, code, fragment):
+    stub, _ = cluster
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await generate(stub, r)
+    assert e.value.code() == getattr(grpc.StatusCode, code)
+    assert fragment in e.value.details()
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.builds(types_pb2.InferenceRequest,
+                 request_id=st.text(max_size=20), model=st.sampled_from([MODEL, "", "x" * 300]),
+                 prompt_token_ids=st.lists(st.integers(-5, 200_000), max_size=40),
+                 max_tokens=st.integers(0, 2**32 - 1),
+                 slo=st.builds(types_pb2.SLO, ttft_ms=st.integers(-(2**40), 2**40), itl_ms=st.integers(-(2**31), 2**31 - 1),
+                               slo_class=st.sampled_from(["", "chat", "nope"])),
+                 request_class=st.integers(0, 7)))
+async def test_malformed_requests_get_a_status_and_the_router_keeps_serving(cluster, r):
+    stub, _ = cluster
+    try:
+        await asyncio.wait_for(generate(stub, r), timeout=30)
+    except grpc.aio.AioRpcError as e:
+        assert e.code() != grpc.StatusCode.UNKNOWN, e.details()  # every refusal is a deliberate status
+    _, chunks = await generate(stub, req("ok", 3))
+    assert chunks[-1].num_generated_tokens == 3
+
+
+def test_classification_and_admission_are_pure():
+    cfg = RouterConfig()
+    assert classify(cfg, slo_class="", ttft_ms=0, itl_ms=0, request_class=0).request_class == "interactive"
+    assert classify(cfg, slo_class="", ttft_ms=120_000, itl_ms=0, request_class=0).request_class == "batch"
+    assert classify(cfg, slo_class="chat", ttft_ms=0, itl_ms=0, request_class=0).ttft_ms == 2000
+    assert classify(cfg, slo_class="", ttft_ms=120_000, itl_ms=0, request_class=1).request_class == "interactive"
+    full = [InstanceLoad("a", "interactive", "x", MODEL, 4, 4, 40, ttft_p50_ms=500.0)]
+    with pytest.raises(Rejected) as e:
+        choose_instance(full, MODEL, 2000)  # 40 waiting at 4 per batch: ~5.5 s projected
+    assert e.value.code == "RESOURCE_EXHAUSTED"
+    assert choose_instance(full, MODEL, 10_000).instance_id == "a"  # a relaxed SLO still fits
