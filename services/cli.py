@@ -11,6 +11,7 @@
     chiron bench estimator        accuracy of the global queue's waiting-time estimator
     chiron bench queue            global queue throughput, latency, memory at 1M queued
     chiron bench scaler           scaling-policy decision latency, scale-up-to-registered time
+    chiron bench router           TTFT overhead the router adds at 50/200/500 req/s
     chiron bench engine-overhead  tokens/s through the agent's gRPC vs vLLM called directly
 """
 
@@ -602,6 +603,33 @@ def bench_scaler(json_path) -> None:
                   "≤ 10 " + ("met" if report["decision_ms_p99"] <= 10 else "MISSED"))
     table.add_row("scale_up_to_registered_s", _fmt(report["scale_up_to_registered_s"], 2), "")
     console.print(table)
+    Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+    Path(json_path).write_text(json.dumps(report, indent=2))
+    console.print(f"written to {json_path}")
+
+
+@bench.command("router")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default="out/bench-router.json", show_default=True)
+@click.option("--duration-s", default=10.0, show_default=True, help="Seconds of load per rate and path.")
+def bench_router(json_path, duration_s) -> None:
+    """TTFT the router adds to interactive requests (through the router minus straight to the engine) at 50,
+    200 and 500 requests/s on loopback, p50 and p99; every part a real process. Target: p99 ≤ 5 ms at 200/s."""
+    from bench.router import run_bench
+
+    with console.status("benchmarking the router…") as status:
+        report = asyncio.run(run_bench(duration_s=duration_s, progress=lambda what: status.update(f"done: {what}…")))
+    table = Table(title="Router overhead on TTFT (loopback, simulated engine)")
+    for col in ("rate [req/s]", "overhead p50 [ms]", "overhead p99 [ms]", "direct TTFT p50/p99", "router TTFT p50/p99"):
+        table.add_column(col, justify="right")
+    for r in report["results"]:
+        table.add_row(_fmt(r["rate_rps"], 0), _fmt(r["overhead_p50_ms"], 2), _fmt(r["overhead_p99_ms"], 2),
+                      f"{r['direct_ttft_p50_ms']:.1f} / {r['direct_ttft_p99_ms']:.1f}",
+                      f"{r['router_ttft_p50_ms']:.1f} / {r['router_ttft_p99_ms']:.1f}")
+    console.print(table)
+    at200 = next((r for r in report["results"] if r["rate_rps"] == 200), None)
+    if at200:
+        console.print(f"p99 overhead at 200 req/s: {at200['overhead_p99_ms']:.2f} ms (target ≤ 5 ms): "
+                      f"{'met' if at200['overhead_p99_ms'] <= 5 else 'MISSED'}")
     Path(json_path).parent.mkdir(parents=True, exist_ok=True)
     Path(json_path).write_text(json.dumps(report, indent=2))
     console.print(f"written to {json_path}")
