@@ -120,7 +120,7 @@ def test_engine_spec_has_what_the_scaler_relies_on(specs):
                    and c.get("grpc_service", "") in ("", "chiron.v1.Engine") for c in checks), checks
 
 
-@pytest.mark.parametrize("name,service", [("chiron-queue", "chiron.v1.Queue"), ("chiron-scaler", "chiron.v1.Scaler"),
+@pytest.mark.parametrize("name,service", [("chiron-queue", "chiron.v1.Queue"), ("chiron-scaler", "chiron.v1.GlobalScaler"),
                                           ("chiron-router", "chiron.v1.Router")])
 def test_control_plane_specs_have_ports_and_grpc_health_checks(specs, name, service):
     _, job = _job(specs[name])

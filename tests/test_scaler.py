@@ -80,7 +80,7 @@ async def test_instances_follow_interactive_and_batch_load_and_go_down_after_the
                     slo=types_pb2.SLO(ttft_ms=30_000))))
             await watcher.wait_for(lambda m: any(i.role == "batch" for i in m.values()), timeout_s=90)
             async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as sch:
-                d = (await scaler_pb2_grpc.ScalerStub(sch).GetDecision(scaler_pb2.GetDecisionRequest())).decision
+                d = (await scaler_pb2_grpc.GlobalScalerStub(sch).GetDecision(scaler_pb2.GetDecisionRequest())).decision
             batch = next(r for r in d.roles if r.role == "batch")
             assert batch.desired == 1 and d.inputs["queued_requests"] == 20
             assert not d.advisory and not d.errors
@@ -136,7 +136,7 @@ async def test_advisory_mode_decides_but_never_scales(cluster):
         streams = [asyncio.create_task(stream(inst.address, gen(f"a{k}", 400))) for k in range(16)]
         async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
             seen = []
-            async for msg in scaler_pb2_grpc.ScalerStub(ch).WatchDecisions(scaler_pb2.WatchDecisionsRequest()):
+            async for msg in scaler_pb2_grpc.GlobalScalerStub(ch).WatchDecisions(scaler_pb2.WatchDecisionsRequest()):
                 d = msg.decision
                 role = next(r for r in d.roles if r.role == "interactive")
                 seen.append(role)

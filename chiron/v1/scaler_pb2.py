@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x63hiron/v1/scaler.proto\x12\tchiron.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"^\n\x0cRoleDecision\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63urrent\x18\x02 \x01(\r\x12\x0e\n\x06wanted\x18\x03 \x01(\x01\x12\x0f\n\x07\x64\x65sired\x18\x04 \x01(\r\x12\x0e\n\x06reason\x18\x05 \x01(\t\"\xa6\x02\n\x0eScalerDecision\x12(\n\x04time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x05roles\x18\x02 \x03(\x0b\x32\x17.chiron.v1.RoleDecision\x12\r\n\x05theta\x18\x03 \x01(\x01\x12\x1a\n\x12\x62\x61tch_backpressure\x18\x04 \x01(\x01\x12\x35\n\x06inputs\x18\x05 \x03(\x0b\x32%.chiron.v1.ScalerDecision.InputsEntry\x12\x10\n\x08\x61\x64visory\x18\x06 \x01(\x08\x12\x0f\n\x07\x61\x63tions\x18\x07 \x03(\t\x12\x0e\n\x06\x65rrors\x18\x08 \x03(\t\x1a-\n\x0bInputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x14\n\x12GetDecisionRequest\"B\n\x13GetDecisionResponse\x12+\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0b\x32\x19.chiron.v1.ScalerDecision\"\x17\n\x15WatchDecisionsRequest\"E\n\x16WatchDecisionsResponse\x12+\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0b\x32\x19.chiron.v1.ScalerDecision2\xaf\x01\n\x06Scaler\x12L\n\x0bGetDecision\x12\x1d.chiron.v1.GetDecisionRequest\x1a\x1e.chiron.v1.GetDecisionResponse\x12W\n\x0eWatchDecisions\x12 .chiron.v1.WatchDecisionsRequest\x1a!.chiron.v1.WatchDecisionsResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x63hiron/v1/scaler.proto\x12\tchiron.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"^\n\x0cRoleDecision\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63urrent\x18\x02 \x01(\r\x12\x0e\n\x06wanted\x18\x03 \x01(\x01\x12\x0f\n\x07\x64\x65sired\x18\x04 \x01(\r\x12\x0e\n\x06reason\x18\x05 \x01(\t\"\xa6\x02\n\x0eScalerDecision\x12(\n\x04time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x05roles\x18\x02 \x03(\x0b\x32\x17.chiron.v1.RoleDecision\x12\r\n\x05theta\x18\x03 \x01(\x01\x12\x1a\n\x12\x62\x61tch_backpressure\x18\x04 \x01(\x01\x12\x35\n\x06inputs\x18\x05 \x03(\x0b\x32%.chiron.v1.ScalerDecision.InputsEntry\x12\x10\n\x08\x61\x64visory\x18\x06 \x01(\x08\x12\x0f\n\x07\x61\x63tions\x18\x07 \x03(\t\x12\x0e\n\x06\x65rrors\x18\x08 \x03(\t\x1a-\n\x0bInputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x14\n\x12GetDecisionRequest\"B\n\x13GetDecisionResponse\x12+\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0b\x32\x19.chiron.v1.ScalerDecision\"\x17\n\x15WatchDecisionsRequest\"E\n\x16WatchDecisionsResponse\x12+\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0b\x32\x19.chiron.v1.ScalerDecision2\xb5\x01\n\x0cGlobalScaler\x12L\n\x0bGetDecision\x12\x1d.chiron.v1.GetDecisionRequest\x1a\x1e.chiron.v1.GetDecisionResponse\x12W\n\x0eWatchDecisions\x12 .chiron.v1.WatchDecisionsRequest\x1a!.chiron.v1.WatchDecisionsResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -48,6 +48,6 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WATCHDECISIONSREQUEST']._serialized_end=576
   _globals['_WATCHDECISIONSRESPONSE']._serialized_start=578
   _globals['_WATCHDECISIONSRESPONSE']._serialized_end=647
-  _globals['_SCALER']._serialized_start=650
-  _globals['_SCALER']._serialized_end=825
+  _globals['_GLOBALSCALER']._serialized_start=650
+  _globals['_GLOBALSCALER']._serialized_end=831
 # @@protoc_insertion_point(module_scope)

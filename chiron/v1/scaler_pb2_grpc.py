@@ -25,8 +25,8 @@ if _version_not_supported:
     )
 
 
-class ScalerStub:
-    """Scaler exposes every decision it computes, in active and in advisory mode alike.
+class GlobalScalerStub:
+    """GlobalScaler exposes every decision it computes, in active and in advisory mode alike.
     """
 
     def __init__(self, channel):
@@ -36,19 +36,19 @@ class ScalerStub:
             channel: A grpc.Channel.
         """
         self.GetDecision = channel.unary_unary(
-                '/chiron.v1.Scaler/GetDecision',
+                '/chiron.v1.GlobalScaler/GetDecision',
                 request_serializer=chiron_dot_v1_dot_scaler__pb2.GetDecisionRequest.SerializeToString,
                 response_deserializer=chiron_dot_v1_dot_scaler__pb2.GetDecisionResponse.FromString,
                 _registered_method=True)
         self.WatchDecisions = channel.unary_stream(
-                '/chiron.v1.Scaler/WatchDecisions',
+                '/chiron.v1.GlobalScaler/WatchDecisions',
                 request_serializer=chiron_dot_v1_dot_scaler__pb2.WatchDecisionsRequest.SerializeToString,
                 response_deserializer=chiron_dot_v1_dot_scaler__pb2.WatchDecisionsResponse.FromString,
                 _registered_method=True)
 
 
-class ScalerServicer:
-    """Scaler exposes every decision it computes, in active and in advisory mode alike.
+class GlobalScalerServicer:
+    """GlobalScaler exposes every decision it computes, in active and in advisory mode alike.
     """
 
     def GetDecision(self, request, context):
@@ -66,7 +66,7 @@ class ScalerServicer:
         raise NotImplementedError('Method not implemented!')
 
 
-def add_ScalerServicer_to_server(servicer, server):
+def add_GlobalScalerServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'GetDecision': grpc.unary_unary_rpc_method_handler(
                     servicer.GetDecision,
@@ -80,14 +80,14 @@ def add_ScalerServicer_to_server(servicer, server):
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'chiron.v1.Scaler', rpc_method_handlers)
+            'chiron.v1.GlobalScaler', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('chiron.v1.Scaler', rpc_method_handlers)
+    server.add_registered_method_handlers('chiron.v1.GlobalScaler', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
-class Scaler:
-    """Scaler exposes every decision it computes, in active and in advisory mode alike.
+class GlobalScaler:
+    """GlobalScaler exposes every decision it computes, in active and in advisory mode alike.
     """
 
     @staticmethod
@@ -104,7 +104,7 @@ class Scaler:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/chiron.v1.Scaler/GetDecision',
+            '/chiron.v1.GlobalScaler/GetDecision',
             chiron_dot_v1_dot_scaler__pb2.GetDecisionRequest.SerializeToString,
             chiron_dot_v1_dot_scaler__pb2.GetDecisionResponse.FromString,
             options,
@@ -131,7 +131,7 @@ class Scaler:
         return grpc.experimental.unary_stream(
             request,
             target,
-            '/chiron.v1.Scaler/WatchDecisions',
+            '/chiron.v1.GlobalScaler/WatchDecisions',
             chiron_dot_v1_dot_scaler__pb2.WatchDecisionsRequest.SerializeToString,
             chiron_dot_v1_dot_scaler__pb2.WatchDecisionsResponse.FromString,
             options,

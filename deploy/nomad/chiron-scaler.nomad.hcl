@@ -89,7 +89,7 @@ job "chiron-scaler" {
         name         = "scaler-grpc-health"
         type         = "grpc"
         port         = "grpc"
-        grpc_service = "chiron.v1.Scaler"
+        grpc_service = "chiron.v1.GlobalScaler"
         grpc_use_tls = false
         interval     = "10s"
         timeout      = "2s"

@@ -63,7 +63,7 @@ class _EngineSample:
     inflight: int
 
 
-class ScalerService(scaler_pb2_grpc.ScalerServicer):
+class ScalerService(scaler_pb2_grpc.GlobalScalerServicer):
     """Implements ``chiron.v1.Scaler`` and runs the control loop (see the module docstring).
 
     ``membership``: an object with ``snapshot() -> dict[str, InstanceInfo]`` (role, address, state);
@@ -221,10 +221,10 @@ class RunningScaler:
 async def serve(service: ScalerService, host: str = "127.0.0.1", port: int = 0) -> RunningScaler:
     """Serve ``chiron.v1.Scaler`` (health checking, reflection) and start the control loop."""
     server = grpc.aio.server()
-    scaler_pb2_grpc.add_ScalerServicer_to_server(service, server)
+    scaler_pb2_grpc.add_GlobalScalerServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    names = (scaler_pb2.DESCRIPTOR.services_by_name["Scaler"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME)
+    names = (scaler_pb2.DESCRIPTOR.services_by_name["GlobalScaler"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME)
     reflection.enable_server_reflection(names, server)
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:

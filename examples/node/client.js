@@ -1,0 +1,205 @@
+#!/usr/bin/env node
+// A Node.js client of the Chiron router (service chiron.v1.Router in protos/chiron/v1/router.proto).
+//
+// Loads the .proto files at run time with @grpc/proto-loader (no generated code), then:
+//   1. Generate: one interactive request; prints its tokens as they stream, and the time to first token;
+//   2. Submit:   one batch request (SLO class "batch"), stored in the global queue;
+//   3. GetResult for the submitted request: its state and queue position.
+// The last line on stdout is a JSON summary for scripts and tests:
+//   {"generate_tokens": N, "finish_reason": "...", "submitted": "<id>", "state": "...", ...}
+// On an RPC error it prints "<Rpc> failed: <STATUS_NAME> (<code>): <details>" on stderr, a JSON line with
+// an "error" object on stdout, and exits with 2 (1 for bad command-line arguments).
+//
+// Usage: node examples/node/client.js [ADDRESS] [options]     (ADDRESS defaults to 127.0.0.1:50050)
+//   --model NAME         model to ask for (default: $CHIRON_MODEL, else llama-3-8b)
+//   --max-tokens N       output tokens wanted (default 16)
+//   --prompt-tokens N    prompt length; the prompt is the token ids 1..N (default 32)
+//   --slo-class NAME     SLO class of the Generate request (default "interactive")
+//   --timeout-ms N       deadline of each RPC (default 30000)
+//   --quiet              print only the JSON summary (and errors)
+"use strict";
+
+const path = require("node:path");
+const grpc = require("@grpc/grpc-js");
+const protoLoader = require("@grpc/proto-loader");
+
+const PROTO_DIR = path.resolve(__dirname, "..", "..", "protos");
+
+function usage(message) {
+  if (message) console.error(`error: ${message}`);
+  console.error("usage: node examples/node/client.js [ADDRESS] [--model NAME] [--max-tokens N] [--prompt-tokens N] " +
+    "[--slo-class NAME] [--timeout-ms N] [--quiet]");
+  process.exit(message ? 1 : 0);
+}
+
+function parseArgs(argv) {
+  const opts = {
+    address: "127.0.0.1:50050",
+    model: process.env.CHIRON_MODEL || "llama-3-8b",
+    maxTokens: 16,
+    promptTokens: 32,
+    sloClass: "interactive",
+    timeoutMs: 30000,
+    quiet: false,
+  };
+  const ints = { "--max-tokens": "maxTokens", "--prompt-tokens": "promptTokens", "--timeout-ms": "timeoutMs" };
+  const strings = { "--model": "model", "--slo-class": "sloClass" };
+  let positional = 0;
+  for (let i = 0; i < argv.length; i++) {
+    const arg = argv[i];
+    if (arg === "-h" || arg === "--help") usage();
+    if (arg === "--quiet") {
+      opts.quiet = true;
+    } else if (arg in ints || arg in strings) {
+      if (i + 1 >= argv.length) usage(`${arg} needs a value`);
+      const value = argv[++i];
+      if (arg in strings) {
+        opts[strings[arg]] = value;
+      } else {
+        // Deliberately lenient (0 is accepted): the router, not the client, validates requests.
+        if (!/^\d+$/.test(value)) usage(`${arg} wants a non-negative integer, got ${JSON.stringify(value)}`);
+        opts[ints[arg]] = Number(value);
+      }
+    } else if (arg.startsWith("-")) {
+      usage(`unknown option ${arg}`);
+    } else if (positional++ === 0) {
+      opts.address = arg;
+    } else {
+      usage(`unexpected argument ${JSON.stringify(arg)}`);
+    }
+  }
+  return opts;
+}
+
+function loadRouterService() {
+  const definition = protoLoader.loadSync("chiron/v1/router.proto", {
+    includeDirs: [PROTO_DIR],
+    keepCase: true, // field names as in the .proto (max_tokens, not maxTokens)
+    longs: String, // int64/uint64 as decimal strings (no precision loss); converted where needed
+    enums: String, // enum values by name, e.g. "FINISH_REASON_LENGTH"
+    defaults: true, // unset fields show their default value
+    oneofs: true,
+  });
+  return grpc.loadPackageDefinition(definition).chiron.v1.Router;
+}
+
+function statusName(code) {
+  return Object.keys(grpc.status).find((k) => grpc.status[k] === code) || String(code);
+}
+
+class RpcFailure extends Error {
+  constructor(rpc, err) {
+    super(`${rpc} failed: ${statusName(err.code)} (${err.code}): ${err.details || err.message}`);
+    this.rpc = rpc;
+    this.code = err.code;
+    this.details = err.details || err.message;
+  }
+}
+
+function deadline(opts) {
+  return new Date(Date.now() + opts.timeoutMs);
+}
+
+function inferenceRequest(opts, requestId, sloClass) {
+  return {
+    request_id: requestId,
+    model: opts.model,
+    prompt_token_ids: Array.from({ length: opts.promptTokens }, (_, i) => i + 1),
+    max_tokens: opts.maxTokens,
+    slo: { slo_class: sloClass },
+  };
+}
+
+// Generate: resolves with a summary once the stream ends; prints tokens as they arrive.
+function generate(client, opts, log, write) {
+  return new Promise((resolve, reject) => {
+    const requestId = `node-gen-${process.pid}-${Date.now()}`;
+    const started = process.hrtime.bigint();
+    const out = { tokens: 0, finish_reason: "", instance_id: "", ttft_ms: null, engine_ttft_ms: null, last: null };
+    const call = client.Generate({ request: inferenceRequest(opts, requestId, opts.sloClass) }, { deadline: deadline(opts) });
+    call.on("data", (msg) => {
+      const chunk = msg.chunk || {};
+      if (msg.instance_id) out.instance_id = msg.instance_id;
+      const ids = chunk.token_ids || [];
+      if (ids.length > 0 && out.ttft_ms === null) {
+        out.ttft_ms = Number(process.hrtime.bigint() - started) / 1e6;
+        out.engine_ttft_ms = chunk.ttft_ms;
+        log(`first token after ${out.ttft_ms.toFixed(1)} ms (engine-reported TTFT ${chunk.ttft_ms.toFixed(1)} ms) ` +
+          `on ${out.instance_id || "?"}`);
+      }
+      if (ids.length > 0) write(`${out.tokens === 0 ? "tokens:" : ""} ${ids.join(" ")}`); // as they stream
+      out.tokens += ids.length;
+      if (chunk.finish_reason && chunk.finish_reason !== "FINISH_REASON_UNSPECIFIED") out.finish_reason = chunk.finish_reason;
+      out.last = chunk;
+    });
+    call.on("error", (err) => reject(new RpcFailure("Generate", err)));
+    // grpc-js emits "status" once every message has been delivered; a non-OK status also comes as "error".
+    call.on("status", (status) => {
+      if (status.code === grpc.status.OK) resolve(out);
+    });
+  }).then((out) => {
+    if (out.last && out.last.num_generated_tokens) log(`engine counted ${out.last.num_generated_tokens} generated tokens`);
+    log(`Generate done: ${out.tokens} tokens, ${out.finish_reason || "no finish reason"}`);
+    return out;
+  });
+}
+
+function unary(client, rpc, request, opts) {
+  return new Promise((resolve, reject) => {
+    client[rpc](request, { deadline: deadline(opts) }, (err, response) => {
+      if (err) reject(new RpcFailure(rpc, err));
+      else resolve(response);
+    });
+  });
+}
+
+async function main() {
+  const opts = parseArgs(process.argv.slice(2));
+  let midLine = false; // a streamed token line not yet ended (an error may cut the stream short)
+  const endLine = () => { if (midLine) process.stdout.write("\n"); midLine = false; };
+  const write = opts.quiet ? () => {} : (text) => { process.stdout.write(text); midLine = !text.endsWith("\n"); };
+  const log = opts.quiet ? () => {} : (line) => { endLine(); console.log(line); };
+  const Router = loadRouterService();
+  const client = new Router(opts.address, grpc.credentials.createInsecure());
+  try {
+    log(`router ${opts.address}, model ${opts.model}`);
+    const gen = await generate(client, opts, log, write);
+
+    const batch = inferenceRequest(opts, `node-batch-${process.pid}-${Date.now()}`, "batch");
+    const submitted = await unary(client, "Submit", { request: batch }, opts);
+    log(`Submit: request ${submitted.request_id} in group ${submitted.group_id}`);
+
+    const { result } = await unary(client, "GetResult", { request_id: submitted.request_id }, opts);
+    const position = Number(result.position); // int64, loaded as a string
+    const secs = (s) => (Number.isFinite(s) ? `${s.toFixed(1)} s` : "unknown"); // no drain rate seen yet: infinite
+    log(`GetResult: ${result.state}, position ${position}, estimated wait ${secs(result.estimated_wait_mean_s)} ` +
+      `(p95 ${secs(result.estimated_wait_p95_s)})`);
+
+    endLine();
+    console.log(JSON.stringify({
+      generate_tokens: gen.tokens,
+      finish_reason: gen.finish_reason,
+      instance_id: gen.instance_id,
+      ttft_ms: gen.ttft_ms,
+      engine_ttft_ms: gen.engine_ttft_ms,
+      submitted: submitted.request_id,
+      group_id: submitted.group_id,
+      state: result.state,
+      position,
+    }));
+    return 0;
+  } catch (err) {
+    if (!(err instanceof RpcFailure)) throw err;
+    endLine();
+    console.error(err.message);
+    console.log(JSON.stringify({ error: { rpc: err.rpc, code: statusName(err.code), details: err.details } }));
+    return 2;
+  } finally {
+    client.close();
+  }
+}
+
+main().then(
+  (code) => { process.exitCode = code; },
+  (err) => { console.error(err && err.stack ? err.stack : err); process.exitCode = 1; },
+);
