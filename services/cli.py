@@ -1,11 +1,14 @@
 """The ``chiron`` command: run services, demos and benchmarks.
 
+    chiron replay                 replay a trace (interactive + batch) through a running cluster; report and plot
+    chiron up                     start a whole cluster here (etcd, queue, router, scaler, engines)
     chiron engine                 run one engine agent (gRPC Engine service + local autoscaler)
     chiron queue                  run the global queue (durable request groups, leases, waiting-time estimates)
     chiron router                 run the router (interactive routing, batch submission via the queue)
     chiron scaler                 run the global scaler (policy + instance provider, or --advisory)
     chiron tiny-model DIR         write a tiny Llama model directory for the vllm backend on CPU
-    chiron demo                   engine agent + replay of the Azure conversation trace + autoscaler report
+    chiron demo                   the whole system: local cluster + Azure trace + batch workload, report and plot
+    chiron demo-engine            one engine agent + the Azure trace, the local autoscaler's report
     chiron bench perf-model       fit error of the A100 performance model on held-out profile rows
     chiron bench local-autoscaler adaptive vs best static vs vLLM default max batch size
     chiron bench estimator        accuracy of the global queue's waiting-time estimator
@@ -49,6 +52,11 @@ def _fmt(v, digits: int = 1) -> str:
 def main(log_level: str) -> None:
     """Chiron: SLO-aware hierarchical autoscaling for LLM serving (arXiv 2501.08090)."""
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    sub = click.get_current_context().invoked_subcommand
+    if sub in ("engine", "queue", "router", "scaler"):  # OTel spans per RPC when OTEL_* variables ask for them
+        from services.common.tracing import setup_tracing
+
+        setup_tracing(f"chiron-{sub}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -86,11 +94,13 @@ def main(log_level: str) -> None:
               help="Fixed per-iteration token budget (vLLM max_num_batched_tokens); default: tied to the batch size.")
 @click.option("--speedup", default=1.0, show_default=True, help="Run the simulated engine's clock this much faster.")
 @click.option("--etcd", default=None, help="Register this instance in etcd (host:port) under a kept-alive lease.")
+@click.option("--queue", "queue_addr", default=None,
+              help="Queue service (host:port): a BATCH or MIXED agent leases batch work from it (ignored for interactive).")
 @click.option("--advertise-host", default=None,
               help="Host others reach this agent at (registered in etcd). Default: --host, or 127.0.0.1 for 0.0.0.0.")
 def engine(host, port, port_file, backend, model, load_format, dtype, max_num_batched_tokens,
            kv_cache_mb, role, instance_id, itl_slo_ms, initial_batch_size, max_batch_size, control_interval_s,
-           static_batch_size, token_budget, speedup, etcd, advertise_host) -> None:
+           static_batch_size, token_budget, speedup, etcd, queue_addr, advertise_host) -> None:
     """Run one engine agent: the chiron.v1.Engine gRPC service with health checking and reflection.
 
     SIGTERM or Ctrl-C drains: new requests get UNAVAILABLE, running ones finish (up to 30 s).
@@ -129,6 +139,12 @@ def engine(host, port, port_file, backend, model, load_format, dtype, max_num_ba
         raise click.BadParameter(str(e)) from e
 
     async def run() -> None:
+        # Signal handlers first: a SIGTERM that arrives while starting (e.g. a scaler scaling down at once) must
+        # still drain — once registered, requests may already be routed here.
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
         if vllm_cfg is not None:
             from services.engine.vllm_backend import VllmBackend
 
@@ -136,7 +152,8 @@ def engine(host, port, port_file, backend, model, load_format, dtype, max_num_ba
         else:
             be = SimulatedBackend(model, e_cfg, speedup=speedup)
         agent = EngineAgent(be, AgentConfig(instance_id=instance_id, role=ROLE_NAMES[role], autoscaler=a_cfg,
-                                            autoscale=static_batch_size is None))
+                                            autoscale=static_batch_size is None,
+                                            queue_address=queue_addr if role in ("batch", "mixed") else None))
         try:
             srv = await serve(agent, host, port)
         except Exception as e:
@@ -161,10 +178,6 @@ def engine(host, port, port_file, backend, model, load_format, dtype, max_num_ba
             Path(port_file).write_text(str(srv.port))
         console.print(f"engine agent [bold]{agent.config.instance_id}[/] ({backend}, {be.model_name}, {role}) "
                       f"serving on {host}:{srv.port}" + (f", registered in etcd {etcd}" if reg else ""))
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         console.print("draining…")
         if reg is not None:
@@ -353,6 +366,53 @@ def router(host, port, port_file, etcd, queue_addr, interactive_ttft_max_ms, sta
     asyncio.run(run())
 
 
+@main.command()
+@click.option("--backend", type=click.Choice(["simulated", "vllm"]), default="simulated", show_default=True,
+              help="Engines the scaler starts: simulated A100 engines, or real vLLM (needs --model).")
+@click.option("--model", default=None, help="vllm: model directory (e.g. from 'chiron tiny-model DIR').")
+@click.option("--speedup", default=1.0, show_default=True, help="simulated: engine clock speed-up.")
+@click.option("--scaler-args", default=None, help="Extra 'chiron scaler' arguments (role limits, intervals).")
+@click.option("--work-dir", default=None, type=click.Path(file_okay=False),
+              help="Logs, port files, queue database, etcd data (default: a new temporary directory).")
+def up(backend, model, speedup, scaler_args, work_dir) -> None:
+    """Start a whole Chiron cluster on this machine: etcd, queue, router, scaler (local provider), and the
+    engine agents the scaler starts; print the endpoints; Ctrl-C stops everything, draining first."""
+    from services.cluster import ClusterConfig, start_cluster
+    from services.common.etcd_server import EtcdNotFound
+
+    if backend == "vllm" and not model:
+        raise click.BadParameter("--backend vllm needs --model DIR ('chiron tiny-model DIR' writes a test model)")
+    engine_args = (f"--backend vllm --model {model} --load-format dummy --dtype float32" if backend == "vllm"
+                   else f"--backend simulated --speedup {speedup}")
+    cfg = ClusterConfig(engine_args=engine_args, work_dir=work_dir)
+    if scaler_args:
+        cfg.scaler_args = scaler_args
+
+    async def run() -> None:
+        try:
+            cluster = await start_cluster(cfg, on_progress=lambda m: console.print(f"  {m}"))
+        except EtcdNotFound as e:
+            raise click.ClickException(str(e)) from e
+        except (RuntimeError, TimeoutError) as e:
+            raise click.ClickException(str(e)) from e
+        table = Table(title="Chiron is up")
+        table.add_column("service")
+        table.add_column("endpoint")
+        for name, ep in cluster.endpoints().items():
+            table.add_row(name, ep)
+        console.print(table)
+        console.print(f"logs in {cluster.work}; Ctrl-C stops everything (engines drain first)")
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        console.print("stopping: scaler (draining engines), router, queue, etcd…")
+        await cluster.stop()
+
+    asyncio.run(run())
+
+
 @main.command("tiny-model")
 @click.argument("model_dir", type=click.Path(file_okay=False))
 @click.option("--layers", default=2, show_default=True, help="Decoder layers.")
@@ -372,10 +432,137 @@ def tiny_model(model_dir, layers, hidden_size, vocab_size, max_len) -> None:
                   f"context {max_len} (random weights: --load-format dummy)")
 
 
+def _replay_inputs(trace_name, trace_file, start_s, duration_s):
+    from bench.local_autoscaler import load_sharegpt_lengths
+    from services.common.traces import load_azure_trace
+
+    trace = load_azure_trace(trace_file or trace_name).slice(start_s, duration_s)
+    if len(trace) == 0:
+        raise click.BadParameter("the trace slice holds no requests; check --start-s/--duration-s")
+    return trace, load_sharegpt_lengths(4096)
+
+
+def _print_report(report: dict) -> None:
+    i, b = report["interactive"], report["batch"]
+    table = Table(title=f"Chiron replay of {report['trace']} ({report['requests']} requests, trace time)")
+    for col in ("", "count", "accepted", "SLO attainment", "TTFT p50", "TTFT p99", "ITL p50", "ITL p99"):
+        table.add_column(col, justify="right")
+    table.add_row("interactive", str(i["count"]), str(i["accepted"]), f"{i['slo_attainment']:.3f}",
+                  f"{_fmt(i['ttft_p50_ms'])} ms", f"{_fmt(i['ttft_p99_ms'])} ms", f"{_fmt(i['itl_p50_ms'])} ms",
+                  f"{_fmt(i['itl_p99_ms'])} ms")
+    table.add_row("batch", str(b["count"]), str(b["accepted"]), f"{b['slo_attainment']:.3f}", f"{_fmt(b['ttft_p50_s'])} s",
+                  f"{_fmt(b['ttft_p99_s'])} s", "—", "—")
+    console.print(table)
+    by_role = ", ".join(f"{r} {v:.0f}" for r, v in report["instance_seconds_by_role"].items())
+    console.print(f"SLO attainment {report['slo_attainment']:.3f}; GPU-seconds {report['gpu_seconds']:.0f} ({by_role}); "
+                  f"scale events {len(report['scale_events'])}; batch done {b['done']}, unfinished {b['unfinished']}; "
+                  f"[bold]lost_requests: {report['lost_requests']}[/]")
+
+
+_REPLAY_OPTIONS = [
+    click.option("--trace", "trace_name", default="azure-conv", show_default=True, help="azure-conv or azure-code."),
+    click.option("--trace-file", type=click.Path(exists=True, dir_okay=False), default=None,
+                 help="Your own CSV with the Azure trace's columns (TIMESTAMP,ContextTokens,GeneratedTokens)."),
+    click.option("--start-s", default=0.0, show_default=True, help="Start of the trace slice [s]."),
+    click.option("--speedup", default=2.0, show_default=True, help="Replay speed-up (simulated engines run as fast)."),
+    click.option("--batch-rate", default=0.5, show_default=True, help="Batch requests per second of trace time."),
+    click.option("--batch-ttft-s", default=600.0, show_default=True, help="Batch TTFT SLO [s of trace time]."),
+    click.option("--interactive-ttft-ms", default=10_000, show_default=True, help="Interactive TTFT SLO [ms]."),
+    click.option("--interactive-itl-ms", default=100, show_default=True, help="Interactive ITL SLO (mean per request) [ms]."),
+]
+
+
+def _replay_options(f):
+    for opt in reversed(_REPLAY_OPTIONS):
+        f = opt(f)
+    return f
+
+
+def _run_replay(router_addr, scaler_addr, queue_addr, trace, lengths, cfg, json_path, plot_path) -> dict:
+    from services.replay import plot_report, replay
+
+    with Progress(TextColumn("replaying"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"), TimeElapsedColumn(),
+                  console=console) as bar:
+        task = bar.add_task("replay", total=1.0)
+        report = asyncio.run(replay(router_addr, scaler_addr, queue_addr, trace, lengths, cfg,
+                                    progress=lambda f: bar.update(task, completed=f)))
+    _print_report(report)
+    Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+    Path(json_path).write_text(json.dumps(report, indent=2, default=float))
+    plot_report(report, plot_path)
+    console.print(f"report: {json_path}; plot: {plot_path}")
+    return report
+
+
+@main.command()
+@click.option("--router", "router_addr", default="127.0.0.1:50050", show_default=True, help="Router (host:port).")
+@click.option("--scaler", "scaler_addr", default=None, help="Scaler (host:port), for the instance timeline.")
+@click.option("--queue", "queue_addr", default=None, help="Queue (host:port), for the queue-size timeline.")
+@click.option("--duration-s", default=120.0, show_default=True, help="Length of the trace slice [s of trace time].")
+@_replay_options
+@click.option("--json", "json_path", default="out/replay.json", show_default=True, type=click.Path(dir_okay=False))
+@click.option("--plot", "plot_path", default="out/replay.png", show_default=True, type=click.Path(dir_okay=False))
+def replay(router_addr, scaler_addr, queue_addr, duration_s, trace_name, trace_file, start_s, speedup, batch_rate,
+           batch_ttft_s, interactive_ttft_ms, interactive_itl_ms, json_path, plot_path) -> None:
+    """Replay a trace through a running cluster's router: Azure trace requests as interactive traffic at their own
+    arrival times (÷ speedup) plus batch requests with ShareGPT lengths; report (DESIGN.md §4 schema) and plot."""
+    from services.replay import ReplayConfig
+
+    trace, lengths = _replay_inputs(trace_name, trace_file, start_s, duration_s)
+    cfg = ReplayConfig(speedup=speedup, batch_rate_per_s=batch_rate, batch_ttft_s=batch_ttft_s,
+                       interactive_ttft_ms=interactive_ttft_ms, interactive_itl_ms=interactive_itl_ms)
+    _run_replay(router_addr, scaler_addr, queue_addr, trace, lengths, cfg, json_path, plot_path)
+
+
+@main.command()
+@click.option("--minutes", default=2.0, show_default=True, help="Wall-clock minutes of replay.")
+@_replay_options
+@click.option("--backend", type=click.Choice(["simulated", "vllm"]), default="simulated", show_default=True)
+@click.option("--model", default=None, help="vllm: model directory.")
+@click.option("--json", "json_path", default="out/demo.json", show_default=True, type=click.Path(dir_okay=False))
+@click.option("--plot", "plot_path", default="out/demo.png", show_default=True, type=click.Path(dir_okay=False))
+def demo(minutes, trace_name, trace_file, start_s, speedup, batch_rate, batch_ttft_s, interactive_ttft_ms,
+         interactive_itl_ms, backend, model, json_path, plot_path) -> None:
+    """The whole system in one command: start a local cluster (etcd, queue, router, scaler, engines), replay the
+    Azure conversation trace (interactive) plus a batch workload through it for a few minutes, print the report
+    (SLO attainment, GPU-seconds by role, scale events, lost requests), write JSON and a plot, shut down cleanly."""
+    from services.cluster import ClusterConfig, start_cluster
+    from services.common.etcd_server import EtcdNotFound
+    from services.replay import ReplayConfig
+
+    trace, lengths = _replay_inputs(trace_name, trace_file, start_s, minutes * 60 * speedup)
+    if backend == "vllm" and not model:
+        raise click.BadParameter("--backend vllm needs --model DIR")
+    engine_args = (f"--backend vllm --model {model} --load-format dummy --dtype float32" if backend == "vllm"
+                   else f"--backend simulated --speedup {speedup}")
+    cfg = ReplayConfig(speedup=speedup, batch_rate_per_s=batch_rate, batch_ttft_s=batch_ttft_s,
+                       interactive_ttft_ms=interactive_ttft_ms, interactive_itl_ms=interactive_itl_ms)
+
+    async def start():
+        try:
+            return await start_cluster(ClusterConfig(engine_args=engine_args),
+                                       on_progress=lambda m: console.print(f"  {m}"))
+        except (EtcdNotFound, RuntimeError, TimeoutError) as e:
+            raise click.ClickException(str(e)) from e
+
+    console.print("starting a local Chiron cluster…")
+    cluster = asyncio.run(start())
+    try:
+        console.print(f"replaying {minutes:g} min of {trace.name} at {speedup:g}x ({len(trace)} interactive requests) "
+                      f"plus batch requests at {batch_rate:g}/s…")
+        report = _run_replay(cluster.endpoint("router"), cluster.endpoint("scaler"), cluster.endpoint("queue"), trace,
+                             lengths, cfg, json_path, plot_path)
+    finally:
+        console.print("shutting down (engines drain first)…")
+        asyncio.run(cluster.stop())
+    if report["lost_requests"]:
+        raise SystemExit(1)
+
+
 # ----------------------------------------------------------------------------------------------
 # chiron demo
 # ----------------------------------------------------------------------------------------------
-@main.command()
+@main.command("demo-engine")
 @click.option("--trace", "trace_name", default="azure-conv", show_default=True,
               help="azure-conv, azure-code, or a CSV path with TIMESTAMP,ContextTokens,GeneratedTokens.")
 @click.option("--start-s", default=0.0, show_default=True, help="Start of the trace slice [s].")
@@ -384,7 +571,7 @@ def tiny_model(model_dir, layers, hidden_size, vocab_size, max_len) -> None:
 @click.option("--itl-slo-ms", default=50.0, show_default=True, help="Interactive ITL SLO [ms].")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default="out/demo-engine.json",
               show_default=True, help="Where to write the JSON report.")
-def demo(trace_name, start_s, duration_s, speedup, itl_slo_ms, json_path) -> None:
+def demo_engine(trace_name, start_s, duration_s, speedup, itl_slo_ms, json_path) -> None:
     """Start a local engine agent, replay a slice of the Azure conversation trace, report the local autoscaler.
 
     The agent is a real subprocess speaking gRPC; the simulated Llama-3-8B/A100 engine starts at a max batch

@@ -244,7 +244,7 @@ def test_generated_stubs_are_current():
 def test_demo_replays_the_azure_trace_end_to_end(tmp_path):
     """The README's main job, shortened: real agent subprocess, real trace, report with no lost request."""
     report_path = tmp_path / "demo.json"
-    out = subprocess.run([sys.executable, "-m", "services.cli", "demo", "--duration-s", "20", "--speedup", "5",
+    out = subprocess.run([sys.executable, "-m", "services.cli", "demo-engine", "--duration-s", "20", "--speedup", "5",
                           "--json", str(report_path)], cwd=REPO, capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     import json

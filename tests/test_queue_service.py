@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import grpc
@@ -107,6 +108,35 @@ async def test_expired_lease_returns_the_request(queue):
         got = (await stub.Lease(queue_pb2.LeaseRequest(worker_id="other", max_requests=1))).leases
         return bool(got) and got[0].request.request_id == "short" and got[0].attempts == 1
     await eventually(back, timeout_s=10)
+
+
+async def test_renew_keeps_a_lease_past_its_timeout(queue):
+    srv, stub = queue
+    await stub.Enqueue(req("long"))
+    ls = (await stub.Lease(queue_pb2.LeaseRequest(worker_id="w", max_requests=1, lease_timeout_ms=300))).leases[0]
+    first_expiry = ls.lease_expiry.ToNanoseconds() / 1e9
+    renewed = await stub.Renew(queue_pb2.RenewRequest(request_id="long", lease_id=ls.lease_id, lease_timeout_ms=30_000))
+    assert renewed.lease_expiry.ToNanoseconds() / 1e9 >= first_expiry + 29
+
+    async def past_first_expiry() -> bool:
+        return time.time() > first_expiry + 0.2
+    await eventually(past_first_expiry, timeout_s=5)
+    srv.service.store.expire_leases()  # a sweep now finds nothing to take back
+    assert not (await stub.Lease(queue_pb2.LeaseRequest(worker_id="other", max_requests=1))).leases
+    info = await stub.GetRequest(queue_pb2.GetRequestRequest(request_id="long"))
+    assert info.state == queue_pb2.QUEUED_REQUEST_STATE_LEASED and info.attempts == 0
+    # 0 = the queue's default timeout (30 s in this fixture).
+    default = await stub.Renew(queue_pb2.RenewRequest(request_id="long", lease_id=ls.lease_id))
+    assert 25 < default.lease_expiry.ToNanoseconds() / 1e9 - time.time() <= 30
+    for rid, lease_id, code in [("long", "not-the-lease", grpc.StatusCode.FAILED_PRECONDITION),
+                                ("never-enqueued", ls.lease_id, grpc.StatusCode.NOT_FOUND)]:
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await stub.Renew(queue_pb2.RenewRequest(request_id=rid, lease_id=lease_id))
+        assert e.value.code() == code
+    await stub.Ack(queue_pb2.AckRequest(request_id="long", lease_id=ls.lease_id, output_tokens=100))
+    with pytest.raises(grpc.aio.AioRpcError) as e:  # a finished request's lease is not renewable
+        await stub.Renew(queue_pb2.RenewRequest(request_id="long", lease_id=ls.lease_id))
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
 async def test_cancel(queue):

@@ -26,15 +26,15 @@ from chiron.v1 import types_pb2 as chiron_dot_v1_dot_types__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x63hiron/v1/queue.proto\x12\tchiron.v1\x1a\x15\x63hiron/v1/types.proto\x1a\x1fgoogle/protobuf/timestamp.proto\">\n\x0e\x45nqueueRequest\x12,\n\x07request\x18\x01 \x01(\x0b\x32\x1b.chiron.v1.InferenceRequest\"e\n\x0f\x45nqueueResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08group_id\x18\x02 \x01(\t\x12,\n\x08\x64\x65\x61\x64line\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"a\n\x0cLeaseRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x14\n\x0cmax_requests\x18\x02 \x01(\r\x12\x0e\n\x06models\x18\x03 \x03(\t\x12\x18\n\x10lease_timeout_ms\x18\x04 \x01(\r\"\xd3\x01\n\rLeasedRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12,\n\x07request\x18\x02 \x01(\x0b\x32\x1b.chiron.v1.InferenceRequest\x12\x10\n\x08group_id\x18\x03 \x01(\t\x12,\n\x08\x64\x65\x61\x64line\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0clease_expiry\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x61ttempts\x18\x06 \x01(\r\"9\n\rLeaseResponse\x12(\n\x06leases\x18\x01 \x03(\x0b\x32\x18.chiron.v1.LeasedRequest\"t\n\nAckRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\t\x12\x15\n\routput_tokens\x18\x03 \x01(\r\x12\x0f\n\x07ttft_ms\x18\x04 \x01(\x01\x12\x18\n\x10output_token_ids\x18\x05 \x03(\x05\"\r\n\x0b\x41\x63kResponse\"b\n\rReturnRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\t\x12\x1b\n\x13generated_token_ids\x18\x03 \x03(\x05\x12\x0e\n\x06reason\x18\x04 \x01(\t\"\x10\n\x0eReturnResponse\"#\n\rCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"#\n\x0e\x43\x61ncelResponse\x12\x11\n\tcancelled\x18\x01 \x01(\x08\"\'\n\x11GetRequestRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\xaf\x02\n\x12GetRequestResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12,\n\x05state\x18\x02 \x01(\x0e\x32\x1d.chiron.v1.QueuedRequestState\x12\x10\n\x08group_id\x18\x03 \x01(\t\x12\x10\n\x08position\x18\x04 \x01(\x03\x12\x1d\n\x15\x65stimated_wait_mean_s\x18\x05 \x01(\x01\x12\x1c\n\x14\x65stimated_wait_p95_s\x18\x06 \x01(\x01\x12,\n\x08\x64\x65\x61\x64line\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x61ttempts\x18\x08 \x01(\r\x12\x1c\n\x14num_generated_tokens\x18\t \x01(\r\x12\x18\n\x10output_token_ids\x18\n \x03(\x05\"\x16\n\x14QueueGetStatsRequest\"=\n\x15QueueGetStatsResponse\x12$\n\x05stats\x18\x01 \x01(\x0b\x32\x15.chiron.v1.QueueStats\"-\n\x16QueueWatchStatsRequest\x12\x13\n\x0binterval_ms\x18\x01 \x01(\r\"?\n\x17QueueWatchStatsResponse\x12$\n\x05stats\x18\x01 \x01(\x0b\x32\x15.chiron.v1.QueueStats\"\x9c\x02\n\nGroupStats\x12\x10\n\x08group_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x03\x12\x0e\n\x06leased\x18\x04 \x01(\x03\x12\x32\n\x0eoldest_arrival\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x64\x65\x61\x64line\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1d\n\x15\x65stimated_wait_mean_s\x18\x07 \x01(\x01\x12\x1c\n\x14\x65stimated_wait_p95_s\x18\x08 \x01(\x01\x12\x0f\n\x07slack_s\x18\t \x01(\x01\x12\x1f\n\x17projected_slo_violation\x18\n \x01(\x08\"N\n\rModelCapacity\x12\r\n\x05model\x18\x01 \x01(\t\x12\x1f\n\x17throughput_tokens_per_s\x18\x02 \x01(\x01\x12\r\n\x05slots\x18\x03 \x01(\r\"\xa9\x01\n\nQueueStats\x12(\n\x04time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06queued\x18\x02 \x01(\x03\x12\x0e\n\x06leased\x18\x03 \x01(\x03\x12%\n\x06groups\x18\x04 \x03(\x0b\x32\x15.chiron.v1.GroupStats\x12*\n\x08\x63\x61pacity\x18\x05 \x03(\x0b\x32\x18.chiron.v1.ModelCapacity*\xbf\x01\n\x12QueuedRequestState\x12$\n QUEUED_REQUEST_STATE_UNSPECIFIED\x10\x00\x12\x1f\n\x1bQUEUED_REQUEST_STATE_QUEUED\x10\x01\x12\x1f\n\x1bQUEUED_REQUEST_STATE_LEASED\x10\x02\x12\x1d\n\x19QUEUED_REQUEST_STATE_DONE\x10\x03\x12\"\n\x1eQUEUED_REQUEST_STATE_CANCELLED\x10\x04\x32\xaa\x04\n\x05Queue\x12@\n\x07\x45nqueue\x12\x19.chiron.v1.EnqueueRequest\x1a\x1a.chiron.v1.EnqueueResponse\x12:\n\x05Lease\x12\x17.chiron.v1.LeaseRequest\x1a\x18.chiron.v1.LeaseResponse\x12\x34\n\x03\x41\x63k\x12\x15.chiron.v1.AckRequest\x1a\x16.chiron.v1.AckResponse\x12=\n\x06Return\x12\x18.chiron.v1.ReturnRequest\x1a\x19.chiron.v1.ReturnResponse\x12=\n\x06\x43\x61ncel\x12\x18.chiron.v1.CancelRequest\x1a\x19.chiron.v1.CancelResponse\x12I\n\nGetRequest\x12\x1c.chiron.v1.GetRequestRequest\x1a\x1d.chiron.v1.GetRequestResponse\x12M\n\x08GetStats\x12\x1f.chiron.v1.QueueGetStatsRequest\x1a .chiron.v1.QueueGetStatsResponse\x12U\n\nWatchStats\x12!.chiron.v1.QueueWatchStatsRequest\x1a\".chiron.v1.QueueWatchStatsResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x63hiron/v1/queue.proto\x12\tchiron.v1\x1a\x15\x63hiron/v1/types.proto\x1a\x1fgoogle/protobuf/timestamp.proto\">\n\x0e\x45nqueueRequest\x12,\n\x07request\x18\x01 \x01(\x0b\x32\x1b.chiron.v1.InferenceRequest\"e\n\x0f\x45nqueueResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08group_id\x18\x02 \x01(\t\x12,\n\x08\x64\x65\x61\x64line\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"a\n\x0cLeaseRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x14\n\x0cmax_requests\x18\x02 \x01(\r\x12\x0e\n\x06models\x18\x03 \x03(\t\x12\x18\n\x10lease_timeout_ms\x18\x04 \x01(\r\"\xd3\x01\n\rLeasedRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12,\n\x07request\x18\x02 \x01(\x0b\x32\x1b.chiron.v1.InferenceRequest\x12\x10\n\x08group_id\x18\x03 \x01(\t\x12,\n\x08\x64\x65\x61\x64line\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0clease_expiry\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x61ttempts\x18\x06 \x01(\r\"9\n\rLeaseResponse\x12(\n\x06leases\x18\x01 \x03(\x0b\x32\x18.chiron.v1.LeasedRequest\"t\n\nAckRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\t\x12\x15\n\routput_tokens\x18\x03 \x01(\r\x12\x0f\n\x07ttft_ms\x18\x04 \x01(\x01\x12\x18\n\x10output_token_ids\x18\x05 \x03(\x05\"\r\n\x0b\x41\x63kResponse\"b\n\rReturnRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\t\x12\x1b\n\x13generated_token_ids\x18\x03 \x03(\x05\x12\x0e\n\x06reason\x18\x04 \x01(\t\"\x10\n\x0eReturnResponse\"N\n\x0cRenewRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\t\x12\x18\n\x10lease_timeout_ms\x18\x03 \x01(\r\"A\n\rRenewResponse\x12\x30\n\x0clease_expiry\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"#\n\rCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"#\n\x0e\x43\x61ncelResponse\x12\x11\n\tcancelled\x18\x01 \x01(\x08\"\'\n\x11GetRequestRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\xbc\x03\n\x12GetRequestResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12,\n\x05state\x18\x02 \x01(\x0e\x32\x1d.chiron.v1.QueuedRequestState\x12\x10\n\x08group_id\x18\x03 \x01(\t\x12\x10\n\x08position\x18\x04 \x01(\x03\x12\x1d\n\x15\x65stimated_wait_mean_s\x18\x05 \x01(\x01\x12\x1c\n\x14\x65stimated_wait_p95_s\x18\x06 \x01(\x01\x12,\n\x08\x64\x65\x61\x64line\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x61ttempts\x18\x08 \x01(\r\x12\x1c\n\x14num_generated_tokens\x18\t \x01(\r\x12\x18\n\x10output_token_ids\x18\n \x03(\x05\x12+\n\x07\x61rrival\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0c\x66irst_leased\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x66inished\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x16\n\x14QueueGetStatsRequest\"=\n\x15QueueGetStatsResponse\x12$\n\x05stats\x18\x01 \x01(\x0b\x32\x15.chiron.v1.QueueStats\"-\n\x16QueueWatchStatsRequest\x12\x13\n\x0binterval_ms\x18\x01 \x01(\r\"?\n\x17QueueWatchStatsResponse\x12$\n\x05stats\x18\x01 \x01(\x0b\x32\x15.chiron.v1.QueueStats\"\x9c\x02\n\nGroupStats\x12\x10\n\x08group_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x03\x12\x0e\n\x06leased\x18\x04 \x01(\x03\x12\x32\n\x0eoldest_arrival\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x64\x65\x61\x64line\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1d\n\x15\x65stimated_wait_mean_s\x18\x07 \x01(\x01\x12\x1c\n\x14\x65stimated_wait_p95_s\x18\x08 \x01(\x01\x12\x0f\n\x07slack_s\x18\t \x01(\x01\x12\x1f\n\x17projected_slo_violation\x18\n \x01(\x08\"N\n\rModelCapacity\x12\r\n\x05model\x18\x01 \x01(\t\x12\x1f\n\x17throughput_tokens_per_s\x18\x02 \x01(\x01\x12\r\n\x05slots\x18\x03 \x01(\r\"\xa9\x01\n\nQueueStats\x12(\n\x04time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06queued\x18\x02 \x01(\x03\x12\x0e\n\x06leased\x18\x03 \x01(\x03\x12%\n\x06groups\x18\x04 \x03(\x0b\x32\x15.chiron.v1.GroupStats\x12*\n\x08\x63\x61pacity\x18\x05 \x03(\x0b\x32\x18.chiron.v1.ModelCapacity*\xbf\x01\n\x12QueuedRequestState\x12$\n QUEUED_REQUEST_STATE_UNSPECIFIED\x10\x00\x12\x1f\n\x1bQUEUED_REQUEST_STATE_QUEUED\x10\x01\x12\x1f\n\x1bQUEUED_REQUEST_STATE_LEASED\x10\x02\x12\x1d\n\x19QUEUED_REQUEST_STATE_DONE\x10\x03\x12\"\n\x1eQUEUED_REQUEST_STATE_CANCELLED\x10\x04\x32\xe6\x04\n\x05Queue\x12@\n\x07\x45nqueue\x12\x19.chiron.v1.EnqueueRequest\x1a\x1a.chiron.v1.EnqueueResponse\x12:\n\x05Lease\x12\x17.chiron.v1.LeaseRequest\x1a\x18.chiron.v1.LeaseResponse\x12\x34\n\x03\x41\x63k\x12\x15.chiron.v1.AckRequest\x1a\x16.chiron.v1.AckResponse\x12=\n\x06Return\x12\x18.chiron.v1.ReturnRequest\x1a\x19.chiron.v1.ReturnResponse\x12:\n\x05Renew\x12\x17.chiron.v1.RenewRequest\x1a\x18.chiron.v1.RenewResponse\x12=\n\x06\x43\x61ncel\x12\x18.chiron.v1.CancelRequest\x1a\x19.chiron.v1.CancelResponse\x12I\n\nGetRequest\x12\x1c.chiron.v1.GetRequestRequest\x1a\x1d.chiron.v1.GetRequestResponse\x12M\n\x08GetStats\x12\x1f.chiron.v1.QueueGetStatsRequest\x1a .chiron.v1.QueueGetStatsResponse\x12U\n\nWatchStats\x12!.chiron.v1.QueueWatchStatsRequest\x1a\".chiron.v1.QueueWatchStatsResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'chiron.v1.queue_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_QUEUEDREQUESTSTATE']._serialized_start=2042
-  _globals['_QUEUEDREQUESTSTATE']._serialized_end=2233
+  _globals['_QUEUEDREQUESTSTATE']._serialized_start=2330
+  _globals['_QUEUEDREQUESTSTATE']._serialized_end=2521
   _globals['_ENQUEUEREQUEST']._serialized_start=92
   _globals['_ENQUEUEREQUEST']._serialized_end=154
   _globals['_ENQUEUERESPONSE']._serialized_start=156
@@ -53,28 +53,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RETURNREQUEST']._serialized_end=862
   _globals['_RETURNRESPONSE']._serialized_start=864
   _globals['_RETURNRESPONSE']._serialized_end=880
-  _globals['_CANCELREQUEST']._serialized_start=882
-  _globals['_CANCELREQUEST']._serialized_end=917
-  _globals['_CANCELRESPONSE']._serialized_start=919
-  _globals['_CANCELRESPONSE']._serialized_end=954
-  _globals['_GETREQUESTREQUEST']._serialized_start=956
-  _globals['_GETREQUESTREQUEST']._serialized_end=995
-  _globals['_GETREQUESTRESPONSE']._serialized_start=998
-  _globals['_GETREQUESTRESPONSE']._serialized_end=1301
-  _globals['_QUEUEGETSTATSREQUEST']._serialized_start=1303
-  _globals['_QUEUEGETSTATSREQUEST']._serialized_end=1325
-  _globals['_QUEUEGETSTATSRESPONSE']._serialized_start=1327
-  _globals['_QUEUEGETSTATSRESPONSE']._serialized_end=1388
-  _globals['_QUEUEWATCHSTATSREQUEST']._serialized_start=1390
-  _globals['_QUEUEWATCHSTATSREQUEST']._serialized_end=1435
-  _globals['_QUEUEWATCHSTATSRESPONSE']._serialized_start=1437
-  _globals['_QUEUEWATCHSTATSRESPONSE']._serialized_end=1500
-  _globals['_GROUPSTATS']._serialized_start=1503
-  _globals['_GROUPSTATS']._serialized_end=1787
-  _globals['_MODELCAPACITY']._serialized_start=1789
-  _globals['_MODELCAPACITY']._serialized_end=1867
-  _globals['_QUEUESTATS']._serialized_start=1870
-  _globals['_QUEUESTATS']._serialized_end=2039
-  _globals['_QUEUE']._serialized_start=2236
-  _globals['_QUEUE']._serialized_end=2790
+  _globals['_RENEWREQUEST']._serialized_start=882
+  _globals['_RENEWREQUEST']._serialized_end=960
+  _globals['_RENEWRESPONSE']._serialized_start=962
+  _globals['_RENEWRESPONSE']._serialized_end=1027
+  _globals['_CANCELREQUEST']._serialized_start=1029
+  _globals['_CANCELREQUEST']._serialized_end=1064
+  _globals['_CANCELRESPONSE']._serialized_start=1066
+  _globals['_CANCELRESPONSE']._serialized_end=1101
+  _globals['_GETREQUESTREQUEST']._serialized_start=1103
+  _globals['_GETREQUESTREQUEST']._serialized_end=1142
+  _globals['_GETREQUESTRESPONSE']._serialized_start=1145
+  _globals['_GETREQUESTRESPONSE']._serialized_end=1589
+  _globals['_QUEUEGETSTATSREQUEST']._serialized_start=1591
+  _globals['_QUEUEGETSTATSREQUEST']._serialized_end=1613
+  _globals['_QUEUEGETSTATSRESPONSE']._serialized_start=1615
+  _globals['_QUEUEGETSTATSRESPONSE']._serialized_end=1676
+  _globals['_QUEUEWATCHSTATSREQUEST']._serialized_start=1678
+  _globals['_QUEUEWATCHSTATSREQUEST']._serialized_end=1723
+  _globals['_QUEUEWATCHSTATSRESPONSE']._serialized_start=1725
+  _globals['_QUEUEWATCHSTATSRESPONSE']._serialized_end=1788
+  _globals['_GROUPSTATS']._serialized_start=1791
+  _globals['_GROUPSTATS']._serialized_end=2075
+  _globals['_MODELCAPACITY']._serialized_start=2077
+  _globals['_MODELCAPACITY']._serialized_end=2155
+  _globals['_QUEUESTATS']._serialized_start=2158
+  _globals['_QUEUESTATS']._serialized_end=2327
+  _globals['_QUEUE']._serialized_start=2524
+  _globals['_QUEUE']._serialized_end=3138
 # @@protoc_insertion_point(module_scope)

@@ -108,6 +108,22 @@ class ReturnResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class RenewRequest(_message.Message):
+    __slots__ = ("request_id", "lease_id", "lease_timeout_ms")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    LEASE_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    lease_id: str
+    lease_timeout_ms: int
+    def __init__(self, request_id: _Optional[str] = ..., lease_id: _Optional[str] = ..., lease_timeout_ms: _Optional[int] = ...) -> None: ...
+
+class RenewResponse(_message.Message):
+    __slots__ = ("lease_expiry",)
+    LEASE_EXPIRY_FIELD_NUMBER: _ClassVar[int]
+    lease_expiry: _timestamp_pb2.Timestamp
+    def __init__(self, lease_expiry: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
 class CancelRequest(_message.Message):
     __slots__ = ("request_id",)
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
@@ -127,7 +143,7 @@ class GetRequestRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ...) -> None: ...
 
 class GetRequestResponse(_message.Message):
-    __slots__ = ("request_id", "state", "group_id", "position", "estimated_wait_mean_s", "estimated_wait_p95_s", "deadline", "attempts", "num_generated_tokens", "output_token_ids")
+    __slots__ = ("request_id", "state", "group_id", "position", "estimated_wait_mean_s", "estimated_wait_p95_s", "deadline", "attempts", "num_generated_tokens", "output_token_ids", "arrival", "first_leased", "finished")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     GROUP_ID_FIELD_NUMBER: _ClassVar[int]
@@ -138,6 +154,9 @@ class GetRequestResponse(_message.Message):
     ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
     NUM_GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    ARRIVAL_FIELD_NUMBER: _ClassVar[int]
+    FIRST_LEASED_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     state: QueuedRequestState
     group_id: str
@@ -148,7 +167,10 @@ class GetRequestResponse(_message.Message):
     attempts: int
     num_generated_tokens: int
     output_token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, request_id: _Optional[str] = ..., state: _Optional[_Union[QueuedRequestState, str]] = ..., group_id: _Optional[str] = ..., position: _Optional[int] = ..., estimated_wait_mean_s: _Optional[float] = ..., estimated_wait_p95_s: _Optional[float] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attempts: _Optional[int] = ..., num_generated_tokens: _Optional[int] = ..., output_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    arrival: _timestamp_pb2.Timestamp
+    first_leased: _timestamp_pb2.Timestamp
+    finished: _timestamp_pb2.Timestamp
+    def __init__(self, request_id: _Optional[str] = ..., state: _Optional[_Union[QueuedRequestState, str]] = ..., group_id: _Optional[str] = ..., position: _Optional[int] = ..., estimated_wait_mean_s: _Optional[float] = ..., estimated_wait_p95_s: _Optional[float] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attempts: _Optional[int] = ..., num_generated_tokens: _Optional[int] = ..., output_token_ids: _Optional[_Iterable[int]] = ..., arrival: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., first_leased: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class QueueGetStatsRequest(_message.Message):
     __slots__ = ()

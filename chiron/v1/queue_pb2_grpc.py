@@ -56,6 +56,11 @@ class QueueStub:
                 request_serializer=chiron_dot_v1_dot_queue__pb2.ReturnRequest.SerializeToString,
                 response_deserializer=chiron_dot_v1_dot_queue__pb2.ReturnResponse.FromString,
                 _registered_method=True)
+        self.Renew = channel.unary_unary(
+                '/chiron.v1.Queue/Renew',
+                request_serializer=chiron_dot_v1_dot_queue__pb2.RenewRequest.SerializeToString,
+                response_deserializer=chiron_dot_v1_dot_queue__pb2.RenewResponse.FromString,
+                _registered_method=True)
         self.Cancel = channel.unary_unary(
                 '/chiron.v1.Queue/Cancel',
                 request_serializer=chiron_dot_v1_dot_queue__pb2.CancelRequest.SerializeToString,
@@ -116,6 +121,15 @@ class QueueServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Renew(self, request, context):
+        """Extends a lease to now + lease_timeout_ms: an agent serving a long request renews it well before
+        lease_expiry (every third of the timeout, say). Errors: NOT_FOUND, FAILED_PRECONDITION (lease expired
+        or not current: drop the work, the queue serves the request elsewhere), INVALID_ARGUMENT.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Cancel(self, request, context):
         """Cancels a queued or leased request. Errors: NOT_FOUND.
         """
@@ -166,6 +180,11 @@ def add_QueueServicer_to_server(servicer, server):
                     servicer.Return,
                     request_deserializer=chiron_dot_v1_dot_queue__pb2.ReturnRequest.FromString,
                     response_serializer=chiron_dot_v1_dot_queue__pb2.ReturnResponse.SerializeToString,
+            ),
+            'Renew': grpc.unary_unary_rpc_method_handler(
+                    servicer.Renew,
+                    request_deserializer=chiron_dot_v1_dot_queue__pb2.RenewRequest.FromString,
+                    response_serializer=chiron_dot_v1_dot_queue__pb2.RenewResponse.SerializeToString,
             ),
             'Cancel': grpc.unary_unary_rpc_method_handler(
                     servicer.Cancel,
@@ -298,6 +317,33 @@ class Queue:
             '/chiron.v1.Queue/Return',
             chiron_dot_v1_dot_queue__pb2.ReturnRequest.SerializeToString,
             chiron_dot_v1_dot_queue__pb2.ReturnResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Renew(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chiron.v1.Queue/Renew',
+            chiron_dot_v1_dot_queue__pb2.RenewRequest.SerializeToString,
+            chiron_dot_v1_dot_queue__pb2.RenewResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -3,6 +3,10 @@
 A thin shell: requests are validated and handed to the backend; every ``control_interval_s`` the agent
 feeds the last interval's ITL quantile and throughput into the pure local autoscaler
 (:mod:`services.engine.local_autoscaler`) and applies its max batch size to the backend.
+
+BATCH and MIXED agents given a queue (``AgentConfig.queue_address`` or :meth:`EngineAgent.attach_batch_worker`)
+also serve batch work leased from the global queue (:mod:`services.engine.batch_worker`); a MIXED agent at its cap
+evicts batch work to admit an interactive request, and stopping the agent returns its batch work to the queue.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from grpc_reflection.v1alpha import reflection
 
 from chiron.v1 import engine_pb2, engine_pb2_grpc, types_pb2
 from services.engine.backend import Backend, BackendRequest
+from services.engine.batch_worker import BatchWorker
 from services.engine.core import RequestRejected
 from services.engine.local_autoscaler import (
     Decision,
@@ -62,13 +67,24 @@ def _timestamp(seconds_since_epoch: float) -> Timestamp:
 
 @dataclass
 class AgentConfig:
-    """Engine agent settings. ``itl_slo_ms`` is the ITL SLO the local autoscaler holds on this instance."""
+    """Engine agent settings. ``itl_slo_ms`` is the ITL SLO the local autoscaler holds on this instance.
+
+    ``queue_address``: ``host:port`` of the ``chiron.v1.Queue`` service; set on a BATCH or MIXED agent, it serves
+    batch requests leased from there (a :class:`~services.engine.batch_worker.BatchWorker`); None = no batch work
+    (an INTERACTIVE agent must leave it None). ``lease_batch``: most requests per Lease call; ``lease_timeout_s``:
+    lease visibility timeout [s], renewed every third of it; ``queue_poll_interval_s``: how often an idle worker
+    polls an empty queue [s].
+    """
 
     instance_id: str = ""
     role: int = types_pb2.INSTANCE_ROLE_INTERACTIVE
     autoscaler: LocalAutoscalerConfig = LocalAutoscalerConfig()
     autoscale: bool = True
     stats_window_s: float = 10.0
+    queue_address: str | None = None
+    lease_batch: int = 8
+    lease_timeout_s: float = 60.0
+    queue_poll_interval_s: float = 0.2
 
 
 class EngineAgent(engine_pb2_grpc.EngineServicer):
@@ -93,7 +109,26 @@ class EngineAgent(engine_pb2_grpc.EngineServicer):
         self.decisions: deque[Decision] = deque(maxlen=1000)  # recent decisions (bounded)
         self.draining = False
         self._tasks: list[asyncio.Task] = []
+        # Interactive Generate requests not yet producing tokens (a MIXED batch worker leases only while 0).
+        self.interactive_waiting = 0
+        self.batch_worker: BatchWorker | None = None
         backend.add_step_listener(self._on_step)
+        if cfg.queue_address:
+            self.attach_batch_worker(BatchWorker(
+                self, cfg.queue_address, cfg.instance_id, backend.model_name, cfg.role, lease_batch=cfg.lease_batch,
+                lease_timeout_s=cfg.lease_timeout_s, poll_interval_s=cfg.queue_poll_interval_s))
+
+    def attach_batch_worker(self, worker: BatchWorker) -> BatchWorker:
+        """Serve batch work through ``worker`` (before :meth:`start`; BATCH or MIXED agents only). Raises ValueError."""
+        if self.config.role not in (types_pb2.INSTANCE_ROLE_BATCH, types_pb2.INSTANCE_ROLE_MIXED):
+            raise ValueError(f"batch work needs a BATCH or MIXED agent; this one is "
+                             f"{types_pb2.InstanceRole.Name(self.config.role)}")
+        if worker.role != self.config.role:
+            raise ValueError("the batch worker's role must be the agent's role")
+        if self.batch_worker is not None:
+            raise ValueError("this agent already has a batch worker")
+        self.batch_worker = worker
+        return worker
 
     # ---- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -102,8 +137,16 @@ class EngineAgent(engine_pb2_grpc.EngineServicer):
         await self.backend.set_max_batch_size(self.config.autoscaler.initial_batch_size)
         if self.config.autoscale:
             self._tasks.append(asyncio.create_task(self._control_loop(), name="local-autoscaler"))
+        if self.batch_worker is not None:
+            await self.batch_worker.start()
+
+    async def drain_batch(self) -> None:
+        """Stop leasing batch work and return what runs here to the queue with its progress (idempotent)."""
+        if self.batch_worker is not None:
+            await self.batch_worker.drain()
 
     async def stop(self) -> None:
+        await self.drain_batch()
         for t in self._tasks:
             t.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -202,6 +245,32 @@ class EngineAgent(engine_pb2_grpc.EngineServicer):
             br = self._to_backend(request.request)
         except RequestRejected as e:
             await context.abort(_CODES.get(e.code, grpc.StatusCode.INVALID_ARGUMENT), str(e))
+        interactive = request.request.request_class in (types_pb2.REQUEST_CLASS_UNSPECIFIED,
+                                                        types_pb2.REQUEST_CLASS_INTERACTIVE)
+        waiting = interactive
+        if interactive:
+            self.interactive_waiting += 1
+        try:
+            worker = self.batch_worker
+            if interactive and worker is not None and self.config.role == types_pb2.INSTANCE_ROLE_MIXED:
+                snap = self.backend.snapshot()
+                if snap.num_running + snap.num_waiting >= snap.max_batch_size:
+                    await worker.make_room(1)
+            async for resp in self._stream(br, context):
+                if waiting and resp.token_ids:
+                    waiting = False
+                    self._interactive_admitted()
+                yield resp
+        finally:
+            if waiting:
+                self._interactive_admitted()
+
+    def _interactive_admitted(self) -> None:
+        self.interactive_waiting -= 1
+        if self.batch_worker is not None and self.interactive_waiting == 0:
+            self.batch_worker.wake()
+
+    async def _stream(self, br: BackendRequest, context: grpc.aio.ServicerContext):
         prev_s: float | None = None
         start_s = self.backend.now()
         n_prompt = len(br.prompt_token_ids)
@@ -253,9 +322,11 @@ class RunningServer:
     port: int
 
     async def stop(self, grace_s: float = 5.0) -> None:
-        """Drain: refuse new requests, let in-flight streams finish for up to ``grace_s``, then stop."""
+        """Drain: refuse new requests, return leased batch work to the queue (with its progress), let in-flight
+        streams finish for up to ``grace_s``, then stop."""
         self.agent.draining = True
         await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.agent.drain_batch()  # leased batch work goes back to the queue with its progress
         await self.server.stop(grace_s)
         await self.agent.stop()
 

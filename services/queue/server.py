@@ -214,6 +214,14 @@ class QueueService(queue_pb2_grpc.QueueServicer):
                  len(request.generated_token_ids), request.reason or "no reason given")
         return queue_pb2.ReturnResponse()
 
+    async def Renew(self, request: queue_pb2.RenewRequest, context):
+        timeout = request.lease_timeout_ms / 1e3 if request.lease_timeout_ms else None
+        try:
+            expiry = self.store.renew_lease(request.request_id, request.lease_id, timeout)
+        except QueueError as e:
+            await self._fail(context, e)
+        return queue_pb2.RenewResponse(lease_expiry=_ts(expiry))
+
     async def Cancel(self, request: queue_pb2.CancelRequest, context):
         try:
             return queue_pb2.CancelResponse(cancelled=self.store.cancel(request.request_id))
@@ -229,6 +237,12 @@ class QueueService(queue_pb2_grpc.QueueServicer):
             request_id=request.request_id, state=_STATES[info.state], group_id=info.group_id,
             position=info.position, deadline=_ts(info.deadline_s), attempts=info.attempts,
             num_generated_tokens=info.resume_tokens)
+        arrival, first, finished = self.store.times_s(request.request_id)
+        resp.arrival.CopyFrom(_ts(arrival))
+        if first is not None:
+            resp.first_leased.CopyFrom(_ts(first))
+        if finished is not None:
+            resp.finished.CopyFrom(_ts(finished))
         if info.state == "DONE":
             resp.num_generated_tokens = info.output_tokens or 0
             output = self.store.get_tokens(request.request_id)[1]

@@ -334,6 +334,7 @@ CREATE TABLE IF NOT EXISTS requests (
     worker_id      TEXT,
     output_tokens  INTEGER,
     finished_s     REAL,
+    first_leased_s REAL,                 -- when it was first handed to an engine: its start (batch TTFT)
     prompt         BLOB    NOT NULL,     -- int32 little-endian token ids
     resume         BLOB                  -- int32 little-endian output tokens generated so far (NULL = none)
 );
@@ -349,7 +350,8 @@ _SELECT_GROUP_HEAD = ("SELECT seq, request_id, max_tokens, ttft_slo_ms, arrival_
                       "FROM requests WHERE state = 0 AND model = ? AND bucket = ? ORDER BY seq LIMIT ?")
 _SELECT_NEXT_HEAD = ("SELECT seq, arrival_s FROM requests WHERE state = 0 AND model = ? AND bucket = ? AND seq > ? "
                      "ORDER BY seq LIMIT 1")
-_SET_LEASED = "UPDATE requests SET state = 1, lease_id = ?, lease_expiry_s = ?, worker_id = ? WHERE seq = ?"
+_SET_LEASED = ("UPDATE requests SET state = 1, lease_id = ?, lease_expiry_s = ?, worker_id = ?, "
+               "first_leased_s = COALESCE(first_leased_s, ?) WHERE seq = ?")
 _SELECT_FOR_UPDATE = ("SELECT seq, model, bucket, state, lease_id, max_tokens, n_resume, arrival_s, output_tokens, resume "
                       "FROM requests WHERE request_id = ?")
 _SET_QUEUED = ("UPDATE requests SET state = 0, lease_id = NULL, lease_expiry_s = NULL, worker_id = NULL, "
@@ -405,6 +407,8 @@ class QueueStore:
                 for stmt in _SCHEMA.split(";"):
                     if stmt.strip():
                         c.execute(stmt)
+                if "first_leased_s" not in {r[1] for r in c.execute("PRAGMA table_info(requests)")}:
+                    c.execute("ALTER TABLE requests ADD COLUMN first_leased_s REAL")  # files from before the column
                 row = c.execute("SELECT value FROM meta WHERE key = 'group_granularity_s'").fetchone()
                 if row is None:
                     c.execute("INSERT INTO meta (key, value) VALUES ('group_granularity_s', ?)", (repr(self._g),))
@@ -692,7 +696,7 @@ class QueueStore:
                 group_id = g.group_id
                 for seq, rid, mt, slo, arrival, deadline, attempts, n_resume, prompt, resume in rows:
                     lease_id = uuid.uuid4().hex
-                    updates.append((lease_id, expiry, worker_id, seq))
+                    updates.append((lease_id, expiry, worker_id, now, seq))
                     tokens += mt - n_resume
                     out.append(Lease(rid, lease_id, model, _decode_tokens(prompt), mt, _decode_tokens(resume), slo,
                                      arrival, deadline, group_id, expiry, attempts, worker_id))
@@ -905,6 +909,16 @@ class QueueStore:
             position = ahead + inside
         return RequestInfo(request_id, model, _STATE_NAMES[state], self._group_id(model, bucket), position, attempts, n_resume,
                            mt, slo, arrival, deadline, lease_id, expiry, worker, out)
+
+    def times_s(self, request_id: str) -> tuple[float, float | None, float | None]:
+        """``(arrival_s, first_leased_s, finished_s)`` of a request (seconds on the store's clock; None until it
+        happens). ``first_leased_s − arrival_s`` is its batch TTFT up to the engine's first token. Raises
+        QueueError NOT_FOUND."""
+        row = self._conn.execute("SELECT arrival_s, first_leased_s, finished_s FROM requests WHERE request_id = ?",
+                                 (request_id,)).fetchone()
+        if row is None:
+            raise QueueError("NOT_FOUND", f"request {request_id!r} is not in the queue")
+        return float(row[0]), row[1], row[2]
 
     def deadline_s(self, request_id: str) -> float:
         """A request's TTFT deadline (arrival + TTFT SLO, seconds on the store's clock): one primary-key lookup,

@@ -1,0 +1,126 @@
+"""A whole Chiron cluster on one machine (``chiron up``, ``chiron demo``).
+
+Starts, in order, each as its own process and each waited on by readiness (port file, then the gRPC health
+check; etcd by its ``/health``): etcd (a local process with its own data directory), the queue, the router
+and the scaler with the ``local`` provider, which itself starts the engine agents (at least the configured
+minimum per role) — simulated A100 engines by default, real vLLM with ``engine_args``. Stopping goes the
+other way round: the scaler first (its provider drains every engine: in-flight requests finish, batch work
+returns to the queue), then router, queue and etcd.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shlex
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from services.common.etcd_server import EtcdServer
+from services.engine.demo import stop_process, wait_healthy, wait_port_file
+
+
+@dataclass
+class ClusterConfig:
+    """``engine_args``: extra ``chiron engine`` arguments for every engine the scaler starts;
+    ``scaler_args``: extra ``chiron scaler`` arguments (limits, intervals); ``work_dir``: logs, port files,
+    the queue database and etcd's data (a temporary directory when None)."""
+
+    engine_args: str = "--backend simulated"
+    scaler_args: str = "--interactive 1:4 --mixed 0:2 --batch 0:2 --interval-s 2 --scale-down-delay-s 30"
+    work_dir: str | None = None
+    ready_timeout_s: float = 120.0
+
+
+@dataclass
+class Cluster:
+    work: Path
+    etcd: EtcdServer
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    ports: dict[str, int] = field(default_factory=dict)
+
+    def endpoint(self, name: str) -> str:
+        return f"127.0.0.1:{self.ports[name]}"
+
+    def endpoints(self) -> dict[str, str]:
+        return {"etcd": self.etcd.endpoint, **{n: self.endpoint(n) for n in self.ports}}
+
+    async def stop(self, grace_s: float = 60.0) -> None:
+        """Scaler first (it drains the engines it started), then router, queue, etcd."""
+        for name in ("scaler", "router", "queue"):
+            p = self.procs.get(name)
+            if p is not None:
+                await asyncio.to_thread(stop_process, p, grace_s)
+        await asyncio.to_thread(self.etcd.stop)
+
+
+def _spawn(work: Path, name: str, args: list[str]) -> tuple[subprocess.Popen, Path]:
+    port_file = work / f"{name}.port"
+    port_file.write_text("")
+    cmd = [sys.executable, "-m", "services.cli", *args, "--port", "0", "--port-file", str(port_file)]
+    proc = subprocess.Popen(cmd, stdout=(work / f"{name}.log").open("w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    return proc, port_file
+
+
+async def start_cluster(cfg: ClusterConfig, on_progress=None) -> Cluster:
+    """Start everything and wait until it serves. Raises RuntimeError (a part exited, with its log's path),
+    TimeoutError, or :class:`~services.common.etcd_server.EtcdNotFound` (no etcd binary: the message says how
+    to install it). On failure, whatever was started is stopped again."""
+    work = Path(cfg.work_dir) if cfg.work_dir else Path(tempfile.mkdtemp(prefix="chiron-cluster-"))
+    work.mkdir(parents=True, exist_ok=True)
+    say = on_progress or (lambda _msg: None)
+    etcd = EtcdServer(work / "etcd")
+    await asyncio.to_thread(etcd.start)
+    cluster = Cluster(work, etcd)
+    say(f"etcd serving on {etcd.endpoint}")
+    try:
+        for name, args in (("queue", ["queue", "--db", str(work / "queue.db")]),):
+            await _start_part(cluster, name, args, cfg)
+            say(f"{name} serving on {cluster.endpoint(name)}")
+        await _start_part(cluster, "router", ["router", "--etcd", etcd.endpoint, "--queue", cluster.endpoint("queue")], cfg)
+        say(f"router serving on {cluster.endpoint('router')}")
+        engine_args = f"{cfg.engine_args} --queue {cluster.endpoint('queue')}"
+        await _start_part(cluster, "scaler", ["scaler", "--etcd", etcd.endpoint, "--queue", cluster.endpoint("queue"),
+                                              "--provider", "local", "--work-dir", str(work / "engines"),
+                                              "--engine-args", engine_args, *shlex.split(cfg.scaler_args)], cfg)
+        say(f"scaler serving on {cluster.endpoint('scaler')}")
+        await _wait_for_engines(cluster, cfg)
+        say("the scaler's first engine instances are registered and serving")
+    except BaseException:
+        await cluster.stop(grace_s=10)
+        raise
+    return cluster
+
+
+async def _wait_for_engines(cluster: Cluster, cfg: ClusterConfig) -> None:
+    """Until at least one INTERACTIVE instance serves (the scaler starts its minimum at once)."""
+    from services.common.membership import MembershipWatcher
+
+    watcher = MembershipWatcher(cluster.etcd.endpoint)
+    await watcher.start()
+    try:
+        await watcher.wait_for(lambda m: any(i.role == "interactive" and i.state == "serving" for i in m.values()),
+                               timeout_s=cfg.ready_timeout_s)
+    except TimeoutError as e:
+        raise RuntimeError(f"no engine instance registered within {cfg.ready_timeout_s:g} s; see "
+                           f"{cluster.work / 'scaler.log'} and {cluster.work / 'engines'}") from e
+    finally:
+        await watcher.stop()
+
+
+async def _start_part(cluster: Cluster, name: str, args: list[str], cfg: ClusterConfig) -> None:
+    proc, pf = _spawn(cluster.work, name, args)
+    cluster.procs[name] = proc
+    try:
+        port = await wait_port_file(pf, proc, timeout_s=cfg.ready_timeout_s)
+        await wait_healthy(f"127.0.0.1:{port}", timeout_s=cfg.ready_timeout_s, proc=proc)
+    except (RuntimeError, TimeoutError) as e:
+        tail = ""
+        with contextlib.suppress(OSError):
+            tail = (cluster.work / f"{name}.log").read_text()[-2000:]
+        raise RuntimeError(f"{name} failed to start: {e}\n--- {cluster.work / (name + '.log')} ---\n{tail}") from e
+    cluster.ports[name] = port
