@@ -11,8 +11,8 @@
   the time of one full statistics refresh (:meth:`QueueService.stats`: every group's aggregates plus the
   waiting-time estimator, its tables prepared beforehand as the service's maintenance task does).
 
-Prompts are ``prompt_tokens`` random token ids; TTFT SLOs cycle over 10 min – 24 h so requests fall in many
-groups.
+Prompts are ``prompt_tokens`` random token ids; TTFT SLOs cycle over 50 values from 10 min to 24 h so requests
+fall in many groups (one per SLO and deadline bucket).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import numpy as np
 
 from chiron.v1 import queue_pb2, queue_pb2_grpc, types_pb2
 
-SLOS_S = (600, 1800, 3600, 4 * 3600, 24 * 3600)
+SLOS_S = tuple(600 + 1750 * k for k in range(50))  # 10 min … ~24 h: 50 TTFT SLOs, so 1M requests span many groups
 
 
 def _prompts(n: int, prompt_tokens: int, seed: int = 0) -> np.ndarray:

@@ -108,6 +108,9 @@ class EngineAgent(engine_pb2_grpc.EngineServicer):
         self.last_decision: Decision | None = None
         self.decisions: deque[Decision] = deque(maxlen=1000)  # recent decisions (bounded)
         self.draining = False
+        self.active_streams = 0  # Generate streams in progress
+        self._idle = asyncio.Event()
+        self._idle.set()
         self._tasks: list[asyncio.Task] = []
         # Interactive Generate requests not yet producing tokens (a MIXED batch worker leases only while 0).
         self.interactive_waiting = 0
@@ -250,6 +253,8 @@ class EngineAgent(engine_pb2_grpc.EngineServicer):
         waiting = interactive
         if interactive:
             self.interactive_waiting += 1
+        self.active_streams += 1
+        self._idle.clear()
         try:
             worker = self.batch_worker
             if interactive and worker is not None and self.config.role == types_pb2.INSTANCE_ROLE_MIXED:
@@ -264,6 +269,9 @@ class EngineAgent(engine_pb2_grpc.EngineServicer):
         finally:
             if waiting:
                 self._interactive_admitted()
+            self.active_streams -= 1
+            if self.active_streams == 0:
+                self._idle.set()
 
     def _interactive_admitted(self) -> None:
         self.interactive_waiting -= 1
@@ -326,8 +334,14 @@ class RunningServer:
         streams finish for up to ``grace_s``, then stop."""
         self.agent.draining = True
         await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_s
         await self.agent.drain_batch()  # leased batch work goes back to the queue with its progress
-        await self.server.stop(grace_s)
+        # In-flight streams finish while the server still answers new requests with UNAVAILABLE ("draining")
+        # rather than gRPC's CANCELLED for calls arriving during server.stop().
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.agent._idle.wait(), timeout=max(0.0, deadline - loop.time()))
+        await self.server.stop(max(0.0, deadline - loop.time()))
         await self.agent.stop()
 
 
