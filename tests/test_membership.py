@@ -238,7 +238,7 @@ async def test_watcher_and_registration_survive_etcd_restart(etcd: EtcdServer, p
         assert set(snap) == {"before", "after"}
         assert watcher.resyncs == 0  # resumed from its revision, no re-list
         # etcd extends leases when it comes back, so the same lease carried on
-        assert before.registrations == 1 and before.registered
+        await eventually(lambda: _true(before.registrations == 1 and before.registered), timeout_s=10)
         await before.close()
         await after.close()
         await watcher.wait_for(lambda m: not m, timeout_s=5)

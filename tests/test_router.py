@@ -71,11 +71,12 @@ async def generate(stub, r) -> tuple[str, list]:
 
 async def test_interactive_requests_fill_interactive_then_overflow_to_mixed(cluster):
     stub, router = cluster
-    results = await asyncio.gather(*(generate(stub, req(f"r{i}", 200, ttft_ms=5000)) for i in range(6)))
+    # Long enough (800 tokens) that all six are in flight together even on a loaded CI machine.
+    results = await asyncio.gather(*(generate(stub, req(f"r{i}", 800, ttft_ms=5000)) for i in range(6)))
     where = [iid for iid, _ in results]
     assert where.count("inter-1") == 2 and where.count("mixed-1") == 4  # 2 slots on the interactive one
     for _, chunks in results:
-        assert chunks[-1].finish_reason == types_pb2.FINISH_REASON_LENGTH and chunks[-1].num_generated_tokens == 200
+        assert chunks[-1].finish_reason == types_pb2.FINISH_REASON_LENGTH and chunks[-1].num_generated_tokens == 800
     assert router.service.accepted == 6
 
 

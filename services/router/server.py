@@ -2,9 +2,9 @@
 
 * Interactive requests (:func:`services.router.routing.classify`) stream through ``Generate`` from the
   instance :func:`~services.router.routing.choose_instance` picks, using etcd membership and engine stats
-  that a background task refreshes every ``stats_interval_s`` (plus the requests this router dispatched
-  since, so a burst does not pile onto one instance between refreshes). The client's deadline is passed on
-  to the engine call.
+  that a background task refreshes every ``stats_interval_s`` (with the requests this router has in flight at
+  each instance as a lower bound of its load, so a burst does not pile onto one instance between refreshes).
+  The client's deadline is passed on to the engine call.
 * Batch requests go to the queue (``Submit``); ``GetResult`` / ``StreamResult`` / ``Cancel`` read and act on
   them there, so a client need not hold a stream open for hours.
 """
@@ -44,7 +44,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
         self.result_poll_s = result_poll_s
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._loads: dict[str, InstanceLoad] = {}
-        self._pending: dict[str, int] = defaultdict(int)
+        self._inflight: dict[str, int] = defaultdict(int)  # streams this router has open per instance
         self._task: asyncio.Task | None = None
         self.accepted = 0  # interactive requests streamed to an engine
         self.submitted = 0  # batch requests handed to the queue
@@ -96,10 +96,12 @@ class RouterService(router_pb2_grpc.RouterServicer):
 
         loads = await asyncio.gather(*(one(m) for m in members))
         self._loads = {ld.instance_id: ld for ld in loads if ld is not None}
-        self._pending.clear()  # the fresh stats include what this router sent
 
     def loads(self) -> list[InstanceLoad]:
-        return [replace(ld, pending=self._pending.get(ld.instance_id, 0)) for ld in self._loads.values()]
+        """Instances with their last stats; ``pending`` = this router's open streams there beyond what the stats
+        already count (stats lag a dispatch by up to one refresh), so load = max(stats, own in-flight)."""
+        return [replace(ld, pending=max(0, self._inflight.get(ld.instance_id, 0) - ld.num_running - ld.num_waiting))
+                for ld in self._loads.values()]
 
     # ---- helpers --------------------------------------------------------------------------------------
     @staticmethod
@@ -139,7 +141,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
         fwd.request_id = r.request_id or f"req-{uuid.uuid4().hex[:12]}"
         fwd.request_class = types_pb2.REQUEST_CLASS_INTERACTIVE
         fwd.slo.ttft_ms, fwd.slo.itl_ms = c.ttft_ms, c.itl_ms
-        self._pending[target.instance_id] += 1
+        self._inflight[target.instance_id] += 1
         self.accepted += 1
         first = True
         remaining = context.time_remaining()
@@ -152,8 +154,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
         except grpc.aio.AioRpcError as e:
             await context.abort(e.code(), f"engine {target.instance_id}: {e.details()}")
         finally:
-            if self._pending.get(target.instance_id, 0) > 0:
-                self._pending[target.instance_id] -= 1
+            self._inflight[target.instance_id] -= 1
 
     async def Submit(self, request: router_pb2.SubmitRequest, context):
         r = request.request
