@@ -133,3 +133,16 @@ def test_limits_and_gpu_budget_cut_batch_first():
 def test_invalid_config_is_rejected_with_a_clear_message(changes, fragment):
     with pytest.raises(ValueError, match=fragment):
         dataclasses.replace(PolicyConfig(), **changes).validate()
+
+
+def test_batch_work_in_service_keeps_its_instances_when_nothing_waits():
+    serving = [GroupView("m/1", 0, wait_p95_s=0.0, deadline_s=600.0, leased=5)]
+    st = PolicyState()
+    for t in (0.0, 40.0, 80.0):  # well past the 30 s delay window
+        st, d = decide(CFG, st, ScalerInputs(t, fleet(1, batch=2), groups=serving))
+        assert d.desired("batch") == 2 and "in service" in d.roles["batch"].reason
+    # Once the work is done and nothing waits, the instances go (after the delay window).
+    done = [GroupView("m/1", 0, wait_p95_s=0.0, deadline_s=600.0, leased=0)]
+    for t in (90.0, 111.0):
+        st, d = decide(CFG, st, ScalerInputs(t, fleet(1, batch=2), groups=done))
+    assert d.desired("batch") == 0

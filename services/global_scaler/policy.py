@@ -25,7 +25,7 @@ waiting time scales as ``1 / B``, so the capacity a group needs is ``B · wait_p
 backpressure ``BBP = max_g(wait_p95_g / time_left_g) − 1``; BBP > 0 ⇒ the groups need
 ``B·(1 + BBP)·(1 + batch_margin)`` instances' worth of capacity. BATCH instances = that need minus what
 MIXED instances lend. An empty queue needs no BATCH instance (``min_batch`` aside); a group already past
-its deadline counts as the largest ratio ``max_ratio``.
+its deadline counts as the largest ratio ``max_ratio``. While requests are in service (leased) and none wait, the BATCH count holds.
 
 **Stability and limits.** A desired count below the current one is applied only after it has stayed below
 for ``scale_down_delay_s`` (the largest desired count seen in that window is used), so capacity does not
@@ -138,12 +138,14 @@ class ArrivalStats:
 @dataclass(frozen=True)
 class GroupView:
     """One request group from the queue: ``wait_p95_s`` (estimated wait of its last request, s),
-    ``deadline_s`` (its TTFT deadline, s on the scaler's clock), ``size`` (queued requests)."""
+    ``deadline_s`` (its TTFT deadline, s on the scaler's clock), ``size`` (queued requests), ``leased``
+    (requests of the group engines are serving now)."""
 
     group_id: str
     size: int
     wait_p95_s: float
     deadline_s: float
+    leased: int = 0  # requests of the group being served now (leased to engines)
 
 
 @dataclass(frozen=True)
@@ -222,7 +224,13 @@ def decide(cfg: PolicyConfig, state: PolicyState, inp: ScalerInputs) -> tuple[Po
             ratio, worst = r, g.group_id
     bbp = ratio - 1.0 if inp.groups and ratio > 0 else -1.0
     queued = sum(g.size for g in inp.groups)
-    if queued == 0:
+    in_service = sum(g.leased for g in inp.groups)
+    if queued == 0 and in_service > 0:
+        # Nothing waits, but engines are serving batch work: keep the BATCH instances (draining one would send its
+        # work back to the queue only to start another instance for it).
+        want_b = float(current["batch"])
+        b_reason = f"{in_service} batch requests in service, none waiting: keep the batch capacity"
+    elif queued == 0:
         want_b, b_reason = 0.0, "queue empty: no batch capacity needed"
     elif batch_now <= 0:
         want_b, b_reason = 1.0, f"{queued} queued requests and no batch capacity: start one"
@@ -277,7 +285,8 @@ def decide(cfg: PolicyConfig, state: PolicyState, inp: ScalerInputs) -> tuple[Po
     decision = ScalerDecision(now, roles, theta, bbp, {
         "demand_requests": demand, "instance_concurrency": conc, "arrival_rate_per_s": inp.arrivals.rate_per_s,
         "arrival_cv": inp.arrivals.cv, "batch_capacity_instances": batch_now, "mixed_lend_instances": lend,
-        "queued_requests": float(queued), "groups": float(len(inp.groups)), "worst_group_ratio": ratio})
+        "queued_requests": float(queued),
+        "in_service_requests": float(in_service), "groups": float(len(inp.groups)), "worst_group_ratio": ratio})
     return state, decision
 
 

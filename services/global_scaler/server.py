@@ -133,7 +133,7 @@ class ScalerService(scaler_pb2_grpc.GlobalScalerServicer):
             log.warning("queue %s: GetStats failed (%s); no batch backpressure this interval", self.queue, e.code().name)
             return []
         return [GroupView(g.group_id, g.size, g.estimated_wait_p95_s if math.isfinite(g.estimated_wait_p95_s) else math.inf,
-                          g.deadline.ToNanoseconds() / 1e9) for g in stats.groups]
+                          g.deadline.ToNanoseconds() / 1e9, leased=g.leased) for g in stats.groups]
 
     async def observe(self) -> ScalerInputs:
         now = self.clock()
