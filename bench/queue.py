@@ -53,13 +53,10 @@ def bench_inprocess(n: int, prompt_tokens: int, work: Path) -> float:
 
 
 async def bench_grpc(n: int, prompt_tokens: int, concurrency: int, lease_batch: int, work: Path) -> dict:
+    from services.cluster import spawn_chiron
     from services.engine.demo import stop_process, wait_healthy, wait_port_file
 
-    port_file = work / "port"
-    port_file.write_text("")
-    proc = subprocess.Popen([sys.executable, "-m", "services.cli", "queue", "--port", "0", "--port-file", str(port_file),
-                             "--db", str(work / "grpc.db")], stdout=(work / "queue.log").open("w"),
-                            stderr=subprocess.STDOUT)
+    proc, port_file = spawn_chiron(work, "queue", ["queue", "--db", str(work / "grpc.db")])
     prompts = _prompts(n, prompt_tokens, seed=1).tolist()
     try:
         port = await wait_port_file(port_file, proc)

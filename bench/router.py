@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,16 +21,9 @@ import grpc
 import numpy as np
 
 from chiron.v1 import engine_pb2, engine_pb2_grpc, router_pb2, router_pb2_grpc, types_pb2
+from services.cluster import spawn_chiron
 from services.common.etcd_server import EtcdServer
 from services.engine.demo import stop_process, wait_healthy, wait_port_file
-
-
-def _start(args: list[str], work: Path, name: str) -> tuple[subprocess.Popen, Path]:
-    pf = work / f"{name}.port"
-    pf.write_text("")
-    proc = subprocess.Popen([sys.executable, "-m", "services.cli", *args, "--port", "0", "--port-file", str(pf)],
-                            stdout=(work / f"{name}.log").open("w"), stderr=subprocess.STDOUT)
-    return proc, pf
 
 
 async def _load(send, rate: float, duration_s: float, seed: int) -> list[float]:
@@ -67,14 +58,14 @@ async def run_bench(rates=(50.0, 200.0, 500.0), duration_s: float = 10.0, max_to
     etcd.start()
     procs = []
     try:
-        q, qpf = _start(["queue", "--db", str(work / "q.db")], work, "queue")
+        q, qpf = spawn_chiron(work, "queue", ["queue", "--db", str(work / "q.db")])
         procs.append(q)
-        e, epf = _start(["engine", "--etcd", etcd.endpoint, "--speedup", "100", "--static-batch-size", "256",
-                         "--instance-id", "bench-engine"], work, "engine")
+        e, epf = spawn_chiron(work, "engine", ["engine", "--etcd", etcd.endpoint, "--speedup", "100",
+                                               "--static-batch-size", "256", "--instance-id", "bench-engine"])
         procs.append(e)
         qport = await wait_port_file(qpf, q)
         eport = await wait_port_file(epf, e)
-        r, rpf = _start(["router", "--etcd", etcd.endpoint, "--queue", f"127.0.0.1:{qport}"], work, "router")
+        r, rpf = spawn_chiron(work, "router", ["router", "--etcd", etcd.endpoint, "--queue", f"127.0.0.1:{qport}"])
         procs.append(r)
         rport = await wait_port_file(rpf, r)
         for port, p in ((eport, e), (rport, r)):

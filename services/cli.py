@@ -39,6 +39,15 @@ if not console.is_terminal:
     console.width = 140  # tables in logs and CI output stay readable
 
 
+def _stop_on_signal() -> asyncio.Event:
+    """An event the running loop sets on SIGINT or SIGTERM (how every long-running command stops or drains)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
 def _fmt(v, digits: int = 1) -> str:
     if v is None:
         return "—"
@@ -141,10 +150,7 @@ def engine(host, port, port_file, backend, model, load_format, dtype, max_num_ba
     async def run() -> None:
         # Signal handlers first: a SIGTERM that arrives while starting (e.g. a scaler scaling down at once) must
         # still drain — once registered, requests may already be routed here.
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+        stop = _stop_on_signal()
         if vllm_cfg is not None:
             from services.engine.vllm_backend import VllmBackend
 
@@ -224,10 +230,7 @@ def queue(host, port, port_file, db_path, models, capacity, group_granularity_s,
         if port_file:
             Path(port_file).write_text(str(srv.port))
         console.print(f"queue serving on {host}:{srv.port} (store {db_path})")
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+        stop = _stop_on_signal()
         await stop.wait()
         await srv.stop()
 
@@ -311,10 +314,7 @@ def scaler(host, port, port_file, etcd, queue_addr, provider, advisory, interval
         if port_file:
             Path(port_file).write_text(str(srv.port))
         console.print(f"scaler serving on {host}:{srv.port} ({'advisory' if advisory else provider + ' provider'})")
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+        stop = _stop_on_signal()
         await stop.wait()
         await srv.stop()
         if prov is not None:
@@ -355,10 +355,7 @@ def router(host, port, port_file, etcd, queue_addr, interactive_ttft_max_ms, sta
         if port_file:
             Path(port_file).write_text(str(srv.port))
         console.print(f"router serving on {host}:{srv.port}")
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+        stop = _stop_on_signal()
         await stop.wait()
         await srv.stop()
         await watcher.stop()
@@ -402,10 +399,7 @@ def up(backend, model, speedup, scaler_args, work_dir) -> None:
             table.add_row(name, ep)
         console.print(table)
         console.print(f"logs in {cluster.work}; Ctrl-C stops everything (engines drain first)")
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+        stop = _stop_on_signal()
         await stop.wait()
         console.print("stopping: scaler (draining engines), router, queue, etcd…")
         await cluster.stop()

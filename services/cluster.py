@@ -57,7 +57,9 @@ class Cluster:
         await asyncio.to_thread(self.etcd.stop)
 
 
-def _spawn(work: Path, name: str, args: list[str]) -> tuple[subprocess.Popen, Path]:
+def spawn_chiron(work: Path, name: str, args: list[str]) -> tuple[subprocess.Popen, Path]:
+    """``chiron ARGS --port 0 --port-file WORK/NAME.port`` as a subprocess logging to ``WORK/NAME.log``, in its
+    own session. Returns the process and its port file (the service writes its port there once serving)."""
     port_file = work / f"{name}.port"
     port_file.write_text("")
     cmd = [sys.executable, "-m", "services.cli", *args, "--port", "0", "--port-file", str(port_file)]
@@ -113,7 +115,7 @@ async def _wait_for_engines(cluster: Cluster, cfg: ClusterConfig) -> None:
 
 
 async def _start_part(cluster: Cluster, name: str, args: list[str], cfg: ClusterConfig) -> None:
-    proc, pf = _spawn(cluster.work, name, args)
+    proc, pf = spawn_chiron(cluster.work, name, args)
     cluster.procs[name] = proc
     try:
         port = await wait_port_file(pf, proc, timeout_s=cfg.ready_timeout_s)

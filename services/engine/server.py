@@ -21,11 +21,10 @@ from collections import deque
 from dataclasses import dataclass
 
 import grpc
-from google.protobuf.timestamp_pb2 import Timestamp
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health, health_pb2
 
 from chiron.v1 import engine_pb2, engine_pb2_grpc, types_pb2
+from services.common.grpc_util import create_server, mark_serving, timestamp
 from services.engine.backend import Backend, BackendRequest
 from services.engine.batch_worker import BatchWorker
 from services.engine.core import RequestRejected
@@ -57,12 +56,6 @@ _CODES = {
     "ALREADY_EXISTS": grpc.StatusCode.ALREADY_EXISTS,
     "UNAVAILABLE": grpc.StatusCode.UNAVAILABLE,
 }
-
-
-def _timestamp(seconds_since_epoch: float) -> Timestamp:
-    ts = Timestamp()
-    ts.FromNanoseconds(int(seconds_since_epoch * 1e9))
-    return ts
 
 
 @dataclass
@@ -206,7 +199,7 @@ class EngineAgent(engine_pb2_grpc.EngineServicer):
 
         return types_pb2.EngineStats(
             instance_id=self.config.instance_id, role=self.config.role, model=self.backend.model_name,
-            backend=self.backend.name, time=_timestamp(time.time()),
+            backend=self.backend.name, time=timestamp(time.time()),
             num_running=snap.num_running, num_waiting=snap.num_waiting, max_batch_size=snap.max_batch_size,
             kv_cache_usage=snap.kv_cache_usage, kv_cache_capacity_tokens=snap.kv_cache_capacity_tokens,
             itl_p50_ms=nz(self.itl.quantile(0.5, now)), itl_p95_ms=nz(self.itl.quantile(0.95, now)),
@@ -287,7 +280,7 @@ class EngineAgent(engine_pb2_grpc.EngineServicer):
                 resp = engine_pb2.GenerateResponse(
                     request_id=br.request_id, token_ids=list(out.token_ids), num_generated_tokens=out.num_generated,
                     finish_reason=FINISH.get(out.finish_reason or "", types_pb2.FINISH_REASON_UNSPECIFIED),
-                    emitted_time=_timestamp(_wall(out.time_s, self.backend)), num_prompt_tokens=n_prompt)
+                    emitted_time=timestamp(_wall(out.time_s, self.backend)), num_prompt_tokens=n_prompt)
                 if out.token_ids:
                     if prev_s is None:
                         resp.ttft_ms = (out.time_s - start_s) * 1e3
@@ -347,19 +340,11 @@ class RunningServer:
 
 async def serve(agent: EngineAgent, host: str = "127.0.0.1", port: int = 0) -> RunningServer:
     """Start the gRPC server (health checking and reflection on). ``port`` 0 picks a free port."""
-    server = grpc.aio.server()
-    engine_pb2_grpc.add_EngineServicer_to_server(agent, server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    names = (engine_pb2.DESCRIPTOR.services_by_name["Engine"].full_name, health.SERVICE_NAME,
-             reflection.SERVICE_NAME)
-    reflection.enable_server_reflection(names, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
-    if bound == 0:
-        raise OSError(f"cannot bind {host}:{port}")
+    name = engine_pb2.DESCRIPTOR.services_by_name["Engine"].full_name
+    server, health_servicer, bound = create_server(
+        lambda s: engine_pb2_grpc.add_EngineServicer_to_server(agent, s), name, host, port)
     await agent.start()
     await server.start()
-    for name in ("", names[0]):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    await mark_serving(health_servicer, name)
     log.info("engine agent %s serving on %s:%d", agent.config.instance_id, host, bound)
     return RunningServer(server, agent, health_servicer, bound)

@@ -29,11 +29,9 @@ from collections import deque
 from dataclasses import dataclass
 
 import grpc
-from google.protobuf.timestamp_pb2 import Timestamp
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from chiron.v1 import engine_pb2, engine_pb2_grpc, queue_pb2, queue_pb2_grpc, scaler_pb2, scaler_pb2_grpc
+from services.common.grpc_util import ChannelPool, create_server, mark_serving, timestamp
 from services.global_scaler.policy import (
     ROLES,
     ArrivalStats,
@@ -48,12 +46,6 @@ from services.global_scaler.policy import (
 from services.global_scaler.providers import InstanceProvider, ProviderError
 
 log = logging.getLogger("chiron.scaler")
-
-
-def _ts(seconds: float) -> Timestamp:
-    t = Timestamp()
-    t.FromNanoseconds(int(seconds * 1e9))
-    return t
 
 
 @dataclass
@@ -84,7 +76,7 @@ class ScalerService(scaler_pb2_grpc.GlobalScalerServicer):
         self.state = PolicyState()
         self.decisions: deque[scaler_pb2.ScalerDecision] = deque(maxlen=1000)
         self._changed = asyncio.Condition()
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._channels = ChannelPool()
         self._samples: dict[str, _EngineSample] = {}
         self._task: asyncio.Task | None = None
 
@@ -97,8 +89,7 @@ class ScalerService(scaler_pb2_grpc.GlobalScalerServicer):
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        for ch in self._channels.values():
-            await ch.close()
+        await self._channels.close()
 
     async def _loop(self) -> None:
         while True:
@@ -108,16 +99,10 @@ class ScalerService(scaler_pb2_grpc.GlobalScalerServicer):
                 log.exception("scaler step failed; retrying at the next interval")
             await asyncio.sleep(self.config.interval_s)
 
-    def _channel(self, address: str) -> grpc.aio.Channel:
-        ch = self._channels.get(address)
-        if ch is None:
-            ch = self._channels[address] = grpc.aio.insecure_channel(address)
-        return ch
-
     # ---- observe ---------------------------------------------------------------------------------
     async def _engine_stats(self, address: str):
         try:
-            resp = await engine_pb2_grpc.EngineStub(self._channel(address)).GetStats(engine_pb2.GetStatsRequest(), timeout=2.0)
+            resp = await engine_pb2_grpc.EngineStub(self._channels.get(address)).GetStats(engine_pb2.GetStatsRequest(), timeout=2.0)
             return resp.stats
         except grpc.aio.AioRpcError as e:
             log.warning("engine %s: GetStats failed (%s); counted without stats", address, e.code().name)
@@ -127,7 +112,7 @@ class ScalerService(scaler_pb2_grpc.GlobalScalerServicer):
         if not self.queue:
             return []
         try:
-            stats = (await queue_pb2_grpc.QueueStub(self._channel(self.queue)).GetStats(
+            stats = (await queue_pb2_grpc.QueueStub(self._channels.get(self.queue)).GetStats(
                 queue_pb2.QueueGetStatsRequest(), timeout=2.0)).stats
         except grpc.aio.AioRpcError as e:
             log.warning("queue %s: GetStats failed (%s); no batch backpressure this interval", self.queue, e.code().name)
@@ -186,7 +171,7 @@ class ScalerService(scaler_pb2_grpc.GlobalScalerServicer):
 
     def _to_proto(self, d: ScalerDecision, actions: list[str], errors: list[str]) -> scaler_pb2.ScalerDecision:
         return scaler_pb2.ScalerDecision(
-            time=_ts(d.now), theta=d.theta, batch_backpressure=d.batch_backpressure, inputs=dict(d.inputs),
+            time=timestamp(d.now), theta=d.theta, batch_backpressure=d.batch_backpressure, inputs=dict(d.inputs),
             advisory=self.advisory, actions=actions, errors=errors,
             roles=[scaler_pb2.RoleDecision(role=r.role, current=r.current, wanted=r.wanted, desired=r.desired,
                                            reason=r.reason) for r in d.roles.values()])
@@ -220,18 +205,11 @@ class RunningScaler:
 
 async def serve(service: ScalerService, host: str = "127.0.0.1", port: int = 0) -> RunningScaler:
     """Serve ``chiron.v1.Scaler`` (health checking, reflection) and start the control loop."""
-    server = grpc.aio.server()
-    scaler_pb2_grpc.add_GlobalScalerServicer_to_server(service, server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    names = (scaler_pb2.DESCRIPTOR.services_by_name["GlobalScaler"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME)
-    reflection.enable_server_reflection(names, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
-    if bound == 0:
-        raise OSError(f"cannot bind {host}:{port}")
+    name = scaler_pb2.DESCRIPTOR.services_by_name["GlobalScaler"].full_name
+    server, health_servicer, bound = create_server(
+        lambda s: scaler_pb2_grpc.add_GlobalScalerServicer_to_server(service, s), name, host, port)
     await server.start()
     await service.start()
-    for name in ("", names[0]):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    await mark_serving(health_servicer, name)
     log.info("scaler serving on %s:%d (%s)", host, bound, "advisory" if service.advisory else "active")
     return RunningScaler(server, service, bound)

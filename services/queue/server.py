@@ -28,11 +28,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
-from google.protobuf.timestamp_pb2 import Timestamp
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from chiron.v1 import queue_pb2, queue_pb2_grpc, types_pb2
+from services.common.grpc_util import create_server, mark_serving, timestamp
 from services.queue.estimator import GroupEstimate, ServingCapacity, WaitingTimeEstimator
 from services.queue.store import QueueConfig, QueueError, QueueStore
 
@@ -42,13 +40,6 @@ _CODES = {name: getattr(grpc.StatusCode, name) for name in
           ("INVALID_ARGUMENT", "ALREADY_EXISTS", "RESOURCE_EXHAUSTED", "NOT_FOUND", "FAILED_PRECONDITION")}
 _STATES = {"QUEUED": queue_pb2.QUEUED_REQUEST_STATE_QUEUED, "LEASED": queue_pb2.QUEUED_REQUEST_STATE_LEASED,
            "DONE": queue_pb2.QUEUED_REQUEST_STATE_DONE, "CANCELLED": queue_pb2.QUEUED_REQUEST_STATE_CANCELLED}
-
-
-def _ts(seconds: float) -> Timestamp:
-    t = Timestamp()
-    if math.isfinite(seconds):
-        t.FromNanoseconds(int(seconds * 1e9))
-    return t
 
 
 @dataclass
@@ -144,15 +135,15 @@ class QueueService(queue_pb2_grpc.QueueServicer):
     def stats(self) -> queue_pb2.QueueStats:
         groups, estimates, caps = self.group_estimates()
         by_id = {g.group_id: g for g in groups}
-        out = queue_pb2.QueueStats(time=_ts(self.clock()))
+        out = queue_pb2.QueueStats(time=timestamp(self.clock()))
         for e in estimates:
             g = by_id[e.group_id]
             out.queued += g.queued
             out.leased += g.leased
             out.groups.append(queue_pb2.GroupStats(
                 group_id=g.group_id, model=g.model, size=g.queued, leased=g.leased,
-                oldest_arrival=_ts(g.oldest_arrival_s if g.oldest_arrival_s is not None else math.nan),
-                deadline=_ts(g.deadline_s),
+                oldest_arrival=timestamp(g.oldest_arrival_s if g.oldest_arrival_s is not None else math.nan),
+                deadline=timestamp(g.deadline_s),
                 estimated_wait_mean_s=e.last_wait_mean_s, estimated_wait_p95_s=e.last_wait_quantile_s,
                 slack_s=e.slack_s, projected_slo_violation=e.projected_violation))
         for model, cap in sorted(caps.items()):
@@ -171,7 +162,7 @@ class QueueService(queue_pb2_grpc.QueueServicer):
             rid, group = self.store.enqueue(rid, r.model, r.prompt_token_ids, r.max_tokens, r.slo.ttft_ms)
         except QueueError as e:
             await self._fail(context, e)
-        return queue_pb2.EnqueueResponse(request_id=rid, group_id=group, deadline=_ts(self.store.deadline_s(rid)))
+        return queue_pb2.EnqueueResponse(request_id=rid, group_id=group, deadline=timestamp(self.store.deadline_s(rid)))
 
     async def Lease(self, request: queue_pb2.LeaseRequest, context):
         if request.max_requests == 0:
@@ -182,13 +173,13 @@ class QueueService(queue_pb2_grpc.QueueServicer):
         resp = queue_pb2.LeaseResponse()
         for ls in leases:
             resp.leases.append(queue_pb2.LeasedRequest(
-                lease_id=ls.lease_id, group_id=ls.group_id, deadline=_ts(ls.deadline_s),
-                lease_expiry=_ts(ls.lease_expiry_s), attempts=ls.attempts,
+                lease_id=ls.lease_id, group_id=ls.group_id, deadline=timestamp(ls.deadline_s),
+                lease_expiry=timestamp(ls.lease_expiry_s), attempts=ls.attempts,
                 request=types_pb2.InferenceRequest(
                     request_id=ls.request_id, model=ls.model, prompt_token_ids=list(ls.prompt_token_ids),
                     max_tokens=ls.max_tokens, resume_token_ids=list(ls.resume_token_ids),
                     slo=types_pb2.SLO(ttft_ms=ls.ttft_slo_ms), request_class=types_pb2.REQUEST_CLASS_BATCH,
-                    arrival_time=_ts(ls.arrival_s))))
+                    arrival_time=timestamp(ls.arrival_s))))
         return resp
 
     async def Ack(self, request: queue_pb2.AckRequest, context):
@@ -220,7 +211,7 @@ class QueueService(queue_pb2_grpc.QueueServicer):
             expiry = self.store.renew_lease(request.request_id, request.lease_id, timeout)
         except QueueError as e:
             await self._fail(context, e)
-        return queue_pb2.RenewResponse(lease_expiry=_ts(expiry))
+        return queue_pb2.RenewResponse(lease_expiry=timestamp(expiry))
 
     async def Cancel(self, request: queue_pb2.CancelRequest, context):
         try:
@@ -235,14 +226,14 @@ class QueueService(queue_pb2_grpc.QueueServicer):
             await self._fail(context, e)
         resp = queue_pb2.GetRequestResponse(
             request_id=request.request_id, state=_STATES[info.state], group_id=info.group_id,
-            position=info.position, deadline=_ts(info.deadline_s), attempts=info.attempts,
+            position=info.position, deadline=timestamp(info.deadline_s), attempts=info.attempts,
             num_generated_tokens=info.resume_tokens)
         arrival, first, finished = self.store.times_s(request.request_id)
-        resp.arrival.CopyFrom(_ts(arrival))
+        resp.arrival.CopyFrom(timestamp(arrival))
         if first is not None:
-            resp.first_leased.CopyFrom(_ts(first))
+            resp.first_leased.CopyFrom(timestamp(first))
         if finished is not None:
-            resp.finished.CopyFrom(_ts(finished))
+            resp.finished.CopyFrom(timestamp(finished))
         if info.state == "DONE":
             resp.num_generated_tokens = info.output_tokens or 0
             output = self.store.get_tokens(request.request_id)[1]
@@ -286,18 +277,11 @@ async def serve(config: QueueConfig, host: str = "127.0.0.1", port: int = 0,
     config.validate()
     store = QueueStore(config)
     service = QueueService(store, estimator, capacity)
-    server = grpc.aio.server()
-    queue_pb2_grpc.add_QueueServicer_to_server(service, server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    names = (queue_pb2.DESCRIPTOR.services_by_name["Queue"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME)
-    reflection.enable_server_reflection(names, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
-    if bound == 0:
-        raise OSError(f"cannot bind {host}:{port}")
+    name = queue_pb2.DESCRIPTOR.services_by_name["Queue"].full_name
+    server, health_servicer, bound = create_server(
+        lambda s: queue_pb2_grpc.add_QueueServicer_to_server(service, s), name, host, port)
     await service.start()
     await server.start()
-    for name in ("", names[0]):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    await mark_serving(health_servicer, name)
     log.info("queue serving on %s:%d (store %s)", host, bound, config.db_path)
     return RunningQueue(server, service, bound)

@@ -20,11 +20,10 @@ from collections import defaultdict
 from dataclasses import dataclass, replace
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from chiron.v1 import engine_pb2, engine_pb2_grpc, queue_pb2, queue_pb2_grpc, router_pb2, router_pb2_grpc, types_pb2
-from services.router.routing import InstanceLoad, Rejected, RouterConfig, choose_instance, classify
+from services.common.grpc_util import ChannelPool, create_server, mark_serving
+from services.router.routing import Classified, InstanceLoad, Rejected, RouterConfig, choose_instance, classify
 
 log = logging.getLogger("chiron.router")
 
@@ -42,7 +41,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
         self.queue_address = queue
         self.stats_interval_s = stats_interval_s
         self.result_poll_s = result_poll_s
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._channels = ChannelPool()
         self._loads: dict[str, InstanceLoad] = {}
         self._inflight: dict[str, int] = defaultdict(int)  # streams this router has open per instance
         self._task: asyncio.Task | None = None
@@ -59,18 +58,11 @@ class RouterService(router_pb2_grpc.RouterServicer):
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        for ch in self._channels.values():
-            await ch.close()
-
-    def _channel(self, address: str) -> grpc.aio.Channel:
-        ch = self._channels.get(address)
-        if ch is None:
-            ch = self._channels[address] = grpc.aio.insecure_channel(address)
-        return ch
+        await self._channels.close()
 
     @property
     def _queue(self) -> queue_pb2_grpc.QueueStub:
-        return queue_pb2_grpc.QueueStub(self._channel(self.queue_address))
+        return queue_pb2_grpc.QueueStub(self._channels.get(self.queue_address))
 
     async def _refresh_loop(self) -> None:
         while True:
@@ -87,7 +79,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
 
         async def one(m):
             try:
-                s = (await engine_pb2_grpc.EngineStub(self._channel(m.address)).GetStats(
+                s = (await engine_pb2_grpc.EngineStub(self._channels.get(m.address)).GetStats(
                     engine_pb2.GetStatsRequest(), timeout=1.0)).stats
             except grpc.aio.AioRpcError:
                 return None
@@ -124,29 +116,40 @@ class RouterService(router_pb2_grpc.RouterServicer):
         if r.resume_token_ids:
             raise Rejected("resume_token_ids is for engines and the queue, not for clients")
 
+    def _classify(self, r: types_pb2.InferenceRequest) -> Classified:
+        """Validate and classify a client request. Raises :class:`Rejected`."""
+        self._check(r)
+        return classify(self.config, slo_class=r.slo.slo_class, ttft_ms=r.slo.ttft_ms, itl_ms=r.slo.itl_ms,
+                        request_class=r.request_class)
+
+    @staticmethod
+    def _forwarded(r: types_pb2.InferenceRequest, c: Classified, request_class: int,
+                   default_id: str) -> types_pb2.InferenceRequest:
+        """The request as the engine or queue gets it: an id, its class, and the SLOs that apply."""
+        fwd = types_pb2.InferenceRequest()
+        fwd.CopyFrom(r)
+        fwd.request_id = r.request_id or default_id
+        fwd.request_class = request_class
+        fwd.slo.ttft_ms, fwd.slo.itl_ms = c.ttft_ms, c.itl_ms
+        return fwd
+
     # ---- RPCs -------------------------------------------------------------------------------------------
     async def Generate(self, request: router_pb2.RouterGenerateRequest, context):
         r = request.request
         try:
-            self._check(r)
-            c = classify(self.config, slo_class=r.slo.slo_class, ttft_ms=r.slo.ttft_ms, itl_ms=r.slo.itl_ms,
-                         request_class=r.request_class)
+            c = self._classify(r)
             if c.request_class == "batch":
                 raise Rejected(f"a TTFT SLO of {c.ttft_ms} ms makes this a batch request: use Submit", "FAILED_PRECONDITION")
             target = choose_instance(self.loads(), r.model, c.ttft_ms)
         except Rejected as e:
             await self._abort(context, e.code, str(e))
-        fwd = types_pb2.InferenceRequest()
-        fwd.CopyFrom(r)
-        fwd.request_id = r.request_id or f"req-{uuid.uuid4().hex[:12]}"
-        fwd.request_class = types_pb2.REQUEST_CLASS_INTERACTIVE
-        fwd.slo.ttft_ms, fwd.slo.itl_ms = c.ttft_ms, c.itl_ms
+        fwd = self._forwarded(r, c, types_pb2.REQUEST_CLASS_INTERACTIVE, f"req-{uuid.uuid4().hex[:12]}")
         self._inflight[target.instance_id] += 1
         self.accepted += 1
         first = True
         remaining = context.time_remaining()
         try:
-            call = engine_pb2_grpc.EngineStub(self._channel(target.address)).Generate(
+            call = engine_pb2_grpc.EngineStub(self._channels.get(target.address)).Generate(
                 engine_pb2.GenerateRequest(request=fwd), timeout=remaining)
             async for chunk in call:
                 yield router_pb2.RouterGenerateResponse(chunk=chunk, instance_id=target.instance_id if first else "")
@@ -159,16 +162,10 @@ class RouterService(router_pb2_grpc.RouterServicer):
     async def Submit(self, request: router_pb2.SubmitRequest, context):
         r = request.request
         try:
-            self._check(r)
-            c = classify(self.config, slo_class=r.slo.slo_class, ttft_ms=r.slo.ttft_ms, itl_ms=r.slo.itl_ms,
-                         request_class=r.request_class)
+            c = self._classify(r)
         except Rejected as e:
             await self._abort(context, e.code, str(e))
-        fwd = types_pb2.InferenceRequest()
-        fwd.CopyFrom(r)
-        fwd.request_id = r.request_id or f"batch-{uuid.uuid4().hex}"
-        fwd.request_class = types_pb2.REQUEST_CLASS_BATCH
-        fwd.slo.ttft_ms, fwd.slo.itl_ms = c.ttft_ms, c.itl_ms
+        fwd = self._forwarded(r, c, types_pb2.REQUEST_CLASS_BATCH, f"batch-{uuid.uuid4().hex}")
         try:
             resp = await self._queue.Enqueue(queue_pb2.EnqueueRequest(request=fwd), timeout=context.time_remaining())
         except grpc.aio.AioRpcError as e:
@@ -219,22 +216,15 @@ class RunningRouter:
 async def serve(service: RouterService, host: str = "127.0.0.1", port: int = 0) -> RunningRouter:
     """Serve ``chiron.v1.Router`` (health checking, reflection) after a first stats refresh."""
     await service.start()
-    server = grpc.aio.server()
-    router_pb2_grpc.add_RouterServicer_to_server(service, server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    names = (router_pb2.DESCRIPTOR.services_by_name["Router"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME)
-    reflection.enable_server_reflection(names, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
-    if bound == 0:
-        raise OSError(f"cannot bind {host}:{port}")
+    name = router_pb2.DESCRIPTOR.services_by_name["Router"].full_name
+    server, health_servicer, bound = create_server(
+        lambda s: router_pb2_grpc.add_RouterServicer_to_server(service, s), name, host, port)
     await server.start()
     # Fewer, shorter garbage-collection pauses on the request path: what was allocated at start-up (modules,
     # protobuf descriptors) is frozen out of collections, and young-generation collections run less often.
     gc.collect()
     gc.freeze()
     gc.set_threshold(50_000, 50, 100)
-    for name in ("", names[0]):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    await mark_serving(health_servicer, name)
     log.info("router serving on %s:%d", host, bound)
     return RunningRouter(server, service, bound)

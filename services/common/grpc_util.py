@@ -1,0 +1,60 @@
+"""What every Chiron gRPC service shares: a server with health checking and reflection, timestamps, and a
+cache of client channels."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+
+def timestamp(seconds_since_epoch: float) -> Timestamp:
+    """A protobuf Timestamp of ``seconds_since_epoch`` [s]; unset (zero) for NaN or infinity."""
+    t = Timestamp()
+    if math.isfinite(seconds_since_epoch):
+        t.FromNanoseconds(int(seconds_since_epoch * 1e9))
+    return t
+
+
+def create_server(add_servicer: Callable[[grpc.aio.Server], None], service_name: str, host: str,
+                  port: int) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
+    """A bound, not yet started grpc.aio server with the service (``add_servicer(server)``), the standard health
+    service (NOT_SERVING until :func:`mark_serving`) and reflection. ``port`` 0 picks a free port.
+    Returns ``(server, health_servicer, bound_port)``. Raises OSError when the address cannot be bound."""
+    server = grpc.aio.server()
+    add_servicer(server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((service_name, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot bind {host}:{port}")
+    return server, health_servicer, bound
+
+
+async def mark_serving(health_servicer: health.aio.HealthServicer, service_name: str) -> None:
+    """Health SERVING for the server as a whole ("") and for ``service_name``."""
+    for name in ("", service_name):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+
+class ChannelPool:
+    """One insecure grpc.aio channel per address, created on first use; :meth:`close` closes them all."""
+
+    def __init__(self) -> None:
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def get(self, address: str) -> grpc.aio.Channel:
+        ch = self._channels.get(address)
+        if ch is None:
+            ch = self._channels[address] = grpc.aio.insecure_channel(address)
+        return ch
+
+    async def close(self) -> None:
+        for ch in self._channels.values():
+            await ch.close()
+        self._channels.clear()
