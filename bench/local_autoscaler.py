@@ -21,7 +21,6 @@ fraction of output tokens (after each request's first) whose inter-token latency
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 from concurrent.futures import ProcessPoolExecutor
@@ -30,24 +29,14 @@ from pathlib import Path
 
 import numpy as np
 
-from services.common.paths import shared_data_dir
+from services.common.traces import SHAREGPT, load_sharegpt_lengths
 from services.engine.core import EngineConfig, EngineCore
 from services.engine.local_autoscaler import LocalAutoscalerConfig, Observation, decide, initial_state
 from services.engine.perf_model import default_perf_model
 from services.engine.stats import weighted_quantile
 
-SHAREGPT = "traces/sharegpt/sharegpt_8k_filtered_stats_llama2_tokenizer.csv"
 STATIC_GRID = (4, 8, 12, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384, 448,
                512, 640, 768, 896, 1024)
-
-
-def load_sharegpt_lengths(max_total_tokens: int) -> np.ndarray:
-    """(prompt_tokens, output_tokens) rows of the ShareGPT trace whose sum fits ``max_total_tokens``."""
-    path = shared_data_dir() / SHAREGPT
-    with path.open(newline="") as f:
-        rows = [(int(r["num_prefill_tokens"]), int(r["num_decode_tokens"])) for r in csv.DictReader(f)]
-    arr = np.array(rows)
-    return arr[(arr.sum(axis=1) <= max_total_tokens) & (arr[:, 0] > 0) & (arr[:, 1] > 0)]
 
 
 @dataclass

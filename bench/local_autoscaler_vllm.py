@@ -33,7 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.local_autoscaler import RunResult, converge_time, load_sharegpt_lengths
+from bench.local_autoscaler import RunResult, converge_time
+from services.common.traces import load_sharegpt_lengths
 from services.engine.backend import BackendRequest, StepStats
 from services.engine.local_autoscaler import LocalAutoscalerConfig
 from services.engine.server import AgentConfig, EngineAgent

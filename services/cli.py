@@ -9,6 +9,8 @@
     chiron tiny-model DIR         write a tiny Llama model directory for the vllm backend on CPU
     chiron demo                   the whole system: local cluster + Azure trace + batch workload, report and plot
     chiron demo-engine            one engine agent + the Azure trace, the local autoscaler's report
+    chiron simulate               a policy (or several) on a workload at fleet scale in virtual time
+    chiron experiments            the paper's experiments for every policy: markdown report with tables and plots
     chiron bench perf-model       fit error of the A100 performance model on held-out profile rows
     chiron bench local-autoscaler adaptive vs best static vs vLLM default max batch size
     chiron bench estimator        accuracy of the global queue's waiting-time estimator
@@ -427,8 +429,7 @@ def tiny_model(model_dir, layers, hidden_size, vocab_size, max_len) -> None:
 
 
 def _replay_inputs(trace_name, trace_file, start_s, duration_s):
-    from bench.local_autoscaler import load_sharegpt_lengths
-    from services.common.traces import load_azure_trace
+    from services.common.traces import load_azure_trace, load_sharegpt_lengths
 
     trace = load_azure_trace(trace_file or trace_name).slice(start_s, duration_s)
     if len(trace) == 0:
@@ -626,6 +627,118 @@ def demo_engine(trace_name, start_s, duration_s, speedup, itl_slo_ms, json_path)
 # ----------------------------------------------------------------------------------------------
 # chiron bench
 # ----------------------------------------------------------------------------------------------
+def _sim_report_table(reports: list[dict], title: str) -> Table:
+    table = Table(title=title)
+    for col in ("policy", "SLO att.", "interactive att.", "batch att.", "rejected", "TTFT p99", "ITL p99",
+                "GPU-hours", "× lower bound", "max inst.", "wall"):
+        table.add_column(col, justify="right")
+    for r in reports:
+        i, b = r["interactive"], r["batch"]
+        table.add_row(r["policy"], f"{r['slo_attainment']:.4f}", _fmt(i["slo_attainment"], 4), _fmt(b["slo_attainment"], 4),
+                      str(i["rejected"]), f"{_fmt(i['ttft_p99_ms'], 0)} ms", f"{_fmt(i['itl_p99_ms'])} ms",
+                      f"{r['gpu_hours']:.2f}", f"{r['gpu_seconds_over_lower_bound']:.2f}", str(r["max_instances"]),
+                      f"{r['wall_seconds']:.1f} s")
+    return table
+
+
+@main.command()
+@click.option("--policy", default="chiron", show_default=True,
+              help="chiron, llumnix, llumnix-tuned, static, queue-length, kpa or sla-planner (comma-separate several "
+                   "to compare them side by side).")
+@click.option("--workload", default="mixed", show_default=True,
+              help="azure-conv, azure-code, mixed, poisson, gamma, batch-backlog, or trace (with --trace-file).")
+@click.option("--trace-file", type=click.Path(dir_okay=False), default=None,
+              help="Your CSV with the Azure trace's columns (TIMESTAMP,ContextTokens,GeneratedTokens) as interactive "
+                   "traffic; combine with --batch-requests.")
+@click.option("--rate", "rate_per_s", type=float, default=None, help="Interactive arrival rate [requests/s] (poisson, "
+              "gamma; rescales trace workloads).")
+@click.option("--cv", type=float, default=None, help="gamma: coefficient of variation of inter-arrival times (> 0).")
+@click.option("--duration-s", type=float, default=None, help="Span of interactive arrivals [s] (default: per workload).")
+@click.option("--batch-requests", type=int, default=None, help="Batch backlog at t=0 [requests].")
+@click.option("--batch-ttft-s", type=float, default=None, help="TTFT SLO of batch requests [s].")
+@click.option("--batch-source", type=click.Choice(["sharegpt", "arxiv"]), default="sharegpt", show_default=True,
+              help="Token lengths of the batch backlog.")
+@click.option("--interactive-ttft-ms", type=float, default=10_000.0, show_default=True, help="Interactive TTFT SLO [ms].")
+@click.option("--interactive-itl-ms", type=float, default=100.0, show_default=True,
+              help="Interactive ITL SLO (mean per request) [ms].")
+@click.option("--instances", type=int, default=None, help="static: fleet size (and the others' initial fleet).")
+@click.option("--max-batch-size", type=int, default=None, help="static / llumnix / baselines: engine max batch size.")
+@click.option("--gpu-budget", default=50, show_default=True, help="Most GPUs at once (the paper caps at 50).")
+@click.option("--model-load-s", default=30.0, show_default=True, help="Start → serving time of a new instance [s].")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--workers", default=2, show_default=True, help="Processes for llumnix-tuned's sweep.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the report(s) here.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+              help="PNG of instances, queue, batch size and SLO attainment over time (one policy; with several, "
+                   "POLICY is inserted before the suffix).")
+def simulate(policy, workload, trace_file, rate_per_s, cv, duration_s, batch_requests, batch_ttft_s, batch_source,
+             interactive_ttft_ms, interactive_itl_ms, instances, max_batch_size, gpu_budget, model_load_s, seed, workers,
+             json_path, plot_path) -> None:
+    """Simulate a policy on a workload at fleet scale in virtual time (the services' own decision code).
+
+    Prints SLO attainment, GPU-hours against the offline lower bound and more; --json writes the report
+    (DESIGN.md §4 schema plus time series), --plot a PNG. Example:
+
+        chiron simulate --policy chiron,llumnix --workload mixed --json out/mixed.json --plot out/mixed.png
+    """
+    from simulator.fleet import SimConfig
+    from simulator.policies import POLICIES
+    from simulator.report import plot_report, run_policy
+    from simulator.workloads import make_workload
+
+    names = [p.strip() for p in policy.split(",") if p.strip()]
+    bad = [p for p in names if p not in POLICIES]
+    if bad or not names:
+        raise click.BadParameter(f"unknown policy {', '.join(bad) or '(none)'}; valid policies: {', '.join(POLICIES)}",
+                                 param_hint="--policy")
+    try:
+        wl = make_workload("trace" if trace_file else workload, rate_per_s=rate_per_s, cv=cv, duration_s=duration_s,
+                           batch_requests=batch_requests, batch_ttft_s=batch_ttft_s, batch_source=batch_source,
+                           trace_file=trace_file, interactive_ttft_ms=interactive_ttft_ms,
+                           interactive_itl_ms=interactive_itl_ms, seed=seed)
+        sim = SimConfig(model_load_time_s=model_load_s, gpu_budget=gpu_budget, seed=seed,
+                        **({"initial_instances": instances} if instances is not None else {})).validate()
+    except (ValueError, FileNotFoundError) as e:
+        raise click.BadParameter(str(e)) from e
+    console.print(f"workload [bold]{wl.name}[/]: {wl.description} — {len(wl.interactive)} interactive, "
+                  f"{len(wl.batch)} batch requests over {wl.duration_s:.0f} s")
+    reports = []
+    for name in names:
+        params = {}
+        if name == "static" and instances is not None:
+            params["instances"] = instances
+        if max_batch_size is not None and name not in ("chiron", "llumnix-tuned"):
+            params["max_batch_size"] = max_batch_size
+        with Progress(TextColumn(f"{name}"), BarColumn(), TextColumn("{task.fields[msg]}"), TimeElapsedColumn(),
+                      console=console, transient=True) as bar:
+            task = bar.add_task(name, total=None, msg="")
+            try:
+                rep = run_policy(name, wl, sim, params, workers=workers,
+                                 progress=lambda m, t=task: bar.update(t, msg=m))
+            except ValueError as e:
+                raise click.BadParameter(str(e)) from e
+        reports.append(rep)
+        if plot_path:
+            path = plot_path if len(names) == 1 else str(Path(plot_path).with_name(f"{Path(plot_path).stem}-{name}.png"))
+            plot_report(rep, path)
+            console.print(f"plot: {path}")
+    console.print(_sim_report_table(reports, f"Simulated {wl.name}: lower bound "
+                                              f"{reports[0]['gpu_seconds_lower_bound'] / 3600:.2f} GPU-hours"))
+    for r in reports:
+        if r.get("sweep"):
+            best = r["policy_params"]
+            console.print(f"llumnix-tuned kept max batch size {best['max_batch_size']}, thresholds "
+                          f"{best['scale_up_threshold']:g}/{best['scale_down_threshold']:g} of {len(r['sweep'])} settings")
+        if r["lost_requests"] or r["unfinished_requests"]:
+            console.print(f"[yellow]{r['policy']}: {r['unfinished_requests']} requests unfinished at the time limit, "
+                          f"{r['lost_requests']} lost[/]")
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(reports[0] if len(reports) == 1 else {"reports": reports}, indent=1,
+                                              default=float))
+        console.print(f"report: {json_path}")
+
+
 @main.group()
 def bench() -> None:
     """Benchmarks: each prints a table and writes JSON."""

@@ -3,6 +3,8 @@
 * Azure LLM inference traces 2023 (Splitwise, ISCA'24; Azure/AzurePublicDataset @ b469a113, CC-BY-4.0):
   ``azure_llm_2023/AzureLLMInferenceTrace_{conv,code}.csv`` with columns
   ``TIMESTAMP,ContextTokens,GeneratedTokens``. A user's own CSV with the same columns loads the same way.
+* ShareGPT prompt/output token counts (Llama-2 tokenizer; microsoft/sarathi-serve, Apache-2.0):
+  ``sharegpt/sharegpt_8k_filtered_stats_llama2_tokenizer.csv`` (:func:`load_sharegpt_lengths`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import numpy as np
 
 from services.common.paths import shared_data_dir
 
+SHAREGPT = "traces/sharegpt/sharegpt_8k_filtered_stats_llama2_tokenizer.csv"
 AZURE_TRACES = {
     "azure-conv": "traces/azure_llm_2023/AzureLLMInferenceTrace_conv.csv",
     "azure-code": "traces/azure_llm_2023/AzureLLMInferenceTrace_code.csv",
@@ -73,3 +76,12 @@ def load_azure_trace(name_or_path: str = "azure-conv") -> Trace:
     order = np.argsort(arr, kind="stable")
     arr = arr[order] - arr[order][0] if len(arr) else arr
     return Trace(name_or_path, arr, np.array(ctx)[order], np.array(gen)[order])
+
+
+def load_sharegpt_lengths(max_total_tokens: int) -> np.ndarray:
+    """(prompt_tokens, output_tokens) rows of the ShareGPT trace whose sum fits ``max_total_tokens``."""
+    path = shared_data_dir() / SHAREGPT
+    with path.open(newline="") as f:
+        rows = [(int(r["num_prefill_tokens"]), int(r["num_decode_tokens"])) for r in csv.DictReader(f)]
+    arr = np.array(rows)
+    return arr[(arr.sum(axis=1) <= max_total_tokens) & (arr[:, 0] > 0) & (arr[:, 1] > 0)]

@@ -53,6 +53,27 @@ _FINAL = (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND, grpc.S
 _MIN_BACKOFF_S = 0.05
 
 
+def lease_room(max_batch_size: int, num_running: int, num_waiting: int) -> int:
+    """Batch requests an engine may lease now: ``max_batch_size − running − waiting`` (requests, ≥ 0).
+
+    The caller returns 0 instead on a MIXED instance while interactive work waits for admission, and while
+    draining. Pure: the fleet simulator applies the same rule.
+    """
+    return max(0, max_batch_size - num_running - num_waiting)
+
+
+def eviction_need(n: int, max_batch_size: int, num_running: int, num_waiting: int) -> int:
+    """Batch requests a MIXED instance must evict so that ``n`` more interactive requests start now: only
+    what the cap needs, ``running + waiting + n − max_batch_size``, at most ``n`` (requests, may be ≤ 0)."""
+    return min(n, num_running + num_waiting + n - max_batch_size)
+
+
+def eviction_order(submitted: bool, tokens: int, started_s: float) -> tuple[bool, int, float]:
+    """Sort key of eviction victims: leases not yet handed to the engine first, then the least progress
+    (fewest output tokens), then the newest."""
+    return (submitted, tokens, -started_s)
+
+
 @dataclass(eq=False)
 class _Job:
     """One leased request on this engine. ``tokens``: every output token so far (the lease's resume tokens first)."""
@@ -225,7 +246,7 @@ class BatchWorker:
             return 0
         snap = self.backend.snapshot()
         unsubmitted = sum(1 for j in self._jobs.values() if not j.submitted)
-        return max(0, snap.max_batch_size - snap.num_running - snap.num_waiting - unsubmitted)
+        return lease_room(snap.max_batch_size, snap.num_running, snap.num_waiting + unsubmitted)
 
     def wake(self) -> None:
         """Re-check for room now (e.g. an interactive request finished or got admitted)."""
@@ -436,11 +457,11 @@ class BatchWorker:
             return 0
         snap = self.backend.snapshot()
         unsubmitted = sum(1 for j in self._jobs.values() if not j.submitted and j.evict_reason is None)
-        need = min(n, snap.num_running + snap.num_waiting + unsubmitted + n - snap.max_batch_size)
+        need = eviction_need(n, snap.max_batch_size, snap.num_running, snap.num_waiting + unsubmitted)
         if need <= 0:
             return 0
         victims = sorted((j for j in self._jobs.values() if j.evict_reason is None and not j.lease_lost),
-                         key=lambda j: (j.submitted, len(j.tokens), -j.started_s))
+                         key=lambda j: eviction_order(j.submitted, len(j.tokens), j.started_s))
         count = 0
         for job in victims:
             if count >= need:
@@ -452,4 +473,4 @@ class BatchWorker:
         return count
 
 
-__all__ = ["DRAINING", "EVICTED_FOR_INTERACTIVE", "BatchWorker"]
+__all__ = ["DRAINING", "EVICTED_FOR_INTERACTIVE", "BatchWorker", "eviction_need", "eviction_order", "lease_room"]

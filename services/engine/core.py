@@ -5,6 +5,12 @@ iteration did and how long it took according to a :class:`~services.engine.perf_
 engine agent's simulated backend drives it in wall-clock time; the fleet simulator drives the same class
 in virtual time.
 
+:meth:`EngineCore.advance` runs the same iterations in bulk for a discrete-event simulator: while every
+running request decodes one token per iteration, nothing can be admitted and the free KV blocks cover the
+growth (*steady decode*), it runs up to the first finish, the first iteration starting at or after a time
+horizon, or a step limit, in O(running + iterations) with the engine state, events and timing that as many
+:meth:`~EngineCore.step` calls would give; any other iteration is one ``step``.
+
 The scheduling follows vLLM v1's scheduler (``vllm/v1/core/sched/scheduler.py``):
 
 * iteration-level scheduling with a per-iteration token budget (``max_num_batched_tokens``) and a cap on
@@ -24,9 +30,11 @@ modelling").
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections import deque
 from dataclasses import dataclass
 from enum import Enum
+from typing import NamedTuple
 
 from services.engine.perf_model import PerfModel, kv_capacity_tokens
 
@@ -103,9 +111,15 @@ class EngineRequest:
         return self.num_generated >= self.max_tokens
 
 
-@dataclass(frozen=True)
-class TokenEvent:
-    """Output of one request in one iteration."""
+class TokenEvent(NamedTuple):
+    """Output of one request in one :class:`StepResult` (a named tuple: one is made per request per
+    iteration, so it must be cheap).
+
+    ``new_tokens`` is 1 for a single iteration and the number of iterations for a bulk result of
+    :meth:`EngineCore.advance` (one token per iteration); ``num_generated`` is the count after them,
+    ``finished`` whether the request finished (in a bulk, only in its last iteration) and ``first`` whether
+    the first of these tokens is the request's first (never in a bulk).
+    """
 
     request_id: str
     new_tokens: int
@@ -116,7 +130,16 @@ class TokenEvent:
 
 @dataclass(frozen=True)
 class StepResult:
-    """What one engine iteration did. ``duration_s`` is the modelled iteration time."""
+    """What one engine iteration, or a bulk of ``num_steps`` steady-decode iterations, did.
+
+    ``duration_s`` is the modelled time from ``start_s`` to the end of the last iteration, and
+    ``step_durations_s`` each iteration's time in order: :class:`EngineCore` always fills it with
+    ``num_steps`` entries (``(duration_s,)`` for :meth:`~EngineCore.step`); its default ``()`` only appears
+    in results built elsewhere, where ``duration_s`` is then the one iteration's time. A bulk result of
+    :meth:`~EngineCore.advance` has one event per running request (``new_tokens`` = ``num_steps``),
+    ``num_decode`` = the decodes of each of its iterations (the running count), no prefill tokens and no
+    preemptions; its ``duration_s`` equals ``sum(step_durations_s)`` up to float rounding.
+    """
 
     start_s: float
     duration_s: float
@@ -124,6 +147,8 @@ class StepResult:
     num_decode: int
     num_prefill_tokens: int
     preempted: tuple[str, ...] = ()
+    num_steps: int = 1
+    step_durations_s: tuple[float, ...] = ()
 
     @property
     def end_s(self) -> float:
@@ -336,7 +361,7 @@ class EngineCore:
             budget -= n
 
         if not scheduled:
-            return StepResult(now, 0.0, (), 0, 0, tuple(preempted))
+            return StepResult(now, 0.0, (), 0, 0, tuple(preempted), 1, (0.0,))
 
         num_decode = 0
         sum_ctx = 0
@@ -372,7 +397,106 @@ class EngineCore:
                 self.finished_total += 1
             events.append(TokenEvent(req.request_id, 1, req.num_generated, finished, first))
         num_prefill_tokens = sum(c for c, _ in chunks)
-        return StepResult(now, duration, tuple(events), num_decode, num_prefill_tokens, tuple(preempted))
+        return StepResult(now, duration, tuple(events), num_decode, num_prefill_tokens, tuple(preempted), 1,
+                          (duration,))
+
+    def advance(self, now: float, until_s: float, max_steps: int = 1_000_000) -> StepResult:
+        """Run iterations back to back from ``now``: one :meth:`step`, or a bulk of steady-decode ones.
+
+        The next iteration is *steady decode* when something runs, every running request decodes (its
+        prefill is done and it has sampled a token here), the token budget covers them all and the waiting
+        queue's head cannot be admitted (empty queue, batch at its cap, budget used up, or too few free KV
+        blocks; held requests don't matter). Otherwise this is ``self.step(now)``. If it is, this runs the
+        largest number k ≥ 1 of iterations such that no request finishes before the k-th (k ≤ every
+        running request's remaining tokens), the free KV blocks cover all k tokens of every running
+        request (no preemption), the k-th iteration starts before ``until_s`` (so the end may pass
+        ``until_s`` by one iteration; one runs even if ``now >= until_s``) and k ≤ ``max_steps``. The engine
+        state, the events' totals, the token times and each iteration's duration are those of k
+        consecutive :meth:`step` calls (durations from the same :meth:`PerfModel.iteration_ms` calls, the
+        clock summed in the same order). Cost: O(running + k), one ``iteration_ms`` call per iteration.
+        """
+        running = self.running
+        n = len(running)
+        max_seqs = self.max_num_seqs
+        budget = self.config.max_num_batched_tokens or max(max_seqs, n)
+        if not n or budget < n or max_steps <= 1:
+            return self.step(now)
+        bs = self.config.block_size
+        k = max_steps
+        sum_ctx = 0
+        slack: list[int] = []  # tokens each request can still compute before it needs another KV block
+        for req in running:
+            ctx = req.prompt_tokens + req.num_generated
+            # A decode as `step` classifies it; first_token_s also rules out a resumed request whose first
+            # token here is still to come (its event would say first=True).
+            if req.num_computed != ctx - 1 or req.num_generated <= 0 or req.first_token_s is None:
+                return self.step(now)
+            s = req.num_blocks * bs - req.num_computed
+            if not 0 <= s < bs:  # not the engine's block accounting: leave it to step
+                return self.step(now)
+            slack.append(s)
+            remaining = req.max_tokens - req.num_generated
+            if remaining < k:
+                k = remaining
+            sum_ctx += ctx
+        # KV: after j iterations a request with slack s holds ceil((j - s) / bs) more blocks (0 if j <= s), so
+        # with j = q·bs + t (0 <= t < bs) all of them need n·q + #{s < t} blocks; the largest j that fits the free
+        # blocks F has q = F // n and t = the (F mod n)-th smallest slack.
+        slack.sort()
+        q, r = divmod(self.free_blocks, n)
+        k_kv = q * bs + slack[r]
+        if k_kv < 1:
+            return self.step(now)  # the first iteration preempts
+        waiting = self.waiting
+        if waiting and n < max_seqs and budget > n:
+            # Admission would be tried every iteration; it fails in all of them iff it fails in the first:
+            # the head's request does not change and the free blocks only shrink.
+            head = waiting[0]
+            host = head.host_kv_tokens if head.num_computed == 0 else 0
+            chunk = min(head.context_len - head.num_computed - host, budget - n)
+            need = self._blocks_for(head.num_computed + host + chunk) - head.num_blocks
+            if need <= self.free_blocks - bisect_right(slack, 0):
+                return self.step(now)
+        if k_kv < k:
+            k = k_kv
+
+        iteration_ms = self.perf.iteration_ms
+        no_chunks: tuple[tuple[int, int], ...] = ()
+        durations: list[float] = []
+        end = now
+        for j in range(1, k + 1):
+            d = iteration_ms(n, sum_ctx, no_chunks) / 1e3
+            durations.append(d)
+            end += d
+            sum_ctx += n
+            if end >= until_s:
+                k = j
+                break
+
+        events: list[TokenEvent] = []
+        finished: list[EngineRequest] = []
+        grown = 0
+        for req in running:
+            req.num_generated += k
+            req.num_computed += k
+            blocks = -(-req.num_computed // bs)
+            grown += blocks - req.num_blocks
+            req.num_blocks = blocks
+            req.last_token_s = end
+            done = req.num_generated >= req.max_tokens
+            if done:
+                finished.append(req)
+            events.append(TokenEvent(req.request_id, k, req.num_generated, done, False))
+        self.free_blocks -= grown
+        self.generated_tokens_total += n * k
+        if finished:
+            running[:] = [req for req in running if req.num_generated < req.max_tokens]
+            for req in finished:
+                self._free(req)
+                req.state = RequestState.FINISHED
+                del self.requests[req.request_id]
+            self.finished_total += len(finished)
+        return StepResult(now, end - now, tuple(events), n, 0, (), k, tuple(durations))
 
 
 def decode_kv_offload_ms(perf: PerfModel, context_tokens: int) -> float:

@@ -187,6 +187,55 @@ class PolicyState:
     history: dict[str, deque] = field(default_factory=lambda: {r: deque() for r in ROLES})
 
 
+@dataclass(frozen=True)
+class EngineLoad:
+    """One serving instance's engine stats as the scaler reads them (``Engine.GetStats``; the simulator reads
+    its engines directly). Counts in requests; ``finished_requests_total`` is cumulative."""
+
+    instance_id: str
+    role: str
+    max_batch_size: int = 0
+    num_running: int = 0
+    num_waiting: int = 0
+    finished_requests_total: int = 0
+    has_stats: bool = True  # False when the stats call failed: the instance is counted without load
+
+
+@dataclass(frozen=True)
+class LoadSample:
+    """An instance's previous sample (for the arrival-rate estimate): time [s], finished total, in-flight."""
+
+    time_s: float
+    finished: int
+    inflight: int
+
+
+def observe(now: float, loads: Sequence[EngineLoad], samples: dict[str, LoadSample], arrival_cv: float,
+            groups: Sequence[GroupView] = ()) -> ScalerInputs:
+    """Build the policy's inputs from engine stats (pure; updates ``samples`` in place).
+
+    Interactive demand = running + waiting at INTERACTIVE and MIXED instances; the arrival rate λ = finished
+    interactive requests per second plus the growth of in-flight ones since each instance's previous sample
+    (in steady state arrivals = completions). The arrival CV is given (``arrival_cv``; 1 = Poisson).
+    """
+    instances, inflight, rate = [], 0.0, 0.0
+    for s in loads:
+        if not s.has_stats:
+            instances.append(InstanceView(s.instance_id, s.role))
+            continue
+        busy = s.num_running + s.num_waiting
+        instances.append(InstanceView(s.instance_id, s.role, s.max_batch_size, s.num_running, s.num_waiting,
+                                      interactive_running=s.num_running if s.role != "batch" else 0))
+        if s.role in ("interactive", "mixed"):
+            inflight += busy
+            prev = samples.get(s.instance_id)
+            if prev is not None and now > prev.time_s:
+                done = max(0, s.finished_requests_total - prev.finished)
+                rate += max(0.0, (done + busy - prev.inflight) / (now - prev.time_s))
+            samples[s.instance_id] = LoadSample(now, s.finished_requests_total, busy)
+    return ScalerInputs(now, instances, ArrivalStats(rate, arrival_cv, inflight), tuple(groups))
+
+
 def overprovisioning_theta(cfg: PolicyConfig, arrivals: ArrivalStats) -> float:
     """Θ = z_q · CV / sqrt(λ·L), clamped to [theta_min, theta_max] (module docstring). No traffic → theta_max."""
     lam_l = arrivals.rate_per_s * cfg.model_load_time_s

@@ -34,25 +34,19 @@ from chiron.v1 import engine_pb2, engine_pb2_grpc, queue_pb2, queue_pb2_grpc, sc
 from services.common.grpc_util import ChannelPool, create_server, mark_serving, timestamp
 from services.global_scaler.policy import (
     ROLES,
-    ArrivalStats,
+    EngineLoad,
     GroupView,
-    InstanceView,
+    LoadSample,
     PolicyConfig,
     PolicyState,
     ScalerDecision,
     ScalerInputs,
     decide,
+    observe,
 )
 from services.global_scaler.providers import InstanceProvider, ProviderError
 
 log = logging.getLogger("chiron.scaler")
-
-
-@dataclass
-class _EngineSample:
-    time_s: float
-    finished: int
-    inflight: int
 
 
 class ScalerService(scaler_pb2_grpc.GlobalScalerServicer):
@@ -77,7 +71,7 @@ class ScalerService(scaler_pb2_grpc.GlobalScalerServicer):
         self.decisions: deque[scaler_pb2.ScalerDecision] = deque(maxlen=1000)
         self._changed = asyncio.Condition()
         self._channels = ChannelPool()
-        self._samples: dict[str, _EngineSample] = {}
+        self._samples: dict[str, LoadSample] = {}
         self._task: asyncio.Task | None = None
 
     # ---- lifecycle -----------------------------------------------------------------------------
@@ -124,23 +118,11 @@ class ScalerService(scaler_pb2_grpc.GlobalScalerServicer):
         now = self.clock()
         members = [m for m in self.membership.snapshot().values() if getattr(m, "state", "serving") == "serving"]
         stats = await asyncio.gather(*(self._engine_stats(m.address) for m in members))
-        instances, inflight, rate = [], 0.0, 0.0
-        for m, s in zip(members, stats, strict=True):
-            if s is None:
-                instances.append(InstanceView(m.instance_id, m.role))
-                continue
-            busy = s.num_running + s.num_waiting
-            instances.append(InstanceView(m.instance_id, m.role, s.max_batch_size, s.num_running, s.num_waiting,
-                                          interactive_running=s.num_running if m.role != "batch" else 0))
-            if m.role in ("interactive", "mixed"):
-                inflight += busy
-                prev = self._samples.get(m.instance_id)
-                if prev is not None and now > prev.time_s:
-                    done = max(0, s.finished_requests_total - prev.finished)
-                    rate += max(0.0, (done + busy - prev.inflight) / (now - prev.time_s))
-                self._samples[m.instance_id] = _EngineSample(now, s.finished_requests_total, busy)
-        groups = await self._queue_groups(now)
-        return ScalerInputs(now, instances, ArrivalStats(rate, self.arrival_cv, inflight), groups)
+        loads = [EngineLoad(m.instance_id, m.role, has_stats=False) if s is None else
+                 EngineLoad(m.instance_id, m.role, s.max_batch_size, s.num_running, s.num_waiting,
+                            s.finished_requests_total)
+                 for m, s in zip(members, stats, strict=True)]
+        return observe(now, loads, self._samples, self.arrival_cv, await self._queue_groups(now))
 
     # ---- decide and act -------------------------------------------------------------------------
     async def step(self) -> scaler_pb2.ScalerDecision:

@@ -151,6 +151,24 @@ class QueueService(queue_pb2_grpc.QueueServicer):
                                                         slots=cap.slots))
         return out
 
+    # ---- completions (the RPCs and the fleet simulator share these) -----------------------------
+    def complete(self, request_id: str, lease_id: str, output: int | list[int]) -> int:
+        """Ack a leased request (``output``: all its output token ids, or their count) and feed its length to
+        the estimator and its new tokens to the capacity tracker. Returns the output length [tokens]; raises
+        :class:`~services.queue.store.QueueError`."""
+        info = self.store.get(request_id)
+        count = self.store.ack(request_id, lease_id, output)
+        self.estimator.observe(info.model, float(count))
+        self.capacity.record(info.model, max(0, count - info.resume_tokens), self.clock())
+        return count
+
+    def give_back(self, request_id: str, lease_id: str, generated_token_ids: list[int]) -> None:
+        """Return a leased request to the queue with its progress (eviction, drain); its new tokens count as
+        served capacity. Raises :class:`~services.queue.store.QueueError`."""
+        info = self.store.get(request_id)
+        self.store.return_request(request_id, lease_id, generated_token_ids)
+        self.capacity.record(info.model, max(0, len(generated_token_ids) - info.resume_tokens), self.clock())
+
     # ---- RPCs --------------------------------------------------------------------------------
     async def _fail(self, context, e: QueueError):
         await context.abort(_CODES.get(e.code, grpc.StatusCode.INVALID_ARGUMENT), e.message)
@@ -185,22 +203,16 @@ class QueueService(queue_pb2_grpc.QueueServicer):
     async def Ack(self, request: queue_pb2.AckRequest, context):
         output = list(request.output_token_ids) if request.output_token_ids else int(request.output_tokens)
         try:
-            info = self.store.get(request.request_id)
-            count = self.store.ack(request.request_id, request.lease_id, output)
+            self.complete(request.request_id, request.lease_id, output)
         except QueueError as e:
             await self._fail(context, e)
-        now = self.clock()
-        self.estimator.observe(info.model, float(count))
-        self.capacity.record(info.model, max(0, count - info.resume_tokens), now)
         return queue_pb2.AckResponse()
 
     async def Return(self, request: queue_pb2.ReturnRequest, context):
         try:
-            info = self.store.get(request.request_id)
-            self.store.return_request(request.request_id, request.lease_id, list(request.generated_token_ids))
+            self.give_back(request.request_id, request.lease_id, list(request.generated_token_ids))
         except QueueError as e:
             await self._fail(context, e)
-        self.capacity.record(info.model, max(0, len(request.generated_token_ids) - info.resume_tokens), self.clock())
         log.info("request %s returned to the queue with %d tokens (%s)", request.request_id,
                  len(request.generated_token_ids), request.reason or "no reason given")
         return queue_pb2.ReturnResponse()

@@ -1,0 +1,1 @@
+"""Chiron's cluster simulator: workloads (``simulator.workloads``) replayed in virtual time."""
