@@ -115,6 +115,7 @@ class SimInstance:
         self.ctl_tokens = 0
         self.ttft = LatencyWindow(10.0)
         self.finished_total = 0
+        self.batch_finished_total = 0  # leased batch requests finished here (Chiron)
         self.leases: dict[str, str] = {}  # batch request id → lease id (Chiron's queue)
         self.lease_started: dict[str, float] = {}
         self.interactive_waiting = 0  # interactive requests dispatched here without a first token yet
@@ -249,7 +250,8 @@ class Fleet:
             return
         inst.state = "draining"
         for rid in list(inst.leases):  # Chiron batch work goes back to the queue with its progress
-            self._return_batch(inst, rid, keep_kv=False)
+            if rid in inst.core.requests:  # (one the in-flight iteration finishes is acked when it ends)
+                self._return_batch(inst, rid, keep_kv=False)
         for req in list(inst.core.waiting):  # not started here: send it elsewhere, with any progress it has
             inst.core.remove(req.request_id)
             if req.request_id[0] == "i" and req.first_token_s is None:
@@ -349,8 +351,10 @@ class Fleet:
         need = eviction_need(n, inst.max_batch_size, inst.num_running, inst.num_waiting - n)
         if need <= 0:
             return
-        progress = {r.request_id: r.num_generated for r in inst.core.requests.values()}
-        victims = sorted(inst.leases, key=lambda rid: eviction_order(True, progress.get(rid, 0), inst.lease_started[rid]))
+        # Only requests still in the engine: one the in-flight iteration finishes is acked when it ends.
+        reqs = inst.core.requests
+        victims = sorted((rid for rid in inst.leases if rid in reqs),
+                         key=lambda rid: eviction_order(True, reqs[rid].num_generated, inst.lease_started[rid]))
         for rid in victims[:need]:
             self._return_batch(inst, rid, keep_kv=True)
             self.evicted += 1
@@ -411,6 +415,7 @@ class Fleet:
                 rec.done[idx] = t
                 inst.finished_total += 1
                 if k == "b" and rid in inst.leases:
+                    inst.batch_finished_total += 1
                     self.queue.complete(rid, inst.leases.pop(rid), ev.num_generated)
                     inst.lease_started.pop(rid, None)
         ntok = sum(ev.new_tokens for ev in res.events) if res.num_steps > 1 else len(res.events)
@@ -475,7 +480,7 @@ class Fleet:
             return True
         if self.queued_batch > 0:
             return True
-        return any(i.core.requests for i in self.instances)
+        return any(i.core.requests or i.busy for i in self.instances)
 
     def run(self, progress: Callable[[float], None] | None = None) -> dict:
         """Simulate until every request is done (or ``max_sim_s``); returns the report (DESIGN.md §4 + series)."""
@@ -498,8 +503,8 @@ class Fleet:
             t_i = ia[self._next_i] if self._next_i < n_i else math.inf
             t_b = ba[self._next_b] if self._next_b < n_b else math.inf
             t = min(t_heap, t_i, t_b)
-            if t == math.inf or t > end_limit:
-                break
+            if t == math.inf or t > end_limit or not self._work_left():
+                break  # (a pending policy tick after the last completion does not extend the run)
             self.now = t
             if t_b <= t_heap and t_b <= t_i:
                 self._arrive_batch()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -110,8 +111,10 @@ class ChironPolicy(FleetPolicy):
     overflow, admission control on the projected TTFT), batch requests through the global queue (leased by
     BATCH and idle MIXED instances), the global scaler's :func:`decide` every ``interval_s``, and a local
     autoscaler on every instance (ITL SLO: the workload's interactive one on INTERACTIVE/MIXED instances, its
-    relaxed batch one on BATCH instances). The arrival CV given to the scaler is measured over the last
-    ``cv_window_s`` of interactive arrivals (the router sees them), or fixed with ``arrival_cv``."""
+    relaxed batch one on BATCH instances). Role limits: INTERACTIVE 0..budget, MIXED 1..budget, BATCH 0..budget,
+    so the fleet multiplexes batch work onto interactive headroom from its first instance. The arrival CV given to
+    the scaler is measured over the last ``cv_window_s`` of interactive arrivals (the router sees them),
+    or fixed with ``arrival_cv``."""
 
     name = "chiron"
     roles = ("interactive", "mixed", "batch")
@@ -126,7 +129,7 @@ class ChironPolicy(FleetPolicy):
         self.cfg = (policy_config or PolicyConfig(
             interval_s=interval_s, model_load_time_s=max(sim.model_load_time_s, 1.0), scale_down_delay_s=scale_down_delay_s,
             gpus_per_instance=sim.gpus_per_instance, gpu_budget=sim.gpu_budget,
-            limits={"interactive": RoleLimits(1, budget), "mixed": RoleLimits(0, budget), "batch": RoleLimits(0, budget)},
+            limits={"interactive": RoleLimits(0, budget), "mixed": RoleLimits(1, budget), "batch": RoleLimits(0, budget)},
         )).validate()
         self.arrival_cv = arrival_cv
         self.cv_window_s = cv_window_s
@@ -141,8 +144,10 @@ class ChironPolicy(FleetPolicy):
         self.last_theta = math.nan
 
     def setup(self, fleet: Fleet) -> None:
-        for _ in range(self.sim.initial_instances):
-            fleet.start_instance("interactive", warm=True)
+        lim = self.cfg.limit("interactive")
+        for k in range(self.sim.initial_instances):  # the first ones MIXED when INTERACTIVE may be 0 (multiplexing)
+            fleet.start_instance("mixed" if k < self.cfg.limit("mixed").min_instances or lim.max_instances == 0
+                                 else "interactive", warm=True)
         fleet.schedule_tick("scale", 0.0)
 
     def engine_setup(self, role: str) -> tuple[EngineConfig, LocalAutoscalerConfig | None]:
@@ -177,7 +182,8 @@ class ChironPolicy(FleetPolicy):
 
     def on_tick(self, fleet: Fleet, name: str) -> None:
         now = fleet.now
-        loads = [EngineLoad(i.iid, i.role, i.max_batch_size, i.num_running, i.num_waiting, i.finished_total)
+        loads = [EngineLoad(i.iid, i.role, i.max_batch_size, i.num_running, i.num_waiting, i.finished_total,
+                            batch_requests=len(i.leases), batch_finished_total=i.batch_finished_total)
                  for i in fleet.serving()]
         groups = []
         if fleet.queue is not None and fleet.queue.store.groups():
@@ -191,6 +197,8 @@ class ChironPolicy(FleetPolicy):
             seen = {e.group_id for e in estimates}
             groups += [GroupView(g.group_id, 0, 0.0, g.deadline_s, g.leased) for g in gstats if g.group_id not in seen]
         inputs = observe(now, loads, self.samples, self._arrival_cv(fleet), groups)
+        inputs = replace(inputs, pending={r: sum(1 for i in fleet.instances if i.role == r and i.state == "loading")
+                                          for r in self.roles})
         self.state, d = decide(self.cfg, self.state, inputs)
         self.last_theta = d.theta
         self.decisions += 1

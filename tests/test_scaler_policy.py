@@ -75,11 +75,30 @@ def test_first_batch_instance_and_past_deadline_groups():
     late = [GroupView("m/0", 10, wait_p95_s=5.0, deadline_s=-1.0)]
     _, d = decide(CFG, PolicyState(), ScalerInputs(0.0, fleet(1), groups=late))
     assert d.desired("batch") == 1 and "no batch capacity" in d.roles["batch"].reason
+    # The need is ceil(max_ratio · 1.1) = 11 instances; one step adds at most max(2×, +4): 1 → 5.
     _, d = decide(CFG, PolicyState(), ScalerInputs(0.0, fleet(1, batch=1), groups=late))
-    assert d.desired("batch") == math.ceil(CFG.max_ratio * (1 + CFG.batch_margin))
+    assert d.roles["batch"].wanted == pytest.approx(CFG.max_ratio * (1 + CFG.batch_margin) - 0)
+    assert d.desired("batch") == 5 and "paced" in d.roles["batch"].reason
+    _, d = decide(CFG, PolicyState(), ScalerInputs(0.0, fleet(1, batch=8), groups=late))
+    assert d.desired("batch") == 16
     inf = [GroupView("m/0", 10, wait_p95_s=math.inf, deadline_s=100.0)]
     _, d = decide(CFG, PolicyState(), ScalerInputs(0.0, fleet(1, batch=1), groups=inf))
-    assert d.desired("batch") == math.ceil(CFG.max_ratio * (1 + CFG.batch_margin))
+    assert d.desired("batch") == 5
+
+
+def test_no_batch_instance_added_while_earlier_ones_start():
+    late = [GroupView("m/0", 10, wait_p95_s=5.0, deadline_s=-1.0)]
+    _, d = decide(CFG, PolicyState(), ScalerInputs(0.0, fleet(1, batch=1), groups=late, pending={"batch": 3}))
+    assert d.desired("batch") == 4 and "still starting" in d.roles["batch"].reason
+
+
+def test_instance_concurrency_counts_what_a_saturated_instance_runs():
+    # Cap 256 but 40 running with 60 waiting (KV-bound): it holds 40, so demand 100 needs 3 instances.
+    inst = [InstanceView("i0", "interactive", max_batch_size=256, num_running=40, num_waiting=60)]
+    _, d = decide(CFG, PolicyState(), ScalerInputs(0.0, inst, ArrivalStats(1.0, 1.0, 100.0)))
+    assert d.inputs["instance_concurrency"] == 40
+    # 2.5 instances' worth: 2 INTERACTIVE, the half plus the headroom on MIXED.
+    assert d.desired("interactive") == 2 and d.desired("mixed") == math.ceil(2.5 * (1 + d.theta)) - 2 >= 1
 
 
 def test_idle_mixed_capacity_is_lent_to_batch_work():

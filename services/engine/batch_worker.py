@@ -4,8 +4,9 @@ DESIGN.md §1 "Batch path" and "Eviction". A :class:`BatchWorker` runs as asynci
 process, next to the gRPC service, and talks to the backend directly (batch requests do not go through
 ``Engine.Generate``):
 
-* **Leasing.** While the engine has room (``running + waiting < max_batch_size`` from ``backend.snapshot()``;
-  on a MIXED instance also only while no interactive request waits for admission) it leases up to
+* **Leasing.** While the engine has room (:func:`lease_room`: ``running + waiting < max_batch_size`` from
+  ``backend.snapshot()`` and fewer than ``lease_batch`` requests waiting in the engine, so work it cannot start
+  stays in the global queue; on a MIXED instance also only while no interactive request waits for admission) it leases up to
   ``min(room, lease_batch)`` requests of its model. Without room it sleeps until a request finishes (a step
   listener and its own completions wake it) or ``poll_interval_s`` passes; with an empty queue it polls every
   ``poll_interval_s``. No busy loop.
@@ -53,13 +54,17 @@ _FINAL = (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND, grpc.S
 _MIN_BACKOFF_S = 0.05
 
 
-def lease_room(max_batch_size: int, num_running: int, num_waiting: int) -> int:
-    """Batch requests an engine may lease now: ``max_batch_size − running − waiting`` (requests, ≥ 0).
+def lease_room(max_batch_size: int, num_running: int, num_waiting: int, prefetch: int = 8) -> int:
+    """Batch requests an engine may lease now (requests, ≥ 0): what its cap leaves,
+    ``max_batch_size − running − waiting``, but no more than keeps ``prefetch`` requests waiting in the engine.
 
-    The caller returns 0 instead on a MIXED instance while interactive work waits for admission, and while
-    draining. Pure: the fleet simulator applies the same rule.
+    Work the engine cannot start yet (its KV cache is full, or its token budget admits a few prompts per
+    iteration) stays in the global queue, where the waiting-time estimator and the scaler see it and another
+    instance can take it, rather than in one engine's waiting list. The caller returns 0 instead on a MIXED
+    instance while interactive work waits for admission, and while draining. Pure: the fleet simulator
+    applies the same rule.
     """
-    return max(0, max_batch_size - num_running - num_waiting)
+    return max(0, min(max_batch_size - num_running - num_waiting, prefetch - num_waiting))
 
 
 def eviction_need(n: int, max_batch_size: int, num_running: int, num_waiting: int) -> int:
@@ -246,7 +251,7 @@ class BatchWorker:
             return 0
         snap = self.backend.snapshot()
         unsubmitted = sum(1 for j in self._jobs.values() if not j.submitted)
-        return lease_room(snap.max_batch_size, snap.num_running, snap.num_waiting + unsubmitted)
+        return lease_room(snap.max_batch_size, snap.num_running, snap.num_waiting + unsubmitted, self.lease_batch)
 
     def wake(self) -> None:
         """Re-check for room now (e.g. an interactive request finished or got admitted)."""

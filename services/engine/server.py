@@ -208,6 +208,8 @@ class EngineAgent(engine_pb2_grpc.EngineServicer):
             num_preemptions_total=snap.num_preemptions_total,
             generated_tokens_total=snap.generated_tokens_total,
             finished_requests_total=snap.finished_requests_total,
+            num_batch_requests=self.batch_worker.active if self.batch_worker is not None else 0,
+            batch_finished_total=self.batch_worker.acked if self.batch_worker is not None else 0,
             latency_backpressure=d.latency_backpressure if d else 0.0,
             throughput_backpressure=d.throughput_backpressure if d else 0.0,
             itl_slo_ms=int(self.config.autoscaler.itl_slo_ms),

@@ -15,8 +15,12 @@ model-load time ``L`` (the time a new instance needs to serve) are modelled as N
 variance ``λL·CV²`` (renewal-process counts; CV = coefficient of variation of inter-arrival times, 1 for
 Poisson). Over-provisioning Θ is chosen so the ``theta_quantile`` (default p99) of those arrivals fits:
 ``Θ = z_q · CV / sqrt(λL)``, clamped to ``[theta_min, theta_max]``: bursty or slow traffic gets more
-headroom than smooth heavy traffic. INTERACTIVE instances cover ``D``; MIXED instances cover the headroom
-``Θ·D``: ``n_I = ceil(D / C)``, ``n_M = ceil(D·(1+Θ) / C) − n_I`` (at least ``min_mixed``).
+headroom than smooth heavy traffic. INTERACTIVE instances cover the whole instances' worth of ``D``; MIXED
+instances cover the rest and the headroom ``Θ·D``: ``n_I = floor(D / C)``, ``n_M = ceil(D·(1+Θ) / C) − n_I``
+(role minimums apply). The fractional remainder goes to MIXED instances because their idle capacity is lent
+to batch work (multiplexing, paper §0b): an instance only partly needed by interactive traffic is the
+cheapest batch capacity there is. With an INTERACTIVE minimum of 1 (the service's default) the first
+instance stays INTERACTIVE; a fleet configured ``interactive 0:N, mixed 1:N`` multiplexes from the first GPU.
 
 **Batch capacity and batch backpressure.** For each request group the queue reports the estimated wait of
 its last request (p95) and its deadline. With the batch capacity ``B`` now serving (BATCH instances plus
@@ -27,8 +31,20 @@ backpressure ``BBP = max_g(wait_p95_g / time_left_g) − 1``; BBP > 0 ⇒ the gr
 MIXED instances lend. An empty queue needs no BATCH instance (``min_batch`` aside); a group already past
 its deadline counts as the largest ratio ``max_ratio``. While requests are in service (leased) and none wait, the BATCH count holds.
 
-**Stability and limits.** A desired count below the current one is applied only after it has stayed below
-for ``scale_down_delay_s`` (the largest desired count seen in that window is used), so capacity does not
+**Pace of batch scale-up.** The queue learns serving capacity from completed requests, so right after a
+BATCH instance starts the measured capacity (and so the estimated wait) lags; trusted at once, it over-scales
+(seen in the simulator: 1 → 11 → 49 instances in ten seconds for a 20,000-request backlog that 18 drained).
+No BATCH instance is added while earlier ones still start (``ScalerInputs.pending``) or within
+``batch_settle_s`` after they serve (the queue's capacity window), and one step adds at most ``max(2×, +4)``
+of the BATCH fleet (Kubernetes HPA's default scale-up limit).
+
+**Instance concurrency.** ``C`` is the mean over INTERACTIVE and MIXED instances of what each holds: its
+max batch size, or the running requests it had when requests last waited there below that cap (its KV cache
+or token budget binds first; remembered for ``concurrency_memory_s``), so that demand beyond what instances
+can actually run asks for more instances.
+
+**Stability and limits.** A desired count below the current one (serving plus starting instances) is applied
+only after it has stayed below for ``scale_down_delay_s`` (the largest desired count seen in that window is used), so capacity does not
 flap. Counts are clamped to per-role min/max, then to the GPU budget (``gpus_per_instance`` each): BATCH is
 cut first, then MIXED, never INTERACTIVE below its demand.
 """
@@ -65,6 +81,8 @@ class PolicyConfig:
     batch_margin: float = 0.1
     max_ratio: float = 10.0  # wait/time-left ratio assumed for a group already past its deadline
     scale_down_delay_s: float = 120.0
+    concurrency_memory_s: float = 300.0  # how long an instance's saturated running count stands for its capacity
+    batch_settle_s: float = 60.0  # after a BATCH scale-up, time for its capacity to show in the queue's measurement
     gpus_per_instance: int = 1
     gpu_budget: int = 50  # the paper's experiments cap the fleet at 50 GPUs
     limits: Mapping[str, RoleLimits] = field(default_factory=lambda: {
@@ -150,10 +168,13 @@ class GroupView:
 
 @dataclass(frozen=True)
 class ScalerInputs:
+    """``pending``: instances per role the provider is starting (placed, not serving yet)."""
+
     now: float
     instances: Sequence[InstanceView] = ()
     arrivals: ArrivalStats = ArrivalStats()
     groups: Sequence[GroupView] = ()
+    pending: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -185,6 +206,9 @@ class PolicyState:
     delay window)."""
 
     history: dict[str, deque] = field(default_factory=lambda: {r: deque() for r in ROLES})
+    # Per instance: (time, running requests) when it last had requests waiting below its cap.
+    saturated: dict[str, tuple[float, int]] = field(default_factory=dict)
+    last_batch_up_s: float = -math.inf
 
 
 @dataclass(frozen=True)
@@ -199,6 +223,8 @@ class EngineLoad:
     num_waiting: int = 0
     finished_requests_total: int = 0
     has_stats: bool = True  # False when the stats call failed: the instance is counted without load
+    batch_requests: int = 0  # of running + waiting, batch requests leased from the queue (MIXED instances)
+    batch_finished_total: int = 0
 
 
 @dataclass(frozen=True)
@@ -214,25 +240,27 @@ def observe(now: float, loads: Sequence[EngineLoad], samples: dict[str, LoadSamp
             groups: Sequence[GroupView] = ()) -> ScalerInputs:
     """Build the policy's inputs from engine stats (pure; updates ``samples`` in place).
 
-    Interactive demand = running + waiting at INTERACTIVE and MIXED instances; the arrival rate λ = finished
-    interactive requests per second plus the growth of in-flight ones since each instance's previous sample
-    (in steady state arrivals = completions). The arrival CV is given (``arrival_cv``; 1 = Poisson).
+    Interactive demand = running + waiting interactive requests at INTERACTIVE and MIXED instances (batch work
+    on MIXED instances is not interactive demand); the arrival rate λ = finished interactive requests per
+    second plus the growth of in-flight ones since each instance's previous sample (in steady state arrivals =
+    completions). The arrival CV is given (``arrival_cv``; 1 = Poisson).
     """
     instances, inflight, rate = [], 0.0, 0.0
     for s in loads:
         if not s.has_stats:
             instances.append(InstanceView(s.instance_id, s.role))
             continue
-        busy = s.num_running + s.num_waiting
+        busy = max(0, s.num_running + s.num_waiting - s.batch_requests)
+        finished = s.finished_requests_total - s.batch_finished_total
         instances.append(InstanceView(s.instance_id, s.role, s.max_batch_size, s.num_running, s.num_waiting,
-                                      interactive_running=s.num_running if s.role != "batch" else 0))
+                                      interactive_running=min(s.num_running, busy) if s.role != "batch" else 0))
         if s.role in ("interactive", "mixed"):
             inflight += busy
             prev = samples.get(s.instance_id)
             if prev is not None and now > prev.time_s:
-                done = max(0, s.finished_requests_total - prev.finished)
+                done = max(0, finished - prev.finished)
                 rate += max(0.0, (done + busy - prev.inflight) / (now - prev.time_s))
-            samples[s.instance_id] = LoadSample(now, s.finished_requests_total, busy)
+            samples[s.instance_id] = LoadSample(now, finished, busy)
     return ScalerInputs(now, instances, ArrivalStats(rate, arrival_cv, inflight), tuple(groups))
 
 
@@ -249,14 +277,30 @@ def decide(cfg: PolicyConfig, state: PolicyState, inp: ScalerInputs) -> tuple[Po
     """One scaling decision. O(instances + groups). Returns the (mutated) state and the decision."""
     now = inp.now
     current = {r: sum(1 for i in inp.instances if i.role == r) for r in ROLES}
-    caps = [i.max_batch_size for i in inp.instances if i.role in ("interactive", "mixed") and i.max_batch_size > 0]
+    # An instance with requests waiting below its cap holds what it runs then (its KV cache or token budget binds
+    # first); that count stands for its capacity for concurrency_memory_s, so a moment without waiting requests
+    # does not read as the cap's worth of room.
+    caps = []
+    live = set()
+    for i in inp.instances:
+        if i.role not in ("interactive", "mixed") or i.max_batch_size <= 0:
+            continue
+        live.add(i.instance_id)
+        if i.num_waiting > 0 and 0 < i.num_running < i.max_batch_size:
+            state.saturated[i.instance_id] = (now, i.num_running)
+        seen = state.saturated.get(i.instance_id)
+        fresh = seen is not None and now - seen[0] <= cfg.concurrency_memory_s
+        caps.append(min(i.max_batch_size, seen[1]) if fresh else i.max_batch_size)
+    for iid in [k for k in state.saturated if k not in live]:
+        del state.saturated[iid]
     conc = sum(caps) / len(caps) if caps else cfg.default_instance_concurrency
 
-    # Interactive: demand D covered by INTERACTIVE instances, headroom Θ·D by MIXED instances.
+    # Interactive: whole instances' worth of demand D on INTERACTIVE instances; the rest of D plus the headroom
+    # Θ·D on MIXED instances, whose idle capacity serves batch work.
     theta = overprovisioning_theta(cfg, inp.arrivals)
     demand = max(0.0, inp.arrivals.inflight)
-    want_i = demand / conc
-    want_m = demand * (1 + theta) / conc - math.ceil(want_i - 1e-9)
+    want_i = float(math.floor(demand / conc + 1e-9))
+    want_m = demand * (1 + theta) / conc - want_i
 
     # Batch: capacity serving batch now, and the groups' need relative to it.
     mixed = [i for i in inp.instances if i.role == "mixed"]
@@ -302,6 +346,20 @@ def decide(cfg: PolicyConfig, state: PolicyState, inp: ScalerInputs) -> tuple[Po
     for role in ROLES:
         lim = cfg.limit(role)
         raw[role] = min(lim.max_instances, max(lim.min_instances, math.ceil(wanted[role] - 1e-9)))
+    # Batch scale-up pace: measured capacity lags new instances (throughput is learnt from completions), so add
+    # no BATCH instance while earlier ones still start, and at most max(2×, +4) of the BATCH fleet per step.
+    pending_b = int(inp.pending.get("batch", 0))
+    have_b = current["batch"] + pending_b
+    if raw["batch"] > have_b:
+        settling = now - state.last_batch_up_s < cfg.model_load_time_s + cfg.batch_settle_s
+        cap_b = have_b if pending_b > 0 or settling else max(2 * have_b, have_b + 4)
+        if raw["batch"] > cap_b:
+            reasons["batch"] += (f"; held at {cap_b}: {pending_b} BATCH instance(s) still starting" if pending_b
+                                 else f"; held at {cap_b}: the last scale-up's capacity is still being measured"
+                                 if settling else f"; paced to {cap_b} (at most max(2×, +4) per step)")
+            raw["batch"] = max(cap_b, cfg.limit("batch").min_instances)
+        if raw["batch"] > have_b:
+            state.last_batch_up_s = now
 
     # Scale-down delay: the largest raw count over the last scale_down_delay_s, when below the current count.
     desired = {}
@@ -311,11 +369,12 @@ def decide(cfg: PolicyConfig, state: PolicyState, inp: ScalerInputs) -> tuple[Po
         while h and h[0][0] < now - cfg.scale_down_delay_s:
             h.popleft()
         d = raw[role]
-        if d < current[role]:
+        have = current[role] + int(inp.pending.get(role, 0))  # starting instances count: never cancel them early
+        if d < have:
             held = max(c for _, c in h)
             if held > d:
                 reasons[role] += f"; scale-down held by the {cfg.scale_down_delay_s:g} s delay window"
-                d = min(current[role], held)
+                d = min(have, held)
         desired[role] = d
 
     # GPU budget: cut BATCH, then MIXED; INTERACTIVE keeps its demand (down to its minimum only).

@@ -26,7 +26,7 @@ import logging
 import math
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import grpc
 
@@ -120,9 +120,17 @@ class ScalerService(scaler_pb2_grpc.GlobalScalerServicer):
         stats = await asyncio.gather(*(self._engine_stats(m.address) for m in members))
         loads = [EngineLoad(m.instance_id, m.role, has_stats=False) if s is None else
                  EngineLoad(m.instance_id, m.role, s.max_batch_size, s.num_running, s.num_waiting,
-                            s.finished_requests_total)
+                            s.finished_requests_total, batch_requests=s.num_batch_requests,
+                            batch_finished_total=s.batch_finished_total)
                  for m, s in zip(members, stats, strict=True)]
-        return observe(now, loads, self._samples, self.arrival_cv, await self._queue_groups(now))
+        inputs = observe(now, loads, self._samples, self.arrival_cv, await self._queue_groups(now))
+        if self.provider is not None and not self.advisory:
+            pending = {}
+            for role in ROLES:
+                with contextlib.suppress(ProviderError):
+                    pending[role] = (await self.provider.counts(role)).pending
+            inputs = replace(inputs, pending=pending)
+        return inputs
 
     # ---- decide and act -------------------------------------------------------------------------
     async def step(self) -> scaler_pb2.ScalerDecision:
