@@ -739,6 +739,34 @@ def simulate(policy, workload, trace_file, rate_per_s, cv, duration_s, batch_req
         console.print(f"report: {json_path}")
 
 
+@main.command()
+@click.option("--out", "out_dir", default="out/experiments", show_default=True, type=click.Path(file_okay=False),
+              help="Directory for report.md, results.json and the plots.")
+@click.option("--quick", is_flag=True, help="Shorter runs (trace slices, a 10,000-request queue): minutes, not hours.")
+@click.option("--policies", default=",".join(["chiron", "llumnix", "llumnix-tuned", "static", "queue-length", "kpa",
+                                             "sla-planner"]), show_default=True, help="Comma-separated policies.")
+@click.option("--workers", default=2, show_default=True, help="Simulations run in parallel.")
+def experiments(out_dir, quick, policies, workers) -> None:
+    """The paper's experiments for every policy: headline workloads, SLO attainment vs arrival rate, a large
+    batch queue, burstiness vs over-provisioning, estimator accuracy, local-autoscaler convergence.
+    Writes a markdown report with tables and plots."""
+    from simulator.experiments import run_experiments
+    from simulator.policies import POLICIES
+
+    names = tuple(p.strip() for p in policies.split(",") if p.strip())
+    bad = [p for p in names if p not in POLICIES]
+    if bad or not names:
+        raise click.BadParameter(f"unknown policy {', '.join(bad) or '(none)'}; valid policies: {', '.join(POLICIES)}",
+                                 param_hint="--policies")
+    with Progress(TextColumn("experiments"), BarColumn(), TextColumn("{task.fields[msg]}"), TimeElapsedColumn(),
+                  console=console, transient=True) as bar:
+        task = bar.add_task("experiments", total=None, msg="")
+        data = run_experiments(out_dir, quick=quick, workers=workers, policies=names,
+                               progress=lambda m: bar.update(task, msg=m))
+    console.print(f"{len(data['results'])} simulations in {data['wall_seconds'] / 60:.1f} min; "
+                  f"report: {Path(out_dir) / 'report.md'}")
+
+
 @main.group()
 def bench() -> None:
     """Benchmarks: each prints a table and writes JSON."""

@@ -141,7 +141,7 @@ class ChironPolicy(FleetPolicy):
         self.params.update(interval_s=self.cfg.interval_s, scale_down_delay_s=self.cfg.scale_down_delay_s,
                            local_autoscaler_itl_slo_ms={"interactive": self.la_itl, "batch": self.batch_la_itl},
                            arrival_cv="measured" if arrival_cv is None else arrival_cv)
-        self.last_theta = math.nan
+        self.thetas: list[float] = []
 
     def setup(self, fleet: Fleet) -> None:
         lim = self.cfg.limit("interactive")
@@ -200,7 +200,7 @@ class ChironPolicy(FleetPolicy):
         inputs = replace(inputs, pending={r: sum(1 for i in fleet.instances if i.role == r and i.state == "loading")
                                           for r in self.roles})
         self.state, d = decide(self.cfg, self.state, inputs)
-        self.last_theta = d.theta
+        self.thetas.append(d.theta)
         self.decisions += 1
         for role in self.roles:
             fleet.set_count(role, d.desired(role), d.roles[role].reason)

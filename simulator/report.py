@@ -83,6 +83,7 @@ def build_report(fleet: Fleet, wall_s: float) -> dict:
         "sim_seconds": end,
         "wall_seconds": wall_s,
         "policy_params": pol.params,
+        "mean_theta": float(np.mean(pol.thetas)) if getattr(pol, "thetas", None) else math.nan,
         "sim_config": {k: getattr(fleet.config, k) for k in fleet.config.__dataclass_fields__},
         "timeseries": fleet.timeseries,
         "interactive_attainment_by_minute": _attainment_by_minute(i.arrival, met_i),
