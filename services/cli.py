@@ -101,6 +101,9 @@ def main(log_level: str) -> None:
 @click.option("--control-interval-s", default=1.0, show_default=True, help="Local autoscaler period [s].")
 @click.option("--static-batch-size", type=int, default=None,
               help="Disable the local autoscaler and fix the max batch size [requests].")
+@click.option("--min-prefill-tokens", type=int, default=512, show_default=True,
+              help="simulated: with the tied token budget, prefill tokens an iteration may add beyond its decodes "
+                   "(keeps long prompts from starving behind a full batch) [tokens].")
 @click.option("--token-budget", type=int, default=None,
               help="Fixed per-iteration token budget (vLLM max_num_batched_tokens); default: tied to the batch size.")
 @click.option("--speedup", default=1.0, show_default=True, help="Run the simulated engine's clock this much faster.")
@@ -111,7 +114,7 @@ def main(log_level: str) -> None:
               help="Host others reach this agent at (registered in etcd). Default: --host, or 127.0.0.1 for 0.0.0.0.")
 def engine(host, port, port_file, backend, model, load_format, dtype, max_num_batched_tokens,
            kv_cache_mb, role, instance_id, itl_slo_ms, initial_batch_size, max_batch_size, control_interval_s,
-           static_batch_size, token_budget, speedup, etcd, queue_addr, advertise_host) -> None:
+           static_batch_size, min_prefill_tokens, token_budget, speedup, etcd, queue_addr, advertise_host) -> None:
     """Run one engine agent: the chiron.v1.Engine gRPC service with health checking and reflection.
 
     SIGTERM or Ctrl-C drains: new requests get UNAVAILABLE, running ones finish (up to 30 s).
@@ -145,7 +148,7 @@ def engine(host, port, port_file, backend, model, load_format, dtype, max_num_ba
                                       max_batch_size=max(max_batch_size, static_batch_size or 1),
                                       control_interval_s=control_interval_s).validate()
         e_cfg = EngineConfig(max_num_seqs=a_cfg.initial_batch_size, max_num_seqs_limit=a_cfg.max_batch_size,
-                             max_num_batched_tokens=token_budget)
+                             max_num_batched_tokens=token_budget, min_prefill_tokens=min_prefill_tokens)
     except ValueError as e:
         raise click.BadParameter(str(e)) from e
 
@@ -991,6 +994,33 @@ def bench_engine_overhead(json_path, max_tokens, reps, layers, hidden_size) -> N
     if at32:
         console.print(f"overhead at concurrency 32: {at32['overhead']:.1%} (target ≤ 5%): "
                       f"{'met' if at32['overhead'] <= 0.05 else 'MISSED'}")
+    write_json(report, json_path)
+    console.print(f"written to {json_path}")
+
+
+@bench.command("fidelity")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default="out/bench-fidelity.json", show_default=True)
+@click.option("--minutes", default=5.0, show_default=True, help="Length of the azure-conv slice [min of trace time].")
+@click.option("--start-s", default=0.0, show_default=True, help="Start of the slice in the trace [s].")
+@click.option("--speedup", default=1.0, show_default=True,
+              help="Live run: replay and simulated-engine clock speed-up (above 1 on a 2-core machine the engines "
+                   "fall behind their performance model and the comparison measures the host, not the simulator).")
+def bench_fidelity(json_path, minutes, start_s, speedup) -> None:
+    """Simulator vs a live local cluster (etcd, queue, router, scaler, simulated engines) on the same slice of the
+    Azure conversation trace, configured alike (wall-clock scaler settings × speedup, measured engine start time):
+    interactive SLO attainment and GPU-seconds side by side. Needs the etcd binary.
+
+    Targets: attainment within 3 percentage points, GPU-seconds (start → release) within 10%.
+    """
+    from bench.fidelity import print_table, run_bench, write_json
+    from services.common.etcd_server import EtcdNotFound
+
+    with console.status("fidelity: live cluster, then the simulator…") as status:
+        try:
+            report = run_bench(minutes=minutes, start_s=start_s, speedup=speedup, progress=status.update)
+        except (EtcdNotFound, RuntimeError, TimeoutError, ValueError) as e:
+            raise click.ClickException(str(e)) from e
+    print_table(report, console)
     write_json(report, json_path)
     console.print(f"written to {json_path}")
 

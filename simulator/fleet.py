@@ -282,7 +282,8 @@ class Fleet:
     def submit(self, inst: SimInstance, rid: str, resumed_tokens: int = 0, host_kv_tokens: int = 0) -> None:
         """Put request ``rid`` on ``inst`` (the policy chose it)."""
         k, _idx, prompt, output = self.request(rid)
-        inst.core.add_request(rid, prompt, output, self.now, resumed_tokens, host_kv_tokens)
+        inst.core.add_request(rid, prompt, output, self.now, resumed_tokens, host_kv_tokens,
+                              priority=k == "i" and inst.role == "mixed")
         if k == "i":
             inst.interactive_waiting += 1
             if inst.role == "mixed" and inst.leases:

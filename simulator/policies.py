@@ -123,7 +123,8 @@ class ChironPolicy(FleetPolicy):
 
     def __init__(self, workload: Workload, sim: SimConfig, interval_s: float = 5.0, arrival_cv: float | None = None,
                  cv_window_s: float = 300.0, scale_down_delay_s: float = 120.0, la_itl_slo_ms: float | None = None,
-                 batch_la_itl_slo_ms: float | None = None, policy_config: PolicyConfig | None = None) -> None:
+                 batch_la_itl_slo_ms: float | None = None, policy_config: PolicyConfig | None = None,
+                 min_prefill_tokens: int = 512) -> None:
         super().__init__(workload, sim)
         budget = sim.gpu_budget // sim.gpus_per_instance
         self.cfg = (policy_config or PolicyConfig(
@@ -133,6 +134,7 @@ class ChironPolicy(FleetPolicy):
         )).validate()
         self.arrival_cv = arrival_cv
         self.cv_window_s = cv_window_s
+        self.min_prefill_tokens = min_prefill_tokens
         self.la_itl = la_itl_slo_ms or workload.interactive_itl_ms
         self.batch_la_itl = batch_la_itl_slo_ms or workload.batch_itl_ms
         self.state = PolicyState()
@@ -152,7 +154,8 @@ class ChironPolicy(FleetPolicy):
 
     def engine_setup(self, role: str) -> tuple[EngineConfig, LocalAutoscalerConfig | None]:
         la = LocalAutoscalerConfig(itl_slo_ms=self.batch_la_itl if role == "batch" else self.la_itl)
-        return EngineConfig(max_num_seqs=la.initial_batch_size, max_num_seqs_limit=la.max_batch_size), la
+        return EngineConfig(max_num_seqs=la.initial_batch_size, max_num_seqs_limit=la.max_batch_size,
+                            min_prefill_tokens=self.min_prefill_tokens), la
 
     def dispatch(self, fleet: Fleet, rid: str) -> SimInstance | None:
         now = fleet.now
@@ -162,7 +165,8 @@ class ChironPolicy(FleetPolicy):
                 continue
             p50 = inst.ttft.quantile(0.5, now)
             loads.append(InstanceLoad(inst.iid, inst.role, inst.iid, fleet.config.model, inst.max_batch_size,
-                                      inst.num_running, inst.num_waiting, 0.0 if math.isnan(p50) else p50))
+                                      inst.num_running, inst.num_waiting, 0.0 if math.isnan(p50) else p50,
+                                      batch_requests=len(inst.leases)))
             by_id[inst.iid] = inst
         try:
             chosen = choose_instance(loads, fleet.config.model, self.workload.interactive_ttft_ms)

@@ -41,6 +41,7 @@ class BackendRequest:
     resume_token_ids: tuple[int, ...] = ()
     host_kv_tokens: int = 0  # context tokens whose KV cache the request brings in host memory
     ignore_eos: bool = False  # keep generating past the end-of-sequence token (benchmarks, tests)
+    priority: bool = False  # interactive work on a MIXED instance: waits ahead of batch work (simulated backend)
 
 
 @dataclass(frozen=True)
@@ -233,7 +234,7 @@ class SimulatedBackend(Backend):
         now = self.now()
         self.core.add_request(rid, len(request.prompt_token_ids), request.max_tokens, now,
                               resumed_tokens=len(request.resume_token_ids),
-                              host_kv_tokens=request.host_kv_tokens)
+                              host_kv_tokens=request.host_kv_tokens, priority=request.priority)
         stream = _Stream(request, token_ids=list(request.resume_token_ids), rng=random.Random(rid), added_s=now)
         self._streams[rid] = stream
         self._wake.set()

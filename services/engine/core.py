@@ -97,6 +97,7 @@ class EngineRequest:
     first_token_s: float | None = None
     last_token_s: float | None = None
     num_preemptions: int = 0
+    priority: bool = False  # waits ahead of non-priority requests (interactive work on a MIXED instance)
 
     def __post_init__(self) -> None:
         self.num_generated = self.resumed_tokens
@@ -166,13 +167,17 @@ class EngineConfig:
     all the tokens of an iteration (decode tokens plus prefill chunks) and hence its latency. Chiron's
     default is the tied budget (a choice, measured in ``chiron bench local-autoscaler``): with prompts much
     longer than outputs, a fixed large budget lets prefill chunks stall every decode in the iteration and no
-    batch size then meets an ITL SLO. ``kv_capacity_tokens`` 0 = derive it from GPU memory minus weights
+    batch size then meets an ITL SLO. ``min_prefill_tokens`` widens the tied budget to ``running +
+    min_prefill_tokens`` when that is more: without it an engine running close to its cap admits a long prompt
+    a few tokens per iteration (seen in the fleet simulator: TTFT misses on MIXED instances full of batch work;
+    ``chiron engine`` and the simulator's Chiron policy use 512). ``kv_capacity_tokens`` 0 = derive it from GPU memory minus weights
     (:func:`~services.engine.perf_model.kv_capacity_tokens`).
     """
 
     max_num_seqs: int = 256
     max_num_seqs_limit: int = 1024
     max_num_batched_tokens: int | None = None
+    min_prefill_tokens: int = 0  # tied budget only: prefill tokens an iteration may add beyond its decodes
     block_size: int = 16
     kv_capacity_tokens: int = 0
     max_model_len: int = 0  # 0 = the model's
@@ -209,8 +214,10 @@ class EngineCore:
         validate_request(prompt_tokens, max_tokens, resumed_tokens, self.max_model_len, self.kv_capacity_tokens)
 
     def add_request(self, request_id: str, prompt_tokens: int, max_tokens: int, now: float,
-                    resumed_tokens: int = 0, host_kv_tokens: int = 0) -> EngineRequest:
-        """Queue a request. Raises :class:`RequestRejected` (bad or unservable) or ValueError (duplicate id)."""
+                    resumed_tokens: int = 0, host_kv_tokens: int = 0, priority: bool = False) -> EngineRequest:
+        """Queue a request. ``priority`` (interactive work on a MIXED instance): it waits ahead of every
+        non-priority request, behind earlier priority ones. Raises :class:`RequestRejected` (bad or
+        unservable) or ValueError (duplicate id)."""
         if request_id in self.requests:
             raise RequestRejected(f"request id {request_id!r} is already in this engine", code="ALREADY_EXISTS")
         self.validate(prompt_tokens, max_tokens, resumed_tokens)
@@ -218,7 +225,16 @@ class EngineCore:
         req = EngineRequest(request_id, prompt_tokens, max_tokens, now, resumed_tokens,
                             max(0, min(host_kv_tokens, prompt_tokens + resumed_tokens - 1)))
         self.requests[request_id] = req
-        self.waiting.append(req)
+        if priority:
+            req.priority = True
+            pos = 0
+            for w in self.waiting:
+                if not w.priority:
+                    break
+                pos += 1
+            self.waiting.insert(pos, req)
+        else:
+            self.waiting.append(req)
         return req
 
     def remove(self, request_id: str) -> EngineRequest | None:
@@ -320,7 +336,8 @@ class EngineCore:
     def step(self, now: float) -> StepResult:
         """Schedule and run one iteration starting at ``now`` (seconds). Returns an empty result when idle."""
         # Tied budget: never below the running set, so lowering the cap stops admissions but starves no one.
-        budget = self.config.max_num_batched_tokens or max(self.max_num_seqs, len(self.running))
+        budget = self.config.max_num_batched_tokens or max(self.max_num_seqs,
+                                                            len(self.running) + self.config.min_prefill_tokens)
         scheduled: list[tuple[EngineRequest, int]] = []
         preempted: list[str] = []
         host_load_tokens = 0
@@ -418,7 +435,7 @@ class EngineCore:
         running = self.running
         n = len(running)
         max_seqs = self.max_num_seqs
-        budget = self.config.max_num_batched_tokens or max(max_seqs, n)
+        budget = self.config.max_num_batched_tokens or max(max_seqs, n + self.config.min_prefill_tokens)
         if not n or budget < n or max_steps <= 1:
             return self.step(now)
         bs = self.config.block_size

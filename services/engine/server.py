@@ -230,8 +230,10 @@ class EngineAgent(engine_pb2_grpc.EngineServicer):
                                   if req.prompt == "" else "text prompts need a backend with a tokenizer; "
                                   "send prompt_token_ids")
         rid = req.request_id or f"req-{uuid.uuid4().hex[:12]}"
+        interactive = req.request_class != types_pb2.REQUEST_CLASS_BATCH
         br = BackendRequest(rid, tuple(req.prompt_token_ids), int(req.max_tokens), tuple(req.resume_token_ids),
-                            ignore_eos=req.ignore_eos)
+                            ignore_eos=req.ignore_eos,
+                            priority=interactive and self.config.role == types_pb2.INSTANCE_ROLE_MIXED)
         self.backend.validate(br)
         return br
 

@@ -211,6 +211,13 @@ class PolicyState:
     last_batch_up_s: float = -math.inf
 
 
+def queue_binds(num_running: int, num_waiting: int, max_batch_size: int) -> bool:
+    """Whether an instance is bound below its cap (KV cache or token budget): a queue of at least
+    max(4, running / 4) requests waits while fewer than ``max_batch_size`` run. A request or two waiting is the
+    normal moment between an arrival and the next iteration, not a bound (counts in requests)."""
+    return 0 < num_running < max_batch_size and num_waiting >= max(4, num_running / 4)
+
+
 @dataclass(frozen=True)
 class EngineLoad:
     """One serving instance's engine stats as the scaler reads them (``Engine.GetStats``; the simulator reads
@@ -286,7 +293,7 @@ def decide(cfg: PolicyConfig, state: PolicyState, inp: ScalerInputs) -> tuple[Po
         if i.role not in ("interactive", "mixed") or i.max_batch_size <= 0:
             continue
         live.add(i.instance_id)
-        if i.num_waiting > 0 and 0 < i.num_running < i.max_batch_size:
+        if queue_binds(i.num_running, i.num_waiting, i.max_batch_size):
             state.saturated[i.instance_id] = (now, i.num_running)
         seen = state.saturated.get(i.instance_id)
         fresh = seen is not None and now - seen[0] <= cfg.concurrency_memory_s

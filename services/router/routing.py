@@ -6,8 +6,9 @@ interactive one. No I/O; the router service feeds them membership and engine sta
 is batch; a request with no SLO at all is interactive with the default SLOs.
 
 **Choice**: among the instances serving the model, INTERACTIVE ones with room (``max_batch_size`` minus
-running, waiting and the requests this router sent since their last stats) first, the most room wins;
-then MIXED ones (they evict batch work to make room), the most interactive room wins. **Admission**: an
+running, waiting and the requests this router sent since their last stats; none while a queue of
+interactive requests waits there, since then its KV cache or token budget binds before its cap) first, the most room wins; then
+MIXED ones (they evict batch work to make room: their batch requests count as room), the most room wins. **Admission**: an
 instance is eligible only if its projected TTFT fits the request's TTFT SLO: ``ttft_p50 × (1 + queued /
 max_batch_size)`` where ``queued`` counts the requests waiting there (a heuristic: each full batch ahead
 costs about one more TTFT). No eligible instance ⇒ the request is refused at once (RESOURCE_EXHAUSTED)
@@ -103,13 +104,32 @@ class InstanceLoad:
     num_waiting: int = 0
     ttft_p50_ms: float = 0.0
     pending: int = 0
+    batch_requests: int = 0  # batch requests a MIXED instance serves (evictable for interactive work)
+
+    @property
+    def _interactive_waiting(self) -> int:
+        return max(0, self.num_waiting - (self.batch_requests if self.role == "mixed" else 0))
 
     @property
     def room(self) -> int:
-        return self.max_batch_size - self.num_running - self.num_waiting - self.pending
+        """Interactive requests it can start now: its cap minus running, waiting and pending requests (batch
+        requests on a MIXED instance count as room: they are evicted). An instance where a queue of interactive
+        requests (≥ max(4, running / 4)) waits below its cap is bound by its KV cache or token budget: no room."""
+        evictable = self.batch_requests if self.role == "mixed" else 0
+        free = self.max_batch_size - self.num_running - self.num_waiting - self.pending + evictable
+        return min(free, 0) if self._bound else free
+
+    @property
+    def _bound(self) -> bool:
+        # Interactive requests queue below the cap (the scaler's rule, services.global_scaler.policy.queue_binds).
+        return 0 < self.num_running < self.max_batch_size and self._interactive_waiting >= max(4, self.num_running / 4)
 
     def projected_ttft_ms(self) -> float:
-        queued = max(0, self.num_waiting + self.pending - max(0, self.max_batch_size - self.num_running))
+        waiting = self._interactive_waiting + self.pending
+        if self._bound:  # not admitting: everything waiting is ahead
+            queued = waiting
+        else:
+            queued = max(0, waiting - max(0, self.max_batch_size - self.num_running))
         return self.ttft_p50_ms * (1 + queued / max(self.max_batch_size, 1))
 
 

@@ -84,7 +84,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
             except grpc.aio.AioRpcError:
                 return None
             return InstanceLoad(m.instance_id, m.role, m.address, m.model, s.max_batch_size, s.num_running,
-                                s.num_waiting, s.ttft_p50_ms)
+                                s.num_waiting, s.ttft_p50_ms, batch_requests=s.num_batch_requests)
 
         loads = await asyncio.gather(*(one(m) for m in members))
         self._loads = {ld.instance_id: ld for ld in loads if ld is not None}
