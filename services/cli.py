@@ -18,6 +18,7 @@
     chiron bench scaler           scaling-policy decision latency, scale-up-to-registered time
     chiron bench router           TTFT overhead the router adds at 50/200/500 req/s
     chiron bench engine-overhead  tokens/s through the agent's gRPC vs vLLM called directly
+    chiron bench fidelity         the simulator vs a live cluster on the same 5-minute trace slice
 """
 
 from __future__ import annotations

@@ -194,7 +194,7 @@ def _markdown(data: dict) -> str:
         if c and t:
             L.append(f"- {wl}: SLO attainment {c['slo_attainment']:.4f} vs {t['slo_attainment']:.4f} "
                      f"({(c['slo_attainment'] - t['slo_attainment']) * 100:+.1f} pp); GPU-hours {c['gpu_hours']:.2f} vs "
-                     f"{t['gpu_hours']:.2f} ({(1 - c['gpu_hours'] / t['gpu_hours']) * 100:+.0f}% fewer); llumnix-tuned kept "
+                     f"{t['gpu_hours']:.2f} (Chiron uses {c['gpu_hours'] / t['gpu_hours']:.2f}× as many); llumnix-tuned kept "
                      f"max batch {t['policy_params'].get('max_batch_size')}, thresholds "
                      f"{t['policy_params'].get('scale_up_threshold')}/{t['policy_params'].get('scale_down_threshold')}")
     L += ["", "## 1. Interactive SLO attainment and throughput vs arrival rate (Poisson, ShareGPT lengths)", "",
