@@ -171,6 +171,9 @@ class Backend(abc.ABC):
     def snapshot(self) -> BackendSnapshot: ...
 
 
+_MAX_LAG_S = 0.1  # engine seconds: a loop later than this after the last iteration's end starts the next one now
+
+
 @dataclass
 class _Stream:
     request: BackendRequest
@@ -205,6 +208,8 @@ class SimulatedBackend(Backend):
         self._streams: dict[str, _Stream] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self._prev_end_s: float | None = None
+        self._last_add_s = 0.0
 
     def now(self) -> float:
         return (time.monotonic() - self._t0) * self.speedup
@@ -235,6 +240,7 @@ class SimulatedBackend(Backend):
         self.core.add_request(rid, len(request.prompt_token_ids), request.max_tokens, now,
                               resumed_tokens=len(request.resume_token_ids),
                               host_kv_tokens=request.host_kv_tokens, priority=request.priority)
+        self._last_add_s = now
         stream = _Stream(request, token_ids=list(request.resume_token_ids), rng=random.Random(rid), added_s=now)
         self._streams[rid] = stream
         self._wake.set()
@@ -290,7 +296,13 @@ class SimulatedBackend(Backend):
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            start = self.now()
+            # Back-to-back iterations: the next one starts when the previous one ended (engine time), not when
+            # this loop got round to it, so host scheduling delay (amplified by speedup) is not added to every
+            # iteration; after an idle gap (or a lag beyond _MAX_LAG_S) it starts now.
+            now = self.now()
+            # (never before the newest request's arrival: an iteration cannot include a request added after it began)
+            start = (max(self._prev_end_s, self._last_add_s)
+                     if self._prev_end_s is not None and 0 <= now - self._prev_end_s <= _MAX_LAG_S else now)
             result = self.core.step(start)
             if result.duration_s <= 0:
                 # Nothing schedulable (e.g. cap just lowered to below the running set): wait for a change.
@@ -299,7 +311,7 @@ class SimulatedBackend(Backend):
                     await asyncio.wait_for(self._wake.wait(), timeout=0.01)
                 continue
             await asyncio.sleep(max(0.0, result.end_s - self.now()) / self.speedup)
-            end = result.end_s
+            end = self._prev_end_s = result.end_s
             itl: dict[float, int] = {}
             ttft: list[float] = []
             finished = 0

@@ -183,6 +183,19 @@ class EngineConfig:
     max_model_len: int = 0  # 0 = the model's
 
 
+_tuple_new = tuple.__new__  # builds a TokenEvent without the Python-level NamedTuple constructor
+
+
+def _remove(seq: list[EngineRequest] | deque[EngineRequest], req: EngineRequest) -> None:
+    """``seq.remove(req)`` by identity: the same element (an engine's requests have distinct ids, so none
+    other compares equal), without calling the dataclass ``__eq__`` on every element before it."""
+    for i, r in enumerate(seq):
+        if r is req:
+            del seq[i]
+            return
+    seq.remove(req)  # not there: the ValueError list.remove raises
+
+
 class EngineCore:
     """Continuous-batching scheduler + performance model. Not thread-safe; one owner drives it."""
 
@@ -243,9 +256,9 @@ class EngineCore:
         if req is None:
             return None
         if req.state is RequestState.RUNNING:
-            self.running.remove(req)
+            _remove(self.running, req)
         elif req.state is RequestState.WAITING:
-            self.waiting.remove(req)
+            _remove(self.waiting, req)
         self.held.pop(request_id, None)
         self._free(req)
         req.state = RequestState.FINISHED
@@ -262,14 +275,14 @@ class EngineCore:
         if req is None or req.state in (RequestState.HELD, RequestState.FINISHED):
             return False
         if req.state is RequestState.RUNNING:
-            self.running.remove(req)
+            _remove(self.running, req)
             req.host_kv_tokens = max(req.host_kv_tokens, req.num_computed)
             self._free(req)
             req.num_computed = 0
             req.num_preemptions += 1
             self.num_preemptions_total += 1
         else:
-            self.waiting.remove(req)
+            _remove(self.waiting, req)
         req.state = RequestState.HELD
         self.held[request_id] = req
         return True
@@ -320,7 +333,11 @@ class EngineCore:
         return True
 
     def _preempt(self, victim: EngineRequest) -> None:
-        self.running.remove(victim)
+        running = self.running
+        if running and running[-1] is victim:  # always, from step: the most recently admitted
+            running.pop()
+        else:
+            _remove(running, victim)
         self._free(victim)
         victim.num_computed = 0
         victim.host_kv_tokens = 0
@@ -335,85 +352,147 @@ class EngineCore:
 
     def step(self, now: float) -> StepResult:
         """Schedule and run one iteration starting at ``now`` (seconds). Returns an empty result when idle."""
+        # Hot path of the fleet simulator (one call per iteration, hundreds of requests each): the per-request
+        # work is inlined (context_len, done, _tokens_wanted, _grow, _blocks_for) and a scheduled request's
+        # counters and event are settled as it is scheduled. That changes no decision: scheduling only reads
+        # requests not yet scheduled (preemption victims are later in ``running`` than the request being
+        # scheduled) and the free blocks, which finishes give back only after all scheduling.
+        cfg = self.config
+        running = self.running
         # Tied budget: never below the running set, so lowering the cap stops admissions but starves no one.
-        budget = self.config.max_num_batched_tokens or max(self.max_num_seqs,
-                                                            len(self.running) + self.config.min_prefill_tokens)
-        scheduled: list[tuple[EngineRequest, int]] = []
+        budget = cfg.max_num_batched_tokens or max(self.max_num_seqs, len(running) + cfg.min_prefill_tokens)
+        bs = cfg.block_size
         preempted: list[str] = []
         host_load_tokens = 0
-
-        # 1) running requests, oldest first; preempt the newest when KV blocks run out.
-        i = 0
-        while i < len(self.running) and budget > 0:
-            req = self.running[i]
-            n = min(self._tokens_wanted(req), budget)
-            while not self._grow(req, req.num_computed + n):
-                victim = self.running[-1]
-                self._preempt(victim)
-                preempted.append(victim.request_id)
-                if victim is req:
-                    break
-            if req.state is not RequestState.RUNNING:
-                break
-            scheduled.append((req, n))
-            budget -= n
-            i += 1
-
-        # 2) waiting requests (FIFO) while the cap, the budget and the KV cache allow; none after a preemption.
-        while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            req = self.waiting[0]
-            host = req.host_kv_tokens if req.num_computed == 0 else 0
-            n = min(req.context_len - req.num_computed - host, budget)
-            # One allocation for the host copy and the new tokens: a failed admission holds no blocks.
-            if not self._grow(req, req.num_computed + host + n):
-                break
-            if host:
-                req.num_computed = host
-                host_load_tokens += host
-                req.host_kv_tokens = 0
-            self.waiting.popleft()
-            req.state = RequestState.RUNNING
-            self.running.append(req)
-            scheduled.append((req, n))
-            budget -= n
-
-        if not scheduled:
-            return StepResult(now, 0.0, (), 0, 0, tuple(preempted), 1, (0.0,))
-
+        num_scheduled = 0
         num_decode = 0
         sum_ctx = 0
         chunks: list[tuple[int, int]] = []
-        for req, n in scheduled:
-            if n == 1 and req.num_computed == req.context_len - 1 and req.num_generated > 0:
+        events: list[TokenEvent] = []
+        sampled: list[EngineRequest] = []  # requests that sample a token this iteration
+        firsts: list[EngineRequest] = []  # ... their first one
+        finished: list[EngineRequest] = []
+        new_event = _tuple_new
+
+        # 1) running requests, oldest first; preempt the newest when KV blocks run out. (Iterating the list
+        # while preemption pops its tail visits what an index loop up to len(running) would.)
+        for req in running:
+            if budget <= 0:
+                break
+            nc = req.num_computed
+            ng = req.num_generated
+            ctx = req.prompt_tokens + ng
+            n = ctx - nc  # tokens to run so that the step samples the next output token
+            if n < 1:
+                n = 1
+            if n > budget:
+                n = budget
+            new_nc = nc + n
+            if new_nc > req.num_blocks * bs:  # needs another KV block
+                need = -(-new_nc // bs) - req.num_blocks
+                if need <= self.free_blocks:
+                    self.free_blocks -= need
+                    req.num_blocks += need
+                else:
+                    while not self._grow(req, new_nc):
+                        victim = running[-1]
+                        self._preempt(victim)
+                        preempted.append(victim.request_id)
+                        if victim is req:
+                            break
+                    if req.state is not RequestState.RUNNING:
+                        break
+            num_scheduled += 1
+            budget -= n
+            if n == 1 and nc == ctx - 1 and ng > 0:
                 num_decode += 1
-                sum_ctx += req.context_len
+                sum_ctx += ctx
             else:
-                chunks.append((n, req.num_computed))
-        duration = self.perf.iteration_ms(num_decode, sum_ctx, chunks) / 1e3
+                chunks.append((n, nc))
+            req.num_computed = new_nc
+            if new_nc < ctx:
+                continue  # prefill chunk only, no token sampled yet
+            ng += 1
+            req.num_generated = ng
+            sampled.append(req)
+            first = req.first_token_s is None
+            if first:
+                firsts.append(req)
+            done = ng >= req.max_tokens
+            if done:
+                finished.append(req)
+            events.append(new_event(TokenEvent, (req.request_id, 1, ng, done, first)))
+
+        # 2) waiting requests (FIFO) while the cap, the budget and the KV cache allow; none after a preemption.
+        waiting = self.waiting
+        while not preempted and waiting and budget > 0 and len(running) < self.max_num_seqs:
+            req = waiting[0]
+            nc = req.num_computed
+            ng = req.num_generated
+            ctx = req.prompt_tokens + ng
+            host = req.host_kv_tokens if nc == 0 else 0
+            n = min(ctx - nc - host, budget)
+            # One allocation for the host copy and the new tokens: a failed admission holds no blocks.
+            if not self._grow(req, nc + host + n):
+                break
+            if host:
+                req.num_computed = nc = host
+                host_load_tokens += host
+                req.host_kv_tokens = 0
+            waiting.popleft()
+            req.state = RequestState.RUNNING
+            running.append(req)
+            num_scheduled += 1
+            budget -= n
+            if n == 1 and nc == ctx - 1 and ng > 0:
+                num_decode += 1
+                sum_ctx += ctx
+            else:
+                chunks.append((n, nc))
+            nc += n
+            req.num_computed = nc
+            if nc < ctx:
+                continue  # prefill chunk only, no token sampled yet
+            ng += 1
+            req.num_generated = ng
+            sampled.append(req)
+            first = req.first_token_s is None
+            if first:
+                firsts.append(req)
+            done = ng >= req.max_tokens
+            if done:
+                finished.append(req)
+            events.append(new_event(TokenEvent, (req.request_id, 1, ng, done, first)))
+
+        if not num_scheduled:
+            return StepResult(now, 0.0, (), 0, 0, tuple(preempted), 1, (0.0,))
+
+        perf = self.perf
+        duration = perf.iteration_ms(num_decode, sum_ctx, chunks) / 1e3
         if host_load_tokens:
-            duration += host_load_tokens * self.perf.model.kv_bytes_per_token / self.perf.gpu.host_link_bytes_per_s
+            duration += host_load_tokens * perf.model.kv_bytes_per_token / perf.gpu.host_link_bytes_per_s
         end = now + duration
 
-        events: list[TokenEvent] = []
-        for req, n in scheduled:
-            req.num_computed += n
-            if req.num_computed < req.context_len:
-                continue  # prefill chunk only, no token sampled yet
-            first = req.first_token_s is None
-            req.num_generated += 1
-            self.generated_tokens_total += 1
-            if first:
-                req.first_token_s = end
+        for req in sampled:
             req.last_token_s = end
-            finished = req.done
-            if finished:
-                self.running.remove(req)
-                self._free(req)
+        for req in firsts:
+            req.first_token_s = end
+        self.generated_tokens_total += len(sampled)
+        if finished:
+            requests = self.requests
+            for req in finished:
+                self.free_blocks += req.num_blocks
+                req.num_blocks = 0
                 req.state = RequestState.FINISHED
-                del self.requests[req.request_id]
-                self.finished_total += 1
-            events.append(TokenEvent(req.request_id, 1, req.num_generated, finished, first))
-        num_prefill_tokens = sum(c for c, _ in chunks)
+                del requests[req.request_id]
+            self.finished_total += len(finished)
+            if len(finished) == 1:
+                _remove(running, finished[0])
+            else:
+                running[:] = [req for req in running if req.state is not RequestState.FINISHED]
+        num_prefill_tokens = 0
+        for c, _ in chunks:
+            num_prefill_tokens += c
         return StepResult(now, duration, tuple(events), num_decode, num_prefill_tokens, tuple(preempted), 1,
                           (duration,))
 
