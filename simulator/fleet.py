@@ -38,7 +38,7 @@ import math
 import time
 from array import array
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -138,24 +138,27 @@ class SimInstance:
         return self.core.max_num_seqs
 
 
-@dataclass
 class _Records:
-    """Per-request outcomes, numpy arrays indexed by the request's number within its class."""
+    """Per-request outcomes indexed by the request's number within its class: Python lists while the run goes
+    (element access on them is several times cheaper than on numpy arrays, and it is per token event), numpy
+    arrays after :meth:`finalize`. Times in virtual seconds; NaN = not yet."""
 
-    arrival: np.ndarray
-    first: np.ndarray = field(init=False)
-    last: np.ndarray = field(init=False)
-    done: np.ndarray = field(init=False)
-    tokens: np.ndarray = field(init=False)
-    rejected: np.ndarray = field(init=False)
+    def __init__(self, arrival: np.ndarray) -> None:
+        n = len(arrival)
+        self.arrival = arrival
+        self.arrival_list: list[float] = arrival.tolist()
+        self.first: list[float] | np.ndarray = [math.nan] * n
+        self.last: list[float] | np.ndarray = [math.nan] * n
+        self.done: list[float] | np.ndarray = [math.nan] * n
+        self.tokens: list[int] | np.ndarray = [0] * n
+        self.rejected: list[bool] | np.ndarray = [False] * n
 
-    def __post_init__(self) -> None:
-        n = len(self.arrival)
-        self.first = np.full(n, np.nan)
-        self.last = np.full(n, np.nan)
-        self.done = np.full(n, np.nan)
-        self.tokens = np.zeros(n, dtype=np.int64)
-        self.rejected = np.zeros(n, dtype=bool)
+    def finalize(self) -> None:
+        self.first = np.asarray(self.first, dtype=float)
+        self.last = np.asarray(self.last, dtype=float)
+        self.done = np.asarray(self.done, dtype=float)
+        self.tokens = np.asarray(self.tokens, dtype=np.int64)
+        self.rejected = np.asarray(self.rejected, dtype=bool)
 
 
 class Fleet:
@@ -373,10 +376,11 @@ class Fleet:
     def _horizon(self) -> float:
         """Earliest time something external may change an instance: the next arrival or policy/control tick."""
         h = min(self._ticks.values()) if self._ticks else math.inf
-        if self._next_i < len(self.inter.arrival):
-            h = min(h, self.inter.arrival[self._next_i])
-        if self._next_b < len(self.batch.arrival):
-            h = min(h, self.batch.arrival[self._next_b])
+        ia, ba = self.inter.arrival_list, self.batch.arrival_list
+        if self._next_i < len(ia):
+            h = min(h, ia[self._next_i])
+        if self._next_b < len(ba):
+            h = min(h, ba[self._next_b])
         return h
 
     def _start_step(self, inst: SimInstance) -> None:
@@ -400,10 +404,10 @@ class Fleet:
             idx = int(rid[1:])
             rec = inter if k == "i" else batch
             if ev.first:
-                if math.isnan(rec.first[idx]):
+                if rec.first[idx] != rec.first[idx]:  # NaN: the request's first token anywhere
                     rec.first[idx] = t
                 if k == "i":
-                    inst.ttft.add(t, (t - rec.arrival[idx]) * 1e3)
+                    inst.ttft.add(t, (t - rec.arrival_list[idx]) * 1e3)
                     inst.interactive_waiting = max(0, inst.interactive_waiting - 1)
             else:
                 n_itl_all += 1
@@ -496,7 +500,7 @@ class Fleet:
             self._ticks["control"] = la_interval
             self._push(la_interval, "control", la_interval)
         self._push(0.0, "sample")
-        ia, ba = self.inter.arrival, self.batch.arrival
+        ia, ba = self.inter.arrival_list, self.batch.arrival_list
         n_i, n_b = len(ia), len(ba)
         last_progress = 0.0
         while True:
@@ -543,6 +547,8 @@ class Fleet:
             if not self._heap and not self._work_left():
                 break
         self._sample()
+        self.inter.finalize()
+        self.batch.finalize()
         from simulator.report import build_report  # local import: report imports this module's types
 
         return build_report(self, time.perf_counter() - t_wall)

@@ -505,17 +505,21 @@ class SlaPlannerPolicy(_VllmFleet):
         osl = float(np.concatenate((fleet._io[idx_i], fleet._bo[idx_b])).mean())
         # Observed TTFT and ITL of requests whose first / last token came in the interval.
         ttfts, itls = [], []
+        arrays = []
         for rec in (fleet.inter, fleet.batch):
-            m = (rec.first >= lo) & (rec.first < now)
-            ttfts.append((rec.first[m] - rec.arrival[m]) * 1e3)
-            d = (rec.done >= lo) & (rec.tokens > 1)
-            itls.append((rec.last[d] - rec.first[d]) / (rec.tokens[d] - 1) * 1e3)
+            first, last, done = np.asarray(rec.first), np.asarray(rec.last), np.asarray(rec.done)
+            tokens = np.asarray(rec.tokens)
+            arrays.append((rec.arrival, done))
+            m = (first >= lo) & (first < now)
+            ttfts.append((first[m] - rec.arrival[m]) * 1e3)
+            d = (done >= lo) & (tokens > 1)
+            itls.append((last[d] - first[d]) / (tokens[d] - 1) * 1e3)
         ttft_obs = float(np.concatenate(ttfts).mean()) if sum(len(x) for x in ttfts) else math.nan
         itl_obs = float(np.concatenate(itls).mean()) if sum(len(x) for x in itls) else math.nan
         n_now = max(1, len(fleet.serving()))
         ctx = isl + osl / 2
         ttft_prof = perf.iteration_ms(0, 0, [(int(isl), 0)])
-        durs = np.concatenate([(r.done - r.arrival)[(r.done >= lo) & (r.done < now)] for r in (fleet.inter, fleet.batch)])
+        durs = np.concatenate([(done - arr)[(done >= lo) & (done < now)] for arr, done in arrays])
         dur = float(durs.mean()) if len(durs) else self.interval
         conc = max(1.0, num_req / n_now * dur / self.interval)
         itl_prof = perf.iteration_ms(int(conc), int(conc * ctx), [])
