@@ -346,14 +346,22 @@ class EngineCore:
         self.num_preemptions_total += 1
         self.waiting.appendleft(victim)
 
-    def _tokens_wanted(self, req: EngineRequest) -> int:
-        # Tokens to run through the model so that the step samples the next output token.
-        return max(1, req.context_len - req.num_computed)
+    def _grow_or_preempt(self, req: EngineRequest, new_computed: int, preempted: list[str]) -> bool:
+        """Grow a running request's KV to ``new_computed`` tokens, preempting the newest running requests
+        (appending their ids to ``preempted``) while blocks are short. False if ``req`` itself was preempted."""
+        running = self.running
+        while not self._grow(req, new_computed):
+            victim = running[-1]
+            self._preempt(victim)
+            preempted.append(victim.request_id)
+            if victim is req:
+                return False
+        return True
 
     def step(self, now: float) -> StepResult:
         """Schedule and run one iteration starting at ``now`` (seconds). Returns an empty result when idle."""
         # Hot path of the fleet simulator (one call per iteration, hundreds of requests each): the per-request
-        # work is inlined (context_len, done, _tokens_wanted, _grow, _blocks_for) and a scheduled request's
+        # work is inlined (context_len, done, the tokens wanted, _grow, _blocks_for) and a scheduled request's
         # counters and event are settled as it is scheduled. That changes no decision: scheduling only reads
         # requests not yet scheduled (preemption victims are later in ``running`` than the request being
         # scheduled) and the free blocks, which finishes give back only after all scheduling.
@@ -382,36 +390,34 @@ class EngineCore:
             nc = req.num_computed
             ng = req.num_generated
             ctx = req.prompt_tokens + ng
-            n = ctx - nc  # tokens to run so that the step samples the next output token
-            if n < 1:
-                n = 1
-            if n > budget:
-                n = budget
-            new_nc = nc + n
-            if new_nc > req.num_blocks * bs:  # needs another KV block
-                need = -(-new_nc // bs) - req.num_blocks
-                if need <= self.free_blocks:
-                    self.free_blocks -= need
-                    req.num_blocks += need
-                else:
-                    while not self._grow(req, new_nc):
-                        victim = running[-1]
-                        self._preempt(victim)
-                        preempted.append(victim.request_id)
-                        if victim is req:
-                            break
-                    if req.state is not RequestState.RUNNING:
+            if nc == ctx - 1 and ng > 0:
+                # Decode (the common case): one token, which completes the context and samples the next.
+                if ctx > req.num_blocks * bs:  # crosses into a new KV block
+                    if self.free_blocks > 0 and ctx <= (req.num_blocks + 1) * bs:
+                        self.free_blocks -= 1
+                        req.num_blocks += 1
+                    elif not self._grow_or_preempt(req, ctx, preempted):
                         break
-            num_scheduled += 1
-            budget -= n
-            if n == 1 and nc == ctx - 1 and ng > 0:
+                budget -= 1
                 num_decode += 1
                 sum_ctx += ctx
+                req.num_computed = ctx
             else:
+                n = ctx - nc  # tokens to run so that the step samples the next output token
+                if n < 1:
+                    n = 1
+                if n > budget:
+                    n = budget
+                new_nc = nc + n
+                if new_nc > req.num_blocks * bs and not self._grow_or_preempt(req, new_nc, preempted):
+                    break
+                budget -= n
                 chunks.append((n, nc))
-            req.num_computed = new_nc
-            if new_nc < ctx:
-                continue  # prefill chunk only, no token sampled yet
+                req.num_computed = new_nc
+                if new_nc < ctx:
+                    num_scheduled += 1
+                    continue  # prefill chunk only, no token sampled yet
+            num_scheduled += 1
             ng += 1
             req.num_generated = ng
             sampled.append(req)
@@ -514,24 +520,44 @@ class EngineCore:
         running = self.running
         n = len(running)
         max_seqs = self.max_num_seqs
-        budget = self.config.max_num_batched_tokens or max(max_seqs, n + self.config.min_prefill_tokens)
+        cfg = self.config
+        budget = cfg.max_num_batched_tokens or max(max_seqs, n + cfg.min_prefill_tokens)
         if not n or budget < n or max_steps <= 1:
             return self.step(now)
-        bs = self.config.block_size
+        bs = cfg.block_size
+        free = self.free_blocks
+        # Every failed check below means one step; the order of the checks changes nothing else.
+        waiting = self.waiting
+        head_need = None  # blocks the waiting queue's head would take, when admission hinges on it
+        if waiting and n < max_seqs and budget > n:
+            # Admission would be tried every iteration; it fails in all of them iff it fails in the first:
+            # the head's request does not change and the free blocks only shrink.
+            head = waiting[0]
+            hc = head.num_computed
+            host = head.host_kv_tokens if hc == 0 else 0
+            chunk = min(head.prompt_tokens + head.num_generated - hc - host, budget - n)
+            head_need = -(-(hc + host + chunk) // bs) - head.num_blocks
+            if head_need <= free - n:  # fits whatever the first iteration's n decodes take
+                return self.step(now)
+            if head_need > free:  # never fits
+                head_need = None
         k = max_steps
         sum_ctx = 0
         slack: list[int] = []  # tokens each request can still compute before it needs another KV block
+        append = slack.append
         for req in running:
-            ctx = req.prompt_tokens + req.num_generated
+            ng = req.num_generated
+            nc = req.num_computed
+            ctx = req.prompt_tokens + ng
             # A decode as `step` classifies it; first_token_s also rules out a resumed request whose first
             # token here is still to come (its event would say first=True).
-            if req.num_computed != ctx - 1 or req.num_generated <= 0 or req.first_token_s is None:
+            if nc != ctx - 1 or ng <= 0 or req.first_token_s is None:
                 return self.step(now)
-            s = req.num_blocks * bs - req.num_computed
+            s = req.num_blocks * bs - nc
             if not 0 <= s < bs:  # not the engine's block accounting: leave it to step
                 return self.step(now)
-            slack.append(s)
-            remaining = req.max_tokens - req.num_generated
+            append(s)
+            remaining = req.max_tokens - ng
             if remaining < k:
                 k = remaining
             sum_ctx += ctx
@@ -539,20 +565,12 @@ class EngineCore:
         # with j = q·bs + t (0 <= t < bs) all of them need n·q + #{s < t} blocks; the largest j that fits the free
         # blocks F has q = F // n and t = the (F mod n)-th smallest slack.
         slack.sort()
-        q, r = divmod(self.free_blocks, n)
+        q, r = divmod(free, n)
         k_kv = q * bs + slack[r]
         if k_kv < 1:
             return self.step(now)  # the first iteration preempts
-        waiting = self.waiting
-        if waiting and n < max_seqs and budget > n:
-            # Admission would be tried every iteration; it fails in all of them iff it fails in the first:
-            # the head's request does not change and the free blocks only shrink.
-            head = waiting[0]
-            host = head.host_kv_tokens if head.num_computed == 0 else 0
-            chunk = min(head.context_len - head.num_computed - host, budget - n)
-            need = self._blocks_for(head.num_computed + host + chunk) - head.num_blocks
-            if need <= self.free_blocks - bisect_right(slack, 0):
-                return self.step(now)
+        if head_need is not None and head_need <= free - bisect_right(slack, 0):
+            return self.step(now)
         if k_kv < k:
             k = k_kv
 
@@ -571,26 +589,31 @@ class EngineCore:
 
         events: list[TokenEvent] = []
         finished: list[EngineRequest] = []
+        new_event = _tuple_new
         grown = 0
         for req in running:
-            req.num_generated += k
-            req.num_computed += k
-            blocks = -(-req.num_computed // bs)
+            ng = req.num_generated + k
+            req.num_generated = ng
+            nc = req.num_computed + k
+            req.num_computed = nc
+            blocks = -(-nc // bs)
             grown += blocks - req.num_blocks
             req.num_blocks = blocks
             req.last_token_s = end
-            done = req.num_generated >= req.max_tokens
+            done = ng >= req.max_tokens
             if done:
                 finished.append(req)
-            events.append(TokenEvent(req.request_id, k, req.num_generated, done, False))
-        self.free_blocks -= grown
+            events.append(new_event(TokenEvent, (req.request_id, k, ng, done, False)))
+        self.free_blocks = free - grown
         self.generated_tokens_total += n * k
         if finished:
             running[:] = [req for req in running if req.num_generated < req.max_tokens]
+            requests = self.requests
             for req in finished:
-                self._free(req)
+                self.free_blocks += req.num_blocks
+                req.num_blocks = 0
                 req.state = RequestState.FINISHED
-                del self.requests[req.request_id]
+                del requests[req.request_id]
             self.finished_total += len(finished)
         return StepResult(now, end - now, tuple(events), n, 0, (), k, tuple(durations))
 
