@@ -127,35 +127,24 @@ def _plots(data: dict, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     pols = sorted({r["policy"] for r in data["results"]})
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    rates = data["plan"]["rates"]
-    for p in pols:
-        rows = [next((r for r in _rows(data, f"rate={x:g}") if r["policy"] == p), None) for x in rates]
-        axes[0].plot(rates, [r["interactive"]["slo_attainment"] if r else np.nan for r in rows], marker="o", label=p)
-        axes[1].plot(rates, [r["gpu_hours"] if r else np.nan for r in rows], marker="o", label=p)
-    axes[0].set_xlabel("arrival rate [req/s]")
-    axes[0].set_ylabel("interactive SLO attainment")
-    axes[1].set_xlabel("arrival rate [req/s]")
-    axes[1].set_ylabel("GPU-hours")
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "exp1_rate.png", dpi=110)
-    plt.close(fig)
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    cvs = data["plan"]["cvs"]
-    for p in pols:
-        rows = [next((r for r in _rows(data, f"cv={x:g}") if r["policy"] == p), None) for x in cvs]
-        axes[0].plot(cvs, [r["interactive"]["slo_attainment"] if r else np.nan for r in rows], marker="o", label=p)
-        axes[1].plot(cvs, [r["gpu_hours"] if r else np.nan for r in rows], marker="o", label=p)
-    axes[0].set_xlabel("inter-arrival CV")
-    axes[0].set_ylabel("interactive SLO attainment")
-    axes[1].set_xlabel("inter-arrival CV")
-    axes[1].set_ylabel("GPU-hours")
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "exp3_burstiness.png", dpi=110)
-    plt.close(fig)
+    def sweep(prefix: str, xs, xlabel: str, name: str) -> None:
+        """Interactive SLO attainment and GPU-hours of every policy over one swept parameter."""
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for p in pols:
+            rows = [next((r for r in _rows(data, f"{prefix}={x:g}") if r["policy"] == p), None) for x in xs]
+            axes[0].plot(xs, [r["interactive"]["slo_attainment"] if r else np.nan for r in rows], marker="o", label=p)
+            axes[1].plot(xs, [r["gpu_hours"] if r else np.nan for r in rows], marker="o", label=p)
+        for ax, ylabel in zip(axes, ("interactive SLO attainment", "GPU-hours"), strict=True):
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(ylabel)
+        axes[0].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+
+    sweep("rate", data["plan"]["rates"], "arrival rate [req/s]", "exp1_rate.png")
+    sweep("cv", data["plan"]["cvs"], "inter-arrival CV", "exp3_burstiness.png")
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for p in pols:
