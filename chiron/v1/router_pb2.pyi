@@ -1,9 +1,10 @@
 from chiron.v1 import engine_pb2 as _engine_pb2
 from chiron.v1 import queue_pb2 as _queue_pb2
 from chiron.v1 import types_pb2 as _types_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -71,3 +72,25 @@ class RouterCancelResponse(_message.Message):
     CANCELLED_FIELD_NUMBER: _ClassVar[int]
     cancelled: bool
     def __init__(self, cancelled: _Optional[bool] = ...) -> None: ...
+
+class ListModelsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ModelInfo(_message.Message):
+    __slots__ = ("model", "interactive_instances", "mixed_instances", "batch_instances")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    INTERACTIVE_INSTANCES_FIELD_NUMBER: _ClassVar[int]
+    MIXED_INSTANCES_FIELD_NUMBER: _ClassVar[int]
+    BATCH_INSTANCES_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    interactive_instances: int
+    mixed_instances: int
+    batch_instances: int
+    def __init__(self, model: _Optional[str] = ..., interactive_instances: _Optional[int] = ..., mixed_instances: _Optional[int] = ..., batch_instances: _Optional[int] = ...) -> None: ...
+
+class ListModelsResponse(_message.Message):
+    __slots__ = ("models",)
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...

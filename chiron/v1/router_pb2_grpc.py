@@ -61,6 +61,11 @@ class RouterStub:
                 request_serializer=chiron_dot_v1_dot_router__pb2.RouterCancelRequest.SerializeToString,
                 response_deserializer=chiron_dot_v1_dot_router__pb2.RouterCancelResponse.FromString,
                 _registered_method=True)
+        self.ListModels = channel.unary_unary(
+                '/chiron.v1.Router/ListModels',
+                request_serializer=chiron_dot_v1_dot_router__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=chiron_dot_v1_dot_router__pb2.ListModelsResponse.FromString,
+                _registered_method=True)
 
 
 class RouterServicer:
@@ -106,6 +111,13 @@ class RouterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListModels(self, request, context):
+        """Models that serving engine instances (from etcd membership) offer, with their instance counts.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RouterServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -133,6 +145,11 @@ def add_RouterServicer_to_server(servicer, server):
                     servicer.Cancel,
                     request_deserializer=chiron_dot_v1_dot_router__pb2.RouterCancelRequest.FromString,
                     response_serializer=chiron_dot_v1_dot_router__pb2.RouterCancelResponse.SerializeToString,
+            ),
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=chiron_dot_v1_dot_router__pb2.ListModelsRequest.FromString,
+                    response_serializer=chiron_dot_v1_dot_router__pb2.ListModelsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -272,6 +289,33 @@ class Router:
             '/chiron.v1.Router/Cancel',
             chiron_dot_v1_dot_router__pb2.RouterCancelRequest.SerializeToString,
             chiron_dot_v1_dot_router__pb2.RouterCancelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chiron.v1.Router/ListModels',
+            chiron_dot_v1_dot_router__pb2.ListModelsRequest.SerializeToString,
+            chiron_dot_v1_dot_router__pb2.ListModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -201,6 +201,16 @@ class RouterService(router_pb2_grpc.RouterServicer):
             await context.abort(e.code(), e.details())
         return router_pb2.RouterCancelResponse(cancelled=resp.cancelled)
 
+    async def ListModels(self, request: router_pb2.ListModelsRequest, context):
+        by_model: dict[str, router_pb2.ModelInfo] = {}
+        for m in self.membership.snapshot().values():
+            if m.state != "serving":
+                continue
+            info = by_model.setdefault(m.model, router_pb2.ModelInfo(model=m.model))
+            field = f"{m.role}_instances"
+            setattr(info, field, getattr(info, field) + 1)
+        return router_pb2.ListModelsResponse(models=[by_model[k] for k in sorted(by_model)])
+
 
 @dataclass
 class RunningRouter:
