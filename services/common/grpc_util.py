@@ -20,12 +20,19 @@ def timestamp(seconds_since_epoch: float) -> Timestamp:
     return t
 
 
+# Batch API uploads and result sets travel as single messages (files up to the queue's --max-file-bytes, 64 MiB by
+# default): every server and pooled channel accepts messages this large instead of gRPC's 4 MiB default.
+MAX_MESSAGE_BYTES = 80 * 2**20
+MESSAGE_OPTIONS = (("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES))
+
+
 def create_server(add_servicer: Callable[[grpc.aio.Server], None], service_name: str, host: str,
                   port: int) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
     """A bound, not yet started grpc.aio server with the service (``add_servicer(server)``), the standard health
     service (NOT_SERVING until :func:`mark_serving`) and reflection. ``port`` 0 picks a free port.
     Returns ``(server, health_servicer, bound_port)``. Raises OSError when the address cannot be bound."""
-    server = grpc.aio.server()
+    server = grpc.aio.server(options=MESSAGE_OPTIONS)
     add_servicer(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -51,7 +58,7 @@ class ChannelPool:
     def get(self, address: str) -> grpc.aio.Channel:
         ch = self._channels.get(address)
         if ch is None:
-            ch = self._channels[address] = grpc.aio.insecure_channel(address)
+            ch = self._channels[address] = grpc.aio.insecure_channel(address, options=MESSAGE_OPTIONS)
         return ch
 
     async def close(self) -> None:

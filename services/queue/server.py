@@ -29,8 +29,9 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from chiron.v1 import queue_pb2, queue_pb2_grpc, types_pb2
+from chiron.v1 import batch_pb2_grpc, queue_pb2, queue_pb2_grpc, types_pb2
 from services.common.grpc_util import create_server, mark_serving, timestamp
+from services.queue.batches import BatchApiService, BatchStore
 from services.queue.estimator import GroupEstimate, ServingCapacity, WaitingTimeEstimator
 from services.queue.store import QueueConfig, QueueError, QueueStore
 
@@ -283,15 +284,22 @@ class RunningQueue:
 
 
 async def serve(config: QueueConfig, host: str = "127.0.0.1", port: int = 0,
-                capacity: CapacityTracker | None = None, estimator: WaitingTimeEstimator | None = None) -> RunningQueue:
-    """Open the store (recovering what a previous process left) and serve ``chiron.v1.Queue`` with health
+                capacity: CapacityTracker | None = None, estimator: WaitingTimeEstimator | None = None,
+                max_file_bytes: int = 64 * 2**20) -> RunningQueue:
+    """Open the store (recovering what a previous process left) and serve ``chiron.v1.Queue`` and
+    ``chiron.v1.BatchApi`` (files and batches in the same database; uploads up to ``max_file_bytes``) with health
     checking and reflection. ``port`` 0 picks a free port. Raises ValueError for a bad config."""
     config.validate()
     store = QueueStore(config)
     service = QueueService(store, estimator, capacity)
+    batch_api = BatchApiService(BatchStore(store, max_file_bytes))
     name = queue_pb2.DESCRIPTOR.services_by_name["Queue"].full_name
-    server, health_servicer, bound = create_server(
-        lambda s: queue_pb2_grpc.add_QueueServicer_to_server(service, s), name, host, port)
+
+    def add(s: grpc.aio.Server) -> None:
+        queue_pb2_grpc.add_QueueServicer_to_server(service, s)
+        batch_pb2_grpc.add_BatchApiServicer_to_server(batch_api, s)
+
+    server, health_servicer, bound = create_server(add, name, host, port)
     await service.start()
     await server.start()
     await mark_serving(health_servicer, name)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 
 import grpc
 
-from chiron.v1 import engine_pb2, engine_pb2_grpc, queue_pb2, queue_pb2_grpc, router_pb2, router_pb2_grpc, types_pb2
+from chiron.v1 import batch_pb2_grpc, engine_pb2, engine_pb2_grpc, queue_pb2, queue_pb2_grpc, router_pb2, router_pb2_grpc, types_pb2
 from services.common.grpc_util import ChannelPool, create_server, mark_serving
 from services.router.routing import Classified, InstanceLoad, Rejected, RouterConfig, choose_instance, classify
 
@@ -212,6 +212,40 @@ class RouterService(router_pb2_grpc.RouterServicer):
         return router_pb2.ListModelsResponse(models=[by_model[k] for k in sorted(by_model)])
 
 
+def _forward(method: str):
+    async def call(self, request, context):
+        stub = batch_pb2_grpc.BatchApiStub(self.channels.get(self.queue_address))
+        try:
+            return await getattr(stub, method)(request, timeout=self.timeout_s)
+        except grpc.aio.AioRpcError as e:
+            code = e.code()
+            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"the queue at {self.queue_address} did not answer "
+                                                                 f"({code.name}: {e.details()}); retry later")
+            await context.abort(code, e.details())
+    call.__name__ = method
+    return call
+
+
+class BatchApiForwarder(batch_pb2_grpc.BatchApiServicer):
+    """``chiron.v1.BatchApi`` on the router: every call goes unchanged to the queue, which owns files and batches
+    (so clients need only the router's address). Errors are the queue's; an unreachable queue is UNAVAILABLE."""
+
+    def __init__(self, channels: ChannelPool, queue_address: str, timeout_s: float = 30.0) -> None:
+        self.channels = channels
+        self.queue_address = queue_address
+        self.timeout_s = timeout_s
+
+    CreateFile = _forward("CreateFile")
+    GetFile = _forward("GetFile")
+    GetFileContent = _forward("GetFileContent")
+    CreateBatch = _forward("CreateBatch")
+    GetBatch = _forward("GetBatch")
+    ListBatches = _forward("ListBatches")
+    CancelBatch = _forward("CancelBatch")
+    GetBatchResults = _forward("GetBatchResults")
+
+
 @dataclass
 class RunningRouter:
     server: grpc.aio.Server
@@ -224,11 +258,17 @@ class RunningRouter:
 
 
 async def serve(service: RouterService, host: str = "127.0.0.1", port: int = 0) -> RunningRouter:
-    """Serve ``chiron.v1.Router`` (health checking, reflection) after a first stats refresh."""
+    """Serve ``chiron.v1.Router`` and the forwarded ``chiron.v1.BatchApi`` (health checking, reflection) after a
+    first stats refresh."""
     await service.start()
     name = router_pb2.DESCRIPTOR.services_by_name["Router"].full_name
-    server, health_servicer, bound = create_server(
-        lambda s: router_pb2_grpc.add_RouterServicer_to_server(service, s), name, host, port)
+    forwarder = BatchApiForwarder(service._channels, service.queue_address)
+
+    def add(s: grpc.aio.Server) -> None:
+        router_pb2_grpc.add_RouterServicer_to_server(service, s)
+        batch_pb2_grpc.add_BatchApiServicer_to_server(forwarder, s)
+
+    server, health_servicer, bound = create_server(add, name, host, port)
     await server.start()
     # Fewer, shorter garbage-collection pauses on the request path: what was allocated at start-up (modules,
     # protobuf descriptors) is frozen out of collections, and young-generation collections run less often.
