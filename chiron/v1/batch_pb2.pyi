@@ -204,7 +204,7 @@ class BatchObject(_message.Message):
     def __init__(self, batch_id: _Optional[str] = ..., endpoint: _Optional[str] = ..., input_file_id: _Optional[str] = ..., completion_window_s: _Optional[int] = ..., status: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., completed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., cancelled_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., total: _Optional[int] = ..., completed: _Optional[int] = ..., failed: _Optional[int] = ..., output_file_id: _Optional[str] = ..., error_file_id: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., group_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class BatchResult(_message.Message):
-    __slots__ = ("line", "custom_id", "request_id", "state", "output_token_ids", "num_prompt_tokens", "model", "finished")
+    __slots__ = ("line", "custom_id", "request_id", "state", "output_token_ids", "num_prompt_tokens", "model", "finished", "max_tokens")
     LINE_FIELD_NUMBER: _ClassVar[int]
     CUSTOM_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
@@ -213,6 +213,7 @@ class BatchResult(_message.Message):
     NUM_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     line: int
     custom_id: str
     request_id: str
@@ -221,7 +222,8 @@ class BatchResult(_message.Message):
     num_prompt_tokens: int
     model: str
     finished: _timestamp_pb2.Timestamp
-    def __init__(self, line: _Optional[int] = ..., custom_id: _Optional[str] = ..., request_id: _Optional[str] = ..., state: _Optional[_Union[_queue_pb2.QueuedRequestState, str]] = ..., output_token_ids: _Optional[_Iterable[int]] = ..., num_prompt_tokens: _Optional[int] = ..., model: _Optional[str] = ..., finished: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    max_tokens: int
+    def __init__(self, line: _Optional[int] = ..., custom_id: _Optional[str] = ..., request_id: _Optional[str] = ..., state: _Optional[_Union[_queue_pb2.QueuedRequestState, str]] = ..., output_token_ids: _Optional[_Iterable[int]] = ..., num_prompt_tokens: _Optional[int] = ..., model: _Optional[str] = ..., finished: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., max_tokens: _Optional[int] = ...) -> None: ...
 
 class GetBatchResultsResponse(_message.Message):
     __slots__ = ("batch", "results", "errors")

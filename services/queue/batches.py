@@ -140,6 +140,7 @@ class ItemResult:
     num_prompt_tokens: int
     output_token_ids: tuple[int, ...]
     finished_s: float | None
+    max_tokens: int
 
 
 class BatchStore:
@@ -320,12 +321,12 @@ class BatchStore:
         Raises NOT_FOUND."""
         rec = self.get_batch(batch_id)
         items = []
-        for line, cid, rid, model, state, n_prompt, resume, fin in self._conn.execute(
-                "SELECT b.line, b.custom_id, b.request_id, r.model, r.state, r.n_prompt, r.resume, r.finished_s "
+        for line, cid, rid, model, state, n_prompt, resume, fin, mt in self._conn.execute(
+                "SELECT b.line, b.custom_id, b.request_id, r.model, r.state, r.n_prompt, r.resume, r.finished_s, r.max_tokens "
                 "FROM batch_items b JOIN requests r ON r.request_id = b.request_id WHERE b.batch_id = ? ORDER BY b.line",
                 (batch_id,)):
             out = _decode_tokens(resume) if state == 2 else ()
-            items.append(ItemResult(line, cid, rid, model, state, n_prompt, out, fin))
+            items.append(ItemResult(line, cid, rid, model, state, n_prompt, out, fin, mt))
         errors = [LineError(**e) for e in json.loads(
             self._conn.execute("SELECT errors FROM batches WHERE batch_id = ?", (batch_id,)).fetchone()[0])]
         return rec, items, errors
@@ -421,7 +422,8 @@ class BatchApiService(batch_pb2_grpc.BatchApiServicer):
         resp = batch_pb2.GetBatchResultsResponse(batch=batch_pb(rec))
         for it in items:
             r = resp.results.add(line=it.line, custom_id=it.custom_id, request_id=it.request_id, state=_STATE_CODES[it.state],
-                                 output_token_ids=it.output_token_ids, num_prompt_tokens=it.num_prompt_tokens, model=it.model)
+                                 output_token_ids=it.output_token_ids, num_prompt_tokens=it.num_prompt_tokens, model=it.model,
+                                 max_tokens=it.max_tokens)
             if it.finished_s is not None:
                 r.finished.CopyFrom(timestamp(it.finished_s))
         for e in errors:
