@@ -216,10 +216,13 @@ def engine(host, port, port_file, backend, model, load_format, dtype, max_num_ba
 @click.option("--max-prompt-tokens", default=32768, show_default=True, help="Longest prompt accepted [tokens].")
 @click.option("--prior-throughput", type=float, default=0.0, show_default=True,
               help="Batch throughput assumed per model before any request completes [tokens/s] (0 = unknown).")
+@click.option("--max-file-bytes", default=64 * 2**20, show_default=True,
+              help="Largest Batch API upload stored [bytes] (at most 80 MiB, the gRPC message limit).")
 def queue(host, port, port_file, db_path, models, capacity, group_granularity_s, lease_timeout_s, max_ttft_slo_s,
-          max_prompt_tokens, prior_throughput) -> None:
+          max_prompt_tokens, prior_throughput, max_file_bytes) -> None:
     """Run the global queue: the chiron.v1.Queue gRPC service (durable request groups, leases, waiting-time
-    estimates), with health checking and reflection. SIGTERM or Ctrl-C stops it; the store survives."""
+    estimates) and chiron.v1.BatchApi (uploaded files and batches, in the same database), with health checking
+    and reflection. SIGTERM or Ctrl-C stops it; the store survives."""
     from services.queue.server import CapacityTracker, serve
     from services.queue.store import QueueConfig
 
@@ -230,9 +233,12 @@ def queue(host, port, port_file, db_path, models, capacity, group_granularity_s,
         cfg.validate()
     except ValueError as e:
         raise click.BadParameter(str(e)) from e
+    if not 1 <= max_file_bytes <= 80 * 2**20:
+        raise click.BadParameter(f"--max-file-bytes must be in 1 .. {80 * 2**20} bytes, got {max_file_bytes}")
 
     async def run() -> None:
-        srv = await serve(cfg, host, port, capacity=CapacityTracker(prior_throughput_tokens_per_s=prior_throughput))
+        srv = await serve(cfg, host, port, capacity=CapacityTracker(prior_throughput_tokens_per_s=prior_throughput),
+                          max_file_bytes=max_file_bytes)
         if port_file:
             Path(port_file).write_text(str(srv.port))
         console.print(f"queue serving on {host}:{srv.port} (store {db_path})")
