@@ -31,10 +31,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import grpc
 import psutil
 
 from chiron.v1 import engine_pb2, engine_pb2_grpc, types_pb2
+from services.common.security import open_channel
 from services.engine.demo import start_engine_process, stop_process, wait_healthy, wait_port_file
 from services.engine.vllm_backend import VllmBackend, VllmConfig, quiet_vllm_logs, write_tiny_model
 
@@ -104,7 +104,7 @@ async def run_bench(concurrencies=(1, 8, 32), max_tokens: int = 256, reps: int =
         port = await wait_port_file(port_file, proc, timeout_s=180)
         target = f"127.0.0.1:{port}"
         await wait_healthy(target, timeout_s=60, proc=proc)
-        async with grpc.aio.insecure_channel(target) as channel:
+        async with open_channel(target) as channel:
             stub = engine_pb2_grpc.EngineStub(channel)
             # Warm both paths (first requests allocate buffers).
             await run_direct(backend, 8, 32, "warm")

@@ -145,8 +145,9 @@ async def _watch_decisions(scaler: str, t0: float, speedup: float, out: list[dic
     import grpc
 
     from chiron.v1 import scaler_pb2, scaler_pb2_grpc
+    from services.common.security import open_channel
 
-    async with grpc.aio.insecure_channel(scaler) as ch:
+    async with open_channel(scaler) as ch:
         with contextlib.suppress(grpc.aio.AioRpcError):
             async for msg in scaler_pb2_grpc.GlobalScalerStub(ch).WatchDecisions(scaler_pb2.WatchDecisionsRequest()):
                 d = msg.decision

@@ -90,7 +90,7 @@ def _measure(args: argparse.Namespace) -> None:
             x_in = torch.randn(B, HIDDEN, device=dev, dtype=dt)
             pos = torch.tensor([L - 1], device=dev)
 
-            def decode() -> torch.Tensor:
+            def decode(B=B, caches=caches, n_caches=n_caches, pos=pos, x_in=x_in) -> torch.Tensor:
                 x = x_in
                 for i, p in enumerate(layers):
                     k_cache, v_cache = caches[i % n_caches]
@@ -121,13 +121,13 @@ def _measure(args: argparse.Namespace) -> None:
                    "eager_ms": round(eager_ms, 4), "kv_per_layer": per_layer}
             results["decode"].append(row)
             print(json.dumps(row), flush=True)
-            del caches, graph
+            del caches, graph, decode
             torch.cuda.empty_cache()
 
     for n in PREFILL_TOKENS:
         x_in = torch.randn(n, HIDDEN, device=dev, dtype=dt)
 
-        def prefill() -> torch.Tensor:
+        def prefill(n=n, x_in=x_in) -> torch.Tensor:
             x = x_in
             for p in layers:
                 qkv = F.linear(rms(x, p["n1"]), p["qkv"])

@@ -26,7 +26,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import grpc
 import numpy as np
 
 from chiron.v1 import queue_pb2, queue_pb2_grpc, types_pb2
@@ -54,6 +53,7 @@ def bench_inprocess(n: int, prompt_tokens: int, work: Path) -> float:
 
 async def bench_grpc(n: int, prompt_tokens: int, concurrency: int, lease_batch: int, work: Path) -> dict:
     from services.cluster import spawn_chiron
+    from services.common.security import open_channel
     from services.engine.demo import stop_process, wait_healthy, wait_port_file
 
     proc, port_file = spawn_chiron(work, "queue", ["queue", "--db", str(work / "grpc.db")])
@@ -61,7 +61,7 @@ async def bench_grpc(n: int, prompt_tokens: int, concurrency: int, lease_batch: 
     try:
         port = await wait_port_file(port_file, proc)
         await wait_healthy(f"127.0.0.1:{port}", proc=proc)
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+        async with open_channel(f"127.0.0.1:{port}") as ch:
             stub = queue_pb2_grpc.QueueStub(ch)
             latencies: list[float] = []
             next_i = iter(range(n))

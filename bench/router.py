@@ -17,12 +17,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import grpc
 import numpy as np
 
 from chiron.v1 import engine_pb2, engine_pb2_grpc, router_pb2, router_pb2_grpc, types_pb2
 from services.cluster import spawn_chiron
 from services.common.etcd_server import EtcdServer
+from services.common.security import auth_metadata, open_channel
 from services.engine.demo import stop_process, wait_healthy, wait_port_file
 
 
@@ -71,8 +71,7 @@ async def run_bench(rates=(50.0, 200.0, 500.0), duration_s: float = 10.0, max_to
         for port, p in ((eport, e), (rport, r)):
             await wait_healthy(f"127.0.0.1:{port}", proc=p)
         prompt = list(range(1, 33))
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{eport}") as ech, \
-                grpc.aio.insecure_channel(f"127.0.0.1:{rport}") as rch:
+        async with open_channel(f"127.0.0.1:{eport}") as ech, open_channel(f"127.0.0.1:{rport}") as rch:
             estub, rstub = engine_pb2_grpc.EngineStub(ech), router_pb2_grpc.RouterStub(rch)
 
             def make(i: int, tag: str) -> types_pb2.InferenceRequest:
@@ -87,7 +86,7 @@ async def run_bench(rates=(50.0, 200.0, 500.0), duration_s: float = 10.0, max_to
 
             async def routed(i: int, tag: str = "r"):
                 first = None
-                async for _ in rstub.Generate(router_pb2.RouterGenerateRequest(request=make(i, tag))):
+                async for _ in rstub.Generate(router_pb2.RouterGenerateRequest(request=make(i, tag)), metadata=auth_metadata()):
                     first = first or time.perf_counter()
                 return first
 

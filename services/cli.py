@@ -2,6 +2,7 @@
 
     chiron replay                 replay a trace (interactive + batch) through a running cluster; report and plot
     chiron up                     start a whole cluster here (etcd, queue, router, scaler, engines)
+    chiron certs DIR              write a development CA and server/client certificates for mutual TLS
     chiron engine                 run one engine agent (gRPC Engine service + local autoscaler)
     chiron queue                  run the global queue (durable request groups, leases, waiting-time estimates)
     chiron router                 run the router (interactive routing, batch submission via the queue)
@@ -51,6 +52,68 @@ def _stop_on_signal() -> asyncio.Event:
     return stop
 
 
+def _metrics_options(f):
+    """``--metrics-port`` and ``--metrics-port-file`` of a service command."""
+    f = click.option("--metrics-port-file", type=click.Path(dir_okay=False),
+                     help="Write the bound metrics port here (before --port-file); alone, it serves metrics on a free port.")(f)
+    return click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
+                        help="Serve Prometheus metrics at http://HOST:PORT/metrics (0 = pick a free one). Default: off.")(f)
+
+
+async def _start_metrics(srv, metrics, host: str, port: int | None, port_file: str | None):
+    """The service's /metrics endpoint (:func:`services.common.metrics.serve_metrics`) when ``--metrics-port`` or
+    ``--metrics-port-file`` is given, else None. When the address cannot be bound, stops ``srv`` (the service's
+    running server) and raises click.ClickException."""
+    if port is None and not port_file:
+        return None
+    from services.common.metrics import serve_metrics
+
+    try:
+        return await serve_metrics(metrics, host, port or 0, port_file)
+    except OSError as e:
+        await srv.stop(0)
+        raise click.ClickException(f"cannot serve metrics on {host}:{port}: {e}") from e
+
+
+def _check_security_settings() -> None:
+    """Fail early, with the reason, when the ``CHIRON_*`` security variables are inconsistent (certificate
+    without key, missing file). Raises click.ClickException."""
+    from pydantic import ValidationError
+
+    from services.common.security import security_settings
+
+    try:
+        security_settings()
+    except ValidationError as e:
+        raise click.ClickException("security settings: " + "; ".join(err["msg"] for err in e.errors())) from None
+
+
+def _security_options(f):
+    """``--tls`` and ``--auth-token`` of the commands that start a local cluster."""
+    f = click.option("--auth-token", default=None, metavar="TOKEN",
+                     help="Require this bearer token on the router (its clients here send it). Visible in process "
+                          "lists: export CHIRON_AUTH_TOKENS / CHIRON_TOKEN instead where that matters.")(f)
+    return click.option("--tls", is_flag=True,
+                        help="Mutual TLS on every gRPC hop, with a development CA and certificates written to "
+                             "WORK_DIR/certs (see 'chiron certs').")(f)
+
+
+def _print_security(cluster, tls: bool) -> None:
+    """Tell how to reach a cluster started with --tls / --auth-token or CHIRON_* variables (never the token)."""
+    from services.common.security import security_settings
+
+    s = security_settings()
+    if tls:
+        certs = cluster.work.resolve() / "certs"
+        console.print(f"mutual TLS on: clients need CHIRON_TLS_CA={certs / 'ca.pem'} CHIRON_TLS_CERT={certs / 'client.pem'} "
+                      f"CHIRON_TLS_KEY={certs / 'client-key.pem'}", soft_wrap=True)
+    elif s.tls_enabled:
+        console.print("TLS on, with the certificates named by CHIRON_TLS_CERT / CHIRON_TLS_KEY / CHIRON_TLS_CA")
+    if s.auth_enabled:
+        console.print("router requires a bearer token: clients send it as CHIRON_TOKEN (gRPC metadata "
+                      "'authorization: Bearer <token>')")
+
+
 def _fmt(v, digits: int = 1) -> str:
     if v is None:
         return "—"
@@ -66,6 +129,7 @@ def main(log_level: str) -> None:
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     sub = click.get_current_context().invoked_subcommand
     if sub in ("engine", "queue", "router", "scaler"):  # OTel spans per RPC when OTEL_* variables ask for them
+        _check_security_settings()
         from services.common.tracing import setup_tracing
 
         setup_tracing(f"chiron-{sub}")
@@ -111,11 +175,13 @@ def main(log_level: str) -> None:
 @click.option("--etcd", default=None, help="Register this instance in etcd (host:port) under a kept-alive lease.")
 @click.option("--queue", "queue_addr", default=None,
               help="Queue service (host:port): a BATCH or MIXED agent leases batch work from it (ignored for interactive).")
+@_metrics_options
 @click.option("--advertise-host", default=None,
               help="Host others reach this agent at (registered in etcd). Default: --host, or 127.0.0.1 for 0.0.0.0.")
 def engine(host, port, port_file, backend, model, load_format, dtype, max_num_batched_tokens,
            kv_cache_mb, role, instance_id, itl_slo_ms, initial_batch_size, max_batch_size, control_interval_s,
-           static_batch_size, min_prefill_tokens, token_budget, speedup, etcd, queue_addr, advertise_host) -> None:
+           static_batch_size, min_prefill_tokens, token_budget, speedup, etcd, queue_addr, advertise_host, metrics_port,
+           metrics_port_file) -> None:
     """Run one engine agent: the chiron.v1.Engine gRPC service with health checking and reflection.
 
     SIGTERM or Ctrl-C drains: new requests get UNAVAILABLE, running ones finish (up to 30 s).
@@ -171,6 +237,7 @@ def engine(host, port, port_file, backend, model, load_format, dtype, max_num_ba
         except Exception as e:
             console.print(f"[red]engine failed to start ({backend} backend): {e}[/]")
             raise SystemExit(1) from e
+        msrv = await _start_metrics(srv, agent.metrics, host, metrics_port, metrics_port_file)
         reg = None
         if etcd:
             import os
@@ -179,7 +246,8 @@ def engine(host, port, port_file, backend, model, load_format, dtype, max_num_ba
 
             adv = advertise_host or ("127.0.0.1" if host in ("0.0.0.0", "::") else host)
             info = InstanceInfo(instance_id=agent.config.instance_id, role=role, model=be.model_name,
-                                address=f"{adv}:{srv.port}", backend=backend, pid=os.getpid())
+                                address=f"{adv}:{srv.port}", backend=backend, pid=os.getpid(),
+                                labels={"metrics_address": f"{adv}:{msrv.port}"} if msrv else {})
             try:
                 reg = await Registration.create(etcd, info)
             except MembershipError as e:
@@ -189,7 +257,8 @@ def engine(host, port, port_file, backend, model, load_format, dtype, max_num_ba
         if port_file:  # last: whoever waits on it may count the instance as registered and serving
             Path(port_file).write_text(str(srv.port))
         console.print(f"engine agent [bold]{agent.config.instance_id}[/] ({backend}, {be.model_name}, {role}) "
-                      f"serving on {host}:{srv.port}" + (f", registered in etcd {etcd}" if reg else ""))
+                      f"serving on {host}:{srv.port}" + (f", registered in etcd {etcd}" if reg else "")
+                      + (f", metrics on http://{host}:{msrv.port}/metrics" if msrv else ""))
         await stop.wait()
         console.print("draining…")
         if reg is not None:
@@ -197,6 +266,8 @@ def engine(host, port, port_file, backend, model, load_format, dtype, max_num_ba
         await srv.stop(grace_s=30.0)
         if reg is not None:
             await reg.close()
+        if msrv is not None:
+            msrv.stop()
 
     asyncio.run(run())
 
@@ -218,8 +289,9 @@ def engine(host, port, port_file, backend, model, load_format, dtype, max_num_ba
               help="Batch throughput assumed per model before any request completes [tokens/s] (0 = unknown).")
 @click.option("--max-file-bytes", default=64 * 2**20, show_default=True,
               help="Largest Batch API upload stored [bytes] (at most 80 MiB, the gRPC message limit).")
+@_metrics_options
 def queue(host, port, port_file, db_path, models, capacity, group_granularity_s, lease_timeout_s, max_ttft_slo_s,
-          max_prompt_tokens, prior_throughput, max_file_bytes) -> None:
+          max_prompt_tokens, prior_throughput, max_file_bytes, metrics_port, metrics_port_file) -> None:
     """Run the global queue: the chiron.v1.Queue gRPC service (durable request groups, leases, waiting-time
     estimates) and chiron.v1.BatchApi (uploaded files and batches, in the same database), with health checking
     and reflection. SIGTERM or Ctrl-C stops it; the store survives."""
@@ -239,12 +311,16 @@ def queue(host, port, port_file, db_path, models, capacity, group_granularity_s,
     async def run() -> None:
         srv = await serve(cfg, host, port, capacity=CapacityTracker(prior_throughput_tokens_per_s=prior_throughput),
                           max_file_bytes=max_file_bytes)
+        msrv = await _start_metrics(srv, srv.service.metrics, host, metrics_port, metrics_port_file)
         if port_file:
             Path(port_file).write_text(str(srv.port))
-        console.print(f"queue serving on {host}:{srv.port} (store {db_path})")
+        console.print(f"queue serving on {host}:{srv.port} (store {db_path})"
+                      + (f", metrics on http://{host}:{msrv.port}/metrics" if msrv else ""))
         stop = _stop_on_signal()
         await stop.wait()
         await srv.stop()
+        if msrv is not None:
+            msrv.stop()
 
     asyncio.run(run())
 
@@ -284,9 +360,10 @@ def _role_limits(text: str, role: str) -> tuple[int, int]:
               help="local provider: where engine logs and port files go.")
 @click.option("--nomad-address", default="http://127.0.0.1:4646", show_default=True, help="nomad provider: Nomad HTTP API.")
 @click.option("--nomad-job", default="chiron-engine", show_default=True, help="nomad provider: the engine job's id.")
+@_metrics_options
 def scaler(host, port, port_file, etcd, queue_addr, provider, advisory, interval_s, scale_down_delay_s, model_load_time_s,
            arrival_cv, lim_i, lim_m, lim_b, gpu_budget, gpus_per_instance, engine_args, work_dir, nomad_address,
-           nomad_job) -> None:
+           nomad_job, metrics_port, metrics_port_file) -> None:
     """Run the global scaler: desired INTERACTIVE / MIXED / BATCH instance counts from interactive load (with
     over-provisioning Θ) and batch backpressure, applied through an instance provider, explained over gRPC
     (GetDecision / WatchDecisions) and in the log.
@@ -323,12 +400,16 @@ def scaler(host, port, port_file, etcd, queue_addr, provider, advisory, interval
         await watcher.start()
         service = ScalerService(cfg, watcher, prov, queue=queue_addr, advisory=advisory, arrival_cv=arrival_cv)
         srv = await serve(service, host, port)
+        msrv = await _start_metrics(srv, service.metrics, host, metrics_port, metrics_port_file)
         if port_file:
             Path(port_file).write_text(str(srv.port))
-        console.print(f"scaler serving on {host}:{srv.port} ({'advisory' if advisory else provider + ' provider'})")
+        console.print(f"scaler serving on {host}:{srv.port} ({'advisory' if advisory else provider + ' provider'})"
+                      + (f", metrics on http://{host}:{msrv.port}/metrics" if msrv else ""))
         stop = _stop_on_signal()
         await stop.wait()
         await srv.stop()
+        if msrv is not None:
+            msrv.stop()
         if prov is not None:
             await prov.close()
         await watcher.stop()
@@ -345,7 +426,9 @@ def scaler(host, port, port_file, etcd, queue_addr, provider, advisory, interval
 @click.option("--interactive-ttft-max-ms", default=60_000, show_default=True,
               help="Requests with a TTFT SLO up to this are interactive, longer ones batch [ms].")
 @click.option("--stats-interval-s", default=0.25, show_default=True, help="How often engine stats are refreshed [s].")
-def router(host, port, port_file, etcd, queue_addr, interactive_ttft_max_ms, stats_interval_s) -> None:
+@_metrics_options
+def router(host, port, port_file, etcd, queue_addr, interactive_ttft_max_ms, stats_interval_s, metrics_port,
+           metrics_port_file) -> None:
     """Run the router: the client-facing chiron.v1.Router service (Generate for interactive requests,
     Submit / GetResult / StreamResult / Cancel for batch ones), with health checking and reflection."""
     import dataclasses
@@ -364,12 +447,15 @@ def router(host, port, port_file, etcd, queue_addr, interactive_ttft_max_ms, sta
         watcher = MembershipWatcher([etcd])
         await watcher.start()
         srv = await serve(RouterService(cfg, watcher, queue_addr, stats_interval_s=stats_interval_s), host, port)
+        msrv = await _start_metrics(srv, srv.service.metrics, host, metrics_port, metrics_port_file)
         if port_file:
             Path(port_file).write_text(str(srv.port))
-        console.print(f"router serving on {host}:{srv.port}")
+        console.print(f"router serving on {host}:{srv.port}" + (f", metrics on http://{host}:{msrv.port}/metrics" if msrv else ""))
         stop = _stop_on_signal()
         await stop.wait()
         await srv.stop()
+        if msrv is not None:
+            msrv.stop()
         await watcher.stop()
 
     asyncio.run(run())
@@ -383,7 +469,8 @@ def router(host, port, port_file, etcd, queue_addr, interactive_ttft_max_ms, sta
 @click.option("--scaler-args", default=None, help="Extra 'chiron scaler' arguments (role limits, intervals).")
 @click.option("--work-dir", default=None, type=click.Path(file_okay=False),
               help="Logs, port files, queue database, etcd data (default: a new temporary directory).")
-def up(backend, model, speedup, scaler_args, work_dir) -> None:
+@_security_options
+def up(backend, model, speedup, scaler_args, work_dir, tls, auth_token) -> None:
     """Start a whole Chiron cluster on this machine: etcd, queue, router, scaler (local provider), and the
     engine agents the scaler starts; print the endpoints; Ctrl-C stops everything, draining first."""
     from services.cluster import ClusterConfig, start_cluster
@@ -393,7 +480,7 @@ def up(backend, model, speedup, scaler_args, work_dir) -> None:
         raise click.BadParameter("--backend vllm needs --model DIR ('chiron tiny-model DIR' writes a test model)")
     engine_args = (f"--backend vllm --model {model} --load-format dummy --dtype float32" if backend == "vllm"
                    else f"--backend simulated --speedup {speedup}")
-    cfg = ClusterConfig(engine_args=engine_args, work_dir=work_dir)
+    cfg = ClusterConfig(engine_args=engine_args, work_dir=work_dir, tls=tls, auth_token=auth_token)
     if scaler_args:
         cfg.scaler_args = scaler_args
 
@@ -409,7 +496,10 @@ def up(backend, model, speedup, scaler_args, work_dir) -> None:
         table.add_column("endpoint")
         for name, ep in cluster.endpoints().items():
             table.add_row(name, ep)
+        for name, url in (await cluster.metrics_endpoints()).items():
+            table.add_row(f"{name} metrics", url)
         console.print(table)
+        _print_security(cluster, tls)
         console.print(f"logs in {cluster.work}; Ctrl-C stops everything (engines drain first)")
         stop = _stop_on_signal()
         await stop.wait()
@@ -417,6 +507,29 @@ def up(backend, model, speedup, scaler_args, work_dir) -> None:
         await cluster.stop()
 
     asyncio.run(run())
+
+
+@main.command()
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--host", "hosts", multiple=True, default=("127.0.0.1", "localhost", "::1"), show_default=True,
+              help="IP address or DNS name the services are dialled at (repeat); goes into the server certificate.")
+@click.option("--days", default=30, show_default=True, type=click.IntRange(1, 3650), help="Validity [days].")
+def certs(directory, hosts, days) -> None:
+    """Write a development CA (ca.pem, ca-key.pem), a certificate for the services (server.pem, server-key.pem:
+    server and client use) and one for outside clients (client.pem, client-key.pem) into DIRECTORY, and print
+    the variables that turn mutual TLS on. For a lab; production certificates come from your PKI
+    (deploy/nomad/TLS.md)."""
+    from services.common.security import write_dev_certificates
+
+    try:
+        paths = write_dev_certificates(directory, hosts, days)
+    except OSError as e:
+        raise click.ClickException(f"cannot write certificates to {directory}: {e}") from e
+    console.print(f"wrote a CA and certificates for {', '.join(hosts)} (valid {days} days) to {directory}")
+    console.print("services (every chiron process):")
+    for var, name in (("CHIRON_TLS_CERT", "server"), ("CHIRON_TLS_KEY", "server_key"), ("CHIRON_TLS_CA", "ca")):
+        console.print(f"  export {var}={paths[name].resolve()}", soft_wrap=True)
+    console.print("outside clients: CHIRON_TLS_CERT / CHIRON_TLS_KEY of client.pem / client-key.pem, the same CHIRON_TLS_CA")
 
 
 @main.command("tiny-model")
@@ -526,8 +639,9 @@ def replay(router_addr, scaler_addr, queue_addr, duration_s, trace_name, trace_f
 @click.option("--model", default=None, help="vllm: model directory.")
 @click.option("--json", "json_path", default="out/demo.json", show_default=True, type=click.Path(dir_okay=False))
 @click.option("--plot", "plot_path", default="out/demo.png", show_default=True, type=click.Path(dir_okay=False))
+@_security_options
 def demo(minutes, trace_name, trace_file, start_s, speedup, batch_rate, batch_ttft_s, interactive_ttft_ms,
-         interactive_itl_ms, backend, model, json_path, plot_path) -> None:
+         interactive_itl_ms, backend, model, json_path, plot_path, tls, auth_token) -> None:
     """The whole system in one command: start a local cluster (etcd, queue, router, scaler, engines), replay the
     Azure conversation trace (interactive) plus a batch workload through it for a few minutes, print the report
     (SLO attainment, GPU-seconds by role, scale events, lost requests), write JSON and a plot, shut down cleanly."""
@@ -545,7 +659,7 @@ def demo(minutes, trace_name, trace_file, start_s, speedup, batch_rate, batch_tt
 
     async def start():
         try:
-            return await start_cluster(ClusterConfig(engine_args=engine_args),
+            return await start_cluster(ClusterConfig(engine_args=engine_args, tls=tls, auth_token=auth_token),
                                        on_progress=lambda m: console.print(f"  {m}"))
         except (EtcdNotFound, RuntimeError, TimeoutError) as e:
             raise click.ClickException(str(e)) from e

@@ -6,12 +6,23 @@ and the scaler with the ``local`` provider, which itself starts the engine agent
 minimum per role) — simulated A100 engines by default, real vLLM with ``engine_args``. Stopping goes the
 other way round: the scaler first (its provider drains every engine: in-flight requests finish, batch work
 returns to the queue), then router, queue and etcd.
+
+Every service serves Prometheus metrics on a port of its own (``--metrics-port 0``: the queue, router and scaler
+report theirs in ``WORK/NAME.metrics.port``; each engine publishes its ``metrics_address`` in its etcd record's
+labels): :meth:`Cluster.metrics_endpoints` lists the /metrics URLs.
+
+Security (off by default): ``ClusterConfig.tls`` writes a development CA and certificates into ``WORK/certs`` and
+turns on mutual TLS on every gRPC hop; ``ClusterConfig.auth_token`` makes the router require that bearer token.
+Both go into this process's environment as ``CHIRON_*`` variables (:mod:`services.common.security`), which every
+part inherits (the scaler passes them on to the engines it starts) and which this process's own clients use
+(readiness checks, replay). ``CHIRON_*`` variables already set are inherited the same way.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shlex
 import subprocess
 import sys
@@ -20,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.common.etcd_server import EtcdServer
+from services.common.security import reset_security_settings, write_dev_certificates
 from services.engine.demo import stop_process, wait_healthy, wait_port_file
 
 
@@ -27,12 +39,15 @@ from services.engine.demo import stop_process, wait_healthy, wait_port_file
 class ClusterConfig:
     """``engine_args``: extra ``chiron engine`` arguments for every engine the scaler starts;
     ``scaler_args``: extra ``chiron scaler`` arguments (limits, intervals); ``work_dir``: logs, port files,
-    the queue database and etcd's data (a temporary directory when None)."""
+    the queue database and etcd's data (a temporary directory when None); ``tls``: mutual TLS between all parts
+    with certificates made in ``WORK/certs``; ``auth_token``: the bearer token the router requires (None: none)."""
 
     engine_args: str = "--backend simulated"
     scaler_args: str = "--interactive 1:4 --mixed 0:2 --batch 0:2 --interval-s 2 --scale-down-delay-s 30"
     work_dir: str | None = None
     ready_timeout_s: float = 120.0
+    tls: bool = False
+    auth_token: str | None = None
 
 
 @dataclass
@@ -41,12 +56,26 @@ class Cluster:
     etcd: EtcdServer
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     ports: dict[str, int] = field(default_factory=dict)
+    metrics_ports: dict[str, int] = field(default_factory=dict)
 
     def endpoint(self, name: str) -> str:
         return f"127.0.0.1:{self.ports[name]}"
 
     def endpoints(self) -> dict[str, str]:
         return {"etcd": self.etcd.endpoint, **{n: self.endpoint(n) for n in self.ports}}
+
+    async def metrics_endpoints(self) -> dict[str, str]:
+        """The /metrics URL of every service: queue, router, scaler, and each engine registered in etcd now (by
+        instance id, from its ``metrics_address`` label). Raises MembershipError when etcd cannot be read."""
+        from services.common.membership import MembershipWatcher
+
+        urls = {n: f"http://127.0.0.1:{p}/metrics" for n, p in self.metrics_ports.items()}
+        async with MembershipWatcher(self.etcd.endpoint) as watcher:
+            members = watcher.snapshot()
+        for iid, m in sorted(members.items()):
+            if "metrics_address" in m.labels:
+                urls[iid] = f"http://{m.labels['metrics_address']}/metrics"
+        return urls
 
     async def stop(self, grace_s: float = 60.0) -> None:
         """Scaler first (it drains the engines it started), then router, queue, etcd."""
@@ -75,6 +104,7 @@ async def start_cluster(cfg: ClusterConfig, on_progress=None) -> Cluster:
     work = Path(cfg.work_dir) if cfg.work_dir else Path(tempfile.mkdtemp(prefix="chiron-cluster-"))
     work.mkdir(parents=True, exist_ok=True)
     say = on_progress or (lambda _msg: None)
+    _export_security(cfg, work)
     etcd = EtcdServer(work / "etcd")
     await asyncio.to_thread(etcd.start)
     cluster = Cluster(work, etcd)
@@ -85,7 +115,7 @@ async def start_cluster(cfg: ClusterConfig, on_progress=None) -> Cluster:
             say(f"{name} serving on {cluster.endpoint(name)}")
         await _start_part(cluster, "router", ["router", "--etcd", etcd.endpoint, "--queue", cluster.endpoint("queue")], cfg)
         say(f"router serving on {cluster.endpoint('router')}")
-        engine_args = f"{cfg.engine_args} --queue {cluster.endpoint('queue')}"
+        engine_args = f"{cfg.engine_args} --queue {cluster.endpoint('queue')} --metrics-port 0"
         await _start_part(cluster, "scaler", ["scaler", "--etcd", etcd.endpoint, "--queue", cluster.endpoint("queue"),
                                               "--provider", "local", "--work-dir", str(work / "engines"),
                                               "--engine-args", engine_args, *shlex.split(cfg.scaler_args)], cfg)
@@ -96,6 +126,20 @@ async def start_cluster(cfg: ClusterConfig, on_progress=None) -> Cluster:
         await cluster.stop(grace_s=10)
         raise
     return cluster
+
+
+def _export_security(cfg: ClusterConfig, work: Path) -> None:
+    """Put ``cfg``'s TLS and token settings into this process's environment (inherited by every part)."""
+    env: dict[str, str] = {}
+    if cfg.tls:
+        certs = write_dev_certificates(work.resolve() / "certs")
+        env |= {"CHIRON_TLS_CERT": str(certs["server"]), "CHIRON_TLS_KEY": str(certs["server_key"]),
+                "CHIRON_TLS_CA": str(certs["ca"])}
+    if cfg.auth_token:
+        env |= {"CHIRON_AUTH_TOKENS": cfg.auth_token, "CHIRON_TOKEN": cfg.auth_token}
+    if env:
+        os.environ.update(env)
+        reset_security_settings()
 
 
 async def _wait_for_engines(cluster: Cluster, cfg: ClusterConfig) -> None:
@@ -115,10 +159,12 @@ async def _wait_for_engines(cluster: Cluster, cfg: ClusterConfig) -> None:
 
 
 async def _start_part(cluster: Cluster, name: str, args: list[str], cfg: ClusterConfig) -> None:
-    proc, pf = spawn_chiron(cluster.work, name, args)
+    metrics_pf = cluster.work / f"{name}.metrics.port"
+    proc, pf = spawn_chiron(cluster.work, name, [*args, "--metrics-port", "0", "--metrics-port-file", str(metrics_pf)])
     cluster.procs[name] = proc
     try:
         port = await wait_port_file(pf, proc, timeout_s=cfg.ready_timeout_s)
+        cluster.metrics_ports[name] = int(metrics_pf.read_text())  # written before the gRPC port file
         await wait_healthy(f"127.0.0.1:{port}", timeout_s=cfg.ready_timeout_s, proc=proc)
     except (RuntimeError, TimeoutError) as e:
         tail = ""

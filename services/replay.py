@@ -29,6 +29,7 @@ import grpc
 import numpy as np
 
 from chiron.v1 import queue_pb2, queue_pb2_grpc, router_pb2, router_pb2_grpc, scaler_pb2, scaler_pb2_grpc, types_pb2
+from services.common.security import auth_metadata, open_channel
 from services.common.traces import Trace
 
 MODEL = "llama-3-8b"
@@ -86,7 +87,8 @@ async def replay(router: str, scaler: str | None, queue: str | None, trace: Trac
     inter: list[_Interactive] = []
     batch: list[_Batch] = []
 
-    async with grpc.aio.insecure_channel(router) as rch:
+    auth = auth_metadata()  # the Router is client-facing: CHIRON_TOKEN when it requires a bearer token
+    async with open_channel(router) as rch:
         stub = router_pb2_grpc.RouterStub(rch)
 
         async def one_interactive(rec: _Interactive) -> None:
@@ -94,7 +96,7 @@ async def replay(router: str, scaler: str | None, queue: str | None, trace: Trac
                 request_id=rec.rid, model=MODEL, prompt_token_ids=_prompt(rng, rec.prompt), max_tokens=rec.output,
                 ignore_eos=True, slo=types_pb2.SLO(ttft_ms=cfg.interactive_ttft_ms, itl_ms=cfg.interactive_itl_ms))
             try:
-                async for msg in stub.Generate(router_pb2.RouterGenerateRequest(request=req)):
+                async for msg in stub.Generate(router_pb2.RouterGenerateRequest(request=req), metadata=auth):
                     rec.accepted = True
                     c = msg.chunk
                     if c.token_ids:
@@ -115,7 +117,7 @@ async def replay(router: str, scaler: str | None, queue: str | None, trace: Trac
                 ignore_eos=True, request_class=types_pb2.REQUEST_CLASS_BATCH,
                 slo=types_pb2.SLO(ttft_ms=max(1, int(cfg.batch_ttft_s * 1000 / cfg.speedup))))
             try:
-                await stub.Submit(router_pb2.SubmitRequest(request=req))
+                await stub.Submit(router_pb2.SubmitRequest(request=req), metadata=auth)
                 rec.accepted = True
             except grpc.aio.AioRpcError as e:
                 rec.status = e.code().name
@@ -123,7 +125,7 @@ async def replay(router: str, scaler: str | None, queue: str | None, trace: Trac
         async def watch_scaler() -> None:
             if not scaler:
                 return
-            async with grpc.aio.insecure_channel(scaler) as ch:
+            async with open_channel(scaler) as ch:
                 with contextlib.suppress(grpc.aio.AioRpcError):
                     async for msg in scaler_pb2_grpc.GlobalScalerStub(ch).WatchDecisions(scaler_pb2.WatchDecisionsRequest()):
                         d = msg.decision
@@ -134,7 +136,7 @@ async def replay(router: str, scaler: str | None, queue: str | None, trace: Trac
         async def watch_queue() -> None:
             if not queue:
                 return
-            async with grpc.aio.insecure_channel(queue) as ch:
+            async with open_channel(queue) as ch:
                 with contextlib.suppress(grpc.aio.AioRpcError):
                     async for msg in queue_pb2_grpc.QueueStub(ch).WatchStats(queue_pb2.QueueWatchStatsRequest(interval_ms=500)):
                         queue_sizes.append(((time.monotonic() - t_wall0) * cfg.speedup, msg.stats.queued + msg.stats.leased))
@@ -173,7 +175,7 @@ async def replay(router: str, scaler: str | None, queue: str | None, trace: Trac
             still = []
             for b in pending:
                 try:
-                    res = (await stub.GetResult(router_pb2.GetResultRequest(request_id=b.rid))).result
+                    res = (await stub.GetResult(router_pb2.GetResultRequest(request_id=b.rid), metadata=auth)).result
                 except grpc.aio.AioRpcError as e:
                     b.status = e.code().name
                     continue

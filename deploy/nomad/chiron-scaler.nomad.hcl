@@ -60,6 +60,48 @@ variable "gpu_budget" {
   default     = 56
 }
 
+variable "tls" {
+  type        = bool
+  description = "Mutual TLS on every gRPC hop, with certificates from Vault's PKI secrets engine (see TLS.md)."
+  default     = false
+}
+
+variable "vault_pki_issue" {
+  type        = string
+  description = "tls: Vault path that issues the services' certificates (PKI mount and role)."
+  default     = "pki_int/issue/chiron"
+}
+
+variable "vault_pki_ca_chain" {
+  type        = string
+  description = "tls: Vault path of the CA chain (issuing CA and root) that verifies every peer."
+  default     = "pki_int/cert/ca_chain"
+}
+
+locals {
+  # What every task renders when var.tls is on (TLS.md): its certificate, issued by Vault's PKI secrets engine for
+  # the service's Consul name and the node's IP (the address peers dial), with the issuing CA and the key in one
+  # file (pkiCert issues it once and again when it nears expiry; the task then restarts); the CA chain that
+  # verifies every peer; and the CHIRON_TLS_* variables that name them.
+  tls_templates = [
+    {
+      destination = "secrets/chiron.pem"
+      env         = false
+      data        = "{{ with pkiCert \"${var.vault_pki_issue}\" \"common_name=chiron-scaler.service.consul\" (env \"NOMAD_IP_grpc\" | printf \"ip_sans=%s\") }}{{ .Cert }}{{ .CA }}{{ .Key }}{{ end }}"
+    },
+    {
+      destination = "secrets/ca.pem"
+      env         = false
+      data        = "{{ with secret \"${var.vault_pki_ca_chain}\" }}{{ .Data.ca_chain }}{{ end }}"
+    },
+    {
+      destination = "secrets/tls.env"
+      env         = true
+      data        = "CHIRON_TLS_CERT={{ env \"NOMAD_SECRETS_DIR\" }}/chiron.pem\nCHIRON_TLS_KEY={{ env \"NOMAD_SECRETS_DIR\" }}/chiron.pem\nCHIRON_TLS_CA={{ env \"NOMAD_SECRETS_DIR\" }}/ca.pem\n"
+    },
+  ]
+}
+
 job "chiron-scaler" {
   datacenters = var.datacenters
   type        = "service"
@@ -90,7 +132,7 @@ job "chiron-scaler" {
         type         = "grpc"
         port         = "grpc"
         grpc_service = "chiron.v1.GlobalScaler"
-        grpc_use_tls = false
+        grpc_use_tls = var.tls
         interval     = "10s"
         timeout      = "2s"
       }
@@ -98,6 +140,24 @@ job "chiron-scaler" {
 
     task "scaler" {
       driver = "raw_exec"
+
+      # TLS (var.tls): a Vault token for the certificate templates, then certificate, CA chain and CHIRON_TLS_*.
+      dynamic "vault" {
+        for_each = var.tls ? [1] : []
+        content {
+          change_mode = "restart"
+        }
+      }
+
+      dynamic "template" {
+        for_each = var.tls ? local.tls_templates : []
+        content {
+          data        = template.value.data
+          destination = template.value.destination
+          env         = template.value.env
+          change_mode = "restart"
+        }
+      }
 
       identity {
         env = true

@@ -17,8 +17,13 @@
 //   --slo-class NAME     SLO class of the Generate request (default "interactive")
 //   --timeout-ms N       deadline of each RPC (default 30000)
 //   --quiet              print only the JSON summary (and errors)
+// Security, from the environment like every chiron client (services/common/security.py):
+//   CHIRON_TOKEN                                  sent as "authorization: Bearer <token>" on every call
+//   CHIRON_TLS_CA, CHIRON_TLS_CERT, CHIRON_TLS_KEY TLS (CA to verify the router; certificate and key for mutual TLS)
+//   CHIRON_TLS_SERVER_NAME                        the name expected in the router's certificate, if not ADDRESS's host
 "use strict";
 
+const fs = require("node:fs");
 const path = require("node:path");
 const grpc = require("@grpc/grpc-js");
 const protoLoader = require("@grpc/proto-loader");
@@ -96,6 +101,20 @@ class RpcFailure extends Error {
   }
 }
 
+// Channel credentials and call metadata from the CHIRON_* variables; plaintext and no metadata when none is set.
+function security() {
+  const env = process.env;
+  const read = (name) => (env[name] ? fs.readFileSync(env[name]) : null);
+  const metadata = new grpc.Metadata();
+  if (env.CHIRON_TOKEN) metadata.set("authorization", `Bearer ${env.CHIRON_TOKEN}`);
+  const tls = env.CHIRON_TLS_CA || env.CHIRON_TLS_CERT;
+  const credentials = tls
+    ? grpc.credentials.createSsl(read("CHIRON_TLS_CA"), read("CHIRON_TLS_KEY"), read("CHIRON_TLS_CERT"))
+    : grpc.credentials.createInsecure();
+  const options = env.CHIRON_TLS_SERVER_NAME ? { "grpc.ssl_target_name_override": env.CHIRON_TLS_SERVER_NAME } : {};
+  return { credentials, metadata, options };
+}
+
 function deadline(opts) {
   return new Date(Date.now() + opts.timeoutMs);
 }
@@ -111,12 +130,13 @@ function inferenceRequest(opts, requestId, sloClass) {
 }
 
 // Generate: resolves with a summary once the stream ends; prints tokens as they arrive.
-function generate(client, opts, log, write) {
+function generate(client, metadata, opts, log, write) {
   return new Promise((resolve, reject) => {
     const requestId = `node-gen-${process.pid}-${Date.now()}`;
     const started = process.hrtime.bigint();
     const out = { tokens: 0, finish_reason: "", instance_id: "", ttft_ms: null, engine_ttft_ms: null, last: null };
-    const call = client.Generate({ request: inferenceRequest(opts, requestId, opts.sloClass) }, { deadline: deadline(opts) });
+    const call = client.Generate({ request: inferenceRequest(opts, requestId, opts.sloClass) }, metadata,
+      { deadline: deadline(opts) });
     call.on("data", (msg) => {
       const chunk = msg.chunk || {};
       if (msg.instance_id) out.instance_id = msg.instance_id;
@@ -144,9 +164,9 @@ function generate(client, opts, log, write) {
   });
 }
 
-function unary(client, rpc, request, opts) {
+function unary(client, metadata, rpc, request, opts) {
   return new Promise((resolve, reject) => {
-    client[rpc](request, { deadline: deadline(opts) }, (err, response) => {
+    client[rpc](request, metadata, { deadline: deadline(opts) }, (err, response) => {
       if (err) reject(new RpcFailure(rpc, err));
       else resolve(response);
     });
@@ -160,16 +180,17 @@ async function main() {
   const write = opts.quiet ? () => {} : (text) => { process.stdout.write(text); midLine = !text.endsWith("\n"); };
   const log = opts.quiet ? () => {} : (line) => { endLine(); console.log(line); };
   const Router = loadRouterService();
-  const client = new Router(opts.address, grpc.credentials.createInsecure());
+  const { credentials, metadata, options } = security();
+  const client = new Router(opts.address, credentials, options);
   try {
     log(`router ${opts.address}, model ${opts.model}`);
-    const gen = await generate(client, opts, log, write);
+    const gen = await generate(client, metadata, opts, log, write);
 
     const batch = inferenceRequest(opts, `node-batch-${process.pid}-${Date.now()}`, "batch");
-    const submitted = await unary(client, "Submit", { request: batch }, opts);
+    const submitted = await unary(client, metadata, "Submit", { request: batch }, opts);
     log(`Submit: request ${submitted.request_id} in group ${submitted.group_id}`);
 
-    const { result } = await unary(client, "GetResult", { request_id: submitted.request_id }, opts);
+    const { result } = await unary(client, metadata, "GetResult", { request_id: submitted.request_id }, opts);
     const position = Number(result.position); // int64, loaded as a string
     const secs = (s) => (Number.isFinite(s) ? `${s.toFixed(1)} s` : "unknown"); // no drain rate seen yet: infinite
     log(`GetResult: ${result.state}, position ${position}, estimated wait ${secs(result.estimated_wait_mean_s)} ` +

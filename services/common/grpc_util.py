@@ -1,5 +1,6 @@
 """What every Chiron gRPC service shares: a server with health checking and reflection, timestamps, and a
-cache of client channels."""
+cache of client channels. Both follow the process's security settings (TLS, mutual TLS, bearer tokens on the
+client-facing service: see :mod:`services.common.security`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
+from services.common.security import BearerAuthInterceptor, add_port, open_channel, security_settings
 
 
 def timestamp(seconds_since_epoch: float) -> Timestamp:
@@ -28,16 +31,21 @@ MESSAGE_OPTIONS = (("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
 
 
 def create_server(add_servicer: Callable[[grpc.aio.Server], None], service_name: str, host: str,
-                  port: int) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
+                  port: int, *, client_facing: bool = False) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
     """A bound, not yet started grpc.aio server with the service (``add_servicer(server)``), the standard health
-    service (NOT_SERVING until :func:`mark_serving`) and reflection. ``port`` 0 picks a free port.
-    Returns ``(server, health_servicer, bound_port)``. Raises OSError when the address cannot be bound."""
-    server = grpc.aio.server(options=MESSAGE_OPTIONS)
+    service (NOT_SERVING until :func:`mark_serving`) and reflection. ``port`` 0 picks a free port. The port
+    serves TLS (mutual TLS with a CA) when the process's security settings (from the environment) have a
+    certificate; ``client_facing`` servers also require a bearer token on every service but health checking and
+    reflection when tokens are configured. Returns ``(server, health_servicer, bound_port)``. Raises OSError
+    when the address cannot be bound or a PEM file cannot be read, ValueError for a CA without a certificate."""
+    s = security_settings()
+    server = grpc.aio.server(options=MESSAGE_OPTIONS,
+                             interceptors=[BearerAuthInterceptor(s)] if client_facing and s.auth_enabled else None)
     add_servicer(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((service_name, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    bound = add_port(server, f"{host}:{port}", s)
     if bound == 0:
         raise OSError(f"cannot bind {host}:{port}")
     return server, health_servicer, bound
@@ -50,7 +58,8 @@ async def mark_serving(health_servicer: health.aio.HealthServicer, service_name:
 
 
 class ChannelPool:
-    """One insecure grpc.aio channel per address, created on first use; :meth:`close` closes them all."""
+    """One grpc.aio channel per address, created on first use (TLS when the process's security settings say so:
+    :func:`~services.common.security.open_channel`); :meth:`close` closes them all."""
 
     def __init__(self) -> None:
         self._channels: dict[str, grpc.aio.Channel] = {}
@@ -58,7 +67,7 @@ class ChannelPool:
     def get(self, address: str) -> grpc.aio.Channel:
         ch = self._channels.get(address)
         if ch is None:
-            ch = self._channels[address] = grpc.aio.insecure_channel(address, options=MESSAGE_OPTIONS)
+            ch = self._channels[address] = open_channel(address, options=MESSAGE_OPTIONS)
         return ch
 
     async def close(self) -> None:

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from chiron.v1 import queue_pb2, queue_pb2_grpc, types_pb2
+from services.common.security import open_channel
 from services.engine.backend import Backend, BackendRequest, Progress, StepStats
 from services.engine.core import RequestRejected
 
@@ -171,7 +172,7 @@ class BatchWorker:
         if self._loop_task is not None or self._stopping:
             return
         backoff_ms = max(100, round(self.max_backoff_s * 1e3))  # reconnect as often as we retry
-        self._channel = grpc.aio.insecure_channel(self.queue_address, options=[
+        self._channel = open_channel(self.queue_address, options=[
             ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
             ("grpc.max_reconnect_backoff_ms", backoff_ms)])
         self._stub = queue_pb2_grpc.QueueStub(self._channel)

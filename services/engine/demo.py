@@ -25,6 +25,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from chiron.v1 import engine_pb2, engine_pb2_grpc, types_pb2
+from services.common.security import open_channel
 from services.common.traces import Trace
 
 
@@ -42,7 +43,7 @@ class RequestRecord:
 async def wait_healthy(target: str, timeout_s: float = 60.0, proc: subprocess.Popen | None = None) -> None:
     """Poll the standard gRPC health check until SERVING. Raises TimeoutError / RuntimeError (process died)."""
     deadline = time.monotonic() + timeout_s
-    async with grpc.aio.insecure_channel(target) as ch:
+    async with open_channel(target) as ch:
         stub = health_pb2_grpc.HealthStub(ch)
         while True:
             if proc is not None and proc.poll() is not None:
@@ -117,7 +118,7 @@ async def replay(target: str, trace: Trace, speedup: float, itl_slo_ms: int, voc
     records = [RequestRecord(f"demo-{i}", int(p), int(o))
                for i, (p, o) in enumerate(zip(trace.prompt_tokens, trace.output_tokens, strict=True))]
     timeline: list[dict] = []
-    async with grpc.aio.insecure_channel(target) as ch:
+    async with open_channel(target) as ch:
         stub = engine_pb2_grpc.EngineStub(ch)
 
         async def watch() -> None:

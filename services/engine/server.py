@@ -25,6 +25,7 @@ from grpc_health.v1 import health, health_pb2
 
 from chiron.v1 import engine_pb2, engine_pb2_grpc, types_pb2
 from services.common.grpc_util import create_server, mark_serving, timestamp
+from services.common.metrics import EngineMetrics
 from services.engine.backend import Backend, BackendRequest
 from services.engine.batch_worker import BatchWorker
 from services.engine.core import RequestRejected
@@ -108,6 +109,7 @@ class EngineAgent(engine_pb2_grpc.EngineServicer):
         # Interactive Generate requests not yet producing tokens (a MIXED batch worker leases only while 0).
         self.interactive_waiting = 0
         self.batch_worker: BatchWorker | None = None
+        self.metrics = EngineMetrics(self.stats)
         backend.add_step_listener(self._on_step)
         if cfg.queue_address:
             self.attach_batch_worker(BatchWorker(

@@ -59,6 +59,10 @@ from dataclasses import dataclass, field, replace
 from scipy.stats import norm
 
 ROLES = ("interactive", "mixed", "batch")
+# RoleDecision.code: what shaped a desired count, as a short stable label (the reason text carries the numbers).
+REASON_CODES = ("demand", "headroom", "batch_in_service", "queue_empty", "no_batch_capacity", "batch_backpressure",
+                "min_instances", "max_instances", "batch_starting", "batch_settling", "batch_paced", "scale_down_delay",
+                "gpu_budget")
 
 
 @dataclass(frozen=True)
@@ -184,6 +188,7 @@ class RoleDecision:
     wanted: float  # before rounding, limits and delay [instances]
     desired: int
     reason: str
+    code: str = ""  # one of REASON_CODES: the base rule, or the last limit or delay that changed the count
 
 
 @dataclass(frozen=True)
@@ -328,13 +333,14 @@ def decide(cfg: PolicyConfig, state: PolicyState, inp: ScalerInputs) -> tuple[Po
     if queued == 0 and in_service > 0:
         # Nothing waits, but engines are serving batch work: keep the BATCH instances (draining one would send its
         # work back to the queue only to start another instance for it).
-        want_b = float(current["batch"])
+        want_b, b_code = float(current["batch"]), "batch_in_service"
         b_reason = f"{in_service} batch requests in service, none waiting: keep the batch capacity"
     elif queued == 0:
-        want_b, b_reason = 0.0, "queue empty: no batch capacity needed"
+        want_b, b_code, b_reason = 0.0, "queue_empty", "queue empty: no batch capacity needed"
     elif batch_now <= 0:
-        want_b, b_reason = 1.0, f"{queued} queued requests and no batch capacity: start one"
+        want_b, b_code, b_reason = 1.0, "no_batch_capacity", f"{queued} queued requests and no batch capacity: start one"
     else:
+        b_code = "batch_backpressure"
         need = batch_now * ratio * (1 + cfg.batch_margin)
         want_b = max(need - lend, 0.0)
         b_reason = (f"batch backpressure {bbp:+.2f} (worst group {worst}: wait p95 / time left = {ratio:.2f}); "
@@ -349,10 +355,14 @@ def decide(cfg: PolicyConfig, state: PolicyState, inp: ScalerInputs) -> tuple[Po
                   f"L={cfg.model_load_time_s:g} s) over demand {demand:.1f}"),
         "batch": b_reason,
     }
+    codes = {"interactive": "demand", "mixed": "headroom", "batch": b_code}
     raw = {}
     for role in ROLES:
         lim = cfg.limit(role)
-        raw[role] = min(lim.max_instances, max(lim.min_instances, math.ceil(wanted[role] - 1e-9)))
+        unclamped = math.ceil(wanted[role] - 1e-9)
+        raw[role] = min(lim.max_instances, max(lim.min_instances, unclamped))
+        if raw[role] != unclamped:
+            codes[role] = "min_instances" if raw[role] > unclamped else "max_instances"
     # Batch scale-up pace: measured capacity lags new instances (throughput is learnt from completions), so add
     # no BATCH instance while earlier ones still start, and at most max(2×, +4) of the BATCH fleet per step.
     pending_b = int(inp.pending.get("batch", 0))
@@ -364,6 +374,7 @@ def decide(cfg: PolicyConfig, state: PolicyState, inp: ScalerInputs) -> tuple[Po
             reasons["batch"] += (f"; held at {cap_b}: {pending_b} BATCH instance(s) still starting" if pending_b
                                  else f"; held at {cap_b}: the last scale-up's capacity is still being measured"
                                  if settling else f"; paced to {cap_b} (at most max(2×, +4) per step)")
+            codes["batch"] = "batch_starting" if pending_b else "batch_settling" if settling else "batch_paced"
             raw["batch"] = max(cap_b, cfg.limit("batch").min_instances)
         if raw["batch"] > have_b:
             state.last_batch_up_s = now
@@ -381,6 +392,7 @@ def decide(cfg: PolicyConfig, state: PolicyState, inp: ScalerInputs) -> tuple[Po
             held = max(c for _, c in h)
             if held > d:
                 reasons[role] += f"; scale-down held by the {cfg.scale_down_delay_s:g} s delay window"
+                codes[role] = "scale_down_delay"
                 d = min(have, held)
         desired[role] = d
 
@@ -395,8 +407,9 @@ def decide(cfg: PolicyConfig, state: PolicyState, inp: ScalerInputs) -> tuple[Po
             desired[role] -= cut
             over -= cut
             reasons[role] += f"; cut by {cut} to fit the GPU budget of {cfg.gpu_budget}"
+            codes[role] = "gpu_budget"
 
-    roles = {r: RoleDecision(r, current[r], wanted[r], desired[r], reasons[r]) for r in ROLES}
+    roles = {r: RoleDecision(r, current[r], wanted[r], desired[r], reasons[r], codes[r]) for r in ROLES}
     decision = ScalerDecision(now, roles, theta, bbp, {
         "demand_requests": demand, "instance_concurrency": conc, "arrival_rate_per_s": inp.arrivals.rate_per_s,
         "arrival_cv": inp.arrivals.cv, "batch_capacity_instances": batch_now, "mixed_lend_instances": lend,

@@ -32,6 +32,7 @@ import grpc
 
 from chiron.v1 import engine_pb2, engine_pb2_grpc, queue_pb2, queue_pb2_grpc, scaler_pb2, scaler_pb2_grpc
 from services.common.grpc_util import ChannelPool, create_server, mark_serving, timestamp
+from services.common.metrics import ScalerMetrics
 from services.global_scaler.policy import (
     ROLES,
     EngineLoad,
@@ -73,6 +74,7 @@ class ScalerService(scaler_pb2_grpc.GlobalScalerServicer):
         self._channels = ChannelPool()
         self._samples: dict[str, LoadSample] = {}
         self._task: asyncio.Task | None = None
+        self.metrics = ScalerMetrics()
 
     # ---- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -148,9 +150,11 @@ class ScalerService(scaler_pb2_grpc.GlobalScalerServicer):
                         actions.append(f"{role}: {counts.total} -> {want}")
                 except ProviderError as e:
                     errors.append(f"{role}: {e}")
+                    self.metrics.provider_errors.labels(role).inc()
                     log.error("provider %s failed to scale %s to %d: %s", self.provider.name, role, want, e)
         msg = self._to_proto(d, actions, errors)
         self.decisions.append(msg)
+        self.metrics.decision(d.roles.values(), d.theta, d.batch_backpressure)
         changed = any(r.desired != r.current for r in d.roles.values())
         (log.info if changed or actions else log.debug)(
             "decision%s: %s", " (advisory)" if self.advisory else "",

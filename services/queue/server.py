@@ -31,6 +31,7 @@ import grpc
 
 from chiron.v1 import batch_pb2_grpc, queue_pb2, queue_pb2_grpc, types_pb2
 from services.common.grpc_util import create_server, mark_serving, timestamp
+from services.common.metrics import QueueMetrics
 from services.queue.batches import BatchApiService, BatchStore
 from services.queue.estimator import GroupEstimate, ServingCapacity, WaitingTimeEstimator
 from services.queue.store import QueueConfig, QueueError, QueueStore
@@ -85,6 +86,7 @@ class QueueService(queue_pb2_grpc.QueueServicer):
         self.capacity = capacity or CapacityTracker()
         self.clock = clock
         self._tasks: list[asyncio.Task] = []
+        self.metrics = QueueMetrics(self.stats)
 
     # ---- lifecycle -------------------------------------------------------------------------
     async def start(self, maintenance_interval_s: float = 1.0) -> None:
@@ -161,6 +163,7 @@ class QueueService(queue_pb2_grpc.QueueServicer):
         count = self.store.ack(request_id, lease_id, output)
         self.estimator.observe(info.model, float(count))
         self.capacity.record(info.model, max(0, count - info.resume_tokens), self.clock())
+        self.metrics.done()
         return count
 
     def give_back(self, request_id: str, lease_id: str, generated_token_ids: list[int]) -> None:
@@ -169,6 +172,7 @@ class QueueService(queue_pb2_grpc.QueueServicer):
         info = self.store.get(request_id)
         self.store.return_request(request_id, lease_id, generated_token_ids)
         self.capacity.record(info.model, max(0, len(generated_token_ids) - info.resume_tokens), self.clock())
+        self.metrics.returned.labels(info.model).inc()
 
     # ---- RPCs --------------------------------------------------------------------------------
     async def _fail(self, context, e: QueueError):
@@ -181,6 +185,7 @@ class QueueService(queue_pb2_grpc.QueueServicer):
             rid, group = self.store.enqueue(rid, r.model, r.prompt_token_ids, r.max_tokens, r.slo.ttft_ms)
         except QueueError as e:
             await self._fail(context, e)
+        self.metrics.enqueued.labels(r.model).inc()
         return queue_pb2.EnqueueResponse(request_id=rid, group_id=group, deadline=timestamp(self.store.deadline_s(rid)))
 
     async def Lease(self, request: queue_pb2.LeaseRequest, context):
@@ -190,7 +195,10 @@ class QueueService(queue_pb2_grpc.QueueServicer):
         leases = self.store.lease(request.worker_id or context.peer(), int(request.max_requests),
                                   models=list(request.models) or None, lease_timeout_s=timeout)
         resp = queue_pb2.LeaseResponse()
+        now = self.clock()
         for ls in leases:
+            if ls.attempts == 0:  # its first lease: the batch request starts (its TTFT, as replay reports count it)
+                self.metrics.first_lease(now - ls.arrival_s, now <= ls.deadline_s)
             resp.leases.append(queue_pb2.LeasedRequest(
                 lease_id=ls.lease_id, group_id=ls.group_id, deadline=timestamp(ls.deadline_s),
                 lease_expiry=timestamp(ls.lease_expiry_s), attempts=ls.attempts,
@@ -228,9 +236,12 @@ class QueueService(queue_pb2_grpc.QueueServicer):
 
     async def Cancel(self, request: queue_pb2.CancelRequest, context):
         try:
-            return queue_pb2.CancelResponse(cancelled=self.store.cancel(request.request_id))
+            cancelled = self.store.cancel(request.request_id)
         except QueueError as e:
             await self._fail(context, e)
+        if cancelled:
+            self.metrics.cancelled()
+        return queue_pb2.CancelResponse(cancelled=cancelled)
 
     async def GetRequest(self, request: queue_pb2.GetRequestRequest, context):
         try:

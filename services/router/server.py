@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import time
 import uuid
 from collections import defaultdict
 from dataclasses import dataclass, replace
@@ -23,6 +24,7 @@ import grpc
 
 from chiron.v1 import batch_pb2_grpc, engine_pb2, engine_pb2_grpc, queue_pb2, queue_pb2_grpc, router_pb2, router_pb2_grpc, types_pb2
 from services.common.grpc_util import ChannelPool, create_server, mark_serving
+from services.common.metrics import RouterMetrics, outcome_of
 from services.router.routing import Classified, InstanceLoad, Rejected, RouterConfig, choose_instance, classify
 
 log = logging.getLogger("chiron.router")
@@ -47,6 +49,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
         self._task: asyncio.Task | None = None
         self.accepted = 0  # interactive requests streamed to an engine
         self.submitted = 0  # batch requests handed to the queue
+        self.metrics = RouterMetrics()
 
     # ---- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -136,27 +139,40 @@ class RouterService(router_pb2_grpc.RouterServicer):
     # ---- RPCs -------------------------------------------------------------------------------------------
     async def Generate(self, request: router_pb2.RouterGenerateRequest, context):
         r = request.request
+        start_s = time.monotonic()
+        c = None
         try:
             c = self._classify(r)
             if c.request_class == "batch":
                 raise Rejected(f"a TTFT SLO of {c.ttft_ms} ms makes this a batch request: use Submit", "FAILED_PRECONDITION")
             target = choose_instance(self.loads(), r.model, c.ttft_ms)
         except Rejected as e:
+            self.metrics.count(c.request_class if c is not None else "interactive", "rejected")
             await self._abort(context, e.code, str(e))
         fwd = self._forwarded(r, c, types_pb2.REQUEST_CLASS_INTERACTIVE, f"req-{uuid.uuid4().hex[:12]}")
         self._inflight[target.instance_id] += 1
         self.accepted += 1
         first = True
+        timer = self.metrics.stream(start_s, c.ttft_ms / 1e3, c.itl_ms / 1e3)
+        outcome = "error"
         remaining = context.time_remaining()
         try:
             call = engine_pb2_grpc.EngineStub(self._channels.get(target.address)).Generate(
                 engine_pb2.GenerateRequest(request=fwd), timeout=remaining)
             async for chunk in call:
+                if chunk.token_ids:
+                    timer.chunk()
                 yield router_pb2.RouterGenerateResponse(chunk=chunk, instance_id=target.instance_id if first else "")
                 first = False
+            outcome = "ok"
         except grpc.aio.AioRpcError as e:
+            outcome = outcome_of(e.code())
             await context.abort(e.code(), f"engine {target.instance_id}: {e.details()}")
+        except (asyncio.CancelledError, GeneratorExit):  # the client went away
+            outcome = "cancelled"
+            raise
         finally:
+            timer.finish(outcome)
             self._inflight[target.instance_id] -= 1
 
     async def Submit(self, request: router_pb2.SubmitRequest, context):
@@ -164,11 +180,13 @@ class RouterService(router_pb2_grpc.RouterServicer):
         try:
             c = self._classify(r)
         except Rejected as e:
+            self.metrics.count("batch", "rejected")
             await self._abort(context, e.code, str(e))
         fwd = self._forwarded(r, c, types_pb2.REQUEST_CLASS_BATCH, f"batch-{uuid.uuid4().hex}")
         try:
             resp = await self._queue.Enqueue(queue_pb2.EnqueueRequest(request=fwd), timeout=context.time_remaining())
         except grpc.aio.AioRpcError as e:
+            self.metrics.count("batch", outcome_of(e.code()))
             await context.abort(e.code(), e.details())
         self.submitted += 1
         return router_pb2.SubmitResponse(request_id=resp.request_id, group_id=resp.group_id)
@@ -259,7 +277,8 @@ class RunningRouter:
 
 async def serve(service: RouterService, host: str = "127.0.0.1", port: int = 0) -> RunningRouter:
     """Serve ``chiron.v1.Router`` and the forwarded ``chiron.v1.BatchApi`` (health checking, reflection) after a
-    first stats refresh."""
+    first stats refresh. The Router is the client-facing server: with ``CHIRON_AUTH_TOKENS`` set, both services
+    refuse calls without an accepted bearer token (UNAUTHENTICATED); see :mod:`services.common.security`."""
     await service.start()
     name = router_pb2.DESCRIPTOR.services_by_name["Router"].full_name
     forwarder = BatchApiForwarder(service._channels, service.queue_address)
@@ -268,7 +287,7 @@ async def serve(service: RouterService, host: str = "127.0.0.1", port: int = 0) 
         router_pb2_grpc.add_RouterServicer_to_server(service, s)
         batch_pb2_grpc.add_BatchApiServicer_to_server(forwarder, s)
 
-    server, health_servicer, bound = create_server(add, name, host, port)
+    server, health_servicer, bound = create_server(add, name, host, port, client_facing=True)
     await server.start()
     # Fewer, shorter garbage-collection pauses on the request path: what was allocated at start-up (modules,
     # protobuf descriptors) is frozen out of collections, and young-generation collections run less often.
