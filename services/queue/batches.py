@@ -30,6 +30,7 @@ import grpc
 
 from chiron.v1 import batch_pb2, batch_pb2_grpc, queue_pb2
 from services.common.grpc_util import timestamp
+from services.common.metrics import QueueMetrics
 from services.queue.store import QueueError, QueueStore, _decode_tokens
 
 _BATCH_SCHEMA = """
@@ -361,8 +362,9 @@ def batch_pb(b: BatchRecord) -> batch_pb2.BatchObject:
 class BatchApiService(batch_pb2_grpc.BatchApiServicer):
     """``chiron.v1.BatchApi`` over a :class:`BatchStore` (in the queue process)."""
 
-    def __init__(self, batches: BatchStore) -> None:
+    def __init__(self, batches: BatchStore, metrics: QueueMetrics | None = None) -> None:
         self.batches = batches
+        self.metrics = metrics  # the queue's counters: a batch's requests count as enqueued / cancelled there too
 
     @staticmethod
     async def _fail(context, e: QueueError):
@@ -397,6 +399,11 @@ class BatchApiService(batch_pb2_grpc.BatchApiServicer):
                                             dict(request.metadata), items, errors)
         except QueueError as e:
             await self._fail(context, e)
+        if self.metrics is not None:
+            refused = {e.line for e in self.batches.results(rec.batch_id)[2]} if rec.failed else set()
+            for line, _, model, _, _ in items:
+                if line not in refused:
+                    self.metrics.enqueued.labels(model).inc()
         return batch_pb2.CreateBatchResponse(batch=batch_pb(rec))
 
     async def GetBatch(self, request: batch_pb2.GetBatchRequest, context):
@@ -410,9 +417,14 @@ class BatchApiService(batch_pb2_grpc.BatchApiServicer):
 
     async def CancelBatch(self, request: batch_pb2.CancelBatchRequest, context):
         try:
-            return batch_pb2.CancelBatchResponse(batch=batch_pb(self.batches.cancel_batch(request.batch_id)))
+            before = self.batches.get_batch(request.batch_id).pending
+            rec = self.batches.cancel_batch(request.batch_id)
         except QueueError as e:
             await self._fail(context, e)
+        if self.metrics is not None:
+            for _ in range(before - rec.pending):
+                self.metrics.cancelled()
+        return batch_pb2.CancelBatchResponse(batch=batch_pb(rec))
 
     async def GetBatchResults(self, request: batch_pb2.GetBatchResultsRequest, context):
         try:

@@ -303,7 +303,7 @@ async def serve(config: QueueConfig, host: str = "127.0.0.1", port: int = 0,
     config.validate()
     store = QueueStore(config)
     service = QueueService(store, estimator, capacity)
-    batch_api = BatchApiService(BatchStore(store, max_file_bytes))
+    batch_api = BatchApiService(BatchStore(store, max_file_bytes), service.metrics)
     name = queue_pb2.DESCRIPTOR.services_by_name["Queue"].full_name
 
     def add(s: grpc.aio.Server) -> None:
