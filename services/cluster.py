@@ -1,11 +1,13 @@
 """A whole Chiron cluster on one machine (``chiron up``, ``chiron demo``).
 
 Starts, in order, each as its own process and each waited on by readiness (port file, then the gRPC health
-check; etcd by its ``/health``): etcd (a local process with its own data directory), the queue, the router
-and the scaler with the ``local`` provider, which itself starts the engine agents (at least the configured
-minimum per role) — simulated A100 engines by default, real vLLM with ``engine_args``. Stopping goes the
-other way round: the scaler first (its provider drains every engine: in-flight requests finish, batch work
-returns to the queue), then router, queue and etcd.
+check; etcd and the gateway by their HTTP ``/health``): etcd (a local process with its own data directory), the
+queue, the router, the OpenAI-compatible HTTP gateway over the router, and the scaler with the ``local``
+provider, which itself starts the engine agents (at least the configured minimum per role) — simulated A100
+engines by default, real vLLM with ``engine_args``. Stopping goes the other way round: the gateway first (no
+new HTTP requests; in-flight ones finish), the scaler (its provider drains every engine: in-flight requests
+finish, batch work returns to the queue), then router, queue and etcd. The gateway serves its Prometheus metrics
+on its own HTTP port (``/metrics``).
 
 Every service serves Prometheus metrics on a port of its own (``--metrics-port 0``: the queue, router and scaler
 report theirs in ``WORK/NAME.metrics.port``; each engine publishes its ``metrics_address`` in its etcd record's
@@ -38,12 +40,14 @@ from services.engine.demo import stop_process, wait_healthy, wait_port_file
 @dataclass
 class ClusterConfig:
     """``engine_args``: extra ``chiron engine`` arguments for every engine the scaler starts;
-    ``scaler_args``: extra ``chiron scaler`` arguments (limits, intervals); ``work_dir``: logs, port files,
+    ``scaler_args``: extra ``chiron scaler`` arguments (limits, intervals); ``gateway_args``: extra ``chiron gateway``
+    arguments (e.g. ``--tokenizer MODEL_DIR`` for vLLM engines); ``work_dir``: logs, port files,
     the queue database and etcd's data (a temporary directory when None); ``tls``: mutual TLS between all parts
     with certificates made in ``WORK/certs``; ``auth_token``: the bearer token the router requires (None: none)."""
 
     engine_args: str = "--backend simulated"
     scaler_args: str = "--interactive 1:4 --mixed 0:2 --batch 0:2 --interval-s 2 --scale-down-delay-s 30"
+    gateway_args: str = ""
     work_dir: str | None = None
     ready_timeout_s: float = 120.0
     tls: bool = False
@@ -57,12 +61,14 @@ class Cluster:
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     ports: dict[str, int] = field(default_factory=dict)
     metrics_ports: dict[str, int] = field(default_factory=dict)
+    gateway_url: str | None = None  # base URL of the OpenAI-compatible API (http[s]://host:port)
 
     def endpoint(self, name: str) -> str:
         return f"127.0.0.1:{self.ports[name]}"
 
     def endpoints(self) -> dict[str, str]:
-        return {"etcd": self.etcd.endpoint, **{n: self.endpoint(n) for n in self.ports}}
+        return {"etcd": self.etcd.endpoint, **{n: self.endpoint(n) for n in self.ports},
+                **({"gateway (OpenAI API)": f"{self.gateway_url}/v1"} if self.gateway_url else {})}
 
     async def metrics_endpoints(self) -> dict[str, str]:
         """The /metrics URL of every service: queue, router, scaler, and each engine registered in etcd now (by
@@ -78,8 +84,9 @@ class Cluster:
         return urls
 
     async def stop(self, grace_s: float = 60.0) -> None:
-        """Scaler first (it drains the engines it started), then router, queue, etcd."""
-        for name in ("scaler", "router", "queue"):
+        """Gateway first (in-flight HTTP requests finish), scaler (it drains the engines it started), then router,
+        queue, etcd."""
+        for name in ("gateway", "scaler", "router", "queue"):
             p = self.procs.get(name)
             if p is not None:
                 await asyncio.to_thread(stop_process, p, grace_s)
@@ -115,6 +122,8 @@ async def start_cluster(cfg: ClusterConfig, on_progress=None) -> Cluster:
             say(f"{name} serving on {cluster.endpoint(name)}")
         await _start_part(cluster, "router", ["router", "--etcd", etcd.endpoint, "--queue", cluster.endpoint("queue")], cfg)
         say(f"router serving on {cluster.endpoint('router')}")
+        await _start_gateway(cluster, cfg)
+        say(f"gateway serving the OpenAI API on {cluster.gateway_url}/v1")
         engine_args = f"{cfg.engine_args} --queue {cluster.endpoint('queue')} --metrics-port 0"
         await _start_part(cluster, "scaler", ["scaler", "--etcd", etcd.endpoint, "--queue", cluster.endpoint("queue"),
                                               "--provider", "local", "--work-dir", str(work / "engines"),
@@ -172,3 +181,52 @@ async def _start_part(cluster: Cluster, name: str, args: list[str], cfg: Cluster
             tail = (cluster.work / f"{name}.log").read_text()[-2000:]
         raise RuntimeError(f"{name} failed to start: {e}\n--- {cluster.work / (name + '.log')} ---\n{tail}") from e
     cluster.ports[name] = port
+
+
+async def wait_http_ready(base_url: str, timeout_s: float = 60.0, proc: subprocess.Popen | None = None) -> None:
+    """Poll ``GET base_url/health`` until it answers 200 (HTTPS verified with ``CHIRON_TLS_CA`` when set). Raises
+    TimeoutError, or RuntimeError when ``proc`` exits first."""
+    import ssl
+    import time
+
+    import httpx
+
+    from services.common.security import security_settings
+
+    s = security_settings()
+    verify: ssl.SSLContext | bool = True
+    if s.tls_ca is not None:
+        verify = ssl.create_default_context(cafile=str(s.tls_ca))
+        verify.check_hostname = s.tls_server_name is None  # certificates named for another host: CA check only
+    deadline = time.monotonic() + timeout_s
+    async with httpx.AsyncClient(verify=verify, timeout=2.0) as client:
+        while True:
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"process exited with status {proc.returncode} before {base_url} answered")
+            with contextlib.suppress(httpx.HTTPError):
+                if (await client.get(f"{base_url}/health")).status_code == 200:
+                    return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{base_url}/health did not answer within {timeout_s:.0f} s")
+            await asyncio.sleep(0.1)
+
+
+async def _start_gateway(cluster: Cluster, cfg: ClusterConfig) -> None:
+    """``chiron gateway`` over the router, waited on by its HTTP /health; HTTPS when TLS is configured."""
+    from services.common.security import security_settings
+
+    name = "gateway"
+    proc, pf = spawn_chiron(cluster.work, name, [name, "--router", cluster.endpoint("router"), *shlex.split(cfg.gateway_args)])
+    cluster.procs[name] = proc
+    scheme = "https" if security_settings().tls_enabled else "http"
+    try:
+        port = await wait_port_file(pf, proc, timeout_s=cfg.ready_timeout_s)
+        await wait_http_ready(f"{scheme}://127.0.0.1:{port}", timeout_s=cfg.ready_timeout_s, proc=proc)
+    except (RuntimeError, TimeoutError) as e:
+        tail = ""
+        with contextlib.suppress(OSError):
+            tail = (cluster.work / f"{name}.log").read_text()[-2000:]
+        raise RuntimeError(f"{name} failed to start: {e}\n--- {cluster.work / (name + '.log')} ---\n{tail}") from e
+    cluster.gateway_url = f"{scheme}://127.0.0.1:{port}"
+    if scheme == "http":  # its /metrics is on its own port (Cluster.metrics_endpoints lists plain-HTTP endpoints)
+        cluster.metrics_ports[name] = port

@@ -159,6 +159,9 @@ class RouterService(router_pb2_grpc.RouterServicer):
         try:
             call = engine_pb2_grpc.EngineStub(self._channels.get(target.address)).Generate(
                 engine_pb2.GenerateRequest(request=fwd), timeout=remaining)
+            # A client that goes away while this generator waits at its yield does not always reach the except
+            # below (the generator is just never resumed): cancel the engine call when the RPC ends, whatever way.
+            context.add_done_callback(lambda _ctx: call.cancel())
             async for chunk in call:
                 if chunk.token_ids:
                     timer.chunk()

@@ -1,0 +1,170 @@
+"""``chiron bench gateway``: the latency the OpenAI-compatible HTTP gateway adds over calling the router's gRPC.
+
+A real cluster on loopback, every part its own process: etcd, the queue, one simulated engine agent
+(``--speedup 100`` and a static batch of 256, so the engine is never the bottleneck) registered in etcd, the
+router and the gateway. At each rate (50 and 200 requests/s by default) an open-loop Poisson client sends
+requests for ``duration_s``, alternately along the two paths (so both run side by side under the same load,
+each at half the rate): a streaming ``POST /v1/completions`` to the gateway (httpx, HTTP/1.1 keep-alive), or the
+same request straight to ``Router.Generate``. Same prompt (``prompt_words`` words, which the gateway's simple tokenizer makes
+into as many tokens; the direct client sends those ids), same ``max_tokens``, same SLOs. TTFT is measured at the
+client: send → first streamed token (the first SSE event; the first gRPC message). The overhead is the
+difference of the two TTFT distributions' percentiles: ``overhead_p50_ms`` = p50(gateway) − p50(direct),
+``overhead_p99_ms`` likewise. Both paths share the machine, the router and the engine, so their difference is
+what the HTTP hop costs: the gateway's work, plus the client's HTTP/SSE handling against its gRPC handling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+import httpx
+import numpy as np
+
+from chiron.v1 import router_pb2, router_pb2_grpc, types_pb2
+from services.cluster import spawn_chiron, wait_http_ready
+from services.common.etcd_server import EtcdServer
+from services.engine.demo import stop_process, wait_healthy, wait_port_file
+from services.gateway.tokenizer import SimpleTokenizer
+
+MODEL = "llama-3-8b"
+
+
+def _cpu_busy() -> tuple[float, float] | None:
+    """(busy, total) CPU jiffies of the whole machine from /proc/stat; None where there is none."""
+    try:
+        fields = [float(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)
+    return sum(fields) - idle, sum(fields)
+
+
+async def _run_rate(paths: dict, rate: float, duration_s: float, seed: int) -> tuple[dict[str, list[float]], dict[str, int]]:
+    """Open-loop Poisson arrivals at ``rate`` [requests/s] in total, sent alternately along each path. Returns the
+    client-side TTFTs [ms] of the requests that completed and the number that failed, by path."""
+    rng = np.random.default_rng(seed)
+    names = list(paths)
+    times = np.cumsum(rng.exponential(1.0 / rate, int(rate * duration_s * 2) + 10))
+    events = [(t, names[i % len(names)]) for i, t in enumerate(times) if t < duration_s]
+    ttfts: dict[str, list[float]] = {name: [] for name in paths}
+    errors = dict.fromkeys(paths, 0)
+    tasks = []
+
+    async def one(name: str, i: int) -> None:
+        t0 = time.perf_counter()
+        try:
+            first = await paths[name](i)
+        except (grpc.aio.AioRpcError, httpx.HTTPError, RuntimeError):
+            errors[name] += 1
+            return
+        ttfts[name].append((first - t0) * 1e3)
+
+    start = time.perf_counter()
+    for i, (t, name) in enumerate(events):
+        delay = start + t - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(name, i)))
+    await asyncio.gather(*tasks)
+    return ttfts, errors
+
+
+async def run_bench(rates=(50.0, 200.0), duration_s: float = 10.0, max_tokens: int = 4, prompt_words: int = 32,
+                    progress=None) -> dict:
+    """Start the parts, measure every rate, stop everything. Returns ``{"results": [{"rate_rps",
+    "overhead_p50_ms", "overhead_p99_ms", ...}], "config": {...}}``. Raises RuntimeError / TimeoutError when a
+    part fails to start (its log is in the message), EtcdNotFound without an etcd binary."""
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a log line per request would load the client side
+    work = Path(tempfile.mkdtemp(prefix="chiron-bench-gateway-"))
+    etcd = EtcdServer(work / "etcd")
+    etcd.start()
+    procs = []
+    try:
+        q, qpf = spawn_chiron(work, "queue", ["queue", "--db", str(work / "q.db")])
+        procs.append(q)
+        e, epf = spawn_chiron(work, "engine", ["engine", "--etcd", etcd.endpoint, "--speedup", "100",
+                                               "--static-batch-size", "256", "--instance-id", "bench-engine"])
+        procs.append(e)
+        qport = await wait_port_file(qpf, q)
+        await wait_port_file(epf, e)
+        r, rpf = spawn_chiron(work, "router", ["router", "--etcd", etcd.endpoint, "--queue", f"127.0.0.1:{qport}"])
+        procs.append(r)
+        rport = await wait_port_file(rpf, r)
+        await wait_healthy(f"127.0.0.1:{rport}", proc=r)
+        g, gpf = spawn_chiron(work, "gateway", ["gateway", "--router", f"127.0.0.1:{rport}"])
+        procs.append(g)
+        gport = await wait_port_file(gpf, g)
+        gateway_url = f"http://127.0.0.1:{gport}"
+        await wait_http_ready(gateway_url, proc=g)
+
+        prompt = " ".join(["hello"] * prompt_words)
+        ids = SimpleTokenizer().encode(prompt)
+        body = {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "stream": True}
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=2000)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{rport}") as rch, \
+                httpx.AsyncClient(base_url=gateway_url, limits=limits, timeout=60.0) as http:
+            rstub = router_pb2_grpc.RouterStub(rch)
+
+            async def direct(_i: int) -> float:
+                first = None
+                req = types_pb2.InferenceRequest(model=MODEL, prompt_token_ids=ids, max_tokens=max_tokens)
+                async for _ in rstub.Generate(router_pb2.RouterGenerateRequest(request=req)):
+                    first = first or time.perf_counter()
+                if first is None:
+                    raise RuntimeError("no token")
+                return first
+
+            async def gateway(_i: int) -> float:
+                first = None
+                async with http.stream("POST", "/v1/completions", json=body) as resp:
+                    if resp.status_code != 200:
+                        await resp.aread()
+                        raise RuntimeError(f"HTTP {resp.status_code}: {resp.text[:200]}")
+                    async for _ in resp.aiter_raw():  # the first bytes are the first token's SSE event
+                        first = first or time.perf_counter()
+                if first is None:
+                    raise RuntimeError("no token")
+                return first
+
+            paths = {"gateway": gateway, "direct": direct}
+            await _run_rate(paths, 20.0, 1.0, 99)  # warm both paths (connections, the router's first stats)
+            rows = []
+            for k, rate in enumerate(rates):
+                cpu0, load0 = _cpu_busy(), time.perf_counter()
+                ttfts, errors = await _run_rate(paths, rate, duration_s, k)
+                cpu1 = _cpu_busy()
+                gw, d = ttfts["gateway"], ttfts["direct"]
+                if not gw or not d:
+                    raise RuntimeError(f"no request completed at {rate:g} req/s (errors: {errors}); see the logs in {work}")
+                row = {"rate_rps": rate, "gateway_rps": rate / 2, "direct_rps": rate / 2,
+                       "overhead_p50_ms": float(np.percentile(gw, 50) - np.percentile(d, 50)),
+                       "overhead_p99_ms": float(np.percentile(gw, 99) - np.percentile(d, 99)),
+                       "gateway_ttft_p50_ms": float(np.percentile(gw, 50)), "gateway_ttft_p99_ms": float(np.percentile(gw, 99)),
+                       "direct_ttft_p50_ms": float(np.percentile(d, 50)), "direct_ttft_p99_ms": float(np.percentile(d, 99)),
+                       "gateway_requests": len(gw), "direct_requests": len(d),
+                       "gateway_errors": errors["gateway"], "direct_errors": errors["direct"],
+                       "wall_s": time.perf_counter() - load0}
+                if cpu0 and cpu1 and cpu1[1] > cpu0[1]:
+                    row["machine_cpu_busy"] = (cpu1[0] - cpu0[0]) / (cpu1[1] - cpu0[1])
+                rows.append(row)
+                if progress:
+                    progress(f"{rate:g} req/s")
+    finally:
+        for p in reversed(procs):
+            with contextlib.suppress(Exception):
+                stop_process(p)
+        etcd.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    return {"results": rows,
+            "config": {"duration_s": duration_s, "max_tokens": max_tokens, "prompt_tokens": len(ids),
+                       "cpu_count": os.cpu_count(), "load_average_1m_after": os.getloadavg()[0],
+                       "engine": "simulated llama-3-8b, speedup 100, static batch 256",
+                       "load": "rate_rps in total (open-loop Poisson), every other request through the gateway"}}

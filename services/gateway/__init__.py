@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP gateway over the router (``chiron gateway``): :mod:`services.gateway.app`."""

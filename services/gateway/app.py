@@ -1,0 +1,559 @@
+"""The OpenAI-compatible HTTP gateway: a thin FastAPI shell over the ``chiron.v1.Router`` gRPC service.
+
+Routes (all but ``/health`` and ``/metrics`` need ``Authorization: Bearer <token>`` when ``CHIRON_AUTH_TOKENS``
+is set):
+
+* ``POST /v1/completions`` and ``POST /v1/chat/completions``, streaming (server-sent events, ``stream: true``)
+  or not. The prompt is tokenized here (:mod:`services.gateway.tokenizer`: the router takes token ids only).
+  The **SLO class** comes from the body field ``slo_class``, else the header ``X-Chiron-SLO-Class``, else
+  ``GatewayConfig.default_slo_class`` (``interactive``); ``ttft_ms`` / ``itl_ms`` body fields override the
+  class's SLOs. An interactive class streams through ``Router.Generate``; a *queued* class (``batch``) goes
+  through ``Router.Submit`` and the answer waits for the queued request to finish (``Router.StreamResult``;
+  no streaming). Usage counts prompt tokens (after the chat template) and generated tokens.
+* ``GET /v1/models``, ``GET /v1/models/{model}``: the models serving engines offer (``Router.ListModels``).
+* the Batch API (``/v1/files``, ``/v1/batches``) from ``services.gateway.batch_api`` when that module is present.
+* ``GET /health`` (readiness: the HTTP server answers) and ``GET /metrics`` (Prometheus):
+  ``chiron_gateway_requests_total{endpoint, status}``, ``chiron_gateway_request_duration_seconds{endpoint}``
+  (to the end of the response, streams included), ``chiron_gateway_ttft_seconds{endpoint}`` (request arrival to
+  the first token from the router).
+
+Errors come in OpenAI's shape ``{"error": {"message", "type", "param", "code"}}`` with the HTTP status of
+:data:`services.gateway.common.GRPC_TO_HTTP` (400 bad request, 401 unauthenticated, 404 unknown model or
+route, 413 body over ``max_body_bytes``, 429 admission control, 503 no capacity, 504 deadline). An error before
+the first token is a plain HTTP error; one later in a stream is a last ``data: {"error": ...}`` event. A client
+that disconnects cancels its router call, so the engine aborts the request (a queued one is cancelled).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import importlib.util
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import uvicorn
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from pydantic import BaseModel, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from chiron.v1 import queue_pb2, router_pb2, router_pb2_grpc, types_pb2
+from services.common.grpc_util import MESSAGE_OPTIONS
+from services.common.security import SecuritySettings, open_channel, security_settings
+from services.gateway import common
+from services.gateway.common import APIError
+from services.gateway.tokenizer import DEFAULT_SIMPLE_VOCAB, Detokenizer, Tokenizer, load_tokenizer
+
+log = logging.getLogger("chiron.gateway")
+
+SLO_CLASS_HEADER = "x-chiron-slo-class"
+
+
+class SloClassConfig(BaseModel):
+    """One named SLO class. ``ttft_ms``: TTFT SLO [ms]; ``itl_ms``: ITL SLO [ms] (0 = the router's default);
+    ``queued``: served through the global queue (``Router.Submit``; the HTTP answer waits for the result, no
+    streaming) instead of streamed (``Router.Generate``)."""
+
+    ttft_ms: int = Field(gt=0)
+    itl_ms: int = Field(0, ge=0)
+    queued: bool = False
+
+
+def _default_slo_classes() -> dict[str, SloClassConfig]:
+    # The router's named classes (services.router.routing.RouterConfig), with how the gateway serves each.
+    return {"interactive": SloClassConfig(ttft_ms=10_000, itl_ms=100), "chat": SloClassConfig(ttft_ms=2_000, itl_ms=100),
+            "batch": SloClassConfig(ttft_ms=3_600_000, queued=True),
+            "batch-24h": SloClassConfig(ttft_ms=86_400_000, queued=True)}
+
+
+class GatewayConfig(BaseSettings):
+    """Configuration of the gateway; every field can be set through ``CHIRON_GATEWAY_<FIELD>`` (``slo_classes`` as
+    JSON) or the ``chiron gateway`` options. Raises pydantic.ValidationError for bad values."""
+
+    model_config = SettingsConfigDict(env_prefix="CHIRON_GATEWAY_", extra="forbid")
+
+    router: str = Field("127.0.0.1:50050", description="Router gRPC address (host:port).")
+    host: str = Field("127.0.0.1", description="Address the HTTP server binds.")
+    port: int = Field(8000, ge=0, le=65535, description="HTTP port (0 = pick a free one).")
+    tokenizer: str = Field("simple", description="'simple' (simulated engines) or a Hugging Face model directory.")
+    vocab_size: int = Field(DEFAULT_SIMPLE_VOCAB, ge=2, description="Vocabulary of the simple tokenizer [tokens].")
+    max_body_bytes: int = Field(65 * 2**20, gt=0, description=(
+        "Largest request body [bytes]; larger ones get 413 (default: a 64 MiB Batch API upload plus framing)."))
+    default_max_tokens: int = Field(256, gt=0, description="Output tokens when a request sets no max_tokens.")
+    default_slo_class: str = Field("interactive", description="SLO class of requests that name none.")
+    slo_classes: dict[str, SloClassConfig] = Field(default_factory=_default_slo_classes,
+                                                   description="Named SLO classes clients may ask for.")
+    request_timeout_s: float = Field(600.0, gt=0, description="Deadline of an interactive request's router call [s].")
+    models_ttl_s: float = Field(2.0, ge=0, description="How long the router's model list is cached [s].")
+    disconnect_poll_s: float = Field(0.5, gt=0, description=(
+        "How often a non-streaming request checks whether its client went away [s]."))
+    graceful_shutdown_s: float = Field(30.0, ge=0, description="On stop, how long in-flight requests may finish [s].")
+
+    @model_validator(mode="after")
+    def _check(self) -> GatewayConfig:
+        if self.default_slo_class not in self.slo_classes:
+            raise ValueError(f"default_slo_class {self.default_slo_class!r} is not one of the slo_classes "
+                             f"({', '.join(sorted(self.slo_classes))})")
+        return self
+
+
+class GatewayMetrics:
+    """The gateway's Prometheus metrics, in a registry of their own (several apps may share a process)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("chiron_gateway_requests", "HTTP requests answered, by route template and status.",
+                                ["endpoint", "status"], registry=self.registry)
+        self.duration = Histogram("chiron_gateway_request_duration_seconds",
+                                  "Time from request arrival to the end of the response (streams included) [s].",
+                                  ["endpoint"], registry=self.registry,
+                                  buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 300, 1800))
+        self.ttft = Histogram("chiron_gateway_ttft_seconds",
+                              "Time from request arrival to the first token from the router [s].",
+                              ["endpoint"], registry=self.registry,
+                              buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60))
+
+
+# ---- ASGI middleware --------------------------------------------------------------------------------
+class _MetricsMiddleware:
+    """Counts every HTTP request by route template (``unmatched`` for unknown paths) and status."""
+
+    def __init__(self, app: ASGIApp, metrics: GatewayMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = scope.get("route")
+            endpoint = getattr(route, "path", "unmatched")
+            self.metrics.requests.labels(endpoint, str(status)).inc()
+            self.metrics.duration.labels(endpoint).observe(time.perf_counter() - start)
+
+
+class _BodyLimitMiddleware:
+    """413 for a body over ``max_bytes``: at once by its Content-Length, else while it streams in (chunked
+    uploads), before the route has accepted anything."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def _message(self, size: str) -> str:
+        return (f"the request body ({size}) exceeds the gateway's limit of {self.max_bytes} bytes "
+                f"(chiron gateway --max-body-bytes)")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = next((v for k, v in scope["headers"] if k == b"content-length"), None)
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await APIError(413, self._message(f"{int(declared)} bytes"), code="request_too_large").response()(
+                scope, receive, send)
+            return
+        seen = 0
+
+        async def counting_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    # An HTTPException passes FastAPI's body parsing unchanged; the app's handler renders it.
+                    raise StarletteHTTPException(413, self._message(f"over {self.max_bytes} bytes so far"))
+            return message
+
+        await self.app(scope, counting_receive, send)
+
+
+# ---- responses ----------------------------------------------------------------------------------------
+_FINISH = {types_pb2.FINISH_REASON_LENGTH: "length", types_pb2.FINISH_REASON_STOP: "stop",
+           types_pb2.FINISH_REASON_ABORT: "abort", types_pb2.FINISH_REASON_EVICTED: "abort"}
+
+
+def _sse(obj: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """OpenAI's response objects of one request: chat completion or text completion."""
+
+    chat: bool
+    id: str
+    model: str
+    created: int
+
+    def _wrap(self, obj: str, choices: list, **extra: Any) -> dict[str, Any]:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices, **extra}
+
+    def chunk(self, text: str, finish: str | None = None, *, role: bool = False) -> dict[str, Any]:
+        if self.chat:
+            delta = {"role": "assistant", "content": ""} if role else ({"content": text} if finish is None else {})
+            return self._wrap("chat.completion.chunk", [{"index": 0, "delta": delta, "logprobs": None,
+                                                          "finish_reason": finish}])
+        return self._wrap("text_completion", [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}])
+
+    def usage_chunk(self, usage: dict[str, int]) -> dict[str, Any]:
+        return self._wrap("chat.completion.chunk" if self.chat else "text_completion", [], usage=usage)
+
+    def full(self, text: str, finish: str, usage: dict[str, int]) -> dict[str, Any]:
+        if self.chat:
+            return self._wrap("chat.completion", [{"index": 0, "message": {"role": "assistant", "content": text},
+                                                   "logprobs": None, "finish_reason": finish}], usage=usage)
+        return self._wrap("text_completion", [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
+                          usage=usage)
+
+
+def _usage(prompt: int, completion: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+class _EventStream(StreamingResponse):
+    """Server-sent events whose generator is closed however the response ends, a client that went away
+    included: its cleanup (cancelling the router call) runs at once, not whenever it is garbage-collected."""
+
+    def __init__(self, events: AsyncGenerator[bytes, None], headers: dict[str, str]) -> None:
+        super().__init__(events, media_type="text/event-stream", headers={**headers, "Cache-Control": "no-cache"})
+        self._events = events
+
+    async def stream_response(self, send: Send) -> None:
+        try:
+            await super().stream_response(send)
+        finally:
+            await self._events.aclose()
+
+
+async def _unless_disconnected(request: Request, aw: Awaitable, poll_s: float):
+    """The result of ``aw``, unless the client goes away first: then ``aw`` is cancelled and APIError 499
+    ("client closed request") is raised (nobody reads the answer; the status shows in the metrics)."""
+    task = asyncio.ensure_future(aw)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=poll_s)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                raise APIError(499, "the client closed the connection before the answer was ready", code="client_closed")
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+                await task
+
+
+# ---- routes ------------------------------------------------------------------------------------------------
+api = APIRouter(dependencies=[Depends(common.require_auth)])
+
+
+def _slo(cfg: GatewayConfig, request: Request, req: common.CompletionRequest | common.ChatCompletionRequest
+         ) -> tuple[str, SloClassConfig, int, int]:
+    """``(class name, class, ttft_ms, itl_ms)``: body ``slo_class``, else the header, else the default class;
+    body ``ttft_ms`` / ``itl_ms`` override the class's. Raises APIError 400 for an unknown class."""
+    name = req.slo_class or request.headers.get(SLO_CLASS_HEADER) or cfg.default_slo_class
+    cls = cfg.slo_classes.get(name)
+    if cls is None:
+        raise APIError(400, f"unknown SLO class {name!r} (body field slo_class or header X-Chiron-SLO-Class); "
+                            f"known: {', '.join(sorted(cfg.slo_classes))}", param="slo_class", code="invalid_value")
+    ttft = req.ttft_ms if req.ttft_ms is not None else cls.ttft_ms
+    itl = req.itl_ms if req.itl_ms is not None else cls.itl_ms
+    return name, cls, ttft, itl
+
+
+async def _generate(request: Request, endpoint: str) -> Response:
+    start = time.perf_counter()
+    cfg = common.config(request)
+    req = common.parse_body(endpoint, await common.json_body(request))
+    slo_name, slo_cls, ttft_ms, itl_ms = _slo(cfg, request, req)
+    if slo_cls.queued and req.stream:
+        raise APIError(400, f"SLO class {slo_name!r} is served through the queue and cannot stream: send stream: false, "
+                            f"or use the Batch API", param="stream", code="invalid_value")
+    await common.models(request).require(request, req.model)
+    tok = common.tokenizer(request)
+    ids = common.prompt_ids(tok, req)
+    rid = uuid.uuid4().hex
+    chat = endpoint == common.CHAT_COMPLETIONS
+    shape = _Shape(chat, f"{'chatcmpl' if chat else 'cmpl'}-{rid}", req.model, int(time.time()))
+    ir = types_pb2.InferenceRequest(
+        request_id=rid, model=req.model, prompt_token_ids=ids, max_tokens=common.max_tokens_of(req, cfg.default_max_tokens),
+        slo=types_pb2.SLO(ttft_ms=ttft_ms, itl_ms=itl_ms),
+        request_class=types_pb2.REQUEST_CLASS_BATCH if slo_cls.queued else types_pb2.REQUEST_CLASS_INTERACTIVE)
+    headers = {"X-Request-Id": rid}
+    if slo_cls.queued:
+        return JSONResponse(await _queued(request, ir, shape), headers=headers)
+
+    call = common.router_stub(request).Generate(router_pb2.RouterGenerateRequest(request=ir),
+                                                metadata=common.forward_metadata(request), timeout=cfg.request_timeout_s)
+    try:
+        # The first message before any answer: refusals (429, 503, …) become plain HTTP errors.
+        first = await _unless_disconnected(request, call.read(), cfg.disconnect_poll_s)
+        if first is grpc.aio.EOF:
+            raise APIError(502, "the router ended the stream without any token", code="empty_stream")
+        request.app.state.metrics.ttft.labels(endpoint).observe(time.perf_counter() - start)
+        if req.stream:
+            return _EventStream(_stream(call, first, shape, Detokenizer(tok), len(ids), req.include_usage), headers)
+        out, finish = await _unless_disconnected(request, _collect(call, first), cfg.disconnect_poll_s)
+    except grpc.aio.AioRpcError as e:
+        raise APIError.from_grpc(e) from None
+    except BaseException:
+        call.cancel()
+        raise
+    return JSONResponse(shape.full(tok.decode(out), finish, _usage(len(ids), len(out))), headers=headers)
+
+
+async def _collect(call, first: router_pb2.RouterGenerateResponse) -> tuple[list[int], str]:
+    out: list[int] = []
+    finish = "stop"
+    msg = first
+    while msg is not grpc.aio.EOF:
+        out.extend(msg.chunk.token_ids)
+        if msg.chunk.finish_reason:
+            finish = _FINISH.get(msg.chunk.finish_reason, "stop")
+        msg = await call.read()
+    return out, finish
+
+
+async def _stream(call, first: router_pb2.RouterGenerateResponse, shape: _Shape, detok: Detokenizer,
+                  prompt_tokens: int, include_usage: bool) -> AsyncGenerator[bytes, None]:
+    """SSE events of one streaming request; cancelling it (client gone) cancels the router call."""
+    generated = 0
+    finish = "stop"
+    try:
+        if shape.chat:
+            yield _sse(shape.chunk("", role=True))
+        msg = first
+        while msg is not grpc.aio.EOF:
+            c = msg.chunk
+            if c.token_ids:
+                generated += len(c.token_ids)
+                text = detok.step(c.token_ids)
+                if text:
+                    yield _sse(shape.chunk(text))
+            if c.finish_reason:
+                finish = _FINISH.get(c.finish_reason, "stop")
+            msg = await call.read()
+        tail = detok.flush()
+        end = [_sse(shape.chunk(tail)) if tail else b"", _sse(shape.chunk("", finish)),
+               _sse(shape.usage_chunk(_usage(prompt_tokens, generated))) if include_usage else b"", b"data: [DONE]\n\n"]
+        yield b"".join(end)  # one write for the end of the stream
+    except grpc.aio.AioRpcError as e:
+        yield _sse(APIError.from_grpc(e).body())
+    finally:
+        call.cancel()  # no-op once the call has ended
+
+
+async def _queued(request: Request, ir: types_pb2.InferenceRequest, shape: _Shape) -> dict[str, Any]:
+    """A queued (batch-class) request: Submit, wait for its final state, answer like a synchronous call."""
+    cfg = common.config(request)
+    stub = common.router_stub(request)
+    md = common.forward_metadata(request)
+    try:
+        sub = await stub.Submit(router_pb2.SubmitRequest(request=ir), metadata=md, timeout=30.0)
+    except grpc.aio.AioRpcError as e:
+        raise APIError.from_grpc(e) from None
+
+    async def final():
+        last = None
+        async for update in stub.StreamResult(router_pb2.StreamResultRequest(request_id=sub.request_id), metadata=md):
+            last = update.result
+        return last
+
+    try:
+        res = await _unless_disconnected(request, final(), cfg.disconnect_poll_s)
+    except grpc.aio.AioRpcError as e:
+        raise APIError.from_grpc(e) from None
+    except APIError:  # the client went away: nobody will read the result
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            await stub.Cancel(router_pb2.RouterCancelRequest(request_id=sub.request_id), metadata=md, timeout=5.0)
+        raise
+    if res is None or res.state != queue_pb2.QUEUED_REQUEST_STATE_DONE:
+        raise APIError(409, f"queued request {sub.request_id} was cancelled before it finished", code="cancelled")
+    out = list(res.output_token_ids)
+    finish = "length" if len(out) >= ir.max_tokens else "stop"
+    return shape.full(common.tokenizer(request).decode(out), finish, _usage(len(ir.prompt_token_ids), len(out)))
+
+
+@api.post(common.COMPLETIONS)
+async def completions(request: Request) -> Response:
+    """OpenAI ``POST /v1/completions`` (body: :class:`services.gateway.common.CompletionRequest`)."""
+    return await _generate(request, common.COMPLETIONS)
+
+
+@api.post(common.CHAT_COMPLETIONS)
+async def chat_completions(request: Request) -> Response:
+    """OpenAI ``POST /v1/chat/completions`` (body: :class:`services.gateway.common.ChatCompletionRequest`)."""
+    return await _generate(request, common.CHAT_COMPLETIONS)
+
+
+def _model_json(m: router_pb2.ModelInfo, created: int) -> dict[str, Any]:
+    return {"id": m.model, "object": "model", "created": created, "owned_by": "chiron",
+            "instances": {"interactive": m.interactive_instances, "mixed": m.mixed_instances, "batch": m.batch_instances}}
+
+
+@api.get("/v1/models")
+async def list_models(request: Request) -> dict[str, Any]:
+    """OpenAI ``GET /v1/models``: models with serving engine instances (with Chiron's instance counts by role)."""
+    created = request.app.state.started_at
+    return {"object": "list", "data": [_model_json(m, created) for m in await common.models(request).models(request)]}
+
+
+@api.get("/v1/models/{model:path}")
+async def get_model(request: Request, model: str) -> dict[str, Any]:
+    """OpenAI ``GET /v1/models/{model}``; 404 ``model_not_found`` when no engine serves it."""
+    return _model_json(await common.models(request).require(request, model), request.app.state.started_at)
+
+
+# ---- the app ------------------------------------------------------------------------------------------------
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+
+
+def create_app(config: GatewayConfig | None = None, *, security: SecuritySettings | None = None,
+               tokenizer: Tokenizer | None = None) -> FastAPI:
+    """The gateway app. ``security``: tokens and TLS (default: the process's, from ``CHIRON_*`` variables);
+    ``tokenizer``: default from ``config.tokenizer``. The router channel opens when the app starts (lifespan).
+    Raises RuntimeError / ValueError when the tokenizer cannot be loaded."""
+    cfg = config or GatewayConfig()
+    sec = security or security_settings()
+    tok = tokenizer or load_tokenizer(cfg.tokenizer, cfg.vocab_size)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        channel = open_channel(cfg.router, options=MESSAGE_OPTIONS, settings=sec)
+        app.state.router_channel = channel
+        app.state.router_stub = router_pb2_grpc.RouterStub(channel)
+        try:
+            yield
+        finally:
+            await channel.close()
+
+    app = FastAPI(title="Chiron OpenAI-compatible gateway", lifespan=lifespan)
+    app.state.config = cfg
+    app.state.security = sec
+    app.state.tokenizer = tok
+    app.state.models = common.ModelCache(ttl_s=cfg.models_ttl_s)
+    app.state.metrics = metrics = GatewayMetrics()
+    app.state.started_at = int(time.time())
+
+    @app.exception_handler(APIError)
+    async def _api_error(_request: Request, e: APIError) -> Response:
+        return e.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request: Request, e: RequestValidationError) -> Response:
+        return common.validation_error(e.errors()).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException) -> Response:
+        message = str(e.detail)
+        if e.status_code == 404 and message == "Not Found":
+            message = f"no route {request.method} {request.url.path}"
+        return APIError(e.status_code, message, code=_HTTP_CODES.get(e.status_code)).response()
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, e: Exception) -> Response:
+        log.exception("internal error on %s %s", request.method, request.url.path)
+        return APIError(500, f"internal error in the gateway ({type(e).__name__}); see its log").response()
+
+    @app.get("/health", include_in_schema=False)
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    app.include_router(api)
+    if importlib.util.find_spec("services.gateway.batch_api") is not None:
+        app.include_router(importlib.import_module("services.gateway.batch_api").router)
+    app.add_middleware(_BodyLimitMiddleware, max_bytes=cfg.max_body_bytes)
+    app.add_middleware(_MetricsMiddleware, metrics=metrics)  # outermost: sees every status, 413 included
+    return app
+
+
+# ---- serving ----------------------------------------------------------------------------------------------
+class _Server(uvicorn.Server):
+    """uvicorn without signal handlers of its own: whoever runs it decides when to stop (``chiron gateway``
+    stops it on SIGTERM / SIGINT)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield
+
+
+class GatewayServer:
+    """uvicorn serving :func:`create_app` in the running event loop; HTTPS when ``security`` has a certificate
+    and key (HTTP clients are not asked for certificates: they authenticate with bearer tokens)."""
+
+    def __init__(self, config: GatewayConfig | None = None, *, security: SecuritySettings | None = None,
+                 tokenizer: Tokenizer | None = None, access_log: bool = False) -> None:
+        self.config = config or GatewayConfig()
+        self.security = security or security_settings()
+        self.app = create_app(self.config, security=self.security, tokenizer=tokenizer)
+        tls = self.security.tls_enabled
+        self._server = _Server(uvicorn.Config(
+            self.app, host=self.config.host, port=self.config.port, log_config=None, access_log=access_log,
+            timeout_graceful_shutdown=self.config.graceful_shutdown_s, lifespan="on",
+            ssl_certfile=str(self.security.tls_cert) if tls else None,
+            ssl_keyfile=str(self.security.tls_key) if tls else None))
+        self._task: asyncio.Task | None = None
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        """Base URL of the server, e.g. ``http://127.0.0.1:8000``."""
+        host = "127.0.0.1" if self.config.host in ("0.0.0.0", "::") else self.config.host
+        return f"{'https' if self.security.tls_enabled else 'http'}://{host}:{self.port}"
+
+    async def _serve(self) -> None:
+        try:
+            await self._server.serve()
+        except SystemExit as e:  # uvicorn exits when it cannot bind or the app fails to start
+            raise RuntimeError(f"the gateway could not start on {self.config.host}:{self.config.port} "
+                               f"(see the log above)") from e
+
+    async def start(self) -> int:
+        """Start serving; returns the bound port once the server accepts connections. Raises RuntimeError
+        when it cannot start (address in use, router channel or TLS files unusable)."""
+        self._task = asyncio.create_task(self._serve(), name="gateway-http")
+        while not self._server.started:
+            if self._task.done():
+                self._task.result()
+                raise RuntimeError("the gateway stopped during start-up")
+            await asyncio.sleep(0.01)
+        self.port = self._server.servers[0].sockets[0].getsockname()[1]
+        log.info("gateway serving on %s (router %s)", self.url, self.config.router)
+        return self.port
+
+    async def stop(self) -> None:
+        """Stop accepting connections, let in-flight requests finish (up to ``graceful_shutdown_s``), close the
+        router channel."""
+        if self._task is None:
+            return
+        self._server.should_exit = True
+        await self._task
