@@ -18,7 +18,7 @@ from tests.nomad_standin import NomadApiStandIn, load_job_spec, resolve, variabl
 
 NOMAD_DIR = Path(__file__).resolve().parent.parent / "deploy" / "nomad"
 ENGINE_SPEC = NOMAD_DIR / "chiron-engine.nomad.hcl"
-SPECS = ("chiron-engine", "chiron-queue", "chiron-scaler", "chiron-router")
+SPECS = ("chiron-engine", "chiron-queue", "chiron-scaler", "chiron-router", "chiron-gateway")
 
 
 # ---------------------------------------------------------------------------------------------------- job specs
@@ -364,3 +364,15 @@ async def test_non_json_success_is_an_error():
     async with NomadProvider(NomadConfig(**FAST), transport=httpx.MockTransport(handler)) as p:
         with pytest.raises(ProviderError, match="not JSON"):
             await p.set_count("batch", 1)
+
+
+def test_gateway_spec_serves_http_with_a_health_check_and_finds_the_router(specs):
+    _, job = _job(specs["chiron-gateway"])
+    (group,) = _groups(job).values()
+    assert "http" in _ports(group)
+    assert any(c["type"] == "http" and c["path"] == "/health" and c["port"] == "http" for c in _checks(group))
+    (task,) = _tasks(group).values()
+    cmd = _command_line(task)
+    for part in (" gateway ", "--port ${NOMAD_PORT_http}", "--router ${CHIRON_ROUTER_ADDRESS}"):
+        assert part in f" {cmd} ", (part, cmd)
+    assert any("chiron-router" in t["data"] and "CHIRON_ROUTER_ADDRESS" in t["data"] for t in task["template"])

@@ -336,7 +336,7 @@ def test_nomad_jobs_render_the_variables_the_services_read_when_tls_is_on():
     CHIRON_TLS_* variables SecuritySettings reads; Consul's gRPC checks follow; the router's tokens behind ``var.auth``."""
     root = Path(__file__).resolve().parents[1] / "deploy" / "nomad"
     fields = {f"CHIRON_{name.upper()}" for name in SecuritySettings.model_fields}
-    for name in ("chiron-engine", "chiron-queue", "chiron-scaler", "chiron-router"):
+    for name in ("chiron-engine", "chiron-queue", "chiron-scaler", "chiron-router", "chiron-gateway"):
         path = root / f"{name}.nomad.hcl"
         spec = load_job_spec(path)
         (job_name, job), = spec["job"][0].items()
@@ -350,9 +350,12 @@ def test_nomad_jobs_render_the_variables_the_services_read_when_tls_is_on():
                 dynamic = [(kind, body) for block in task["dynamic"] for kind, body in block.items()]
                 gated = {(kind, body["for_each"]) for kind, body in dynamic}
                 assert {("vault", "${var.tls ? [1] : []}"), ("template", "${var.tls ? local.tls_templates : []}")} <= gated, path
-                if job_name == "chiron-router":
+                if job_name in ("chiron-router", "chiron-gateway"):
                     auth = next(body for kind, body in dynamic if body["for_each"] == "${var.auth ? [1] : []}")
-                    assert auth["content"][0]["data"].startswith('{{ with nomadVar "nomad/jobs/chiron-router" }}CHIRON_AUTH_TOKENS=')
+                    assert auth["content"][0]["data"].startswith(f'{{{{ with nomadVar "nomad/jobs/{job_name}" }}}}CHIRON_AUTH_TOKENS=')
             services = [*group.get("service", []), *(s for b in group["task"] for t in b.values() for s in t.get("service", []))]
             checks = [c for s in services for c in s["check"]]
-            assert checks and all(c["grpc_use_tls"] == "${var.tls}" for c in checks), path
+            if job_name == "chiron-gateway":  # HTTP(S) health check
+                assert checks and all(c["protocol"] == '${var.tls ? "https" : "http"}' for c in checks), path
+            else:
+                assert checks and all(c["grpc_use_tls"] == "${var.tls}" for c in checks), path
