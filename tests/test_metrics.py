@@ -143,7 +143,7 @@ async def test_every_service_exports_its_metrics_and_they_move_under_load(tmp_pa
             return sum(1 for n in urls if n.startswith("local-")) == 2
 
         await eventually(both_engines_listed, timeout_s=120, interval_s=0.2)
-        assert {"queue", "router", "scaler"} <= set(urls)
+        assert {"queue", "router", "scaler", "gateway"} <= set(urls)
         engines = {n: u for n, u in urls.items() if n.startswith("local-")}
         inter_id = next(n for n in engines if n.startswith("local-interactive-"))
         batch_id = next(n for n in engines if n.startswith("local-batch-"))
@@ -163,8 +163,14 @@ async def test_every_service_exports_its_metrics_and_they_move_under_load(tmp_pa
         async with httpx.AsyncClient(timeout=10.0) as client:
             before = {n: await scrape(client, u) for n, u in urls.items()}
 
-            # Load: interactive streams, one refused request, batch requests, one batch request nobody serves.
+            # Load: interactive streams, one refused request, batch requests, one batch request nobody serves;
+            # through the gateway: completions, one of them streamed, and one bad body.
             await asyncio.gather(*(generate(f"i{k}") for k in range(12)))
+            body = {"model": MODEL, "prompt": "Hello there", "max_tokens": 4}
+            for stream in (False, True):
+                r = await client.post(f"{cluster.gateway_url}/v1/completions", json={**body, "stream": stream})
+                assert r.status_code == 200, r.text
+            assert (await client.post(f"{cluster.gateway_url}/v1/completions", content=b"{bad")).status_code == 400
             with pytest.raises(grpc.aio.AioRpcError):
                 await generate_bad(router)
             for k in range(6):
@@ -189,14 +195,21 @@ async def test_every_service_exports_its_metrics_and_they_move_under_load(tmp_pa
                 return value(after[part], name, **labels) - value(before[part], name, **labels)
 
             inter = {"class": "interactive"}
-            assert moved("router", "chiron_requests_total", outcome="ok", **inter) == 12
+            # 12 streams of our own + the gateway's 2 completions, which reach the router too.
+            assert moved("router", "chiron_requests_total", outcome="ok", **inter) == 14
             assert moved("router", "chiron_requests_total", outcome="rejected", **inter) >= 1
-            assert moved("router", "chiron_request_ttft_seconds_count", **inter) == 12
-            assert 12 <= moved("router", "chiron_request_itl_seconds_count", **inter) <= 12 * 15
+            assert moved("router", "chiron_request_ttft_seconds_count", **inter) == 14
+            assert 14 <= moved("router", "chiron_request_itl_seconds_count", **inter) <= 14 * 15
             assert moved("router", "chiron_slo_met_total", **inter) > 0
             r1 = after["router"]
             assert value(r1, "chiron_request_ttft_seconds_bucket", le="+Inf", **inter) == value(
                 r1, "chiron_request_ttft_seconds_count", **inter)
+
+            # Gateway: requests by endpoint and status, their durations, streamed TTFT.
+            assert moved("gateway", "chiron_gateway_requests_total", endpoint="/v1/completions", status="200") == 2
+            assert moved("gateway", "chiron_gateway_requests_total", endpoint="/v1/completions", status="400") == 1
+            assert moved("gateway", "chiron_gateway_request_duration_seconds_count", endpoint="/v1/completions") == 3
+            assert moved("gateway", "chiron_gateway_ttft_seconds_count", endpoint="/v1/completions") >= 1
 
             # Queue: batch outcomes and TTFT, enqueued per model, the orphan's group gauges.
             q1 = after["queue"]
