@@ -28,10 +28,11 @@ import grpc
 import httpx
 import numpy as np
 
+from bench.router import start_router_stack
 from chiron.v1 import router_pb2, router_pb2_grpc, types_pb2
 from services.cluster import spawn_chiron, wait_http_ready
 from services.common.etcd_server import EtcdServer
-from services.engine.demo import stop_process, wait_healthy, wait_port_file
+from services.engine.demo import stop_process, wait_port_file
 from services.gateway.tokenizer import SimpleTokenizer
 
 MODEL = "llama-3-8b"
@@ -88,17 +89,7 @@ async def run_bench(rates=(50.0, 200.0), duration_s: float = 10.0, max_tokens: i
     etcd.start()
     procs = []
     try:
-        q, qpf = spawn_chiron(work, "queue", ["queue", "--db", str(work / "q.db")])
-        procs.append(q)
-        e, epf = spawn_chiron(work, "engine", ["engine", "--etcd", etcd.endpoint, "--speedup", "100",
-                                               "--static-batch-size", "256", "--instance-id", "bench-engine"])
-        procs.append(e)
-        qport = await wait_port_file(qpf, q)
-        await wait_port_file(epf, e)
-        r, rpf = spawn_chiron(work, "router", ["router", "--etcd", etcd.endpoint, "--queue", f"127.0.0.1:{qport}"])
-        procs.append(r)
-        rport = await wait_port_file(rpf, r)
-        await wait_healthy(f"127.0.0.1:{rport}", proc=r)
+        _, rport = await start_router_stack(work, etcd, procs)
         g, gpf = spawn_chiron(work, "gateway", ["gateway", "--router", f"127.0.0.1:{rport}"])
         procs.append(g)
         gport = await wait_port_file(gpf, g)

@@ -52,24 +52,32 @@ async def _load(send, rate: float, duration_s: float, seed: int) -> list[float]:
     return ttfts
 
 
+async def start_router_stack(work: Path, etcd: EtcdServer, procs: list) -> tuple[int, int]:
+    """Queue, one simulated engine (``--speedup 100``, static batch of 256: never the bottleneck) registered in
+    ``etcd``, and a router over them, each a ``chiron`` process logging in ``work`` (appended to ``procs``), waited
+    on until healthy. Returns ``(engine_port, router_port)``. Raises RuntimeError / TimeoutError (a part failed)."""
+    q, qpf = spawn_chiron(work, "queue", ["queue", "--db", str(work / "q.db")])
+    procs.append(q)
+    e, epf = spawn_chiron(work, "engine", ["engine", "--etcd", etcd.endpoint, "--speedup", "100",
+                                           "--static-batch-size", "256", "--instance-id", "bench-engine"])
+    procs.append(e)
+    qport = await wait_port_file(qpf, q)
+    eport = await wait_port_file(epf, e)
+    r, rpf = spawn_chiron(work, "router", ["router", "--etcd", etcd.endpoint, "--queue", f"127.0.0.1:{qport}"])
+    procs.append(r)
+    rport = await wait_port_file(rpf, r)
+    for port, p in ((eport, e), (rport, r)):
+        await wait_healthy(f"127.0.0.1:{port}", proc=p)
+    return eport, rport
+
+
 async def run_bench(rates=(50.0, 200.0, 500.0), duration_s: float = 10.0, max_tokens: int = 4, progress=None) -> dict:
     work = Path(tempfile.mkdtemp(prefix="chiron-bench-router-"))
     etcd = EtcdServer(work / "etcd")
     etcd.start()
     procs = []
     try:
-        q, qpf = spawn_chiron(work, "queue", ["queue", "--db", str(work / "q.db")])
-        procs.append(q)
-        e, epf = spawn_chiron(work, "engine", ["engine", "--etcd", etcd.endpoint, "--speedup", "100",
-                                               "--static-batch-size", "256", "--instance-id", "bench-engine"])
-        procs.append(e)
-        qport = await wait_port_file(qpf, q)
-        eport = await wait_port_file(epf, e)
-        r, rpf = spawn_chiron(work, "router", ["router", "--etcd", etcd.endpoint, "--queue", f"127.0.0.1:{qport}"])
-        procs.append(r)
-        rport = await wait_port_file(rpf, r)
-        for port, p in ((eport, e), (rport, r)):
-            await wait_healthy(f"127.0.0.1:{port}", proc=p)
+        eport, rport = await start_router_stack(work, etcd, procs)
         prompt = list(range(1, 33))
         async with open_channel(f"127.0.0.1:{eport}") as ech, open_channel(f"127.0.0.1:{rport}") as rch:
             estub, rstub = engine_pb2_grpc.EngineStub(ech), router_pb2_grpc.RouterStub(rch)

@@ -129,9 +129,11 @@ def _fmt(v, digits: int = 1) -> str:
 def main(log_level: str) -> None:
     """Chiron: SLO-aware hierarchical autoscaling for LLM serving (arXiv 2501.08090)."""
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))  # not a line per HTTP call
     sub = click.get_current_context().invoked_subcommand
-    if sub in ("engine", "queue", "router", "scaler"):  # OTel spans per RPC when OTEL_* variables ask for them
+    if sub in ("engine", "queue", "router", "scaler", "gateway"):  # CHIRON_* TLS / token settings usable?
         _check_security_settings()
+    if sub in ("engine", "queue", "router", "scaler"):  # OTel spans per RPC when OTEL_* variables ask for them
         from services.common.tracing import setup_tracing
 
         setup_tracing(f"chiron-{sub}")

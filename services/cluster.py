@@ -167,6 +167,14 @@ async def _wait_for_engines(cluster: Cluster, cfg: ClusterConfig) -> None:
         await watcher.stop()
 
 
+def _start_failed(cluster: Cluster, name: str, e: Exception) -> RuntimeError:
+    """The error for a part that did not start: the cause and the end of its log."""
+    tail = ""
+    with contextlib.suppress(OSError):
+        tail = (cluster.work / f"{name}.log").read_text()[-2000:]
+    return RuntimeError(f"{name} failed to start: {e}\n--- {cluster.work / (name + '.log')} ---\n{tail}")
+
+
 async def _start_part(cluster: Cluster, name: str, args: list[str], cfg: ClusterConfig) -> None:
     metrics_pf = cluster.work / f"{name}.metrics.port"
     proc, pf = spawn_chiron(cluster.work, name, [*args, "--metrics-port", "0", "--metrics-port-file", str(metrics_pf)])
@@ -176,10 +184,7 @@ async def _start_part(cluster: Cluster, name: str, args: list[str], cfg: Cluster
         cluster.metrics_ports[name] = int(metrics_pf.read_text())  # written before the gRPC port file
         await wait_healthy(f"127.0.0.1:{port}", timeout_s=cfg.ready_timeout_s, proc=proc)
     except (RuntimeError, TimeoutError) as e:
-        tail = ""
-        with contextlib.suppress(OSError):
-            tail = (cluster.work / f"{name}.log").read_text()[-2000:]
-        raise RuntimeError(f"{name} failed to start: {e}\n--- {cluster.work / (name + '.log')} ---\n{tail}") from e
+        raise _start_failed(cluster, name, e) from e
     cluster.ports[name] = port
 
 
@@ -223,10 +228,7 @@ async def _start_gateway(cluster: Cluster, cfg: ClusterConfig) -> None:
         port = await wait_port_file(pf, proc, timeout_s=cfg.ready_timeout_s)
         await wait_http_ready(f"{scheme}://127.0.0.1:{port}", timeout_s=cfg.ready_timeout_s, proc=proc)
     except (RuntimeError, TimeoutError) as e:
-        tail = ""
-        with contextlib.suppress(OSError):
-            tail = (cluster.work / f"{name}.log").read_text()[-2000:]
-        raise RuntimeError(f"{name} failed to start: {e}\n--- {cluster.work / (name + '.log')} ---\n{tail}") from e
+        raise _start_failed(cluster, name, e) from e
     cluster.gateway_url = f"{scheme}://127.0.0.1:{port}"
     if scheme == "http":  # its /metrics is on its own port (Cluster.metrics_endpoints lists plain-HTTP endpoints)
         cluster.metrics_ports[name] = port
