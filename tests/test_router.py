@@ -150,3 +150,27 @@ def test_classification_and_admission_are_pure():
         choose_instance(full, MODEL, 2000)  # 40 waiting at 4 per batch: ~5.5 s projected
     assert e.value.code == "RESOURCE_EXHAUSTED"
     assert choose_instance(full, MODEL, 10_000).instance_id == "a"  # a relaxed SLO still fits
+
+
+async def test_an_instance_that_registered_after_the_last_stats_refresh_is_used_at_once(tmp_path):
+    """Start-up race: the cluster reports an instance serving (etcd) before the router's next stats refresh; the
+    first request must not be refused for want of stats."""
+    etcd = start_etcd(tmp_path / "etcd")
+    watcher = MembershipWatcher(etcd.endpoint)
+    await watcher.start()
+    queue = await serve_queue(QueueConfig(db_path=str(tmp_path / "q.db")), port=0)
+    router = await serve_router(RouterService(RouterConfig(), watcher, f"127.0.0.1:{queue.port}", stats_interval_s=3600),
+                                port=0)
+    srv, reg = await engine(etcd.endpoint, "late-1", "interactive", 4)
+    try:
+        await watcher.wait_for(lambda m: "late-1" in m, timeout_s=20)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{router.port}") as ch:
+            instance, chunks = await generate(router_pb2_grpc.RouterStub(ch), req("first", ttft_ms=10_000, itl_ms=1_000))
+        assert instance == "late-1" and sum(len(c.token_ids) for c in chunks) == 30
+    finally:
+        await router.stop()
+        await queue.stop()
+        await reg.close()
+        await srv.stop(grace_s=1.0)
+        await watcher.stop()
+        etcd.stop()

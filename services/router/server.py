@@ -92,6 +92,12 @@ class RouterService(router_pb2_grpc.RouterServicer):
         loads = await asyncio.gather(*(one(m) for m in members))
         self._loads = {ld.instance_id: ld for ld in loads if ld is not None}
 
+    def _unseen_members(self, model: str) -> bool:
+        """Whether a serving interactive/mixed instance of ``model`` is in membership but has no stats yet (it
+        registered after the last refresh: a cluster that just started, or a scale-up)."""
+        return any(m.state == "serving" and m.role in ("interactive", "mixed") and m.model == model
+                   and m.instance_id not in self._loads for m in self.membership.snapshot().values())
+
     def loads(self) -> list[InstanceLoad]:
         """Instances with their last stats; ``pending`` = this router's open streams there beyond what the stats
         already count (stats lag a dispatch by up to one refresh), so load = max(stats, own in-flight)."""
@@ -145,7 +151,13 @@ class RouterService(router_pb2_grpc.RouterServicer):
             c = self._classify(r)
             if c.request_class == "batch":
                 raise Rejected(f"a TTFT SLO of {c.ttft_ms} ms makes this a batch request: use Submit", "FAILED_PRECONDITION")
-            target = choose_instance(self.loads(), r.model, c.ttft_ms)
+            try:
+                target = choose_instance(self.loads(), r.model, c.ttft_ms)
+            except Rejected:
+                if not self._unseen_members(r.model):
+                    raise
+                await self.refresh()  # an instance registered since the last stats refresh: read its stats now
+                target = choose_instance(self.loads(), r.model, c.ttft_ms)
         except Rejected as e:
             self.metrics.count(c.request_class if c is not None else "interactive", "rejected")
             await self._abort(context, e.code, str(e))
