@@ -694,3 +694,16 @@ class QueueMachine(RuleBasedStateMachine):
 QueueMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=50, deadline=None,
                                           suppress_health_check=[HealthCheck.too_slow])
 test_queue_state_machine = QueueMachine.TestCase
+
+
+def test_model_and_resume_is_the_ack_paths_light_lookup(db, clock):
+    s = open_store(db, clock)
+    s.enqueue("r", "m", [1, 2], 8, 60_000)
+    (ls,) = s.lease("w", 1)
+    assert s.model_and_resume("r") == ("m", 0)
+    s.return_request("r", ls.lease_id, [5, 6, 7])
+    assert s.model_and_resume("r") == ("m", 3)
+    with pytest.raises(QueueError) as e:
+        s.model_and_resume("nope")
+    assert e.value.code == "NOT_FOUND"
+    s.close()

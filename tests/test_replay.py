@@ -50,7 +50,7 @@ def test_every_accepted_request_is_reconciled_against_its_outcome():
 
 @pytest.mark.timeout(300)
 def test_chiron_demo_runs_the_whole_system_and_loses_nothing(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "services.cli", "demo", "--minutes", "0.25", "--speedup", "4",
+    out = subprocess.run([sys.executable, "-m", "services.cli", "demo", "--minutes", "0.25", "--speedup", "2",
                           "--batch-rate", "1", "--json", str(tmp_path / "demo.json"), "--plot", str(tmp_path / "demo.png")],
                          capture_output=True, text=True, timeout=280)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

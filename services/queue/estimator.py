@@ -162,8 +162,29 @@ class OutputLengthModel:
 
     # -- updates -----------------------------------------------------------------------------------
     def observe(self, output_tokens: float) -> None:
-        """Record one completed request's output length (tokens, ≥ 0)."""
-        self.observe_many([output_tokens])
+        """Record one completed request's output length (tokens, ≥ 0). Raises ValueError for a bad length.
+
+        Scalar arithmetic (the queue calls this once per acked request): the same update as :meth:`observe_many`
+        with one item — Welford/Terriberry moments and one Algorithm-R draw."""
+        x = float(output_tokens)
+        if not (math.isfinite(x) and x >= 0):
+            raise ValueError("output lengths must be finite and >= 0 tokens")
+        na = self.count
+        n = na + 1
+        delta = x - self._mean
+        delta_n = delta / n
+        term = delta * delta_n * na
+        self._m3 += term * delta_n * (n - 2) - 3 * delta_n * self._m2
+        self._m2 += term
+        self._mean += delta_n
+        if na < self.reservoir_size:
+            self._reservoir[na] = x
+        else:
+            j = int(self._rng.integers(0, n))
+            if j < self.reservoir_size:
+                self._reservoir[j] = x
+        self.count = n
+        self.version += 1
 
     def observe_many(self, output_tokens: Iterable[float] | np.ndarray) -> None:
         """Record a batch of output lengths (tokens, ≥ 0); same result as observing them one by one
@@ -531,7 +552,10 @@ class WaitingTimeEstimator:
 
     def observe(self, model: str, output_tokens: float | Sequence[float] | np.ndarray) -> None:
         """Record completed requests' output lengths (tokens ≥ 0) of ``model``. Raises ValueError for bad lengths."""
-        self.model(model).observe_many(np.atleast_1d(np.asarray(output_tokens, dtype=float)))
+        if isinstance(output_tokens, int | float):
+            self.model(model).observe(output_tokens)
+        else:
+            self.model(model).observe_many(np.atleast_1d(np.asarray(output_tokens, dtype=float)))
 
     def _table(self, model: str, capacity: ServingCapacity) -> WaitTable:
         m = self.model(model)

@@ -159,20 +159,20 @@ class QueueService(queue_pb2_grpc.QueueServicer):
         """Ack a leased request (``output``: all its output token ids, or their count) and feed its length to
         the estimator and its new tokens to the capacity tracker. Returns the output length [tokens]; raises
         :class:`~services.queue.store.QueueError`."""
-        info = self.store.get(request_id)
+        model, resume_tokens = self.store.model_and_resume(request_id)
         count = self.store.ack(request_id, lease_id, output)
-        self.estimator.observe(info.model, float(count))
-        self.capacity.record(info.model, max(0, count - info.resume_tokens), self.clock())
+        self.estimator.observe(model, float(count))
+        self.capacity.record(model, max(0, count - resume_tokens), self.clock())
         self.metrics.done()
         return count
 
     def give_back(self, request_id: str, lease_id: str, generated_token_ids: list[int]) -> None:
         """Return a leased request to the queue with its progress (eviction, drain); its new tokens count as
         served capacity. Raises :class:`~services.queue.store.QueueError`."""
-        info = self.store.get(request_id)
+        model, resume_tokens = self.store.model_and_resume(request_id)
         self.store.return_request(request_id, lease_id, generated_token_ids)
-        self.capacity.record(info.model, max(0, len(generated_token_ids) - info.resume_tokens), self.clock())
-        self.metrics.returned.labels(info.model).inc()
+        self.capacity.record(model, max(0, len(generated_token_ids) - resume_tokens), self.clock())
+        self.metrics.returned.labels(model).inc()
 
     # ---- RPCs --------------------------------------------------------------------------------
     async def _fail(self, context, e: QueueError):

@@ -910,6 +910,14 @@ class QueueStore:
         return RequestInfo(request_id, model, _STATE_NAMES[state], self._group_id(model, bucket), position, attempts, n_resume,
                            mt, slo, arrival, deadline, lease_id, expiry, worker, out)
 
+    def model_and_resume(self, request_id: str) -> tuple[str, int]:
+        """``(model, resume_tokens)`` of a stored request: one primary-key lookup, for callers that need no
+        position (the ack path). Raises QueueError NOT_FOUND."""
+        row = self._conn.execute("SELECT model, n_resume FROM requests WHERE request_id = ?", (request_id,)).fetchone()
+        if row is None:
+            raise QueueError("NOT_FOUND", f"no request {request_id!r} in the queue")
+        return row[0], int(row[1])
+
     def times_s(self, request_id: str) -> tuple[float, float | None, float | None]:
         """``(arrival_s, first_leased_s, finished_s)`` of a request (seconds on the store's clock; None until it
         happens). ``first_leased_s − arrival_s`` is its batch TTFT up to the engine's first token. Raises
