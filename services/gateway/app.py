@@ -35,7 +35,6 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -201,40 +200,6 @@ def _sse(obj: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
 
 
-@dataclass(frozen=True)
-class _Shape:
-    """OpenAI's response objects of one request: chat completion or text completion."""
-
-    chat: bool
-    id: str
-    model: str
-    created: int
-
-    def _wrap(self, obj: str, choices: list, **extra: Any) -> dict[str, Any]:
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices, **extra}
-
-    def chunk(self, text: str, finish: str | None = None, *, role: bool = False) -> dict[str, Any]:
-        if self.chat:
-            delta = {"role": "assistant", "content": ""} if role else ({"content": text} if finish is None else {})
-            return self._wrap("chat.completion.chunk", [{"index": 0, "delta": delta, "logprobs": None,
-                                                          "finish_reason": finish}])
-        return self._wrap("text_completion", [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}])
-
-    def usage_chunk(self, usage: dict[str, int]) -> dict[str, Any]:
-        return self._wrap("chat.completion.chunk" if self.chat else "text_completion", [], usage=usage)
-
-    def full(self, text: str, finish: str, usage: dict[str, int]) -> dict[str, Any]:
-        if self.chat:
-            return self._wrap("chat.completion", [{"index": 0, "message": {"role": "assistant", "content": text},
-                                                   "logprobs": None, "finish_reason": finish}], usage=usage)
-        return self._wrap("text_completion", [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
-                          usage=usage)
-
-
-def _usage(prompt: int, completion: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-
 class _EventStream(StreamingResponse):
     """Server-sent events whose generator is closed however the response ends, a client that went away
     included: its cleanup (cancelling the router call) runs at once, not whenever it is garbage-collected."""
@@ -299,7 +264,7 @@ async def _generate(request: Request, endpoint: str) -> Response:
     ids = common.prompt_ids(tok, req)
     rid = uuid.uuid4().hex
     chat = endpoint == common.CHAT_COMPLETIONS
-    shape = _Shape(chat, f"{'chatcmpl' if chat else 'cmpl'}-{rid}", req.model, int(time.time()))
+    shape = common.Shape(chat, f"{'chatcmpl' if chat else 'cmpl'}-{rid}", req.model, int(time.time()))
     ir = types_pb2.InferenceRequest(
         request_id=rid, model=req.model, prompt_token_ids=ids, max_tokens=common.max_tokens_of(req, cfg.default_max_tokens),
         slo=types_pb2.SLO(ttft_ms=ttft_ms, itl_ms=itl_ms),
@@ -324,7 +289,7 @@ async def _generate(request: Request, endpoint: str) -> Response:
     except BaseException:
         call.cancel()
         raise
-    return JSONResponse(shape.full(tok.decode(out), finish, _usage(len(ids), len(out))), headers=headers)
+    return JSONResponse(shape.full(tok.decode(out), finish, common.usage(len(ids), len(out))), headers=headers)
 
 
 async def _collect(call, first: router_pb2.RouterGenerateResponse) -> tuple[list[int], str]:
@@ -339,7 +304,7 @@ async def _collect(call, first: router_pb2.RouterGenerateResponse) -> tuple[list
     return out, finish
 
 
-async def _stream(call, first: router_pb2.RouterGenerateResponse, shape: _Shape, detok: Detokenizer,
+async def _stream(call, first: router_pb2.RouterGenerateResponse, shape: common.Shape, detok: Detokenizer,
                   prompt_tokens: int, include_usage: bool) -> AsyncGenerator[bytes, None]:
     """SSE events of one streaming request; cancelling it (client gone) cancels the router call."""
     generated = 0
@@ -360,7 +325,7 @@ async def _stream(call, first: router_pb2.RouterGenerateResponse, shape: _Shape,
             msg = await call.read()
         tail = detok.flush()
         end = [_sse(shape.chunk(tail)) if tail else b"", _sse(shape.chunk("", finish)),
-               _sse(shape.usage_chunk(_usage(prompt_tokens, generated))) if include_usage else b"", b"data: [DONE]\n\n"]
+               _sse(shape.usage_chunk(common.usage(prompt_tokens, generated))) if include_usage else b"", b"data: [DONE]\n\n"]
         yield b"".join(end)  # one write for the end of the stream
     except grpc.aio.AioRpcError as e:
         yield _sse(APIError.from_grpc(e).body())
@@ -368,7 +333,7 @@ async def _stream(call, first: router_pb2.RouterGenerateResponse, shape: _Shape,
         call.cancel()  # no-op once the call has ended
 
 
-async def _queued(request: Request, ir: types_pb2.InferenceRequest, shape: _Shape) -> dict[str, Any]:
+async def _queued(request: Request, ir: types_pb2.InferenceRequest, shape: common.Shape) -> dict[str, Any]:
     """A queued (batch-class) request: Submit, wait for its final state, answer like a synchronous call."""
     cfg = common.config(request)
     stub = common.router_stub(request)
@@ -395,8 +360,8 @@ async def _queued(request: Request, ir: types_pb2.InferenceRequest, shape: _Shap
     if res is None or res.state != queue_pb2.QUEUED_REQUEST_STATE_DONE:
         raise APIError(409, f"queued request {sub.request_id} was cancelled before it finished", code="cancelled")
     out = list(res.output_token_ids)
-    finish = "length" if len(out) >= ir.max_tokens else "stop"
-    return shape.full(common.tokenizer(request).decode(out), finish, _usage(len(ir.prompt_token_ids), len(out)))
+    finish = common.queued_finish_reason(len(out), ir.max_tokens)
+    return shape.full(common.tokenizer(request).decode(out), finish, common.usage(len(ir.prompt_token_ids), len(out)))
 
 
 @api.post(common.COMPLETIONS)

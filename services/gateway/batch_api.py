@@ -34,7 +34,7 @@ from services.queue.batches import ERRORS_SUFFIX, OUTPUT_SUFFIX
 
 router = APIRouter(dependencies=[Depends(common.require_auth)])
 
-ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
+ENDPOINTS = (common.CHAT_COMPLETIONS, common.COMPLETIONS)
 _WINDOW = re.compile(r"^\s*(\d+)\s*([smhd])\s*$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -123,24 +123,14 @@ def parse_line(request: Request, raw: bytes, line: int, endpoint: str, default_m
 
 
 # ---- rendering results --------------------------------------------------------------------------
-def _finish_reason(r: batch_pb2.BatchResult) -> str:
-    return "length" if r.max_tokens and len(r.output_token_ids) >= r.max_tokens else "stop"
-
-
 def result_body(request: Request, endpoint: str, r: batch_pb2.BatchResult) -> dict[str, Any]:
     """The completion object a synchronous call would have returned for one finished request."""
-    text = common.tokenizer(request).decode(list(r.output_token_ids))
-    usage = {"prompt_tokens": r.num_prompt_tokens, "completion_tokens": len(r.output_token_ids),
-             "total_tokens": r.num_prompt_tokens + len(r.output_token_ids)}
-    created = _ts(r.finished) or int(time.time())
-    if endpoint == "/v1/chat/completions":
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                  "finish_reason": _finish_reason(r)}
-        return {"id": f"chatcmpl-{r.request_id}", "object": "chat.completion", "created": created, "model": r.model,
-                "choices": [choice], "usage": usage}
-    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": _finish_reason(r)}
-    return {"id": f"cmpl-{r.request_id}", "object": "text_completion", "created": created, "model": r.model,
-            "choices": [choice], "usage": usage}
+    chat = endpoint == common.CHAT_COMPLETIONS
+    shape = common.Shape(chat, f"{'chatcmpl' if chat else 'cmpl'}-{r.request_id}", r.model,
+                         _ts(r.finished) or int(time.time()))
+    out = list(r.output_token_ids)
+    return shape.full(common.tokenizer(request).decode(out), common.queued_finish_reason(len(out), r.max_tokens),
+                      common.usage(r.num_prompt_tokens, len(out)))
 
 
 def render_output(request: Request, res: batch_pb2.GetBatchResultsResponse) -> bytes:

@@ -16,6 +16,7 @@ import asyncio
 import json
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import grpc
@@ -94,6 +95,48 @@ def validation_error(errors: Sequence[Mapping[str, Any]]) -> APIError:
 
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "is-instance", "literal", "body", "query", "path"}
+
+
+# ---- response objects ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Shape:
+    """OpenAI's response objects of one request: chat completion or text completion."""
+
+    chat: bool
+    id: str
+    model: str
+    created: int
+
+    def _wrap(self, obj: str, choices: list, **extra: Any) -> dict[str, Any]:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices, **extra}
+
+    def chunk(self, text: str, finish: str | None = None, *, role: bool = False) -> dict[str, Any]:
+        if self.chat:
+            delta = {"role": "assistant", "content": ""} if role else ({"content": text} if finish is None else {})
+            return self._wrap("chat.completion.chunk", [{"index": 0, "delta": delta, "logprobs": None,
+                                                          "finish_reason": finish}])
+        return self._wrap("text_completion", [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}])
+
+    def usage_chunk(self, usage: dict[str, int]) -> dict[str, Any]:
+        return self._wrap("chat.completion.chunk" if self.chat else "text_completion", [], usage=usage)
+
+    def full(self, text: str, finish: str, usage: dict[str, int]) -> dict[str, Any]:
+        if self.chat:
+            return self._wrap("chat.completion", [{"index": 0, "message": {"role": "assistant", "content": text},
+                                                   "logprobs": None, "finish_reason": finish}], usage=usage)
+        return self._wrap("text_completion", [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
+                          usage=usage)
+
+
+def usage(prompt: int, completion: int) -> dict[str, int]:
+    """OpenAI's ``usage`` object [tokens]."""
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def queued_finish_reason(num_output_tokens: int, max_tokens: int) -> str:
+    """``finish_reason`` of a request served through the queue, whose stored result keeps its tokens but not the
+    engine's reason: ``length`` when it used its whole budget, else ``stop``."""
+    return "length" if num_output_tokens >= max_tokens else "stop"
 
 
 # ---- app state ------------------------------------------------------------------------------------

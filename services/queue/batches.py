@@ -328,9 +328,15 @@ class BatchStore:
                 (batch_id,)):
             out = _decode_tokens(resume) if state == 2 else ()
             items.append(ItemResult(line, cid, rid, model, state, n_prompt, out, fin, mt))
-        errors = [LineError(**e) for e in json.loads(
-            self._conn.execute("SELECT errors FROM batches WHERE batch_id = ?", (batch_id,)).fetchone()[0])]
-        return rec, items, errors
+        return rec, items, self.line_errors(batch_id)
+
+    def line_errors(self, batch_id: str) -> list[LineError]:
+        """A batch's line errors (input lines that did not become requests): those the gateway found, then those
+        the queue refused. Raises NOT_FOUND."""
+        row = self._conn.execute("SELECT errors FROM batches WHERE batch_id = ?", (batch_id,)).fetchone()
+        if row is None:
+            raise QueueError("NOT_FOUND", f"no batch {batch_id!r}")
+        return [LineError(**e) for e in json.loads(row[0])]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -400,7 +406,7 @@ class BatchApiService(batch_pb2_grpc.BatchApiServicer):
         except QueueError as e:
             await self._fail(context, e)
         if self.metrics is not None:
-            refused = {e.line for e in self.batches.results(rec.batch_id)[2]} if rec.failed else set()
+            refused = {e.line for e in self.batches.line_errors(rec.batch_id)} if rec.failed else set()
             for line, _, model, _, _ in items:
                 if line not in refused:
                     self.metrics.enqueued.labels(model).inc()
