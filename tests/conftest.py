@@ -34,3 +34,27 @@ def start_etcd(tmp_path) -> EtcdServer:
         pytest.skip(str(e))
     server.start()
     return server
+
+
+async def start_sim_engine(instance_id: str, role: str, *, cap: int = 16, speedup: float = 50.0,
+                           queue_address: str | None = None, etcd: str | None = None, model: str = "llama-3-8b"):
+    """A simulated engine agent of ``role`` (interactive, mixed, batch) served on loopback: a static batch cap of
+    ``cap`` (no local autoscaling), leasing batch work from ``queue_address`` when given (polling every 50 ms),
+    registered in ``etcd`` when given. Returns ``(server, registration or None)``; stop both."""
+    from chiron.v1 import types_pb2
+    from services.common.membership import InstanceInfo, Registration
+    from services.engine.backend import SimulatedBackend
+    from services.engine.core import EngineConfig
+    from services.engine.local_autoscaler import LocalAutoscalerConfig
+    from services.engine.server import AgentConfig, EngineAgent, serve
+
+    agent = EngineAgent(SimulatedBackend(model, EngineConfig(max_num_seqs=cap), speedup=speedup),
+                        AgentConfig(instance_id=instance_id, role=types_pb2.InstanceRole.Value(f"INSTANCE_ROLE_{role.upper()}"),
+                                    autoscale=False, queue_address=queue_address, queue_poll_interval_s=0.05,
+                                    autoscaler=LocalAutoscalerConfig(initial_batch_size=cap)))
+    server = await serve(agent, port=0)
+    registration = None
+    if etcd is not None:
+        registration = await Registration.create(etcd, InstanceInfo(instance_id=instance_id, role=role, model=model,
+                                                                    address=f"127.0.0.1:{server.port}"))
+    return server, registration

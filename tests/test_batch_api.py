@@ -8,17 +8,12 @@ import pytest
 
 from chiron.v1 import batch_pb2, batch_pb2_grpc, queue_pb2, queue_pb2_grpc, types_pb2
 from services.common.membership import MembershipWatcher
-from services.engine.backend import SimulatedBackend
-from services.engine.core import EngineConfig
-from services.engine.local_autoscaler import LocalAutoscalerConfig
-from services.engine.server import AgentConfig, EngineAgent
-from services.engine.server import serve as serve_engine
 from services.queue.server import serve as serve_queue
 from services.queue.store import QueueConfig
 from services.router.routing import RouterConfig
 from services.router.server import RouterService
 from services.router.server import serve as serve_router
-from tests.conftest import eventually, start_etcd
+from tests.conftest import eventually, start_etcd, start_sim_engine
 
 pytestmark = pytest.mark.timeout(120)
 MODEL = "llama-3-8b"
@@ -36,11 +31,7 @@ async def parts(tmp_path):
     engines = []
 
     async def start_batch_engine():
-        be = SimulatedBackend(MODEL, EngineConfig(max_num_seqs=16), speedup=50.0)
-        agent = EngineAgent(be, AgentConfig(instance_id="batch-1", role=types_pb2.INSTANCE_ROLE_BATCH, autoscale=False,
-                                            autoscaler=LocalAutoscalerConfig(initial_batch_size=16),
-                                            queue_address=queue_addr, queue_poll_interval_s=0.05))
-        engines.append(await serve_engine(agent, port=0))
+        engines.append((await start_sim_engine("batch-1", "batch", queue_address=queue_addr))[0])
 
     yield batch_pb2_grpc.BatchApiStub(channel), start_batch_engine, queue_addr
     await channel.close()

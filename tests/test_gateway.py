@@ -14,14 +14,8 @@ import pytest_asyncio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from chiron.v1 import types_pb2
-from services.common.membership import InstanceInfo, MembershipWatcher, Registration
+from services.common.membership import MembershipWatcher
 from services.common.security import SecuritySettings
-from services.engine.backend import SimulatedBackend
-from services.engine.core import EngineConfig
-from services.engine.local_autoscaler import LocalAutoscalerConfig
-from services.engine.server import AgentConfig, EngineAgent
-from services.engine.server import serve as serve_engine
 from services.gateway.app import GatewayConfig, GatewayServer
 from services.gateway.tokenizer import Detokenizer, SimpleTokenizer, load_tokenizer
 from services.queue.server import serve as serve_queue
@@ -29,7 +23,7 @@ from services.queue.store import QueueConfig
 from services.router.routing import RouterConfig
 from services.router.server import RouterService
 from services.router.server import serve as serve_router
-from tests.conftest import eventually, start_etcd
+from tests.conftest import eventually, start_etcd, start_sim_engine
 
 pytestmark = pytest.mark.timeout(180)
 in_module_loop = pytest.mark.asyncio(loop_scope="module")  # the cluster lives in the module's event loop
@@ -53,15 +47,8 @@ async def cluster(tmp_path_factory):
     queue = await serve_queue(QueueConfig(db_path=str(tmp / "q.db")), port=0)
     queue_addr = f"127.0.0.1:{queue.port}"
     parts = []
-    for iid, role, cap, speedup, q in (("interactive", types_pb2.INSTANCE_ROLE_INTERACTIVE, 8, 10.0, None),
-                                       ("batch", types_pb2.INSTANCE_ROLE_BATCH, 8, 50.0, queue_addr)):
-        agent = EngineAgent(SimulatedBackend(MODEL, EngineConfig(max_num_seqs=cap), speedup=speedup),
-                            AgentConfig(instance_id=iid, role=role, autoscale=False, queue_address=q,
-                                        queue_poll_interval_s=0.05, autoscaler=LocalAutoscalerConfig(initial_batch_size=cap)))
-        srv = await serve_engine(agent, port=0)
-        reg = await Registration.create(etcd.endpoint, InstanceInfo(
-            instance_id=iid, role=iid, model=MODEL, address=f"127.0.0.1:{srv.port}"))
-        parts.append((srv, reg))
+    for role, speedup, q in (("interactive", 10.0, None), ("batch", 50.0, queue_addr)):
+        parts.append(await start_sim_engine(role, role, cap=8, speedup=speedup, queue_address=q, etcd=etcd.endpoint))
     watcher = MembershipWatcher(etcd.endpoint)
     await watcher.start()
     await watcher.wait_for(lambda m: len(m) == 2, timeout_s=20)

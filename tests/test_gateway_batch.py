@@ -13,21 +13,16 @@ import httpx
 import openai
 import pytest
 
-from chiron.v1 import queue_pb2, queue_pb2_grpc, types_pb2
-from services.common.membership import InstanceInfo, MembershipWatcher, Registration
+from chiron.v1 import queue_pb2, queue_pb2_grpc
+from services.common.membership import MembershipWatcher
 from services.common.security import SecuritySettings
-from services.engine.backend import SimulatedBackend
-from services.engine.core import EngineConfig
-from services.engine.local_autoscaler import LocalAutoscalerConfig
-from services.engine.server import AgentConfig, EngineAgent
-from services.engine.server import serve as serve_engine
 from services.gateway.app import GatewayConfig, GatewayServer
 from services.queue.server import serve as serve_queue
 from services.queue.store import QueueConfig
 from services.router.routing import RouterConfig
 from services.router.server import RouterService
 from services.router.server import serve as serve_router
-from tests.conftest import eventually, start_etcd
+from tests.conftest import eventually, start_etcd, start_sim_engine
 
 pytestmark = pytest.mark.timeout(180)
 MODEL = "llama-3-8b"
@@ -41,17 +36,12 @@ async def cluster(tmp_path):
     queue_addr = f"127.0.0.1:{queue.port}"
     servers, regs = [], []
 
-    async def start_engine(iid: str, role: int, queue_address: str | None) -> None:
-        agent = EngineAgent(SimulatedBackend(MODEL, EngineConfig(max_num_seqs=16), speedup=50.0),
-                            AgentConfig(instance_id=iid, role=role, autoscale=False, queue_address=queue_address,
-                                        queue_poll_interval_s=0.05, autoscaler=LocalAutoscalerConfig(initial_batch_size=16)))
-        srv = await serve_engine(agent, port=0)
+    async def start_engine(iid: str, role: str, queue_address: str | None) -> None:
+        srv, reg = await start_sim_engine(iid, role, queue_address=queue_address, etcd=etcd.endpoint)
         servers.append(srv)
-        regs.append(await Registration.create(etcd.endpoint, InstanceInfo(
-            instance_id=iid, role=types_pb2.InstanceRole.Name(role).removeprefix("INSTANCE_ROLE_").lower(), model=MODEL,
-            address=f"127.0.0.1:{srv.port}")))
+        regs.append(reg)
 
-    await start_engine("interactive-1", types_pb2.INSTANCE_ROLE_INTERACTIVE, None)  # serves no batch work
+    await start_engine("interactive-1", "interactive", None)  # serves no batch work
     watcher = MembershipWatcher(etcd.endpoint)
     await watcher.start()
     await watcher.wait_for(lambda m: len(m) == 1, timeout_s=20)
@@ -60,7 +50,7 @@ async def cluster(tmp_path):
                        security=SecuritySettings(auth_tokens=[]))
     await gw.start()
     client = openai.AsyncOpenAI(base_url=f"{gw.url}/v1", api_key="unused", max_retries=0)
-    yield client, gw.url, queue_addr, lambda: start_engine("batch-1", types_pb2.INSTANCE_ROLE_BATCH, queue_addr)
+    yield client, gw.url, queue_addr, lambda: start_engine("batch-1", "batch", queue_addr)
     await client.close()
     await gw.stop()
     await router.stop()
