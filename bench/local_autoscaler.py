@@ -33,7 +33,7 @@ from services.common.traces import SHAREGPT, load_sharegpt_lengths
 from services.engine.core import EngineConfig, EngineCore
 from services.engine.local_autoscaler import LocalAutoscalerConfig, Observation, decide, initial_state
 from services.engine.perf_model import default_perf_model
-from services.engine.stats import weighted_quantile
+from services.engine.stats import LatencyWindow, weighted_quantile
 
 STATIC_GRID = (4, 8, 12, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384, 448,
                512, 640, 768, 896, 1024)
@@ -73,7 +73,10 @@ def run_engine(itl_slo_ms: float, setting: str, batch_size: int, duration_s: flo
     itl_vals: list[float] = []
     itl_counts: list[int] = []
     tokens_measured = 0
-    win_itl: list[tuple[float, int]] = []
+    # The observed ITL exactly as the engine agent takes it (services/engine/server.py, control_step): the
+    # ``itl_quantile`` of the last interval's token ITLs, or of the last ``itl_window_s`` since the last halving.
+    win_itl = LatencyWindow(max(a_cfg.control_interval_s * 4, a_cfg.itl_window_s, 1.0) if a_cfg else 1.0)
+    last_control, last_halving = 0.0, -math.inf
     win_tokens = 0
     next_control = a_cfg.control_interval_s if a_cfg else math.inf
     while now < duration_s:
@@ -92,17 +95,18 @@ def run_engine(itl_slo_ms: float, setting: str, batch_size: int, duration_s: flo
                 itl_vals.append(itl_ms)
                 itl_counts.append(n_itl)
         if a_cfg is not None:
-            if n_itl:
-                win_itl.append((itl_ms, n_itl))
+            win_itl.add(now, itl_ms, n_itl)
             win_tokens += n_tok
             if now >= next_control:
-                arr = np.array(win_itl, dtype=float).reshape(-1, 2)
-                q = weighted_quantile(arr[:, 0], arr[:, 1], a_cfg.itl_quantile) if len(win_itl) else math.nan
-                obs = Observation(now, q, win_tokens / a_cfg.control_interval_s, engine.saturated)
+                since = last_control if a_cfg.itl_window_s <= 0 else max(now - a_cfg.itl_window_s, last_halving)
+                q = win_itl.quantile(a_cfg.itl_quantile, now, since_s=since)
+                obs = Observation(now, q, win_tokens / (now - last_control), engine.saturated)
                 a_state, decision = decide(a_cfg, a_state, obs)
                 engine.set_max_num_seqs(decision.max_batch_size)
                 trajectory.append((now, engine.max_num_seqs))
-                win_itl, win_tokens = [], 0
+                if decision.action == "halve":
+                    last_halving = now
+                win_tokens, last_control = 0, now
                 next_control = now + a_cfg.control_interval_s
 
     vals = np.array(itl_vals)
@@ -133,7 +137,7 @@ def converge_time(trajectory: list[tuple[float, int]], tolerance: float = 0.10, 
             converged_at = t
     # The first control point after the last excursion is when it settled.
     later = [t for t, _ in trajectory if t > converged_at]
-    return later[0] if later and converged_at > 0 else converged_at
+    return float(later[0] if later and converged_at > 0 else converged_at)
 
 
 def _run_static(args: tuple) -> RunResult:
@@ -142,8 +146,14 @@ def _run_static(args: tuple) -> RunResult:
 
 
 def run_bench(slos: tuple[float, ...] = (25.0, 50.0, 100.0), duration_s: float = 300.0, warmup_s: float = 60.0,
-              seed: int = 0, workers: int = 2, progress=None) -> dict:
-    """Run all settings for every SLO. Returns ``{"results": [...], "sweep": [...], "config": {...}}``."""
+              seed: int = 0, workers: int = 2, progress=None, robustness_seeds: int = 5) -> dict:
+    """Run all settings for every SLO. Returns ``{"results": [...], "sweep": [...], "robustness": [...],
+    "config": {...}}``.
+
+    ``robustness``: the adaptive setting alone on ``robustness_seeds`` workload seeds (``seed``,
+    ``seed + 1``, ...), one row per SLO with ``converge_s_by_seed``, ``throughput_by_seed`` and the worst
+    ``itl_slo_attainment``: one seed's convergence time is one draw of the request mix, and a single draw
+    says little about how the controller behaves."""
     results: list[RunResult] = []
     sweep: list[dict] = []
     jobs = [(slo, b, duration_s, warmup_s, seed) for slo in slos for b in STATIC_GRID]
@@ -155,6 +165,15 @@ def run_bench(slos: tuple[float, ...] = (25.0, 50.0, 100.0), duration_s: float =
                 progress()
         adaptive_runs = list(pool.map(_run_adaptive, [(slo, duration_s, warmup_s, seed) for slo in slos]))
         default_runs = list(pool.map(_run_default, [(slo, duration_s, warmup_s, seed) for slo in slos]))
+        seeds = [seed + k for k in range(max(1, robustness_seeds))]
+        extra = list(pool.map(_run_adaptive, [(slo, duration_s, warmup_s, sd) for slo in slos for sd in seeds[1:]]))
+    robustness = []
+    for i, (slo, adaptive) in enumerate(zip(slos, adaptive_runs, strict=True)):
+        runs = [adaptive] + extra[i * (len(seeds) - 1):(i + 1) * (len(seeds) - 1)]
+        robustness.append({"itl_slo_ms": slo, "seeds": seeds, "converge_s_by_seed": [r.converge_s for r in runs],
+                           "throughput_by_seed": [r.throughput_tokens_per_s for r in runs],
+                           "min_itl_slo_attainment": min(r.itl_slo_attainment for r in runs),
+                           "converged_within_30s": int(sum((r.converge_s or 0) <= 30.0 for r in runs))})
     for slo, adaptive, default in zip(slos, adaptive_runs, default_runs, strict=True):
         cands = [r for r in statics if r.itl_slo_ms == slo]
         sweep += [asdict(r) for r in cands]
@@ -172,7 +191,7 @@ def run_bench(slos: tuple[float, ...] = (25.0, 50.0, 100.0), duration_s: float =
         if r.setting != "adaptive":
             d.pop("converge_s")
         rows.append(d)
-    return {"results": rows, "sweep": sweep,
+    return {"results": rows, "sweep": sweep, "robustness": robustness,
             "config": {"duration_s": duration_s, "warmup_s": warmup_s, "seed": seed,
                        "model": "llama-3-8b", "gpu": "A100-80GB", "workload": SHAREGPT,
                        "autoscaler": asdict(LocalAutoscalerConfig())}}

@@ -1010,7 +1010,10 @@ def bench_perf_model(json_path, holdout, seed) -> None:
 @click.option("--warmup-s", default=60.0, show_default=True, help="simulated: seconds excluded from the metrics.")
 @click.option("--seed", default=0, show_default=True, help="Workload seed (same for every setting).")
 @click.option("--workers", default=2, show_default=True, help="simulated: parallel processes for the static sweep.")
-def bench_local_autoscaler(json_path, backend, duration_s, warmup_s, seed, workers) -> None:
+@click.option("--robustness-seeds", default=5, show_default=True,
+              help="simulated: also run the adaptive setting on this many workload seeds and report the spread "
+                   "of its convergence time (JSON key robustness).")
+def bench_local_autoscaler(json_path, backend, duration_s, warmup_s, seed, workers, robustness_seeds) -> None:
     """Adaptive local autoscaler vs best static max batch size vs vLLM's default (256) on a saturated engine.
 
     simulated: Llama-3-8B/A100, ITL SLOs of 25, 50 and 100 ms. vllm: the tiny model on this CPU, ITL SLOs
@@ -1036,7 +1039,8 @@ def bench_local_autoscaler(json_path, backend, duration_s, warmup_s, seed, worke
         with Progress(TextColumn("static sweep"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=console) as bar:
             task = bar.add_task("sweep", total=len(slos) * len(STATIC_GRID))
-            report = run_bench(slos, duration_s, warmup_s, seed, workers, progress=lambda: bar.advance(task))
+            report = run_bench(slos, duration_s, warmup_s, seed, workers, progress=lambda: bar.advance(task),
+                               robustness_seeds=robustness_seeds)
         title = "Local autoscaler: saturated Llama-3-8B on A100-80GB (simulated), ShareGPT lengths"
     table = Table(title=title)
     for col in ("ITL SLO [ms]", "setting", "max batch", "tokens/s", "ITL p50 [ms]", "ITL p95 [ms]",
@@ -1051,6 +1055,11 @@ def bench_local_autoscaler(json_path, backend, duration_s, warmup_s, seed, worke
     for s in report["summary"]:
         console.print(f"ITL SLO {s['itl_slo_ms']:.2f} ms: adaptive = {s['adaptive_vs_best_static']:.1%} of best "
                       f"static; targets met: {s['targets_met']}")
+    for r in report.get("robustness", []):
+        conv = ", ".join(_fmt(c) for c in r["converge_s_by_seed"])
+        console.print(f"ITL SLO {r['itl_slo_ms']:g} ms over seeds {r['seeds'][0]}–{r['seeds'][-1]}: converge [s] {conv}; "
+                      f"within 30 s in {r['converged_within_30s']} of {len(r['seeds'])}; worst ITL attainment "
+                      f"{r['min_itl_slo_attainment']:.4f}")
     write_json(report, json_path)
     console.print(f"written to {json_path}")
 

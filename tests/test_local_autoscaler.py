@@ -4,7 +4,7 @@ The plant is the decode-latency shape of the performance model: ITL(B) = a + b·
 of B requests, observed once per control interval (a fake clock of plain floats, one second apart), with
 the engine saturated unless a test says otherwise. Its throughput is B / ITL tokens per second.
 
-With the default config (SLO 50 ms, growth target 0.9 × SLO = 45 ms, deadband ±5 % of backpressure) and
+With the default config (SLO 50 ms, growth target 0.9 × SLO = 45 ms, deadband ±8 % of backpressure) and
 a = 12, b = 0.1: the largest B meeting the target is B* = (45 − 12) / 0.1 = 330, and ITL reaches the SLO
 itself at B_slo = (50 − 12) / 0.1 = 380.
 """
@@ -83,7 +83,8 @@ def test_converges_to_itl_target_without_overshoot_or_oscillation(a, b):
     itl_final = a + b * final
     assert (1 - CFG.deadband) * TARGET <= itl_final <= (1 + CFG.deadband) * TARGET, (final, itl_final)
     assert itl_final < SLO
-    assert abs(final - b_star) / b_star <= 0.10
+    # Inside the deadband it holds, so it may stop short of B*, but not by what costs real throughput.
+    assert final / itl_final >= 0.95 * b_star / TARGET, (final, b_star)
 
     # It got there from far below (16 → hundreds) in a few dozen intervals.
     first_near = next(k for k, x in enumerate(tr.batch) if abs(x - final) <= 0.1 * final)
@@ -141,7 +142,7 @@ def test_noisy_plant_stays_in_band_without_collapse(seed):
 @pytest.mark.parametrize(("itl_ms", "expect"), [
     (TARGET * 1.03, "hold"),  # inside the deadband above the target: hold, batch unchanged
     (TARGET * 0.97, "hold"),  # inside the deadband below the target: hold
-    (TARGET * 1.08, "ease"),  # between target+deadband and the SLO: proportional step down, no halving
+    (TARGET * 1.10, "ease"),  # between target+deadband and the SLO: proportional step down, no halving
     (TARGET * 0.80, "grow"),
 ])
 def test_deadband_and_margin_around_the_target(itl_ms, expect):
@@ -219,10 +220,30 @@ def _after_growth(batch: float = 200.0, tp: float = 5000.0, action: str = "grow"
                                 last_decision_s=0.0, last_action=action)
 
 
+def _falling(state: LocalAutoscalerState, intervals: int, tp: float = 2000.0) -> tuple[LocalAutoscalerState, list[Decision]]:
+    """``intervals`` control steps in a row at throughput ``tp`` (saturated, ITL 20 ms)."""
+    out = []
+    for k in range(intervals):
+        state, d = decide(CFG, state, Observation(1.0 + k, 20.0, tp, saturated=True))
+        out.append(d)
+    return state, out
+
+
 def test_tbp_halves_when_throughput_falls_after_growth_while_saturated():
-    s, d = decide(CFG, _after_growth(), Observation(1.0, 20.0, 2000.0, saturated=True))
-    # Smoothed throughput 3500 against 5000 before: TBP ≈ 1.43 > 1 + tolerance.
-    assert d.throughput_backpressure == pytest.approx(5000.0 / 3500.0)
+    n = CFG.tbp_confirm_intervals
+    assert n >= 2
+    s, ds = _falling(_after_growth(), n)
+    # The first intervals hold to confirm: the batch size stays, the pre-growth throughput is the reference.
+    for d in ds[:-1]:
+        assert d.action == "hold" and d.max_batch_size == 200
+        assert d.throughput_backpressure > 1.0 + CFG.tbp_tolerance
+        assert "confirm" in d.reason
+    d = ds[-1]
+    # Smoothed throughput falls towards 2000 against 5000 before: TBP > 1 + tolerance for n intervals.
+    ewma = 5000.0
+    for _ in range(n):
+        ewma = (1 - CFG.itl_smoothing) * ewma + CFG.itl_smoothing * 2000.0
+    assert d.throughput_backpressure == pytest.approx(5000.0 / ewma)
     assert d.action == "halve"
     assert s.batch_size == pytest.approx(100.0)
     assert d.max_batch_size == 100
@@ -230,6 +251,17 @@ def test_tbp_halves_when_throughput_falls_after_growth_while_saturated():
     # Throughput smoothing restarts after a halving.
     assert s.throughput_ewma is None
     assert s.last_action == "halve"
+
+
+def test_tbp_transient_dip_that_recovers_does_not_halve():
+    # One interval's dip (the admitted requests' prefills), then throughput comes back above the reference.
+    s, ds = _falling(_after_growth(), 1)
+    assert ds[0].action == "hold" and s.tbp_reference == 5000.0
+    for k in range(4):
+        s, d = decide(CFG, s, Observation(2.0 + k, 20.0, 7000.0, saturated=True))
+        assert d.action != "halve"
+    assert s.tbp_reference is None and s.ceiling is None
+    assert s.batch_size >= 200.0
 
 
 def test_tbp_small_drop_within_tolerance_does_not_halve():
@@ -255,11 +287,10 @@ def test_tbp_ignored_after_lowering_step():
 
 
 def test_no_halving_cascade_after_a_halving():
-    state = _after_growth()
-    state, d = decide(CFG, state, Observation(1.0, 20.0, 2000.0, saturated=True))
-    assert d.action == "halve"
+    state, ds = _falling(_after_growth(), CFG.tbp_confirm_intervals)
+    assert ds[-1].action == "halve"
     # Throughput keeps falling right after the halving (fewer requests in the batch), still saturated.
-    state, d = decide(CFG, state, Observation(2.0, 18.0, 1000.0, saturated=True))
+    state, d = decide(CFG, state, Observation(10.0, 18.0, 1000.0, saturated=True))
     assert d.action != "halve"
     assert d.throughput_backpressure == 0.0
     assert state.batch_size >= 100.0
@@ -298,7 +329,10 @@ def test_tbp_fires_on_throughput_cliff_without_cascade():
         assert d.latency_backpressure < 0.2
         assert d.throughput_backpressure > 1.0 + CFG.tbp_tolerance
         assert "throughput" in d.reason
-        assert decisions[k - 1].action == "grow"
+        # The growth step that crossed the cliff, then holds while the fall was confirmed.
+        n = CFG.tbp_confirm_intervals
+        assert decisions[k - n].action == "grow"
+        assert all(x.action == "hold" and "confirm" in x.reason for x in decisions[k - n + 1:k])
         assert batches[k] > 250  # only ever past the cliff
     # No cascade: never two halvings in a row, and one halving from past the cliff never goes below half of it.
     assert all(b - a > 1 for a, b in zip(halves, halves[1:], strict=False))

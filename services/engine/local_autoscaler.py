@@ -28,10 +28,23 @@ Choices where the paper is silent (``paper.md`` §0c lists the pitfalls they gua
   smoothed by the same EWMA, and TBP must exceed ``1 + tbp_tolerance`` before it halves (noise band).
 * **Both EWMAs restart after a halving**, so the interval after a halving is judged on what the smaller
   batch does, not on the pre-halving ITL (which would halve twice for one violation).
+* **A throughput fall must last ``tbp_confirm_intervals`` intervals (default 3).** The intervals after a
+  growth step also pay the prefills of the requests the larger batch admitted (chunked, so over several
+  intervals at a small token budget), and throughput dips with no cliff behind it. Seen in ``chiron bench
+  local-autoscaler`` (seed 4): a false cliff at B = 41 capped a 100-ms-SLO engine at 30 for a minute, and
+  at 2 intervals one at B = 35 still capped a 25-ms one. A fall past the band holds the batch size and
+  keeps the pre-growth throughput as the reference; the batch halves only if throughput is still below it
+  by more than the band after that many intervals. Over seeds 0–4 this raised the adaptive throughput by up
+  to 11% where a false cliff had struck and changed nothing elsewhere.
 * **A throughput cliff is remembered.** When TBP halves, the batch size before the growth step that lost
   throughput becomes a ceiling for ``tbp_ceiling_ttl_s`` seconds; otherwise a relaxed-SLO instance would
   grow straight back over the cliff and alternate forever. One step grows by at most
   ``max_growth_factor``.
+* **Hold within 1 ± ``deadband`` (0.08).** The right batch size moves with the context lengths of the
+  running requests, and the observed p99 ITL of a 1-s interval is noisy; inside the band the batch stays
+  put. Measured over seeds 0–4 of ``chiron bench local-autoscaler``: at 0.05 the batch wandered by more than
+  10% for minutes (convergence within 30 s in 4 of 15 SLO×seed runs), at 0.08 in 11 of 15, throughput
+  and ITL attainment unchanged; asymmetric bands (easing sooner than growing) wandered more.
 * **Combined** growth backpressure ``BP = max(ITL / target, TBP / (1 + tbp_tolerance))``: whichever
   resource is closer to its limit. A batch instance has a relaxed ITL SLO, so its LBP is small and TBP
   drives it.
@@ -65,9 +78,10 @@ class LocalAutoscalerConfig:
     itl_smoothing: float = 0.5  # EWMA weight of a new ITL / throughput observation
     latency_target_fraction: float = 0.9
     tbp_tolerance: float = 0.25
-    deadband: float = 0.05  # hold while backpressure is within 1 ± deadband (damps wandering)
+    deadband: float = 0.08  # hold while backpressure is within 1 ± deadband (damps wandering)
     max_growth_factor: float = 2.0  # one step grows the batch size by at most this factor
     tbp_ceiling_ttl_s: float = 60.0  # how long a throughput cliff caps growth [s]
+    tbp_confirm_intervals: int = 3  # consecutive intervals a throughput fall must last before it halves
     overload_factor: float = 1.5  # one interval with ITL above this × SLO halves at once (no smoothing)
     itl_window_s: float = 0.0  # ITL quantile over this many seconds (since the last halving); 0 = one interval
 
@@ -88,6 +102,8 @@ class LocalAutoscalerConfig:
             raise ValueError("tbp_tolerance must be >= 0")
         if self.max_growth_factor <= 1:
             raise ValueError("max_growth_factor must be > 1")
+        if self.tbp_confirm_intervals < 1:
+            raise ValueError("tbp_confirm_intervals must be >= 1")
         if self.itl_window_s < 0:
             raise ValueError("itl_window_s must be >= 0")
         return self
@@ -120,6 +136,8 @@ class LocalAutoscalerState:
     batch_size_before: float | None = None  # batch size before the last step
     ceiling: float | None = None  # throughput-cliff ceiling on the batch size
     ceiling_until_s: float = -math.inf
+    tbp_reference: float | None = None  # pre-growth throughput while a throughput fall awaits confirmation
+    tbp_low_intervals: int = 0  # consecutive intervals the fall has lasted so far
 
 
 @dataclass(frozen=True)
@@ -159,8 +177,11 @@ def decide(config: LocalAutoscalerConfig, state: LocalAutoscalerState,
 
     prev_tp = state.throughput_ewma  # None right after a halving
     tp = _ewma(prev_tp, obs.throughput_tokens_per_s, cfg.itl_smoothing)
-    tbp = 0.0
-    if obs.saturated and state.last_action == "grow" and prev_tp is not None and tp > 0:
+    tbp, tbp_reference, low_intervals = 0.0, None, 0
+    confirming = state.tbp_reference is not None
+    if obs.saturated and tp > 0 and confirming:
+        tbp = state.tbp_reference / tp
+    elif obs.saturated and state.last_action == "grow" and prev_tp is not None and tp > 0:
         tbp = prev_tp / tp
     # Backpressure against the growth target: latency against the SLO margin, throughput against its noise band.
     # Growth is judged on the larger of the smoothed and the latest ITL (the smoothing's lag must not carry
@@ -174,9 +195,16 @@ def decide(config: LocalAutoscalerConfig, state: LocalAutoscalerState,
         new, action = cur / 2.0, "halve"
         reason = (f"latency backpressure {max(lbp, obs.itl_ms / cfg.itl_slo_ms):.2f} > 1 "
                   f"(ITL {itl:.1f} ms, SLO {cfg.itl_slo_ms:g} ms)")
+    elif tbp > 1.0 + cfg.tbp_tolerance and state.tbp_low_intervals + 1 < cfg.tbp_confirm_intervals:
+        # Below the band, not yet for long enough: hold and look again before calling it a cliff.
+        new, action = cur, "hold"
+        tbp_reference, low_intervals = (state.tbp_reference if confirming else prev_tp), state.tbp_low_intervals + 1
+        reason = (f"throughput backpressure {tbp:.2f} > 1 after growing: holding to confirm over one more "
+                  f"interval (it may be the admitted requests' prefills)")
     elif tbp > 1.0 + cfg.tbp_tolerance:
         new, action = cur / 2.0, "halve"
-        ceiling = state.batch_size_before if state.batch_size_before is not None else cur / 2.0
+        cliff_from = state.batch_size_before
+        ceiling = cliff_from if cliff_from is not None else cur / 2.0
         ceiling_until = obs.now + cfg.tbp_ceiling_ttl_s
         reason = (f"throughput backpressure {tbp:.2f} > 1: throughput fell after growing while saturated; "
                   f"batch size capped at {ceiling:.0f} for {cfg.tbp_ceiling_ttl_s:g} s")
@@ -198,6 +226,9 @@ def decide(config: LocalAutoscalerConfig, state: LocalAutoscalerState,
         new, action, reason = cur, "hold", f"backpressure {bp:.2f} within the deadband around the ITL target"
     new = min(float(cfg.max_batch_size), max(float(cfg.min_batch_size), new))
     halved = action == "halve"
+    # While a throughput fall awaits confirmation, the batch size before the growth step stays the cliff's edge.
+    before = state.batch_size_before if tbp_reference is not None else cur
     new_state = LocalAutoscalerState(new, None if halved else itl, None if halved else tp, obs.now, action,
-                                     batch_size_before=cur, ceiling=ceiling, ceiling_until_s=ceiling_until)
+                                     batch_size_before=before, ceiling=ceiling, ceiling_until_s=ceiling_until,
+                                     tbp_reference=tbp_reference, tbp_low_intervals=low_intervals)
     return new_state, Decision(obs.now, int(new), lbp, tbp, bp, action, reason)
