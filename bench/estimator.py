@@ -212,6 +212,7 @@ def write_json(report: dict, json_path: str) -> None:
 def print_table(report: dict, console=None) -> None:
     """Print the results as a rich table."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     if console is None:
@@ -222,7 +223,7 @@ def print_table(report: dict, console=None) -> None:
     table = Table(title=f"Waiting-time estimator: FIFO queue at t=0, {cfg['slots']} continuous-batching slots, "
                         f"{cfg['throughput_tokens_per_s']:.0f} tokens/s (positions that wait)")
     for col in ("trace", "queue", "estimator", "draws", "R²", "R² ceiling", "median rel err", "p95 coverage", "targets"):
-        table.add_column(col, justify="right")
+        table.add_column(escape(col), justify="right")
     for r in report["results"]:
         table.add_row(r["trace"], str(r["queue_size"]), r["estimator"], str(r["draws"]), f"{r['r2']:.4f}",
                       f"{r['r2_ceiling']:.4f}", f"{r['median_rel_error']:.3f}", f"{r['p95_coverage']:.3f}",

@@ -304,6 +304,7 @@ def run_bench(minutes: float = 5.0, start_s: float = DEFAULT_START_S, speedup: f
 def print_table(report: dict, console=None) -> None:
     """Live and simulated side by side, with the two diffs against their targets."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     if console is None:
@@ -315,7 +316,7 @@ def print_table(report: dict, console=None) -> None:
     table = Table(title=f"Fidelity: live cluster vs simulator, azure-conv [{cfg['start_s']:g}, "
                         f"{cfg['start_s'] + cfg['duration_s']:g}) s at {cfg['speedup']:g}x (trace time)")
     for col in ("metric", "live", "simulator", "diff", "target"):
-        table.add_column(col, justify="right")
+        table.add_column(escape(col), justify="right")
 
     def f(v, d=1):
         return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:,.{d}f}"

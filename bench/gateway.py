@@ -4,34 +4,50 @@ A real cluster on loopback, every part its own process: etcd, the queue, one sim
 (``--speedup 100`` and a static batch of 256, so the engine is never the bottleneck) registered in etcd, the
 router and the gateway. At each rate (50 and 200 requests/s by default) an open-loop Poisson client sends
 requests for ``duration_s``, alternately along the two paths (so both run side by side under the same load,
-each at half the rate): a streaming ``POST /v1/completions`` to the gateway (httpx, HTTP/1.1 keep-alive), or the
-same request straight to ``Router.Generate``. Same prompt (``prompt_words`` words, which the gateway's simple tokenizer makes
-into as many tokens; the direct client sends those ids), same ``max_tokens``, same SLOs. TTFT is measured at the
+each at half the rate): a streaming ``POST /v1/completions`` to the gateway (aiohttp by default, or httpx;
+HTTP/1.1 keep-alive), or the same request straight to ``Router.Generate``. Same prompt (``prompt_words``
+words, which the gateway's simple tokenizer makes into as many tokens; the direct client sends those ids), same
+``max_tokens``, same SLOs. TTFT is measured at the
 client: send → first streamed token (the first SSE event; the first gRPC message). The overhead is the
 difference of the two TTFT distributions' percentiles: ``overhead_p50_ms`` = p50(gateway) − p50(direct),
 ``overhead_p99_ms`` likewise. Both paths share the machine, the router and the engine, so their difference is
 what the HTTP hop costs: the gateway's work, plus the client's HTTP/SSE handling against its gRPC handling.
+
+``gateway_internal_p50_ms`` / ``_p99_ms`` are the gateway's own time per streamed request, from its
+``chiron_gateway_overhead_seconds`` histogram (arrival to router call, plus first token received to its SSE event
+written; interpolated within buckets): what the gateway adds when it is not waiting for a core.
+
+Every part's CPU per request (``cpu_ms_per_request``, from ``/proc/<pid>/stat``) shows where the time goes. On
+this 2-core machine everything shares two cores (about two thirds busy at 200/s), so the tails are set by
+scheduling: a stall of the host, or of one process, delays a burst of requests. The bench process freezes its
+start-up heap like the services do (:func:`services.common.grpc_util.settle_heap`), so its own garbage
+collections do not stall both paths, and the default 30 s per rate gives about 3,000 requests per path at 200/s.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import math
 import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
+import aiohttp
 import grpc
 import httpx
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench.router import start_router_stack
 from chiron.v1 import router_pb2, router_pb2_grpc, types_pb2
 from services.cluster import spawn_chiron, wait_http_ready
 from services.common.etcd_server import EtcdServer
+from services.common.grpc_util import settle_heap
 from services.engine.demo import stop_process, wait_port_file
 from services.gateway.tokenizer import SimpleTokenizer
 
@@ -46,6 +62,45 @@ def _cpu_busy() -> tuple[float, float] | None:
         return None
     idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)
     return sum(fields) - idle, sum(fields)
+
+
+def _proc_cpu_s(pid: int | str) -> float | None:
+    """User + system CPU seconds a process has used (``/proc/<pid>/stat``); None where there is none."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+async def _overhead_buckets(http: httpx.AsyncClient) -> dict[float, float]:
+    """The gateway's ``chiron_gateway_overhead_seconds`` histogram for /v1/completions: {upper bound [s]: count}."""
+    text = (await http.get("/metrics")).text
+    out: dict[float, float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name == "chiron_gateway_overhead_seconds":
+            for sample in family.samples:
+                if sample.name.endswith("_bucket") and sample.labels.get("endpoint") == "/v1/completions":
+                    out[float(sample.labels["le"])] = sample.value
+    return out
+
+
+def _bucket_quantile(before: dict[float, float], after: dict[float, float], q: float) -> float:
+    """Quantile ``q`` [ms] of the observations between two cumulative histogram reads, interpolated linearly in
+    its bucket (as PromQL's histogram_quantile does); NaN without observations."""
+    bounds = sorted(after)
+    counts = [after[b] - before.get(b, 0.0) for b in bounds]
+    total = counts[-1] if counts else 0.0
+    if total <= 0:
+        return math.nan
+    rank, lo, below = q * total, 0.0, 0.0
+    for b, c in zip(bounds, counts, strict=True):
+        if c >= rank:
+            if math.isinf(b):
+                return lo * 1e3
+            return (lo + (b - lo) * (rank - below) / max(c - below, 1e-12)) * 1e3
+        lo, below = b, c
+    return lo * 1e3
 
 
 async def _run_rate(paths: dict, rate: float, duration_s: float, seed: int) -> tuple[dict[str, list[float]], dict[str, int]]:
@@ -63,7 +118,7 @@ async def _run_rate(paths: dict, rate: float, duration_s: float, seed: int) -> t
         t0 = time.perf_counter()
         try:
             first = await paths[name](i)
-        except (grpc.aio.AioRpcError, httpx.HTTPError, RuntimeError):
+        except (grpc.aio.AioRpcError, httpx.HTTPError, aiohttp.ClientError, RuntimeError):
             errors[name] += 1
             return
         ttfts[name].append((first - t0) * 1e3)
@@ -78,8 +133,8 @@ async def _run_rate(paths: dict, rate: float, duration_s: float, seed: int) -> t
     return ttfts, errors
 
 
-async def run_bench(rates=(50.0, 200.0), duration_s: float = 10.0, max_tokens: int = 4, prompt_words: int = 32,
-                    progress=None) -> dict:
+async def run_bench(rates=(50.0, 200.0), duration_s: float = 30.0, max_tokens: int = 4, prompt_words: int = 32,
+                    progress=None, http_client: str = "aiohttp", engine_speedup: float = 100.0) -> dict:
     """Start the parts, measure every rate, stop everything. Returns ``{"results": [{"rate_rps",
     "overhead_p50_ms", "overhead_p99_ms", ...}], "config": {...}}``. Raises RuntimeError / TimeoutError when a
     part fails to start (its log is in the message), EtcdNotFound without an etcd binary."""
@@ -89,7 +144,7 @@ async def run_bench(rates=(50.0, 200.0), duration_s: float = 10.0, max_tokens: i
     etcd.start()
     procs = []
     try:
-        _, rport = await start_router_stack(work, etcd, procs)
+        _, rport = await start_router_stack(work, etcd, procs, engine_speedup)
         g, gpf = spawn_chiron(work, "gateway", ["gateway", "--router", f"127.0.0.1:{rport}"])
         procs.append(g)
         gport = await wait_port_file(gpf, g)
@@ -100,8 +155,11 @@ async def run_bench(rates=(50.0, 200.0), duration_s: float = 10.0, max_tokens: i
         ids = SimpleTokenizer().encode(prompt)
         body = {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "stream": True}
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=2000)
+        body_bytes = json.dumps(body).encode()
         async with grpc.aio.insecure_channel(f"127.0.0.1:{rport}") as rch, \
-                httpx.AsyncClient(base_url=gateway_url, limits=limits, timeout=60.0) as http:
+                httpx.AsyncClient(base_url=gateway_url, limits=limits, timeout=60.0) as http, \
+                aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                      timeout=aiohttp.ClientTimeout(total=60.0)) as aio:
             rstub = router_pb2_grpc.RouterStub(rch)
 
             async def direct(_i: int) -> float:
@@ -113,7 +171,7 @@ async def run_bench(rates=(50.0, 200.0), duration_s: float = 10.0, max_tokens: i
                     raise RuntimeError("no token")
                 return first
 
-            async def gateway(_i: int) -> float:
+            async def gateway_httpx(_i: int) -> float:
                 first = None
                 async with http.stream("POST", "/v1/completions", json=body) as resp:
                     if resp.status_code != 200:
@@ -125,13 +183,35 @@ async def run_bench(rates=(50.0, 200.0), duration_s: float = 10.0, max_tokens: i
                     raise RuntimeError("no token")
                 return first
 
+            async def gateway_aiohttp(_i: int) -> float:
+                first = None
+                async with aio.post(f"{gateway_url}/v1/completions", data=body_bytes,
+                                    headers={"Content-Type": "application/json"}) as resp:
+                    if resp.status != 200:
+                        raise RuntimeError(f"HTTP {resp.status}: {(await resp.text())[:200]}")
+                    async for _ in resp.content.iter_any():  # the first bytes are the first token's SSE event
+                        first = first or time.perf_counter()
+                if first is None:
+                    raise RuntimeError("no token")
+                return first
+
+            gateway = gateway_aiohttp if http_client == "aiohttp" else gateway_httpx
+
+            # CPU per request of each part: where the HTTP hop's cost goes.
+            parts = {"client": "self", "gateway": g.pid, "router": procs[2].pid, "engine": procs[1].pid,
+                     "queue": procs[0].pid}
             paths = {"gateway": gateway, "direct": direct}
             await _run_rate(paths, 20.0, 1.0, 99)  # warm both paths (connections, the router's first stats)
+            settle_heap()  # the client's own collections would stall both paths alike
             rows = []
             for k, rate in enumerate(rates):
                 cpu0, load0 = _cpu_busy(), time.perf_counter()
+                part0 = {name: _proc_cpu_s(pid) for name, pid in parts.items()}
+                hist0 = await _overhead_buckets(http)
                 ttfts, errors = await _run_rate(paths, rate, duration_s, k)
+                hist1 = await _overhead_buckets(http)
                 cpu1 = _cpu_busy()
+                part1 = {name: _proc_cpu_s(pid) for name, pid in parts.items()}
                 gw, d = ttfts["gateway"], ttfts["direct"]
                 if not gw or not d:
                     raise RuntimeError(f"no request completed at {rate:g} req/s (errors: {errors}); see the logs in {work}")
@@ -140,9 +220,16 @@ async def run_bench(rates=(50.0, 200.0), duration_s: float = 10.0, max_tokens: i
                        "overhead_p99_ms": float(np.percentile(gw, 99) - np.percentile(d, 99)),
                        "gateway_ttft_p50_ms": float(np.percentile(gw, 50)), "gateway_ttft_p99_ms": float(np.percentile(gw, 99)),
                        "direct_ttft_p50_ms": float(np.percentile(d, 50)), "direct_ttft_p99_ms": float(np.percentile(d, 99)),
+                       "gateway_internal_p50_ms": _bucket_quantile(hist0, hist1, 0.50),
+                       "gateway_internal_p99_ms": _bucket_quantile(hist0, hist1, 0.99),
                        "gateway_requests": len(gw), "direct_requests": len(d),
                        "gateway_errors": errors["gateway"], "direct_errors": errors["direct"],
                        "wall_s": time.perf_counter() - load0}
+                n = len(gw) + len(d)
+                # The gateway serves only the gateway half; the client, router and engine serve both.
+                per = {name: (part1[name] - part0[name]) * 1e3 / (len(gw) if name == "gateway" else n)
+                       for name in parts if part0[name] is not None and part1[name] is not None}
+                row["cpu_ms_per_request"] = per
                 if cpu0 and cpu1 and cpu1[1] > cpu0[1]:
                     row["machine_cpu_busy"] = (cpu1[0] - cpu0[0]) / (cpu1[1] - cpu0[1])
                 rows.append(row)
@@ -156,6 +243,6 @@ async def run_bench(rates=(50.0, 200.0), duration_s: float = 10.0, max_tokens: i
         shutil.rmtree(work, ignore_errors=True)
     return {"results": rows,
             "config": {"duration_s": duration_s, "max_tokens": max_tokens, "prompt_tokens": len(ids),
-                       "cpu_count": os.cpu_count(), "load_average_1m_after": os.getloadavg()[0],
+                       "cpu_count": os.cpu_count(), "load_average_1m_after": os.getloadavg()[0], "http_client": http_client,
                        "engine": "simulated llama-3-8b, speedup 100, static batch 256",
                        "load": "rate_rps in total (open-loop Poisson), every other request through the gateway"}}

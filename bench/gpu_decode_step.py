@@ -175,11 +175,12 @@ def _compare(args: argparse.Namespace) -> None:
                "decode_ratio_median": round(statistics.median(ratios), 3),
                "decode_ratio_min": min(ratios), "decode_ratio_max": max(ratios)}
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     t = Table(title=f"Llama-3-8B step: measured on {measured['device']} vs PerfModel (A100 fit)")
     for c in ("kind", "B / tokens", "L", "measured ms", "model ms", "model GPU-only ms", "model/measured"):
-        t.add_column(c, justify="right")
+        t.add_column(escape(c), justify="right")
     for x in rows:
         t.add_row(x["kind"], str(x.get("batch_size", x.get("prompt_tokens"))), str(x.get("context_tokens", "")),
                   f"{x['measured_ms']:.2f}", f"{x['model_a100_ms']:.2f}", f"{x['model_a100_gpu_only_ms']:.2f}",

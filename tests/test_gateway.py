@@ -259,6 +259,24 @@ async def test_client_disconnect_cancels_the_engine_request(cluster):
     assert backend.snapshot().generated_tokens_total - before < 6000
 
 
+@in_module_loop
+async def test_client_disconnect_cancels_a_non_streaming_request(cluster):
+    backend = cluster.engine.agent.backend
+    before = backend.snapshot().generated_tokens_total
+    async with httpx.AsyncClient(base_url=cluster.url) as h:
+        # The client gives up (read timeout) long before 6,000 tokens and closes the connection.
+        with pytest.raises(httpx.ReadTimeout):
+            await h.post("/v1/completions", json={"model": MODEL, "prompt": "long", "max_tokens": 6000},
+                         timeout=httpx.Timeout(10.0, read=0.5))
+    await eventually(lambda: _idle(backend), timeout_s=10)
+    assert backend.snapshot().generated_tokens_total - before < 6000
+
+    async def counted_499() -> bool:
+        async with httpx.AsyncClient(base_url=cluster.url) as h:
+            return 'chiron_gateway_requests_total{endpoint="/v1/completions",status="499"}' in (await h.get("/metrics")).text
+    await eventually(counted_499, timeout_s=10)
+
+
 async def _idle(backend) -> bool:
     s = backend.snapshot()
     return s.num_running == 0 and s.num_waiting == 0

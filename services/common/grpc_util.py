@@ -4,6 +4,7 @@ client-facing service: see :mod:`services.common.security`)."""
 
 from __future__ import annotations
 
+import gc
 import math
 from collections.abc import Callable
 
@@ -49,6 +50,17 @@ def create_server(add_servicer: Callable[[grpc.aio.Server], None], service_name:
     if bound == 0:
         raise OSError(f"cannot bind {host}:{port}")
     return server, health_servicer, bound
+
+
+def settle_heap() -> None:
+    """Call once a service has started, before it serves: what start-up allocated (modules, protobuf
+    descriptors, the web framework) is collected once and frozen out of later garbage collections, and the
+    youngest generation is collected less often. Without it a full collection walks that whole heap on the
+    request path: ``chiron bench gateway`` saw 50–70 ms pauses in the gateway, engine and queue, every one a
+    burst of slow TTFTs (its p99). Objects frozen here are still freed by reference counting."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 50, 100)
 
 
 async def mark_serving(health_servicer: health.aio.HealthServicer, service_name: str) -> None:

@@ -24,7 +24,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2
 
 from chiron.v1 import engine_pb2, engine_pb2_grpc, types_pb2
-from services.common.grpc_util import create_server, mark_serving, timestamp
+from services.common.grpc_util import create_server, mark_serving, settle_heap, timestamp
 from services.common.metrics import EngineMetrics
 from services.engine.backend import Backend, BackendRequest
 from services.engine.batch_worker import BatchWorker
@@ -351,6 +351,7 @@ async def serve(agent: EngineAgent, host: str = "127.0.0.1", port: int = 0) -> R
         lambda s: engine_pb2_grpc.add_EngineServicer_to_server(agent, s), name, host, port)
     await agent.start()
     await server.start()
+    settle_heap()
     await mark_serving(health_servicer, name)
     log.info("engine agent %s serving on %s:%d", agent.config.instance_id, host, bound)
     return RunningServer(server, agent, health_servicer, bound)

@@ -31,7 +31,7 @@ from dataclasses import dataclass, replace
 import grpc
 
 from chiron.v1 import engine_pb2, engine_pb2_grpc, queue_pb2, queue_pb2_grpc, scaler_pb2, scaler_pb2_grpc
-from services.common.grpc_util import ChannelPool, create_server, mark_serving, timestamp
+from services.common.grpc_util import ChannelPool, create_server, mark_serving, settle_heap, timestamp
 from services.common.metrics import ScalerMetrics
 from services.global_scaler.policy import (
     ROLES,
@@ -204,6 +204,7 @@ async def serve(service: ScalerService, host: str = "127.0.0.1", port: int = 0) 
         lambda s: scaler_pb2_grpc.add_GlobalScalerServicer_to_server(service, s), name, host, port)
     await server.start()
     await service.start()
+    settle_heap()
     await mark_serving(health_servicer, name)
     log.info("scaler serving on %s:%d (%s)", host, bound, "advisory" if service.advisory else "active")
     return RunningScaler(server, service, bound)

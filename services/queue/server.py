@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from chiron.v1 import batch_pb2_grpc, queue_pb2, queue_pb2_grpc, types_pb2
-from services.common.grpc_util import create_server, mark_serving, timestamp
+from services.common.grpc_util import create_server, mark_serving, settle_heap, timestamp
 from services.common.metrics import QueueMetrics
 from services.queue.batches import BatchApiService, BatchStore
 from services.queue.estimator import GroupEstimate, ServingCapacity, WaitingTimeEstimator
@@ -313,6 +313,7 @@ async def serve(config: QueueConfig, host: str = "127.0.0.1", port: int = 0,
     server, health_servicer, bound = create_server(add, name, host, port)
     await service.start()
     await server.start()
+    settle_heap()
     await mark_serving(health_servicer, name)
     log.info("queue serving on %s:%d (store %s)", host, bound, config.db_path)
     return RunningQueue(server, service, bound)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import time
 import uuid
@@ -23,7 +22,7 @@ from dataclasses import dataclass, replace
 import grpc
 
 from chiron.v1 import batch_pb2_grpc, engine_pb2, engine_pb2_grpc, queue_pb2, queue_pb2_grpc, router_pb2, router_pb2_grpc, types_pb2
-from services.common.grpc_util import ChannelPool, create_server, mark_serving
+from services.common.grpc_util import ChannelPool, create_server, mark_serving, settle_heap
 from services.common.metrics import RouterMetrics, outcome_of
 from services.router.routing import Classified, InstanceLoad, Rejected, RouterConfig, choose_instance, classify
 
@@ -304,11 +303,7 @@ async def serve(service: RouterService, host: str = "127.0.0.1", port: int = 0) 
 
     server, health_servicer, bound = create_server(add, name, host, port, client_facing=True)
     await server.start()
-    # Fewer, shorter garbage-collection pauses on the request path: what was allocated at start-up (modules,
-    # protobuf descriptors) is frozen out of collections, and young-generation collections run less often.
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(50_000, 50, 100)
+    settle_heap()
     await mark_serving(health_servicer, name)
     log.info("router serving on %s:%d", host, bound)
     return RunningRouter(server, service, bound)
