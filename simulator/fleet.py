@@ -286,7 +286,7 @@ class Fleet:
         """Put request ``rid`` on ``inst`` (the policy chose it)."""
         k, _idx, prompt, output = self.request(rid)
         inst.core.add_request(rid, prompt, output, self.now, resumed_tokens, host_kv_tokens,
-                              priority=k == "i" and inst.role == "mixed")
+                              priority=k == "i" and inst.role == "mixed", interactive=k == "i")
         if k == "i":
             inst.interactive_waiting += 1
             if inst.role == "mixed" and inst.leases:
@@ -299,7 +299,7 @@ class Fleet:
         if req is None:
             return
         dst.core.add_request(rid, req.prompt_tokens, req.max_tokens, self.now, req.num_generated,
-                             host_kv_tokens=req.num_computed)
+                             host_kv_tokens=req.num_computed, interactive=req.interactive)
         if req.num_generated == 0 and rid[0] == "i":
             src.interactive_waiting = max(0, src.interactive_waiting - 1)
             dst.interactive_waiting += 1
@@ -384,7 +384,7 @@ class Fleet:
         return h
 
     def _start_step(self, inst: SimInstance) -> None:
-        res = inst.core.advance(self.now, self._horizon())
+        res = inst.core.advance(self.now, self._horizon(), all_events=False)
         if not res.events and res.duration_s == 0:
             return  # nothing schedulable now; an arrival or a finish elsewhere kicks it again
         inst.busy = True
@@ -394,10 +394,11 @@ class Fleet:
         inst.busy = False
         t = res.end_s
         durs = res.step_durations_s or (res.duration_s,)
-        n_itl_all = 0
-        n_itl_inter = 0
         finished_any = False
         inter, batch = self.inter, self.batch
+        # Sparse events (advance(all_events=False)): a request's first token and its finish; the token and ITL
+        # counts come with the result. A request's last token is its finish, and its output count there is its
+        # total (resumed tokens included); one still running when the run stops is settled in _settle_unfinished.
         for ev in res.events:
             rid = ev.request_id
             k = rid[0]
@@ -409,22 +410,18 @@ class Fleet:
                 if k == "i":
                     inst.ttft.add(t, (t - rec.arrival_list[idx]) * 1e3)
                     inst.interactive_waiting = max(0, inst.interactive_waiting - 1)
-            else:
-                n_itl_all += 1
-                if k == "i":
-                    n_itl_inter += 1
-            rec.last[idx] = t
-            rec.tokens[idx] += ev.new_tokens
             if ev.finished:
                 finished_any = True
+                rec.last[idx] = t
+                rec.tokens[idx] = ev.num_generated
                 rec.done[idx] = t
                 inst.finished_total += 1
                 if k == "b" and rid in inst.leases:
                     inst.batch_finished_total += 1
                     self.queue.complete(rid, inst.leases.pop(rid), ev.num_generated)
                     inst.lease_started.pop(rid, None)
-        ntok = sum(ev.new_tokens for ev in res.events) if res.num_steps > 1 else len(res.events)
-        inst.ctl_tokens += ntok
+        inst.ctl_tokens += res.num_tokens
+        n_itl_all, n_itl_inter = res.num_itl, res.num_itl_interactive
         if len(durs) == 1:
             ms = durs[0] * 1e3
             if n_itl_all:
@@ -547,11 +544,25 @@ class Fleet:
             if not self._heap and not self._work_left():
                 break
         self._sample()
+        self._settle_unfinished()
         self.inter.finalize()
         self.batch.finalize()
         from simulator.report import build_report  # local import: report imports this module's types
 
         return build_report(self, time.perf_counter() - t_wall)
+
+    def _settle_unfinished(self) -> None:
+        """Output tokens and last-token times of requests still in an engine when the run stops (``max_sim_s``
+        or the drain limit): the sparse step events only carry them at a finish. (A batch request back in the
+        queue with progress made keeps that progress uncounted.)"""
+        for inst in self.instances:
+            for req in inst.core.requests.values():
+                rid = req.request_id
+                rec = self.inter if rid[0] == "i" else self.batch
+                idx = int(rid[1:])
+                rec.tokens[idx] = req.num_generated
+                if req.last_token_s is not None:
+                    rec.last[idx] = req.last_token_s
 
     def _arrive_batch(self) -> None:
         """Every batch request arriving now (a backlog at one instant is taken in one go)."""

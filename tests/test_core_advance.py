@@ -125,7 +125,8 @@ def apply(e: EngineCore, op: Op) -> None:
     if op.kind == "add":
         rid, prompt, mx, resumed, host = op.args
         try:
-            e.add_request(rid, prompt, mx, op.t, resumed_tokens=resumed, host_kv_tokens=host)
+            e.add_request(rid, prompt, mx, op.t, resumed_tokens=resumed, host_kv_tokens=host,
+                          interactive=int(rid[1:]) % 3 == 0)  # a label only: scheduling must not change
         except RequestRejected:
             pass  # unservable on this KV cache; rejected alike by both engines
     elif op.kind == "cap":
@@ -151,11 +152,31 @@ class Tally:
             self.durations.extend(r.step_durations_s)
 
 
+def check_counts(r: StepResult, interactive: set[str]) -> None:
+    """The result's token and ITL counts against its full event list."""
+    assert r.num_tokens == sum(ev.new_tokens for ev in r.events)
+    not_first = [ev for ev in r.events if not ev.first]
+    per_iteration = len(not_first) if r.num_steps == 1 else len(r.events)
+    assert r.num_itl == per_iteration
+    assert r.num_itl_interactive == sum(ev.request_id in interactive for ev in (not_first if r.num_steps == 1 else r.events))
+
+
+def check_sparse(full: StepResult, sparse: StepResult) -> None:
+    """all_events=False: the same iterations and counts, only first-token and finish events."""
+    assert (sparse.start_s, sparse.num_steps, sparse.num_decode, sparse.num_prefill_tokens, sparse.preempted) == (
+        full.start_s, full.num_steps, full.num_decode, full.num_prefill_tokens, full.preempted)
+    assert sparse.step_durations_s == full.step_durations_s
+    assert (sparse.num_tokens, sparse.num_itl, sparse.num_itl_interactive) == (
+        full.num_tokens, full.num_itl, full.num_itl_interactive)
+    assert sparse.events == tuple(ev for ev in full.events if ev.first or ev.finished)
+
+
 def run_scenario(seed: int) -> Counter[str]:
-    """Drive a random scenario on two engines, one with step and one with advance, checking they agree."""
+    """Drive a random scenario on three engines, one with step, one with advance and one with advance and sparse
+    events, checking they agree."""
     rng = random.Random(seed)
     cfg, ops = scenario(rng)
-    a, b = engine(**cfg), engine(**cfg)
+    a, b, c = engine(**cfg), engine(**cfg), engine(**cfg)
     tally_a, tally_b = Tally(), Tally()
     stats: Counter[str] = Counter()
     now_a = now_b = 0.0
@@ -164,8 +185,11 @@ def run_scenario(seed: int) -> Counter[str]:
         while i < len(ops) and ops[i].t <= now_a:
             apply(a, ops[i])
             apply(b, ops[i])
+            apply(c, ops[i])
             i += 1
         assert_same_state(a, b)
+        assert_same_state(b, c)
+        interactive = {rid for rid, req in a.requests.items() if req.interactive}
         next_t = ops[i].t if i < len(ops) else INF
         if not a.has_work():
             assert not b.has_work()
@@ -176,6 +200,7 @@ def run_scenario(seed: int) -> Counter[str]:
         # Reference: every iteration that starts before the next operation.
         while a.has_work() and now_a < next_t:
             r = a.step(now_a)
+            check_counts(r, interactive)
             tally_a.add(r)
             if r.duration_s == 0.0:
                 break
@@ -185,7 +210,9 @@ def run_scenario(seed: int) -> Counter[str]:
             until = min(next_t, now_b + rng.choice([INF, rng.uniform(0.0, 0.3), 0.0]))
             max_steps = rng.choice([1_000_000, 1_000_000, rng.randint(1, 20)])
             r = b.advance(now_b, until, max_steps)
+            check_sparse(r, c.advance(now_b, until, max_steps, all_events=False))
             check_bulk(r, now_b, until, max_steps)
+            check_counts(r, interactive)
             tally_b.add(r)
             stats["calls"] += 1
             stats["iterations"] += r.num_steps

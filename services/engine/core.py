@@ -98,6 +98,7 @@ class EngineRequest:
     last_token_s: float | None = None
     num_preemptions: int = 0
     priority: bool = False  # waits ahead of non-priority requests (interactive work on a MIXED instance)
+    interactive: bool = False  # the owner's label, not the scheduler's: counted in StepResult.num_itl_interactive
 
     def __post_init__(self) -> None:
         self.num_generated = self.resumed_tokens
@@ -140,6 +141,12 @@ class StepResult:
     :meth:`~EngineCore.advance` has one event per running request (``new_tokens`` = ``num_steps``),
     ``num_decode`` = the decodes of each of its iterations (the running count), no prefill tokens and no
     preemptions; its ``duration_s`` equals ``sum(step_durations_s)`` up to float rounding.
+
+    With ``all_events=False`` (:meth:`~EngineCore.step`, :meth:`~EngineCore.advance`; the fleet simulator's
+    mode) ``events`` holds only the events that are a request's first token or its finish; the counts below
+    are the same either way. ``num_tokens``: output tokens sampled in all iterations together; ``num_itl``:
+    per iteration, the tokens that are not a request's first (each one an inter-token latency sample);
+    ``num_itl_interactive``: those of requests added with ``interactive=True``.
     """
 
     start_s: float
@@ -150,6 +157,9 @@ class StepResult:
     preempted: tuple[str, ...] = ()
     num_steps: int = 1
     step_durations_s: tuple[float, ...] = ()
+    num_tokens: int = 0
+    num_itl: int = 0
+    num_itl_interactive: int = 0
 
     @property
     def end_s(self) -> float:
@@ -227,9 +237,11 @@ class EngineCore:
         validate_request(prompt_tokens, max_tokens, resumed_tokens, self.max_model_len, self.kv_capacity_tokens)
 
     def add_request(self, request_id: str, prompt_tokens: int, max_tokens: int, now: float,
-                    resumed_tokens: int = 0, host_kv_tokens: int = 0, priority: bool = False) -> EngineRequest:
+                    resumed_tokens: int = 0, host_kv_tokens: int = 0, priority: bool = False,
+                    interactive: bool = False) -> EngineRequest:
         """Queue a request. ``priority`` (interactive work on a MIXED instance): it waits ahead of every
-        non-priority request, behind earlier priority ones. Raises :class:`RequestRejected` (bad or
+        non-priority request, behind earlier priority ones. ``interactive`` only labels it for the step
+        counts (:attr:`StepResult.num_itl_interactive`). Raises :class:`RequestRejected` (bad or
         unservable) or ValueError (duplicate id)."""
         if request_id in self.requests:
             raise RequestRejected(f"request id {request_id!r} is already in this engine", code="ALREADY_EXISTS")
@@ -238,6 +250,8 @@ class EngineCore:
         req = EngineRequest(request_id, prompt_tokens, max_tokens, now, resumed_tokens,
                             max(0, min(host_kv_tokens, prompt_tokens + resumed_tokens - 1)))
         self.requests[request_id] = req
+        if interactive:
+            req.interactive = True
         if priority:
             req.priority = True
             pos = 0
@@ -358,8 +372,9 @@ class EngineCore:
                 return False
         return True
 
-    def step(self, now: float) -> StepResult:
-        """Schedule and run one iteration starting at ``now`` (seconds). Returns an empty result when idle."""
+    def step(self, now: float, all_events: bool = True) -> StepResult:
+        """Schedule and run one iteration starting at ``now`` (seconds). Returns an empty result when idle.
+        ``all_events=False``: events only for first tokens and finishes (see :class:`StepResult`)."""
         # Hot path of the fleet simulator (one call per iteration, hundreds of requests each): the per-request
         # work is inlined (context_len, done, the tokens wanted, _grow, _blocks_for) and a scheduled request's
         # counters and event are settled as it is scheduled. That changes no decision: scheduling only reads
@@ -381,6 +396,7 @@ class EngineCore:
         firsts: list[EngineRequest] = []  # ... their first one
         finished: list[EngineRequest] = []
         new_event = _tuple_new
+        n_itl_interactive = 0
 
         # 1) running requests, oldest first; preempt the newest when KV blocks run out. (Iterating the list
         # while preemption pops its tail visits what an index loop up to len(running) would.)
@@ -424,10 +440,13 @@ class EngineCore:
             first = req.first_token_s is None
             if first:
                 firsts.append(req)
+            elif req.interactive:
+                n_itl_interactive += 1
             done = ng >= req.max_tokens
             if done:
                 finished.append(req)
-            events.append(new_event(TokenEvent, (req.request_id, 1, ng, done, first)))
+            if all_events or first or done:
+                events.append(new_event(TokenEvent, (req.request_id, 1, ng, done, first)))
 
         # 2) waiting requests (FIFO) while the cap, the budget and the KV cache allow; none after a preemption.
         waiting = self.waiting
@@ -465,10 +484,13 @@ class EngineCore:
             first = req.first_token_s is None
             if first:
                 firsts.append(req)
+            elif req.interactive:
+                n_itl_interactive += 1
             done = ng >= req.max_tokens
             if done:
                 finished.append(req)
-            events.append(new_event(TokenEvent, (req.request_id, 1, ng, done, first)))
+            if all_events or first or done:
+                events.append(new_event(TokenEvent, (req.request_id, 1, ng, done, first)))
 
         if not num_scheduled:
             return StepResult(now, 0.0, (), 0, 0, tuple(preempted), 1, (0.0,))
@@ -500,9 +522,9 @@ class EngineCore:
         for c, _ in chunks:
             num_prefill_tokens += c
         return StepResult(now, duration, tuple(events), num_decode, num_prefill_tokens, tuple(preempted), 1,
-                          (duration,))
+                          (duration,), len(sampled), len(sampled) - len(firsts), n_itl_interactive)
 
-    def advance(self, now: float, until_s: float, max_steps: int = 1_000_000) -> StepResult:
+    def advance(self, now: float, until_s: float, max_steps: int = 1_000_000, all_events: bool = True) -> StepResult:
         """Run iterations back to back from ``now``: one :meth:`step`, or a bulk of steady-decode ones.
 
         The next iteration is *steady decode* when something runs, every running request decodes (its
@@ -516,6 +538,7 @@ class EngineCore:
         state, the events' totals, the token times and each iteration's duration are those of k
         consecutive :meth:`step` calls (durations from the same :meth:`PerfModel.iteration_ms` calls, the
         clock summed in the same order). Cost: O(running + k), one ``iteration_ms`` call per iteration.
+        ``all_events=False``: events only for first tokens and finishes (see :class:`StepResult`).
         """
         running = self.running
         n = len(running)
@@ -523,7 +546,7 @@ class EngineCore:
         cfg = self.config
         budget = cfg.max_num_batched_tokens or max(max_seqs, n + cfg.min_prefill_tokens)
         if not n or budget < n or max_steps <= 1:
-            return self.step(now)
+            return self.step(now, all_events)
         bs = cfg.block_size
         free = self.free_blocks
         # Every failed check below means one step; the order of the checks changes nothing else.
@@ -538,7 +561,7 @@ class EngineCore:
             chunk = min(head.prompt_tokens + head.num_generated - hc - host, budget - n)
             head_need = -(-(hc + host + chunk) // bs) - head.num_blocks
             if head_need <= free - n:  # fits whatever the first iteration's n decodes take
-                return self.step(now)
+                return self.step(now, all_events)
             if head_need > free:  # never fits
                 head_need = None
         k = max_steps
@@ -552,10 +575,10 @@ class EngineCore:
             # A decode as `step` classifies it; first_token_s also rules out a resumed request whose first
             # token here is still to come (its event would say first=True).
             if nc != ctx - 1 or ng <= 0 or req.first_token_s is None:
-                return self.step(now)
+                return self.step(now, all_events)
             s = req.num_blocks * bs - nc
             if not 0 <= s < bs:  # not the engine's block accounting: leave it to step
-                return self.step(now)
+                return self.step(now, all_events)
             append(s)
             remaining = req.max_tokens - ng
             if remaining < k:
@@ -568,9 +591,9 @@ class EngineCore:
         q, r = divmod(free, n)
         k_kv = q * bs + slack[r]
         if k_kv < 1:
-            return self.step(now)  # the first iteration preempts
+            return self.step(now, all_events)  # the first iteration preempts
         if head_need is not None and head_need <= free - bisect_right(slack, 0):
-            return self.step(now)
+            return self.step(now, all_events)
         if k_kv < k:
             k = k_kv
 
@@ -591,6 +614,7 @@ class EngineCore:
         finished: list[EngineRequest] = []
         new_event = _tuple_new
         grown = 0
+        n_interactive = 0
         for req in running:
             ng = req.num_generated + k
             req.num_generated = ng
@@ -600,10 +624,13 @@ class EngineCore:
             grown += blocks - req.num_blocks
             req.num_blocks = blocks
             req.last_token_s = end
+            if req.interactive:
+                n_interactive += 1
             done = ng >= req.max_tokens
             if done:
                 finished.append(req)
-            events.append(new_event(TokenEvent, (req.request_id, k, ng, done, False)))
+            if all_events or done:
+                events.append(new_event(TokenEvent, (req.request_id, k, ng, done, False)))
         self.free_blocks = free - grown
         self.generated_tokens_total += n * k
         if finished:
@@ -615,7 +642,7 @@ class EngineCore:
                 req.state = RequestState.FINISHED
                 del requests[req.request_id]
             self.finished_total += len(finished)
-        return StepResult(now, end - now, tuple(events), n, 0, (), k, tuple(durations))
+        return StepResult(now, end - now, tuple(events), n, 0, (), k, tuple(durations), n * k, n, n_interactive)
 
 
 def decode_kv_offload_ms(perf: PerfModel, context_tokens: int) -> float:
