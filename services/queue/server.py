@@ -159,8 +159,7 @@ class QueueService(queue_pb2_grpc.QueueServicer):
         """Ack a leased request (``output``: all its output token ids, or their count) and feed its length to
         the estimator and its new tokens to the capacity tracker. Returns the output length [tokens]; raises
         :class:`~services.queue.store.QueueError`."""
-        model, resume_tokens = self.store.model_and_resume(request_id)
-        count = self.store.ack(request_id, lease_id, output)
+        count, model, resume_tokens = self.store.ack_request(request_id, lease_id, output)
         self.estimator.observe(model, float(count))
         self.capacity.record(model, max(0, count - resume_tokens), self.clock())
         self.metrics.done()

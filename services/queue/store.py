@@ -722,9 +722,11 @@ class QueueStore:
             self._next_expiry = expiry
         return out
 
-    def _leased_row(self, request_id: str, lease_id: str, action: str) -> tuple[Any, ...]:
-        """The row of a request leased under ``lease_id``; raises NOT_FOUND / FAILED_PRECONDITION otherwise."""
-        row = self._conn.execute(_SELECT_FOR_UPDATE, (request_id,)).fetchone()
+    def _leased_row(self, request_id: str, lease_id: str, action: str, row: tuple[Any, ...] | None = None) -> tuple[Any, ...]:
+        """The row of a request leased under ``lease_id`` (``row``: that request's row already read); raises
+        NOT_FOUND / FAILED_PRECONDITION otherwise."""
+        if row is None:
+            row = self._conn.execute(_SELECT_FOR_UPDATE, (request_id,)).fetchone()
         if row is None:
             raise QueueError("NOT_FOUND", f"no request {request_id!r} in the queue")
         state, current = row[3], row[4]
@@ -742,11 +744,16 @@ class QueueStore:
                                                 "drop the work, the queue serves it elsewhere")
 
     def ack(self, request_id: str, lease_id: str, output_tokens: int | Sequence[int]) -> int:
+        """:meth:`ack_request`, returning the output token count alone."""
+        return self.ack_request(request_id, lease_id, output_tokens)[0]
+
+    def ack_request(self, request_id: str, lease_id: str, output_tokens: int | Sequence[int]) -> tuple[int, str, int]:
         """Mark a leased request DONE (committed on return); only its current lease holder may.
 
         ``output_tokens``: the total number of output tokens generated for the request (resumed tokens included),
         or the output token ids themselves (stored, and returned by :meth:`get_tokens` as the second element).
-        Returns that count. Acking a DONE request again
+        Returns ``(count, model, resumed tokens before this ack)`` from one read of the row (the ack path of
+        every finished batch request: :meth:`QueueService.complete`). Acking a DONE request again
         with the lease that completed it is idempotent (returns the stored count). A lease past its expiry that has
         not been swept back yet is still accepted (nobody else holds the request). Raises QueueError NOT_FOUND
         (unknown id), FAILED_PRECONDITION (not the current lease: expired and re-queued or re-leased, cancelled,
@@ -765,8 +772,10 @@ class QueueStore:
             raise QueueError("INVALID_ARGUMENT", f"output_tokens must be >= 0, got {count}")
         row = self._conn.execute(_SELECT_FOR_UPDATE, (request_id,)).fetchone()
         if row is not None and row[3] == _DONE and row[4] == lease_id:
-            return int(row[8])
-        seq, model, bucket, *_ = self._leased_row(request_id, lease_id, "ack")
+            return int(row[8]), row[1], int(row[6])
+        if row is None:
+            raise QueueError("NOT_FOUND", f"no request {request_id!r} in the queue")
+        seq, model, bucket, *_ = self._leased_row(request_id, lease_id, "ack", row)
         if blob is None:
             self._conn.execute("UPDATE requests SET state = 2, output_tokens = ?, lease_expiry_s = NULL, finished_s = ? WHERE seq = ?",
                                (count, float(self._clock()), seq))
@@ -777,7 +786,7 @@ class QueueStore:
         g.leased -= 1
         self._leased -= 1
         self._drop_if_empty(g)
-        return count
+        return count, model, int(row[6])
 
     def return_request(self, request_id: str, lease_id: str, generated_token_ids: Sequence[int] = ()) -> int:
         """Give a leased request back (e.g. evicted by interactive work): it is QUEUED again at its original place
