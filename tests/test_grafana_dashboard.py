@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from chiron.v1 import queue_pb2, types_pb2
 from services.common.metrics import EngineMetrics, QueueMetrics, RouterMetrics, ScalerMetrics
+from services.gateway.app import GatewayMetrics
 
 DASHBOARD = Path(__file__).resolve().parents[1] / "deploy" / "grafana" / "chiron-dashboard.json"
 
@@ -28,8 +29,9 @@ _KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "an
 
 
 def exported_names() -> set[str]:
-    """Every sample name the router, queue, scaler and engine export."""
-    services = (RouterMetrics(), QueueMetrics(queue_pb2.QueueStats), ScalerMetrics(), EngineMetrics(types_pb2.EngineStats))
+    """Every sample name the router, queue, scaler, engine and gateway export."""
+    services = (RouterMetrics(), QueueMetrics(queue_pb2.QueueStats), ScalerMetrics(), EngineMetrics(types_pb2.EngineStats),
+                GatewayMetrics())
     names = set()
     for m in services:
         for fam in text_string_to_metric_families(generate_latest(m.registry).decode()):
