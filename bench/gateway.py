@@ -134,7 +134,7 @@ async def _run_rate(paths: dict, rate: float, duration_s: float, seed: int) -> t
 
 
 async def run_bench(rates=(50.0, 200.0), duration_s: float = 30.0, max_tokens: int = 4, prompt_words: int = 32,
-                    progress=None, http_client: str = "aiohttp", engine_speedup: float = 100.0) -> dict:
+                    progress=None, http_client: str = "aiohttp") -> dict:
     """Start the parts, measure every rate, stop everything. Returns ``{"results": [{"rate_rps",
     "overhead_p50_ms", "overhead_p99_ms", ...}], "config": {...}}``. Raises RuntimeError / TimeoutError when a
     part fails to start (its log is in the message), EtcdNotFound without an etcd binary."""
@@ -144,7 +144,7 @@ async def run_bench(rates=(50.0, 200.0), duration_s: float = 30.0, max_tokens: i
     etcd.start()
     procs = []
     try:
-        _, rport = await start_router_stack(work, etcd, procs, engine_speedup)
+        _, rport = await start_router_stack(work, etcd, procs)
         g, gpf = spawn_chiron(work, "gateway", ["gateway", "--router", f"127.0.0.1:{rport}"])
         procs.append(g)
         gport = await wait_port_file(gpf, g)

@@ -52,13 +52,13 @@ async def _load(send, rate: float, duration_s: float, seed: int) -> list[float]:
     return ttfts
 
 
-async def start_router_stack(work: Path, etcd: EtcdServer, procs: list, engine_speedup: float = 100.0) -> tuple[int, int]:
+async def start_router_stack(work: Path, etcd: EtcdServer, procs: list) -> tuple[int, int]:
     """Queue, one simulated engine (``--speedup 100``, static batch of 256: never the bottleneck) registered in
     ``etcd``, and a router over them, each a ``chiron`` process logging in ``work`` (appended to ``procs``), waited
     on until healthy. Returns ``(engine_port, router_port)``. Raises RuntimeError / TimeoutError (a part failed)."""
     q, qpf = spawn_chiron(work, "queue", ["queue", "--db", str(work / "q.db")])
     procs.append(q)
-    e, epf = spawn_chiron(work, "engine", ["engine", "--etcd", etcd.endpoint, "--speedup", f"{engine_speedup:g}",
+    e, epf = spawn_chiron(work, "engine", ["engine", "--etcd", etcd.endpoint, "--speedup", "100",
                                            "--static-batch-size", "256", "--instance-id", "bench-engine"])
     procs.append(e)
     qport = await wait_port_file(qpf, q)
