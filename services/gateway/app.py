@@ -323,6 +323,7 @@ async def _generate(request: Request, endpoint: str) -> Response:
                                                 metadata=common.forward_metadata(request), timeout=cfg.request_timeout_s)
     before_router = time.perf_counter() - arrival
     watch = _DisconnectWatch(request.receive, call)
+    streaming = False  # once the event stream is returned, it owns the watch
     try:
         # The first message before any answer: refusals (429, 503, …) become plain HTTP errors.
         first = await call.read()
@@ -334,24 +335,25 @@ async def _generate(request: Request, endpoint: str) -> Response:
         if req.stream:
             def on_first_event() -> None:
                 metrics.overhead.labels(endpoint).observe(before_router + time.perf_counter() - first_at)
-            return _EventStream(_stream(call, first, shape, Detokenizer(tok), len(ids), req.include_usage), watch,
-                                headers, on_first_event)
+            response = _EventStream(_stream(call, first, shape, Detokenizer(tok), len(ids), req.include_usage), watch,
+                                    headers, on_first_event)
+            streaming = True
+            return response
         out, finish = await _collect(call, first)
     except grpc.aio.AioRpcError as e:
-        watch.stop()
         raise APIError.from_grpc(e) from None
     except asyncio.CancelledError:
-        watch.stop()
         if watch.gone:  # nobody reads the answer; the status shows in the metrics
             raise APIError(499, "the client closed the connection before the answer was ready",
                            code="client_closed") from None
         call.cancel()
         raise
     except BaseException:
-        watch.stop()
         call.cancel()
         raise
-    watch.stop()
+    finally:
+        if not streaming:
+            watch.stop()
     return JSONResponse(shape.full(tok.decode(out), finish, common.usage(len(ids), len(out))), headers=headers)
 
 

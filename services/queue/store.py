@@ -722,11 +722,15 @@ class QueueStore:
             self._next_expiry = expiry
         return out
 
-    def _leased_row(self, request_id: str, lease_id: str, action: str, row: tuple[Any, ...] | None = None) -> tuple[Any, ...]:
-        """The row of a request leased under ``lease_id`` (``row``: that request's row already read); raises
-        NOT_FOUND / FAILED_PRECONDITION otherwise."""
-        if row is None:
-            row = self._conn.execute(_SELECT_FOR_UPDATE, (request_id,)).fetchone()
+    def _leased_row(self, request_id: str, lease_id: str, action: str) -> tuple[Any, ...]:
+        """The row of a request leased under ``lease_id``; raises NOT_FOUND / FAILED_PRECONDITION otherwise."""
+        return self._check_leased(self._conn.execute(_SELECT_FOR_UPDATE, (request_id,)).fetchone(),
+                                  request_id, lease_id, action)
+
+    @staticmethod
+    def _check_leased(row: tuple[Any, ...] | None, request_id: str, lease_id: str, action: str) -> tuple[Any, ...]:
+        """``row`` (a ``_SELECT_FOR_UPDATE`` result, None for no such request) when the request is leased under
+        ``lease_id``; raises NOT_FOUND / FAILED_PRECONDITION otherwise."""
         if row is None:
             raise QueueError("NOT_FOUND", f"no request {request_id!r} in the queue")
         state, current = row[3], row[4]
@@ -773,9 +777,7 @@ class QueueStore:
         row = self._conn.execute(_SELECT_FOR_UPDATE, (request_id,)).fetchone()
         if row is not None and row[3] == _DONE and row[4] == lease_id:
             return int(row[8]), row[1], int(row[6])
-        if row is None:
-            raise QueueError("NOT_FOUND", f"no request {request_id!r} in the queue")
-        seq, model, bucket, *_ = self._leased_row(request_id, lease_id, "ack", row)
+        seq, model, bucket, *_ = self._check_leased(row, request_id, lease_id, "ack")
         if blob is None:
             self._conn.execute("UPDATE requests SET state = 2, output_tokens = ?, lease_expiry_s = NULL, finished_s = ? WHERE seq = ?",
                                (count, float(self._clock()), seq))
