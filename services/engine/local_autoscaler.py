@@ -203,8 +203,7 @@ def decide(config: LocalAutoscalerConfig, state: LocalAutoscalerState,
                   f"interval (it may be the admitted requests' prefills)")
     elif tbp > 1.0 + cfg.tbp_tolerance:
         new, action = cur / 2.0, "halve"
-        cliff_from = state.batch_size_before
-        ceiling = cliff_from if cliff_from is not None else cur / 2.0
+        ceiling = state.batch_size_before if state.batch_size_before is not None else cur / 2.0
         ceiling_until = obs.now + cfg.tbp_ceiling_ttl_s
         reason = (f"throughput backpressure {tbp:.2f} > 1: throughput fell after growing while saturated; "
                   f"batch size capped at {ceiling:.0f} for {cfg.tbp_ceiling_ttl_s:g} s")
