@@ -17,8 +17,8 @@ Two halves, so the build never depends on a GPU:
 
 Usage::
 
-    python3 bench/gpu_decode_step.py measure --out gpu.json          # on the GPU machine
-    python3 bench/gpu_decode_step.py compare gpu.json --json cmp.json  # here
+    python3 -m bench.gpu_decode_step measure --out gpu.json          # on the GPU machine
+    python3 -m bench.gpu_decode_step compare gpu.json --json cmp.json  # here
 """
 
 from __future__ import annotations
