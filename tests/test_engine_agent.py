@@ -67,6 +67,22 @@ async def test_concurrent_streaming_with_ttft_and_itl(agent):
         assert all(5 < m.itl_ms < 200 for m in token_msgs[1:])
 
 
+async def test_stream_interval_coalesces_tokens_into_fewer_messages(agent):
+    _, stub = agent
+    every, coalesced, whole = await asyncio.gather(
+        collect(stub, make_request("si-1", 32, 23)), collect(stub, make_request("si-5", 32, 23, stream_interval=5)),
+        collect(stub, make_request("si-all", 32, 23, stream_interval=23)))
+    sizes = [len(m.token_ids) for m in coalesced if m.token_ids]
+    # The first token at once, then chunks of at least 5, the rest with the finish; nothing lost or repeated.
+    assert sizes[0] == 1 and all(n >= 5 for n in sizes[1:-1]) and sum(sizes) == 23
+    assert len(sizes) < len([m for m in every if m.token_ids]) == 23
+    assert [len(m.token_ids) for m in whole if m.token_ids] == [1, 22]
+    assert whole[-1].finish_reason == types_pb2.FINISH_REASON_LENGTH and whole[-1].num_generated_tokens == 23
+    # itl_ms stays per token: a chunk's time since the previous chunk over its token count.
+    per_token = [m.itl_ms for m in coalesced[1:] if m.token_ids]
+    assert all(5 < x < 200 for x in per_token)
+
+
 async def test_stats_and_watch(agent):
     _, stub = agent
     await collect(stub, make_request("warm", 128, 30))

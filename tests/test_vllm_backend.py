@@ -103,6 +103,21 @@ async def test_streaming_generation_for_concurrent_requests(idle):
 
 
 @module_loop
+async def test_stream_interval_is_applied_inside_vllm(idle):
+    agent, backend, stub = idle
+    from services.engine.backend import BackendRequest
+
+    # The backend's own stream: vLLM's output processor coalesces (fewer outputs to process, not only fewer
+    # messages), the first token at once and the rest of a 6-token chunk with the finish.
+    br = BackendRequest("si-backend", tuple(range(3, 19)), 25, ignore_eos=True, stream_interval=6)
+    sizes = [len(o.token_ids) async for o in backend.generate(br)]
+    assert sizes[0] == 1 and all(n >= 6 for n in sizes[1:-1]) and sum(sizes) == 25 and len(sizes) <= 6
+    msgs = await collect(stub, request("si-grpc", 25, stream_interval=25))
+    assert [len(m.token_ids) for m in msgs if m.token_ids] == [1, 24]
+    assert msgs[-1].finish_reason == types_pb2.FINISH_REASON_LENGTH and msgs[-1].num_generated_tokens == 25
+
+
+@module_loop
 async def test_cap_limits_running_requests_and_raising_it_starts_the_waiting(idle):
     agent, backend, stub = idle
     assert await backend.set_max_batch_size(4) == 4

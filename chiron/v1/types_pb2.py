@@ -25,25 +25,25 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x63hiron/v1/types.proto\x12\tchiron.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"9\n\x03SLO\x12\x0f\n\x07ttft_ms\x18\x01 \x01(\x03\x12\x0e\n\x06itl_ms\x18\x02 \x01(\x05\x12\x11\n\tslo_class\x18\x03 \x01(\t\"\xa0\x02\n\x10InferenceRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12\x0e\n\x06prompt\x18\x04 \x01(\t\x12\x12\n\nmax_tokens\x18\x05 \x01(\r\x12\x1b\n\x03slo\x18\x06 \x01(\x0b\x32\x0e.chiron.v1.SLO\x12.\n\rrequest_class\x18\x07 \x01(\x0e\x32\x17.chiron.v1.RequestClass\x12\x18\n\x10resume_token_ids\x18\x08 \x03(\x05\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x30\n\x0c\x61rrival_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x91\x01\n\x0fRequestProgress\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x1b\n\x13generated_token_ids\x18\x02 \x03(\x05\x12\x19\n\x11num_prompt_tokens\x18\x03 \x01(\r\x12\x1b\n\x13kv_offloaded_tokens\x18\x04 \x01(\r\x12\x15\n\rkv_offload_ms\x18\x05 \x01(\x01\"\xda\x04\n\x0b\x45ngineStats\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12%\n\x04role\x18\x02 \x01(\x0e\x32\x17.chiron.v1.InstanceRole\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\x12(\n\x04time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bnum_running\x18\x06 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x07 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x08 \x01(\r\x12\x16\n\x0ekv_cache_usage\x18\t \x01(\x01\x12 \n\x18kv_cache_capacity_tokens\x18\n \x01(\x04\x12\x12\n\nitl_p50_ms\x18\x0b \x01(\x01\x12\x12\n\nitl_p95_ms\x18\x0c \x01(\x01\x12\x13\n\x0bttft_p50_ms\x18\r \x01(\x01\x12\x1f\n\x17throughput_tokens_per_s\x18\x0e \x01(\x01\x12\x1d\n\x15num_preemptions_total\x18\x0f \x01(\x04\x12\x1e\n\x16generated_tokens_total\x18\x10 \x01(\x04\x12\x1f\n\x17\x66inished_requests_total\x18\x11 \x01(\x04\x12\x1c\n\x14latency_backpressure\x18\x12 \x01(\x01\x12\x1f\n\x17throughput_backpressure\x18\x13 \x01(\x01\x12\x12\n\nitl_slo_ms\x18\x14 \x01(\r\x12\x1a\n\x12num_batch_requests\x18\x15 \x01(\r\x12\x1c\n\x14\x62\x61tch_finished_total\x18\x16 \x01(\x04*~\n\x0cInstanceRole\x12\x1d\n\x19INSTANCE_ROLE_UNSPECIFIED\x10\x00\x12\x1d\n\x19INSTANCE_ROLE_INTERACTIVE\x10\x01\x12\x17\n\x13INSTANCE_ROLE_MIXED\x10\x02\x12\x17\n\x13INSTANCE_ROLE_BATCH\x10\x03*e\n\x0cRequestClass\x12\x1d\n\x19REQUEST_CLASS_UNSPECIFIED\x10\x00\x12\x1d\n\x19REQUEST_CLASS_INTERACTIVE\x10\x01\x12\x17\n\x13REQUEST_CLASS_BATCH\x10\x02*\x93\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x12\x19\n\x15\x46INISH_REASON_EVICTED\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x63hiron/v1/types.proto\x12\tchiron.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"9\n\x03SLO\x12\x0f\n\x07ttft_ms\x18\x01 \x01(\x03\x12\x0e\n\x06itl_ms\x18\x02 \x01(\x05\x12\x11\n\tslo_class\x18\x03 \x01(\t\"\xb9\x02\n\x10InferenceRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12\x0e\n\x06prompt\x18\x04 \x01(\t\x12\x12\n\nmax_tokens\x18\x05 \x01(\r\x12\x1b\n\x03slo\x18\x06 \x01(\x0b\x32\x0e.chiron.v1.SLO\x12.\n\rrequest_class\x18\x07 \x01(\x0e\x32\x17.chiron.v1.RequestClass\x12\x18\n\x10resume_token_ids\x18\x08 \x03(\x05\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x30\n\x0c\x61rrival_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0fstream_interval\x18\x0b \x01(\r\"\x91\x01\n\x0fRequestProgress\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x1b\n\x13generated_token_ids\x18\x02 \x03(\x05\x12\x19\n\x11num_prompt_tokens\x18\x03 \x01(\r\x12\x1b\n\x13kv_offloaded_tokens\x18\x04 \x01(\r\x12\x15\n\rkv_offload_ms\x18\x05 \x01(\x01\"\xda\x04\n\x0b\x45ngineStats\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12%\n\x04role\x18\x02 \x01(\x0e\x32\x17.chiron.v1.InstanceRole\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\x12(\n\x04time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bnum_running\x18\x06 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x07 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x08 \x01(\r\x12\x16\n\x0ekv_cache_usage\x18\t \x01(\x01\x12 \n\x18kv_cache_capacity_tokens\x18\n \x01(\x04\x12\x12\n\nitl_p50_ms\x18\x0b \x01(\x01\x12\x12\n\nitl_p95_ms\x18\x0c \x01(\x01\x12\x13\n\x0bttft_p50_ms\x18\r \x01(\x01\x12\x1f\n\x17throughput_tokens_per_s\x18\x0e \x01(\x01\x12\x1d\n\x15num_preemptions_total\x18\x0f \x01(\x04\x12\x1e\n\x16generated_tokens_total\x18\x10 \x01(\x04\x12\x1f\n\x17\x66inished_requests_total\x18\x11 \x01(\x04\x12\x1c\n\x14latency_backpressure\x18\x12 \x01(\x01\x12\x1f\n\x17throughput_backpressure\x18\x13 \x01(\x01\x12\x12\n\nitl_slo_ms\x18\x14 \x01(\r\x12\x1a\n\x12num_batch_requests\x18\x15 \x01(\r\x12\x1c\n\x14\x62\x61tch_finished_total\x18\x16 \x01(\x04*~\n\x0cInstanceRole\x12\x1d\n\x19INSTANCE_ROLE_UNSPECIFIED\x10\x00\x12\x1d\n\x19INSTANCE_ROLE_INTERACTIVE\x10\x01\x12\x17\n\x13INSTANCE_ROLE_MIXED\x10\x02\x12\x17\n\x13INSTANCE_ROLE_BATCH\x10\x03*e\n\x0cRequestClass\x12\x1d\n\x19REQUEST_CLASS_UNSPECIFIED\x10\x00\x12\x1d\n\x19REQUEST_CLASS_INTERACTIVE\x10\x01\x12\x17\n\x13REQUEST_CLASS_BATCH\x10\x02*\x93\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x12\x19\n\x15\x46INISH_REASON_EVICTED\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'chiron.v1.types_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_INSTANCEROLE']._serialized_start=1172
-  _globals['_INSTANCEROLE']._serialized_end=1298
-  _globals['_REQUESTCLASS']._serialized_start=1300
-  _globals['_REQUESTCLASS']._serialized_end=1401
-  _globals['_FINISHREASON']._serialized_start=1404
-  _globals['_FINISHREASON']._serialized_end=1551
+  _globals['_INSTANCEROLE']._serialized_start=1197
+  _globals['_INSTANCEROLE']._serialized_end=1323
+  _globals['_REQUESTCLASS']._serialized_start=1325
+  _globals['_REQUESTCLASS']._serialized_end=1426
+  _globals['_FINISHREASON']._serialized_start=1429
+  _globals['_FINISHREASON']._serialized_end=1576
   _globals['_SLO']._serialized_start=69
   _globals['_SLO']._serialized_end=126
   _globals['_INFERENCEREQUEST']._serialized_start=129
-  _globals['_INFERENCEREQUEST']._serialized_end=417
-  _globals['_REQUESTPROGRESS']._serialized_start=420
-  _globals['_REQUESTPROGRESS']._serialized_end=565
-  _globals['_ENGINESTATS']._serialized_start=568
-  _globals['_ENGINESTATS']._serialized_end=1170
+  _globals['_INFERENCEREQUEST']._serialized_end=442
+  _globals['_REQUESTPROGRESS']._serialized_start=445
+  _globals['_REQUESTPROGRESS']._serialized_end=590
+  _globals['_ENGINESTATS']._serialized_start=593
+  _globals['_ENGINESTATS']._serialized_end=1195
 # @@protoc_insertion_point(module_scope)

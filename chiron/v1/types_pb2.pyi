@@ -54,7 +54,7 @@ class SLO(_message.Message):
     def __init__(self, ttft_ms: _Optional[int] = ..., itl_ms: _Optional[int] = ..., slo_class: _Optional[str] = ...) -> None: ...
 
 class InferenceRequest(_message.Message):
-    __slots__ = ("request_id", "model", "prompt_token_ids", "prompt", "max_tokens", "slo", "request_class", "resume_token_ids", "ignore_eos", "arrival_time")
+    __slots__ = ("request_id", "model", "prompt_token_ids", "prompt", "max_tokens", "slo", "request_class", "resume_token_ids", "ignore_eos", "arrival_time", "stream_interval")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -65,6 +65,7 @@ class InferenceRequest(_message.Message):
     RESUME_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     IGNORE_EOS_FIELD_NUMBER: _ClassVar[int]
     ARRIVAL_TIME_FIELD_NUMBER: _ClassVar[int]
+    STREAM_INTERVAL_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -75,7 +76,8 @@ class InferenceRequest(_message.Message):
     resume_token_ids: _containers.RepeatedScalarFieldContainer[int]
     ignore_eos: bool
     arrival_time: _timestamp_pb2.Timestamp
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., prompt: _Optional[str] = ..., max_tokens: _Optional[int] = ..., slo: _Optional[_Union[SLO, _Mapping]] = ..., request_class: _Optional[_Union[RequestClass, str]] = ..., resume_token_ids: _Optional[_Iterable[int]] = ..., ignore_eos: _Optional[bool] = ..., arrival_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    stream_interval: int
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., prompt: _Optional[str] = ..., max_tokens: _Optional[int] = ..., slo: _Optional[_Union[SLO, _Mapping]] = ..., request_class: _Optional[_Union[RequestClass, str]] = ..., resume_token_ids: _Optional[_Iterable[int]] = ..., ignore_eos: _Optional[bool] = ..., arrival_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., stream_interval: _Optional[int] = ...) -> None: ...
 
 class RequestProgress(_message.Message):
     __slots__ = ("request_id", "generated_token_ids", "num_prompt_tokens", "kv_offloaded_tokens", "kv_offload_ms")

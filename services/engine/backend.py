@@ -42,6 +42,7 @@ class BackendRequest:
     host_kv_tokens: int = 0  # context tokens whose KV cache the request brings in host memory
     ignore_eos: bool = False  # keep generating past the end-of-sequence token (benchmarks, tests)
     priority: bool = False  # interactive work on a MIXED instance: waits ahead of batch work (simulated backend)
+    stream_interval: int = 1  # output tokens per streamed chunk after the first (vLLM coalesces in its engine)
 
 
 @dataclass(frozen=True)

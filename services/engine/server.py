@@ -235,7 +235,8 @@ class EngineAgent(engine_pb2_grpc.EngineServicer):
         interactive = req.request_class != types_pb2.REQUEST_CLASS_BATCH
         br = BackendRequest(rid, tuple(req.prompt_token_ids), int(req.max_tokens), tuple(req.resume_token_ids),
                             ignore_eos=req.ignore_eos,
-                            priority=interactive and self.config.role == types_pb2.INSTANCE_ROLE_MIXED)
+                            priority=interactive and self.config.role == types_pb2.INSTANCE_ROLE_MIXED,
+                            stream_interval=max(1, int(req.stream_interval)))
         self.backend.validate(br)
         return br
 
@@ -278,20 +279,34 @@ class EngineAgent(engine_pb2_grpc.EngineServicer):
             self.batch_worker.wake()
 
     async def _stream(self, br: BackendRequest, context: grpc.aio.ServicerContext):
+        """The backend's outputs as ``GenerateResponse`` chunks: the first token at once, then chunks of at least
+        ``br.stream_interval`` tokens (a backend that does not coalesce itself is coalesced here), and whatever is
+        left with the finish. ``itl_ms`` is the chunk's time since the previous chunk per token."""
         prev_s: float | None = None
         start_s = self.backend.now()
         n_prompt = len(br.prompt_token_ids)
+        interval = br.stream_interval
+        pending: list[int] = []
         try:
             async for out in self.backend.generate(br):
+                if interval > 1 and out.finish_reason is None and prev_s is not None:
+                    pending.extend(out.token_ids)
+                    if len(pending) < interval:
+                        continue
+                    token_ids, pending = pending, []
+                elif pending:
+                    token_ids, pending = [*pending, *out.token_ids], []
+                else:
+                    token_ids = list(out.token_ids)
                 resp = engine_pb2.GenerateResponse(
-                    request_id=br.request_id, token_ids=list(out.token_ids), num_generated_tokens=out.num_generated,
+                    request_id=br.request_id, token_ids=token_ids, num_generated_tokens=out.num_generated,
                     finish_reason=FINISH.get(out.finish_reason or "", types_pb2.FINISH_REASON_UNSPECIFIED),
                     emitted_time=timestamp(_wall(out.time_s, self.backend)), num_prompt_tokens=n_prompt)
-                if out.token_ids:
+                if token_ids:
                     if prev_s is None:
                         resp.ttft_ms = (out.time_s - start_s) * 1e3
                     else:
-                        resp.itl_ms = (out.time_s - prev_s) * 1e3
+                        resp.itl_ms = (out.time_s - prev_s) * 1e3 / len(token_ids)
                     prev_s = out.time_s
                 yield resp
         except RequestRejected as e:

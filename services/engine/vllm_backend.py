@@ -258,7 +258,7 @@ class VllmBackend(Backend):
         self._active[rid] = st
         params = SamplingParams(max_tokens=request.max_tokens - len(request.resume_token_ids),
                                 ignore_eos=request.ignore_eos, detokenize=False,
-                                output_kind=RequestOutputKind.DELTA)
+                                output_kind=RequestOutputKind.DELTA, stream_interval=request.stream_interval)
         prompt = TokensPrompt(prompt_token_ids=[*request.prompt_token_ids, *request.resume_token_ids])
         try:
             async for out in self.llm.generate(prompt, params, request_id=rid):

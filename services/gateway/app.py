@@ -310,10 +310,14 @@ async def _generate(request: Request, endpoint: str) -> Response:
     rid = uuid.uuid4().hex
     chat = endpoint == common.CHAT_COMPLETIONS
     shape = common.Shape(chat, f"{'chatcmpl' if chat else 'cmpl'}-{rid}", req.model, int(time.time()))
+    max_tokens = common.max_tokens_of(req, cfg.default_max_tokens)
+    # A non-streaming answer needs the first token (TTFT) and the rest at the finish: one message each from the
+    # engine through the router (the stream interval), not one per token.
     ir = types_pb2.InferenceRequest(
-        request_id=rid, model=req.model, prompt_token_ids=ids, max_tokens=common.max_tokens_of(req, cfg.default_max_tokens),
+        request_id=rid, model=req.model, prompt_token_ids=ids, max_tokens=max_tokens,
         slo=types_pb2.SLO(ttft_ms=ttft_ms, itl_ms=itl_ms),
-        request_class=types_pb2.REQUEST_CLASS_BATCH if slo_cls.queued else types_pb2.REQUEST_CLASS_INTERACTIVE)
+        request_class=types_pb2.REQUEST_CLASS_BATCH if slo_cls.queued else types_pb2.REQUEST_CLASS_INTERACTIVE,
+        stream_interval=0 if req.stream else max_tokens)
     headers = {"X-Request-Id": rid}
     if slo_cls.queued:
         return JSONResponse(await _queued(request, ir, shape), headers=headers)
