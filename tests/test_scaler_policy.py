@@ -101,6 +101,26 @@ def test_instance_concurrency_counts_what_a_saturated_instance_runs():
     assert d.desired("interactive") == 2 and d.desired("mixed") == math.ceil(2.5 * (1 + d.theta)) - 2 >= 1
 
 
+def test_a_saturated_count_is_forgotten_once_the_cap_grows():
+    # A fresh instance at its initial cap of 16 runs 2 requests with 10 waiting (its 16-token budget binds).
+    st = PolicyState()
+    ramping = [InstanceView("i0", "mixed", max_batch_size=16, num_running=2, num_waiting=10)]
+    st, d = decide(CFG, st, ScalerInputs(0.0, ramping, ArrivalStats(1.0, 1.0, 20.0)))
+    assert d.inputs["instance_concurrency"] == 2
+    # Same cap, nothing waiting a moment later: the count still stands (the cap's worth is not free room).
+    st, d = decide(CFG, st, ScalerInputs(5.0, [InstanceView("i0", "mixed", max_batch_size=16, num_running=2)],
+                                          ArrivalStats(1.0, 1.0, 20.0)))
+    assert d.inputs["instance_concurrency"] == 2
+    # An ordinary move of the cap (within 2x): the count still stands.
+    st, d = decide(CFG, st, ScalerInputs(7.0, [InstanceView("i0", "mixed", max_batch_size=24, num_running=2)],
+                                          ArrivalStats(1.0, 1.0, 20.0)))
+    assert d.inputs["instance_concurrency"] == 2
+    # The local autoscaler has grown the cap to 400 and nothing waits: the count was a ramp-up, not a capacity.
+    st, d = decide(CFG, st, ScalerInputs(10.0, [InstanceView("i0", "mixed", max_batch_size=400, num_running=30)],
+                                          ArrivalStats(1.0, 1.0, 20.0)))
+    assert d.inputs["instance_concurrency"] == 400
+
+
 def test_idle_mixed_capacity_is_lent_to_batch_work():
     groups = [GroupView("m/1", 100, wait_p95_s=400.0, deadline_s=200.0)]  # ratio 2
     # Two idle MIXED instances lend 2 instances' worth: need 2·2·1.1 = 4.4, minus 2 lent → 3 BATCH.
