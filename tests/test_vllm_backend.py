@@ -23,7 +23,7 @@ import grpc
 import pytest
 import pytest_asyncio
 
-from chiron.v1 import engine_pb2, engine_pb2_grpc, types_pb2
+from chiron.v1 import engine_pb2, engine_pb2_grpc, queue_pb2, queue_pb2_grpc, types_pb2
 from services.engine.local_autoscaler import LocalAutoscalerConfig
 from services.engine.server import AgentConfig, EngineAgent, serve
 from tests.conftest import eventually
@@ -115,6 +115,50 @@ async def test_stream_interval_is_applied_inside_vllm(idle):
     msgs = await collect(stub, request("si-grpc", 25, stream_interval=25))
     assert [len(m.token_ids) for m in msgs if m.token_ids] == [1, 24]
     assert msgs[-1].finish_reason == types_pb2.FINISH_REASON_LENGTH and msgs[-1].num_generated_tokens == 25
+
+
+@module_loop
+async def test_a_batch_worker_serves_queued_requests_on_vllm(idle, tmp_path):
+    """The batch worker's path on a real engine: leases from a real queue, generates in chunks (its stream
+    interval), acks every token."""
+    agent, backend, stub = idle
+    from services.queue.server import serve as serve_queue
+    from services.queue.store import QueueConfig
+
+    model = backend.model_name
+    qsrv = await serve_queue(QueueConfig(db_path=str(tmp_path / "queue.db"), models=(model,), lease_timeout_s=30.0),
+                             port=0)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{qsrv.port}")
+    qstub = queue_pb2_grpc.QueueStub(channel)
+    sizes = {f"vb{i}": 17 + 5 * i for i in range(6)}
+    for rid, n in sizes.items():
+        await qstub.Enqueue(queue_pb2.EnqueueRequest(request=types_pb2.InferenceRequest(
+            request_id=rid, model=model, prompt_token_ids=[(5 * i + 7) % 1000 + 3 for i in range(16)], max_tokens=n,
+            slo=types_pb2.SLO(ttft_ms=3_600_000))))
+    # A BATCH agent on the same engine, leasing through its worker (the engine is already running).
+    batch_agent = EngineAgent(backend, AgentConfig(
+        instance_id="vllm-batch", role=types_pb2.INSTANCE_ROLE_BATCH, autoscale=False,
+        autoscaler=LocalAutoscalerConfig(itl_slo_ms=1000.0, initial_batch_size=MAX_SEQS, max_batch_size=MAX_SEQS),
+        queue_address=f"127.0.0.1:{qsrv.port}", queue_poll_interval_s=0.05))
+    await batch_agent.batch_worker.start()
+
+    async def all_done() -> bool:
+        for rid in sizes:
+            r = await qstub.GetRequest(queue_pb2.GetRequestRequest(request_id=rid))
+            if r.state != queue_pb2.QUEUED_REQUEST_STATE_DONE:
+                return False
+        return True
+    try:
+        await eventually(all_done, timeout_s=60)
+        for rid, n in sizes.items():
+            r = await qstub.GetRequest(queue_pb2.GetRequestRequest(request_id=rid))
+            assert len(r.output_token_ids) == n == r.num_generated_tokens
+        assert batch_agent.batch_worker.acked == len(sizes)
+    finally:
+        await batch_agent.drain_batch()
+        backend.remove_step_listener(batch_agent._on_step)
+        await channel.close()
+        await qsrv.stop()
 
 
 @module_loop

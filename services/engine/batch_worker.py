@@ -53,6 +53,12 @@ _ROLES = {"batch": types_pb2.INSTANCE_ROLE_BATCH, "mixed": types_pb2.INSTANCE_RO
 # Answers that retrying cannot change: the lease is gone (expired and re-queued, cancelled, done) or the call is bad.
 _FINAL = (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT)
 _MIN_BACKOFF_S = 0.05
+# Output tokens per chunk of a batch request's stream (BackendRequest.stream_interval; vLLM coalesces in its output
+# processor). The worker needs the output, not each token as it comes: on vLLM's CPU build 32 streams at interval 8
+# ran at 5053 tokens/s with 26 us of frontend CPU per token, against 4584 and 35 at 1 (chiron bench engine-overhead,
+# direct path). An eviction keeps only the tokens already handed back, so up to 7 are generated again elsewhere; the
+# first token still comes at once (batch TTFT).
+_BATCH_STREAM_INTERVAL = 8
 
 
 def lease_room(max_batch_size: int, num_running: int, num_waiting: int, prefetch: int = 8) -> int:
@@ -354,7 +360,7 @@ class BatchWorker:
         if job.evict_reason is not None:  # evicted before it reached the backend
             return "evicted"
         br = BackendRequest(r.request_id, tuple(r.prompt_token_ids), int(r.max_tokens), tuple(r.resume_token_ids),
-                            ignore_eos=r.ignore_eos)
+                            ignore_eos=r.ignore_eos, stream_interval=_BATCH_STREAM_INTERVAL)
         job.submitted = True
         try:
             async for out in self.backend.generate(br):
