@@ -820,14 +820,53 @@ def demo_engine(trace_name, start_s, duration_s, speedup, itl_slo_ms, json_path)
 # ----------------------------------------------------------------------------------------------
 # chiron bench
 # ----------------------------------------------------------------------------------------------
-def _sim_report_table(reports: list[dict], title: str) -> Table:
+def _simulate_seeds(run_policy, jobs: list[tuple], workers: int) -> list[dict]:
+    """``chiron simulate --seeds``: run each (policy, seed, workload, sim config, params) job, ``workers`` at a
+    time in processes, with a progress bar; reports in job order."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    with Progress(TextColumn("simulating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as bar:
+        task = bar.add_task("runs", total=len(jobs))
+        with ProcessPoolExecutor(max(1, workers)) as ex:
+            futures = [ex.submit(run_policy, name, wl, sim, params, 1) for name, _s, wl, sim, params in jobs]
+            reports = []
+            for f in futures:
+                try:
+                    reports.append(f.result())
+                except ValueError as e:
+                    raise click.BadParameter(str(e)) from e
+                bar.advance(task)
+    return reports
+
+
+def _seed_summary_table(summary: list[dict], title: str) -> Table:
+    table = Table(title=escape(title))
+    for col in ("policy", "runs", "SLO att.", "interactive att.", "batch att.", "GPU-hours", "× lower bound"):
+        table.add_column(escape(col), justify="right")
+
+    def cell(row: dict, name: str, digits: int) -> str:
+        mean = row[f"{name}_mean"]
+        if math.isnan(mean):
+            return "—"
+        return escape(f"{_fmt(mean, digits)} [{_fmt(row[f'{name}_min'], digits)}–{_fmt(row[f'{name}_max'], digits)}]")
+
+    for row in summary:
+        table.add_row(row["policy"], str(row["runs"]), cell(row, "slo_attainment", 4),
+                      cell(row, "interactive_slo_attainment", 4), cell(row, "batch_slo_attainment", 4),
+                      cell(row, "gpu_hours", 2), cell(row, "gpu_seconds_over_lower_bound", 3))
+    return table
+
+
+def _sim_report_table(reports: list[dict], title: str, with_seed: bool = False) -> Table:
     table = Table(title=title)
-    for col in ("policy", "SLO att.", "interactive att.", "batch att.", "rejected", "TTFT p99", "ITL p99",
-                "GPU-hours", "× lower bound", "max inst.", "wall"):
+    for col in ("policy", *(("seed",) if with_seed else ()), "SLO att.", "interactive att.", "batch att.", "rejected",
+                "TTFT p99", "ITL p99", "GPU-hours", "× lower bound", "max inst.", "wall"):
         table.add_column(escape(col), justify="right")
     for r in reports:
         i, b = r["interactive"], r["batch"]
-        table.add_row(r["policy"], f"{r['slo_attainment']:.4f}", _fmt(i["slo_attainment"], 4), _fmt(b["slo_attainment"], 4),
+        seed_col = (str(r["sim_config"]["seed"]),) if with_seed else ()
+        table.add_row(r["policy"], *seed_col, f"{r['slo_attainment']:.4f}", _fmt(i["slo_attainment"], 4), _fmt(b["slo_attainment"], 4),
                       str(i["rejected"]), f"{_fmt(i['ttft_p99_ms'], 0)} ms", f"{_fmt(i['itl_p99_ms'])} ms",
                       f"{r['gpu_hours']:.2f}", f"{r['gpu_seconds_over_lower_bound']:.2f}", str(r["max_instances"]),
                       f"{r['wall_seconds']:.1f} s")
@@ -858,25 +897,32 @@ def _sim_report_table(reports: list[dict], title: str) -> Table:
 @click.option("--max-batch-size", type=int, default=None, help="static / llumnix / baselines: engine max batch size.")
 @click.option("--gpu-budget", default=50, show_default=True, help="Most GPUs at once (the paper caps at 50).")
 @click.option("--model-load-s", default=30.0, show_default=True, help="Start → serving time of a new instance [s].")
-@click.option("--seed", default=0, show_default=True)
-@click.option("--workers", default=2, show_default=True, help="Processes for llumnix-tuned's sweep.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the workload's draw (arrivals, token lengths) "
+              "and of the simulator.")
+@click.option("--seeds", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Run seeds SEED … SEED+N−1 and print each run and the mean and range per policy (one draw of a "
+                   "workload says little about a policy whose cost moves from draw to draw).")
+@click.option("--workers", default=2, show_default=True,
+              help="Processes for llumnix-tuned's sweep, or for the runs of --seeds.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the report(s) here.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               help="PNG of instances, queue, batch size and SLO attainment over time (one policy; with several, "
-                   "POLICY is inserted before the suffix).")
+                   "POLICY is inserted before the suffix; with --seeds, the first seed's run).")
 def simulate(policy, workload, trace_file, rate_per_s, cv, duration_s, batch_requests, batch_ttft_s, batch_source,
-             interactive_ttft_ms, interactive_itl_ms, instances, max_batch_size, gpu_budget, model_load_s, seed, workers,
-             json_path, plot_path) -> None:
+             interactive_ttft_ms, interactive_itl_ms, instances, max_batch_size, gpu_budget, model_load_s, seed, seeds,
+             workers, json_path, plot_path) -> None:
     """Simulate a policy on a workload at fleet scale in virtual time (the services' own decision code).
 
     Prints SLO attainment, GPU-hours against the offline lower bound and more; --json writes the report
-    (DESIGN.md §4 schema plus time series), --plot a PNG. Example:
+    (DESIGN.md §4 schema plus time series; with several policies or seeds ``{"reports": [...]}``, and with
+    --seeds a ``seed_summary`` per policy), --plot a PNG. Example:
 
         chiron simulate --policy chiron,llumnix --workload mixed --json out/mixed.json --plot out/mixed.png
+        chiron simulate --policy chiron --workload mixed --seeds 10
     """
     from simulator.fleet import SimConfig
     from simulator.policies import POLICIES
-    from simulator.report import plot_report, run_policy
+    from simulator.report import plot_report, run_policy, seed_summary
     from simulator.workloads import make_workload
 
     names = [p.strip() for p in policy.split(",") if p.strip()]
@@ -884,39 +930,59 @@ def simulate(policy, workload, trace_file, rate_per_s, cv, duration_s, batch_req
     if bad or not names:
         raise click.BadParameter(f"unknown policy {', '.join(bad) or '(none)'}; valid policies: {', '.join(POLICIES)}",
                                  param_hint="--policy")
+    runs = []  # (seed, workload, sim config), all built (and so validated) before anything runs
     try:
-        wl = make_workload("trace" if trace_file else workload, rate_per_s=rate_per_s, cv=cv, duration_s=duration_s,
-                           batch_requests=batch_requests, batch_ttft_s=batch_ttft_s, batch_source=batch_source,
-                           trace_file=trace_file, interactive_ttft_ms=interactive_ttft_ms,
-                           interactive_itl_ms=interactive_itl_ms, seed=seed)
-        sim = SimConfig(model_load_time_s=model_load_s, gpu_budget=gpu_budget, seed=seed,
-                        **({"initial_instances": instances} if instances is not None else {})).validate()
+        for s in range(seed, seed + seeds):
+            wl = make_workload("trace" if trace_file else workload, rate_per_s=rate_per_s, cv=cv, duration_s=duration_s,
+                               batch_requests=batch_requests, batch_ttft_s=batch_ttft_s, batch_source=batch_source,
+                               trace_file=trace_file, interactive_ttft_ms=interactive_ttft_ms,
+                               interactive_itl_ms=interactive_itl_ms, seed=s)
+            sim = SimConfig(model_load_time_s=model_load_s, gpu_budget=gpu_budget, seed=s,
+                            **({"initial_instances": instances} if instances is not None else {})).validate()
+            runs.append((s, wl, sim))
     except (ValueError, FileNotFoundError) as e:
         raise click.BadParameter(str(e)) from e
+    wl = runs[0][1]
     console.print(f"workload [bold]{wl.name}[/]: {wl.description} — {len(wl.interactive)} interactive, "
-                  f"{len(wl.batch)} batch requests over {wl.duration_s:.0f} s")
-    reports = []
-    for name in names:
+                  f"{len(wl.batch)} batch requests over {wl.duration_s:.0f} s"
+                  + (f"; seeds {seed}–{seed + seeds - 1}" if seeds > 1 else ""))
+
+    def params_for(name: str) -> dict:
         params = {}
         if name == "static" and instances is not None:
             params["instances"] = instances
         if max_batch_size is not None and name not in ("chiron", "llumnix-tuned"):
             params["max_batch_size"] = max_batch_size
-        with Progress(TextColumn(f"{name}"), BarColumn(), TextColumn("{task.fields[msg]}"), TimeElapsedColumn(),
-                      console=console, transient=True) as bar:
-            task = bar.add_task(name, total=None, msg="")
-            try:
-                rep = run_policy(name, wl, sim, params, workers=workers,
-                                 progress=lambda m, t=task: bar.update(t, msg=m))
-            except ValueError as e:
-                raise click.BadParameter(str(e)) from e
-        reports.append(rep)
-        if plot_path:
+        return params
+
+    reports = []
+    if seeds == 1:
+        for name in names:
+            with Progress(TextColumn(f"{name}"), BarColumn(), TextColumn("{task.fields[msg]}"), TimeElapsedColumn(),
+                          console=console, transient=True) as bar:
+                task = bar.add_task(name, total=None, msg="")
+                try:
+                    rep = run_policy(name, wl, runs[0][2], params_for(name), workers=workers,
+                                     progress=lambda m, t=task: bar.update(t, msg=m))
+                except ValueError as e:
+                    raise click.BadParameter(str(e)) from e
+            reports.append(rep)
+    else:
+        reports = _simulate_seeds(run_policy, [(name, s, w, sim, params_for(name)) for name in names
+                                               for s, w, sim in runs], workers)
+    if plot_path:
+        for name in names:
+            rep = next(r for r in reports if r["policy"] == name)
             path = plot_path if len(names) == 1 else str(Path(plot_path).with_name(f"{Path(plot_path).stem}-{name}.png"))
             plot_report(rep, path)
             console.print(f"plot: {path}")
-    console.print(_sim_report_table(reports, f"Simulated {wl.name}: lower bound "
-                                              f"{reports[0]['gpu_seconds_lower_bound'] / 3600:.2f} GPU-hours"))
+    title = f"Simulated {wl.name}: lower bound {reports[0]['gpu_seconds_lower_bound'] / 3600:.2f} GPU-hours"
+    summary = seed_summary(reports) if seeds > 1 else None
+    if summary:
+        title = f"Simulated {wl.name}, seeds {seed}–{seed + seeds - 1}"
+    console.print(_sim_report_table(reports, title, with_seed=seeds > 1))
+    if summary:
+        console.print(_seed_summary_table(summary, f"{wl.name}: mean [min–max] over {seeds} seeds"))
     for r in reports:
         if r.get("sweep"):
             best = r["policy_params"]
@@ -927,8 +993,10 @@ def simulate(policy, workload, trace_file, rate_per_s, cv, duration_s, batch_req
                           f"{r['lost_requests']} lost[/]")
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(reports[0] if len(reports) == 1 else {"reports": reports}, indent=1,
-                                              default=float))
+        doc = reports[0] if len(reports) == 1 else {"reports": reports}
+        if summary:
+            doc["seed_summary"] = summary
+        Path(json_path).write_text(json.dumps(doc, indent=1, default=float))
         console.print(f"report: {json_path}")
 
 

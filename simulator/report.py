@@ -1,10 +1,11 @@
 """Reports of a simulation (the schema of ``../shared/DESIGN.md`` §4, shared with ``chiron replay``), plots,
-and :func:`run_policy`, which runs one policy on one workload (``llumnix-tuned``: a sweep, the best kept)."""
+:func:`run_policy`, which runs one policy on one workload (``llumnix-tuned``: a sweep, the best kept), and
+:func:`seed_summary`, which sums up runs that differ only in their seed."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from typing import TYPE_CHECKING
 
@@ -183,3 +184,35 @@ def run_policy(policy: str, workload: Workload, sim: SimConfig, params: dict | N
                       "slo_attainment": r["slo_attainment"], "gpu_seconds": r["gpu_seconds"]} for r in runs]
     best["wall_seconds"] = sum(r["wall_seconds"] for r in runs)
     return best
+
+
+# Metrics :func:`seed_summary` reports: name → how to read it from a report.
+SEED_METRICS: dict[str, Callable[[dict], float]] = {
+    "gpu_hours": lambda r: r["gpu_hours"],
+    "gpu_seconds_over_lower_bound": lambda r: r["gpu_seconds_over_lower_bound"],
+    "slo_attainment": lambda r: r["slo_attainment"],
+    "interactive_slo_attainment": lambda r: r["interactive"]["slo_attainment"],
+    "batch_slo_attainment": lambda r: r["batch"]["slo_attainment"],
+}
+
+
+def seed_summary(reports: Sequence[dict]) -> list[dict]:
+    """Per policy (in first-seen order), over reports of runs that differ only in their seed: ``seeds`` (the
+    ``sim_config`` seed of each run, in order) and, for each of :data:`SEED_METRICS`, ``<metric>_mean``,
+    ``_min`` and ``_max`` (NaN where a run has no such requests, e.g. batch attainment without batch work;
+    NaNs are left out of the mean). One seed is one draw of the arrivals and token lengths: a policy whose
+    cost moves by several percent from draw to draw needs several to be judged."""
+    by: dict[str, list[dict]] = {}
+    for r in reports:
+        by.setdefault(r["policy"], []).append(r)
+    out = []
+    for policy, runs in by.items():
+        row: dict = {"policy": policy, "runs": len(runs), "seeds": [r["sim_config"]["seed"] for r in runs]}
+        for name, get in SEED_METRICS.items():
+            vals = np.array([get(r) for r in runs], dtype=float)
+            ok = vals[np.isfinite(vals)]
+            row[f"{name}_mean"] = float(ok.mean()) if ok.size else math.nan
+            row[f"{name}_min"] = float(ok.min()) if ok.size else math.nan
+            row[f"{name}_max"] = float(ok.max()) if ok.size else math.nan
+        out.append(row)
+    return out

@@ -24,7 +24,7 @@ from services.global_scaler.policy import PolicyConfig, RoleLimits
 from services.queue.store import RequestState
 from simulator.fleet import Fleet, SimConfig
 from simulator.policies import LLUMNIX_SWEEP, POLICIES, ChironPolicy, LlumnixPolicy, make_policy
-from simulator.report import run_policy
+from simulator.report import run_policy, seed_summary
 from simulator.workloads import Workload, gpu_seconds_lower_bound, make_workload
 
 SECTION4_KEYS = ("policy", "trace", "requests", "interactive", "batch", "slo_attainment", "gpu_seconds",
@@ -361,6 +361,46 @@ def test_cli_simulate_two_policies_writes_json_and_plots(tmp_path):
         assert out.exists(), f"missing {out}"
         assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not png.exists()
+
+
+def test_cli_simulate_seeds_runs_each_seed_and_summarises(tmp_path):
+    json_path = tmp_path / "seeds.json"
+    res = _sim_cli("--policy", "static", "--workload", "poisson", "--rate", "2", "--duration-s", "30",
+                   "--model-load-s", "10", "--seed", "5", "--seeds", "3", "--workers", "1", "--json", str(json_path))
+    assert res.exit_code == 0, res.output
+    data = json.loads(json_path.read_text())
+    runs = data["reports"]
+    assert [r["sim_config"]["seed"] for r in runs] == [5, 6, 7]
+    # Each seed is its own draw of the arrivals (not one run three times).
+    assert len({r["interactive"]["count"] for r in runs} | {r["interactive"]["ttft_p99_ms"] for r in runs}) > 1
+    (row,) = data["seed_summary"]
+    assert row["policy"] == "static" and row["runs"] == 3 and row["seeds"] == [5, 6, 7]
+    hours = [r["gpu_hours"] for r in runs]
+    assert row["gpu_hours_mean"] == pytest.approx(np.mean(hours))
+    assert row["gpu_hours_min"] == min(hours) and row["gpu_hours_max"] == max(hours)
+    att = [r["interactive"]["slo_attainment"] for r in runs]
+    assert row["interactive_slo_attainment_min"] == min(att)
+    assert math.isnan(row["batch_slo_attainment_mean"])  # no batch work: no batch attainment to average
+    assert "mean [min–max] over 3 seeds" in res.output
+
+
+def test_seed_summary_groups_by_policy_and_skips_missing_values():
+    def rep(policy, seed, hours, batch_att):
+        return {"policy": policy, "sim_config": {"seed": seed}, "gpu_hours": hours, "gpu_seconds_over_lower_bound": hours,
+                "slo_attainment": 1.0, "interactive": {"slo_attainment": 0.99}, "batch": {"slo_attainment": batch_att}}
+
+    rows = seed_summary([rep("a", 0, 1.0, 1.0), rep("b", 0, 5.0, math.nan), rep("a", 1, 3.0, math.nan)])
+    assert [r["policy"] for r in rows] == ["a", "b"]
+    a, b = rows
+    assert a["runs"] == 2 and a["seeds"] == [0, 1]
+    assert (a["gpu_hours_mean"], a["gpu_hours_min"], a["gpu_hours_max"]) == (2.0, 1.0, 3.0)
+    assert a["batch_slo_attainment_mean"] == 1.0  # the NaN run is left out, not averaged in
+    assert math.isnan(b["batch_slo_attainment_mean"])
+
+
+def test_cli_simulate_rejects_zero_seeds(no_run):
+    res = _sim_cli("--policy", "static", "--workload", "poisson", "--rate", "2", "--duration-s", "5", "--seeds", "0")
+    assert res.exit_code != 0 and "--seeds" in res.output
 
 
 # ---- 9. Llumnix: freeness dispatch and avg_load scaling ----------------------------------------------------------
