@@ -821,15 +821,15 @@ def demo_engine(trace_name, start_s, duration_s, speedup, itl_slo_ms, json_path)
 # chiron bench
 # ----------------------------------------------------------------------------------------------
 def _simulate_seeds(run_policy, jobs: list[tuple], workers: int) -> list[dict]:
-    """``chiron simulate --seeds``: run each (policy, seed, workload, sim config, params) job, ``workers`` at a
-    time in processes, with a progress bar; reports in job order."""
+    """``chiron simulate --seeds``: run each (policy, workload, sim config, params) job, ``workers`` at a time in
+    processes, with a progress bar; reports in job order."""
     from concurrent.futures import ProcessPoolExecutor
 
     with Progress(TextColumn("simulating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as bar:
         task = bar.add_task("runs", total=len(jobs))
         with ProcessPoolExecutor(max(1, workers)) as ex:
-            futures = [ex.submit(run_policy, name, wl, sim, params, 1) for name, _s, wl, sim, params in jobs]
+            futures = [ex.submit(run_policy, name, wl, sim, params, 1) for name, wl, sim, params in jobs]
             reports = []
             for f in futures:
                 try:
@@ -968,8 +968,8 @@ def simulate(policy, workload, trace_file, rate_per_s, cv, duration_s, batch_req
                     raise click.BadParameter(str(e)) from e
             reports.append(rep)
     else:
-        reports = _simulate_seeds(run_policy, [(name, s, w, sim, params_for(name)) for name in names
-                                               for s, w, sim in runs], workers)
+        reports = _simulate_seeds(run_policy, [(name, w, sim, params_for(name)) for name in names
+                                               for _s, w, sim in runs], workers)
     if plot_path:
         for name in names:
             rep = next(r for r in reports if r["policy"] == name)
