@@ -352,7 +352,7 @@ class Fleet:
         self.queued_batch += 1
 
     def _make_room(self, inst: SimInstance, n: int) -> None:
-        need = eviction_need(n, inst.max_batch_size, inst.num_running, inst.num_waiting - n)
+        need = eviction_need(n, inst.max_batch_size, inst.num_running, inst.num_waiting - n, inst.interactive_waiting - n)
         if need <= 0:
             return
         # Only requests still in the engine: one the in-flight iteration finishes is acked when it ends.

@@ -3,6 +3,7 @@ real engine agents with the simulated backend, each leasing through its :class:`
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import time
 
@@ -11,7 +12,7 @@ import pytest
 
 from chiron.v1 import engine_pb2, engine_pb2_grpc, queue_pb2, queue_pb2_grpc, types_pb2
 from services.engine.backend import SimulatedBackend
-from services.engine.batch_worker import DRAINING, EVICTED_FOR_INTERACTIVE, BatchWorker
+from services.engine.batch_worker import DRAINING, EVICTED_FOR_INTERACTIVE, INTERACTIVE_QUEUE, BatchWorker, eviction_need
 from services.engine.core import EngineConfig
 from services.engine.local_autoscaler import LocalAutoscalerConfig
 from services.engine.server import AgentConfig, EngineAgent, RunningServer, serve
@@ -180,6 +181,49 @@ async def test_mixed_agent_evicts_batch_work_for_an_interactive_request(queue):
         assert 4 * 800 + 20 <= agent.backend.snapshot().generated_tokens_total <= 4 * 800 + 20 + 1
         assert (worker.leased, worker.acked, worker.returned, worker.lost) == (5, 4, 1, 0)
         assert agent.interactive_waiting == 0
+    finally:
+        await channel.close()
+        await srv.stop(grace_s=1.0)
+
+
+def test_eviction_need_at_the_cap_or_behind_an_interactive_queue():
+    assert eviction_need(1, 8, 8, 0) == 1  # at the cap
+    assert eviction_need(3, 8, 6, 0) == 1  # only what the cap needs
+    assert eviction_need(1, 16, 4, 2) <= 0  # room below the cap, no queue
+    assert eviction_need(1, 16, 4, 2, interactive_waiting=INTERACTIVE_QUEUE - 1) <= 0  # a moment, not a queue
+    assert eviction_need(2, 16, 4, 6, interactive_waiting=INTERACTIVE_QUEUE) == 2  # a queue binds below the cap
+
+
+async def test_mixed_agent_evicts_batch_work_when_interactive_requests_queue_below_its_cap(queue):
+    """Cap 16, four long batch requests running: the tied token budget (16 tokens per iteration) prefills the
+    interactive prompts 12 tokens at a time, so six interactive requests sent together queue well below the cap.
+    Each one that arrives behind a queue of four evicts a batch request (the cap alone never would), and the
+    evicted work resumes from its progress."""
+    qsrv, qstub = queue
+    srv = await start_engine(qsrv.port, MIXED, speedup=10.0, batch=16, instance_id="mixed-queue")
+    agent, worker = srv.agent, srv.agent.batch_worker
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}")
+    engine = engine_pb2_grpc.EngineStub(channel)
+    rids = [f"q{i}" for i in range(4)]
+    try:
+        for rid in rids:
+            await qstub.Enqueue(batch_request(rid, 800))
+
+        async def serving_batch() -> bool:
+            return agent.backend.snapshot().num_running == 4 and all(len(j.tokens) >= 5 for j in worker._jobs.values())
+        await eventually(serving_batch, timeout_s=5, interval_s=0.01)
+
+        async def chat(i: int) -> int:
+            msgs = [m async for m in engine.Generate(engine_pb2.GenerateRequest(request=types_pb2.InferenceRequest(
+                request_id=f"chat{i}", prompt_token_ids=list(range(1, 1025)), max_tokens=5,
+                request_class=types_pb2.REQUEST_CLASS_INTERACTIVE)))]
+            return sum(len(m.token_ids) for m in msgs)
+        assert await asyncio.gather(*(chat(i) for i in range(6))) == [5] * 6
+        assert worker.evicted >= 1  # 4 batch + 6 interactive never reach the cap of 16
+        assert agent.backend.snapshot().max_batch_size == 16
+        await eventually(lambda: all_in_state(qstub, rids, DONE), timeout_s=20)
+        for rid in rids:
+            assert len((await get(qstub, rid)).output_token_ids) == 800  # resumed, nothing lost
     finally:
         await channel.close()
         await srv.stop(grace_s=1.0)

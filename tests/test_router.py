@@ -152,6 +152,24 @@ def test_classification_and_admission_are_pure():
     assert choose_instance(full, MODEL, 10_000).instance_id == "a"  # a relaxed SLO still fits
 
 
+def test_a_request_that_would_queue_goes_to_a_mixed_instance_that_lends_nothing():
+    # INTERACTIVE first while a request starts there at once; 6 interactive requests queue there (not bound: fewer
+    # than a quarter of its 100 running), so an idle MIXED instance takes the next one, but not one busy with batch
+    # work (its idle capacity is lent to the queue), and not over an INTERACTIVE instance without a queue.
+    inter = InstanceLoad("i", "interactive", "x", MODEL, 800, 100, 0)
+    queued = InstanceLoad("i", "interactive", "x", MODEL, 800, 100, 6)
+    idle_mixed = InstanceLoad("m", "mixed", "y", MODEL, 16, 0, 0)
+    lending = InstanceLoad("m", "mixed", "y", MODEL, 800, 40, 0, batch_requests=40)
+    assert queued.room > 0 and queued.queued and not inter.queued
+    assert choose_instance([inter, idle_mixed], MODEL, 10_000).instance_id == "i"
+    assert choose_instance([queued, idle_mixed], MODEL, 10_000).instance_id == "m"
+    assert choose_instance([queued, lending], MODEL, 10_000).instance_id == "i"
+    # A MIXED instance's batch requests in its waiting list are not an interactive queue.
+    busy_lending = InstanceLoad("m", "mixed", "y", MODEL, 800, 40, 8, batch_requests=48)
+    assert not busy_lending.queued
+    assert choose_instance([busy_lending], MODEL, 10_000).instance_id == "m"
+
+
 async def test_an_instance_that_registered_after_the_last_stats_refresh_is_used_at_once(tmp_path):
     """Start-up race: the cluster reports an instance serving (etcd) before the router's next stats refresh; the
     first request must not be refused for want of stats."""

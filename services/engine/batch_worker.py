@@ -15,9 +15,10 @@ process, next to the gRPC service, and talks to the backend directly (batch requ
   completion the request is acked with all its output tokens (resumed ones included). A lease the queue says is
   lost (FAILED_PRECONDITION / NOT_FOUND on renew or ack: it expired and went elsewhere, or was cancelled) is
   logged and dropped, and its generation stopped.
-* **Eviction** (:meth:`BatchWorker.make_room`, MIXED only): running batch requests with the least progress are
-  evicted from the backend and returned to the queue with every token generated so far, so they resume
-  elsewhere rather than restart.
+* **Eviction** (:meth:`BatchWorker.make_room`, MIXED only): when an interactive request arrives at the cap, or
+  behind a queue of interactive requests below it (:func:`eviction_need`), running batch requests with the least
+  progress are evicted from the backend and returned to the queue with every token generated so far, so they
+  resume elsewhere rather than restart.
 * **Drain** (:meth:`BatchWorker.drain`): stop leasing, evict everything still running and return it with its
   progress; returns once the queue has it back (bounded by ``drain_timeout_s``).
 * **Queue failures** (UNAVAILABLE, deadlines, ...) are logged and retried with exponential backoff up to
@@ -74,10 +75,21 @@ def lease_room(max_batch_size: int, num_running: int, num_waiting: int, prefetch
     return max(0, min(max_batch_size - num_running - num_waiting, prefetch - num_waiting))
 
 
-def eviction_need(n: int, max_batch_size: int, num_running: int, num_waiting: int) -> int:
-    """Batch requests a MIXED instance must evict so that ``n`` more interactive requests start now: only
-    what the cap needs, ``running + waiting + n − max_batch_size``, at most ``n`` (requests, may be ≤ 0)."""
-    return min(n, num_running + num_waiting + n - max_batch_size)
+INTERACTIVE_QUEUE = 4  # interactive requests waiting for their first token that make a queue, not a moment
+
+
+def eviction_need(n: int, max_batch_size: int, num_running: int, num_waiting: int, interactive_waiting: int = 0) -> int:
+    """Batch requests a MIXED instance must evict so that ``n`` more interactive requests start now (requests,
+    may be ≤ 0): what the cap needs, ``running + waiting + n − max_batch_size``, at most ``n``; or ``n`` when
+    ``interactive_waiting`` (interactive requests already here without their first token, the ``n`` not
+    counted) is at least :data:`INTERACTIVE_QUEUE`: then the KV cache or the token budget binds below the cap,
+    and batch work is holding it. Seen in the fleet simulator (``mixed``, seeds 0–9): with the cap alone, a
+    MIXED instance full of batch work (KV cache 87% used, 645 cap, 131 running) queued 40–90 interactive
+    requests for a minute after the scaler had drained the INTERACTIVE instances, and TTFTs broke."""
+    at_cap = min(n, num_running + num_waiting + n - max_batch_size)
+    if at_cap <= 0 and interactive_waiting >= INTERACTIVE_QUEUE:
+        return n
+    return at_cap
 
 
 def eviction_order(submitted: bool, tokens: int, started_s: float) -> tuple[bool, int, float]:
@@ -457,19 +469,21 @@ class BatchWorker:
         return 1
 
     async def make_room(self, n: int) -> int:
-        """MIXED instances: evict batch requests so that ``n`` more (interactive) requests get admitted now.
+        """MIXED instances: evict batch requests so that ``n`` more (interactive) requests, already counted in the
+        agent's interactive requests waiting for their first token, get admitted now.
 
-        Evicts up to ``n`` batch requests, only as many as the cap needs (``running + waiting + n -
-        max_batch_size``), those with the least progress (fewest output tokens) first and leases not yet handed to
-        the backend before any; they return to the queue with every token generated so far (reason "evicted for
-        interactive load") and resume elsewhere. The returns run in the background (:meth:`drain` waits for them).
-        Returns how many were evicted; 0 on a BATCH instance.
+        Evicts up to ``n`` batch requests, as many as :func:`eviction_need` says (what the cap needs, or ``n``
+        while interactive requests queue below it), those with the least progress (fewest output tokens) first and
+        leases not yet handed to the backend before any; they return to the queue with every token generated so far
+        (reason "evicted for interactive load") and resume elsewhere. The returns run in the background
+        (:meth:`drain` waits for them). Returns how many were evicted; 0 on a BATCH instance.
         """
         if self.role != types_pb2.INSTANCE_ROLE_MIXED or n <= 0 or self._stopping:
             return 0
         snap = self.backend.snapshot()
         unsubmitted = sum(1 for j in self._jobs.values() if not j.submitted and j.evict_reason is None)
-        need = eviction_need(n, snap.max_batch_size, snap.num_running, snap.num_waiting + unsubmitted)
+        need = eviction_need(n, snap.max_batch_size, snap.num_running, snap.num_waiting + unsubmitted,
+                             self._interactive_waiting() - n)
         if need <= 0:
             return 0
         victims = sorted((j for j in self._jobs.values() if j.evict_reason is None and not j.lease_lost),
@@ -485,4 +499,5 @@ class BatchWorker:
         return count
 
 
-__all__ = ["DRAINING", "EVICTED_FOR_INTERACTIVE", "BatchWorker", "eviction_need", "eviction_order", "lease_room"]
+__all__ = ["DRAINING", "EVICTED_FOR_INTERACTIVE", "INTERACTIVE_QUEUE", "BatchWorker", "eviction_need", "eviction_order",
+           "lease_room"]

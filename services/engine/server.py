@@ -258,9 +258,7 @@ class EngineAgent(engine_pb2_grpc.EngineServicer):
         try:
             worker = self.batch_worker
             if interactive and worker is not None and self.config.role == types_pb2.INSTANCE_ROLE_MIXED:
-                snap = self.backend.snapshot()
-                if snap.num_running + snap.num_waiting >= snap.max_batch_size:
-                    await worker.make_room(1)
+                await worker.make_room(1)  # at the cap, or behind a queue of interactive requests below it
             async for resp in self._stream(br, context):
                 if waiting and resp.token_ids:
                     waiting = False
