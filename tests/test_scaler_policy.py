@@ -132,6 +132,23 @@ def test_idle_mixed_capacity_is_lent_to_batch_work():
     assert busy.inputs["mixed_lend_instances"] == 0 and busy.desired("batch") == 5
 
 
+def test_a_mixed_instance_lends_no_more_than_the_batch_work_it_runs():
+    groups = [GroupView("m/1", 100, wait_p95_s=400.0, deadline_s=200.0)]  # ratio 2
+    batch = [InstanceView(f"b{k}", "batch", 1024, num_running=140) for k in range(2)]
+    # 30 interactive requests on a cap of 600 leave it 95% idle from interactive work, but it runs 14 batch
+    # requests where a BATCH instance runs 140: it lends 0.1 of an instance, not 0.95.
+    carrying = InstanceView("m0", "mixed", 600, num_running=44, interactive_running=30)
+    _, d = decide(CFG, PolicyState(), ScalerInputs(0.0, [InstanceView("i0", "interactive", 600), carrying, *batch],
+                                                   groups=groups))
+    assert d.inputs["mixed_lend_instances"] == pytest.approx(0.1)
+    assert d.inputs["batch_capacity_instances"] == pytest.approx(2.1)
+    # Full of batch work (300 running, 20 of them interactive), it lends its idle share, as before.
+    full = InstanceView("m0", "mixed", 600, num_running=300, interactive_running=20)
+    _, d = decide(CFG, PolicyState(), ScalerInputs(0.0, [InstanceView("i0", "interactive", 600), full, *batch],
+                                                   groups=groups))
+    assert d.inputs["mixed_lend_instances"] == pytest.approx(1 - 20 / 600)
+
+
 def test_scale_down_waits_for_the_delay_window_but_scale_up_is_immediate():
     st = PolicyState()
     busy = ArrivalStats(10.0, 1.0, inflight=400.0)
