@@ -133,7 +133,11 @@ async def test_renewals_keep_a_long_request_leased_past_its_timeout(queue):
         await eventually(lambda: all_in_state(qstub, ["long"], DONE), timeout_s=10)
         info = await get(qstub, "long")
         assert len(info.output_token_ids) == 300 and info.attempts == 0
-        assert worker.renewed >= 3 and worker.acked == 1 and worker.lost == 0 and worker.leased == 1
+
+        async def acked() -> bool:  # the queue has the ack before the worker has the Ack RPC's reply
+            return worker.acked == 1
+        await eventually(acked, timeout_s=5)
+        assert worker.renewed >= 3 and worker.lost == 0 and worker.leased == 1
     finally:
         await srv.stop(grace_s=1.0)
 
@@ -320,7 +324,10 @@ async def test_an_unreachable_queue_is_retried_without_hurting_the_agent(tmp_pat
             qstub = queue_pb2_grpc.QueueStub(ch)
             await qstub.Enqueue(batch_request("late", 30))
             await eventually(lambda: all_in_state(qstub, ["late"], DONE), timeout_s=10)
-        assert worker.acked == 1
+
+        async def acked() -> bool:  # the queue has the ack before the worker has the Ack RPC's reply
+            return worker.acked == 1
+        await eventually(acked, timeout_s=10)
     finally:
         await srv.stop(grace_s=1.0)
         if qsrv is not None:

@@ -153,7 +153,10 @@ async def test_a_batch_worker_serves_queued_requests_on_vllm(idle, tmp_path):
         for rid, n in sizes.items():
             r = await qstub.GetRequest(queue_pb2.GetRequestRequest(request_id=rid))
             assert len(r.output_token_ids) == n == r.num_generated_tokens
-        assert batch_agent.batch_worker.acked == len(sizes)
+
+        async def all_acked() -> bool:  # the queue has each ack before the worker has the Ack RPC's reply
+            return batch_agent.batch_worker.acked == len(sizes)
+        await eventually(all_acked, timeout_s=10)
     finally:
         await batch_agent.drain_batch()
         backend.remove_step_listener(batch_agent._on_step)
