@@ -37,8 +37,8 @@ The idle share alone overstated it: a MIXED instance carrying the interactive tr
 while no interactive request waits and gives it back when a queue forms, so it served a few batch requests while
 counting as ~0.9 of a BATCH instance. Seen in the simulator (``mixed`` slice of 900 s with 5,000 batch requests,
 seed 0): the BATCH fleet shrank 4 → 1 with 2,500 requests queued and had to grow again before the deadline,
-1.43× the GPU-hours lower bound (1.20–1.22 with the cap; 12 seeds 1.244 → 1.208; the hour-long ``mixed``,
-seeds 0–19, 1.314 → 1.300).
+1.43× the GPU-hours lower bound, 1.21× with this limit (that slice over seeds 0–11: 1.244 → 1.208; the
+hour-long ``mixed`` over seeds 0–19: 1.314 → 1.300).
 
 **Pace of batch scale-up.** The queue learns serving capacity from completed requests, so right after a
 BATCH instance starts the measured capacity (and so the estimated wait) lags; trusted at once, it over-scales
