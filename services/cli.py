@@ -930,7 +930,7 @@ def simulate(policy, workload, trace_file, rate_per_s, cv, duration_s, batch_req
     if bad or not names:
         raise click.BadParameter(f"unknown policy {', '.join(bad) or '(none)'}; valid policies: {', '.join(POLICIES)}",
                                  param_hint="--policy")
-    runs = []  # (seed, workload, sim config), all built (and so validated) before anything runs
+    runs = []  # (workload, sim config) per seed, all built (and so validated) before anything runs
     try:
         for s in range(seed, seed + seeds):
             wl = make_workload("trace" if trace_file else workload, rate_per_s=rate_per_s, cv=cv, duration_s=duration_s,
@@ -939,10 +939,10 @@ def simulate(policy, workload, trace_file, rate_per_s, cv, duration_s, batch_req
                                interactive_itl_ms=interactive_itl_ms, seed=s)
             sim = SimConfig(model_load_time_s=model_load_s, gpu_budget=gpu_budget, seed=s,
                             **({"initial_instances": instances} if instances is not None else {})).validate()
-            runs.append((s, wl, sim))
+            runs.append((wl, sim))
     except (ValueError, FileNotFoundError) as e:
         raise click.BadParameter(str(e)) from e
-    wl = runs[0][1]
+    wl = runs[0][0]
     console.print(f"workload [bold]{wl.name}[/]: {wl.description} — {len(wl.interactive)} interactive, "
                   f"{len(wl.batch)} batch requests over {wl.duration_s:.0f} s"
                   + (f"; seeds {seed}–{seed + seeds - 1}" if seeds > 1 else ""))
@@ -962,14 +962,14 @@ def simulate(policy, workload, trace_file, rate_per_s, cv, duration_s, batch_req
                           console=console, transient=True) as bar:
                 task = bar.add_task(name, total=None, msg="")
                 try:
-                    rep = run_policy(name, wl, runs[0][2], params_for(name), workers=workers,
+                    rep = run_policy(name, wl, runs[0][1], params_for(name), workers=workers,
                                      progress=lambda m, t=task: bar.update(t, msg=m))
                 except ValueError as e:
                     raise click.BadParameter(str(e)) from e
             reports.append(rep)
     else:
         reports = _simulate_seeds(run_policy, [(name, w, sim, params_for(name)) for name in names
-                                               for _s, w, sim in runs], workers)
+                                               for w, sim in runs], workers)
     if plot_path:
         for name in names:
             rep = next(r for r in reports if r["policy"] == name)

@@ -12,12 +12,13 @@ import pytest
 
 from chiron.v1 import engine_pb2, engine_pb2_grpc, queue_pb2, queue_pb2_grpc, types_pb2
 from services.engine.backend import SimulatedBackend
-from services.engine.batch_worker import DRAINING, EVICTED_FOR_INTERACTIVE, INTERACTIVE_QUEUE, BatchWorker, eviction_need
+from services.engine.batch_worker import DRAINING, EVICTED_FOR_INTERACTIVE, BatchWorker, eviction_need
 from services.engine.core import EngineConfig
 from services.engine.local_autoscaler import LocalAutoscalerConfig
 from services.engine.server import AgentConfig, EngineAgent, RunningServer, serve
 from services.queue.server import serve as serve_queue
 from services.queue.store import QueueConfig
+from services.router.routing import INTERACTIVE_QUEUE
 from tests.conftest import eventually
 
 MODEL = "llama-3-8b"

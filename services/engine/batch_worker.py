@@ -41,6 +41,7 @@ from chiron.v1 import queue_pb2, queue_pb2_grpc, types_pb2
 from services.common.security import open_channel
 from services.engine.backend import Backend, BackendRequest, Progress, StepStats
 from services.engine.core import RequestRejected
+from services.router.routing import INTERACTIVE_QUEUE
 
 if TYPE_CHECKING:
     from services.engine.server import EngineAgent
@@ -75,15 +76,12 @@ def lease_room(max_batch_size: int, num_running: int, num_waiting: int, prefetch
     return max(0, min(max_batch_size - num_running - num_waiting, prefetch - num_waiting))
 
 
-INTERACTIVE_QUEUE = 4  # interactive requests waiting for their first token that make a queue, not a moment
-
-
 def eviction_need(n: int, max_batch_size: int, num_running: int, num_waiting: int, interactive_waiting: int = 0) -> int:
     """Batch requests a MIXED instance must evict so that ``n`` more interactive requests start now (requests,
     may be ≤ 0): what the cap needs, ``running + waiting + n − max_batch_size``, at most ``n``; or ``n`` when
     ``interactive_waiting`` (interactive requests already here without their first token, the ``n`` not
-    counted) is at least :data:`INTERACTIVE_QUEUE`: then the KV cache or the token budget binds below the cap,
-    and batch work is holding it. Seen in the fleet simulator (``mixed``, seeds 0–9): with the cap alone, a
+    counted) is at least :data:`~services.router.routing.INTERACTIVE_QUEUE`: then the KV cache or the token
+    budget binds below the cap, and batch work is holding it. Seen in the fleet simulator (``mixed``, seeds 0–9): with the cap alone, a
     MIXED instance full of batch work (KV cache 87% used, 645 cap, 131 running) queued 40–90 interactive
     requests for a minute after the scaler had drained the INTERACTIVE instances, and TTFTs broke."""
     at_cap = min(n, num_running + num_waiting + n - max_batch_size)
@@ -499,5 +497,4 @@ class BatchWorker:
         return count
 
 
-__all__ = ["DRAINING", "EVICTED_FOR_INTERACTIVE", "INTERACTIVE_QUEUE", "BatchWorker", "eviction_need", "eviction_order",
-           "lease_room"]
+__all__ = ["DRAINING", "EVICTED_FOR_INTERACTIVE", "BatchWorker", "eviction_need", "eviction_order", "lease_room"]

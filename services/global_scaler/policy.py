@@ -73,6 +73,8 @@ from dataclasses import dataclass, field, replace
 
 from scipy.stats import norm
 
+from services.router.routing import INTERACTIVE_QUEUE
+
 ROLES = ("interactive", "mixed", "batch")
 # RoleDecision.code: what shaped a desired count, as a short stable label (the reason text carries the numbers).
 REASON_CODES = ("demand", "headroom", "batch_in_service", "queue_empty", "no_batch_capacity", "batch_backpressure",
@@ -235,7 +237,7 @@ def queue_binds(num_running: int, num_waiting: int, max_batch_size: int) -> bool
     """Whether an instance is bound below its cap (KV cache or token budget): a queue of at least
     max(4, running / 4) requests waits while fewer than ``max_batch_size`` run. A request or two waiting is the
     normal moment between an arrival and the next iteration, not a bound (counts in requests)."""
-    return 0 < num_running < max_batch_size and num_waiting >= max(4, num_running / 4)
+    return 0 < num_running < max_batch_size and num_waiting >= max(INTERACTIVE_QUEUE, num_running / 4)
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+# Interactive requests waiting for their first token that make a queue rather than the normal moment between an
+# arrival and the next iteration (requests). The one threshold of the router's choice, the scaler's
+# ``queue_binds`` and the MIXED eviction rule (``services.engine.batch_worker.eviction_need``).
+INTERACTIVE_QUEUE = 4
+
 
 @dataclass(frozen=True)
 class SloClass:
@@ -128,13 +133,15 @@ class InstanceLoad:
 
     @property
     def queued(self) -> bool:
-        """A queue of interactive requests (at least 4) waits here: a new one would wait behind them."""
-        return self._interactive_waiting >= 4
+        """A queue of interactive requests (at least :data:`INTERACTIVE_QUEUE`) waits here: a new one would wait
+        behind them."""
+        return self._interactive_waiting >= INTERACTIVE_QUEUE
 
     @property
     def _bound(self) -> bool:
         # Interactive requests queue below the cap (the scaler's rule, services.global_scaler.policy.queue_binds).
-        return 0 < self.num_running < self.max_batch_size and self._interactive_waiting >= max(4, self.num_running / 4)
+        return (0 < self.num_running < self.max_batch_size
+                and self._interactive_waiting >= max(INTERACTIVE_QUEUE, self.num_running / 4))
 
     def projected_ttft_ms(self) -> float:
         waiting = self._interactive_waiting + self.pending
