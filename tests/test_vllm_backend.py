@@ -229,7 +229,11 @@ async def test_local_autoscaler_decision_reaches_the_engine(idle):
 @module_loop
 async def test_evict_and_resume_keeps_the_generated_tokens(idle):
     agent, backend, stub = idle
-    call = stub.Generate(request("ev", 400))
+    # Long enough that the request is still running when the Evict lands: a client that reads behind the engine
+    # (vLLM coalesces what it has not read) sees its 20th token late, and a 400-token request had sometimes
+    # finished by then (NOT_FOUND, once in a fresh-clone CI).
+    n = 1500
+    call = stub.Generate(request("ev", n))
     streamed: list[int] = []
     last = None
     async for msg in call:
@@ -238,7 +242,7 @@ async def test_evict_and_resume_keeps_the_generated_tokens(idle):
         if len(streamed) >= 20 and msg.finish_reason == types_pb2.FINISH_REASON_UNSPECIFIED:
             progress = (await stub.Evict(engine_pb2.EvictRequest(request_id="ev"))).progress
     assert last.finish_reason == types_pb2.FINISH_REASON_EVICTED
-    assert 20 <= len(progress.generated_token_ids) < 400
+    assert 20 <= len(progress.generated_token_ids) < n
     assert list(progress.generated_token_ids) == streamed  # progress is exactly what the client saw
     assert progress.num_prompt_tokens == 16
     with pytest.raises(grpc.aio.AioRpcError) as e:
@@ -246,10 +250,10 @@ async def test_evict_and_resume_keeps_the_generated_tokens(idle):
     assert e.value.code() == grpc.StatusCode.NOT_FOUND
 
     # Resume (here on the same engine; the queue would lease it anywhere): the count continues.
-    resumed = await collect(stub, request("ev", 400, resume_token_ids=progress.generated_token_ids))
+    resumed = await collect(stub, request("ev", n, resume_token_ids=progress.generated_token_ids))
     new = [t for m in resumed for t in m.token_ids]
-    assert len(progress.generated_token_ids) + len(new) == 400
-    assert resumed[-1].num_generated_tokens == 400
+    assert len(progress.generated_token_ids) + len(new) == n
+    assert resumed[-1].num_generated_tokens == n
     assert resumed[-1].finish_reason == types_pb2.FINISH_REASON_LENGTH
 
 
