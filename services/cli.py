@@ -41,6 +41,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from services.common.grpc_util import run_event_loop
+
 console = Console()
 if not console.is_terminal:
     console.width = 140  # tables in logs and CI output stay readable
@@ -274,7 +276,7 @@ def engine(host, port, port_file, backend, model, load_format, dtype, max_num_ba
         if msrv is not None:
             msrv.stop()
 
-    asyncio.run(run())
+    run_event_loop(run())
 
 
 @main.command()
@@ -327,7 +329,7 @@ def queue(host, port, port_file, db_path, models, capacity, group_granularity_s,
         if msrv is not None:
             msrv.stop()
 
-    asyncio.run(run())
+    run_event_loop(run())
 
 
 def _role_limits(text: str, role: str) -> tuple[int, int]:
@@ -419,7 +421,7 @@ def scaler(host, port, port_file, etcd, queue_addr, provider, advisory, interval
             await prov.close()
         await watcher.stop()
 
-    asyncio.run(run())
+    run_event_loop(run())
 
 
 @main.command()
@@ -463,7 +465,7 @@ def router(host, port, port_file, etcd, queue_addr, interactive_ttft_max_ms, sta
             msrv.stop()
         await watcher.stop()
 
-    asyncio.run(run())
+    run_event_loop(run())
 
 
 @main.command()
@@ -516,14 +518,7 @@ def gateway(host, port, port_file, router_addr, tokenizer, vocab_size, max_body_
         console.print("stopping: in-flight requests finish…")
         await server.stop()
 
-    try:  # uvloop (uvicorn[standard]) where installed: less latency per request than asyncio's default loop
-        import uvloop
-
-        loop_factory = uvloop.new_event_loop
-    except ImportError:
-        loop_factory = None
-    with asyncio.Runner(loop_factory=loop_factory) as runner:
-        runner.run(run())
+    run_event_loop(run())
 
 
 @main.command()
@@ -575,7 +570,7 @@ def up(backend, model, speedup, scaler_args, work_dir, tls, auth_token) -> None:
         console.print("stopping: gateway, scaler (draining engines), router, queue, etcd…")
         await cluster.stop()
 
-    asyncio.run(run())
+    run_event_loop(run())
 
 
 @main.command()
@@ -1297,7 +1292,7 @@ def bench_engine_overhead(json_path, max_tokens, reps, layers, hidden_size, stre
     with Progress(TextColumn("direct vs agent"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console) as bar:
         task = bar.add_task("runs", total=len(conc) * reps)
-        report = asyncio.run(run_bench(conc, max_tokens, reps, num_layers=layers, hidden_size=hidden_size,
+        report = run_event_loop(run_bench(conc, max_tokens, reps, num_layers=layers, hidden_size=hidden_size,
                                        stream_interval=stream_interval, progress=lambda: bar.advance(task)))
     table = Table(title="Engine agent overhead: vLLM (CPU, tiny Llama) direct vs through the agent's gRPC, "
                         f"stream interval {stream_interval}")

@@ -4,9 +4,12 @@ client-facing service: see :mod:`services.common.security`)."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import math
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -14,6 +17,22 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.common.security import BearerAuthInterceptor, add_port, open_channel, security_settings
+
+T = TypeVar("T")
+
+
+def run_event_loop(main: Coroutine[Any, Any, T]) -> T:
+    """Run ``main`` to completion on uvloop where it is installed (``uvicorn[standard]`` brings it), else on
+    asyncio's default loop; ``CHIRON_EVENT_LOOP=asyncio`` forces the default loop."""
+    factory = None
+    if os.environ.get("CHIRON_EVENT_LOOP", "uvloop") != "asyncio":
+        try:
+            import uvloop
+            factory = uvloop.new_event_loop
+        except ImportError:
+            pass
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(main)
 
 
 def timestamp(seconds_since_epoch: float) -> Timestamp:
