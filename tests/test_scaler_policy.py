@@ -163,6 +163,34 @@ def test_scale_down_waits_for_the_delay_window_but_scale_up_is_immediate():
     assert d.desired("interactive") == 1
 
 
+def test_interactive_and_mixed_instances_cover_each_others_shortfall():
+    arrivals = lambda d: ArrivalStats(10.0, 1.0, inflight=d)  # noqa: E731 - Θ = theta_min (0.1) at this rate
+    st0, d = decide(CFG, PolicyState(), ScalerInputs(0.0, fleet(1, 2), arrivals(95.0)))
+    assert (d.desired("interactive"), d.desired("mixed")) == (1, 2)  # floor(95/50); ceil(95·1.1/50) − 1
+    # The split of the same demand moves (100: 2 + 1) while the delay window keeps the second MIXED instance:
+    # that instance covers the INTERACTIVE growth instead of a third one starting.
+    st = dataclasses.replace(st0, history={r: type(h)(h) for r, h in st0.history.items()})
+    st, d = decide(CFG, st, ScalerInputs(5.0, fleet(1, 2), arrivals(100.0)))
+    assert (d.desired("interactive"), d.desired("mixed")) == (1, 2)
+    assert d.roles["interactive"].code == "other_role_covers" and "1 of it covered by MIXED" in d.roles["interactive"].reason
+    # Once the window lets the surplus go, the roles swap: 2 + 1.
+    st, d = decide(CFG, st, ScalerInputs(36.0, fleet(1, 2), arrivals(100.0)))
+    assert (d.desired("interactive"), d.desired("mixed")) == (2, 1)
+    # Growth beyond the surplus still starts instances (160: 3 + 1 wanted, one covered by the kept MIXED one).
+    st = dataclasses.replace(st0, history={r: type(h)(h) for r, h in st0.history.items()})
+    st, d = decide(CFG, st, ScalerInputs(5.0, fleet(1, 2), arrivals(160.0)))
+    assert (d.desired("interactive"), d.desired("mixed")) == (2, 2)
+    # ... but while demand grows, a kept instance that is still starting is left to the growth.
+    st = dataclasses.replace(st0, history={r: type(h)(h) for r, h in st0.history.items()})
+    st, d = decide(CFG, st, ScalerInputs(5.0, fleet(1, 1), arrivals(160.0), pending={"mixed": 1}))
+    assert (d.desired("interactive"), d.desired("mixed")) == (3, 2)
+    # A role minimum is kept even when the other role's surplus could cover it.
+    lim = with_limits(CFG, interactive=(2, 64))
+    st, _ = decide(lim, PolicyState(), ScalerInputs(0.0, fleet(2, 2), arrivals(95.0)))
+    _, d = decide(lim, st, ScalerInputs(5.0, fleet(1, 2), arrivals(100.0)))
+    assert d.desired("interactive") == 2
+
+
 def test_limits_and_gpu_budget_cut_batch_first():
     cfg = dataclasses.replace(with_limits(CFG, interactive=(2, 10), mixed=(0, 3), batch=(0, 20)), gpu_budget=12).validate()
     groups = [GroupView("m/1", 1000, wait_p95_s=3000.0, deadline_s=300.0)]
