@@ -72,7 +72,7 @@ def test_batch_backpressure_adds_capacity_in_proportion():
 
 
 def test_first_batch_instance_and_past_deadline_groups():
-    late = [GroupView("m/0", 10, wait_p95_s=5.0, deadline_s=-1.0)]
+    late = [GroupView("m/0", 100, wait_p95_s=120.0, deadline_s=-1.0)]
     _, d = decide(CFG, PolicyState(), ScalerInputs(0.0, fleet(1), groups=late))
     assert d.desired("batch") == 1 and "no batch capacity" in d.roles["batch"].reason
     # The need is ceil(max_ratio · 1.1) = 11 instances; one step adds at most max(2×, +4): 1 → 5.
@@ -84,10 +84,15 @@ def test_first_batch_instance_and_past_deadline_groups():
     inf = [GroupView("m/0", 10, wait_p95_s=math.inf, deadline_s=100.0)]
     _, d = decide(CFG, PolicyState(), ScalerInputs(0.0, fleet(1, batch=1), groups=inf))
     assert d.desired("batch") == 5
+    # A late group that what serves now drains before a new instance could load (wait ≤ the 60 s load time):
+    # it counts as ratio 1 (the capacity now and its margin, ceil(1.1) = 2), not max_ratio (5, paced).
+    tail = [GroupView("m/0", 10, wait_p95_s=20.0, deadline_s=-1.0)]
+    _, d = decide(CFG, PolicyState(), ScalerInputs(0.0, fleet(1, batch=1), groups=tail))
+    assert d.desired("batch") == 2 and d.batch_backpressure == pytest.approx(0.0)
 
 
 def test_no_batch_instance_added_while_earlier_ones_start():
-    late = [GroupView("m/0", 10, wait_p95_s=5.0, deadline_s=-1.0)]
+    late = [GroupView("m/0", 100, wait_p95_s=120.0, deadline_s=-1.0)]
     _, d = decide(CFG, PolicyState(), ScalerInputs(0.0, fleet(1, batch=1), groups=late, pending={"batch": 3}))
     assert d.desired("batch") == 4 and "still starting" in d.roles["batch"].reason
 
