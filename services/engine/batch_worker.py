@@ -81,9 +81,10 @@ def eviction_need(n: int, max_batch_size: int, num_running: int, num_waiting: in
     may be ≤ 0): what the cap needs, ``running + waiting + n − max_batch_size``, at most ``n``; or ``n`` when
     ``interactive_waiting`` (interactive requests already here without their first token, the ``n`` not
     counted) is at least :data:`~services.router.routing.INTERACTIVE_QUEUE`: then the KV cache or the token
-    budget binds below the cap, and batch work is holding it. Seen in the fleet simulator (``mixed``, seeds 0–9): with the cap alone, a
-    MIXED instance full of batch work (KV cache 87% used, 645 cap, 131 running) queued 40–90 interactive
-    requests for a minute after the scaler had drained the INTERACTIVE instances, and TTFTs broke."""
+    budget binds below the cap, and batch work is holding it. Seen in the fleet simulator (``mixed``, seeds
+    0–9): with the cap alone, a MIXED instance full of batch work (KV cache 87% used, 645 cap, 131 running)
+    queued 40–90 interactive requests for a minute after the scaler had drained the INTERACTIVE instances, and
+    TTFTs broke."""
     at_cap = min(n, num_running + num_waiting + n - max_batch_size)
     if at_cap <= 0 and interactive_waiting >= INTERACTIVE_QUEUE:
         return n

@@ -93,7 +93,7 @@ from dataclasses import dataclass, field, replace
 
 from scipy.stats import norm
 
-from services.router.routing import INTERACTIVE_QUEUE
+from services.router.routing import queue_binds
 
 ROLES = ("interactive", "mixed", "batch")
 # RoleDecision.code: what shaped a desired count, as a short stable label (the reason text carries the numbers).
@@ -254,13 +254,6 @@ class PolicyState:
     last_interactive_mixed: int = 0  # INTERACTIVE + MIXED instances the previous decision wanted (before the delay)
 
 
-def queue_binds(num_running: int, num_waiting: int, max_batch_size: int) -> bool:
-    """Whether an instance is bound below its cap (KV cache or token budget): a queue of at least
-    max(4, running / 4) requests waits while fewer than ``max_batch_size`` run. A request or two waiting is the
-    normal moment between an arrival and the next iteration, not a bound (counts in requests)."""
-    return 0 < num_running < max_batch_size and num_waiting >= max(INTERACTIVE_QUEUE, num_running / 4)
-
-
 @dataclass(frozen=True)
 class EngineLoad:
     """One serving instance's engine stats as the scaler reads them (``Engine.GetStats``; the simulator reads
@@ -412,10 +405,12 @@ def decide(cfg: PolicyConfig, state: PolicyState, inp: ScalerInputs) -> tuple[Po
         raw[role] = min(lim.max_instances, max(lim.min_instances, unclamped))
         if raw[role] != unclamped:
             codes[role] = "min_instances" if raw[role] > unclamped else "max_instances"
+    # Instances per role serving or starting (starting ones count: never cancel them early).
+    have = {r: current[r] + int(inp.pending.get(r, 0)) for r in ROLES}
     # Batch scale-up pace: measured capacity lags new instances (throughput is learnt from completions), so add
     # no BATCH instance while earlier ones still start, and at most max(2×, +4) of the BATCH fleet per step.
     pending_b = int(inp.pending.get("batch", 0))
-    have_b = current["batch"] + pending_b
+    have_b = have["batch"]
     if raw["batch"] > have_b:
         settling = now - state.last_batch_up_s < cfg.model_load_time_s + cfg.batch_settle_s
         cap_b = have_b if pending_b > 0 or settling else max(2 * have_b, have_b + 4)
@@ -436,13 +431,12 @@ def decide(cfg: PolicyConfig, state: PolicyState, inp: ScalerInputs) -> tuple[Po
         while h and h[0][0] < now - cfg.scale_down_delay_s:
             h.popleft()
         d = raw[role]
-        have = current[role] + int(inp.pending.get(role, 0))  # starting instances count: never cancel them early
-        if d < have:
+        if d < have[role]:
             held = max(c for _, c in h)
             if held > d:
                 reasons[role] += f"; scale-down held by the {cfg.scale_down_delay_s:g} s delay window"
                 codes[role] = "scale_down_delay"
-                d = min(have, held)
+                d = min(have[role], held)
         desired[role] = d
 
     # INTERACTIVE and MIXED instances both serve interactive demand (the router sends it to either): a role that
@@ -453,11 +447,10 @@ def decide(cfg: PolicyConfig, state: PolicyState, inp: ScalerInputs) -> tuple[Po
     rising = both > state.last_interactive_mixed
     state.last_interactive_mixed = both
     for short, other in (("interactive", "mixed"), ("mixed", "interactive")):
-        have = current[short] + int(inp.pending.get(short, 0))
         spare = desired[other] - raw[other]
         if rising:
             spare = min(spare, current[other] - raw[other])
-        covered = min(desired[short] - have, spare, desired[short] - cfg.limit(short).min_instances)
+        covered = min(desired[short] - have[short], spare, desired[short] - cfg.limit(short).min_instances)
         if covered > 0:
             desired[short] -= covered
             reasons[short] += (f"; {covered} of it covered by {other.upper()} instance(s) kept by the scale-down "

@@ -28,9 +28,18 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 # Interactive requests waiting for their first token that make a queue rather than the normal moment between an
-# arrival and the next iteration (requests). The one threshold of the router's choice, the scaler's
-# ``queue_binds`` and the MIXED eviction rule (``services.engine.batch_worker.eviction_need``).
+# arrival and the next iteration (requests). The one threshold of the router's choice, of
+# :func:`queue_binds` (router and scaler) and of the MIXED eviction rule (``services.engine.batch_worker.eviction_need``).
 INTERACTIVE_QUEUE = 4
+
+
+def queue_binds(num_running: int, num_waiting: int, max_batch_size: int) -> bool:
+    """Whether an instance is bound below its cap (KV cache or token budget): a queue of at least
+    max(:data:`INTERACTIVE_QUEUE`, running / 4) requests waits while fewer than ``max_batch_size`` run. A request
+    or two waiting is the normal moment between an arrival and the next iteration, not a bound (counts in
+    requests). The router asks it of an instance's interactive queue, the scaler
+    (:mod:`services.global_scaler.policy`) of its whole queue."""
+    return 0 < num_running < max_batch_size and num_waiting >= max(INTERACTIVE_QUEUE, num_running / 4)
 
 
 @dataclass(frozen=True)
@@ -139,9 +148,8 @@ class InstanceLoad:
 
     @property
     def _bound(self) -> bool:
-        # Interactive requests queue below the cap (the scaler's rule, services.global_scaler.policy.queue_binds).
-        return (0 < self.num_running < self.max_batch_size
-                and self._interactive_waiting >= max(INTERACTIVE_QUEUE, self.num_running / 4))
+        # Interactive requests queue below the cap.
+        return queue_binds(self.num_running, self._interactive_waiting, self.max_batch_size)
 
     def projected_ttft_ms(self) -> float:
         waiting = self._interactive_waiting + self.pending
