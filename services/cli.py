@@ -1093,7 +1093,7 @@ def bench_local_autoscaler(json_path, backend, duration_s, warmup_s, seed, worke
         json_path = json_path or "out/bench-local-autoscaler-vllm.json"
         with Progress(TextColumn("runs on vLLM"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=console) as bar:
-            task = bar.add_task("runs", total=1 + len(lav.STATIC_GRID) + 3)
+            task = bar.add_task("runs", total=1 + len(lav.STATIC_GRID) + 5)
             report = asyncio.run(lav.run_bench(seed=seed, progress=lambda: bar.advance(task), log=console.print))
         title = (f"Local autoscaler on real vLLM (CPU, tiny Llama; batch-1 ITL p99 "
                  f"{report['config']['batch1_itl_ms']:.2f} ms)")
