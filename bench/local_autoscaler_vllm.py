@@ -24,7 +24,7 @@ The same comparison as :mod:`bench.local_autoscaler` (adaptive vs best static vs
   (``static_s``); that cap then runs again right after the adaptive run, for the adaptive run's duration
   and warm-up, and that run is the ``best_static`` row (the sweep's numbers stay in it as
   ``sweep_throughput_tokens_per_s`` / ``sweep_itl_slo_attainment``). This machine's speed drifts by tens of
-  percent over minutes (the batch-1 ITL p99 of two runs an hour apart: 6.17 and 6.89 ms), so a cap measured
+  percent over minutes (the batch-1 ITL p99 of two runs half an hour apart: 6.17 and 6.89 ms), so a cap measured
   minutes earlier for 10 s is no yardstick for a 60-s adaptive window: two runs of the earlier design gave
   adaptive at 92% and 137%, then 136% and 63%, of the best static.
 """
