@@ -15,6 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from chiron.v1 import engine_pb2, engine_pb2_grpc, types_pb2
+from services.common.metrics import engine_families
 from services.engine.backend import SimulatedBackend
 from services.engine.core import EngineConfig
 from services.engine.local_autoscaler import LocalAutoscalerConfig
@@ -212,6 +213,27 @@ async def test_local_autoscaler_grows_batch_under_saturating_load():
     finally:
         await channel.close()
         await srv.stop(grace_s=1.0)
+
+
+async def test_a_late_control_step_is_counted_and_logged(caplog):
+    backend = SimulatedBackend("llama-3-8b", EngineConfig(max_num_seqs=8), speedup=20.0)
+    agent = EngineAgent(backend, AgentConfig(instance_id="late", autoscale=False,
+                                             autoscaler=LocalAutoscalerConfig(initial_batch_size=8)))
+    await backend.start()
+    try:
+        await agent.control_step()
+        await agent.control_step()  # right after the first: on time
+        assert agent.late_control_steps == 0
+        agent._ctl_wall_s -= 5.0  # as if the event loop had stalled for 5 s (the interval is 0.05 s of wall time)
+        with caplog.at_level("WARNING", logger="chiron.engine"):
+            await agent.control_step()
+        assert agent.late_control_steps == 1
+        assert "since the previous control step" in caplog.text and "stayed at 8" in caplog.text
+        assert agent.stats().late_control_steps_total == 1
+        families = {f.name: f for f in engine_families(agent.stats())}
+        assert families["chiron_engine_late_control_steps"].samples[0].value == 1
+    finally:
+        await backend.stop()
 
 
 async def test_health_and_reflection(agent):

@@ -54,7 +54,8 @@ Engine (one engine per process; read from the agent at scrape time; labels ``ins
   ``chiron_engine_window_ttft_seconds{quantile}`` [s] over the agent's stats window; ``chiron_engine_itl_slo_seconds``;
   ``chiron_engine_latency_backpressure_ratio`` and ``chiron_engine_throughput_backpressure_ratio``;
 - counters ``chiron_engine_preemptions_total``, ``chiron_engine_generated_tokens_total`` [tokens],
-  ``chiron_engine_finished_requests_total``, ``chiron_engine_batch_finished_requests_total`` [requests].
+  ``chiron_engine_finished_requests_total``, ``chiron_engine_batch_finished_requests_total`` [requests],
+  ``chiron_engine_late_control_steps_total`` (local-autoscaler steps over 3 intervals late: a stalled agent or engine).
 """
 
 from __future__ import annotations
@@ -374,6 +375,8 @@ def engine_families(s: types_pb2.EngineStats) -> list:
     gauge("chiron_engine_kv_cache_capacity_tokens", "KV-cache capacity [tokens].", s.kv_cache_capacity_tokens)
     gauge("chiron_engine_throughput_tokens_per_second", "Output-token throughput over the stats window [tokens/s].",
           s.throughput_tokens_per_s)
+    counter("chiron_engine_late_control_steps_total", "Local-autoscaler control steps over 3 intervals late (the agent or "
+            "the engine stalled; the max batch size held meanwhile) [steps].", s.late_control_steps_total)
     gauge("chiron_engine_itl_slo_seconds", "ITL SLO the local autoscaler holds [s].", s.itl_slo_ms / 1e3)
     gauge("chiron_engine_latency_backpressure_ratio", "Latest latency backpressure: observed ITL / ITL SLO [ratio].",
           s.latency_backpressure)

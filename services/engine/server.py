@@ -40,6 +40,8 @@ from services.engine.stats import LatencyWindow, RateWindow
 
 log = logging.getLogger("chiron.engine")
 
+LATE_CONTROL_FACTOR = 3.0  # a control step this many intervals (and at least 1 s) after the previous one is late
+
 ROLE_NAMES = {
     "interactive": types_pb2.INSTANCE_ROLE_INTERACTIVE,
     "mixed": types_pb2.INSTANCE_ROLE_MIXED,
@@ -96,6 +98,8 @@ class EngineAgent(engine_pb2_grpc.EngineServicer):
         self._ctl_itl = LatencyWindow(max(cfg.autoscaler.control_interval_s * 4, cfg.autoscaler.itl_window_s, 1.0))
         self._ctl_tokens = 0
         self._ctl_last_s: float | None = None
+        self._ctl_wall_s: float | None = None  # time.monotonic() of the previous control step
+        self.late_control_steps = 0  # control steps that came over LATE_CONTROL_FACTOR intervals (and 1 s) late
         self._last_halving_s = -math.inf
         self._saturated = False
         self._state = initial_state(cfg.autoscaler)
@@ -181,6 +185,7 @@ class EngineAgent(engine_pb2_grpc.EngineServicer):
         self._ctl_tokens = 0
         self._ctl_last_s = now
         self._state, decision = decide(cfg, self._state, obs)
+        self._check_late(now - last, snap.max_batch_size)
         applied = await self.backend.set_max_batch_size(decision.max_batch_size)
         self.last_decision = decision
         self.decisions.append(decision)
@@ -189,6 +194,20 @@ class EngineAgent(engine_pb2_grpc.EngineServicer):
         if decision.action != "hold":
             log.info("local autoscaler: %s → max batch size %d (%s)", decision.action, applied, decision.reason)
         return decision
+
+    def _check_late(self, engine_gap_s: float, held_cap: int) -> None:
+        """Warn when this control step comes long after the previous one (wall clock): the batch size stayed at
+        ``held_cap`` meanwhile whatever the load did. Seen once in ``chiron bench local-autoscaler --backend vllm``:
+        no step for 113 s while vLLM kept serving at the last cap."""
+        wall = time.monotonic()
+        prev, self._ctl_wall_s = self._ctl_wall_s, wall
+        interval_wall_s = self.config.autoscaler.control_interval_s / self.backend.speedup
+        if prev is None or wall - prev <= max(LATE_CONTROL_FACTOR * interval_wall_s, 1.0):
+            return
+        self.late_control_steps += 1
+        log.warning("local autoscaler: %.1f s since the previous control step (one every %.2f s; %.1f s of engine "
+                    "time): the agent's event loop or the engine stalled, and the max batch size stayed at %d",
+                    wall - prev, interval_wall_s, engine_gap_s, held_cap)
 
     def stats(self) -> types_pb2.EngineStats:
         """Current statistics (windowed over ``stats_window_s``)."""
@@ -215,6 +234,7 @@ class EngineAgent(engine_pb2_grpc.EngineServicer):
             latency_backpressure=d.latency_backpressure if d else 0.0,
             throughput_backpressure=d.throughput_backpressure if d else 0.0,
             itl_slo_ms=int(self.config.autoscaler.itl_slo_ms),
+            late_control_steps_total=self.late_control_steps,
         )
 
     # ---- request validation ----------------------------------------------------------------
