@@ -192,14 +192,14 @@ async def run_bench(slo_factors=(1.5, 3.0), static_s: float = 15.0, static_warmu
                                               warmup_s=static_warmup_s, seed=seed)
             if progress:
                 progress()
-        adaptive, beside = {}, {}
+        adaptive, chosen, beside = {}, {}, {}
         for slo in slos:
             cfg = LocalAutoscalerConfig(itl_slo_ms=slo, max_batch_size=MAX_CAP)
             adaptive[slo] = await _run_setting(backend, lengths, cap=None, duration_s=adaptive_s,
                                                warmup_s=adaptive_warmup_s, seed=seed, autoscaler=cfg)
             if progress:
                 progress()
-            best = _best_static(slo, statics, grid)
+            chosen[slo] = best = _best_static(slo, statics, grid)
             if best is not None:
                 beside[slo] = await _run_setting(backend, lengths, cap=best.max_batch_size, duration_s=adaptive_s,
                                                  warmup_s=adaptive_warmup_s, seed=seed)
@@ -227,7 +227,7 @@ async def run_bench(slo_factors=(1.5, 3.0), static_s: float = 15.0, static_warmu
         gaps = [t1 - t0 for (t0, _), (t1, _) in zip(traj, traj[1:], strict=False)]
         results.append({**asdict(a), "trajectory": traj, "max_control_gap_s": max(gaps, default=0.0)})
         sweep += [asdict(_result(slo, "static", cap, *statics[cap][:3])) for cap in grid]
-        swept = _best_static(slo, statics, grid)
+        swept = chosen[slo]
         if swept is not None:
             d = asdict(_result(slo, "best_static", swept.max_batch_size, *beside[slo][:3]))
             d.pop("converge_s")

@@ -224,7 +224,7 @@ async def test_a_late_control_step_is_counted_and_logged(caplog):
         await agent.control_step()
         await agent.control_step()  # right after the first: on time
         assert agent.late_control_steps == 0
-        agent._ctl_wall_s -= 5.0  # as if the event loop had stalled for 5 s (the interval is 0.05 s of wall time)
+        agent._ctl_last_s -= 5.0 * backend.speedup  # as if the event loop had stalled for 5 s (interval: 0.05 s of wall time)
         with caplog.at_level("WARNING", logger="chiron.engine"):
             await agent.control_step()
         assert agent.late_control_steps == 1

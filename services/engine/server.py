@@ -98,7 +98,6 @@ class EngineAgent(engine_pb2_grpc.EngineServicer):
         self._ctl_itl = LatencyWindow(max(cfg.autoscaler.control_interval_s * 4, cfg.autoscaler.itl_window_s, 1.0))
         self._ctl_tokens = 0
         self._ctl_last_s: float | None = None
-        self._ctl_wall_s: float | None = None  # time.monotonic() of the previous control step
         self.late_control_steps = 0  # control steps that came over LATE_CONTROL_FACTOR intervals (and 1 s) late
         self._last_halving_s = -math.inf
         self._saturated = False
@@ -177,7 +176,8 @@ class EngineAgent(engine_pb2_grpc.EngineServicer):
         """One local-autoscaler decision from the stats since the previous one, applied to the backend."""
         cfg = self.config.autoscaler
         now = self.backend.now()
-        last = self._ctl_last_s if self._ctl_last_s is not None else now - cfg.control_interval_s
+        first = self._ctl_last_s is None
+        last = now - cfg.control_interval_s if first else self._ctl_last_s
         snap = self.backend.snapshot()
         since = last if cfg.itl_window_s <= 0 else max(now - cfg.itl_window_s, self._last_halving_s)
         q = self._ctl_itl.quantile(cfg.itl_quantile, now, since_s=since)
@@ -185,7 +185,8 @@ class EngineAgent(engine_pb2_grpc.EngineServicer):
         self._ctl_tokens = 0
         self._ctl_last_s = now
         self._state, decision = decide(cfg, self._state, obs)
-        self._check_late(now - last, snap.max_batch_size)
+        if not first:
+            self._check_late(now - last, snap.max_batch_size)
         applied = await self.backend.set_max_batch_size(decision.max_batch_size)
         self.last_decision = decision
         self.decisions.append(decision)
@@ -196,18 +197,19 @@ class EngineAgent(engine_pb2_grpc.EngineServicer):
         return decision
 
     def _check_late(self, engine_gap_s: float, held_cap: int) -> None:
-        """Warn when this control step comes long after the previous one (wall clock): the batch size stayed at
-        ``held_cap`` meanwhile whatever the load did. Seen once in ``chiron bench local-autoscaler --backend vllm``:
-        no step for 113 s while vLLM kept serving at the last cap."""
-        wall = time.monotonic()
-        prev, self._ctl_wall_s = self._ctl_wall_s, wall
-        interval_wall_s = self.config.autoscaler.control_interval_s / self.backend.speedup
-        if prev is None or wall - prev <= max(LATE_CONTROL_FACTOR * interval_wall_s, 1.0):
+        """Warn when this control step comes long after the previous one (``engine_gap_s`` of the backend's clock,
+        which runs ``speedup`` times the wall clock): the batch size stayed at ``held_cap`` meanwhile whatever the
+        load did. Seen once in ``chiron bench local-autoscaler --backend vllm``: no step for 113 s while vLLM kept
+        serving at the last cap."""
+        speedup = self.backend.speedup
+        wall_gap_s = engine_gap_s / speedup
+        interval_wall_s = self.config.autoscaler.control_interval_s / speedup
+        if wall_gap_s <= max(LATE_CONTROL_FACTOR * interval_wall_s, 1.0):
             return
         self.late_control_steps += 1
         log.warning("local autoscaler: %.1f s since the previous control step (one every %.2f s; %.1f s of engine "
                     "time): the agent's event loop or the engine stalled, and the max batch size stayed at %d",
-                    wall - prev, interval_wall_s, engine_gap_s, held_cap)
+                    wall_gap_s, interval_wall_s, engine_gap_s, held_cap)
 
     def stats(self) -> types_pb2.EngineStats:
         """Current statistics (windowed over ``stats_window_s``)."""
