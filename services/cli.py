@@ -195,7 +195,7 @@ def engine(host, port, port_file, backend, model, load_format, dtype, max_num_ba
     """
     from services.engine.backend import SimulatedBackend
     from services.engine.core import EngineConfig
-    from services.engine.local_autoscaler import LocalAutoscalerConfig
+    from services.engine.local_autoscaler import LocalAutoscalerConfig, role_overrides
     from services.engine.server import ROLE_NAMES, AgentConfig, EngineAgent, serve
 
     if itl_slo_ms is None:
@@ -220,7 +220,7 @@ def engine(host, port, port_file, backend, model, load_format, dtype, max_num_ba
     try:
         a_cfg = LocalAutoscalerConfig(itl_slo_ms=itl_slo_ms, initial_batch_size=static_batch_size or initial_batch_size,
                                       max_batch_size=max(max_batch_size, static_batch_size or 1),
-                                      control_interval_s=control_interval_s).validate()
+                                      control_interval_s=control_interval_s, **role_overrides(role)).validate()
         e_cfg = EngineConfig(max_num_seqs=a_cfg.initial_batch_size, max_num_seqs_limit=a_cfg.max_batch_size,
                              max_num_batched_tokens=token_budget, min_prefill_tokens=min_prefill_tokens)
     except ValueError as e:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from services.engine.core import EngineConfig
-from services.engine.local_autoscaler import LocalAutoscalerConfig
+from services.engine.local_autoscaler import LocalAutoscalerConfig, role_overrides
 from services.engine.perf_model import PerfModel
 from services.global_scaler.policy import (
     EngineLoad,
@@ -153,7 +153,8 @@ class ChironPolicy(FleetPolicy):
         fleet.schedule_tick("scale", 0.0)
 
     def engine_setup(self, role: str) -> tuple[EngineConfig, LocalAutoscalerConfig | None]:
-        la = LocalAutoscalerConfig(itl_slo_ms=self.batch_la_itl if role == "batch" else self.la_itl)
+        la = LocalAutoscalerConfig(itl_slo_ms=self.batch_la_itl if role == "batch" else self.la_itl,
+                                   **role_overrides(role))
         return EngineConfig(max_num_seqs=la.initial_batch_size, max_num_seqs_limit=la.max_batch_size,
                             min_prefill_tokens=self.min_prefill_tokens), la
 

@@ -25,6 +25,7 @@ from services.engine.local_autoscaler import (
     Observation,
     decide,
     initial_state,
+    role_overrides,
 )
 
 CFG = LocalAutoscalerConfig().validate()
@@ -382,6 +383,72 @@ def test_idle_engine_below_target_does_not_grow():
     assert all(bb == CFG.initial_batch_size for bb in tr.batch)
 
 
+# ---- (e2) a running set that is still growing -------------------------------------------------------
+
+
+def _drive_with_running(cfg: LocalAutoscalerConfig, running: list[int | None], a: float = 12.0,
+                        b: float = 0.1) -> Trace:
+    """``run_plant`` with ``Observation.running`` taken from ``running[k]`` at step k."""
+    state, batch, tr = initial_state(cfg), cfg.initial_batch_size, Trace()
+    for k, n in enumerate(running):
+        itl = a + b * batch
+        state, d = decide(cfg, state, Observation(float(k), itl, 1e3 * batch / itl, True, running=n))
+        tr.batch.append(batch)
+        tr.decisions.append(d)
+        tr.states.append(state)
+        batch = d.max_batch_size
+    return tr
+
+
+# 40 s of a running set that grows 20% a second (10 s ago / now = 1.2^-10 = 0.16, far below 0.9), then flat.
+GROWING_THEN_FLAT = [round(10 * 1.2 ** k) for k in range(40)] + [round(10 * 1.2 ** 39)] * 40
+
+
+def test_growth_aims_lower_while_the_running_set_grows_then_at_the_full_target():
+    m = 1.2 ** -10
+    young_target = TARGET * (CFG.young_target_fraction + (1 - CFG.young_target_fraction) * m)
+    tr = _drive_with_running(CFG, GROWING_THEN_FLAT)
+    # Young: settles around the scaled target (deadband below it), well short of the full target's B* = 330.
+    assert b_at(young_target * (1 - CFG.deadband) * 0.97, 12, 0.1) <= tr.batch[39] <= b_at(young_target, 12, 0.1) + 1
+    assert not tr.states[39].running_settled
+    assert "running set still growing" in " ".join(d.reason for d in tr.decisions[:40] if d.action == "grow")
+    # Flat for a window: settled (latched), and growth resumes toward the full target without passing the SLO.
+    assert tr.states[-1].running_settled
+    assert b_at(TARGET * (1 - CFG.deadband), 12, 0.1) <= tr.batch[-1] <= b_at(TARGET, 12, 0.1) + 1
+    assert tr.halvings() == 0
+    # The same run with the rule off (or without running counts) goes straight to the full target.
+    off = _drive_with_running(dataclasses.replace(CFG, young_target_fraction=1.0), GROWING_THEN_FLAT)
+    unknown = _drive_with_running(CFG, [None] * len(GROWING_THEN_FLAT))
+    assert off.batch == unknown.batch
+    assert off.batch[39] >= b_at(TARGET * (1 - CFG.deadband), 12, 0.1) > tr.batch[39] * 1.05
+
+
+def test_a_settled_running_set_stays_settled():
+    tr = _drive_with_running(CFG, GROWING_THEN_FLAT + [400, 800, 1600])  # grows again after settling: no effect
+    assert all(s.running_settled for s in tr.states[-3:])
+    assert all("still growing" not in d.reason for d in tr.decisions[-3:])
+
+
+def test_an_unsaturated_engine_settles_the_running_set_at_once():
+    state, d = decide(CFG, initial_state(CFG), Observation(1.0, 20.0, 1000.0, True, running=8))
+    assert not state.running_settled and "still growing" in d.reason
+    # Not saturated: arrivals set the running count, not the cap, so there is no fill-up to wait for.
+    state, d = decide(CFG, state, Observation(2.0, 20.0, 1000.0, False, running=16))
+    assert state.running_settled and state.running_history == ()
+    state, d = decide(CFG, state, Observation(3.0, 20.0, 1000.0, True, running=64))
+    assert state.running_settled and "still growing" not in d.reason
+
+
+def test_role_overrides_turn_the_rule_off_for_mixed_instances_only():
+    assert role_overrides("mixed") == {"young_target_fraction": 1.0}
+    assert role_overrides("interactive") == role_overrides("batch") == {}
+    mixed = dataclasses.replace(CFG, **role_overrides("mixed"))
+    state, d = decide(mixed, initial_state(mixed), Observation(1.0, 20.0, 1000.0, True, running=8))
+    assert state.running_settled and "still growing" not in d.reason
+    with pytest.raises(ValueError, match="unknown role"):
+        role_overrides("prefill")
+
+
 # ---- (f) config validation -----------------------------------------------------------------------
 
 
@@ -400,6 +467,10 @@ def test_idle_engine_below_target_does_not_grow():
     {"itl_quantile": 1.0},
     {"itl_quantile": 0.0},
     {"tbp_tolerance": -0.1},
+    {"young_target_fraction": 0.0},
+    {"young_target_fraction": 1.5},
+    {"mature_running_ratio": 0.0},
+    {"maturity_window_s": 0.0},
 ])
 def test_config_validate_rejects_bad_values(changes):
     with pytest.raises(ValueError):
