@@ -439,12 +439,13 @@ def test_an_unsaturated_engine_settles_the_running_set_at_once():
     assert state.running_settled and "still growing" not in d.reason
 
 
-def test_role_overrides_turn_the_rule_off_for_mixed_instances_only():
-    assert role_overrides("mixed") == {"young_target_fraction": 1.0}
-    assert role_overrides("interactive") == role_overrides("batch") == {}
-    mixed = dataclasses.replace(CFG, **role_overrides("mixed"))
-    state, d = decide(mixed, initial_state(mixed), Observation(1.0, 20.0, 1000.0, True, running=8))
-    assert state.running_settled and "still growing" not in d.reason
+def test_role_overrides_keep_the_rule_for_batch_instances_only():
+    assert role_overrides("mixed") == role_overrides("interactive") == {"young_target_fraction": 1.0}
+    assert role_overrides("batch") == {}
+    for role in ("interactive", "mixed"):
+        cfg = dataclasses.replace(CFG, **role_overrides(role))
+        state, d = decide(cfg, initial_state(cfg), Observation(1.0, 20.0, 1000.0, True, running=8))
+        assert state.running_settled and "still growing" not in d.reason
     with pytest.raises(ValueError, match="unknown role"):
         role_overrides("prefill")
 
