@@ -160,8 +160,8 @@ class LocalAutoscalerState:
     ceiling_until_s: float = -math.inf
     tbp_reference: float | None = None  # pre-growth throughput while a throughput fall awaits confirmation
     tbp_low_intervals: int = 0  # consecutive intervals the fall has lasted so far
-    running_settled: bool = False  # the running set has stopped growing since the engine was last empty
-    running_history: tuple[tuple[float, int], ...] = ()  # (t, running) since then, within maturity_window_s
+    running_settled: bool = False  # the running set has stopped growing, or the engine was not saturated, once
+    running_history: tuple[tuple[float, int], ...] = ()  # (t, running) until then, within maturity_window_s
 
 
 @dataclass(frozen=True)
@@ -185,7 +185,8 @@ def role_overrides(role: str) -> dict:
     set fills up; INTERACTIVE and MIXED instances keep the full ITL target from their start
     (``young_target_fraction`` 1). On them a saturated interval is an interactive burst, and a lower cap queues
     it: ``make demo`` (Azure conversation replay on a local cluster) gave interactive SLO attainment 0.981, TTFT
-    p99 13.9 s and 1,343 GPU-seconds with the rule on every role, against 1.000, 1.2 s and 885 with it off; and
+    p99 13.9 s and 1,343 GPU-seconds with the rule on INTERACTIVE and BATCH instances, against 1.000, 1.2 s and
+    885 with it off everywhere (and 0.999, 2.1 s, 1,039 with it on BATCH instances only); and
     on MIXED instances, whose running set is topped up with preemptible batch work, ``chiron simulate --policy
     chiron --workload mixed --seeds 20`` cost 1.251× the GPU-hours lower bound (worst seed 1.312×) against
     1.245× (worst 1.267×). BATCH instances changed nothing in that simulation either way.
