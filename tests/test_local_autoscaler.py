@@ -383,6 +383,24 @@ def test_idle_engine_below_target_does_not_grow():
     assert all(bb == CFG.initial_batch_size for bb in tr.batch)
 
 
+def test_after_a_halving_it_waits_for_the_running_requests_to_finish_down_to_the_new_cap():
+    state = dataclasses.replace(initial_state(CFG), batch_size=200.0)
+    state, d = decide(CFG, state, Observation(1.0, 2 * SLO, 1000.0, True, running=200))
+    assert d.action == "halve" and d.max_batch_size == 100 and state.draining
+    # A lower cap evicts no one: with 150 still running the interval shows the old batch; no second halving.
+    for k, running in enumerate((180, 150, 101)):
+        state, d = decide(CFG, state, Observation(2.0 + k, 2 * SLO, 1000.0, True, running=running))
+        assert d.action == "hold" and d.max_batch_size == 100 and "waiting" in d.reason
+    # Down to the cap: judged again, and a violation that persists halves again.
+    state, d = decide(CFG, state, Observation(5.0, 2 * SLO, 1000.0, True, running=100))
+    assert d.action == "halve" and d.max_batch_size == 50
+    # Without running counts nothing tells the drain: the next interval is judged as before.
+    state = dataclasses.replace(initial_state(CFG), batch_size=200.0)
+    state, d = decide(CFG, state, Observation(1.0, 2 * SLO, 1000.0, True))
+    state, d = decide(CFG, state, Observation(2.0, 2 * SLO, 1000.0, True))
+    assert d.action == "halve" and d.max_batch_size == 50
+
+
 # ---- (e2) a running set that is still growing -------------------------------------------------------
 
 

@@ -28,6 +28,13 @@ Choices where the paper is silent (``paper.md`` §0c lists the pitfalls they gua
   smoothed by the same EWMA, and TBP must exceed ``1 + tbp_tolerance`` before it halves (noise band).
 * **Both EWMAs restart after a halving**, so the interval after a halving is judged on what the smaller
   batch does, not on the pre-halving ITL (which would halve twice for one violation).
+* **A halving is judged once it is in effect.** A lower cap stops admissions but evicts no running request
+  (vLLM's ``max_num_active_reqs``, the simulated engine alike), so until the running count
+  (``Observation.running``) is down to the new cap the controller holds: those intervals still show the old
+  batch. Seen in ``chiron bench local-autoscaler --backend vllm`` (SLO 3× the batch-1 ITL): halvings
+  17 → 8 → 4 → 2 in consecutive seconds. With the wait, that run's halvings over 90 s went from 14 to 10 and
+  its mean cap after the warm-up from 4.5 to 7.0; the simulated bench, ``chiron simulate --workload mixed``
+  and ``make demo`` did not change.
 * **A throughput fall must last ``tbp_confirm_intervals`` intervals (default 3).** The intervals after a
   growth step also pay the prefills of the requests the larger batch admitted (chunked, so over several
   intervals at a small token budget), and throughput dips with no cliff behind it. Seen in ``chiron bench
@@ -160,6 +167,7 @@ class LocalAutoscalerState:
     ceiling_until_s: float = -math.inf
     tbp_reference: float | None = None  # pre-growth throughput while a throughput fall awaits confirmation
     tbp_low_intervals: int = 0  # consecutive intervals the fall has lasted so far
+    draining: bool = False  # halved, and the running requests have not yet finished down to the new cap
     running_settled: bool = False  # the running set has stopped growing, or the engine was not saturated, once
     running_history: tuple[tuple[float, int], ...] = ()  # (t, running) until then, within maturity_window_s
 
@@ -236,6 +244,14 @@ def decide(config: LocalAutoscalerConfig, state: LocalAutoscalerState,
     cfg = config
     cur = state.batch_size
     m, settled, history = _maturity(cfg, state, obs)
+    if state.draining and obs.running is not None and obs.running > int(cur):
+        # A lower cap stops admissions but evicts no one: until the running requests finish down to it, the
+        # interval shows the old batch, and judging it would halve again for the same violation.
+        d = Decision(obs.now, int(cur), obs.itl_ms / cfg.itl_slo_ms if not math.isnan(obs.itl_ms) else 0.0, 0.0, 0.0,
+                     "hold", f"halved: waiting for the running requests to finish down to the cap "
+                             f"({obs.running} running, cap {int(cur)})")
+        return replace(state, last_decision_s=obs.now, last_action="hold", running_settled=settled,
+                       running_history=history), d
     if math.isnan(obs.itl_ms):
         # No tokens in the interval: nothing to learn from; keep the batch size.
         d = Decision(obs.now, int(cur), 0.0, 0.0, 0.0, "hold", "no tokens produced in the interval")
@@ -304,5 +320,5 @@ def decide(config: LocalAutoscalerConfig, state: LocalAutoscalerState,
     new_state = LocalAutoscalerState(new, None if halved else itl, None if halved else tp, obs.now, action,
                                      batch_size_before=before, ceiling=ceiling, ceiling_until_s=ceiling_until,
                                      tbp_reference=tbp_reference, tbp_low_intervals=low_intervals,
-                                     running_settled=settled, running_history=history)
+                                     draining=halved, running_settled=settled, running_history=history)
     return new_state, Decision(obs.now, int(new), lbp, tbp, bp, action, reason)
