@@ -500,3 +500,22 @@ def test_config_validate_accepts_defaults_and_edges():
     assert LocalAutoscalerConfig().validate() == LocalAutoscalerConfig()
     LocalAutoscalerConfig(ewma_alpha=1.0, itl_smoothing=1.0, latency_target_fraction=1.0,
                           min_batch_size=8, initial_batch_size=8, max_batch_size=8).validate()
+
+
+# ---- (g) the bench's summary ------------------------------------------------------------------------------
+
+
+def test_bench_summary_flags_a_best_static_cap_that_missed_its_own_slo():
+    from bench.local_autoscaler import summarize
+
+    def row(setting, tput, att, conv=None):
+        return {"itl_slo_ms": 10.0, "setting": setting, "throughput_tokens_per_s": tput, "itl_slo_attainment": att,
+                "converge_s": conv}
+
+    ok = summarize({"results": [row("adaptive", 960.0, 0.995, 12.0), row("best_static", 1000.0, 0.993)]})
+    assert ok == [{"itl_slo_ms": 10.0, "adaptive_vs_best_static": 0.96, "targets_met": True,
+                   "best_static_meets_slo": True}]
+    moved = summarize({"results": [row("adaptive", 900.0, 0.995, 12.0), row("best_static", 1000.0, 0.95)]})
+    assert moved[0]["best_static_meets_slo"] is False and moved[0]["targets_met"] is False
+    alone = summarize({"results": [row("adaptive", 900.0, 0.995, 12.0)]})
+    assert alone[0]["best_static_meets_slo"] is None and math.isnan(alone[0]["adaptive_vs_best_static"])
