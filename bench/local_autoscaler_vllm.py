@@ -27,6 +27,11 @@ The same comparison as :mod:`bench.local_autoscaler` (adaptive vs best static vs
   percent over minutes (the batch-1 ITL p99 of two runs half an hour apart: 6.17 and 6.89 ms), so a cap measured
   minutes earlier for 10 s is no yardstick for a 60-s adaptive window: two runs of the earlier design gave
   adaptive at 92% and 137%, then 136% and 63%, of the best static.
+* **One step down when the rerun misses the SLO.** If the chosen cap's rerun keeps under 99% of its tokens
+  within the SLO (the machine slowed since the sweep: 0.912 and 0.949 in one run), the next best swept cap
+  below it runs beside as well, and when that one meets the SLO it becomes the ``best_static`` row; the
+  missed rerun stays in the row as ``rerun_missed_slo`` (cap and attainment). Otherwise the row keeps the first
+  rerun and the summary's ``best_static_meets_slo`` is false.
 """
 
 from __future__ import annotations
@@ -192,7 +197,7 @@ async def run_bench(slo_factors=(1.5, 3.0), static_s: float = 15.0, static_warmu
                                               warmup_s=static_warmup_s, seed=seed)
             if progress:
                 progress()
-        adaptive, chosen, beside = {}, {}, {}
+        adaptive, chosen, beside, missed = {}, {}, {}, {}
         for slo in slos:
             cfg = LocalAutoscalerConfig(itl_slo_ms=slo, max_batch_size=MAX_CAP)
             adaptive[slo] = await _run_setting(backend, lengths, cap=None, duration_s=adaptive_s,
@@ -203,6 +208,15 @@ async def run_bench(slo_factors=(1.5, 3.0), static_s: float = 15.0, static_warmu
             if best is not None:
                 beside[slo] = await _run_setting(backend, lengths, cap=best.max_batch_size, duration_s=adaptive_s,
                                                  warmup_s=adaptive_warmup_s, seed=seed)
+                first = _result(slo, "best_static", best.max_batch_size, *beside[slo][:3])
+                lower = _best_static(slo, statics, [c for c in grid if c < best.max_batch_size])
+                if first.itl_slo_attainment < 0.99 and lower is not None:
+                    retry = await _run_setting(backend, lengths, cap=lower.max_batch_size, duration_s=adaptive_s,
+                                               warmup_s=adaptive_warmup_s, seed=seed)
+                    if _result(slo, "best_static", lower.max_batch_size, *retry[:3]).itl_slo_attainment >= 0.99:
+                        missed[slo] = {"max_batch_size": best.max_batch_size,
+                                       "itl_slo_attainment": first.itl_slo_attainment}
+                        chosen[slo], beside[slo] = lower, retry
             if progress:
                 progress()
     finally:
@@ -233,6 +247,7 @@ async def run_bench(slo_factors=(1.5, 3.0), static_s: float = 15.0, static_warmu
             d.pop("converge_s")
             d["sweep_throughput_tokens_per_s"] = swept.throughput_tokens_per_s
             d["sweep_itl_slo_attainment"] = swept.itl_slo_attainment
+            d["rerun_missed_slo"] = missed.get(slo)
             results.append(d)
         d = asdict(_result(slo, "default_256", MAX_CAP, *vllm_default[:3]))
         d.pop("converge_s")

@@ -1119,6 +1119,11 @@ def bench_local_autoscaler(json_path, backend, duration_s, warmup_s, seed, worke
     for s in report["summary"]:
         console.print(f"ITL SLO {s['itl_slo_ms']:.2f} ms: adaptive = {s['adaptive_vs_best_static']:.1%} of best "
                       f"static; targets met: {s['targets_met']}")
+        moved = next((r.get("rerun_missed_slo") for r in report["results"]
+                      if r["itl_slo_ms"] == s["itl_slo_ms"] and r["setting"] == "best_static"), None)
+        if moved:
+            console.print(f"  the sweep's cap {moved['max_batch_size']} missed the SLO when rerun (attainment "
+                          f"{moved['itl_slo_attainment']:.4f}); the next best swept cap ran beside instead")
         if s["best_static_meets_slo"] is False:
             console.print("  [yellow]the best static cap's own run missed the ITL SLO here (attainment < 0.99): "
                           "the machine's speed moved since the sweep, and the yardstick with it[/]")
