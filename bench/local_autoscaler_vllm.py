@@ -198,6 +198,13 @@ async def run_bench(slo_factors=(1.5, 3.0), static_s: float = 15.0, static_warmu
             if progress:
                 progress()
         adaptive, chosen, beside, missed = {}, {}, {}, {}
+
+        async def _run_beside(slo: float, cap: int) -> RunResult:
+            """Cap ``cap`` for as long as the adaptive run, right after it: the ``best_static`` row."""
+            run = await _run_setting(backend, lengths, cap=cap, duration_s=adaptive_s, warmup_s=adaptive_warmup_s,
+                                     seed=seed)
+            return _result(slo, "best_static", cap, *run[:3])
+
         for slo in slos:
             cfg = LocalAutoscalerConfig(itl_slo_ms=slo, max_batch_size=MAX_CAP)
             adaptive[slo] = await _run_setting(backend, lengths, cap=None, duration_s=adaptive_s,
@@ -206,14 +213,12 @@ async def run_bench(slo_factors=(1.5, 3.0), static_s: float = 15.0, static_warmu
                 progress()
             chosen[slo] = best = _best_static(slo, statics, grid)
             if best is not None:
-                beside[slo] = await _run_setting(backend, lengths, cap=best.max_batch_size, duration_s=adaptive_s,
-                                                 warmup_s=adaptive_warmup_s, seed=seed)
-                first = _result(slo, "best_static", best.max_batch_size, *beside[slo][:3])
-                lower = _best_static(slo, statics, [c for c in grid if c < best.max_batch_size])
-                if first.itl_slo_attainment < 0.99 and lower is not None:
-                    retry = await _run_setting(backend, lengths, cap=lower.max_batch_size, duration_s=adaptive_s,
-                                               warmup_s=adaptive_warmup_s, seed=seed)
-                    if _result(slo, "best_static", lower.max_batch_size, *retry[:3]).itl_slo_attainment >= 0.99:
+                beside[slo] = first = await _run_beside(slo, best.max_batch_size)
+                lower = (_best_static(slo, statics, [c for c in grid if c < best.max_batch_size])
+                         if first.itl_slo_attainment < 0.99 else None)
+                if lower is not None:
+                    retry = await _run_beside(slo, lower.max_batch_size)
+                    if retry.itl_slo_attainment >= 0.99:
                         missed[slo] = {"max_batch_size": best.max_batch_size,
                                        "itl_slo_attainment": first.itl_slo_attainment}
                         chosen[slo], beside[slo] = lower, retry
@@ -243,7 +248,7 @@ async def run_bench(slo_factors=(1.5, 3.0), static_s: float = 15.0, static_warmu
         sweep += [asdict(_result(slo, "static", cap, *statics[cap][:3])) for cap in grid]
         swept = chosen[slo]
         if swept is not None:
-            d = asdict(_result(slo, "best_static", swept.max_batch_size, *beside[slo][:3]))
+            d = asdict(beside[slo])
             d.pop("converge_s")
             d["sweep_throughput_tokens_per_s"] = swept.throughput_tokens_per_s
             d["sweep_itl_slo_attainment"] = swept.itl_slo_attainment

@@ -221,9 +221,7 @@ def _maturity(cfg: LocalAutoscalerConfig, state: LocalAutoscalerState,
     ``m`` = running count ``maturity_window_s`` ago / running count now, 0 until the history spans that
     window; settled (latched) once ``m >= mature_running_ratio`` or once the engine is not saturated.
     """
-    if obs.running is None or cfg.young_target_fraction >= 1.0:
-        return 1.0, True, ()
-    if state.running_settled or not obs.saturated:
+    if obs.running is None or cfg.young_target_fraction >= 1.0 or state.running_settled or not obs.saturated:
         return 1.0, True, ()
     if obs.running <= 0:  # saturated with nothing running (the queue's head does not fit yet): no evidence
         return 0.0, False, ()
@@ -244,19 +242,22 @@ def decide(config: LocalAutoscalerConfig, state: LocalAutoscalerState,
     cfg = config
     cur = state.batch_size
     m, settled, history = _maturity(cfg, state, obs)
+
+    def keep(lbp: float, reason: str) -> tuple[LocalAutoscalerState, Decision]:
+        # Hold without judging the interval: the EWMAs and the throughput reference stay as they are.
+        return (replace(state, last_decision_s=obs.now, last_action="hold", running_settled=settled,
+                        running_history=history),
+                Decision(obs.now, int(cur), lbp, 0.0, 0.0, "hold", reason))
+
     if state.draining and obs.running is not None and obs.running > int(cur):
         # A lower cap stops admissions but evicts no one: until the running requests finish down to it, the
         # interval shows the old batch, and judging it would halve again for the same violation.
-        d = Decision(obs.now, int(cur), obs.itl_ms / cfg.itl_slo_ms if not math.isnan(obs.itl_ms) else 0.0, 0.0, 0.0,
-                     "hold", f"halved: waiting for the running requests to finish down to the cap "
-                             f"({obs.running} running, cap {int(cur)})")
-        return replace(state, last_decision_s=obs.now, last_action="hold", running_settled=settled,
-                       running_history=history), d
+        return keep(0.0 if math.isnan(obs.itl_ms) else obs.itl_ms / cfg.itl_slo_ms,
+                    f"halved: waiting for the running requests to finish down to the cap "
+                    f"({obs.running} running, cap {int(cur)})")
     if math.isnan(obs.itl_ms):
         # No tokens in the interval: nothing to learn from; keep the batch size.
-        d = Decision(obs.now, int(cur), 0.0, 0.0, 0.0, "hold", "no tokens produced in the interval")
-        return replace(state, last_decision_s=obs.now, last_action="hold", running_settled=settled,
-                       running_history=history), d
+        return keep(0.0, "no tokens produced in the interval")
 
     itl = _ewma(state.itl_ewma_ms, obs.itl_ms, cfg.itl_smoothing)
     lbp = itl / cfg.itl_slo_ms  # the paper's latency backpressure
