@@ -33,8 +33,9 @@ LIMIT = 64 * 1024  # the strict gateway's body limit [bytes]
 
 
 class Cluster:
-    def __init__(self, url: str, strict_url: str, router, engine, tok) -> None:
+    def __init__(self, url: str, strict_url: str, router, engine, tok, app) -> None:
         self.url, self.strict_url, self.router, self.engine, self.tok = url, strict_url, router, engine, tok
+        self.app = app  # the open gateway's ASGI app (its router channel is open while the server runs)
 
     def client(self, **kw) -> openai.AsyncOpenAI:
         return openai.AsyncOpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, **kw)
@@ -58,7 +59,7 @@ async def cluster(tmp_path_factory):
     strict = GatewayServer(GatewayConfig(**base, max_body_bytes=LIMIT), security=SecuritySettings(auth_tokens=[TOKEN]))
     await gw.start()
     await strict.start()
-    yield Cluster(gw.url, strict.url, router, parts[0][0], gw.app.state.tokenizer)
+    yield Cluster(gw.url, strict.url, router, parts[0][0], gw.app.state.tokenizer, gw.app)
     await strict.stop()
     await gw.stop()
     await router.stop()
@@ -108,6 +109,58 @@ async def test_streaming_completion_and_token_id_prompt(cluster):
         model=MODEL, messages=[{"role": "user", "content": [{"type": "text", "text": "Hi"}]}], max_completion_tokens=3)
     assert chat.choices[0].message.role == "assistant" and len(chat.choices[0].message.content.split()) == 3
     assert chat.usage.completion_tokens == 3
+
+
+async def _asgi_writes(app, path: str, body: dict) -> list[dict]:
+    """The ``http.response.body`` messages the app sends for one POST, called in-process (each is one write)."""
+    raw = json.dumps(body).encode()
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1", "method": "POST",
+             "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2)}
+    sent: list[dict] = []
+    delivered = False
+
+    async def receive() -> dict:
+        nonlocal delivered
+        if not delivered:
+            delivered = True
+            return {"type": "http.request", "body": raw, "more_body": False}
+        await asyncio.Event().wait()  # the client stays connected
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)
+    return [m for m in sent if m["type"] == "http.response.body"]
+
+
+def _events(write: dict) -> list[bytes]:
+    return [e for e in write["body"].split(b"\n\n") if e]
+
+
+@in_module_loop
+async def test_a_stream_writes_each_token_once_and_ends_with_its_last_token_in_one_write(cluster):
+    writes = await _asgi_writes(cluster.app, "/v1/completions",
+                                {"model": MODEL, "prompt": "hello there", "max_tokens": 5, "stream": True})
+    assert [w["more_body"] for w in writes] == [True] * (len(writes) - 1) + [False]  # no empty write to end the body
+    *tokens, last = writes
+    assert all(len(_events(w)) == 1 for w in tokens)  # one token event per write while the stream runs
+    end = _events(last)
+    assert end[-1] == b"data: [DONE]"
+    assert json.loads(end[-2][6:])["choices"][0]["finish_reason"] == "length"
+    texts = [json.loads(e[6:])["choices"][0]["text"] for w in writes for e in _events(w) if e != b"data: [DONE]"]
+    assert texts[-2] != ""  # the last token went out with the end of the stream
+    assert len([t for t in texts if t]) == 5
+    # A chat stream's opening role chunk goes out with the first token.
+    writes = await _asgi_writes(cluster.app, "/v1/chat/completions",
+                                {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3,
+                                 "stream": True})
+    first = [json.loads(e[6:])["choices"][0]["delta"] for e in _events(writes[0])]
+    assert first[0] == {"role": "assistant", "content": ""}
+    assert first[1].get("content")
+    assert writes[-1]["more_body"] is False
 
 
 @in_module_loop

@@ -208,6 +208,10 @@ def _sse(obj: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
 
 
+class _Last(bytes):
+    """The last chunk of an event stream: :class:`_EventStream` writes it together with the end of the HTTP body."""
+
+
 class _DisconnectWatch:
     """Cancels a router call as soon as the HTTP client goes away (``http.disconnect`` on the ASGI receive
     channel, read once the request body has been). One task per request, where Starlette's StreamingResponse
@@ -239,6 +243,17 @@ class _EventStream(StreamingResponse):
         self._events = events
         self._watch = watch
         self._on_first_event = on_first_event
+
+    async def stream_response(self, send: Send) -> None:
+        # Starlette's, except that a :class:`_Last` chunk ends the body in the same write: with the last token's
+        # event held for the end of the stream (see _stream), a short answer costs two writes fewer.
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        async for chunk in self.body_iterator:
+            last = isinstance(chunk, _Last)
+            await send({"type": "http.response.body", "body": chunk, "more_body": not last})
+            if last:
+                return
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         first = True
@@ -375,12 +390,16 @@ async def _collect(call, first: router_pb2.RouterGenerateResponse) -> tuple[list
 
 async def _stream(call, first: router_pb2.RouterGenerateResponse, shape: common.Shape, detok: Detokenizer,
                   prompt_tokens: int, include_usage: bool) -> AsyncGenerator[bytes, None]:
-    """SSE events of one streaming request; cancelling it (client gone) cancels the router call."""
+    """SSE events of one streaming request; cancelling it (client gone) cancels the router call.
+
+    Events go out as their tokens arrive, as few writes as that allows: a chat stream's opening role chunk goes
+    with the first token, and from the message that carries the finish reason (with the last tokens) on, events
+    are held until the router's stream ends (its status follows at once) and go out with the end of the stream
+    and the end of the HTTP body, in one write (:class:`_Last`)."""
     generated = 0
-    finish = "stop"
+    finish: str | None = None
+    out = _sse(shape.chunk("", role=True)) if shape.chat else b""  # events not yet written
     try:
-        if shape.chat:
-            yield _sse(shape.chunk("", role=True))
         msg = first
         while msg is not grpc.aio.EOF:
             c = msg.chunk
@@ -388,16 +407,19 @@ async def _stream(call, first: router_pb2.RouterGenerateResponse, shape: common.
                 generated += len(c.token_ids)
                 text = detok.step(c.token_ids)
                 if text:
-                    yield _sse(shape.chunk(text))
+                    out += _sse(shape.chunk(text))
             if c.finish_reason:
                 finish = _FINISH.get(c.finish_reason, "stop")
+            if finish is None and out:
+                yield out
+                out = b""
             msg = await call.read()
         tail = detok.flush()
-        end = [_sse(shape.chunk(tail)) if tail else b"", _sse(shape.chunk("", finish)),
+        end = [out, _sse(shape.chunk(tail)) if tail else b"", _sse(shape.chunk("", finish or "stop")),
                _sse(shape.usage_chunk(common.usage(prompt_tokens, generated))) if include_usage else b"", b"data: [DONE]\n\n"]
-        yield b"".join(end)  # one write for the end of the stream
+        yield _Last(b"".join(end))
     except grpc.aio.AioRpcError as e:
-        yield _sse(APIError.from_grpc(e).body())
+        yield out + _sse(APIError.from_grpc(e).body())
     finally:
         call.cancel()  # no-op once the call has ended
 
