@@ -100,9 +100,7 @@ def run_engine(itl_slo_ms: float, setting: str, batch_size: int, duration_s: flo
             if now >= next_control:
                 since = last_control if a_cfg.itl_window_s <= 0 else max(now - a_cfg.itl_window_s, last_halving)
                 q = win_itl.quantile(a_cfg.itl_quantile, now, since_s=since)
-                obs = Observation(now, q, win_tokens / (now - last_control), engine.saturated, running=len(engine.running),
-                                  itl_tokens=win_itl.count(now, since_s=last_control),
-                                  itl_violations=win_itl.count(now, since_s=last_control, above_ms=a_cfg.itl_slo_ms))
+                obs = Observation(now, q, win_tokens / (now - last_control), engine.saturated, running=len(engine.running))
                 a_state, decision = decide(a_cfg, a_state, obs)
                 engine.set_max_num_seqs(decision.max_batch_size)
                 trajectory.append((now, engine.max_num_seqs))

@@ -456,10 +456,7 @@ class Fleet:
             interval = inst.la.control_interval_s
             q = (weighted_quantile(np.asarray(inst.ctl_itl_ms), np.asarray(inst.ctl_itl_n, dtype=float), inst.la.itl_quantile)
                  if inst.ctl_itl_ms else math.nan)
-            slo = inst.la.itl_slo_ms
-            obs = Observation(self.now, q, inst.ctl_tokens / interval, inst.core.saturated, running=len(inst.core.running),
-                              itl_tokens=sum(inst.ctl_itl_n),
-                              itl_violations=sum(n for ms, n in zip(inst.ctl_itl_ms, inst.ctl_itl_n, strict=True) if ms > slo))
+            obs = Observation(self.now, q, inst.ctl_tokens / interval, inst.core.saturated, running=len(inst.core.running))
             inst.la_state, d = decide(inst.la, inst.la_state, obs)
             inst.core.set_max_num_seqs(d.max_batch_size)
             inst.ctl_itl_ms, inst.ctl_itl_n, inst.ctl_tokens = [], [], 0

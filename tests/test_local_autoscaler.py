@@ -179,84 +179,6 @@ def test_single_spike_is_smoothed_but_overload_halves_at_once():
     assert d.max_batch_size == 150
 
 
-def _clean_history(intervals: int = 20, tokens: int = 1000, violations: int = 2) -> LocalAutoscalerState:
-    """Batch 300 at its growth target (ITL 45 ms), after ``intervals`` one-second intervals with ``violations``
-    of ``tokens`` over the SLO."""
-    state = LocalAutoscalerState(batch_size=300.0, itl_ewma_ms=TARGET, throughput_ewma=7500.0,
-                                 last_decision_s=0.0, last_action="hold")
-    for k in range(intervals):
-        state, d = decide(CFG, state, Observation(float(k + 1), TARGET, 7500.0, True, itl_tokens=tokens,
-                                                  itl_violations=violations))
-        assert d.action == "hold"
-    return state
-
-
-def test_a_spike_within_the_error_budget_holds_instead_of_halving():
-    state = _clean_history()
-    # Over the overload factor in this interval, but 30 of 1,000 tokens: (40 + 30) / 21,000 = 0.33% ≤ 1%.
-    s, d = decide(CFG, state, Observation(21.0, 80.0, 7500.0, True, itl_tokens=1000, itl_violations=30))
-    assert d.action == "hold"
-    assert "error budget" in d.reason
-    assert s.batch_size == 300.0
-    assert s.budget_history[-1] == (21.0, 30, 1000)
-    # The same interval without the counts halves, as the paper's rule does.
-    _, d = decide(CFG, state, Observation(21.0, 80.0, 7500.0, True))
-    assert d.action == "halve"
-
-
-def test_a_violation_that_spends_the_error_budget_halves_and_restarts_it():
-    state = _clean_history()
-    # 300 of 1,000 tokens over the SLO: (40 + 300) / 21,000 = 1.6% > 1%.
-    s, d = decide(CFG, state, Observation(21.0, 80.0, 7500.0, True, itl_tokens=1000, itl_violations=300))
-    assert d.action == "halve"
-    assert s.batch_size == 150.0
-    assert s.budget_history == ()  # the smaller batch is judged on its own tokens
-    # Right after the halving one interval is the whole window: over the SLO there halves again.
-    s2, d = decide(CFG, replace_draining(s), Observation(22.0, 80.0, 7500.0, True, itl_tokens=1000,
-                                                         itl_violations=20))
-    assert d.action == "halve"
-    assert s2.batch_size == 75.0
-
-
-def replace_draining(state: LocalAutoscalerState) -> LocalAutoscalerState:
-    return dataclasses.replace(state, draining=False)
-
-
-def test_repeated_spikes_spend_the_error_budget_and_old_tokens_leave_the_window():
-    state = _clean_history(violations=0)
-    actions = []
-    for k in range(5):  # 30 of 1,000 tokens over the SLO every interval: 3% each
-        state, d = decide(CFG, state, Observation(21.0 + k, 60.0, 7500.0, True, itl_tokens=1000, itl_violations=30))
-        actions.append(d.action)
-    # 30 / 21,000, 60 / 22,000, ... : spent at the 8th such interval at the earliest, so none halves in 5 ...
-    assert "halve" not in actions
-    assert state.batch_size == 300.0
-    # ... but once the clean intervals have left the 30-s window, the same spikes are over budget.
-    state = _clean_history(violations=0)
-    for k in range(30):
-        state, d = decide(CFG, state, Observation(21.0 + k, 60.0, 7500.0, True, itl_tokens=1000, itl_violations=30))
-        if d.action == "halve":
-            break
-    assert d.action == "halve"
-    assert 21.0 + k - CFG.error_budget_window_s < 21.0  # before the window held spikes only
-
-
-def test_no_growth_once_half_the_error_budget_is_spent():
-    # ITL 30 ms, far below the 45-ms growth target: grows while the window's tokens meet the SLO ...
-    state = _clean_history(violations=0)
-    _, d = decide(CFG, state, Observation(21.0, 30.0, 7500.0, True, itl_tokens=1000, itl_violations=0))
-    assert d.action == "grow"
-    # ... but not once more than half the 1% budget is spent: 6 of 1,000 tokens in each of 21 intervals (0.6%).
-    state = _clean_history(violations=6)
-    s, d = decide(CFG, state, Observation(21.0, 30.0, 7500.0, True, itl_tokens=1000, itl_violations=6))
-    assert d.action == "hold"
-    assert "error budget" in d.reason
-    assert s.batch_size == 300.0
-    # Without the counts it grows as before.
-    _, d = decide(CFG, state, Observation(21.0, 30.0, 7500.0, True))
-    assert d.action == "grow"
-
-
 # ---- (c) step change of load -------------------------------------------------------------------------
 
 
@@ -568,9 +490,6 @@ def test_role_overrides_keep_the_rule_for_batch_instances_only():
     {"young_target_fraction": 1.5},
     {"mature_running_ratio": 0.0},
     {"maturity_window_s": 0.0},
-    {"error_budget_window_s": -1.0},
-    {"budget_growth_share": 0.0},
-    {"budget_growth_share": 1.5},
 ])
 def test_config_validate_rejects_bad_values(changes):
     with pytest.raises(ValueError):

@@ -22,20 +22,6 @@ Choices where the paper is silent (``paper.md`` §0c lists the pitfalls they gua
   the same proportional EWMA step eases the batch down instead of halving it. A literal "halve when > 1"
   around the growth target throws half the throughput away on noise every few seconds (a sawtooth the
   first version of this module showed in ``chiron bench local-autoscaler``).
-* **A violation halves only once it spends the SLO's error budget.** An ITL SLO met at p99 leaves 1% of tokens
-  (``1 − itl_quantile``) free to exceed it. The controller counts the tokens over the SLO
-  (``Observation.itl_violations`` of ``itl_tokens``) over the last ``error_budget_window_s`` (30 s) since the last
-  halving; an interval over the SLO halves only when more than that share of the window's tokens exceeded it, and
-  otherwise holds (a spike: a descheduled process, one prefill). Growth stops while more than
-  ``budget_growth_share`` (half) of the budget is spent, so the batch does not settle where the next spike halves
-  it. Seen in ``chiron bench local-autoscaler --backend vllm`` (a tiny model on 2 shared CPU cores, whose ITL
-  hardly depends on the batch below ~30 and whose batch-1 p99 is twice its p50): at 3× the batch-1 ITL the
-  earlier rule halved 7-13 times in 90 s, a sawtooth between ~10 and ~27 that never settled; with the budget, 2
-  times, the cap within 10% of its final value from 73 s on, throughput 98% of the best static cap and ITL
-  attainment 0.991 (one run).
-  The simulated bench, ``chiron simulate --workload mixed --seeds 20`` (1.245× the lower bound) and ``make demo``
-  did not change: there a violation is a batch too large, and it spends the budget at once. Without the counts
-  (``None``) every violation halves, as the paper's rule reads.
 * **TBP counts only while the engine is saturated** (work waiting or batch at its cap) **and only right
   after a growth step.** Throughput also falls when load falls, and it falls right after a halving by
   construction; a literal TBP > 1 would then halve again and cascade to a batch of 1. Throughput is
@@ -122,8 +108,6 @@ class LocalAutoscalerConfig:
     young_target_fraction: float = 0.85  # ITL target scale while the running set still grows (1 = off)
     maturity_window_s: float = 10.0  # running count compared with this many seconds ago [s]
     mature_running_ratio: float = 0.9  # running(now - window) / running(now) at which the running set is settled
-    error_budget_window_s: float = 30.0  # a violation halves only if the ITL SLO's error budget is spent over this [s]
-    budget_growth_share: float = 0.5  # no growth while this share of the error budget is spent in the window
 
     def validate(self) -> LocalAutoscalerConfig:
         if self.itl_slo_ms <= 0:
@@ -133,7 +117,7 @@ class LocalAutoscalerConfig:
         if self.control_interval_s <= 0:
             raise ValueError("control_interval_s must be > 0")
         for name in ("ewma_alpha", "itl_smoothing", "latency_target_fraction", "young_target_fraction",
-                     "mature_running_ratio", "budget_growth_share"):
+                     "mature_running_ratio"):
             v = getattr(self, name)
             if not 0 < v <= 1:
                 raise ValueError(f"{name} must be in (0, 1] (got {v})")
@@ -149,8 +133,6 @@ class LocalAutoscalerConfig:
             raise ValueError("itl_window_s must be >= 0")
         if self.maturity_window_s <= 0:
             raise ValueError("maturity_window_s must be > 0")
-        if self.error_budget_window_s < 0:
-            raise ValueError("error_budget_window_s must be >= 0")
         return self
 
 
@@ -161,9 +143,7 @@ class Observation:
     ``itl_ms``: the ``itl_quantile`` of per-token ITLs in the interval (NaN when no token was produced);
     ``throughput_tokens_per_s``: output tokens per second in the interval; ``saturated``: work was waiting
     or the batch was at its cap at the end of the interval; ``running``: requests running at the end of the
-    interval (``None``: unknown, and the running set is taken as settled); ``itl_tokens``: tokens with an ITL
-    sample in the interval, ``itl_violations``: how many of them had an ITL over ``itl_slo_ms`` (``None``:
-    unknown, and every violation halves at once, as without the error budget).
+    interval (``None``: unknown, and the running set is taken as settled).
     """
 
     now: float
@@ -171,8 +151,6 @@ class Observation:
     throughput_tokens_per_s: float
     saturated: bool
     running: int | None = None
-    itl_tokens: int | None = None
-    itl_violations: int | None = None
 
 
 @dataclass(frozen=True)
@@ -192,7 +170,6 @@ class LocalAutoscalerState:
     draining: bool = False  # halved, and the running requests have not yet finished down to the new cap
     running_settled: bool = False  # the running set has stopped growing, or the engine was not saturated, once
     running_history: tuple[tuple[float, int], ...] = ()  # (t, running) until then, within maturity_window_s
-    budget_history: tuple[tuple[float, int, int], ...] = ()  # (t, ITL violations, tokens) since the last halving
 
 
 @dataclass(frozen=True)
@@ -259,24 +236,6 @@ def _maturity(cfg: LocalAutoscalerConfig, state: LocalAutoscalerState,
     return m, False, history
 
 
-def _error_budget(cfg: LocalAutoscalerConfig, state: LocalAutoscalerState,
-                  obs: Observation) -> tuple[bool, float, float, tuple[tuple[float, int, int], ...]]:
-    """Whether the ITL SLO's error budget is spent: ``(spent, fraction, span_s, history)``.
-
-    ``fraction``: of the tokens of the last ``error_budget_window_s`` since the last halving (this interval
-    included), the share whose ITL exceeded the SLO; spent when it is over ``1 − itl_quantile`` (the SLO asks
-    that quantile of tokens within it, e.g. p99 ⇒ a 1% budget). Always spent without the counts (``None``).
-    """
-    if obs.itl_tokens is None or obs.itl_violations is None or cfg.error_budget_window_s <= 0:
-        return True, math.nan, 0.0, ()
-    history = tuple(h for h in state.budget_history if h[0] > obs.now - cfg.error_budget_window_s)
-    history += ((obs.now, obs.itl_violations, obs.itl_tokens),)
-    tokens = sum(h[2] for h in history)
-    fraction = sum(h[1] for h in history) / tokens if tokens else 0.0
-    span_s = obs.now - history[0][0] + cfg.control_interval_s
-    return fraction > 1.0 - cfg.itl_quantile, fraction, span_s, history
-
-
 def decide(config: LocalAutoscalerConfig, state: LocalAutoscalerState,
            obs: Observation) -> tuple[LocalAutoscalerState, Decision]:
     """One control step. Returns the new state and the decision (``max_batch_size`` to apply)."""
@@ -321,16 +280,7 @@ def decide(config: LocalAutoscalerConfig, state: LocalAutoscalerState,
     bp_grow = max(max(itl, obs.itl_ms) / target_ms, tbp_term)
     ceiling, ceiling_until = (state.ceiling, state.ceiling_until_s) if obs.now < state.ceiling_until_s else (None, -math.inf)
 
-    spent, fraction, span_s, budget_history = _error_budget(cfg, state, obs)
-    violated = lbp > 1.0 or obs.itl_ms > cfg.overload_factor * cfg.itl_slo_ms
-    if violated and not spent:
-        # Over the SLO in this interval, yet the tokens of the last window still meet it: a spike (this machine's
-        # scheduling, one prefill), not a batch too large. Halving would cut throughput for nothing; hold.
-        new, action = cur, "hold"
-        reason = (f"ITL {max(itl, obs.itl_ms):.1f} ms over the SLO ({cfg.itl_slo_ms:g} ms) in this interval, but only "
-                  f"{fraction:.2%} of the last {span_s:.0f} s of tokens: within the SLO's "
-                  f"{1.0 - cfg.itl_quantile:.0%} error budget")
-    elif violated:
+    if lbp > 1.0 or obs.itl_ms > cfg.overload_factor * cfg.itl_slo_ms:
         new, action = cur / 2.0, "halve"
         reason = (f"latency backpressure {max(lbp, obs.itl_ms / cfg.itl_slo_ms):.2f} > 1 "
                   f"(ITL {itl:.1f} ms, SLO {cfg.itl_slo_ms:g} ms)")
@@ -349,13 +299,6 @@ def decide(config: LocalAutoscalerConfig, state: LocalAutoscalerState,
     elif bp_grow < 1.0 and not obs.saturated:
         # Below the target and not saturated: the cap is not binding; growing it would add no evidence.
         new, action, reason = cur, "hold", "engine not saturated: the cap is not binding"
-    elif bp <= 1.0 + cfg.deadband and bp_grow < 1.0 - cfg.deadband and \
-            fraction > cfg.budget_growth_share * (1.0 - cfg.itl_quantile):
-        # Below the growth target, but the window already spent that much of the budget: growing would spend the
-        # rest, and the next spike would halve.
-        new, action = cur, "hold"
-        reason = (f"below the ITL target, but {fraction:.2%} of the last {span_s:.0f} s of tokens were over the SLO: "
-                  f"over {cfg.budget_growth_share:.0%} of its {1.0 - cfg.itl_quantile:.0%} error budget, not growing")
     elif bp > 1.0 + cfg.deadband or bp_grow < 1.0 - cfg.deadband:
         # Proportional move toward cur / bp, smoothed: eases down above the target (on the smoothed ITL),
         # grows below it (on the larger of smoothed and latest ITL), at most max_growth_factor per step.
@@ -378,6 +321,5 @@ def decide(config: LocalAutoscalerConfig, state: LocalAutoscalerState,
     new_state = LocalAutoscalerState(new, None if halved else itl, None if halved else tp, obs.now, action,
                                      batch_size_before=before, ceiling=ceiling, ceiling_until_s=ceiling_until,
                                      tbp_reference=tbp_reference, tbp_low_intervals=low_intervals,
-                                     draining=halved, running_settled=settled, running_history=history,
-                                     budget_history=() if halved else budget_history)
+                                     draining=halved, running_settled=settled, running_history=history)
     return new_state, Decision(obs.now, int(new), lbp, tbp, bp, action, reason)

@@ -182,8 +182,7 @@ class EngineAgent(engine_pb2_grpc.EngineServicer):
         since = last if cfg.itl_window_s <= 0 else max(now - cfg.itl_window_s, self._last_halving_s)
         q = self._ctl_itl.quantile(cfg.itl_quantile, now, since_s=since)
         obs = Observation(now, q, self._ctl_tokens / max(now - last, 1e-9), snap.saturated or self._saturated,
-                          running=snap.num_running, itl_tokens=self._ctl_itl.count(now, since_s=last),
-                          itl_violations=self._ctl_itl.count(now, since_s=last, above_ms=cfg.itl_slo_ms))
+                          running=snap.num_running)
         self._ctl_tokens = 0
         self._ctl_last_s = now
         self._state, decision = decide(cfg, self._state, obs)

@@ -54,11 +54,10 @@ class LatencyWindow:
         arr = np.array(sel, dtype=float)
         return weighted_quantile(arr[:, 0], arr[:, 1], q)
 
-    def count(self, now: float, since_s: float | None = None, above_ms: float = -math.inf) -> int:
-        """Samples newer than ``since_s`` (default: the whole horizon) whose latency exceeds ``above_ms``."""
+    def count(self, now: float, since_s: float | None = None) -> int:
         self._trim(now)
         start = now - self.horizon_s if since_s is None else since_s
-        return sum(c for t, lat, c in self._samples if t >= start and lat > above_ms)
+        return sum(c for t, _, c in self._samples if t >= start)
 
 
 class RateWindow:
