@@ -74,9 +74,9 @@ def run_engine(itl_slo_ms: float, setting: str, batch_size: int, duration_s: flo
     itl_counts: list[int] = []
     tokens_measured = 0
     # The observed ITL exactly as the engine agent takes it (services/engine/server.py, control_step): the
-    # ``itl_quantile`` of the last interval's token ITLs, or of the last ``itl_window_s`` since the last halving.
-    win_itl = LatencyWindow(max(a_cfg.control_interval_s * 4, a_cfg.itl_window_s, 1.0) if a_cfg else 1.0)
-    last_control, last_halving = 0.0, -math.inf
+    # ``itl_quantile`` of the last interval's token ITLs.
+    win_itl = LatencyWindow(max(a_cfg.control_interval_s * 4, 1.0) if a_cfg else 1.0)
+    last_control = 0.0
     win_tokens = 0
     next_control = a_cfg.control_interval_s if a_cfg else math.inf
     while now < duration_s:
@@ -98,14 +98,11 @@ def run_engine(itl_slo_ms: float, setting: str, batch_size: int, duration_s: flo
             win_itl.add(now, itl_ms, n_itl)
             win_tokens += n_tok
             if now >= next_control:
-                since = last_control if a_cfg.itl_window_s <= 0 else max(now - a_cfg.itl_window_s, last_halving)
-                q = win_itl.quantile(a_cfg.itl_quantile, now, since_s=since)
+                q = win_itl.quantile(a_cfg.itl_quantile, now, since_s=last_control)
                 obs = Observation(now, q, win_tokens / (now - last_control), engine.saturated, running=len(engine.running))
                 a_state, decision = decide(a_cfg, a_state, obs)
                 engine.set_max_num_seqs(decision.max_batch_size)
                 trajectory.append((now, engine.max_num_seqs))
-                if decision.action == "halve":
-                    last_halving = now
                 win_tokens, last_control = 0, now
                 next_control = now + a_cfg.control_interval_s
 

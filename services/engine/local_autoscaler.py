@@ -14,8 +14,7 @@ autoscaler; restated in ``../shared/notes/paper.md`` §0b):
 Choices where the paper is silent (``paper.md`` §0c lists the pitfalls they guard against):
 
 * **Observed ITL** is a high quantile (``itl_quantile``, default p99) of the per-token ITLs of the last
-  control interval (or of the last ``itl_window_s`` seconds since the last halving, for engines whose
-  per-interval p99 is noisy), smoothed by an EWMA (``itl_smoothing``) so one prefill-heavy interval does
+  control interval, smoothed by an EWMA (``itl_smoothing``) so one prefill-heavy interval does
   not halve the batch (one interval above ``overload_factor`` × SLO still halves at once).
 * **Halve only on a real violation, grow toward a margin.** LBP > 1 (ITL above the SLO itself) halves;
   growth aims at ``latency_target_fraction`` × SLO (default 0.9), and between that target and the SLO
@@ -104,7 +103,6 @@ class LocalAutoscalerConfig:
     tbp_ceiling_ttl_s: float = 60.0  # how long a throughput cliff caps growth [s]
     tbp_confirm_intervals: int = 3  # consecutive intervals a throughput fall must last before it halves
     overload_factor: float = 1.5  # one interval with ITL above this × SLO halves at once (no smoothing)
-    itl_window_s: float = 0.0  # ITL quantile over this many seconds (since the last halving); 0 = one interval
     young_target_fraction: float = 0.85  # ITL target scale while the running set still grows (1 = off)
     maturity_window_s: float = 10.0  # running count compared with this many seconds ago [s]
     mature_running_ratio: float = 0.9  # running(now - window) / running(now) at which the running set is settled
@@ -129,8 +127,6 @@ class LocalAutoscalerConfig:
             raise ValueError("max_growth_factor must be > 1")
         if self.tbp_confirm_intervals < 1:
             raise ValueError("tbp_confirm_intervals must be >= 1")
-        if self.itl_window_s < 0:
-            raise ValueError("itl_window_s must be >= 0")
         if self.maturity_window_s <= 0:
             raise ValueError("maturity_window_s must be > 0")
         return self

@@ -95,11 +95,10 @@ class EngineAgent(engine_pb2_grpc.EngineServicer):
         self.itl = LatencyWindow(cfg.stats_window_s)
         self.ttft = LatencyWindow(cfg.stats_window_s)
         self.tokens = RateWindow(cfg.stats_window_s)
-        self._ctl_itl = LatencyWindow(max(cfg.autoscaler.control_interval_s * 4, cfg.autoscaler.itl_window_s, 1.0))
+        self._ctl_itl = LatencyWindow(max(cfg.autoscaler.control_interval_s * 4, 1.0))
         self._ctl_tokens = 0
         self._ctl_last_s: float | None = None
         self.late_control_steps = 0  # control steps that came over LATE_CONTROL_FACTOR intervals (and 1 s) late
-        self._last_halving_s = -math.inf
         self._saturated = False
         self._state = initial_state(cfg.autoscaler)
         self.last_decision: Decision | None = None
@@ -179,8 +178,7 @@ class EngineAgent(engine_pb2_grpc.EngineServicer):
         first = self._ctl_last_s is None
         last = now - cfg.control_interval_s if first else self._ctl_last_s
         snap = self.backend.snapshot()
-        since = last if cfg.itl_window_s <= 0 else max(now - cfg.itl_window_s, self._last_halving_s)
-        q = self._ctl_itl.quantile(cfg.itl_quantile, now, since_s=since)
+        q = self._ctl_itl.quantile(cfg.itl_quantile, now, since_s=last)
         obs = Observation(now, q, self._ctl_tokens / max(now - last, 1e-9), snap.saturated or self._saturated,
                           running=snap.num_running)
         self._ctl_tokens = 0
@@ -191,8 +189,6 @@ class EngineAgent(engine_pb2_grpc.EngineServicer):
         applied = await self.backend.set_max_batch_size(decision.max_batch_size)
         self.last_decision = decision
         self.decisions.append(decision)
-        if decision.action == "halve":
-            self._last_halving_s = now
         if decision.action != "hold":
             log.info("local autoscaler: %s → max batch size %d (%s)", decision.action, applied, decision.reason)
         return decision
