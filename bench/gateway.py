@@ -2,7 +2,8 @@
 
 A real cluster on loopback, every part its own process: etcd, the queue, one simulated engine agent
 (``--speedup 100`` and a static batch of 256, so the engine is never the bottleneck) registered in etcd, the
-router and the gateway. At each rate (50 and 200 requests/s by default) an open-loop Poisson client sends
+router and the gateway (``gateway_workers`` worker processes on one port, 2 by default: ``chiron gateway``'s
+default). At each rate (50 and 200 requests/s by default) an open-loop Poisson client sends
 requests for ``duration_s``, alternately along the two paths (so both run side by side under the same load,
 each at half the rate): a streaming ``POST /v1/completions`` to the gateway (aiohttp by default, or httpx;
 HTTP/1.1 keep-alive), or the same request straight to ``Router.Generate``. Same prompt (``prompt_words``
@@ -17,11 +18,17 @@ what the HTTP hop costs: the gateway's work, plus the client's HTTP/SSE handling
 ``chiron_gateway_overhead_seconds`` histogram (arrival to router call, plus first token received to its SSE event
 written; interpolated within buckets): what the gateway adds when it is not waiting for a core.
 
-Every part's CPU per request (``cpu_ms_per_request``, from ``/proc/<pid>/stat``) shows where the time goes. On
+Every part's CPU per request (``cpu_ms_per_request``, from ``/proc``; the gateway's summed over its worker
+processes) shows where the time goes. On
 this 2-core machine everything shares two cores (about two thirds busy at 200/s), so the tails are set by
 scheduling: a stall of the host, or of one process, delays a burst of requests. The bench process freezes its
 start-up heap like the services do (:func:`services.common.grpc_util.settle_heap`), so its own garbage
 collections do not stall both paths, and the default 30 s per rate gives about 3,000 requests per path at 200/s.
+
+Why two gateway workers: with one, the p99 overhead came from Poisson bursts. Gateway requests that arrived
+with 8–11 others in the previous 50 ms (160–220/s for a moment, against 100/s on average) had a p50 TTFT of
+12–17 ms against 6–7 ms. One event loop at about 2 ms of CPU per request served them one after another
+(measured over three runs of 45–120 s at 200/s). Two workers serve a burst on both cores.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ import aiohttp
 import grpc
 import httpx
 import numpy as np
+import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.router import start_router_stack
@@ -64,12 +72,14 @@ def _cpu_busy() -> tuple[float, float] | None:
     return sum(fields) - idle, sum(fields)
 
 
-def _proc_cpu_s(pid: int | str) -> float | None:
-    """User + system CPU seconds a process has used (``/proc/<pid>/stat``); None where there is none."""
+def _proc_cpu_s(pid: int | None, children: bool = False) -> float | None:
+    """User + system CPU seconds a process (``None``: this one) has used, with its children's (a gateway's
+    workers) when ``children``; from ``/proc`` through psutil; None where there is none."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
+        proc = psutil.Process(pid)
+        procs = [proc, *proc.children(recursive=True)] if children else [proc]
+        return sum(p.cpu_times().user + p.cpu_times().system for p in procs)
+    except (psutil.Error, ValueError):
         return None
 
 
@@ -134,7 +144,7 @@ async def _run_rate(paths: dict, rate: float, duration_s: float, seed: int) -> t
 
 
 async def run_bench(rates=(50.0, 200.0), duration_s: float = 30.0, max_tokens: int = 4, prompt_words: int = 32,
-                    progress=None, http_client: str = "aiohttp") -> dict:
+                    progress=None, http_client: str = "aiohttp", gateway_workers: int = 2) -> dict:
     """Start the parts, measure every rate, stop everything. Returns ``{"results": [{"rate_rps",
     "overhead_p50_ms", "overhead_p99_ms", ...}], "config": {...}}``. Raises RuntimeError / TimeoutError when a
     part fails to start (its log is in the message), EtcdNotFound without an etcd binary."""
@@ -145,7 +155,8 @@ async def run_bench(rates=(50.0, 200.0), duration_s: float = 30.0, max_tokens: i
     procs = []
     try:
         _, rport = await start_router_stack(work, etcd, procs)
-        g, gpf = spawn_chiron(work, "gateway", ["gateway", "--router", f"127.0.0.1:{rport}"])
+        g, gpf = spawn_chiron(work, "gateway", ["gateway", "--router", f"127.0.0.1:{rport}",
+                                                "--workers", str(gateway_workers)])
         procs.append(g)
         gport = await wait_port_file(gpf, g)
         gateway_url = f"http://127.0.0.1:{gport}"
@@ -198,7 +209,7 @@ async def run_bench(rates=(50.0, 200.0), duration_s: float = 30.0, max_tokens: i
             gateway = gateway_aiohttp if http_client == "aiohttp" else gateway_httpx
 
             # CPU per request of each part: where the HTTP hop's cost goes.
-            parts = {"client": "self", "gateway": g.pid, "router": procs[2].pid, "engine": procs[1].pid,
+            parts = {"client": None, "gateway": g.pid, "router": procs[2].pid, "engine": procs[1].pid,
                      "queue": procs[0].pid}
             paths = {"gateway": gateway, "direct": direct}
             await _run_rate(paths, 20.0, 1.0, 99)  # warm both paths (connections, the router's first stats)
@@ -206,12 +217,12 @@ async def run_bench(rates=(50.0, 200.0), duration_s: float = 30.0, max_tokens: i
             rows = []
             for k, rate in enumerate(rates):
                 cpu0, load0 = _cpu_busy(), time.perf_counter()
-                part0 = {name: _proc_cpu_s(pid) for name, pid in parts.items()}
+                part0 = {name: _proc_cpu_s(pid, name == "gateway") for name, pid in parts.items()}
                 hist0 = await _overhead_buckets(http)
                 ttfts, errors = await _run_rate(paths, rate, duration_s, k)
                 hist1 = await _overhead_buckets(http)
                 cpu1 = _cpu_busy()
-                part1 = {name: _proc_cpu_s(pid) for name, pid in parts.items()}
+                part1 = {name: _proc_cpu_s(pid, name == "gateway") for name, pid in parts.items()}
                 gw, d = ttfts["gateway"], ttfts["direct"]
                 if not gw or not d:
                     raise RuntimeError(f"no request completed at {rate:g} req/s (errors: {errors}); see the logs in {work}")
@@ -244,5 +255,6 @@ async def run_bench(rates=(50.0, 200.0), duration_s: float = 30.0, max_tokens: i
     return {"results": rows,
             "config": {"duration_s": duration_s, "max_tokens": max_tokens, "prompt_tokens": len(ids),
                        "cpu_count": os.cpu_count(), "load_average_1m_after": os.getloadavg()[0], "http_client": http_client,
+                       "gateway_workers": gateway_workers,
                        "engine": "simulated llama-3-8b, speedup 100, static batch 256",
                        "load": "rate_rps in total (open-loop Poisson), every other request through the gateway"}}

@@ -27,6 +27,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -483,7 +484,13 @@ def router(host, port, port_file, etcd, queue_addr, interactive_ttft_max_ms, sta
 @click.option("--default-max-tokens", type=int, default=None,
               help="Output tokens of a request that sets no max_tokens [tokens]. Default: 256.")
 @click.option("--access-log", is_flag=True, help="Log every HTTP request (method, path, status; never headers or bodies).")
-def gateway(host, port, port_file, router_addr, tokenizer, vocab_size, max_body_bytes, default_max_tokens, access_log) -> None:
+@click.option("--workers", type=click.IntRange(1, 64), default=None,
+              help="HTTP worker processes sharing the port, each with its own event loop, so a burst of requests "
+                   "spreads over cores; /metrics sums them. 1 serves in this process. Default: 2.")
+@click.option("--worker-fd", type=int, default=None, hidden=True)
+@click.option("--worker-dir", type=click.Path(file_okay=False), default=None, hidden=True)
+def gateway(host, port, port_file, router_addr, tokenizer, vocab_size, max_body_bytes, default_max_tokens, access_log,
+            workers, worker_fd, worker_dir) -> None:
     """Run the OpenAI-compatible HTTP gateway over the router: POST /v1/completions and /v1/chat/completions
     (streaming or not), GET /v1/models, the Batch API (/v1/files, /v1/batches), GET /health and /metrics.
 
@@ -493,11 +500,14 @@ def gateway(host, port, port_file, router_addr, tokenizer, vocab_size, max_body_
     """
     from pydantic import ValidationError
 
-    from services.gateway.app import GatewayConfig, GatewayServer
+    from services.gateway.app import GatewayConfig, GatewayServer, GatewayWorkers, worker_config
 
     _check_security_settings()
+    if worker_fd is not None:  # one worker of GatewayWorkers (another 'chiron gateway' started it)
+        _gateway_worker(worker_config(worker_dir), worker_fd, Path(worker_dir), access_log)
+        return
     given = {"host": host, "port": port, "router": router_addr, "tokenizer": tokenizer, "vocab_size": vocab_size,
-             "max_body_bytes": max_body_bytes, "default_max_tokens": default_max_tokens}
+             "max_body_bytes": max_body_bytes, "default_max_tokens": default_max_tokens, "workers": workers}
     try:
         cfg = GatewayConfig(**{k: v for k, v in given.items() if v is not None})
     except ValidationError as e:
@@ -505,17 +515,38 @@ def gateway(host, port, port_file, router_addr, tokenizer, vocab_size, max_body_
 
     async def run() -> None:
         stop = _stop_on_signal()
+        server = GatewayServer(cfg, access_log=access_log) if cfg.workers == 1 else GatewayWorkers(cfg, access_log=access_log)
         try:
-            server = GatewayServer(cfg, access_log=access_log)
             bound = await server.start()
-        except (RuntimeError, ValueError, OSError) as e:
+        except (RuntimeError, ValueError, OSError, TimeoutError) as e:
             raise click.ClickException(f"the gateway failed to start: {e}") from e
         if port_file:
             Path(port_file).write_text(str(bound))
-        console.print(f"gateway serving the OpenAI API on {server.url}/v1 (router {cfg.router}, tokenizer {cfg.tokenizer}); "
-                      f"metrics on {server.url}/metrics")
+        console.print(f"gateway serving the OpenAI API on {server.url}/v1 (router {cfg.router}, tokenizer {cfg.tokenizer}, "
+                      f"{cfg.workers} worker{'s' if cfg.workers > 1 else ''}); metrics on {server.url}/metrics")
         await stop.wait()
         console.print("stopping: in-flight requests finish…")
+        await server.stop()
+
+    run_event_loop(run())
+
+
+def _gateway_worker(cfg, fd: int, worker_dir: Path, access_log: bool) -> None:
+    """Serve the listening socket ``fd`` until SIGTERM, or until the process that started this one is gone."""
+    import os
+    import socket
+
+    from services.gateway.app import GatewayServer
+
+    async def run() -> None:
+        stop = _stop_on_signal()
+        parent = os.getppid()
+        server = GatewayServer(cfg, access_log=access_log, sock=socket.socket(fileno=fd))
+        await server.start()
+        (worker_dir / f"ready-{os.getpid()}").write_text("")
+        while not stop.is_set() and os.getppid() == parent:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 1.0)
         await server.stop()
 
     run_event_loop(run())
@@ -1237,7 +1268,9 @@ def bench_router(json_path, duration_s) -> None:
 @click.option("--http-client", type=click.Choice(["aiohttp", "httpx"]), default="aiohttp", show_default=True,
               help="HTTP client of the gateway path. httpx (the openai client's) costs the client about 0.7 ms more "
                    "CPU per request, which the overhead then includes.")
-def bench_gateway(json_path, duration_s, http_client) -> None:
+@click.option("--gateway-workers", type=click.IntRange(1, 64), default=2, show_default=True,
+              help="Worker processes of the gateway under test ('chiron gateway --workers').")
+def bench_gateway(json_path, duration_s, http_client, gateway_workers) -> None:
     """TTFT the OpenAI-compatible HTTP gateway adds over calling Router.Generate directly, at 50 and 200
     requests/s, both paths side by side in one run (Poisson arrivals, every other request through the gateway),
     p50 and p99, on loopback; every part a real process (needs the etcd binary). Also the CPU each part spends
@@ -1247,7 +1280,7 @@ def bench_gateway(json_path, duration_s, http_client) -> None:
 
     with console.status("benchmarking the gateway…") as status:
         try:
-            report = asyncio.run(run_bench(duration_s=duration_s, http_client=http_client,
+            report = asyncio.run(run_bench(duration_s=duration_s, http_client=http_client, gateway_workers=gateway_workers,
                                            progress=lambda what: status.update(f"done: {what}…")))
         except (EtcdNotFound, RuntimeError, TimeoutError) as e:
             raise click.ClickException(str(e)) from e
@@ -1273,7 +1306,8 @@ def bench_gateway(json_path, duration_s, http_client) -> None:
     if at200:
         console.print(f"p99 overhead at 200 req/s: {at200['overhead_p99_ms']:.2f} ms (target ≤ 5 ms): "
                       f"{'met' if at200['overhead_p99_ms'] <= 5 else 'MISSED'} "
-                      f"({report['config']['cpu_count']} CPUs, machine CPU busy {at200.get('machine_cpu_busy', float('nan')):.0%})")
+                      f"({report['config']['cpu_count']} CPUs, {report['config']['gateway_workers']} gateway workers, "
+                      f"machine CPU busy {at200.get('machine_cpu_busy', float('nan')):.0%})")
     Path(json_path).parent.mkdir(parents=True, exist_ok=True)
     Path(json_path).write_text(json.dumps(report, indent=2))
     console.print(f"written to {json_path}")
