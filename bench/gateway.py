@@ -2,8 +2,8 @@
 
 A real cluster on loopback, every part its own process: etcd, the queue, one simulated engine agent
 (``--speedup 100`` and a static batch of 256, so the engine is never the bottleneck) registered in etcd, the
-router and the gateway (``gateway_workers`` worker processes on one port, 2 by default: ``chiron gateway``'s
-default). At each rate (50 and 200 requests/s by default) an open-loop Poisson client sends
+router and the gateway (``gateway_workers`` worker processes, 1 by default as ``chiron gateway``'s). At each
+rate (50 and 200 requests/s by default) an open-loop Poisson client sends
 requests for ``duration_s``, alternately along the two paths (so both run side by side under the same load,
 each at half the rate): a streaming ``POST /v1/completions`` to the gateway (aiohttp by default, or httpx;
 HTTP/1.1 keep-alive), or the same request straight to ``Router.Generate``. Same prompt (``prompt_words``
@@ -25,10 +25,13 @@ scheduling: a stall of the host, or of one process, delays a burst of requests. 
 start-up heap like the services do (:func:`services.common.grpc_util.settle_heap`), so its own garbage
 collections do not stall both paths, and the default 30 s per rate gives about 3,000 requests per path at 200/s.
 
-Why two gateway workers: with one, the p99 overhead came from Poisson bursts. Gateway requests that arrived
-with 8–11 others in the previous 50 ms (160–220/s for a moment, against 100/s on average) had a p50 TTFT of
-12–17 ms against 6–7 ms. One event loop at about 2 ms of CPU per request served them one after another
-(measured over three runs of 45–120 s at 200/s). Two workers serve a burst on both cores.
+Where the p99 comes from (three runs of 45–120 s at 200/s, one gateway worker): Poisson bursts. Gateway
+requests that arrived with 8–11 others in the previous 50 ms (160–220/s for a moment, against 100/s on
+average) had a p50 TTFT of 8–17 ms against 5–7 ms. Two gateway workers (``gateway_workers=2``) did not help on
+this 2-core machine: in two alternating 90-s runs each, the p99 overhead was 3.8 and 3.6 ms against 4.8 and
+4.9 ms, but only because the direct path got slower too (its p99 17.5–18.1 ms against 11.8–12.8 ms); the
+gateway path's own TTFT in bursts rose from 7.0–7.4 to 9.0–10.3 ms (p50). The second process competes with
+the router and the engine for the same two cores.
 """
 
 from __future__ import annotations
@@ -144,7 +147,7 @@ async def _run_rate(paths: dict, rate: float, duration_s: float, seed: int) -> t
 
 
 async def run_bench(rates=(50.0, 200.0), duration_s: float = 30.0, max_tokens: int = 4, prompt_words: int = 32,
-                    progress=None, http_client: str = "aiohttp", gateway_workers: int = 2) -> dict:
+                    progress=None, http_client: str = "aiohttp", gateway_workers: int = 1) -> dict:
     """Start the parts, measure every rate, stop everything. Returns ``{"results": [{"rate_rps",
     "overhead_p50_ms", "overhead_p99_ms", ...}], "config": {...}}``. Raises RuntimeError / TimeoutError when a
     part fails to start (its log is in the message), EtcdNotFound without an etcd binary."""

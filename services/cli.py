@@ -486,7 +486,7 @@ def router(host, port, port_file, etcd, queue_addr, interactive_ttft_max_ms, sta
 @click.option("--access-log", is_flag=True, help="Log every HTTP request (method, path, status; never headers or bodies).")
 @click.option("--workers", type=click.IntRange(1, 64), default=None,
               help="HTTP worker processes sharing the port, each with its own event loop, so a burst of requests "
-                   "spreads over cores; /metrics sums them. 1 serves in this process. Default: 2.")
+                   "spreads over cores; /metrics sums them. 1 serves in this process. Default: 1.")
 @click.option("--worker-fd", type=int, default=None, hidden=True)
 @click.option("--worker-dir", type=click.Path(file_okay=False), default=None, hidden=True)
 def gateway(host, port, port_file, router_addr, tokenizer, vocab_size, max_body_bytes, default_max_tokens, access_log,
@@ -1268,7 +1268,7 @@ def bench_router(json_path, duration_s) -> None:
 @click.option("--http-client", type=click.Choice(["aiohttp", "httpx"]), default="aiohttp", show_default=True,
               help="HTTP client of the gateway path. httpx (the openai client's) costs the client about 0.7 ms more "
                    "CPU per request, which the overhead then includes.")
-@click.option("--gateway-workers", type=click.IntRange(1, 64), default=2, show_default=True,
+@click.option("--gateway-workers", type=click.IntRange(1, 64), default=1, show_default=True,
               help="Worker processes of the gateway under test ('chiron gateway --workers').")
 def bench_gateway(json_path, duration_s, http_client, gateway_workers) -> None:
     """TTFT the OpenAI-compatible HTTP gateway adds over calling Router.Generate directly, at 50 and 200

@@ -108,7 +108,7 @@ class GatewayConfig(BaseSettings):
     disconnect_poll_s: float = Field(0.5, gt=0, description=(
         "How often a non-streaming request checks whether its client went away [s]."))
     graceful_shutdown_s: float = Field(30.0, ge=0, description="On stop, how long in-flight requests may finish [s].")
-    workers: int = Field(2, ge=1, le=64, description=(
+    workers: int = Field(1, ge=1, le=64, description=(
         "HTTP worker processes of 'chiron gateway' (GatewayWorkers), each with its own event loop, sharing one "
         "listening socket; 1 serves in the command's own process."))
 
@@ -640,17 +640,18 @@ class GatewayServer:
 
 
 class GatewayWorkers:
-    """``config.workers`` gateway processes serving one listening socket (``chiron gateway --workers N``).
+    """``config.workers`` gateway processes on one port (``chiron gateway --workers N``).
 
-    One event loop serves requests one callback at a time: a Poisson burst of requests queues behind the ones
-    before it (``chiron bench gateway`` at 200 requests/s: its p99 overhead came from bursts of 8–11 requests in
-    50 ms). Workers share the socket this process binds (the kernel hands each new connection to a worker
-    that is accepting), so a burst spreads over cores. Each worker is ``chiron gateway`` itself
-    (``--worker-fd``), started with ``PROMETHEUS_MULTIPROC_DIR`` set so that any worker's ``/metrics`` sums
-    all of them; a worker writes ``ready-<pid>`` in the shared directory once it serves. A worker that exits
-    while serving is restarted (after a second); one that exits during start-up fails :meth:`start`.
-    Workers run in sessions of their own (a terminal's Ctrl-C reaches this process, which stops them in
-    order) and stop by themselves if this process dies.
+    One event loop serves requests one callback at a time, so one worker uses at most one core (about 2 ms of
+    CPU per streamed request: some 450 requests/s). This process binds one listening socket per worker, all on
+    the same port with ``SO_REUSEPORT``, so the kernel spreads new connections over the workers by their
+    addresses. A worker's socket stays open here, so connections that wait for a worker being restarted are
+    served by its successor. Each worker is ``chiron gateway`` itself (``--worker-fd``), started with
+    ``PROMETHEUS_MULTIPROC_DIR`` set so that any worker's ``/metrics`` sums all of them; a worker writes
+    ``ready-<pid>`` in the shared directory once it serves. A worker that exits while serving is restarted
+    (after a second); one that exits during start-up fails :meth:`start`. Workers run in sessions of their own
+    (a terminal's Ctrl-C reaches this process, which stops them in order) and stop by themselves if this
+    process dies.
     """
 
     def __init__(self, config: GatewayConfig, *, access_log: bool = False, security: SecuritySettings | None = None,
@@ -662,7 +663,7 @@ class GatewayWorkers:
         self.port = 0
         self.procs: list[subprocess.Popen] = []
         self._dir: Path | None = None
-        self._sock: socket.socket | None = None
+        self._socks: list[socket.socket] = []
         self._watch: asyncio.Task | None = None
         self._stopping = False
 
@@ -672,27 +673,30 @@ class GatewayWorkers:
         host = "127.0.0.1" if self.config.host in ("0.0.0.0", "::") else self.config.host
         return f"{'https' if self.security.tls_enabled else 'http'}://{host}:{self.port}"
 
-    def _spawn(self) -> subprocess.Popen:
-        assert self._sock is not None and self._dir is not None
-        cmd = [sys.executable, "-m", "services.cli", "gateway", "--worker-fd", str(self._sock.fileno()),
+    def _spawn(self, i: int) -> subprocess.Popen:
+        assert self._dir is not None
+        fd = self._socks[i].fileno()
+        cmd = [sys.executable, "-m", "services.cli", "gateway", "--worker-fd", str(fd),
                "--worker-dir", str(self._dir), *(["--access-log"] if self.access_log else [])]
         env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(self._dir / "metrics")}
-        return subprocess.Popen(cmd, pass_fds=(self._sock.fileno(),), env=env, start_new_session=True)
+        return subprocess.Popen(cmd, pass_fds=(fd,), env=env, start_new_session=True)
 
     async def start(self) -> int:
         """Bind ``host:port``, start the workers, return the bound port once every worker serves. Raises
         OSError when the address cannot be bound, RuntimeError when a worker exits during start-up (its output
         is in this process's log), TimeoutError when one is not serving within ``ready_timeout_s``."""
-        host = self.config.host
-        self._sock = socket.create_server((host, self.config.port), family=socket.AF_INET6 if ":" in host else socket.AF_INET,
-                                          backlog=2048)
-        self._sock.set_inheritable(True)
-        self.port = self._sock.getsockname()[1]
+        host, family = self.config.host, socket.AF_INET6 if ":" in self.config.host else socket.AF_INET
+        self.port = self.config.port
+        for _ in range(self.config.workers):  # the first one picks the port when it is 0
+            sock = socket.create_server((host, self.port), family=family, backlog=2048, reuse_port=True)
+            sock.set_inheritable(True)
+            self._socks.append(sock)
+            self.port = sock.getsockname()[1]
         self._dir = Path(tempfile.mkdtemp(prefix="chiron-gateway-workers-"))
         (self._dir / "metrics").mkdir()
         (self._dir / "config.json").write_text(self.config.model_dump_json())
         try:
-            self.procs = [self._spawn() for _ in range(self.config.workers)]
+            self.procs = [self._spawn(i) for i in range(self.config.workers)]
             deadline = time.monotonic() + self.ready_timeout_s
             while not all((self._dir / f"ready-{p.pid}").exists() for p in self.procs):
                 for p in self.procs:
@@ -713,7 +717,7 @@ class GatewayWorkers:
             for i, p in enumerate(self.procs):
                 if p.poll() is not None and not self._stopping:
                     log.warning("gateway worker %d exited with code %s; starting another", p.pid, p.returncode)
-                    self.procs[i] = self._spawn()
+                    self.procs[i] = self._spawn(i)
 
     async def stop(self) -> None:
         """SIGTERM every worker (in-flight requests finish, up to ``graceful_shutdown_s``), SIGKILL those still
@@ -733,8 +737,8 @@ class GatewayWorkers:
             if p.poll() is None:
                 p.kill()
                 p.wait()
-        if self._sock is not None:
-            self._sock.close()
+        for sock in self._socks:
+            sock.close()
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
 
