@@ -13,6 +13,9 @@ client: send → first streamed token (the first SSE event; the first gRPC messa
 difference of the two TTFT distributions' percentiles: ``overhead_p50_ms`` = p50(gateway) − p50(direct),
 ``overhead_p99_ms`` likewise. Both paths share the machine, the router and the engine, so their difference is
 what the HTTP hop costs: the gateway's work, plus the client's HTTP/SSE handling against its gRPC handling.
+``overhead_p50_ci95_ms`` / ``overhead_p99_ci95_ms`` are their 95% intervals ([low, high], a block bootstrap over
+1-s windows of send time: :func:`overhead_interval`). A p99 of 3,000 requests rests on its 30 slowest, which
+come in a few bursts, so one 30-s run pins it only to within several milliseconds.
 
 ``gateway_internal_p50_ms`` / ``_p99_ms`` are the gateway's own time per streamed request, from its
 ``chiron_gateway_overhead_seconds`` histogram (arrival to router call, plus first token received to its SSE event
@@ -116,34 +119,65 @@ def _bucket_quantile(before: dict[float, float], after: dict[float, float], q: f
     return lo * 1e3
 
 
-async def _run_rate(paths: dict, rate: float, duration_s: float, seed: int) -> tuple[dict[str, list[float]], dict[str, int]]:
-    """Open-loop Poisson arrivals at ``rate`` [requests/s] in total, sent alternately along each path. Returns the
-    client-side TTFTs [ms] of the requests that completed and the number that failed, by path."""
+def overhead_interval(gateway: np.ndarray, direct: np.ndarray, q: float, block_s: float = 1.0, n_boot: int = 2000,
+                      seed: int = 0) -> tuple[float, float]:
+    """95% interval [ms] of ``percentile_q(gateway TTFT) − percentile_q(direct TTFT)`` by a block bootstrap.
+
+    ``gateway``, ``direct``: arrays of shape (n, 2), each row (send time [s from the start], TTFT [ms]); ``q`` in
+    [0, 100]. Resamples ``block_s``-long windows of send time with replacement, both paths' requests of a window
+    together: requests within a burst are slow together (one burst of about 100 ms moves a p99 by milliseconds),
+    so resampling requests one by one would understate the spread. Raises ValueError for empty input.
+    """
+    if len(gateway) == 0 or len(direct) == 0:
+        raise ValueError("both paths need requests")
+    n_blocks = int(max(gateway[:, 0].max(), direct[:, 0].max()) // block_s) + 1
+
+    def split(a: np.ndarray) -> list[np.ndarray]:
+        idx = (a[:, 0] // block_s).astype(int)
+        return [a[idx == b, 1] for b in range(n_blocks)]
+
+    g_blocks, d_blocks = split(gateway), split(direct)
+    rng = np.random.default_rng(seed)
+    diffs = []
+    for _ in range(n_boot):
+        pick = rng.integers(0, n_blocks, n_blocks)
+        g = np.concatenate([g_blocks[b] for b in pick])
+        d = np.concatenate([d_blocks[b] for b in pick])
+        if g.size and d.size:
+            diffs.append(np.percentile(g, q) - np.percentile(d, q))
+    lo, hi = np.percentile(diffs, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+async def _run_rate(paths: dict, rate: float, duration_s: float, seed: int) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """Open-loop Poisson arrivals at ``rate`` [requests/s] in total, sent alternately along each path. Returns, by
+    path, the requests that completed as an array of shape (n, 2) — send time [s from the start], client-side
+    TTFT [ms] — and the number that failed."""
     rng = np.random.default_rng(seed)
     names = list(paths)
     times = np.cumsum(rng.exponential(1.0 / rate, int(rate * duration_s * 2) + 10))
     events = [(t, names[i % len(names)]) for i, t in enumerate(times) if t < duration_s]
-    ttfts: dict[str, list[float]] = {name: [] for name in paths}
+    ttfts: dict[str, list[tuple[float, float]]] = {name: [] for name in paths}
     errors = dict.fromkeys(paths, 0)
     tasks = []
 
-    async def one(name: str, i: int) -> None:
+    async def one(name: str, i: int, t: float) -> None:
         t0 = time.perf_counter()
         try:
             first = await paths[name](i)
         except (grpc.aio.AioRpcError, httpx.HTTPError, aiohttp.ClientError, RuntimeError):
             errors[name] += 1
             return
-        ttfts[name].append((first - t0) * 1e3)
+        ttfts[name].append((t, (first - t0) * 1e3))
 
     start = time.perf_counter()
     for i, (t, name) in enumerate(events):
         delay = start + t - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(one(name, i)))
+        tasks.append(asyncio.create_task(one(name, i, t)))
     await asyncio.gather(*tasks)
-    return ttfts, errors
+    return {name: np.array(v, dtype=float).reshape(-1, 2) for name, v in ttfts.items()}, errors
 
 
 async def run_bench(rates=(50.0, 200.0), duration_s: float = 30.0, max_tokens: int = 4, prompt_words: int = 32,
@@ -226,12 +260,14 @@ async def run_bench(rates=(50.0, 200.0), duration_s: float = 30.0, max_tokens: i
                 hist1 = await _overhead_buckets(http)
                 cpu1 = _cpu_busy()
                 part1 = {name: _proc_cpu_s(pid, name == "gateway") for name, pid in parts.items()}
-                gw, d = ttfts["gateway"], ttfts["direct"]
-                if not gw or not d:
+                if not len(ttfts["gateway"]) or not len(ttfts["direct"]):
                     raise RuntimeError(f"no request completed at {rate:g} req/s (errors: {errors}); see the logs in {work}")
+                gw, d = ttfts["gateway"][:, 1], ttfts["direct"][:, 1]
                 row = {"rate_rps": rate, "gateway_rps": rate / 2, "direct_rps": rate / 2,
                        "overhead_p50_ms": float(np.percentile(gw, 50) - np.percentile(d, 50)),
                        "overhead_p99_ms": float(np.percentile(gw, 99) - np.percentile(d, 99)),
+                       "overhead_p50_ci95_ms": list(overhead_interval(ttfts["gateway"], ttfts["direct"], 50, seed=k)),
+                       "overhead_p99_ci95_ms": list(overhead_interval(ttfts["gateway"], ttfts["direct"], 99, seed=k)),
                        "gateway_ttft_p50_ms": float(np.percentile(gw, 50)), "gateway_ttft_p99_ms": float(np.percentile(gw, 99)),
                        "direct_ttft_p50_ms": float(np.percentile(d, 50)), "direct_ttft_p99_ms": float(np.percentile(d, 99)),
                        "gateway_internal_p50_ms": _bucket_quantile(hist0, hist1, 0.50),

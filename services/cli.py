@@ -1286,12 +1286,14 @@ def bench_gateway(json_path, duration_s, http_client, gateway_workers) -> None:
             raise click.ClickException(str(e)) from e
     table = Table(title="HTTP gateway overhead on TTFT (loopback, simulated engine; streaming /v1/completions vs "
                         "Router.Generate)")
-    for col in ("rate [req/s]", "overhead p50 [ms]", "overhead p99 [ms]", "direct TTFT p50/p99 [ms]",
+    for col in ("rate [req/s]", "overhead p50 [ms]", "overhead p99 [ms] (95% interval)", "direct TTFT p50/p99 [ms]",
                 "gateway TTFT p50/p99 [ms]", "requests (gw/direct)", "errors", "machine CPU busy"):
         table.add_column(escape(col), justify="right")
     for r in report["results"]:
         busy = r.get("machine_cpu_busy")
-        table.add_row(_fmt(r["rate_rps"], 0), _fmt(r["overhead_p50_ms"], 2), _fmt(r["overhead_p99_ms"], 2),
+        lo, hi = r["overhead_p99_ci95_ms"]
+        table.add_row(_fmt(r["rate_rps"], 0), _fmt(r["overhead_p50_ms"], 2),
+                      escape(f"{r['overhead_p99_ms']:.2f} [{lo:.1f}, {hi:.1f}]"),
                       f"{r['direct_ttft_p50_ms']:.1f} / {r['direct_ttft_p99_ms']:.1f}",
                       f"{r['gateway_ttft_p50_ms']:.1f} / {r['gateway_ttft_p99_ms']:.1f}",
                       f"{r['gateway_requests']} / {r['direct_requests']}", f"{r['gateway_errors'] + r['direct_errors']}",
@@ -1304,9 +1306,12 @@ def bench_gateway(json_path, duration_s, http_client, gateway_workers) -> None:
                       f"{cpu} (the gateway's per gateway request)")
     at200 = next((r for r in report["results"] if r["rate_rps"] == 200), None)
     if at200:
+        lo, hi = at200["overhead_p99_ci95_ms"]
+        where = ("the whole interval is under 5 ms" if hi <= 5 else "the whole interval is over 5 ms" if lo > 5
+                 else "the interval straddles 5 ms: a longer run (--duration-s) narrows it")
         console.print(f"p99 overhead at 200 req/s: {at200['overhead_p99_ms']:.2f} ms (target ≤ 5 ms): "
-                      f"{'met' if at200['overhead_p99_ms'] <= 5 else 'MISSED'} "
-                      f"({report['config']['cpu_count']} CPUs, {report['config']['gateway_workers']} gateway workers, "
+                      f"{'met' if at200['overhead_p99_ms'] <= 5 else 'MISSED'}; 95% interval \\[{lo:.1f}, {hi:.1f}] ms, "
+                      f"{where} ({report['config']['cpu_count']} CPUs, gateway workers {report['config']['gateway_workers']}, "
                       f"machine CPU busy {at200.get('machine_cpu_busy', float('nan')):.0%})")
     Path(json_path).parent.mkdir(parents=True, exist_ok=True)
     Path(json_path).write_text(json.dumps(report, indent=2))

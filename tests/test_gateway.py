@@ -8,6 +8,7 @@ import asyncio
 import json
 
 import httpx
+import numpy as np
 import openai
 import pytest
 import pytest_asyncio
@@ -458,3 +459,24 @@ def test_hugging_face_tokenizer_from_a_model_directory(tmp_path):
     detok = Detokenizer(tok)
     assert "".join(detok.step([i]) for i in (2, 5, 4)) + detok.flush() == tok.decode([2, 5, 4])
     assert tok.apply_chat_template([{"role": "user", "content": "hello"}]) == "<|user|>\nhello\n<|assistant|>\n"
+
+
+# ---- chiron bench gateway's interval --------------------------------------------------------------------------
+def test_the_bench_interval_of_the_p99_overhead_is_tight_for_a_constant_shift_and_wide_for_bursts():
+    from bench.gateway import overhead_interval
+
+    rng = np.random.default_rng(0)
+    t = np.sort(rng.uniform(0, 30, 3000))
+    direct = np.column_stack([t, rng.exponential(4.0, t.size)])
+    shifted = np.column_stack([t, direct[:, 1] + 2.0])  # the gateway adds exactly 2 ms to every request
+    lo, hi = overhead_interval(shifted, direct, 99)
+    assert lo == pytest.approx(2.0, abs=1e-6) and hi == pytest.approx(2.0, abs=1e-6)
+    # Three 100-ms bursts in which every gateway request waits 30 ms more: the p99 moves by them, and resampling
+    # 1-s windows shows how much that depends on which seconds the run happened to see.
+    bursty = shifted.copy()
+    bursty[np.isin((t * 10).astype(int), [52, 171, 263]), 1] += 30.0
+    point = np.percentile(bursty[:, 1], 99) - np.percentile(direct[:, 1], 99)
+    lo, hi = overhead_interval(bursty, direct, 99)
+    assert lo < point < hi and hi - lo > 5.0
+    with pytest.raises(ValueError):
+        overhead_interval(bursty[:0], direct, 99)
