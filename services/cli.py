@@ -504,6 +504,8 @@ def gateway(host, port, port_file, router_addr, tokenizer, vocab_size, max_body_
 
     _check_security_settings()
     if worker_fd is not None:  # one worker of GatewayWorkers (another 'chiron gateway' started it)
+        if worker_dir is None:
+            raise click.BadParameter("--worker-fd needs --worker-dir (both are set by 'chiron gateway --workers N')")
         _gateway_worker(worker_config(worker_dir), worker_fd, Path(worker_dir), access_log)
         return
     given = {"host": host, "port": port, "router": router_addr, "tokenizer": tokenizer, "vocab_size": vocab_size,

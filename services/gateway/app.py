@@ -687,15 +687,15 @@ class GatewayWorkers:
         is in this process's log), TimeoutError when one is not serving within ``ready_timeout_s``."""
         host, family = self.config.host, socket.AF_INET6 if ":" in self.config.host else socket.AF_INET
         self.port = self.config.port
-        for _ in range(self.config.workers):  # the first one picks the port when it is 0
-            sock = socket.create_server((host, self.port), family=family, backlog=2048, reuse_port=True)
-            sock.set_inheritable(True)
-            self._socks.append(sock)
-            self.port = sock.getsockname()[1]
-        self._dir = Path(tempfile.mkdtemp(prefix="chiron-gateway-workers-"))
-        (self._dir / "metrics").mkdir()
-        (self._dir / "config.json").write_text(self.config.model_dump_json())
         try:
+            for _ in range(self.config.workers):  # the first one picks the port when it is 0
+                sock = socket.create_server((host, self.port), family=family, backlog=2048, reuse_port=True)
+                sock.set_inheritable(True)
+                self._socks.append(sock)
+                self.port = sock.getsockname()[1]
+            self._dir = Path(tempfile.mkdtemp(prefix="chiron-gateway-workers-"))
+            (self._dir / "metrics").mkdir()
+            (self._dir / "config.json").write_text(self.config.model_dump_json())
             self.procs = [self._spawn(i) for i in range(self.config.workers)]
             deadline = time.monotonic() + self.ready_timeout_s
             while not all((self._dir / f"ready-{p.pid}").exists() for p in self.procs):
