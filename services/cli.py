@@ -534,8 +534,10 @@ def gateway(host, port, port_file, router_addr, tokenizer, vocab_size, max_body_
 
 
 def _gateway_worker(cfg, fd: int, worker_dir: Path, access_log: bool) -> None:
-    """Serve the listening socket ``fd`` until SIGTERM, or until the process that started this one is gone."""
+    """Serve the listening socket ``fd`` until SIGTERM, or until the process that started this one is gone (then,
+    with nothing left to clean up after the workers, remove ``worker_dir`` too)."""
     import os
+    import shutil
     import socket
 
     from services.gateway.app import GatewayServer
@@ -550,6 +552,8 @@ def _gateway_worker(cfg, fd: int, worker_dir: Path, access_log: bool) -> None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 1.0)
         await server.stop()
+        if os.getppid() != parent:
+            shutil.rmtree(worker_dir, ignore_errors=True)
 
     run_event_loop(run())
 

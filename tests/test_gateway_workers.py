@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+from pathlib import Path
 
 import httpx
 import psutil
@@ -90,15 +91,19 @@ async def test_sigterm_stops_every_worker_and_workers_outlive_no_dead_parent(tmp
     assert len(workers) == 3
     assert stop_process(proc) == 0
     assert _gone(workers)  # the command returns once its workers have exited
-    # A command killed outright (no chance to stop its workers): they notice and stop by themselves.
+    # A command killed outright (no chance to stop its workers): they notice, stop by themselves and remove the
+    # directory the command shared with them.
     proc, url = await _start(tmp_path, workers=2)
     workers = _workers(proc)
     assert len(workers) == 2
+    args = workers[0].cmdline()
+    shared = Path(args[args.index("--worker-dir") + 1])  # the command's directory for its workers
+    assert shared.is_dir()
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
 
     async def gone() -> bool:
-        return _gone(workers)
+        return _gone(workers) and not shared.exists()
 
     await eventually(gone, timeout_s=15)
 

@@ -650,8 +650,8 @@ class GatewayWorkers:
     ``PROMETHEUS_MULTIPROC_DIR`` set so that any worker's ``/metrics`` sums all of them; a worker writes
     ``ready-<pid>`` in the shared directory once it serves. A worker that exits while serving is restarted
     (after a second); one that exits during start-up fails :meth:`start`. Workers run in sessions of their own
-    (a terminal's Ctrl-C reaches this process, which stops them in order) and stop by themselves if this
-    process dies.
+    (a terminal's Ctrl-C reaches this process, which stops them in order) and stop by themselves, removing the
+    shared directory, if this process dies.
     """
 
     def __init__(self, config: GatewayConfig, *, access_log: bool = False, security: SecuritySettings | None = None,
