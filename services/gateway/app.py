@@ -109,8 +109,8 @@ class GatewayConfig(BaseSettings):
         "How often a non-streaming request checks whether its client went away [s]."))
     graceful_shutdown_s: float = Field(30.0, ge=0, description="On stop, how long in-flight requests may finish [s].")
     workers: int = Field(1, ge=1, le=64, description=(
-        "HTTP worker processes of 'chiron gateway' (GatewayWorkers), each with its own event loop, sharing one "
-        "listening socket; 1 serves in the command's own process."))
+        "HTTP worker processes of 'chiron gateway' (GatewayWorkers), each with its own event loop and listening "
+        "socket on the one port; 1 serves in the command's own process."))
 
     @model_validator(mode="after")
     def _check(self) -> GatewayConfig:
@@ -574,6 +574,12 @@ def _exposed_registry(metrics: GatewayMetrics) -> CollectorRegistry:
 
 
 # ---- serving ----------------------------------------------------------------------------------------------
+def _base_url(config: GatewayConfig, security: SecuritySettings, port: int) -> str:
+    """``http[s]://HOST:PORT`` of a gateway bound to ``config.host`` (a wildcard address reads as 127.0.0.1)."""
+    host = "127.0.0.1" if config.host in ("0.0.0.0", "::") else config.host
+    return f"{'https' if security.tls_enabled else 'http'}://{host}:{port}"
+
+
 class _Server(uvicorn.Server):
     """uvicorn without signal handlers of its own: whoever runs it decides when to stop (``chiron gateway``
     stops it on SIGTERM / SIGINT)."""
@@ -606,8 +612,7 @@ class GatewayServer:
     @property
     def url(self) -> str:
         """Base URL of the server, e.g. ``http://127.0.0.1:8000``."""
-        host = "127.0.0.1" if self.config.host in ("0.0.0.0", "::") else self.config.host
-        return f"{'https' if self.security.tls_enabled else 'http'}://{host}:{self.port}"
+        return _base_url(self.config, self.security, self.port)
 
     async def _serve(self) -> None:
         try:
@@ -670,8 +675,7 @@ class GatewayWorkers:
     @property
     def url(self) -> str:
         """Base URL of the server, e.g. ``http://127.0.0.1:8000``."""
-        host = "127.0.0.1" if self.config.host in ("0.0.0.0", "::") else self.config.host
-        return f"{'https' if self.security.tls_enabled else 'http'}://{host}:{self.port}"
+        return _base_url(self.config, self.security, self.port)
 
     def _spawn(self, i: int) -> subprocess.Popen:
         assert self._dir is not None
@@ -721,7 +725,7 @@ class GatewayWorkers:
 
     async def stop(self) -> None:
         """SIGTERM every worker (in-flight requests finish, up to ``graceful_shutdown_s``), SIGKILL those still
-        running 5 s after that, close the socket and remove the shared directory."""
+        running 5 s after that, close the sockets and remove the shared directory."""
         self._stopping = True
         if self._watch is not None:
             self._watch.cancel()
