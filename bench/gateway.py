@@ -68,14 +68,11 @@ from services.gateway.tokenizer import SimpleTokenizer
 MODEL = "llama-3-8b"
 
 
-def _cpu_busy() -> tuple[float, float] | None:
-    """(busy, total) CPU jiffies of the whole machine from /proc/stat; None where there is none."""
-    try:
-        fields = [float(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    except (OSError, ValueError):
-        return None
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)
-    return sum(fields) - idle, sum(fields)
+def _cpu_busy() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine since boot (psutil; idle and I/O wait count as not busy)."""
+    t = psutil.cpu_times()
+    total = sum(t)
+    return total - t.idle - getattr(t, "iowait", 0.0), total
 
 
 def _proc_cpu_s(pid: int | None, children: bool = False) -> float | None:
@@ -280,7 +277,7 @@ async def run_bench(rates=(50.0, 200.0), duration_s: float = 30.0, max_tokens: i
                 per = {name: (part1[name] - part0[name]) * 1e3 / (len(gw) if name == "gateway" else n)
                        for name in parts if part0[name] is not None and part1[name] is not None}
                 row["cpu_ms_per_request"] = per
-                if cpu0 and cpu1 and cpu1[1] > cpu0[1]:
+                if cpu1[1] > cpu0[1]:
                     row["machine_cpu_busy"] = (cpu1[0] - cpu0[0]) / (cpu1[1] - cpu0[1])
                 rows.append(row)
                 if progress:
