@@ -245,9 +245,6 @@ class BatchWorker:
         """Leased requests being served on this engine."""
         return len(self._jobs)
 
-    def running_request_ids(self) -> list[str]:
-        return [j.request_id for j in self._jobs.values()]
-
     def stats(self) -> dict[str, int]:
         return {"leased": self.leased, "acked": self.acked, "returned": self.returned, "evicted": self.evicted,
                 "renewed": self.renewed, "lost": self.lost, "rejected": self.rejected,
