@@ -26,6 +26,18 @@ output processing and the consumer) against ``agent_frontend_cpu_us_per_token`` 
 the same output processing plus the gRPC server) and ``client_cpu_us_per_token`` (this process as the
 gRPC client). On a 2-core machine vLLM's CPU engine binds its worker to one core and its engine-core
 process shares the other with these frontends, so their CPU time competes with the engine's scheduler.
+The engine-core process waits for each step's result by spinning with ``sched_yield`` on the worker's
+shared-memory reply queue (vLLM's ``SpinCondition``, busy for 1 s after every read), so it shows about
+0.9 of a core busy. A frontend busy on that core could delay its reaction to each step; the two placements
+measured at concurrency 32 (stop 21, 6 pairs each) did not show it, and neither is used:
+
+* the engine-core process on the worker's core: overhead 1.9% (paired 4.0% [−2.9, 10.9]) against 5.7%
+  (4.4% [−0.2, 9.0]) unpinned, within the runs' spread;
+* that, and both frontends on the other core: direct fell from about 5,000 to 3,960 tokens/s (the
+  engine-core process and the worker then take turns on one core), agent 4,414.
+
+Blocking instead of spinning (``busy_loop_s`` 0, patched in for a scratch run) stalled the bench: no row in
+10 minutes, every vLLM process under 5% CPU.
 """
 
 from __future__ import annotations
