@@ -81,7 +81,7 @@ def _proc_cpu_s(pid: int | None, children: bool = False) -> float | None:
     try:
         proc = psutil.Process(pid)
         procs = [proc, *proc.children(recursive=True)] if children else [proc]
-        return sum(p.cpu_times().user + p.cpu_times().system for p in procs)
+        return sum(t.user + t.system for t in (p.cpu_times() for p in procs))
     except (psutil.Error, ValueError):
         return None
 
