@@ -38,6 +38,15 @@ measured at concurrency 32 (stop 21, 6 pairs each) did not show it, and neither 
 
 Blocking instead of spinning (``busy_loop_s`` 0, patched in for a scratch run) stalled the bench: no row in
 10 minutes, every vLLM process under 5% CPU.
+
+The model inside the engine-core process (vLLM's ``uni`` executor, what a one-GPU engine runs; the CPU
+platform forces ``mp`` unless ``VLLM_ENABLE_V1_MULTIPROCESSING`` is 0 while the config is built), tried in
+stop 22 with one torch thread, same session as a run as shipped: direct 5,932 / agent 5,225 tokens/s at
+concurrency 32 (overhead 11.9%, paired 12.8%) against 5,288 / 4,892 (7.5%, 7.1%) with ``mp``; with the
+engine core pinned to one core, 5,418 / 4,667 (13.9%). The engine gets faster (at cap 1 of the
+local-autoscaler load: 424 → 558 tokens/s, ITL p99 3.81 → 2.48 ms), but the frontends then share a single
+core, so the agent path (agent process plus gRPC client, 120–180 µs of CPU per token) falls behind the
+direct one (30–37 µs). Not used.
 """
 
 from __future__ import annotations
