@@ -1161,6 +1161,11 @@ def bench_local_autoscaler(json_path, backend, duration_s, warmup_s, seed, worke
         if moved:
             console.print(f"  the sweep's cap {moved['max_batch_size']} missed the SLO when rerun (attainment "
                           f"{moved['itl_slo_attainment']:.4f}); the next best swept cap ran beside instead")
+        share = next((r.get("interval_p99_over_slo") for r in report["results"]
+                      if r["itl_slo_ms"] == s["itl_slo_ms"] and r["setting"] == "best_static"), None)
+        if share is not None:
+            console.print(f"  best static cap: its 1-s ITL p99 was above the SLO in {share:.0%} of intervals "
+                          "(each a latency backpressure > 1 to the local autoscaler)")
         if s["best_static_meets_slo"] is False:
             console.print("  [yellow]the best static cap's own run missed the ITL SLO here (attainment < 0.99): "
                           "the machine's speed moved since the sweep, and the yardstick with it[/]")

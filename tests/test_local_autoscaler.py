@@ -519,3 +519,21 @@ def test_bench_summary_flags_a_best_static_cap_that_missed_its_own_slo():
     assert moved[0]["best_static_meets_slo"] is False and moved[0]["targets_met"] is False
     alone = summarize({"results": [row("adaptive", 900.0, 0.995, 12.0)]})
     assert alone[0]["best_static_meets_slo"] is None and math.isnan(alone[0]["adaptive_vs_best_static"])
+
+
+def test_vllm_bench_counts_the_one_second_intervals_whose_p99_is_over_the_slo():
+    from bench.local_autoscaler_vllm import _interval_p99s, _over_slo_share
+    from services.engine.backend import StepStats
+
+    def step(t, itl):
+        return StepStats(t, 2, 0, 0.0, sum(c for _, c in itl), 0, 0, tuple(itl), (), True)
+
+    # Second 0: 99 fast tokens and one slow one (p99 stays fast); second 1: a stall over 5 of 100 tokens;
+    # second 2: only a prefill (no ITL sample) and is left out.
+    steps = [step(10.2, [(2.0, 99)]), step(10.9, [(9.0, 1)]), step(11.1, [(2.0, 95)]), step(11.5, [(9.0, 5)]),
+             step(12.3, [])]
+    p99s = _interval_p99s(steps, start_s=10.0)
+    assert p99s == [2.0, 9.0]
+    assert _over_slo_share(p99s, 5.0) == 0.5
+    assert _over_slo_share(p99s, 10.0) == 0.0
+    assert _over_slo_share([], 5.0) is None
