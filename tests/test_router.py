@@ -17,12 +17,13 @@ from services.engine.core import EngineConfig
 from services.engine.local_autoscaler import LocalAutoscalerConfig
 from services.engine.server import AgentConfig, EngineAgent
 from services.engine.server import serve as serve_engine
+from services.gateway.router_mux import RouterMux
 from services.queue.server import serve as serve_queue
 from services.queue.store import QueueConfig
 from services.router.routing import InstanceLoad, Rejected, RouterConfig, choose_instance, classify
 from services.router.server import RouterService
 from services.router.server import serve as serve_router
-from tests.conftest import start_etcd
+from tests.conftest import eventually, start_etcd
 
 pytestmark = pytest.mark.timeout(120)
 MODEL = "llama-3-8b"
@@ -100,6 +101,113 @@ async def test_batch_requests_go_through_the_queue(cluster):
     with pytest.raises(grpc.aio.AioRpcError) as e:
         await stub.GetResult(router_pb2.GetResultRequest(request_id="never"))
     assert e.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def read_all(call) -> list[router_pb2.RouterGenerateResponse]:
+    out = []
+    while (m := await call.read()) is not grpc.aio.EOF:
+        out.append(m)
+    return out
+
+
+async def test_generate_many_serves_concurrent_requests_on_one_stream_each_with_its_tokens_and_status(cluster):
+    stub, router = cluster
+    mux = RouterMux(stub)
+    try:
+        # The same six requests as through Generate, plus refusals: each ends with its own status.
+        calls = [mux.generate(req(f"m{i}", 800, ttft_ms=5000)) for i in range(6)]
+        batch = mux.generate(req("slow", ttft_ms=3_600_000))
+        empty = mux.generate(types_pb2.InferenceRequest(model=MODEL, max_tokens=5))
+        results = await asyncio.gather(*(read_all(c) for c in calls))
+        assert len(mux._streams) == 1  # all of them on one GenerateMany stream
+        where = [msgs[0].instance_id for msgs in results]
+        assert where.count("inter-1") == 2 and where.count("mixed-1") == 4
+        for msgs in results:
+            assert sum(len(m.chunk.token_ids) for m in msgs) == 800
+            assert msgs[-1].chunk.finish_reason == types_pb2.FINISH_REASON_LENGTH
+            assert all(not m.instance_id for m in msgs[1:])
+        for call, code, fragment in ((batch, grpc.StatusCode.FAILED_PRECONDITION, "Submit"),
+                                     (empty, grpc.StatusCode.INVALID_ARGUMENT, "prompt is empty")):
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await call.read()
+            assert e.value.code() == code and fragment in e.value.details()
+        assert router.service.accepted == 6
+        # Finished requests leave nothing behind at the router.
+        assert sum(router.service._inflight.values()) == 0
+    finally:
+        await mux.close()
+
+
+async def test_generate_many_cancel_deadline_and_a_closed_stream_free_the_engine_slots(cluster):
+    stub, router = cluster
+    inflight = router.service._inflight
+
+    async def freed() -> bool:
+        return sum(inflight.values()) == 0
+
+    def cancelled() -> float:  # requests the router stopped before their end
+        return router.service.metrics.registry.get_sample_value(
+            "chiron_requests_total", {"class": "interactive", "outcome": "cancelled"}) or 0.0
+
+    async def one_more_cancelled() -> bool:
+        return cancelled() == before + 1
+
+    mux = RouterMux(stub)
+    # Cancel: the router stops the request (its engine slot frees); the stream serves the next one.
+    call = mux.generate(req("long", 1000, ttft_ms=5000))
+    assert (await call.read()).instance_id
+    assert call.cancel() and not call.cancel()
+    before = cancelled()
+    with pytest.raises(asyncio.CancelledError):
+        await call.read()
+    await eventually(one_more_cancelled)
+    await eventually(freed)
+    assert sum(len(m.chunk.token_ids) for m in await read_all(mux.generate(req("next", 5)))) == 5
+    # Deadline: enforced here and passed on to the router.
+    late = mux.generate(req("late", 1000, ttft_ms=5000), timeout_s=0.3)
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await read_all(late)
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    await eventually(freed)
+    # The stream closed under a running request: the request ends CANCELLED here and is stopped at the router.
+    running = mux.generate(req("orphan", 1000, ttft_ms=5000))
+    assert (await running.read()).instance_id
+    before = cancelled()
+    await mux.close()
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await read_all(running)
+    assert e.value.code() == grpc.StatusCode.CANCELLED
+    await eventually(one_more_cancelled)
+    await eventually(freed)
+
+
+async def test_generate_many_refuses_a_stream_id_already_running(cluster):
+    stub, _ = cluster
+    outgoing: asyncio.Queue = asyncio.Queue()
+
+    async def requests():
+        while (m := await outgoing.get()) is not None:
+            yield m
+
+    call = stub.GenerateMany(requests())
+    start = router_pb2.GenerateManyRequest(stream_id=7, generate=router_pb2.RouterGenerateRequest(request=req("a", 200, ttft_ms=5000)))
+    outgoing.put_nowait(start)
+    outgoing.put_nowait(start)
+    refused = None
+    tokens = 0
+    while True:
+        m = await call.read()
+        assert m.stream_id == 7
+        if m.end and m.code:
+            refused = m
+        else:
+            tokens += len(m.response.chunk.token_ids)
+        if m.end and not m.code:
+            break
+    assert refused.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and "already running" in refused.message
+    assert tokens == 200  # the first request with that id was not disturbed
+    outgoing.put_nowait(None)  # half-close: the stream ends once nothing runs
+    assert await call.read() is grpc.aio.EOF
 
 
 @pytest.mark.parametrize(("r", "code", "fragment"), [

@@ -27,7 +27,7 @@ from chiron.v1 import queue_pb2 as chiron_dot_v1_dot_queue__pb2
 from chiron.v1 import types_pb2 as chiron_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x63hiron/v1/router.proto\x12\tchiron.v1\x1a\x16\x63hiron/v1/engine.proto\x1a\x15\x63hiron/v1/queue.proto\x1a\x15\x63hiron/v1/types.proto\"E\n\x15RouterGenerateRequest\x12,\n\x07request\x18\x01 \x01(\x0b\x32\x1b.chiron.v1.InferenceRequest\"Y\n\x16RouterGenerateResponse\x12*\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x1b.chiron.v1.GenerateResponse\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\"=\n\rSubmitRequest\x12,\n\x07request\x18\x01 \x01(\x0b\x32\x1b.chiron.v1.InferenceRequest\"6\n\x0eSubmitResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08group_id\x18\x02 \x01(\t\"&\n\x10GetResultRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"B\n\x11GetResultResponse\x12-\n\x06result\x18\x01 \x01(\x0b\x32\x1d.chiron.v1.GetRequestResponse\")\n\x13StreamResultRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"E\n\x14StreamResultResponse\x12-\n\x06result\x18\x01 \x01(\x0b\x32\x1d.chiron.v1.GetRequestResponse\")\n\x13RouterCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\")\n\x14RouterCancelResponse\x12\x11\n\tcancelled\x18\x01 \x01(\x08\"\x13\n\x11ListModelsRequest\"k\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x1d\n\x15interactive_instances\x18\x02 \x01(\r\x12\x17\n\x0fmixed_instances\x18\x03 \x01(\r\x12\x17\n\x0f\x62\x61tch_instances\x18\x04 \x01(\r\":\n\x12ListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.chiron.v1.ModelInfo2\xcb\x03\n\x06Router\x12Q\n\x08Generate\x12 .chiron.v1.RouterGenerateRequest\x1a!.chiron.v1.RouterGenerateResponse0\x01\x12=\n\x06Submit\x12\x18.chiron.v1.SubmitRequest\x1a\x19.chiron.v1.SubmitResponse\x12\x46\n\tGetResult\x12\x1b.chiron.v1.GetResultRequest\x1a\x1c.chiron.v1.GetResultResponse\x12Q\n\x0cStreamResult\x12\x1e.chiron.v1.StreamResultRequest\x1a\x1f.chiron.v1.StreamResultResponse0\x01\x12I\n\x06\x43\x61ncel\x12\x1e.chiron.v1.RouterCancelRequest\x1a\x1f.chiron.v1.RouterCancelResponse\x12I\n\nListModels\x12\x1c.chiron.v1.ListModelsRequest\x1a\x1d.chiron.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x63hiron/v1/router.proto\x12\tchiron.v1\x1a\x16\x63hiron/v1/engine.proto\x1a\x15\x63hiron/v1/queue.proto\x1a\x15\x63hiron/v1/types.proto\"E\n\x15RouterGenerateRequest\x12,\n\x07request\x18\x01 \x01(\x0b\x32\x1b.chiron.v1.InferenceRequest\"Y\n\x16RouterGenerateResponse\x12*\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x1b.chiron.v1.GenerateResponse\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\"\x7f\n\x13GenerateManyRequest\x12\x11\n\tstream_id\x18\x01 \x01(\x04\x12\x32\n\x08generate\x18\x02 \x01(\x0b\x32 .chiron.v1.RouterGenerateRequest\x12\x0e\n\x06\x63\x61ncel\x18\x03 \x01(\x08\x12\x11\n\ttimeout_s\x18\x04 \x01(\x01\"\x8a\x01\n\x14GenerateManyResponse\x12\x11\n\tstream_id\x18\x01 \x01(\x04\x12\x33\n\x08response\x18\x02 \x01(\x0b\x32!.chiron.v1.RouterGenerateResponse\x12\x0b\n\x03\x65nd\x18\x03 \x01(\x08\x12\x0c\n\x04\x63ode\x18\x04 \x01(\x05\x12\x0f\n\x07message\x18\x05 \x01(\t\"=\n\rSubmitRequest\x12,\n\x07request\x18\x01 \x01(\x0b\x32\x1b.chiron.v1.InferenceRequest\"6\n\x0eSubmitResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08group_id\x18\x02 \x01(\t\"&\n\x10GetResultRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"B\n\x11GetResultResponse\x12-\n\x06result\x18\x01 \x01(\x0b\x32\x1d.chiron.v1.GetRequestResponse\")\n\x13StreamResultRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"E\n\x14StreamResultResponse\x12-\n\x06result\x18\x01 \x01(\x0b\x32\x1d.chiron.v1.GetRequestResponse\")\n\x13RouterCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\")\n\x14RouterCancelResponse\x12\x11\n\tcancelled\x18\x01 \x01(\x08\"\x13\n\x11ListModelsRequest\"k\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x1d\n\x15interactive_instances\x18\x02 \x01(\r\x12\x17\n\x0fmixed_instances\x18\x03 \x01(\r\x12\x17\n\x0f\x62\x61tch_instances\x18\x04 \x01(\r\":\n\x12ListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.chiron.v1.ModelInfo2\xa0\x04\n\x06Router\x12Q\n\x08Generate\x12 .chiron.v1.RouterGenerateRequest\x1a!.chiron.v1.RouterGenerateResponse0\x01\x12S\n\x0cGenerateMany\x12\x1e.chiron.v1.GenerateManyRequest\x1a\x1f.chiron.v1.GenerateManyResponse(\x01\x30\x01\x12=\n\x06Submit\x12\x18.chiron.v1.SubmitRequest\x1a\x19.chiron.v1.SubmitResponse\x12\x46\n\tGetResult\x12\x1b.chiron.v1.GetResultRequest\x1a\x1c.chiron.v1.GetResultResponse\x12Q\n\x0cStreamResult\x12\x1e.chiron.v1.StreamResultRequest\x1a\x1f.chiron.v1.StreamResultResponse0\x01\x12I\n\x06\x43\x61ncel\x12\x1e.chiron.v1.RouterCancelRequest\x1a\x1f.chiron.v1.RouterCancelResponse\x12I\n\nListModels\x12\x1c.chiron.v1.ListModelsRequest\x1a\x1d.chiron.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,28 +38,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ROUTERGENERATEREQUEST']._serialized_end=176
   _globals['_ROUTERGENERATERESPONSE']._serialized_start=178
   _globals['_ROUTERGENERATERESPONSE']._serialized_end=267
-  _globals['_SUBMITREQUEST']._serialized_start=269
-  _globals['_SUBMITREQUEST']._serialized_end=330
-  _globals['_SUBMITRESPONSE']._serialized_start=332
-  _globals['_SUBMITRESPONSE']._serialized_end=386
-  _globals['_GETRESULTREQUEST']._serialized_start=388
-  _globals['_GETRESULTREQUEST']._serialized_end=426
-  _globals['_GETRESULTRESPONSE']._serialized_start=428
-  _globals['_GETRESULTRESPONSE']._serialized_end=494
-  _globals['_STREAMRESULTREQUEST']._serialized_start=496
-  _globals['_STREAMRESULTREQUEST']._serialized_end=537
-  _globals['_STREAMRESULTRESPONSE']._serialized_start=539
-  _globals['_STREAMRESULTRESPONSE']._serialized_end=608
-  _globals['_ROUTERCANCELREQUEST']._serialized_start=610
-  _globals['_ROUTERCANCELREQUEST']._serialized_end=651
-  _globals['_ROUTERCANCELRESPONSE']._serialized_start=653
-  _globals['_ROUTERCANCELRESPONSE']._serialized_end=694
-  _globals['_LISTMODELSREQUEST']._serialized_start=696
-  _globals['_LISTMODELSREQUEST']._serialized_end=715
-  _globals['_MODELINFO']._serialized_start=717
-  _globals['_MODELINFO']._serialized_end=824
-  _globals['_LISTMODELSRESPONSE']._serialized_start=826
-  _globals['_LISTMODELSRESPONSE']._serialized_end=884
-  _globals['_ROUTER']._serialized_start=887
-  _globals['_ROUTER']._serialized_end=1346
+  _globals['_GENERATEMANYREQUEST']._serialized_start=269
+  _globals['_GENERATEMANYREQUEST']._serialized_end=396
+  _globals['_GENERATEMANYRESPONSE']._serialized_start=399
+  _globals['_GENERATEMANYRESPONSE']._serialized_end=537
+  _globals['_SUBMITREQUEST']._serialized_start=539
+  _globals['_SUBMITREQUEST']._serialized_end=600
+  _globals['_SUBMITRESPONSE']._serialized_start=602
+  _globals['_SUBMITRESPONSE']._serialized_end=656
+  _globals['_GETRESULTREQUEST']._serialized_start=658
+  _globals['_GETRESULTREQUEST']._serialized_end=696
+  _globals['_GETRESULTRESPONSE']._serialized_start=698
+  _globals['_GETRESULTRESPONSE']._serialized_end=764
+  _globals['_STREAMRESULTREQUEST']._serialized_start=766
+  _globals['_STREAMRESULTREQUEST']._serialized_end=807
+  _globals['_STREAMRESULTRESPONSE']._serialized_start=809
+  _globals['_STREAMRESULTRESPONSE']._serialized_end=878
+  _globals['_ROUTERCANCELREQUEST']._serialized_start=880
+  _globals['_ROUTERCANCELREQUEST']._serialized_end=921
+  _globals['_ROUTERCANCELRESPONSE']._serialized_start=923
+  _globals['_ROUTERCANCELRESPONSE']._serialized_end=964
+  _globals['_LISTMODELSREQUEST']._serialized_start=966
+  _globals['_LISTMODELSREQUEST']._serialized_end=985
+  _globals['_MODELINFO']._serialized_start=987
+  _globals['_MODELINFO']._serialized_end=1094
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1096
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1154
+  _globals['_ROUTER']._serialized_start=1157
+  _globals['_ROUTER']._serialized_end=1701
 # @@protoc_insertion_point(module_scope)

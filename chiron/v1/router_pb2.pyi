@@ -23,6 +23,32 @@ class RouterGenerateResponse(_message.Message):
     instance_id: str
     def __init__(self, chunk: _Optional[_Union[_engine_pb2.GenerateResponse, _Mapping]] = ..., instance_id: _Optional[str] = ...) -> None: ...
 
+class GenerateManyRequest(_message.Message):
+    __slots__ = ("stream_id", "generate", "cancel", "timeout_s")
+    STREAM_ID_FIELD_NUMBER: _ClassVar[int]
+    GENERATE_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    stream_id: int
+    generate: RouterGenerateRequest
+    cancel: bool
+    timeout_s: float
+    def __init__(self, stream_id: _Optional[int] = ..., generate: _Optional[_Union[RouterGenerateRequest, _Mapping]] = ..., cancel: _Optional[bool] = ..., timeout_s: _Optional[float] = ...) -> None: ...
+
+class GenerateManyResponse(_message.Message):
+    __slots__ = ("stream_id", "response", "end", "code", "message")
+    STREAM_ID_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    stream_id: int
+    response: RouterGenerateResponse
+    end: bool
+    code: int
+    message: str
+    def __init__(self, stream_id: _Optional[int] = ..., response: _Optional[_Union[RouterGenerateResponse, _Mapping]] = ..., end: _Optional[bool] = ..., code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
 class SubmitRequest(_message.Message):
     __slots__ = ("request",)
     REQUEST_FIELD_NUMBER: _ClassVar[int]

@@ -41,6 +41,11 @@ class RouterStub:
                 request_serializer=chiron_dot_v1_dot_router__pb2.RouterGenerateRequest.SerializeToString,
                 response_deserializer=chiron_dot_v1_dot_router__pb2.RouterGenerateResponse.FromString,
                 _registered_method=True)
+        self.GenerateMany = channel.stream_stream(
+                '/chiron.v1.Router/GenerateMany',
+                request_serializer=chiron_dot_v1_dot_router__pb2.GenerateManyRequest.SerializeToString,
+                response_deserializer=chiron_dot_v1_dot_router__pb2.GenerateManyResponse.FromString,
+                _registered_method=True)
         self.Submit = channel.unary_unary(
                 '/chiron.v1.Router/Submit',
                 request_serializer=chiron_dot_v1_dot_router__pb2.SubmitRequest.SerializeToString,
@@ -78,6 +83,19 @@ class RouterServicer:
         batch work is refused with FAILED_PRECONDITION (use Submit). Errors: INVALID_ARGUMENT (bad fields),
         RESOURCE_EXHAUSTED (no instance can start it within its TTFT SLO), UNAVAILABLE (no instance serves
         its model). The client's deadline propagates to the engine.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GenerateMany(self, request_iterator, context):
+        """Many interactive requests on one long-lived stream, for gateways that forward a high rate of short
+        requests: each request costs a message each way instead of a call (gRPC's performance guide: streams
+        avoid the per-call set-up). Every GenerateManyRequest starts or cancels one request, named by a
+        stream_id the client picks; every response names the request it belongs to, and a request's last
+        response has end set, with the status Generate would have ended with. Requests run as Generate's do
+        (same checks, routing and errors) under the stream's credentials. The stream ends when the client
+        closes its side and every request has ended; if it breaks, every request on it ends with its error.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -125,6 +143,11 @@ def add_RouterServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=chiron_dot_v1_dot_router__pb2.RouterGenerateRequest.FromString,
                     response_serializer=chiron_dot_v1_dot_router__pb2.RouterGenerateResponse.SerializeToString,
+            ),
+            'GenerateMany': grpc.stream_stream_rpc_method_handler(
+                    servicer.GenerateMany,
+                    request_deserializer=chiron_dot_v1_dot_router__pb2.GenerateManyRequest.FromString,
+                    response_serializer=chiron_dot_v1_dot_router__pb2.GenerateManyResponse.SerializeToString,
             ),
             'Submit': grpc.unary_unary_rpc_method_handler(
                     servicer.Submit,
@@ -181,6 +204,33 @@ class Router:
             '/chiron.v1.Router/Generate',
             chiron_dot_v1_dot_router__pb2.RouterGenerateRequest.SerializeToString,
             chiron_dot_v1_dot_router__pb2.RouterGenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateMany(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/chiron.v1.Router/GenerateMany',
+            chiron_dot_v1_dot_router__pb2.GenerateManyRequest.SerializeToString,
+            chiron_dot_v1_dot_router__pb2.GenerateManyResponse.FromString,
             options,
             channel_credentials,
             insecure,

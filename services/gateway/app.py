@@ -7,7 +7,9 @@ is set):
   or not. The prompt is tokenized here (:mod:`services.gateway.tokenizer`: the router takes token ids only).
   The **SLO class** comes from the body field ``slo_class``, else the header ``X-Chiron-SLO-Class``, else
   ``GatewayConfig.default_slo_class`` (``interactive``); ``ttft_ms`` / ``itl_ms`` body fields override the
-  class's SLOs. An interactive class streams through ``Router.Generate``; a *queued* class (``batch``) goes
+  class's SLOs. An interactive class streams through the router as ``Router.Generate`` would, many requests
+  on one ``Router.GenerateMany`` stream per bearer token (:mod:`services.gateway.router_mux`: a message each way
+  per request instead of a gRPC call); a *queued* class (``batch``) goes
   through ``Router.Submit`` and the answer waits for the queued request to finish (``Router.StreamResult``;
   no streaming). Usage counts prompt tokens (after the chat template) and generated tokens.
 * ``GET /v1/models``, ``GET /v1/models/{model}``: the models serving engines offer (``Router.ListModels``).
@@ -22,7 +24,7 @@ Errors come in OpenAI's shape ``{"error": {"message", "type", "param", "code"}}`
 :data:`services.gateway.common.GRPC_TO_HTTP` (400 bad request, 401 unauthenticated, 404 unknown model or
 route, 413 body over ``max_body_bytes``, 429 admission control, 503 no capacity, 504 deadline). An error before
 the first token is a plain HTTP error; one later in a stream is a last ``data: {"error": ...}`` event. A client
-that disconnects cancels its router call, so the engine aborts the request (a queued one is cancelled).
+that disconnects cancels its request at the router, so the engine aborts it (a queued one is cancelled).
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ from services.common.grpc_util import MESSAGE_OPTIONS, settle_heap
 from services.common.security import SecuritySettings, open_channel, security_settings
 from services.gateway import common
 from services.gateway.common import APIError
+from services.gateway.router_mux import RouterMux
 from services.gateway.tokenizer import DEFAULT_SIMPLE_VOCAB, Detokenizer, Tokenizer, load_tokenizer
 
 log = logging.getLogger("chiron.gateway")
@@ -72,7 +75,7 @@ SLO_CLASS_HEADER = "x-chiron-slo-class"
 class SloClassConfig(BaseModel):
     """One named SLO class. ``ttft_ms``: TTFT SLO [ms]; ``itl_ms``: ITL SLO [ms] (0 = the router's default);
     ``queued``: served through the global queue (``Router.Submit``; the HTTP answer waits for the result, no
-    streaming) instead of streamed (``Router.Generate``)."""
+    streaming) instead of streamed (``Router.GenerateMany``)."""
 
     ttft_ms: int = Field(gt=0)
     itl_ms: int = Field(0, ge=0)
@@ -349,8 +352,7 @@ async def _generate(request: Request, endpoint: str) -> Response:
         return JSONResponse(await _queued(request, ir, shape), headers=headers)
 
     arrival = getattr(request.state, "arrival", start)
-    call = common.router_stub(request).Generate(router_pb2.RouterGenerateRequest(request=ir),
-                                                metadata=common.forward_metadata(request), timeout=cfg.request_timeout_s)
+    call = request.app.state.router_mux.generate(ir, common.forward_metadata(request), cfg.request_timeout_s)
     before_router = time.perf_counter() - arrival
     watch = _DisconnectWatch(request.receive, call)
     streaming = False  # once the event stream is returned, it owns the watch
@@ -514,9 +516,11 @@ def create_app(config: GatewayConfig | None = None, *, security: SecuritySetting
         channel = open_channel(cfg.router, options=MESSAGE_OPTIONS, settings=sec)
         app.state.router_channel = channel
         app.state.router_stub = router_pb2_grpc.RouterStub(channel)
+        app.state.router_mux = RouterMux(app.state.router_stub)
         try:
             yield
         finally:
+            await app.state.router_mux.close()
             await channel.close()
 
     app = FastAPI(title="Chiron OpenAI-compatible gateway", lifespan=lifespan)

@@ -4,7 +4,8 @@
   instance :func:`~services.router.routing.choose_instance` picks, using etcd membership and engine stats
   that a background task refreshes every ``stats_interval_s`` (with the requests this router has in flight at
   each instance as a lower bound of its load, so a burst does not pile onto one instance between refreshes).
-  The client's deadline is passed on to the engine call.
+  The client's deadline is passed on to the engine call. ``GenerateMany`` serves the same requests, many on one
+  long-lived stream (the gateway's way: a message each way per request instead of a call; see router.proto).
 * Batch requests go to the queue (``Submit``); ``GetResult`` / ``StreamResult`` / ``Cancel`` read and act on
   them there, so a client need not hold a stream open for hours.
 """
@@ -17,6 +18,7 @@ import logging
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 
 import grpc
@@ -29,6 +31,16 @@ from services.router.routing import Classified, InstanceLoad, Rejected, RouterCo
 log = logging.getLogger("chiron.router")
 
 _FINAL = (queue_pb2.QUEUED_REQUEST_STATE_DONE, queue_pb2.QUEUED_REQUEST_STATE_CANCELLED)
+
+
+class RouterStatus(Exception):
+    """How an interactive request ends when not with its last token: a gRPC status code and a message for
+    the client."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
 
 
 class RouterService(router_pb2_grpc.RouterServicer):
@@ -142,8 +154,14 @@ class RouterService(router_pb2_grpc.RouterServicer):
         return fwd
 
     # ---- RPCs -------------------------------------------------------------------------------------------
-    async def Generate(self, request: router_pb2.RouterGenerateRequest, context):
-        r = request.request
+    async def _generate(self, r: types_pb2.InferenceRequest, timeout_s: float | None,
+                        on_call: Callable[[grpc.aio.Call], None] | None = None
+                        ) -> AsyncIterator[router_pb2.RouterGenerateResponse]:
+        """One interactive request, as ``Generate`` and ``GenerateMany`` serve it: checked, classified, routed,
+        and the chosen engine's chunks relayed (``instance_id`` on the first). ``timeout_s``: the engine call's
+        deadline, seconds (None: none). ``on_call`` gets the engine call once it starts. Raises
+        :class:`RouterStatus` with the status the request ends with (INVALID_ARGUMENT, FAILED_PRECONDITION,
+        RESOURCE_EXHAUSTED, UNAVAILABLE, or the engine's)."""
         start_s = time.monotonic()
         c = None
         try:
@@ -159,20 +177,19 @@ class RouterService(router_pb2_grpc.RouterServicer):
                 target = choose_instance(self.loads(), r.model, c.ttft_ms)
         except Rejected as e:
             self.metrics.count(c.request_class if c is not None else "interactive", "rejected")
-            await self._abort(context, e.code, str(e))
+            raise RouterStatus(getattr(grpc.StatusCode, e.code, grpc.StatusCode.INVALID_ARGUMENT), str(e)) from None
         fwd = self._forwarded(r, c, types_pb2.REQUEST_CLASS_INTERACTIVE, f"req-{uuid.uuid4().hex[:12]}")
         self._inflight[target.instance_id] += 1
         self.accepted += 1
         first = True
         timer = self.metrics.stream(start_s, c.ttft_ms / 1e3, c.itl_ms / 1e3)
         outcome = "error"
-        remaining = context.time_remaining()
+        call = None
         try:
             call = engine_pb2_grpc.EngineStub(self._channels.get(target.address)).Generate(
-                engine_pb2.GenerateRequest(request=fwd), timeout=remaining)
-            # A client that goes away while this generator waits at its yield does not always reach the except
-            # below (the generator is just never resumed): cancel the engine call when the RPC ends, whatever way.
-            context.add_done_callback(lambda _ctx: call.cancel())
+                engine_pb2.GenerateRequest(request=fwd), timeout=timeout_s)
+            if on_call is not None:
+                on_call(call)
             async for chunk in call:
                 if chunk.token_ids:
                     timer.chunk()
@@ -181,13 +198,91 @@ class RouterService(router_pb2_grpc.RouterServicer):
             outcome = "ok"
         except grpc.aio.AioRpcError as e:
             outcome = outcome_of(e.code())
-            await context.abort(e.code(), f"engine {target.instance_id}: {e.details()}")
+            raise RouterStatus(e.code(), f"engine {target.instance_id}: {e.details()}") from None
         except (asyncio.CancelledError, GeneratorExit):  # the client went away
             outcome = "cancelled"
             raise
         finally:
+            if call is not None:
+                call.cancel()  # no-op once the call has ended
             timer.finish(outcome)
             self._inflight[target.instance_id] -= 1
+
+    async def Generate(self, request: router_pb2.RouterGenerateRequest, context):
+        # A client that goes away while this generator waits at its yield does not always reach the request's
+        # cleanup (the generator is just never resumed): cancel the engine call when the RPC ends, whatever way.
+        chunks = self._generate(request.request, context.time_remaining(),
+                                lambda call: context.add_done_callback(lambda _ctx: call.cancel()))
+        try:
+            async for response in chunks:
+                yield response
+        except RouterStatus as e:
+            await context.abort(e.code, e.message)
+        finally:
+            await chunks.aclose()
+
+    async def GenerateMany(self, request_iterator, context):
+        """See router.proto: each request runs :meth:`_generate` in a task of its own, whose messages (tagged
+        with its ``stream_id``) go out in the order they are produced."""
+        out: asyncio.Queue[router_pb2.GenerateManyResponse | None] = asyncio.Queue()
+        running: dict[int, asyncio.Task] = {}
+        reading = True
+
+        def ended(sid: int, task: asyncio.Task) -> None:
+            if running.get(sid) is task:
+                del running[sid]
+            if not reading and not running:
+                out.put_nowait(None)
+
+        async def serve(sid: int, r: types_pb2.InferenceRequest, timeout_s: float | None) -> None:
+            ended = False  # the client has the request's end
+            try:
+                async for response in self._generate(r, timeout_s):
+                    # The chunk with the finish reason is the engine's last: it ends the request for the client at
+                    # once, and the engine call's own end (read next) only closes the books here.
+                    ended = bool(response.chunk.finish_reason)
+                    out.put_nowait(router_pb2.GenerateManyResponse(stream_id=sid, response=response, end=ended))
+                if not ended:
+                    out.put_nowait(router_pb2.GenerateManyResponse(stream_id=sid, end=True))
+            except RouterStatus as e:
+                if not ended:
+                    out.put_nowait(router_pb2.GenerateManyResponse(stream_id=sid, end=True, code=e.code.value[0],
+                                                                   message=e.message))
+            except Exception as e:  # a bug: the request must still end for its client
+                log.exception("request %d of a GenerateMany stream failed", sid)
+                if not ended:
+                    out.put_nowait(router_pb2.GenerateManyResponse(
+                        stream_id=sid, end=True, code=grpc.StatusCode.INTERNAL.value[0],
+                        message=f"internal error in the router ({type(e).__name__}); see its log"))
+
+        async def read() -> None:
+            nonlocal reading
+            async for m in request_iterator:
+                if m.cancel:
+                    task = running.pop(m.stream_id, None)
+                    if task is not None:
+                        task.cancel()
+                elif m.stream_id in running:
+                    out.put_nowait(router_pb2.GenerateManyResponse(
+                        stream_id=m.stream_id, end=True, code=grpc.StatusCode.INVALID_ARGUMENT.value[0],
+                        message=f"stream_id {m.stream_id} is already running on this stream"))
+                else:
+                    task = asyncio.ensure_future(serve(m.stream_id, m.generate.request, m.timeout_s or None))
+                    running[m.stream_id] = task
+                    task.add_done_callback(lambda t, sid=m.stream_id: ended(sid, t))
+            reading = False
+            if not running:
+                out.put_nowait(None)
+
+        reader = asyncio.ensure_future(read())
+        try:
+            while (m := await out.get()) is not None:
+                yield m
+            await reader  # its errors, if any
+        finally:
+            reader.cancel()
+            for task in running.values():
+                task.cancel()
 
     async def Submit(self, request: router_pb2.SubmitRequest, context):
         r = request.request
