@@ -228,7 +228,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
         running: dict[int, asyncio.Task] = {}
         reading = True
 
-        def ended(sid: int, task: asyncio.Task) -> None:
+        def on_done(sid: int, task: asyncio.Task) -> None:
             if running.get(sid) is task:
                 del running[sid]
             if not reading and not running:
@@ -269,12 +269,14 @@ class RouterService(router_pb2_grpc.RouterServicer):
                 else:
                     task = asyncio.ensure_future(serve(m.stream_id, m.generate.request, m.timeout_s or None))
                     running[m.stream_id] = task
-                    task.add_done_callback(lambda t, sid=m.stream_id: ended(sid, t))
+                    task.add_done_callback(lambda t, sid=m.stream_id: on_done(sid, t))
             reading = False
             if not running:
                 out.put_nowait(None)
 
         reader = asyncio.ensure_future(read())
+        # A failed read (not a cancelled one) ends the response stream too; awaiting the reader then raises its error.
+        reader.add_done_callback(lambda t: None if t.cancelled() or t.exception() is None else out.put_nowait(None))
         try:
             while (m := await out.get()) is not None:
                 yield m
