@@ -32,6 +32,7 @@ from services.common.security import (
     write_dev_certificates,
 )
 from services.engine.demo import stop_process, wait_healthy, wait_port_file
+from services.gateway.router_mux import RouterMux
 from services.queue.server import serve as serve_queue
 from services.queue.store import QueueConfig
 from services.router.routing import RouterConfig
@@ -207,6 +208,28 @@ async def _submit(channel: grpc.aio.Channel, rid: str) -> grpc.StatusCode:
     except grpc.aio.AioRpcError as e:
         return e.code()
     return grpc.StatusCode.OK
+
+
+async def test_the_gateways_request_streams_are_authenticated_per_bearer_token(auth_on, router_and_queue):
+    """The gateway forwards each client's token: one GenerateMany stream per token, each authenticated by the
+    router as a call would be. A refused token ends only its own requests and stream."""
+    router, _ = router_and_queue
+    r = types_pb2.InferenceRequest(model="m", prompt_token_ids=[1, 2], max_tokens=2)
+    good = (("authorization", f"Bearer {TOKEN}"),)
+    async with grpc.aio.insecure_channel(router) as ch:
+        mux = RouterMux(router_pb2_grpc.RouterStub(ch))
+        try:
+            for metadata, code in ((good, grpc.StatusCode.UNAVAILABLE),  # past authentication: no engine serves "m"
+                                   ((("authorization", f"Bearer {WRONG}"),), grpc.StatusCode.UNAUTHENTICATED),
+                                   ((), grpc.StatusCode.UNAUTHENTICATED),
+                                   (good, grpc.StatusCode.UNAVAILABLE)):
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    await mux.generate(r, metadata, timeout_s=10).read()
+                assert e.value.code() == code, e.value.details()
+                assert WRONG not in e.value.details() and TOKEN not in e.value.details()
+            assert list(mux._streams) == [good]  # the refused streams are gone, the accepted one stays
+        finally:
+            await mux.close()
 
 
 async def test_mutual_tls_admits_only_clients_with_a_certificate_of_the_configured_ca(mtls_on, certs, other_ca,
