@@ -76,9 +76,6 @@ class MuxCall:
         self._end(asyncio.CancelledError())
         return True
 
-    def done(self) -> bool:
-        return self._ended
-
     # ---- fed by the stream ----
     def _deliver(self, m: router_pb2.GenerateManyResponse) -> None:
         if m.HasField("response"):
