@@ -70,11 +70,7 @@ class MuxCall:
     def cancel(self) -> bool:
         """Cancels the request at the router (its client went away); a pending or later :meth:`read` raises
         ``asyncio.CancelledError``. False (and nothing done) once the request has ended."""
-        if self._ended:
-            return False
-        self._stream.forget(self._id, cancel=True)
-        self._end(asyncio.CancelledError())
-        return True
+        return self._abandon(asyncio.CancelledError())
 
     # ---- fed by the stream ----
     def _deliver(self, m: router_pb2.GenerateManyResponse) -> None:
@@ -98,21 +94,26 @@ class MuxCall:
             self._waiter.set_result(None)
 
     def _expire(self) -> None:
-        if not self._ended:
-            self._stream.forget(self._id, cancel=True)
-            self._end(_error(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded waiting for the router"))
+        self._abandon(_error(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded waiting for the router"))
+
+    def _abandon(self, last: BaseException) -> bool:
+        """Ends the request here with ``last`` and cancels it at the router; False once it has ended."""
+        if self._ended:
+            return False
+        self._stream.cancel(self._id)
+        self._end(last)
+        return True
 
 
 class _Stream:
     """One ``GenerateMany`` stream and the requests running on it."""
 
     def __init__(self, stub: router_pb2_grpc.RouterStub, metadata: Metadata, owner: RouterMux) -> None:
-        self._outgoing: asyncio.Queue[router_pb2.GenerateManyRequest | None] = asyncio.Queue()
+        self._outgoing: asyncio.Queue[router_pb2.GenerateManyRequest] = asyncio.Queue()
         self._calls: dict[int, MuxCall] = {}
         self._ids = itertools.count(1)
         self._owner = owner
         self.metadata = metadata
-        self.alive = True
         self._call = stub.GenerateMany(self._requests(), metadata=metadata)
         self._reader = asyncio.ensure_future(self._read())
 
@@ -123,13 +124,14 @@ class _Stream:
             stream_id=sid, generate=router_pb2.RouterGenerateRequest(request=request), timeout_s=timeout_s or 0.0))
         return call
 
-    def forget(self, stream_id: int, cancel: bool) -> None:
-        if self._calls.pop(stream_id, None) is not None and cancel and self.alive:
+    def cancel(self, stream_id: int) -> None:
+        """Cancels a running request at the router (nothing once the stream has ended: it ran no more)."""
+        if self._calls.pop(stream_id, None) is not None:
             self._outgoing.put_nowait(router_pb2.GenerateManyRequest(stream_id=stream_id, cancel=True))
 
     async def _requests(self) -> AsyncIterator[router_pb2.GenerateManyRequest]:
-        while (m := await self._outgoing.get()) is not None:
-            yield m
+        while True:
+            yield await self._outgoing.get()
 
     async def _read(self) -> None:
         error = _error(grpc.StatusCode.UNAVAILABLE, "the router closed the gateway's request stream")
@@ -149,7 +151,6 @@ class _Stream:
             error = _error(grpc.StatusCode.CANCELLED, "the gateway is shutting down")
             raise
         finally:
-            self.alive = False
             if self._owner._streams.get(self.metadata) is self:
                 del self._owner._streams[self.metadata]
             calls, self._calls = self._calls, {}
@@ -176,7 +177,7 @@ class RouterMux:
         deadline in seconds (None: none), passed on to the router and enforced here too (DEADLINE_EXCEEDED)."""
         key = tuple(metadata)
         stream = self._streams.get(key)
-        if stream is None or not stream.alive:
+        if stream is None:  # none yet, or the last one ended (and left the table)
             stream = self._streams[key] = _Stream(self._stub, key, self)
         return stream.start(request, timeout_s)
 

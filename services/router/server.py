@@ -228,32 +228,34 @@ class RouterService(router_pb2_grpc.RouterServicer):
         running: dict[int, asyncio.Task] = {}
         reading = True
 
-        def on_done(sid: int, task: asyncio.Task) -> None:
-            if running.get(sid) is task:
-                del running[sid]
+        def end(sid: int, code: grpc.StatusCode = grpc.StatusCode.OK, message: str = "") -> None:
+            out.put_nowait(router_pb2.GenerateManyResponse(stream_id=sid, end=True, code=code.value[0], message=message))
+
+        def close_if_idle() -> None:  # the client has closed its side and every request has ended
             if not reading and not running:
                 out.put_nowait(None)
 
+        def on_done(sid: int, task: asyncio.Task) -> None:
+            if running.get(sid) is task:
+                del running[sid]
+            close_if_idle()
+
         async def serve(sid: int, r: types_pb2.InferenceRequest, timeout_s: float | None) -> None:
             ended = False  # the client has the request's end
+            code, message = grpc.StatusCode.OK, ""
             try:
                 async for response in self._generate(r, timeout_s):
                     # The chunk with the finish reason is the engine's last: it ends the request for the client at
                     # once, and the engine call's own end (read next) only closes the books here.
                     ended = bool(response.chunk.finish_reason)
                     out.put_nowait(router_pb2.GenerateManyResponse(stream_id=sid, response=response, end=ended))
-                if not ended:
-                    out.put_nowait(router_pb2.GenerateManyResponse(stream_id=sid, end=True))
             except RouterStatus as e:
-                if not ended:
-                    out.put_nowait(router_pb2.GenerateManyResponse(stream_id=sid, end=True, code=e.code.value[0],
-                                                                   message=e.message))
+                code, message = e.code, e.message
             except Exception as e:  # a bug: the request must still end for its client
                 log.exception("request %d of a GenerateMany stream failed", sid)
-                if not ended:
-                    out.put_nowait(router_pb2.GenerateManyResponse(
-                        stream_id=sid, end=True, code=grpc.StatusCode.INTERNAL.value[0],
-                        message=f"internal error in the router ({type(e).__name__}); see its log"))
+                code, message = grpc.StatusCode.INTERNAL, f"internal error in the router ({type(e).__name__}); see its log"
+            if not ended:
+                end(sid, code, message)
 
         async def read() -> None:
             nonlocal reading
@@ -263,16 +265,14 @@ class RouterService(router_pb2_grpc.RouterServicer):
                     if task is not None:
                         task.cancel()
                 elif m.stream_id in running:
-                    out.put_nowait(router_pb2.GenerateManyResponse(
-                        stream_id=m.stream_id, end=True, code=grpc.StatusCode.INVALID_ARGUMENT.value[0],
-                        message=f"stream_id {m.stream_id} is already running on this stream"))
+                    end(m.stream_id, grpc.StatusCode.INVALID_ARGUMENT,
+                        f"stream_id {m.stream_id} is already running on this stream")
                 else:
                     task = asyncio.ensure_future(serve(m.stream_id, m.generate.request, m.timeout_s or None))
                     running[m.stream_id] = task
                     task.add_done_callback(lambda t, sid=m.stream_id: on_done(sid, t))
             reading = False
-            if not running:
-                out.put_nowait(None)
+            close_if_idle()
 
         reader = asyncio.ensure_future(read())
         # A failed read (not a cancelled one) ends the response stream too; awaiting the reader then raises its error.
