@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import grpc
@@ -25,7 +26,10 @@ from tests.conftest import eventually
 REPO = Path(__file__).resolve().parents[1]
 
 
-async def start_agent(speedup: float = 20.0, autoscale: bool = False, batch: int = 64, itl_slo_ms: float = 50.0,
+SPEEDUP = 20.0  # the test engines' clock runs this many times the wall clock
+
+
+async def start_agent(speedup: float = SPEEDUP, autoscale: bool = False, batch: int = 64, itl_slo_ms: float = 50.0,
                       **engine_kw):
     backend = SimulatedBackend("llama-3-8b", EngineConfig(max_num_seqs=batch, **engine_kw), speedup=speedup)
     cfg = AgentConfig(instance_id="test-engine", autoscale=autoscale,
@@ -55,7 +59,9 @@ async def agent():
 
 async def test_concurrent_streaming_with_ttft_and_itl(agent):
     _, stub = agent
+    t0 = time.time()
     results = await asyncio.gather(*(collect(stub, make_request(f"r{i}", 32 + i, 10 + i)) for i in range(8)))
+    t1 = time.time()
     for i, msgs in enumerate(results):
         tokens = [t for m in msgs for t in m.token_ids]
         assert len(tokens) == 10 + i
@@ -66,6 +72,13 @@ async def test_concurrent_streaming_with_ttft_and_itl(agent):
         assert all(m.itl_ms > 0 for m in token_msgs[1:])
         # Continuous batching: 8 concurrent decodes on an A100 model take ~12-20 ms per token.
         assert all(5 < m.itl_ms < 200 for m in token_msgs[1:])
+        # emitted_time is the wall clock of the engine step that made the chunk: inside the call, in order, and
+        # consecutive chunks are their itl_ms apart (engine-clock ms; this engine runs 20x the wall clock).
+        emitted = [m.emitted_time.ToNanoseconds() / 1e9 for m in msgs]
+        assert t0 <= emitted[0] and emitted[-1] <= t1 and emitted == sorted(emitted)
+        for a, b in zip(token_msgs, token_msgs[1:], strict=False):
+            gap_ms = (b.emitted_time.ToNanoseconds() - a.emitted_time.ToNanoseconds()) / 1e6 * SPEEDUP
+            assert gap_ms == pytest.approx(b.itl_ms * len(b.token_ids), abs=0.01)
 
 
 async def test_stream_interval_coalesces_tokens_into_fewer_messages(agent):

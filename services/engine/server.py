@@ -261,6 +261,12 @@ class EngineAgent(engine_pb2_grpc.EngineServicer):
 
     # ---- RPCs --------------------------------------------------------------------------------
     async def Generate(self, request: engine_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
+        """The backend's outputs as ``GenerateResponse`` chunks: the first token at once, then chunks of at least
+        ``stream_interval`` tokens (a backend that does not coalesce itself is coalesced here), and whatever is
+        left with the finish. ``itl_ms`` is the chunk's time since the previous chunk per token.
+
+        One generator from the backend's outputs to gRPC: the per-chunk work is the agent's cost per streamed
+        token on top of the engine (``chiron bench engine-overhead``)."""
         if self.draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "engine is draining; send the request elsewhere")
         try:
@@ -274,15 +280,45 @@ class EngineAgent(engine_pb2_grpc.EngineServicer):
             self.interactive_waiting += 1
         self.active_streams += 1
         self._idle.clear()
+        backend = self.backend
+        rid, n_prompt, interval = br.request_id, len(br.prompt_token_ids), br.stream_interval
+        start_s = backend.now()
+        # Backend-clock seconds -> wall-clock seconds since the epoch, fixed for the request's life.
+        wall_at_zero_s, per_s = time.time() - start_s / backend.speedup, 1.0 / backend.speedup
+        prev_s: float | None = None
+        pending: list[int] = []
         try:
             worker = self.batch_worker
             if interactive and worker is not None and self.config.role == types_pb2.INSTANCE_ROLE_MIXED:
                 await worker.make_room(1)  # at the cap, or behind a queue of interactive requests below it
-            async for resp in self._stream(br, context):
-                if waiting and resp.token_ids:
-                    waiting = False
-                    self._interactive_admitted()
+            async for out in backend.generate(br):
+                if interval > 1 and out.finish_reason is None and prev_s is not None:
+                    pending.extend(out.token_ids)
+                    if len(pending) < interval:
+                        continue
+                    token_ids, pending = pending, []
+                elif pending:
+                    token_ids, pending = [*pending, *out.token_ids], []
+                else:
+                    token_ids = out.token_ids
+                resp = engine_pb2.GenerateResponse(
+                    request_id=rid, token_ids=token_ids, num_generated_tokens=out.num_generated,
+                    num_prompt_tokens=n_prompt)
+                if out.finish_reason is not None:
+                    resp.finish_reason = FINISH.get(out.finish_reason, types_pb2.FINISH_REASON_UNSPECIFIED)
+                resp.emitted_time.FromNanoseconds(int((wall_at_zero_s + out.time_s * per_s) * 1e9))
+                if token_ids:
+                    if prev_s is None:
+                        resp.ttft_ms = (out.time_s - start_s) * 1e3
+                    else:
+                        resp.itl_ms = (out.time_s - prev_s) * 1e3 / len(token_ids)
+                    prev_s = out.time_s
+                    if waiting:
+                        waiting = False
+                        self._interactive_admitted()
                 yield resp
+        except RequestRejected as e:
+            await context.abort(_CODES.get(e.code, grpc.StatusCode.INVALID_ARGUMENT), str(e))
         finally:
             if waiting:
                 self._interactive_admitted()
@@ -294,40 +330,6 @@ class EngineAgent(engine_pb2_grpc.EngineServicer):
         self.interactive_waiting -= 1
         if self.batch_worker is not None and self.interactive_waiting == 0:
             self.batch_worker.wake()
-
-    async def _stream(self, br: BackendRequest, context: grpc.aio.ServicerContext):
-        """The backend's outputs as ``GenerateResponse`` chunks: the first token at once, then chunks of at least
-        ``br.stream_interval`` tokens (a backend that does not coalesce itself is coalesced here), and whatever is
-        left with the finish. ``itl_ms`` is the chunk's time since the previous chunk per token."""
-        prev_s: float | None = None
-        start_s = self.backend.now()
-        n_prompt = len(br.prompt_token_ids)
-        interval = br.stream_interval
-        pending: list[int] = []
-        try:
-            async for out in self.backend.generate(br):
-                if interval > 1 and out.finish_reason is None and prev_s is not None:
-                    pending.extend(out.token_ids)
-                    if len(pending) < interval:
-                        continue
-                    token_ids, pending = pending, []
-                elif pending:
-                    token_ids, pending = [*pending, *out.token_ids], []
-                else:
-                    token_ids = list(out.token_ids)
-                resp = engine_pb2.GenerateResponse(
-                    request_id=br.request_id, token_ids=token_ids, num_generated_tokens=out.num_generated,
-                    finish_reason=FINISH.get(out.finish_reason or "", types_pb2.FINISH_REASON_UNSPECIFIED),
-                    emitted_time=timestamp(_wall(out.time_s, self.backend)), num_prompt_tokens=n_prompt)
-                if token_ids:
-                    if prev_s is None:
-                        resp.ttft_ms = (out.time_s - start_s) * 1e3
-                    else:
-                        resp.itl_ms = (out.time_s - prev_s) * 1e3 / len(token_ids)
-                    prev_s = out.time_s
-                yield resp
-        except RequestRejected as e:
-            await context.abort(_CODES.get(e.code, grpc.StatusCode.INVALID_ARGUMENT), str(e))
 
     async def Evict(self, request: engine_pb2.EvictRequest, context: grpc.aio.ServicerContext):
         progress = await self.backend.evict(request.request_id)
@@ -346,11 +348,6 @@ class EngineAgent(engine_pb2_grpc.EngineServicer):
         while True:
             yield engine_pb2.WatchStatsResponse(stats=self.stats())
             await asyncio.sleep(interval)
-
-
-def _wall(engine_s: float, backend: Backend) -> float:
-    """Map a backend-clock time to wall-clock seconds since the epoch."""
-    return time.time() - (backend.now() - engine_s) / backend.speedup
 
 
 @dataclass
