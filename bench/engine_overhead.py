@@ -47,6 +47,32 @@ engine core pinned to one core, 5,418 / 4,667 (13.9%). The engine gets faster (a
 local-autoscaler load: 424 → 558 tokens/s, ITL p99 3.81 → 2.48 ms), but the frontends then share a single
 core, so the agent path (agent process plus gRPC client, 120–180 µs of CPU per token) falls behind the
 direct one (30–37 µs). Not used.
+
+**gRPC's posix I/O path.** This one is used: ``GRPC_EXPERIMENTS=-event_engine_client,-event_engine_listener``, which
+every Chiron process sets (``services/__init__.py``). With grpc's EventEngine endpoints, each streamed message
+crossed three threads on the client: the EventEngine thread read it, then grpc.aio's poller thread took it, then
+the event loop. There were about 1.9 context switches per message on each side (strace and ``/proc``,
+32 streams at 6,200 messages/s).
+
+On the posix path the poller thread reads the socket itself, and the loop thread's sends go out inline. Context
+switches per message fell to 0.55 on the client and 0.8 on the server. CPU per message fell from 42–50 to
+21–30 µs on the client, and from 37–54 to 29–38 µs on the server.
+
+Same session, concurrency 32, alternating runs (stop 24):
+
+| setting | overhead (ratio of medians) | paired mean | µs/token: agent / client |
+|---|---|---|---|
+| grpc's defaults | 8.5%, 10.0%, 11.7% | 9.2%, 10.6%, 12.8% | 70–74 / 37–38 |
+| posix path | 2.8%, 4.9%, 3.6% | 5.7%, 4.4%, 5.6% | 66–73 / 29–32 |
+
+Full runs of this bench at concurrency 32:
+- posix path, before the trim below: 16.3% (paired 16.2%, in a slow spell with the agent at 82 µs per token),
+  5.2% (5.6%) and 3.6% (4.8%);
+- grpc's defaults, between those runs: 8.8% (9.3%);
+- after the agent's per-token work was also trimmed (one generator, vLLM's env-var cache): −0.9% (4.9%) and
+  5.5% (4.8%).
+
+Each run's 95% interval is still about ±6 points wide, so one run cannot show that the 5% target holds.
 """
 
 from __future__ import annotations
