@@ -35,6 +35,12 @@ def run_event_loop(main: Coroutine[Any, Any, T]) -> T:
         return runner.run(main)
 
 
+def status_code(name: str) -> grpc.StatusCode:
+    """The gRPC status named ``name`` (``"UNAVAILABLE"``, ...), as the services' refusals name it
+    (``RequestRejected.code``, ``Rejected.code``, ``QueueError.code``); INVALID_ARGUMENT for a name that is none."""
+    return grpc.StatusCode.__members__.get(name, grpc.StatusCode.INVALID_ARGUMENT)
+
+
 def timestamp(seconds_since_epoch: float) -> Timestamp:
     """A protobuf Timestamp of ``seconds_since_epoch`` [s]; unset (zero) for NaN or infinity."""
     t = Timestamp()

@@ -24,7 +24,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2
 
 from chiron.v1 import engine_pb2, engine_pb2_grpc, types_pb2
-from services.common.grpc_util import create_server, mark_serving, settle_heap, timestamp
+from services.common.grpc_util import create_server, mark_serving, settle_heap, status_code, timestamp
 from services.common.metrics import EngineMetrics
 from services.engine.backend import Backend, BackendRequest
 from services.engine.batch_worker import BatchWorker
@@ -52,12 +52,6 @@ FINISH = {
     "stop": types_pb2.FINISH_REASON_STOP,
     "abort": types_pb2.FINISH_REASON_ABORT,
     "evicted": types_pb2.FINISH_REASON_EVICTED,
-}
-_CODES = {
-    "INVALID_ARGUMENT": grpc.StatusCode.INVALID_ARGUMENT,
-    "RESOURCE_EXHAUSTED": grpc.StatusCode.RESOURCE_EXHAUSTED,
-    "ALREADY_EXISTS": grpc.StatusCode.ALREADY_EXISTS,
-    "UNAVAILABLE": grpc.StatusCode.UNAVAILABLE,
 }
 
 
@@ -272,7 +266,7 @@ class EngineAgent(engine_pb2_grpc.EngineServicer):
         try:
             br = self._to_backend(request.request)
         except RequestRejected as e:
-            await context.abort(_CODES.get(e.code, grpc.StatusCode.INVALID_ARGUMENT), str(e))
+            await context.abort(status_code(e.code), str(e))
         interactive = request.request.request_class in (types_pb2.REQUEST_CLASS_UNSPECIFIED,
                                                         types_pb2.REQUEST_CLASS_INTERACTIVE)
         waiting = interactive
@@ -318,7 +312,7 @@ class EngineAgent(engine_pb2_grpc.EngineServicer):
                         self._interactive_admitted()
                 yield resp
         except RequestRejected as e:
-            await context.abort(_CODES.get(e.code, grpc.StatusCode.INVALID_ARGUMENT), str(e))
+            await context.abort(status_code(e.code), str(e))
         finally:
             if waiting:
                 self._interactive_admitted()

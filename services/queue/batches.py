@@ -26,10 +26,8 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-import grpc
-
 from chiron.v1 import batch_pb2, batch_pb2_grpc, queue_pb2
-from services.common.grpc_util import timestamp
+from services.common.grpc_util import status_code, timestamp
 from services.common.metrics import QueueMetrics
 from services.queue.store import QueueError, QueueStore, _decode_tokens
 
@@ -342,9 +340,6 @@ class BatchStore:
 # ----------------------------------------------------------------------------------------------
 # gRPC
 # ----------------------------------------------------------------------------------------------
-_CODES = {"INVALID_ARGUMENT": grpc.StatusCode.INVALID_ARGUMENT, "NOT_FOUND": grpc.StatusCode.NOT_FOUND,
-          "RESOURCE_EXHAUSTED": grpc.StatusCode.RESOURCE_EXHAUSTED, "ALREADY_EXISTS": grpc.StatusCode.ALREADY_EXISTS,
-          "FAILED_PRECONDITION": grpc.StatusCode.FAILED_PRECONDITION}
 
 
 def file_pb(f: FileRecord) -> batch_pb2.FileObject:
@@ -374,7 +369,7 @@ class BatchApiService(batch_pb2_grpc.BatchApiServicer):
 
     @staticmethod
     async def _fail(context, e: QueueError):
-        await context.abort(_CODES.get(e.code, grpc.StatusCode.INVALID_ARGUMENT), e.message)
+        await context.abort(status_code(e.code), e.message)
 
     async def CreateFile(self, request: batch_pb2.CreateFileRequest, context):
         try:

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from chiron.v1 import batch_pb2_grpc, queue_pb2, queue_pb2_grpc, types_pb2
-from services.common.grpc_util import create_server, mark_serving, settle_heap, timestamp
+from services.common.grpc_util import create_server, mark_serving, settle_heap, status_code, timestamp
 from services.common.metrics import QueueMetrics
 from services.queue.batches import BatchApiService, BatchStore
 from services.queue.estimator import GroupEstimate, ServingCapacity, WaitingTimeEstimator
@@ -38,8 +38,6 @@ from services.queue.store import QueueConfig, QueueError, QueueStore
 
 log = logging.getLogger("chiron.queue")
 
-_CODES = {name: getattr(grpc.StatusCode, name) for name in
-          ("INVALID_ARGUMENT", "ALREADY_EXISTS", "RESOURCE_EXHAUSTED", "NOT_FOUND", "FAILED_PRECONDITION")}
 _STATES = {"QUEUED": queue_pb2.QUEUED_REQUEST_STATE_QUEUED, "LEASED": queue_pb2.QUEUED_REQUEST_STATE_LEASED,
            "DONE": queue_pb2.QUEUED_REQUEST_STATE_DONE, "CANCELLED": queue_pb2.QUEUED_REQUEST_STATE_CANCELLED}
 
@@ -175,7 +173,7 @@ class QueueService(queue_pb2_grpc.QueueServicer):
 
     # ---- RPCs --------------------------------------------------------------------------------
     async def _fail(self, context, e: QueueError):
-        await context.abort(_CODES.get(e.code, grpc.StatusCode.INVALID_ARGUMENT), e.message)
+        await context.abort(status_code(e.code), e.message)
 
     async def Enqueue(self, request: queue_pb2.EnqueueRequest, context):
         r = request.request

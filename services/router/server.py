@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 import grpc
 
 from chiron.v1 import batch_pb2_grpc, engine_pb2, engine_pb2_grpc, queue_pb2, queue_pb2_grpc, router_pb2, router_pb2_grpc, types_pb2
-from services.common.grpc_util import ChannelPool, create_server, mark_serving, settle_heap
+from services.common.grpc_util import ChannelPool, create_server, mark_serving, settle_heap, status_code
 from services.common.metrics import RouterMetrics, outcome_of
 from services.router.routing import Classified, InstanceLoad, Rejected, RouterConfig, choose_instance, classify
 
@@ -118,7 +118,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
     # ---- helpers --------------------------------------------------------------------------------------
     @staticmethod
     async def _abort(context, code: str, message: str):
-        await context.abort(getattr(grpc.StatusCode, code, grpc.StatusCode.INVALID_ARGUMENT), message)
+        await context.abort(status_code(code), message)
 
     def _check(self, r: types_pb2.InferenceRequest) -> None:
         if not r.model:
@@ -177,7 +177,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
                 target = choose_instance(self.loads(), r.model, c.ttft_ms)
         except Rejected as e:
             self.metrics.count(c.request_class if c is not None else "interactive", "rejected")
-            raise RouterStatus(getattr(grpc.StatusCode, e.code, grpc.StatusCode.INVALID_ARGUMENT), str(e)) from None
+            raise RouterStatus(status_code(e.code), str(e)) from None
         fwd = self._forwarded(r, c, types_pb2.REQUEST_CLASS_INTERACTIVE, f"req-{uuid.uuid4().hex[:12]}")
         self._inflight[target.instance_id] += 1
         self.accepted += 1
