@@ -17,9 +17,9 @@ The same comparison as :mod:`bench.local_autoscaler` (adaptive vs best static vs
 * **Settings**: ``adaptive`` runs the engine agent's own control step (:meth:`EngineAgent.control_step`,
   the local autoscaler at its defaults, starting at 16) once per ``control_interval_s``; ``best_static``
   is the best of a sweep of fixed caps meeting the SLO (attainment ≥ 0.99); both with a per-step token
-  budget of ``token_budget`` (see :func:`run_bench`); ``default_256`` is vLLM's defaults (``max_num_seqs``
-  256, its own token budget). A static cap's ITLs do not depend on the SLO, so each cap runs once and is
-  scored against every SLO.
+  budget of ``token_budget`` (32 by default, see :func:`run_bench`), so caps from 1 to 32; ``default_256``
+  is vLLM's defaults (``max_num_seqs`` 256, its own token budget). A static cap's ITLs do not depend on the
+  SLO, so each cap runs once and is scored against every SLO.
 * **Best static, measured beside the adaptive run.** The sweep picks the best cap per SLO from short runs
   (``static_s``); that cap then runs again right after the adaptive run, for the adaptive run's duration
   and warm-up, and that run is the ``best_static`` row (the sweep's numbers stay in it as
@@ -67,7 +67,18 @@ from services.engine.stats import weighted_quantile
 from services.engine.vllm_backend import VllmBackend, VllmConfig, quiet_vllm_logs, write_tiny_model
 
 STATIC_GRID = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
-MAX_CAP = 256
+MAX_CAP = 256  # vLLM's default max_num_seqs: the default_256 row
+DEFAULT_TOKEN_BUDGET = 32
+
+
+def cap_grid(token_budget: int, grid=STATIC_GRID) -> tuple[int, ...]:
+    """The static caps worth sweeping under a per-step budget of ``token_budget`` tokens: those up to the budget.
+
+    A running request takes one decode token per step, so with more running requests than budget tokens
+    the surplus waits a step (vLLM also refuses ``max_num_seqs`` above ``max_num_batched_tokens``).
+    """
+    top = min(token_budget, MAX_CAP)
+    return tuple(c for c in grid if c < top) + (top,)
 
 
 class _Load:
@@ -193,7 +204,7 @@ def _result(slo: float, setting: str, cap: int, itl: list, tokens: int, span: fl
 
 async def run_bench(slo_factors=(1.5, 3.0), static_s: float = 15.0, static_warmup_s: float = 5.0,
                     adaptive_s: float = 90.0, adaptive_warmup_s: float = 30.0, seed: int = 0,
-                    grid=STATIC_GRID, token_budget: int = 256, progress=None, log=print) -> dict:
+                    grid=None, token_budget: int = DEFAULT_TOKEN_BUDGET, progress=None, log=print) -> dict:
     """Run the comparison; returns ``{"results": [...], "sweep": [...], "config": {...}}`` (schema of
     :func:`bench.local_autoscaler.run_bench`).
 
@@ -201,15 +212,40 @@ async def run_bench(slo_factors=(1.5, 3.0), static_s: float = 15.0, static_warmu
     chunks) for the adaptive and static settings. With vLLM's CPU default (2048), each growth step admits a
     burst of requests whose prefill chunks stall every decode of a step past the SLO, and the autoscaler
     halves again (a sawtooth at 55% of the best static, measured in the stop-10 note); a bounded budget is
-    the same choice as the simulated engine's tied budget. ``default_256`` runs on a second engine with
-    vLLM's own defaults (cap 256, default budget).
+    the same choice as the simulated engine's tied budget. The budget also bounds the caps worth running
+    (:func:`cap_grid`; ``grid`` None sweeps those), so the adaptive setting's cap ranges over 1..budget.
+    ``default_256`` runs on a second engine with vLLM's own defaults (cap 256, default budget).
+
+    Why 32 and not 256 (the default until stop 25): a step that carries a prefill chunk costs more than a
+    decode step, and with few requests running the ITL p99 is that step. At 256 the chunk step alone set the
+    p99: the best static caps were 1 and 4 (at 1.5× and 3× the batch-1 ITL p99), and at 3× cap 4's own p99 sat
+    at the SLO. With a smaller chunk every step costs about the same and the p99 grows with the cap, the choice
+    Sarathi-Serve makes for a tight ITL SLO (token budget from the SLO). Measured (this 2-core VM, one run each;
+    adaptive as % of the best static, ITL attainment; 1.5× then 3×):
+
+    =============  ================  ============================  ============================
+    budget         best static caps  adaptive, 1.5×                adaptive, 3×
+    =============  ================  ============================  ============================
+    256 (stop 24)  1, 4              165%, 0.9913                  85.0%, 0.9889
+    64             2, 16             205%, 0.9930                  101%, 0.9882
+    32             2, 16             164%, 0.9933                  105%, 0.9965
+    32             2, 16             113%, 0.9880                  87.5%, 0.9937 (yardstick
+                                                                   missed the SLO: 0.9495)
+    =============  ================  ============================  ============================
+
+    No run converged within 30 s at any budget: the halvings that break it are single seconds over the SLO.
     """
+    if token_budget < 1:
+        raise ValueError(f"token_budget must be >= 1 (got {token_budget})")
     quiet_vllm_logs()
     work = Path(tempfile.mkdtemp(prefix="chiron-bench-la-vllm-"))
     model = write_tiny_model(work / "tiny-llama")
+    grid = cap_grid(token_budget) if grid is None else tuple(grid)
+    max_cap = max(grid)
 
     def engine(budget: int | None) -> VllmBackend:
-        return VllmBackend(VllmConfig(str(model), load_format="dummy", dtype="float32", max_num_seqs=MAX_CAP,
+        cap = MAX_CAP if budget is None else max_cap
+        return VllmBackend(VllmConfig(str(model), load_format="dummy", dtype="float32", max_num_seqs=cap,
                                       max_num_batched_tokens=budget))
 
     backend = engine(token_budget)
@@ -243,7 +279,7 @@ async def run_bench(slo_factors=(1.5, 3.0), static_s: float = 15.0, static_warmu
             return _result(slo, "best_static", cap, *run[:3])
 
         for slo in slos:
-            cfg = LocalAutoscalerConfig(itl_slo_ms=slo, max_batch_size=MAX_CAP)
+            cfg = LocalAutoscalerConfig(itl_slo_ms=slo, max_batch_size=max_cap)
             adaptive[slo] = await _run_setting(backend, lengths, cap=None, duration_s=adaptive_s,
                                                warmup_s=adaptive_warmup_s, seed=seed, autoscaler=cfg)
             if progress:
@@ -303,5 +339,6 @@ async def run_bench(slo_factors=(1.5, 3.0), static_s: float = 15.0, static_warmu
                        "static_s": static_s, "static_warmup_s": static_warmup_s, "adaptive_s": adaptive_s,
                        "adaptive_warmup_s": adaptive_warmup_s, "best_static": "the sweep's best cap, rerun right after the adaptive "
                        "run for adaptive_s with adaptive_warmup_s", "seed": seed, "token_budget": token_budget,
+                       "max_batch_size": max_cap,
                        "workload": "ShareGPT lengths (<= 2048 tokens), closed loop, 32 beyond the largest cap",
                        "autoscaler": asdict(LocalAutoscalerConfig())}}

@@ -11,6 +11,7 @@ itself at B_slo = (50 − 12) / 0.1 = 380.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import math
 from dataclasses import dataclass, field
@@ -537,3 +538,23 @@ def test_vllm_bench_counts_the_one_second_intervals_whose_p99_is_over_the_slo():
     assert _over_slo_share(p99s, 5.0) == 0.5
     assert _over_slo_share(p99s, 10.0) == 0.0
     assert _over_slo_share([], 5.0) is None
+
+
+def test_vllm_bench_sweeps_only_caps_the_token_budget_can_run():
+    from bench.local_autoscaler_vllm import MAX_CAP, cap_grid, run_bench
+
+    assert cap_grid(32) == (1, 2, 4, 8, 12, 16, 24, 32)
+    assert cap_grid(20) == (1, 2, 4, 8, 12, 16, 20)  # the budget itself is the top cap
+    assert cap_grid(1) == (1,)
+    assert max(cap_grid(4096)) == MAX_CAP  # never above vLLM's default max_num_seqs
+    with pytest.raises(ValueError, match="token_budget"):
+        asyncio.run(run_bench(token_budget=0))  # refused before any engine starts
+
+
+def test_cli_refuses_a_token_budget_below_one():
+    from click.testing import CliRunner
+
+    from services.cli import main
+
+    res = CliRunner().invoke(main, ["bench", "local-autoscaler", "--backend", "vllm", "--token-budget", "0"])
+    assert res.exit_code == 2 and "token-budget" in res.output
