@@ -1122,7 +1122,7 @@ def bench_local_autoscaler(json_path, backend, duration_s, warmup_s, seed, worke
     """Adaptive local autoscaler vs best static max batch size vs vLLM's default (256) on a saturated engine.
 
     simulated: Llama-3-8B/A100, ITL SLOs of 25, 50 and 100 ms. vllm: the tiny model on this CPU, ITL SLOs
-    of 1.5× and 3× the batch-1 ITL p99 measured here, token budget 32 (about 8 minutes of wall time).
+    of 1.5× and 3× the batch-1 ITL p99 measured here, token budget 32 (about 11 minutes of wall time).
 
     Targets: adaptive ≥ 95% of best-static throughput, ≥ 99% ITL SLO attainment, converges within 30 s.
     """
