@@ -69,8 +69,10 @@ Full runs of this bench at concurrency 32:
 - posix path, before the trim below: 16.3% (paired 16.2%, in a slow spell with the agent at 82 µs per token),
   5.2% (5.6%) and 3.6% (4.8%);
 - grpc's defaults, between those runs: 8.8% (9.3%);
-- after the agent's per-token work was also trimmed (one generator, vLLM's env-var cache): −0.9% (4.9%) and
-  5.5% (4.8%).
+- after the agent's per-token work was also trimmed (one generator, vLLM's env-var cache): −0.9% (4.9%),
+  5.5% (4.8%), 4.2% (4.6%) and 7.8% (9.7%) in stop 24; 4.0% (3.2%), 6.0% (3.6%), 3.3% (3.7%), 5.5% (9.2%),
+  3.4% (5.0%) and 2.5% (3.3%) in stop 25 (``bench/results/engine_overhead_vm2cores_stop25_6runs.json``).
+  Median of the ten: 4.1%; the stop-25 runs' 48 pairs pooled: 4.66%, 95% interval [2.79, 6.54].
 
 Each run's 95% interval is still about ±6 points wide, so one run cannot show that the 5% target holds.
 """
