@@ -58,6 +58,15 @@ if TYPE_CHECKING:
 
 ROLES = ("interactive", "mixed", "batch", "uniform")
 
+# How a baseline's fleet takes requests (fair-comparison.md §2): straight into the engines' own waiting queues
+# on arrival (``engine-queue``), through a gateway queue in front of the fleet that dispatches when an instance
+# has room (``gateway-queue``), or on arrival with interactive work ahead of batch work in every engine's
+# waiting queue (``priority``, vLLM's ``--scheduling-policy priority`` with batch at low priority).
+VARIANTS = ("engine-queue", "gateway-queue", "priority")
+# An instance has room for a gateway-queued request while its batch is below its cap and fewer than this many
+# requests wait in it: llm-d's saturation detector's default queue-depth threshold (5).
+GATEWAY_QUEUE_DEPTH = 5
+
 
 @dataclass(frozen=True)
 class SimConfig:
@@ -138,6 +147,27 @@ class SimInstance:
         return self.core.max_num_seqs
 
 
+class GatewayQueue:
+    """The queue in front of a baseline's fleet (variant ``gateway-queue``): two FIFO bands, interactive
+    ahead of batch (llm-d's flow control orders bands by priority; FIFO inside). Entries: (request id,
+    output tokens already generated elsewhere)."""
+
+    def __init__(self) -> None:
+        from collections import deque
+
+        self.interactive: deque[tuple[str, int]] = deque()
+        self.batch: deque[tuple[str, int]] = deque()
+
+    def __len__(self) -> int:
+        return len(self.interactive) + len(self.batch)
+
+    def push(self, rid: str, resumed: int = 0) -> None:
+        (self.interactive if rid[0] == "i" else self.batch).append((rid, resumed))
+
+    def pop(self) -> tuple[str, int]:
+        return self.interactive.popleft() if self.interactive else self.batch.popleft()
+
+
 class _Records:
     """Per-request outcomes indexed by the request's number within its class: Python lists while the run goes
     (element access on them is several times cheaper than on numpy arrays, and it is per token event), numpy
@@ -197,6 +227,11 @@ class Fleet:
             store = QueueStore(QueueConfig(":memory:", lease_timeout_s=1e12, max_prompt_tokens=1 << 30,
                                            capacity=max(2_000_000, len(wb) + 1)), clock=lambda: self.now)
             self.queue = QueueService(store, WaitingTimeEstimator(), CapacityTracker(), clock=lambda: self.now)
+        variant = getattr(policy, "variant", "engine-queue")
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown variant {variant!r}; valid variants: {', '.join(VARIANTS)}")
+        self.gateway: GatewayQueue | None = GatewayQueue() if variant == "gateway-queue" else None
+        self.priority_interactive = variant == "priority"
         self._ticks: dict[str, float] = {}
         self.arrival_times = array("d")  # interactive arrivals seen (for burstiness estimates)
 
@@ -273,6 +308,8 @@ class Fleet:
             inst.state = "serving"
         if inst.state == "serving":
             self._fill(inst)
+            if self.gateway:
+                self._drain_gateway(inst)
 
     # ---- requests ----------------------------------------------------------------------------
     def request(self, rid: str) -> tuple[str, int, int, int]:
@@ -286,7 +323,8 @@ class Fleet:
         """Put request ``rid`` on ``inst`` (the policy chose it)."""
         k, _idx, prompt, output = self.request(rid)
         inst.core.add_request(rid, prompt, output, self.now, resumed_tokens, host_kv_tokens,
-                              priority=k == "i" and inst.role == "mixed", interactive=k == "i")
+                              priority=k == "i" and (inst.role == "mixed" or self.priority_interactive),
+                              interactive=k == "i")
         if k == "i":
             inst.interactive_waiting += 1
             if inst.role == "mixed" and inst.leases:
@@ -307,7 +345,32 @@ class Fleet:
         self._kick(dst)
         self._maybe_release(src)
 
+    def has_room(self, inst: SimInstance) -> bool:
+        """A gateway-queued request may go to ``inst`` now (serving, below its cap, a short waiting queue)."""
+        return inst.state == "serving" and inst.num_waiting < GATEWAY_QUEUE_DEPTH \
+            and inst.num_running + inst.num_waiting < inst.max_batch_size
+
+    def _drain_gateway(self, inst: SimInstance | None = None) -> None:
+        """Dispatch gateway-queued requests, interactive band first, while ``inst`` (or, with None, the
+        instance the policy picks among those with room) has room."""
+        gw = self.gateway
+        while gw:
+            if inst is not None:
+                if not self.has_room(inst):
+                    return
+                target = inst
+            else:
+                target = self.policy.dispatch(self, (gw.interactive or gw.batch)[0][0])
+                if target is None:
+                    return
+            rid, resumed = gw.pop()
+            self.submit(target, rid, resumed)
+
     def _dispatch(self, rid: str, resumed_tokens: int = 0) -> None:
+        if self.gateway is not None:  # held in the gateway until an instance has room (never rejected)
+            self.gateway.push(rid, resumed_tokens)
+            self._drain_gateway()
+            return
         inst = self.policy.dispatch(self, rid)
         if inst is None:
             k, idx = rid[0], int(rid[1:])
@@ -441,6 +504,8 @@ class Fleet:
             self._maybe_release(inst)
         elif finished_any or inst.role in ("batch", "mixed"):
             self._fill(inst)
+        if self.gateway and inst.state == "serving":
+            self._drain_gateway(inst)
         if inst.state != "draining" or inst.core.has_work():
             self._kick(inst)
 
@@ -470,7 +535,9 @@ class Fleet:
         row["loading"] = sum(1 for i in self.instances if i.state == "loading")
         row["draining"] = sum(1 for i in self.instances if i.state == "draining")
         row["queued_batch"] = self.queued_batch if self.queue is not None else sum(
-            sum(1 for r in i.core.waiting if r.request_id[0] == "b") for i in self.instances)
+            sum(1 for r in i.core.waiting if r.request_id[0] == "b") for i in self.instances) + (
+            len(self.gateway.batch) if self.gateway else 0)
+        row["gateway_queued"] = len(self.gateway) if self.gateway else 0
         row["running"] = sum(i.num_running for i in self.instances)
         row["waiting"] = sum(i.num_waiting for i in self.instances)
         caps = [i.max_batch_size for i in self.instances if i.serving]
@@ -480,7 +547,7 @@ class Fleet:
     def _work_left(self) -> bool:
         if self._next_i < len(self.inter.arrival) or self._next_b < len(self.batch.arrival):
             return True
-        if self.queued_batch > 0:
+        if self.queued_batch > 0 or self.gateway:
             return True
         return any(i.core.requests or i.busy for i in self.instances)
 

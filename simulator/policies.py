@@ -79,28 +79,55 @@ def _least_loaded(insts: list[SimInstance]) -> SimInstance | None:
 
 
 class _VllmFleet(FleetPolicy):
-    """A uniform fleet of vLLM engines at a fixed max batch size (the baselines' engines)."""
+    """A uniform fleet of vLLM engines at a fixed max batch size (the baselines' engines).
+
+    ``variant`` (one of :data:`simulator.fleet.VARIANTS`) says how requests reach the engines; every engine
+    option an operator can set is open (``max_batch_size`` up to 1024, ``max_batched_tokens``: vLLM's
+    ``max_num_batched_tokens``, the per-iteration token budget with chunked prefill)."""
 
     def __init__(self, workload: Workload, sim: SimConfig, max_batch_size: int = VLLM_A100_MAX_NUM_SEQS,
-                 max_batched_tokens: int = VLLM_A100_MAX_BATCHED_TOKENS) -> None:
+                 max_batched_tokens: int = VLLM_A100_MAX_BATCHED_TOKENS, variant: str = "engine-queue") -> None:
         super().__init__(workload, sim)
+        from simulator.fleet import VARIANTS
+
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1 (got {max_batch_size})")
+        if max_batched_tokens < 1:
+            raise ValueError(f"max_batched_tokens must be >= 1 (got {max_batched_tokens})")
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown variant {variant!r}; valid variants: {', '.join(VARIANTS)}")
+        self.variant = variant
         self.max_batch_size = max_batch_size
         self.max_batched_tokens = max(max_batched_tokens, max_batch_size)
-        self.params.update(max_batch_size=max_batch_size, max_num_batched_tokens=self.max_batched_tokens)
+        self.params.update(variant=variant, max_batch_size=max_batch_size, max_num_batched_tokens=self.max_batched_tokens)
         self._rr = 0
 
     def engine_setup(self, role: str) -> tuple[EngineConfig, LocalAutoscalerConfig | None]:
         return EngineConfig(max_num_seqs=self.max_batch_size, max_num_seqs_limit=max(1024, self.max_batch_size),
                             max_num_batched_tokens=self.max_batched_tokens), None
 
-    def round_robin(self, fleet: Fleet) -> SimInstance | None:
-        insts = fleet.serving()
-        if not insts:
+    def candidates(self, fleet: Fleet) -> list[SimInstance]:
+        """Where a request may go now: serving instances (with room, for a gateway-queued one)."""
+        if fleet.gateway is not None:
+            return [i for i in fleet.serving() if fleet.has_room(i)]
+        return fleet.serving()
+
+    def fallback(self, fleet: Fleet) -> SimInstance | None:
+        """No serving instance: the engine-queue variants queue at the instance that loads first (the gateway
+        variant holds the request instead)."""
+        if fleet.gateway is not None:
             return None
+        return _least_loaded([i for i in fleet.instances if i.state == "loading"])
+
+    def round_robin(self, fleet: Fleet) -> SimInstance | None:
+        insts = self.candidates(fleet)
+        if not insts:
+            return self.fallback(fleet)
         self._rr = (self._rr + 1) % len(insts)
         return insts[self._rr]
+
+    def least_loaded(self, fleet: Fleet) -> SimInstance | None:
+        return _least_loaded(self.candidates(fleet)) or self.fallback(fleet)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -228,8 +255,9 @@ class LlumnixPolicy(_VllmFleet):
     def __init__(self, workload: Workload, sim: SimConfig, max_batch_size: int = VLLM_A100_MAX_NUM_SEQS,
                  scale_up_threshold: float = 10.0, scale_down_threshold: float = 60.0,
                  scaling_interval_s: float = 10.0, migration_interval_s: float = 0.05,
-                 migrate_out_threshold: float = 3.0, watermark_fraction: float = 0.01) -> None:
-        super().__init__(workload, sim, max_batch_size)
+                 migrate_out_threshold: float = 3.0, watermark_fraction: float = 0.01,
+                 max_batched_tokens: int = VLLM_A100_MAX_BATCHED_TOKENS, variant: str = "engine-queue") -> None:
+        super().__init__(workload, sim, max_batch_size, max_batched_tokens, variant)
         if scale_down_threshold <= scale_up_threshold:
             raise ValueError("scale_down_threshold must exceed scale_up_threshold")
         self.up, self.down = scale_up_threshold, scale_down_threshold
@@ -279,8 +307,10 @@ class LlumnixPolicy(_VllmFleet):
         return math.inf if n == 0 else (core.free_blocks - wm - need) / n
 
     def dispatch(self, fleet: Fleet, rid: str) -> SimInstance | None:
-        insts = fleet.serving()
+        insts = self.candidates(fleet)
         if not insts:
+            if fleet.gateway is not None:
+                return None
             insts = [i for i in fleet.instances if i.state == "loading"]
             return min(insts, key=lambda i: i.ready_s) if insts else None
         return max(insts, key=lambda i: (self.freeness(i), -(i.num_running + i.num_waiting)))
@@ -345,8 +375,9 @@ class QueueLengthPolicy(_VllmFleet):
     name = "queue-length"
 
     def __init__(self, workload: Workload, sim: SimConfig, threshold: float = 5.0, sync_s: float = 15.0,
-                 stabilization_s: float = 300.0, max_batch_size: int = VLLM_A100_MAX_NUM_SEQS) -> None:
-        super().__init__(workload, sim, max_batch_size)
+                 stabilization_s: float = 300.0, max_batch_size: int = VLLM_A100_MAX_NUM_SEQS,
+                 max_batched_tokens: int = VLLM_A100_MAX_BATCHED_TOKENS, variant: str = "engine-queue") -> None:
+        super().__init__(workload, sim, max_batch_size, max_batched_tokens, variant)
         self.threshold, self.sync_s, self.stab_s = threshold, sync_s, stabilization_s
         self.recs: deque[tuple[float, int]] = deque()
         self.params.update(threshold=threshold, sync_s=sync_s, stabilization_s=stabilization_s, routing="round-robin")
@@ -356,7 +387,7 @@ class QueueLengthPolicy(_VllmFleet):
         fleet.schedule_tick("scale", self.sync_s)
 
     def dispatch(self, fleet: Fleet, rid: str) -> SimInstance | None:
-        return self.round_robin(fleet) or _least_loaded([i for i in fleet.instances if i.state == "loading"])
+        return self.round_robin(fleet)
 
     def on_tick(self, fleet: Fleet, name: str) -> None:
         now = fleet.now
@@ -394,8 +425,9 @@ class KpaPolicy(_VllmFleet):
 
     def __init__(self, workload: Workload, sim: SimConfig, target: float = 70.0, stable_s: float = 60.0,
                  panic_s: float = 6.0, tick_s: float = 2.0, panic_threshold: float = 2.0,
-                 max_batch_size: int = VLLM_A100_MAX_NUM_SEQS) -> None:
-        super().__init__(workload, sim, max_batch_size)
+                 max_batch_size: int = VLLM_A100_MAX_NUM_SEQS, max_batched_tokens: int = VLLM_A100_MAX_BATCHED_TOKENS,
+                 variant: str = "engine-queue") -> None:
+        super().__init__(workload, sim, max_batch_size, max_batched_tokens, variant)
         self.target, self.stable_s, self.panic_s, self.tick_s, self.panic_threshold = \
             target, stable_s, panic_s, tick_s, panic_threshold
         self.samples: deque[tuple[float, float]] = deque()
@@ -410,7 +442,7 @@ class KpaPolicy(_VllmFleet):
         fleet.schedule_tick("scale", self.tick_s)
 
     def dispatch(self, fleet: Fleet, rid: str) -> SimInstance | None:
-        return _least_loaded(fleet.serving()) or _least_loaded([i for i in fleet.instances if i.state == "loading"])
+        return self.least_loaded(fleet)
 
     def on_tick(self, fleet: Fleet, name: str) -> None:
         now = fleet.now
@@ -462,8 +494,9 @@ class SlaPlannerPolicy(_VllmFleet):
     name = "sla-planner"
 
     def __init__(self, workload: Workload, sim: SimConfig, adjustment_interval_s: float = 180.0,
-                 max_batch_size: int = VLLM_A100_MAX_NUM_SEQS, perf: PerfModel | None = None) -> None:
-        super().__init__(workload, sim, max_batch_size)
+                 max_batch_size: int = VLLM_A100_MAX_NUM_SEQS, perf: PerfModel | None = None,
+                 max_batched_tokens: int = VLLM_A100_MAX_BATCHED_TOKENS, variant: str = "engine-queue") -> None:
+        super().__init__(workload, sim, max_batch_size, max_batched_tokens, variant)
         self.interval = adjustment_interval_s
         self.perf = perf
         self.prev_i = 0
@@ -478,7 +511,7 @@ class SlaPlannerPolicy(_VllmFleet):
         fleet.schedule_tick("scale", self.interval)
 
     def dispatch(self, fleet: Fleet, rid: str) -> SimInstance | None:
-        return self.round_robin(fleet) or _least_loaded([i for i in fleet.instances if i.state == "loading"])
+        return self.round_robin(fleet)
 
     def _decode_tput(self, itl_ms: float, ctx: float, kv_tokens: int) -> float:
         best = 0.0
