@@ -12,7 +12,6 @@ Registry: :data:`POLICIES` maps a name to a factory ``(workload, sim_config, **p
 from __future__ import annotations
 
 import math
-from collections import deque
 from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING
@@ -32,6 +31,10 @@ from services.global_scaler.policy import (
     observe,
 )
 from services.router.routing import InstanceLoad, Rejected, choose_instance
+from simulator.baselines import kpa, queue_length
+from simulator.baselines.kpa import KpaConfig, KpaState
+from simulator.baselines.queue_length import QueueLengthConfig, QueueLengthState
+from simulator.baselines.snapshot import take_snapshot
 
 if TYPE_CHECKING:
     from simulator.fleet import Fleet, SimConfig, SimInstance
@@ -367,10 +370,8 @@ LLUMNIX_SWEEP = {"max_batch_size": (64, 128, 256), "thresholds": ((10.0, 60.0), 
 # KEDA + HPA on waiting requests (vLLM production-stack)
 # ---------------------------------------------------------------------------------------------------------
 class QueueLengthPolicy(_VllmFleet):
-    """vLLM production-stack's KEDA ScaledObject on ``sum(vllm:num_requests_waiting)`` with threshold 5 as an
-    HPA AverageValue target (baselines.md §4): desired = ceil(sum / 5) outside HPA's 10% tolerance; HPA sync
-    every 15 s; scale-up at most max(+4, +100%) per 15 s with no stabilization; scale-down to the highest
-    recommendation of the last 300 s, at most −100% per 15 s. Round-robin routing (the stack's default)."""
+    """vLLM production-stack's KEDA ScaledObject on waiting requests as an HPA AverageValue target
+    (:mod:`simulator.baselines.queue_length`); round-robin routing (the stack's default)."""
 
     name = "queue-length"
 
@@ -378,48 +379,32 @@ class QueueLengthPolicy(_VllmFleet):
                  stabilization_s: float = 300.0, max_batch_size: int = VLLM_A100_MAX_NUM_SEQS,
                  max_batched_tokens: int = VLLM_A100_MAX_BATCHED_TOKENS, variant: str = "engine-queue") -> None:
         super().__init__(workload, sim, max_batch_size, max_batched_tokens, variant)
-        self.threshold, self.sync_s, self.stab_s = threshold, sync_s, stabilization_s
-        self.recs: deque[tuple[float, int]] = deque()
+        self.cfg = QueueLengthConfig(threshold=threshold, sync_s=sync_s, stabilization_s=stabilization_s).validate()
+        self.state = QueueLengthState()
         self.params.update(threshold=threshold, sync_s=sync_s, stabilization_s=stabilization_s, routing="round-robin")
 
     def setup(self, fleet: Fleet) -> None:
         super().setup(fleet)
-        fleet.schedule_tick("scale", self.sync_s)
+        fleet.schedule_tick("scale", self.cfg.sync_s)
 
     def dispatch(self, fleet: Fleet, rid: str) -> SimInstance | None:
         return self.round_robin(fleet)
 
     def on_tick(self, fleet: Fleet, name: str) -> None:
-        now = fleet.now
-        n = len(fleet.active(self.roles[0]))
-        waiting = sum(i.num_waiting for i in fleet.serving())
-        ready = max(1, len(fleet.serving()))
-        ratio = waiting / (self.threshold * ready)
-        rec = n if abs(ratio - 1) <= 0.1 else math.ceil(waiting / self.threshold)
-        rec = max(1, min(rec, fleet.config.gpu_budget // fleet.config.gpus_per_instance))
-        self.recs.append((now, rec))
-        while self.recs and self.recs[0][0] < now - self.stab_s:
-            self.recs.popleft()
-        if rec > n:
-            desired = min(rec, max(n + 4, 2 * n))
-        else:
-            desired = max(r for _, r in self.recs)  # scale-down stabilization: the highest recent recommendation
-            desired = min(desired, n)
-        if desired != n:
-            fleet.set_count(self.roles[0], desired, f"waiting {waiting} / target {self.threshold:g}")
-        fleet.schedule_tick("scale", now + self.sync_s)
+        self.state, desired, reason = queue_length.decide(self.cfg, self.state, take_snapshot(fleet))
+        if desired != len(fleet.active(self.roles[0])):
+            fleet.set_count(self.roles[0], desired, reason)
+        fleet.schedule_tick("scale", fleet.now + self.cfg.sync_s)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Knative KPA
 # ---------------------------------------------------------------------------------------------------------
 class KpaPolicy(_VllmFleet):
-    """Knative's KPA on concurrency (baselines.md §2): per-second samples of in-flight requests, stable window
-    60 s and panic window 6 s (linear averages), target 70 per pod (container concurrency 0 → 100 × 0.7),
-    a decision every 2 s, panic when the panic desire reaches 2× the ready pods (no scale-down during panic,
-    which lasts until a stable window passes without the trigger), scale rates 1000 up / 2 down. min-scale 1
-    (scale to zero would add a cold start to every idle gap). Least-in-flight routing (the activator's
-    load balancing for unlimited concurrency picks among pods; least in-flight is its strongest reading)."""
+    """Knative's KPA on concurrency (:mod:`simulator.baselines.kpa`): a sample every second, a decision every
+    ``tick_s``; min-scale 1 (scale to zero would add a cold start to every idle gap). Least-in-flight routing
+    (the activator's load balancing for unlimited concurrency picks among pods; least in-flight is its
+    strongest reading)."""
 
     name = "kpa"
 
@@ -428,54 +413,30 @@ class KpaPolicy(_VllmFleet):
                  max_batch_size: int = VLLM_A100_MAX_NUM_SEQS, max_batched_tokens: int = VLLM_A100_MAX_BATCHED_TOKENS,
                  variant: str = "engine-queue") -> None:
         super().__init__(workload, sim, max_batch_size, max_batched_tokens, variant)
-        self.target, self.stable_s, self.panic_s, self.tick_s, self.panic_threshold = \
-            target, stable_s, panic_s, tick_s, panic_threshold
-        self.samples: deque[tuple[float, float]] = deque()
-        self.panic_since: float | None = None
-        self.panic_max = 0
+        self.cfg = KpaConfig(target=target, stable_s=stable_s, panic_s=panic_s, tick_s=tick_s,
+                             panic_threshold=panic_threshold).validate()
+        self.state = KpaState()
         self.params.update(target=target, stable_window_s=stable_s, panic_window_s=panic_s, tick_s=tick_s,
                            panic_threshold=panic_threshold, routing="least in-flight")
 
     def setup(self, fleet: Fleet) -> None:
         super().setup(fleet)
         fleet.schedule_tick("sample", 1.0)
-        fleet.schedule_tick("scale", self.tick_s)
+        fleet.schedule_tick("scale", self.cfg.tick_s)
 
     def dispatch(self, fleet: Fleet, rid: str) -> SimInstance | None:
         return self.least_loaded(fleet)
 
     def on_tick(self, fleet: Fleet, name: str) -> None:
-        now = fleet.now
+        snap = take_snapshot(fleet)
         if name == "sample":
-            self.samples.append((now, float(sum(i.num_running + i.num_waiting for i in fleet.instances))))
-            while self.samples and self.samples[0][0] <= now - self.stable_s:
-                self.samples.popleft()
-            fleet.schedule_tick("sample", now + 1.0)
+            self.state = kpa.observe(self.cfg, self.state, snap)
+            fleet.schedule_tick("sample", fleet.now + 1.0)
             return
-        fleet.schedule_tick("scale", now + self.tick_s)
-        if not self.samples:
-            return
-        stable = float(np.mean([v for _, v in self.samples]))
-        panic_vals = [v for t, v in self.samples if t > now - self.panic_s]
-        panic = float(np.mean(panic_vals)) if panic_vals else stable
-        ready = max(1, len(fleet.serving()))
-        lo, hi = math.floor(ready / 2), math.ceil(1000 * ready)
-        dspc = min(hi, max(lo, math.ceil(stable / self.target)))
-        dppc = min(hi, max(lo, math.ceil(panic / self.target)))
-        if dppc / ready >= self.panic_threshold:
-            if self.panic_since is None:
-                self.panic_max = ready
-            self.panic_since = now
-        elif self.panic_since is not None and now - self.panic_since >= self.stable_s:
-            self.panic_since, self.panic_max = None, 0
-        if self.panic_since is not None:
-            desired = max(dspc, dppc, self.panic_max)
-            self.panic_max = desired
-        else:
-            desired = dspc
-        desired = max(1, min(desired, fleet.config.gpu_budget // fleet.config.gpus_per_instance))
-        if desired != len(fleet.active(self.roles[0])):
-            fleet.set_count(self.roles[0], desired, f"KPA stable {stable:.1f} panic {panic:.1f} (target {self.target:g})")
+        fleet.schedule_tick("scale", fleet.now + self.cfg.tick_s)
+        self.state, desired, reason = kpa.decide(self.cfg, self.state, snap)
+        if desired is not None and desired != len(fleet.active(self.roles[0])):
+            fleet.set_count(self.roles[0], desired, reason)
 
 
 # ---------------------------------------------------------------------------------------------------------
