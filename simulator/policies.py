@@ -31,7 +31,7 @@ from services.global_scaler.policy import (
     observe,
 )
 from services.router.routing import InstanceLoad, Rejected, choose_instance
-from simulator.baselines import kpa, queue_length
+from simulator.baselines import kpa, oracle, queue_length
 from simulator.baselines.kpa import KpaConfig, KpaState
 from simulator.baselines.queue_length import QueueLengthConfig, QueueLengthState
 from simulator.baselines.snapshot import take_snapshot
@@ -556,6 +556,77 @@ class StaticPolicy(_VllmFleet):
         return _least_loaded(fleet.serving())
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Oracle (fair-comparison.md §6): knows the future; not deployable
+# ---------------------------------------------------------------------------------------------------------
+class OraclePolicy(FleetPolicy):
+    """Counts from :mod:`simulator.baselines.oracle`'s schedule (future arrivals and output lengths, the
+    performance model), re-applied every ``tick_s``: INTERACTIVE instances at the SLO-feasible batch size
+    ``B*`` of the lower bound (least-loaded routing, never rejecting), BATCH instances leasing the backlog from
+    Chiron's queue at the batch class's ``B*``. Same initial fleet as every policy (warm INTERACTIVE)."""
+
+    name = "oracle"
+    roles = ("interactive", "batch")
+    uses_queue = True
+
+    def __init__(self, workload: Workload, sim: SimConfig, tick_s: float = 5.0, margin: float = 0.1,
+                 batch_margin: float = 0.2, min_prefill_tokens: int = 512) -> None:
+        super().__init__(workload, sim)
+        self.tick_s, self.margin, self.batch_margin = tick_s, margin, batch_margin
+        self.min_prefill_tokens = min_prefill_tokens
+        self.schedule: oracle.OracleSchedule | None = None
+        self.params.update(tick_s=tick_s, margin=margin, batch_margin=batch_margin, knows_the_future=True)
+
+    def setup(self, fleet: Fleet) -> None:
+        from simulator.workloads import gpu_seconds_lower_bound
+
+        wl, perf = self.workload, fleet.perf
+        # Sized at 80% of the ITL SLO: prefill chunks share the decode steps and lengthen them.
+        lb = gpu_seconds_lower_bound(replace(wl, interactive_itl_ms=0.8 * wl.interactive_itl_ms,
+                                             batch_itl_ms=0.8 * wl.batch_itl_ms), perf, self.sim.gpus_per_instance)
+        self.b_int = max(1, int(lb["interactive_batch_size"] or 1))
+        self.b_batch = max(1, int(lb["batch_batch_size"] or 1))
+        self.batch_work_s = lb["batch_gpu_seconds"] / self.sim.gpus_per_instance
+        ctx = lb["interactive_decode_context_tokens"]
+        step_s = perf.iteration_ms(self.b_int, self.b_int * ctx) / 1e3
+        prompts = np.asarray(wl.interactive.prompt_tokens, dtype=np.int64)
+        uniq, inv = np.unique(prompts, return_inverse=True)
+        prefill_s = np.array([perf.iteration_ms(0, 0.0, [(int(p), 0)]) for p in uniq])[inv] / 1e3
+        service = prefill_s + np.maximum(np.asarray(wl.interactive.output_tokens, dtype=float) - 1, 0) * step_s
+        grid, need = oracle.interactive_need(np.asarray(wl.interactive.arrival_s, dtype=float), service,
+                                             self.b_int, self.margin)
+        self.schedule = oracle.OracleSchedule(grid, need, 0)
+        self.params.update(interactive_batch_size=self.b_int, batch_batch_size=self.b_batch)
+        for _ in range(self.sim.initial_instances):
+            fleet.start_instance("interactive", warm=True)
+        fleet.schedule_tick("scale", 0.0)
+
+    def engine_setup(self, role: str) -> tuple[EngineConfig, LocalAutoscalerConfig | None]:
+        b = self.b_batch if role == "batch" else self.b_int
+        return EngineConfig(max_num_seqs=b, max_num_seqs_limit=max(1024, b), min_prefill_tokens=self.min_prefill_tokens), None
+
+    def dispatch(self, fleet: Fleet, rid: str) -> SimInstance | None:
+        return _least_loaded(fleet.serving("interactive")) or _least_loaded(
+            [i for i in fleet.instances if i.role == "interactive" and i.state == "loading"])
+
+    def on_tick(self, fleet: Fleet, name: str) -> None:
+        now, load = fleet.now, self.sim.model_load_time_s
+        n_i = max(1, self.schedule.interactive_at(now, now + load + self.tick_s))
+        fleet.set_count("interactive", n_i, "oracle: future interactive concurrency / B*")
+        n_b_total = len(self.workload.batch)
+        in_service = sum(len(i.leases) for i in fleet.instances)
+        left = (fleet.queued_batch + in_service) / n_b_total if n_b_total else 0.0
+        n_b = 0
+        if fleet.queued_batch > 0 or in_service:
+            deadline = float(self.workload.batch.arrival_s.min()) + self.workload.batch_ttft_s
+            serving_b = len(fleet.serving("batch"))
+            n_b = oracle.batch_instances(self.batch_work_s * left, deadline - now, 0.0 if serving_b else load,
+                                         self.batch_margin)
+            n_b = max(n_b, len(fleet.active("batch"))) if fleet.queued_batch > 0 else len(fleet.active("batch"))
+        fleet.set_count("batch", n_b, "oracle: the backlog's work spread to its deadline")
+        fleet.schedule_tick("scale", now + self.tick_s)
+
+
 POLICIES: dict[str, Callable[..., FleetPolicy]] = {
     "chiron": ChironPolicy,
     "llumnix": LlumnixPolicy,
@@ -564,6 +635,7 @@ POLICIES: dict[str, Callable[..., FleetPolicy]] = {
     "queue-length": QueueLengthPolicy,
     "kpa": KpaPolicy,
     "sla-planner": SlaPlannerPolicy,
+    "oracle": OraclePolicy,
 }
 
 READINGS = {
@@ -582,6 +654,9 @@ READINGS = {
     "sla-planner": "Aggregated deployment (prefill + decode GPUs summed on one engine type); ARIMA load predictor "
                    "replaced by the constant predictor (statsmodels is not a dependency); default adjustment interval 180 s.",
     "static": "Least-loaded routing, vLLM's A100 defaults (256 requests, 2048 batched tokens) unless given.",
+    "oracle": "Knows every future arrival and output length; INTERACTIVE instances sized by future concurrency over "
+              "the lower bound's SLO-feasible batch size, each started one model-load time before it is needed; "
+              "BATCH instances spread the backlog's work to its deadline. A reference, not a deployable policy.",
     "chiron": "As built (services/*): router choose_instance, global scaler decide, queue + estimator, local autoscaler.",
 }
 
