@@ -1033,16 +1033,35 @@ def simulate(policy, workload, trace_file, rate_per_s, cv, duration_s, batch_req
 
 
 @main.command()
+@click.option("--suite", default="paper", show_default=True,
+              help="paper: the paper's experiments for every policy; fair: Chiron against every baseline at its "
+                   "strongest, at matched SLO attainment, on the tuning and validation workloads (fair.json).")
 @click.option("--out", "out_dir", default="out/experiments", show_default=True, type=click.Path(file_okay=False),
-              help="Directory for report.md, results.json and the plots.")
-@click.option("--quick", is_flag=True, help="Shorter runs (trace slices, a 10,000-request queue): minutes, not hours.")
+              help="Directory for report.md, results.json / fair.json and the plots.")
+@click.option("--quick", is_flag=True, help="Shorter runs (trace slices, smaller queues, fewer seeds): minutes, not hours.")
 @click.option("--policies", default=",".join(["chiron", "llumnix", "llumnix-tuned", "static", "queue-length", "kpa",
-                                             "sla-planner"]), show_default=True, help="Comma-separated policies.")
+                                             "sla-planner"]), show_default=True,
+              help="Comma-separated policies (--suite paper).")
+@click.option("--workloads", default="", help="--suite fair: comma-separated suite workloads (default: all).")
+@click.option("--slo-levels", default="", help="--suite fair: comma-separated SLO levels (standard, chat; default: both).")
+@click.option("--seeds", default="", help="--suite fair: comma-separated seeds (default 0,1,2; --quick 0,1).")
 @click.option("--workers", default=2, show_default=True, help="Simulations run in parallel.")
-def experiments(out_dir, quick, policies, workers) -> None:
-    """The paper's experiments for every policy: headline workloads, SLO attainment vs arrival rate, a large
-    batch queue, burstiness vs over-provisioning, estimator accuracy, local-autoscaler convergence.
-    Writes a markdown report with tables and plots."""
+def experiments(suite, out_dir, quick, policies, workloads, slo_levels, seeds, workers) -> None:
+    """The paper's experiments (--suite paper) or the fair comparison (--suite fair).
+
+    paper: headline workloads, SLO attainment vs arrival rate, a large batch queue, burstiness vs
+    over-provisioning, estimator accuracy, local-autoscaler convergence; report.md with tables and plots.
+
+    fair (../shared/notes/fair-comparison.md): every baseline swept over its knobs and its fair variants
+    (gateway queue, priority scheduling), Chiron in one configuration, the oracle and Chiron's ablations, on
+    each suite workload at both SLO levels; headline at matched attainment; fair.json, report.md and a
+    frontier plot per workload. The whole suite takes about 45 minutes on 2 cores; --quick about 5.
+    """
+    if suite == "fair":
+        _experiments_fair(out_dir, quick, workloads, slo_levels, seeds, workers)
+        return
+    if suite != "paper":
+        raise click.BadParameter(f"unknown suite {suite!r}; valid suites: paper, fair", param_hint="--suite")
     from simulator.experiments import run_experiments
     from simulator.policies import POLICIES
 
@@ -1058,6 +1077,50 @@ def experiments(out_dir, quick, policies, workers) -> None:
                                progress=lambda m: bar.update(task, msg=m))
     console.print(f"{len(data['results'])} simulations in {data['wall_seconds'] / 60:.1f} min; "
                   f"report: {Path(out_dir) / 'report.md'}")
+
+
+def _experiments_fair(out_dir: str, quick: bool, workloads: str, slo_levels: str, seeds: str, workers: int) -> None:
+    from simulator.fair import SLO_LEVELS, SUITE, LostRequests, run_fair
+
+    def split(text: str, valid, what: str, hint: str) -> tuple | None:
+        names = tuple(x.strip() for x in text.split(",") if x.strip())
+        bad = [x for x in names if x not in valid]
+        if bad:
+            raise click.BadParameter(f"unknown {what} {', '.join(bad)}; valid: {', '.join(valid)}", param_hint=hint)
+        return names or None
+
+    wls = split(workloads, SUITE, "suite workload", "--workloads")
+    slos = split(slo_levels, SLO_LEVELS, "SLO level", "--slo-levels")
+    try:
+        seed_list = tuple(int(x) for x in seeds.split(",") if x.strip()) or None
+    except ValueError:
+        raise click.BadParameter(f"seeds must be integers, got {seeds!r}", param_hint="--seeds") from None
+    with Progress(TextColumn("fair suite"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[msg]}"),
+                  TimeElapsedColumn(), console=console) as bar:
+        task = bar.add_task("fair", total=None, msg="")
+        try:
+            data = run_fair(out_dir, quick=quick, workloads=wls, slo_levels=slos, seeds=seed_list, workers=workers,
+                            progress=lambda done, total, m: bar.update(task, completed=done, total=total, msg=m))
+        except LostRequests as e:
+            raise click.ClickException(str(e)) from None
+    table = Table(title="fair comparison: Chiron vs the cheapest baseline at matched attainment (means over seeds)")
+    for col in ("workload", "SLOs", "chiron GPU-h", "chiron att. int/batch", "comparator", "its GPU-h",
+                "its att. int/batch", "matched", "gpu_ratio", "oracle GPU-h"):
+        table.add_column(col, justify="right")
+
+    def f(x: float, d: int = 3) -> str:
+        return "—" if x != x else f"{x:.{d}f}"
+    for h in data["headline"]:
+        table.add_row(h["workload"], h["slo_level"], f(h["chiron_gpu_hours"], 2),
+                      f"{f(h['chiron_interactive_attainment'])}/{f(h['chiron_batch_attainment'])}",
+                      f"{h['best_baseline']} ({h['best_baseline_variant']})", f(h["best_baseline_gpu_hours"], 2),
+                      f"{f(h['best_baseline_interactive_attainment'])}/{f(h['best_baseline_batch_attainment'])}",
+                      str(h["matched"]), f(h["gpu_ratio"], 2), f(h["oracle_gpu_hours"], 2))
+    console.print(table)
+    met = sum(t["met"] for t in data["targets"])
+    console.print(f"targets met: {met} of {len(data['targets'])}; {len(data['rows'])} simulations in "
+                  f"{data['wall_seconds'] / 60:.1f} min; report: {Path(out_dir) / 'report.md'}, "
+                  f"{Path(out_dir) / 'fair.json'}")
 
 
 @main.group()

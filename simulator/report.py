@@ -79,6 +79,9 @@ def build_report(fleet: Fleet, wall_s: float) -> dict:
         "throughput_tokens_per_s": tokens / max(end, 1e-9),
         "scale_events": fleet.scale_events,
         "lost_requests": 0 if ran_out else unfinished,
+        "lost_request_ids": [] if ran_out else (
+            [f"i{k}" for k in np.flatnonzero(~done_i & ~i.rejected)[:50]]
+            + [f"b{k}" for k in np.flatnonzero(~done_b & ~b.rejected)[:50]]),
         "unfinished_requests": unfinished if ran_out else 0,
         "migrations": fleet.migrated,
         "sim_seconds": end,
