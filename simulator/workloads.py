@@ -28,20 +28,25 @@ Named workloads (``make_workload(name, ...)``; every one is deterministic given 
 * ``poisson`` — Poisson arrivals at ``rate_per_s`` (required) for 600 s, ShareGPT lengths;
 * ``gamma`` — Gamma inter-arrivals with mean ``1/rate_per_s`` and coefficient of variation ``cv`` (both
   required; shape ``1/cv²``, scale ``1/(rate·shape)``) for 600 s, ShareGPT lengths;
-* ``batch-backlog`` — 1,000,000 batch requests at t=0 + Poisson interactive traffic at 2/s for 3,600 s.
+* ``batch-backlog`` — 1,000,000 batch requests at t=0 + Poisson interactive traffic at 2/s for 3,600 s;
+* ``conversation`` — multi-turn chat sessions (Poisson starts at ``rate_per_s`` sessions/s, default 2.5, ≈ 5
+  requests/s, for 1,800 s; ~4 turns drawn, ~2 kept, 30 s think time); a turn's prompt is the whole conversation so far
+  plus its new ShareGPT input, and a session stops once it would exceed ``max_model_len``
+  (:func:`_conversation_interactive`).
 
 Parameters, where they apply:
 
 * ``rate_per_s`` — trace workloads (``azure-*``, ``trace``, ``mixed``): the whole trace's arrival times are
   scaled uniformly (burst shape kept) so its mean inter-arrival time is ``1/rate_per_s``; then ``duration_s``
-  is taken. Synthetic workloads: the arrival rate.
+  is taken. Synthetic workloads: the arrival rate (``conversation``: of sessions).
 * ``duration_s`` — trace workloads: keep the first ``duration_s`` seconds (after rescaling); default the whole
-  trace. Synthetic: length of the arrival process (``poisson``/``gamma`` 600 s, ``batch-backlog`` 3,600 s).
+  trace. Synthetic: length of the arrival process (``poisson``/``gamma`` 600 s, ``batch-backlog`` 3,600 s,
+  ``conversation`` 1,800 s: no turn arrives after it).
 * ``batch_requests`` — size of the batch backlog, all arriving at t=0 (any workload; default 0, ``mixed``
   20,000, ``batch-backlog`` 1,000,000), lengths from ``batch_source`` (``sharegpt`` or ``arxiv``).
 * ``cv`` only with ``gamma``; ``trace_file`` only with ``trace`` (anything else is a ValueError, not ignored).
 * At most 10,000,000 requests per class (``batch_requests``, and ``rate_per_s × duration_s`` for synthetic
-  arrivals), checked before anything is built.
+  arrivals; × 4 mean turns for ``conversation``), checked before anything is built.
 
 Synthetic arrivals are a renewal process started at t=0 (the first request arrives after one inter-arrival
 time). Batch and interactive requests are drawn from separate random streams of ``seed``, so changing the
@@ -63,8 +68,8 @@ SLO defaults — Chiron's choices for Llama-3-8B on one A100-80GB; the paper's v
   about 12 ms in the performance model);
 * batch ITL 500 ms: the relaxed SLO of ``chiron engine --role batch``'s local autoscaler;
 * batch TTFT 1,800 s (30 min), and 14,400 s (4 h) for ``batch-backlog``, whose million-request ShareGPT queue
-  needs about 93 GPU-hours even at the lower bound (:func:`gpu_seconds_lower_bound`), i.e. nearly 2 h on the
-  paper's 50-GPU cap. (``mixed``'s 20,000 requests need about 1.9 GPU-hours: ~4 GPUs for 30 min.)
+  needs about 90 GPU-hours even at the lower bound (:func:`gpu_seconds_lower_bound`), i.e. nearly 2 h on the
+  paper's 50-GPU cap. (``mixed``'s 20,000 requests need about 1.8 GPU-hours: ~4 GPUs for 30 min.)
 """
 
 from __future__ import annotations
@@ -79,7 +84,7 @@ import numpy as np
 
 from services.common.paths import shared_data_dir
 from services.common.traces import AZURE_TRACES, Trace, load_azure_trace, load_sharegpt_lengths
-from services.engine.perf_model import PerfModel, default_perf_model, kv_capacity_tokens
+from services.engine.perf_model import PerfModel, default_perf_model, kv_capacity_tokens, linear_ops_ms
 
 ARXIV = "traces/arxiv_summarization/arxiv_summarization_stats_llama2_tokenizer_filtered_v2.csv"
 
@@ -91,6 +96,8 @@ WORKLOADS: dict[str, str] = {
     "poisson": "Poisson arrivals at rate_per_s (required) for 600 s, ShareGPT lengths",
     "gamma": "Gamma inter-arrivals at rate_per_s with coefficient of variation cv (both required), 600 s, ShareGPT lengths",
     "batch-backlog": "1,000,000 batch requests at t=0 (batch TTFT 4 h) + Poisson interactive at 2/s for 1 h",
+    "conversation": "multi-turn chat sessions (Poisson at rate_per_s sessions/s, default 2.5, for 1,800 s), each turn's "
+                    "prompt the whole conversation so far, ShareGPT lengths",
 }
 LENGTH_SOURCES = ("sharegpt", "arxiv")
 
@@ -105,9 +112,16 @@ BACKLOG_RATE_PER_S = 2.0
 BACKLOG_BATCH_REQUESTS = 1_000_000
 MIXED_BATCH_REQUESTS = 20_000
 MAX_REQUESTS = 10_000_000
+# conversation: sessions/s, turns per session (geometric), think time, response-time estimate
+CONVERSATION_RATE_PER_S = 2.5  # ≈ 5 requests/s: the context limit cuts sessions to ≈ 2 turns
+CONVERSATION_DURATION_S = 1_800.0
+CONVERSATION_MEAN_TURNS = 4.0
+CONVERSATION_MAX_TURNS = 12
+CONVERSATION_THINK_S = 30.0
+CONVERSATION_MS_PER_OUTPUT_TOKEN = 30.0
 
 _TRACE_WORKLOADS = ("azure-conv", "azure-code", "trace", "mixed")
-_SYNTHETIC_WORKLOADS = ("poisson", "gamma", "batch-backlog")
+_SYNTHETIC_WORKLOADS = ("poisson", "gamma", "batch-backlog", "conversation")
 
 
 @dataclass(frozen=True)
@@ -192,6 +206,40 @@ def _renewal_arrivals(rng: np.random.Generator, rate_per_s: float, duration_s: f
             break
         t0 = float(t[-1])
     return np.concatenate(parts)
+
+
+def _conversation_interactive(rng: np.random.Generator, rate_per_s: float, duration_s: float,
+                              max_model_len: int) -> Trace:
+    """Multi-turn chat sessions: each turn's prompt is the whole conversation so far plus its new input.
+
+    Sessions start as a Poisson process at ``rate_per_s`` sessions/s over ``[0, duration_s)``; a session has
+    ``min(Geometric(1/CONVERSATION_MEAN_TURNS), CONVERSATION_MAX_TURNS)`` turns. Each turn draws (new input,
+    output) tokens from the ShareGPT pool (``../shared/data/traces/sharegpt/sharegpt_8k_filtered_stats_llama2_tokenizer.csv``,
+    microsoft/sarathi-serve @ 72339db5, Apache-2.0; a row's prompt is the turn's new input). Turn ``k``'s prompt
+    is the inputs and outputs of turns ``1..k−1`` plus its own input; it arrives at turn ``k−1``'s arrival plus
+    its expected response time (``CONVERSATION_MS_PER_OUTPUT_TOKEN`` × its output tokens: the workload is built
+    before any simulation) plus an exponential think time (mean ``CONVERSATION_THINK_S``). A session ends at the
+    first turn whose prompt + output exceeds ``max_model_len`` (the client starts a new chat: that turn and the
+    rest are dropped); turns arriving at or after ``duration_s`` are cut.
+    """
+    starts = _renewal_arrivals(rng, rate_per_s, duration_s, 1.0)
+    turns = np.minimum(rng.geometric(1.0 / CONVERSATION_MEAN_TURNS, size=len(starts)), CONVERSATION_MAX_TURNS)
+    new_in, out = _sample_lengths(rng, "sharegpt", int(turns.sum()), max_model_len)
+    think_s = rng.exponential(CONVERSATION_THINK_S, size=len(new_in))
+    session = np.repeat(np.arange(len(starts)), turns)
+    first = (np.cumsum(turns) - turns)[session]  # index of each turn's session's first turn
+
+    def earlier(x: np.ndarray) -> np.ndarray:
+        """Sum of ``x`` over the earlier turns of the same session."""
+        c = np.cumsum(x) - x
+        return c - c[first]
+
+    prompt = earlier(new_in + out) + new_in
+    arrival = starts[session] + earlier(out * (CONVERSATION_MS_PER_OUTPUT_TOKEN / 1e3) + think_s)
+    # prompt + output and the arrival both grow along a session, so this drops a session's tail only.
+    keep = (prompt + out <= max_model_len) & (arrival < duration_s)
+    order = np.argsort(arrival[keep], kind="stable")
+    return Trace(f"conversation@{rate_per_s:g}/s", arrival[keep][order], prompt[keep][order], out[keep][order])
 
 
 def _check_trace_tokens(trace: Trace, path: Path) -> None:
@@ -295,12 +343,15 @@ def make_workload(name: str, *, rate_per_s: float | None = None, cv: float | Non
     if batch_ttft_s is None:
         batch_ttft_s = BACKLOG_BATCH_TTFT_S if name == "batch-backlog" else DEFAULT_BATCH_TTFT_S
     if name in _SYNTHETIC_WORKLOADS:
-        rate = rate_per_s if rate_per_s is not None else BACKLOG_RATE_PER_S
-        dur = duration_s if duration_s is not None else (
-            BACKLOG_DURATION_S if name == "batch-backlog" else SYNTHETIC_DURATION_S)
-        if rate * dur > MAX_REQUESTS:
-            raise ValueError(f"rate_per_s × duration_s must be <= {MAX_REQUESTS:,} expected requests, "
-                             f"got {rate} × {dur} = {rate * dur:,.0f}")
+        conv = name == "conversation"
+        rate = rate_per_s if rate_per_s is not None else (CONVERSATION_RATE_PER_S if conv else BACKLOG_RATE_PER_S)
+        dur = duration_s if duration_s is not None else {
+            "batch-backlog": BACKLOG_DURATION_S, "conversation": CONVERSATION_DURATION_S}.get(name, SYNTHETIC_DURATION_S)
+        turns = CONVERSATION_MEAN_TURNS if conv else 1.0
+        if rate * dur * turns > MAX_REQUESTS:
+            per = f" × {turns:g} turns" if conv else ""
+            raise ValueError(f"rate_per_s × duration_s{per} must be <= {MAX_REQUESTS:,} expected requests, "
+                             f"got {rate} × {dur}{per} = {rate * dur * turns:,.0f}")
 
     rng_int, rng_batch = (np.random.default_rng(s) for s in np.random.SeedSequence(int(seed)).spawn(2))
 
@@ -308,6 +359,9 @@ def make_workload(name: str, *, rate_per_s: float | None = None, cv: float | Non
         source = str(trace_file) if name == "trace" else ("azure-conv" if name == "mixed" else name)
         interactive = _trace_interactive(source, rate_per_s, duration_s, max_model_len)
         what = f"{source}" + (f" rescaled to {rate_per_s:g}/s" if rate_per_s is not None else "")
+    elif name == "conversation":
+        interactive = _conversation_interactive(rng_int, rate, dur, max_model_len)
+        what = f"{rate:g} sessions/s for {dur:g} s, ShareGPT lengths, context growing across turns"
     else:
         arrivals = _renewal_arrivals(rng_int, rate, dur, cv if name == "gamma" else 1.0)
         prompt, out = _sample_lengths(rng_int, "sharegpt", len(arrivals), max_model_len)
@@ -332,15 +386,58 @@ def make_workload(name: str, *, rate_per_s: float | None = None, cv: float | Non
 # --------------------------------------------------------------------------------------------
 
 PREFILL_TOKEN_BUDGETS = (512, 1024, 2048, 4096, 8192, 16384)
+_GRID = 2049  # batch-size grid points per refinement pass of the decode/prefill optimum
 
 
 def _prefill_shared_ms_per_token(perf: PerfModel) -> float:
-    """Cheapest non-attention prefill cost per token (linear layers, KV save, step overheads) over the budgets."""
+    """Cheapest non-attention stand-alone prefill cost per token (linear layers, KV save, step overheads) over
+    the token budgets of :data:`PREFILL_TOKEN_BUDGETS`: the previous bound's prefill charge, kept for
+    ``gpu_seconds_standalone_prefill``."""
     best = math.inf
     for n in PREFILL_TOKEN_BUDGETS:
         ms = perf.iteration_ms(0, 0.0, [(n, 0)]) - perf.model.num_layers * perf.prefill_attention_layer_ms(n, 0)
         best = min(best, ms / n)
     return best
+
+
+def _shared_step_ms(perf: PerfModel, num_decode: np.ndarray | float, prefill_tokens: np.ndarray | float) -> np.ndarray:
+    """``G(D, C)``: the part of ``perf.iteration_ms(D, S, chunks)`` (``D ≥ 1`` decodes, ``C`` prefill tokens in
+    ``m`` chunks) that depends neither on the decodes' summed context ``S`` nor on how ``C`` splits into chunks::
+
+        G(D, C) = L·[linear(D+C) + c0 + c1·D + e0 + e1·(D+C) + allreduce(D+C)] + lm_head(D) + cpu0 + cpu1·D
+        iteration_ms(D, S, chunks) = G(D, C) + L·c2·S + L·Σ prefill_attention(chunk)
+                                     + [lm_head(D+m) − lm_head(D)] + cpu1·m
+
+    (``L`` layers; the terms are :meth:`PerfModel.iteration_ms`'s, a test checks the identity). Vectorised,
+    real-valued ``D`` and ``C``; convex and increasing in both on ``D ≥ 1``.
+    """
+    m, g = perf.model, perf.gpu
+    d = np.asarray(num_decode, dtype=float)
+    n = d + np.asarray(prefill_tokens, dtype=float)
+    a, b, p = perf.linear
+    c0, c1, _c2 = perf.decode
+    e0, e1 = perf.kv_save
+    per_layer = linear_ops_ms(n, a, b, p) + c0 + c1 * d + e0 + e1 * n
+    if m.tensor_parallel > 1:
+        r0, r1 = perf.allreduce
+        per_layer = per_layer + 2.0 * (r0 + r1 * n * m.hidden * m.dtype_bytes)
+    tp = m.tensor_parallel
+    lm_mem = m.hidden * m.vocab * m.dtype_bytes / tp / g.hbm_bandwidth_bytes_per_s
+    lm_flops = 2.0 * m.hidden * m.vocab / tp / g.bf16_flops_per_s
+    lm_head = 1e3 * np.maximum(lm_mem, lm_flops * d)
+    return m.num_layers * per_layer + lm_head + perf.cpu_overhead_ms + perf.cpu_overhead_per_seq_ms * d
+
+
+def _prefill_slope_ms(perf: PerfModel) -> float:
+    """``π0 = L·(b + e1 + 2·r1·hidden·dtype)``: the infimum over chunk sizes of a prefill-only iteration's
+    non-attention cost per token (the linear roofline's compute slope ``b`` plus the per-token KV save and
+    all-reduce; every fixed cost amortised away). No prefill token, alone or folded into decodes, costs less."""
+    m = perf.model
+    _a, b, _p = perf.linear
+    slope = b + perf.kv_save[1]
+    if m.tensor_parallel > 1:
+        slope += 2.0 * perf.allreduce[1] * m.hidden * m.dtype_bytes
+    return m.num_layers * slope
 
 
 def _best_decode_batch(perf: PerfModel, ctx: float, itl_ms: float, kv_tokens: int, cls: str) -> tuple[int, float]:
@@ -366,25 +463,102 @@ def _best_decode_batch(perf: PerfModel, ctx: float, itl_ms: float, kv_tokens: in
     return best, float(step(best))
 
 
+def _slo_batch_limit(perf: PerfModel, ctx: float, itl_ms: float) -> float:
+    """Largest real ``B ≥ 1`` with ``iteration_ms(B, B·ctx) ≤ itl_ms`` (the caller has checked ``B = 1``)."""
+    lo, hi = 1.0, 2.0
+    while perf.iteration_ms(hi, hi * ctx) <= itl_ms:
+        lo, hi = hi, 2.0 * hi
+    for _ in range(100):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if perf.iteration_ms(mid, mid * ctx) <= itl_ms else (lo, mid)
+    return lo
+
+
+def _folded_optimum(perf: PerfModel, dec_tokens: float, prefill_tokens: float, sum_ctx: float, itl_ms: float,
+                    kv_tokens: int, b_cap: float) -> tuple[float, float, float]:
+    """Minimise ``(T/B)·G(B, x) + (X − T·x/B)·π0`` over the mean decode batch ``B`` and the prefill tokens ``x``
+    folded into each decode iteration (``T`` decode tokens, ``X`` prefill tokens, mean context ``ctx = K/T``),
+    subject to ``B·ctx + x ≤`` KV, ``G(B, x) + L·c2·B·ctx ≤ itl_ms``, ``1 ≤ B ≤ b_cap``, ``0 ≤ x ≤ B·X/T``.
+
+    For fixed ``B`` the most ``x`` the limits allow is best (``∂G/∂C ≤ π0``); the rest is a one-dimensional
+    unimodal search over ``B`` (the objective is convex in ``N = T/B``), done on a geometric grid and refined
+    once around its best point. Returns ``(B, x, shared ms)``.
+    """
+    L, c2 = perf.model.num_layers, perf.decode[2]
+    ctx, ratio = sum_ctx / dec_tokens, prefill_tokens / dec_tokens
+    pi0 = _prefill_slope_ms(perf)
+    b_hi = min(kv_tokens / ctx, _slo_batch_limit(perf, ctx, itl_ms), b_cap)
+
+    def best_x(bs: np.ndarray) -> np.ndarray:
+        cap = np.maximum(np.minimum(ratio * bs, kv_tokens - bs * ctx), 0.0)
+        room = itl_ms - L * c2 * bs * ctx
+        lo, hi = np.zeros_like(bs), cap
+        fits = _shared_step_ms(perf, bs, hi) <= room
+        for _ in range(60):  # G grows with x: bisect for the largest x within the ITL SLO
+            mid = 0.5 * (lo + hi)
+            ok = _shared_step_ms(perf, bs, mid) <= room
+            lo, hi = np.where(ok, mid, lo), np.where(ok, hi, mid)
+        return np.where(fits, cap, lo)
+
+    def objective(bs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        x = best_x(bs)
+        return dec_tokens / bs * _shared_step_ms(perf, bs, x) + (prefill_tokens - dec_tokens * x / bs) * pi0, x
+
+    grid = np.geomspace(1.0, max(b_hi, 1.0), _GRID)
+    for _ in range(2):
+        val, xs = objective(grid)
+        k = int(np.argmin(val))
+        best = (float(grid[k]), float(xs[k]), float(val[k]))
+        grid = np.linspace(grid[max(k - 1, 0)], grid[min(k + 1, len(grid) - 1)], _GRID)
+    return best
+
+
 def gpu_seconds_lower_bound(workload: Workload, perf: PerfModel | None = None,
                             gpus_per_instance: int | None = None) -> dict:
     """Offline lower bound on the GPU-seconds of ``workload`` (hardware.md, "Offline lower bound on GPU-hours").
 
-    Every request's prefill and decode work, each at the highest per-instance throughput the performance model
-    allows while meeting the class's SLO; no idle time, model loading, headroom or queueing is counted, so no
-    real policy reaches it.
+    The least busy time any packing of the work into engine iterations can take under our performance model
+    (:meth:`PerfModel.iteration_ms`, which ``EngineCore.step`` charges per iteration), with every iteration
+    that decodes within the decoding classes' ITL SLO and the KV capacity; no idle time, model loading,
+    headroom or queueing is counted, so no real policy reaches it.
 
-    * Prefill: each prompt's attention once, in one chunk (``L·(d0 + d1·P + d2·P²/2)``: chunking a prompt keeps
-      the ``P²/2`` term and only adds ``d0`` per chunk), plus every prompt token's linear-layer/KV-save/step
-      overhead at the cheapest per-token cost over token budgets of 512–16,384 tokens.
-    * Decode (per class): a request's tokens after the first (which its prefill step samples) run at context
-      ``P + j``. ``ctx`` is the token-weighted mean of that context, which is exact for the model's iteration
-      time (linear in the batch's summed context). The batch size ``B*`` maximises ``B / iteration_ms(B, B·ctx)``
-      subject to ``iteration_ms ≤`` the class's ITL SLO (``interactive_itl_ms`` / ``batch_itl_ms``) and
-      ``B·ctx ≤`` the KV capacity; decode time = decode tokens / that throughput.
+    Why nothing beats it (``L`` layers; every coefficient is a non-negative fit, ``perf_model.py``). Split each
+    iteration as in :func:`_shared_step_ms`: ``iteration_ms = G(D, C) + L·c2·S + L·Σ prefill_attention + R``,
+    ``R ≥ 0`` (extra LM-head/CPU cost of the prefilling sequences, dropped).
+
+    * Prefill attention (``d0 + d1·q + d2·q·(k + q/2)`` per chunk of ``q`` over ``k`` cached tokens) summed over
+      a prompt's chunks is ``chunks·d0 + d1·P + d2·P²/2``: charged exactly, at one chunk per prompt.
+    * Decode context: ``L·c2·S`` summed over iterations is ``L·c2·Σ(P + j)`` over every decode token
+      ``j = 1..O−1`` (the engine decodes at context prompt + generated): charged exactly.
+    * ``G`` (linear layers, KV save, all-reduce, decode-attention fixed terms, LM head, CPU overhead) is convex
+      and increasing in ``(D, C)`` for ``D ≥ 1`` (roofline ``(a^p + (b·n)^p)^(1/p)`` with ``p ≥ 1``). So the
+      ``N`` decode iterations of any run cost at least ``N·G(B, x)`` at their mean point (Jensen), ``B = T/N``
+      decodes and ``x`` prefill tokens each, and the mean point obeys every convex per-iteration limit:
+      ``B·ctx + x ≤`` KV capacity (decode contexts and prefill chunks hold KV blocks), ``G + L·c2·B·ctx ≤`` the
+      loosest decoding class's ITL SLO, and ``B ≤ T·B_c/T_c`` per class (the ``T_c`` decodes of class ``c`` sit
+      in iterations each within its SLO, so at least ``T_c/B_c`` of them). Prefill tokens outside decode
+      iterations cost at least ``π0`` each (:func:`_prefill_slope_ms`), which bounds the marginal cost of a
+      folded one too, so folding is never dearer. :func:`_folded_optimum` minimises over ``(B, x)``.
+    * Both classes are pooled (a MIXED or static instance batches them together). A preemption (recompute)
+      swaps one decode token, charged ``G(B,0)/B + L·c2·ctx``, for a re-prefill of its context whose attention
+      alone is ``≥ L·(d0 + d1·ctx)``: more (``d1 > c2``; ``L·d0`` ≈ 0.26 ms ≥ ``G(B,0)/B`` once ``B ≥`` 55, and
+      ``B`` is 106–323 for the named workloads on Llama-3-8B), so preemption only adds work. A request moved with
+      its KV on host memory pays a copy on top; its prompt was prefilled once where it started.
+
+    Decode takes ``(T/B)·G(B, 0)`` plus its context term and is split between the classes in proportion to
+    their dedicated-instance cost ``T_c·G(B_c*, 0)/B_c*``; prefill takes the rest of ``G`` (each prompt token
+    its marginal share ``prefill_ms_per_token``) plus its attention. ``{cls}_batch_size`` is the class's own
+    best SLO-feasible decode batch ``B_c*`` (max ``B/iteration_ms(B, B·ctx_c)`` with ``iteration_ms ≤`` the
+    class's ITL SLO and ``B·ctx_c ≤`` KV, ``ctx_c`` the token-weighted mean decode context), as before;
+    ``decode_batch_size`` and ``prefill_tokens_per_decode_step`` are the pooled optimum ``(B, x)``.
+    ``gpu_seconds_standalone_prefill`` is the previous figure (prefill in its own iterations at the cheapest of
+    :data:`PREFILL_TOKEN_BUDGETS`, decode per class at ``B_c*``), never below this one (its schedule is one the
+    optimum above considers); a single static instance beats it (tests) because the engine folds prefill into
+    decode steps (``EngineCore.step``, chunked prefill). The change is 0.5–3.0% of the total for the named
+    workloads (``mixed`` −2.3%).
 
     For Llama-3-8B on one A100-80GB with ShareGPT or Azure lengths, the KV capacity (≈397k tokens), not the
-    default 100/500 ms ITL SLOs, is what bounds ``B*`` (≈150–320); a tighter interactive ITL SLO (e.g. 30 ms)
+    default 100/500 ms ITL SLOs, is what bounds ``B_c*`` (≈150–320); a tighter interactive ITL SLO (e.g. 30 ms)
     makes the SLO the binding limit.
 
     ``perf`` defaults to Llama-3-8B on A100-80GB; ``gpus_per_instance`` to the model's tensor-parallel degree
@@ -397,40 +571,74 @@ def gpu_seconds_lower_bound(workload: Workload, perf: PerfModel | None = None,
     if not isinstance(gpus, int | np.integer) or isinstance(gpus, bool) or gpus < 1:
         raise ValueError(f"gpus_per_instance must be an integer >= 1, got {gpus_per_instance!r}")
     kv = kv_capacity_tokens(perf.model, perf.gpu)
-    shared_ms = _prefill_shared_ms_per_token(perf)
     d0, d1, d2 = (float(x) for x in perf.prefill)
-    layers = perf.model.num_layers
+    layers, c2 = perf.model.num_layers, float(perf.decode[2])
 
-    result: dict = {}
-    total = 0.0
+    per: dict[str, dict] = {}
     for cls, trace, itl in (("interactive", workload.interactive, workload.interactive_itl_ms),
                             ("batch", workload.batch, workload.batch_itl_ms)):
         p = trace.prompt_tokens.astype(np.float64)
         o = trace.output_tokens.astype(np.float64)
-        prefill_ms = float(p.sum() * shared_ms + layers * (d0 * len(p) + d1 * p.sum() + d2 * (p * p).sum() / 2.0))
         dec = np.maximum(o - 1.0, 0.0)  # decode tokens j = 1..O-1, each at context P + j
-        dec_tokens = float(dec.sum())
-        batch_size, ctx, decode_ms = 0, 0.0, 0.0
-        if dec_tokens > 0:
-            ctx = float((dec * p + dec * (dec + 1.0) / 2.0).sum() / dec_tokens)
-            batch_size, step_ms = _best_decode_batch(perf, ctx, itl, kv, cls)
-            decode_ms = dec_tokens / batch_size * step_ms
-        prefill_s, decode_s = float(gpus * prefill_ms / 1e3), float(gpus * decode_ms / 1e3)
+        c = {"itl": float(itl), "prompt_tokens": float(p.sum()), "dec_tokens": float(dec.sum()),
+             "sum_ctx": float((dec * p + dec * (dec + 1.0) / 2.0).sum()),
+             "attention_ms": float(layers * (d0 * len(p) + d1 * p.sum() + d2 * (p * p).sum() / 2.0)),
+             "batch_size": 0, "ctx": 0.0, "step_ms": 0.0, "slo_limit": math.inf}
+        if c["dec_tokens"] > 0:
+            c["ctx"] = c["sum_ctx"] / c["dec_tokens"]
+            c["batch_size"], c["step_ms"] = _best_decode_batch(perf, c["ctx"], itl, kv, cls)
+            c["slo_limit"] = _slo_batch_limit(perf, c["ctx"], itl)
+        per[cls] = c
+
+    T = sum(c["dec_tokens"] for c in per.values())
+    X = sum(c["prompt_tokens"] for c in per.values())
+    K = sum(c["sum_ctx"] for c in per.values())
+    pi0 = _prefill_slope_ms(perf)
+    b_opt = x_opt = 0.0
+    decode_shared_ms, prefill_shared_ms = 0.0, X * pi0
+    if T > 0:
+        decoding = [c for c in per.values() if c["dec_tokens"] > 0]
+        b_cap = min(T * c["slo_limit"] / c["dec_tokens"] for c in decoding)
+        itl_max = max(c["itl"] for c in decoding)
+        b_opt, x_opt, shared_ms = _folded_optimum(perf, T, X, K, itl_max, kv, b_cap)
+        decode_shared_ms = T / b_opt * float(_shared_step_ms(perf, b_opt, 0.0))
+        prefill_shared_ms = shared_ms - decode_shared_ms
+    weights = {cls: (c["dec_tokens"] * float(_shared_step_ms(perf, c["batch_size"], 0.0)) / c["batch_size"]
+                     if c["dec_tokens"] > 0 else 0.0) for cls, c in per.items()}
+    w_sum = sum(weights.values())
+
+    result: dict = {}
+    total = standalone = 0.0
+    shared_old = _prefill_shared_ms_per_token(perf)
+    for cls, c in per.items():
+        decode_ms = decode_shared_ms * weights[cls] / w_sum + layers * c2 * c["sum_ctx"] if w_sum > 0 else 0.0
+        prefill_ms = (prefill_shared_ms * c["prompt_tokens"] / X if X > 0 else 0.0) + c["attention_ms"]
+        prefill_s, decode_s = gpus * prefill_ms / 1e3, gpus * decode_ms / 1e3
         total += prefill_s + decode_s
+        old_decode_ms = c["dec_tokens"] / c["batch_size"] * c["step_ms"] if c["dec_tokens"] > 0 else 0.0
+        standalone += gpus * (c["prompt_tokens"] * shared_old + c["attention_ms"] + old_decode_ms) / 1e3
         result.update({
             f"{cls}_gpu_seconds": prefill_s + decode_s,
             f"{cls}_prefill_gpu_seconds": prefill_s,
             f"{cls}_decode_gpu_seconds": decode_s,
-            f"{cls}_batch_size": batch_size,
-            f"{cls}_decode_context_tokens": ctx,
+            f"{cls}_batch_size": c["batch_size"],
+            f"{cls}_decode_context_tokens": c["ctx"],
         })
     return {
         "gpu_seconds_lower_bound": float(total),
         **result,
+        "decode_batch_size": b_opt,
+        "prefill_tokens_per_decode_step": x_opt,
+        "prefill_folded_fraction": min(1.0, T * x_opt / b_opt / X) if b_opt > 0 and X > 0 else 0.0,
+        "prefill_ms_per_token": prefill_shared_ms / X if X > 0 else 0.0,
+        "gpu_seconds_standalone_prefill": float(standalone),
         "kv_capacity_tokens": kv,
         "gpus_per_instance": int(gpus),
         "model": perf.model.name,
-        "method": ("prefill: each prompt's attention once + linear/overhead per token at the cheapest token budget; "
-                   "decode per class: batch size maximising tokens/s with step <= ITL SLO and B*ctx <= KV capacity "
-                   "(ctx = token-weighted mean decode context); no idle, load, headroom or queueing time"),
+        "method": ("both classes pooled: N decode iterations at their mean point (B decodes, x prompt tokens "
+                   "folded in, as chunked prefill does), N*G(B,x) by convexity, with B*ctx+x <= KV capacity, step "
+                   "<= the loosest decoding class's ITL SLO and N >= each class's decode tokens / its SLO batch "
+                   "limit; prompt tokens not folded at the compute slope pi0; prefill attention and decode "
+                   "context terms exact. Changed from prefill at its stand-alone cost (gpu_seconds_standalone_prefill), "
+                   "which folding into decode steps beats; no idle, load, headroom or queueing time"),
     }
