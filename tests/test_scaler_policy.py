@@ -10,6 +10,7 @@ from scipy.stats import norm
 
 from services.global_scaler.policy import (
     ArrivalStats,
+    EngineLoad,
     GroupView,
     InstanceView,
     PolicyConfig,
@@ -17,6 +18,7 @@ from services.global_scaler.policy import (
     RoleLimits,
     ScalerInputs,
     decide,
+    observe,
     overprovisioning_theta,
     with_limits,
 )
@@ -98,12 +100,56 @@ def test_no_batch_instance_added_while_earlier_ones_start():
 
 
 def test_instance_concurrency_counts_what_a_saturated_instance_runs():
-    # Cap 256 but 40 running with 60 waiting (KV-bound): it holds 40, so demand 100 needs 3 instances.
-    inst = [InstanceView("i0", "interactive", max_batch_size=256, num_running=40, num_waiting=60)]
-    _, d = decide(CFG, PolicyState(), ScalerInputs(0.0, inst, ArrivalStats(1.0, 1.0, 100.0)))
+    # Cap 256 but 40 running with 60 waiting (KV-bound), admitting 4/s: the queue outlasts the 10 s TTFT SLO
+    # (60 > 4 × 10), so the instance holds 40.
+    inst = [InstanceView("i0", "interactive", max_batch_size=256, num_running=40, num_waiting=60, admit_rate_per_s=4.0)]
+    _, d = decide(CFG, PolicyState(), ScalerInputs(0.0, inst, ArrivalStats(10.0, 1.0, 100.0)))
     assert d.inputs["instance_concurrency"] == 40
+    # Running 40 / 40 = 1 instance by concurrency; 10 arrivals/s / 4 admitted/s = 2.5 by admission rate.
+    assert d.inputs["demand_requests"] == 40 and d.inputs["interactive_need_instances"] == pytest.approx(2.5)
     # 2.5 instances' worth: 2 INTERACTIVE, the half plus the headroom on MIXED.
     assert d.desired("interactive") == 2 and d.desired("mixed") == math.ceil(2.5 * (1 + d.theta)) - 2 >= 1
+
+
+def test_admission_rate_sizes_a_prefill_bound_fleet_and_a_backlog_is_not_concurrency():
+    # Long prompts: cap 1024, 10 running, 300 waiting for the token budget, admitting 5/s; 40 arrivals/s.
+    # Θ = theta_min (0.1) at this rate and CV. By admission rate the arrivals need 40 / 5 = 8 instances; the
+    # backlog of 300 is not 30 instances' worth of concurrency (10 per instance): no instance started now could
+    # take it over.
+    inst = [InstanceView("m0", "mixed", max_batch_size=1024, num_running=10, num_waiting=300, admit_rate_per_s=5.0)]
+    arrivals = ArrivalStats(40.0, 0.5, inflight=310.0)
+    _, d = decide(CFG, PolicyState(), ScalerInputs(0.0, inst, arrivals))
+    assert d.theta == CFG.theta_min and d.inputs["admit_rate_per_instance"] == 5.0
+    assert d.inputs["demand_requests"] == 10 and d.inputs["interactive_need_instances"] == pytest.approx(8.0)
+    assert (d.desired("interactive"), d.desired("mixed")) == (8, 1)  # 8 whole; ceil(8 × 1.1) − 8 on MIXED
+    assert "admitted per instance" in d.roles["interactive"].reason
+    # No admission rate known yet: the running requests alone, 10 / 10 = 1 instance.
+    _, d = decide(CFG, PolicyState(), ScalerInputs(0.0, [dataclasses.replace(inst[0], admit_rate_per_s=math.nan)],
+                                                    arrivals))
+    assert d.inputs["interactive_need_instances"] == pytest.approx(1.0)
+
+
+def test_observe_reports_an_admission_rate_only_while_a_queue_stands():
+    samples: dict = {}
+    observe(0.0, [EngineLoad("i0", "interactive", 1024, 10, 50, finished_requests_total=100)], samples, 1.0)
+    # 5 s later: 20 finished, running 10 → 15, a queue of 40 still waits: (20 + 5) / 5 = 5 admitted per second.
+    inp = observe(5.0, [EngineLoad("i0", "interactive", 1024, 15, 40, finished_requests_total=120)], samples, 1.0)
+    assert inp.instances[0].admit_rate_per_s == pytest.approx(5.0) and inp.instances[0].interactive_waiting == 40
+    # The queue has drained: the instance was not admitting as fast as it could, so no rate.
+    inp = observe(10.0, [EngineLoad("i0", "interactive", 1024, 12, 1, finished_requests_total=150)], samples, 1.0)
+    assert math.isnan(inp.instances[0].admit_rate_per_s)
+
+
+def test_a_queue_admitted_within_the_ttft_slo_is_not_a_concurrency_bound():
+    # 8 running below a cap of 1024 with 30 waiting, admitting 6/s: the queue is gone in 5 s, within the 10 s
+    # TTFT SLO (prompts waiting for the token budget), so the cap stands, not the 8 running.
+    st = PolicyState()
+    burst = InstanceView("i0", "interactive", max_batch_size=1024, num_running=8, num_waiting=30, admit_rate_per_s=6.0)
+    st, d = decide(CFG, st, ScalerInputs(0.0, [burst], ArrivalStats(1.0, 1.0, 38.0)))
+    assert d.inputs["instance_concurrency"] == 1024
+    # A queue of 100 outlasts the SLO at that rate (100 > 60): then the running count is what it holds.
+    st, d = decide(CFG, st, ScalerInputs(5.0, [dataclasses.replace(burst, num_waiting=100)], ArrivalStats(1.0, 1.0, 108.0)))
+    assert d.inputs["instance_concurrency"] == 8
 
 
 def test_a_saturated_count_is_forgotten_once_the_cap_grows():

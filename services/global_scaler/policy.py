@@ -8,15 +8,26 @@ scaler`` service (wall clock) and the fleet simulator (virtual clock).
 The rules (paper: arXiv 2501.08090, global autoscaler; ``../shared/notes/paper.md`` §0b and §3.4 — the
 paper gives the shape, not the formulas; every formula below is Chiron's choice):
 
-**Interactive capacity and Θ.** Interactive demand ``D`` is measured in concurrent requests (running +
-waiting at interactive and mixed instances); one instance holds ``C`` of them, the mean max batch size its
-local autoscaler settled on (``default_instance_concurrency`` before any is known). Arrivals over one
+**Interactive capacity and Θ.** Interactive capacity has two limits, and the fleet is sized by the tighter:
+concurrency and admission rate. Concurrency: demand ``D`` is the interactive requests *running* at
+INTERACTIVE and MIXED instances; one instance holds ``C`` of them, the mean max batch size its local
+autoscaler settled on (``default_instance_concurrency`` before any is known): ``D / C`` instances. Admission
+rate: an instance where a queue of interactive requests stood through a whole interval admitted them as fast
+as it could, so its admissions per second then are its service rate ``μ`` (requests/s) for the traffic of the
+moment; with prompts long against the per-iteration token budget it is prefill throughput / prompt length,
+and running requests are few while the instance is full. The arrival rate needs ``λ / μ̄`` instances (``μ̄``
+the mean of the instances' latest measurements, each standing ``concurrency_memory_s``). The need is
+``max(D / C, λ / μ̄)`` instances. Requests waiting are left out of ``D``: the ones an instance admits within
+the TTFT SLO need no other instance, and a backlog beyond that is work queued at that instance, which an
+instance started now (serving one model-load time later) cannot take over; what the backlog says about load is
+in ``λ`` (arrivals include it) against ``μ``. Counting it as concurrency asked for one instance per running
+count's worth of queued prompts, all loading after the burst had gone. Arrivals over one
 model-load time ``L`` (the time a new instance needs to serve) are modelled as Normal with mean ``λL`` and
 variance ``λL·CV²`` (renewal-process counts; CV = coefficient of variation of inter-arrival times, 1 for
 Poisson). Over-provisioning Θ is chosen so the ``theta_quantile`` (default p99) of those arrivals fits:
 ``Θ = z_q · CV / sqrt(λL)``, clamped to ``[theta_min, theta_max]``: bursty or slow traffic gets more
-headroom than smooth heavy traffic. INTERACTIVE instances cover the whole instances' worth of ``D``; MIXED
-instances cover the rest and the headroom ``Θ·D``: ``n_I = floor(D / C)``, ``n_M = ceil(D·(1+Θ) / C) − n_I``
+headroom than smooth heavy traffic. INTERACTIVE instances cover the whole instances' worth of the need ``N``; MIXED
+instances cover the rest and the headroom ``Θ·N``: ``n_I = floor(N)``, ``n_M = ceil(N·(1+Θ)) − n_I``
 (role minimums apply). The fractional remainder goes to MIXED instances because their idle capacity is lent
 to batch work (multiplexing, paper §0b): an instance only partly needed by interactive traffic is the
 cheapest batch capacity there is. With an INTERACTIVE minimum of 1 (the service's default) the first
@@ -57,6 +68,9 @@ of the BATCH fleet (Kubernetes HPA's default scale-up limit).
 max batch size, or the running requests it had when requests last waited there below that cap (its KV cache
 or token budget binds first; remembered for ``concurrency_memory_s`` while the cap stays within 2× of the
 one it was seen under), so that demand beyond what instances can actually run asks for more instances. A
+queue the instance admits within the TTFT SLO (``interactive_ttft_slo_s``) at its measured admission rate
+does not count as such a bound: a burst of long prompts waits for the per-iteration token budget, not for
+room, and the few requests running meanwhile are no measure of what the instance holds. A
 count is dropped once the local autoscaler has more than doubled the cap: seen in the simulator (``mixed``
 workload), a fresh MIXED instance still at its initial batch size of 16 (16 tokens per iteration) ran 2
 requests with more waiting, and that count stood for 300 s as "2 per instance", asking for 14 INTERACTIVE
@@ -93,7 +107,7 @@ from dataclasses import dataclass, field, replace
 
 from scipy.stats import norm
 
-from services.router.routing import queue_binds
+from services.router.routing import INTERACTIVE_QUEUE, queue_binds
 
 ROLES = ("interactive", "mixed", "batch")
 # RoleDecision.code: what shaped a desired count, as a short stable label (the reason text carries the numbers).
@@ -124,13 +138,14 @@ class PolicyConfig:
     scale_down_delay_s: float = 120.0
     concurrency_memory_s: float = 300.0  # how long an instance's saturated running count stands for its capacity
     batch_settle_s: float = 60.0  # after a BATCH scale-up, time for its capacity to show in the queue's measurement
+    interactive_ttft_slo_s: float = 10.0  # TTFT SLO of interactive requests [s] (the router's default class)
     gpus_per_instance: int = 1
     gpu_budget: int = 50  # the paper's experiments cap the fleet at 50 GPUs
     limits: Mapping[str, RoleLimits] = field(default_factory=lambda: {
         "interactive": RoleLimits(1, 64), "mixed": RoleLimits(0, 64), "batch": RoleLimits(0, 64)})
 
     def validate(self) -> PolicyConfig:
-        for name in ("interval_s", "model_load_time_s", "default_instance_concurrency"):
+        for name in ("interval_s", "model_load_time_s", "default_instance_concurrency", "interactive_ttft_slo_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0 (got {getattr(self, name)})")
         if self.scale_down_delay_s < 0:
@@ -170,7 +185,10 @@ class InstanceView:
     """One engine instance as the scaler sees it (membership + its engine stats).
 
     ``max_batch_size``: its local autoscaler's current cap [requests]; ``num_running`` / ``num_waiting``:
-    requests [requests]; ``interactive_running``: of those, interactive ones (MIXED instances run both).
+    requests [requests]; ``interactive_running`` / ``interactive_waiting``: of those, interactive ones (MIXED
+    instances run both; ``interactive_waiting`` None: take ``num_waiting``). ``admit_rate_per_s``: interactive
+    requests it admitted per second over the last interval when a queue of them (≥ ``INTERACTIVE_QUEUE``)
+    stood there at its start and end, i.e. its service rate; NaN otherwise.
     ``serving``: registered and healthy (False while starting or draining).
     """
 
@@ -181,6 +199,8 @@ class InstanceView:
     num_waiting: int = 0
     interactive_running: int = 0
     serving: bool = True
+    interactive_waiting: int | None = None
+    admit_rate_per_s: float = math.nan
 
 
 @dataclass(frozen=True)
@@ -252,6 +272,8 @@ class PolicyState:
     saturated: dict[str, tuple[float, int, int]] = field(default_factory=dict)
     last_batch_up_s: float = -math.inf
     last_interactive_mixed: int = 0  # INTERACTIVE + MIXED instances the previous decision wanted (before the delay)
+    # Per instance: (time, interactive admissions/s) when it last admitted with a queue standing (its service rate).
+    admit_rate: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -272,11 +294,14 @@ class EngineLoad:
 
 @dataclass(frozen=True)
 class LoadSample:
-    """An instance's previous sample (for the arrival-rate estimate): time [s], finished total, in-flight."""
+    """An instance's previous sample (for the arrival-rate and admission-rate estimates): time [s], finished
+    total, in-flight, and of those the running and waiting interactive requests."""
 
     time_s: float
     finished: int
     inflight: int
+    running: int = 0
+    waiting: int = 0
 
 
 def observe(now: float, loads: Sequence[EngineLoad], samples: dict[str, LoadSample], arrival_cv: float,
@@ -286,7 +311,9 @@ def observe(now: float, loads: Sequence[EngineLoad], samples: dict[str, LoadSamp
     Interactive demand = running + waiting interactive requests at INTERACTIVE and MIXED instances (batch work
     on MIXED instances is not interactive demand); the arrival rate λ = finished interactive requests per
     second plus the growth of in-flight ones since each instance's previous sample (in steady state arrivals =
-    completions). The arrival CV is given (``arrival_cv``; 1 = Poisson).
+    completions). The arrival CV is given (``arrival_cv``; 1 = Poisson). An instance's admission rate
+    (finished + growth of its running interactive requests, per second) is reported only when a queue of
+    interactive requests stood there at both samples (then it admitted as fast as it could).
     """
     instances, inflight, rate = [], 0.0, 0.0
     for s in loads:
@@ -295,15 +322,21 @@ def observe(now: float, loads: Sequence[EngineLoad], samples: dict[str, LoadSamp
             continue
         busy = max(0, s.num_running + s.num_waiting - s.batch_requests)
         finished = s.finished_requests_total - s.batch_finished_total
-        instances.append(InstanceView(s.instance_id, s.role, s.max_batch_size, s.num_running, s.num_waiting,
-                                      interactive_running=min(s.num_running, busy) if s.role != "batch" else 0))
+        running = min(s.num_running, busy) if s.role != "batch" else 0
+        waiting = busy - running if s.role != "batch" else 0
+        admit = math.nan
         if s.role in ("interactive", "mixed"):
             inflight += busy
             prev = samples.get(s.instance_id)
             if prev is not None and now > prev.time_s:
                 done = max(0, finished - prev.finished)
                 rate += max(0.0, (done + busy - prev.inflight) / (now - prev.time_s))
-            samples[s.instance_id] = LoadSample(now, finished, busy)
+                if min(prev.waiting, waiting) >= INTERACTIVE_QUEUE:
+                    admit = max(0.0, (done + running - prev.running) / (now - prev.time_s))
+            samples[s.instance_id] = LoadSample(now, finished, busy, running, waiting)
+        instances.append(InstanceView(s.instance_id, s.role, s.max_batch_size, s.num_running, s.num_waiting,
+                                      interactive_running=running, interactive_waiting=waiting,
+                                      admit_rate_per_s=admit))
     return ScalerInputs(now, instances, ArrivalStats(rate, arrival_cv, inflight), tuple(groups))
 
 
@@ -322,14 +355,25 @@ def decide(cfg: PolicyConfig, state: PolicyState, inp: ScalerInputs) -> tuple[Po
     current = {r: sum(1 for i in inp.instances if i.role == r) for r in ROLES}
     # An instance with requests waiting below its cap holds what it runs then (its KV cache or token budget binds
     # first); that count stands for its capacity for concurrency_memory_s, so a moment without waiting requests
-    # does not read as the cap's worth of room.
+    # does not read as the cap's worth of room. A queue it admits within the TTFT SLO at its measured admission
+    # rate is no such bound (prompts waiting for the token budget, not for room).
     caps = []
     live = set()
+    waiting = 0.0  # interactive requests waiting at INTERACTIVE and MIXED instances (left out of the demand)
     for i in inp.instances:
-        if i.role not in ("interactive", "mixed") or i.max_batch_size <= 0:
+        if i.role not in ("interactive", "mixed"):
+            continue
+        queued = i.num_waiting if i.interactive_waiting is None else i.interactive_waiting
+        waiting += queued
+        if i.max_batch_size <= 0:
             continue
         live.add(i.instance_id)
-        if queue_binds(i.num_running, i.num_waiting, i.max_batch_size):
+        if math.isfinite(i.admit_rate_per_s):
+            state.admit_rate[i.instance_id] = (now, i.admit_rate_per_s)
+        seen_rate = state.admit_rate.get(i.instance_id)
+        drains = (seen_rate is not None and now - seen_rate[0] <= cfg.concurrency_memory_s
+                  and queued <= seen_rate[1] * cfg.interactive_ttft_slo_s)
+        if queue_binds(i.num_running, i.num_waiting, i.max_batch_size) and not drains:
             state.saturated[i.instance_id] = (now, i.num_running, i.max_batch_size)
         seen = state.saturated.get(i.instance_id)
         # A count seen under a cap less than half the current one (a token budget the local autoscaler has grown
@@ -337,16 +381,21 @@ def decide(cfg: PolicyConfig, state: PolicyState, inp: ScalerInputs) -> tuple[Po
         # holds now. Within 2x (the local autoscaler's ordinary moves) it stands.
         fresh = seen is not None and now - seen[0] <= cfg.concurrency_memory_s and i.max_batch_size <= 2 * seen[2]
         caps.append(min(i.max_batch_size, seen[1]) if fresh else i.max_batch_size)
-    for iid in [k for k in state.saturated if k not in live]:
-        del state.saturated[iid]
+    for memo in (state.saturated, state.admit_rate):
+        for iid in [k for k in memo if k not in live]:
+            del memo[iid]
     conc = sum(caps) / len(caps) if caps else cfg.default_instance_concurrency
+    rates = [r for t, r in state.admit_rate.values() if now - t <= cfg.concurrency_memory_s and r > 0]
+    mu = sum(rates) / len(rates) if rates else math.nan
 
-    # Interactive: whole instances' worth of demand D on INTERACTIVE instances; the rest of D plus the headroom
-    # Θ·D on MIXED instances, whose idle capacity serves batch work.
+    # Interactive: the need N = max(D / C, λ / μ) instances (concurrency, admission rate); its whole instances on
+    # INTERACTIVE instances, the rest plus the headroom Θ·N on MIXED ones, whose idle capacity serves batch work.
     theta = overprovisioning_theta(cfg, inp.arrivals)
-    demand = max(0.0, inp.arrivals.inflight)
-    want_i = float(math.floor(demand / conc + 1e-9))
-    want_m = demand * (1 + theta) / conc - want_i
+    demand = max(0.0, inp.arrivals.inflight - waiting)
+    by_rate = inp.arrivals.rate_per_s / mu if math.isfinite(mu) else 0.0
+    need = max(demand / conc, by_rate)
+    want_i = float(math.floor(need + 1e-9))
+    want_m = need * (1 + theta) - want_i
 
     # Batch: capacity serving batch now, and the groups' need relative to it.
     mixed = [i for i in inp.instances if i.role == "mixed"]
@@ -392,9 +441,11 @@ def decide(cfg: PolicyConfig, state: PolicyState, inp: ScalerInputs) -> tuple[Po
 
     wanted = {"interactive": want_i, "mixed": max(0.0, want_m), "batch": want_b}
     reasons = {
-        "interactive": f"demand {demand:.1f} concurrent requests / {conc:.1f} per instance",
+        "interactive": (f"demand {demand:.1f} running requests / {conc:.1f} per instance"
+                        + (f"; arrivals {inp.arrivals.rate_per_s:.2f}/s / {mu:.2f}/s admitted per instance"
+                           if math.isfinite(mu) else "")),
         "mixed": (f"headroom Θ={theta:.2f} (λ={inp.arrivals.rate_per_s:.2f}/s, CV={inp.arrivals.cv:.2f}, "
-                  f"L={cfg.model_load_time_s:g} s) over demand {demand:.1f}"),
+                  f"L={cfg.model_load_time_s:g} s) over {need:.2f} instances' worth"),
         "batch": b_reason,
     }
     codes = {"interactive": "demand", "mixed": "headroom", "batch": b_code}
@@ -473,6 +524,7 @@ def decide(cfg: PolicyConfig, state: PolicyState, inp: ScalerInputs) -> tuple[Po
     roles = {r: RoleDecision(r, current[r], wanted[r], desired[r], reasons[r], codes[r]) for r in ROLES}
     decision = ScalerDecision(now, roles, theta, bbp, {
         "demand_requests": demand, "instance_concurrency": conc, "arrival_rate_per_s": inp.arrivals.rate_per_s,
+        "admit_rate_per_instance": mu, "interactive_need_instances": need,
         "arrival_cv": inp.arrivals.cv, "batch_capacity_instances": batch_now, "mixed_lend_instances": lend,
         "queued_requests": float(queued),
         "in_service_requests": float(in_service), "groups": float(len(inp.groups)), "worst_group_ratio": ratio})
