@@ -927,6 +927,12 @@ def _sim_report_table(reports: list[dict], title: str, with_seed: bool = False) 
               help="Interactive ITL SLO (mean per request) [ms].")
 @click.option("--instances", type=int, default=None, help="static: fleet size (and the others' initial fleet).")
 @click.option("--max-batch-size", type=int, default=None, help="static / llumnix / baselines: engine max batch size.")
+@click.option("--variant", type=click.Choice(["engine-queue", "gateway-queue", "priority"]), default="engine-queue",
+              show_default=True, help="Baselines: how requests reach the engines (fair-comparison.md §2): into the "
+              "engines' own queues on arrival, through a gateway queue that dispatches when an instance has room "
+              "(interactive band first), or on arrival with vLLM priority scheduling (batch at low priority).")
+@click.option("--max-batched-tokens", type=click.IntRange(min=1), default=None,
+              help="Baselines: vLLM's max_num_batched_tokens (per-iteration token budget; default 2048).")
 @click.option("--gpu-budget", default=50, show_default=True, help="Most GPUs at once (the paper caps at 50).")
 @click.option("--model-load-s", default=30.0, show_default=True, help="Start → serving time of a new instance [s].")
 @click.option("--seed", default=0, show_default=True, help="Seed of the workload's draw (arrivals, token lengths) "
@@ -941,8 +947,8 @@ def _sim_report_table(reports: list[dict], title: str, with_seed: bool = False) 
               help="PNG of instances, queue, batch size and SLO attainment over time (one policy; with several, "
                    "POLICY is inserted before the suffix; with --seeds, the first seed's run).")
 def simulate(policy, workload, trace_file, rate_per_s, cv, duration_s, batch_requests, batch_ttft_s, batch_source,
-             interactive_ttft_ms, interactive_itl_ms, instances, max_batch_size, gpu_budget, model_load_s, seed, seeds,
-             workers, json_path, plot_path) -> None:
+             interactive_ttft_ms, interactive_itl_ms, instances, max_batch_size, variant, max_batched_tokens, gpu_budget,
+             model_load_s, seed, seeds, workers, json_path, plot_path) -> None:
     """Simulate a policy on a workload at fleet scale in virtual time (the services' own decision code).
 
     Prints SLO attainment, GPU-hours against the offline lower bound and more; --json writes the report
@@ -983,8 +989,13 @@ def simulate(policy, workload, trace_file, rate_per_s, cv, duration_s, batch_req
         params = {}
         if name == "static" and instances is not None:
             params["instances"] = instances
-        if max_batch_size is not None and name not in ("chiron", "llumnix-tuned"):
+        if max_batch_size is not None and name not in ("chiron", "llumnix-tuned", "oracle"):
             params["max_batch_size"] = max_batch_size
+        if name not in ("chiron", "oracle"):
+            if variant != "engine-queue":
+                params["variant"] = variant
+            if max_batched_tokens is not None:
+                params["max_batched_tokens"] = max_batched_tokens
         return params
 
     reports = []

@@ -31,10 +31,10 @@ from services.global_scaler.policy import (
     observe,
 )
 from services.router.routing import InstanceLoad, Rejected, choose_instance
-from simulator.baselines import kpa, oracle, queue_length
+from simulator.baselines import kpa, llumnix, oracle, queue_length
 from simulator.baselines.kpa import KpaConfig, KpaState
 from simulator.baselines.queue_length import QueueLengthConfig, QueueLengthState
-from simulator.baselines.snapshot import take_snapshot
+from simulator.baselines.snapshot import snapshot_instance, take_snapshot
 
 if TYPE_CHECKING:
     from simulator.fleet import Fleet, SimConfig, SimInstance
@@ -160,6 +160,7 @@ class ChironPolicy(FleetPolicy):
         self.cfg = (policy_config or PolicyConfig(
             interval_s=interval_s, model_load_time_s=max(sim.model_load_time_s, 1.0), scale_down_delay_s=scale_down_delay_s,
             gpus_per_instance=sim.gpus_per_instance, gpu_budget=sim.gpu_budget,
+            interactive_ttft_slo_s=workload.interactive_ttft_ms / 1e3,
             limits={"interactive": RoleLimits(0, budget), "mixed": RoleLimits(1, budget), "batch": RoleLimits(0, budget)},
         )).validate()
         self.arrival_cv = arrival_cv
@@ -215,6 +216,10 @@ class ChironPolicy(FleetPolicy):
         gaps = np.diff(t)
         return float(gaps.std() / gaps.mean()) if gaps.mean() > 0 else 1.0
 
+    def group_views(self, fleet: Fleet, groups: list[GroupView]) -> list[GroupView]:
+        """The request groups the scaler is shown (an ablation overrides it)."""
+        return groups
+
     def on_tick(self, fleet: Fleet, name: str) -> None:
         now = fleet.now
         loads = [EngineLoad(i.iid, i.role, i.max_batch_size, i.num_running, i.num_waiting, i.finished_total,
@@ -231,7 +236,7 @@ class ChironPolicy(FleetPolicy):
             # groups with only leased requests (the estimator sees queued ones)
             seen = {e.group_id for e in estimates}
             groups += [GroupView(g.group_id, 0, 0.0, g.deadline_s, g.leased) for g in gstats if g.group_id not in seen]
-        inputs = observe(now, loads, self.samples, self._arrival_cv(fleet), groups)
+        inputs = observe(now, loads, self.samples, self._arrival_cv(fleet), self.group_views(fleet, groups))
         inputs = replace(inputs, pending={r: sum(1 for i in fleet.instances if i.role == r and i.state == "loading")
                                           for r in self.roles})
         self.state, d = decide(self.cfg, self.state, inputs)
@@ -246,12 +251,12 @@ class ChironPolicy(FleetPolicy):
 # Llumnix
 # ---------------------------------------------------------------------------------------------------------
 class LlumnixPolicy(_VllmFleet):
-    """Llumnix (baselines.md §1, v0.1.0 semantics): freeness F in KV blocks per request, load-based dispatch
-    (argmax F), migration with defragmentation (pairs of F < ``migrate_out_threshold`` sources and
-    F > threshold destinations, most loaded with least loaded, shortest running request moved) every
-    ``migration_interval_s``, and ``avg_load`` auto-scaling every ``scaling_interval_s``: pooled F below
-    ``scale_up_threshold`` adds one instance, pooled F without the newest instance above
-    ``scale_down_threshold`` removes it. vLLM's A100 default max batch size 256."""
+    """Llumnix (baselines.md §1; the rules in :mod:`simulator.baselines.llumnix`, read against v0.1.0 and
+    HEAD): load-based dispatch (argmax freeness), migration with defragmentation every
+    ``migration_interval_s`` (sources: a preempted request or freeness below ``migrate_out_threshold``;
+    destinations: no preempted request and freeness above it; the shortest running request moves), and
+    ``avg_load`` auto-scaling every ``scaling_interval_s``. This wrapper only builds the snapshot and acts on
+    the decisions. vLLM's A100 default max batch size 256."""
 
     name = "llumnix"
 
@@ -261,109 +266,64 @@ class LlumnixPolicy(_VllmFleet):
                  migrate_out_threshold: float = 3.0, watermark_fraction: float = 0.01,
                  max_batched_tokens: int = VLLM_A100_MAX_BATCHED_TOKENS, variant: str = "engine-queue") -> None:
         super().__init__(workload, sim, max_batch_size, max_batched_tokens, variant)
-        if scale_down_threshold <= scale_up_threshold:
-            raise ValueError("scale_down_threshold must exceed scale_up_threshold")
+        prompts = np.concatenate((np.asarray(workload.interactive.prompt_tokens, dtype=float),
+                                  np.asarray(workload.batch.prompt_tokens, dtype=float)))
+        self.cfg = llumnix.LlumnixConfig(
+            scale_up_threshold=scale_up_threshold, scale_down_threshold=scale_down_threshold,
+            scaling_interval_s=scaling_interval_s, migration_interval_s=migration_interval_s,
+            migrate_out_threshold=migrate_out_threshold, watermark_fraction=watermark_fraction,
+            gateway_prompt_tokens=float(prompts.mean()) if len(prompts) else 0.0).validate()
+        self.state = llumnix.LlumnixState()
         self.up, self.down = scale_up_threshold, scale_down_threshold
-        self.scaling_interval_s = scaling_interval_s
-        self.migration_interval_s = migration_interval_s
-        self.migrate_out = migrate_out_threshold
-        self.watermark_fraction = watermark_fraction
         self.params.update(scale_up_threshold=scale_up_threshold, scale_down_threshold=scale_down_threshold,
                            scaling_interval_s=scaling_interval_s, migration_interval_s=migration_interval_s,
                            migrate_out_threshold=migrate_out_threshold, dispatch="load (argmax freeness)",
-                           scaling_policy="avg_load")
+                           scaling_policy=self.cfg.scaling_policy,
+                           request_migration_policy=self.cfg.request_migration_policy)
 
     def setup(self, fleet: Fleet) -> None:
         super().setup(fleet)
-        fleet.schedule_tick("scale", self.scaling_interval_s)
-        fleet.schedule_tick("migrate", self.migration_interval_s)
-
-    # Blocks of the waiting requests: exact up to 256 waiting, else extrapolated from the first 256 (a
-    # backlog of thousands changes F by far more than the sampling error).
-    @staticmethod
-    def _waiting_blocks(inst: SimInstance) -> float:
-        core = inst.core
-        bs = core.config.block_size
-        w = core.waiting
-        if not w:
-            return 0.0
-        if len(w) <= 256:
-            return float(sum(-(-(r.context_len - r.num_computed) // bs) for r in w))
-        head = [w[i] for i in range(256)]
-        return sum(-(-(r.context_len - r.num_computed) // bs) for r in head) * len(w) / 256
-
-    def _parts(self, inst: SimInstance) -> tuple[float, float, float, int]:
-        core = inst.core
-        return core.free_blocks, self.watermark_fraction * core.total_blocks, self._waiting_blocks(inst), \
-            len(core.running) + len(core.waiting)
+        fleet.schedule_tick("scale", self.cfg.scaling_interval_s)
+        if self.cfg.enable_migration:
+            fleet.schedule_tick("migrate", self.cfg.migration_interval_s)
 
     def freeness(self, inst: SimInstance) -> float:
-        free, wm, wb, n = self._parts(inst)
-        return math.inf if n == 0 else (free - wm - wb) / n
-
-    def _migration_freeness(self, inst: SimInstance) -> float:
-        core = inst.core
-        head = core.waiting[0] if core.waiting else None
-        need = -(-(head.context_len - head.num_computed) // core.config.block_size) if head is not None else 0
-        n = len(core.running) + (1 if head is not None else 0)
-        wm = self.watermark_fraction * core.total_blocks
-        return math.inf if n == 0 else (core.free_blocks - wm - need) / n
+        """The dispatch/scaling freeness of one instance (blocks per request)."""
+        return llumnix.freeness(self.cfg, snapshot_instance(inst, 0))
 
     def dispatch(self, fleet: Fleet, rid: str) -> SimInstance | None:
         insts = self.candidates(fleet)
         if not insts:
-            if fleet.gateway is not None:
-                return None
-            insts = [i for i in fleet.instances if i.state == "loading"]
-            return min(insts, key=lambda i: i.ready_s) if insts else None
-        return max(insts, key=lambda i: (self.freeness(i), -(i.num_running + i.num_waiting)))
+            return self.fallback(fleet)
+        iid = llumnix.dispatch(self.cfg, take_snapshot(fleet), [i.iid for i in insts])
+        return next(i for i in insts if i.iid == iid)
 
     def on_tick(self, fleet: Fleet, name: str) -> None:
         if name == "migrate":
             self._migrate(fleet)
-            fleet.schedule_tick("migrate", fleet.now + self.migration_interval_s)
+            fleet.schedule_tick("migrate", fleet.now + self.cfg.migration_interval_s)
             return
-        self._scale(fleet)
-        fleet.schedule_tick("scale", fleet.now + self.scaling_interval_s)
+        self.state, delta, reason = llumnix.scale(self.cfg, self.state, take_snapshot(fleet))
+        if delta:
+            fleet.set_count(self.roles[0], len(fleet.active(self.roles[0])) + delta, reason)
+        fleet.schedule_tick("scale", fleet.now + self.cfg.scaling_interval_s)
 
     def _migrate(self, fleet: Fleet) -> None:
-        insts = fleet.serving()
-        if len(insts) < 2:
+        if len(fleet.serving()) < 2:
             return
-        f = {i.iid: self._migration_freeness(i) for i in insts}
-        src = sorted((i for i in insts if f[i.iid] < self.migrate_out and i.core.running), key=lambda i: f[i.iid])
-        dst = sorted((i for i in insts if f[i.iid] > self.migrate_out), key=lambda i: -f[i.iid])
-        for s, d in zip(src, dst, strict=False):
-            # SR: the shortest running request (fewest context tokens) moves.
-            req = min(s.core.running, key=lambda r: r.context_len)
-            if d.num_running + d.num_waiting >= d.max_batch_size:
-                continue
-            fleet.migrate(s, d, req.request_id)
-
-    def _scale(self, fleet: Fleet) -> None:
-        serving = fleet.serving()
-        if not serving:
-            return
-        parts = [self._parts(i) for i in serving]
-        free = sum(p[0] for p in parts)
-        wm = sum(p[1] for p in parts)
-        wb = sum(p[2] for p in parts)
-        n = sum(p[3] for p in parts)
-        pooled = math.inf if n == 0 else (free - wm - wb) / n
-        active = fleet.active(self.roles[0])
-        if pooled < self.up:
-            fleet.set_count(self.roles[0], len(active) + 1, f"avg_load freeness {pooled:.1f} < {self.up:g}")
-            return
-        if len(serving) > 1:
-            last = serving[-1]
-            lf, lwm, lwb, ln = self._parts(last)
-            n2 = n - ln
-            pooled2 = math.inf if n2 == 0 else (free - lf - (wm - lwm) - (wb - lwb)) / n2
-            if pooled2 > self.down:
-                fleet.set_count(self.roles[0], len(active) - 1, f"avg_load freeness without the newest {pooled2:.1f} > {self.down:g}")
+        by_id = {i.iid: i for i in fleet.serving()}
+        for s, d in llumnix.migration_pairs(self.cfg, take_snapshot(fleet)):
+            src = by_id[s]
+            rid = llumnix.migrate_out_request(self.cfg, [
+                llumnix.RunningRequest(r.request_id, r.context_len, r.num_generated > 0 and r.num_computed >= r.context_len - 1)
+                for r in src.core.running])
+            if rid is not None:
+                fleet.migrate(src, by_id[d], rid)
 
 
-LLUMNIX_SWEEP = {"max_batch_size": (64, 128, 256), "thresholds": ((10.0, 60.0), (50.0, 150.0), (150.0, 400.0))}
+LLUMNIX_SWEEP = {"max_batch_size": (128, 256, 512, 1024),
+                 "thresholds": ((2.0, 20.0), (10.0, 60.0), (50.0, 150.0), (150.0, 400.0)),
+                 "max_batched_tokens": (2048, 8192)}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -443,92 +403,70 @@ class KpaPolicy(_VllmFleet):
 # NVIDIA Dynamo SLA planner
 # ---------------------------------------------------------------------------------------------------------
 class SlaPlannerPolicy(_VllmFleet):
-    """NVIDIA Dynamo's SLA planner (baselines.md §5) with our performance model as its profile, for an
-    aggregated (not prefill/decode-disaggregated) fleet: every ``adjustment_interval_s`` it measures the
-    request count, mean ISL/OSL, TTFT and ITL over the interval, forms the correction factors
-    ``p_corr = TTFT_obs / TTFT_prof(ISL)`` and ``d_corr = ITL_obs / ITL_prof(conc, ISL + OSL/2)``, predicts
-    the next interval's load, and sets ``n = ceil(prefill GPUs + decode GPUs)``:
-    prefill ``num_req·ISL/interval·min(1, p_corr) / prefill_throughput(ISL)``, decode
-    ``num_req·OSL/interval / best decode throughput per GPU meeting ITL_target / d_corr at ISL + OSL/2``.
-    Targets are the workload's interactive TTFT/ITL SLOs. Round-robin routing."""
+    """NVIDIA Dynamo's SLA planner (baselines.md §5; the rules in :mod:`simulator.baselines.sla_planner`, read
+    against upstream) for an aggregated fleet: every ``adjustment_interval_s`` the module reads the interval's
+    :class:`~simulator.baselines.snapshot.RequestWindow` (lengths of completed requests only) and the fleet's
+    saturation, and returns ``n_prefill + n_decode`` engines. This wrapper builds the profiles once from the
+    performance model (TTFT over ISL at the engine's token budget; ITL over batch size × context up to the
+    engine's batch and KV limits), the inputs each tick, and acts. ``load_predictor``: ``arima`` (upstream's
+    default, pmdarima), ``constant`` or ``kalman``. Targets default to the workload's interactive TTFT/ITL SLOs.
+    Round-robin routing."""
 
     name = "sla-planner"
 
     def __init__(self, workload: Workload, sim: SimConfig, adjustment_interval_s: float = 180.0,
                  max_batch_size: int = VLLM_A100_MAX_NUM_SEQS, perf: PerfModel | None = None,
-                 max_batched_tokens: int = VLLM_A100_MAX_BATCHED_TOKENS, variant: str = "engine-queue") -> None:
+                 max_batched_tokens: int = VLLM_A100_MAX_BATCHED_TOKENS, variant: str = "engine-queue",
+                 load_predictor: str = "arima", ttft_target_ms: float | None = None,
+                 itl_target_ms: float | None = None) -> None:
         super().__init__(workload, sim, max_batch_size, max_batched_tokens, variant)
-        self.interval = adjustment_interval_s
+        from simulator.baselines import sla_planner
+
+        self.slp = sla_planner
+        self.cfg = sla_planner.SlaPlannerConfig(
+            adjustment_interval_s=adjustment_interval_s, load_predictor=load_predictor,
+            ttft_ms=ttft_target_ms or workload.interactive_ttft_ms, itl_ms=itl_target_ms or workload.interactive_itl_ms,
+            max_gpu_budget=sim.gpu_budget, prefill_engine_num_gpu=sim.gpus_per_instance,
+            decode_engine_num_gpu=sim.gpus_per_instance).validate()
+        self.state = sla_planner.initial_state(self.cfg)
         self.perf = perf
-        self.prev_i = 0
-        self.prev_b = 0
-        self.params.update(adjustment_interval_s=adjustment_interval_s, load_predictor="constant (last interval)",
-                           ttft_target_ms=workload.interactive_ttft_ms, itl_target_ms=workload.interactive_itl_ms,
-                           routing="round-robin", deployment="aggregated")
+        self.params.update(adjustment_interval_s=adjustment_interval_s, load_predictor=load_predictor,
+                           load_prediction_window_size=self.cfg.window_size, ttft_target_ms=self.cfg.ttft_ms,
+                           itl_target_ms=self.cfg.itl_ms, routing="round-robin",
+                           deployment="aggregated (prefill + decode engines, each pool rounded up)")
 
     def setup(self, fleet: Fleet) -> None:
         super().setup(fleet)
-        self.perf = self.perf or fleet.perf
-        fleet.schedule_tick("scale", self.interval)
+        perf = self.perf = self.perf or fleet.perf
+        budget = self.max_batched_tokens
+
+        def ttft_ms(isl: int) -> float:
+            chunks = [(min(budget, isl - done), done) for done in range(0, isl, budget)]
+            return sum(perf.iteration_ms(0, 0.0, [c]) for c in chunks)
+
+        max_len = fleet.instances[0].core.max_model_len if fleet.instances else 8192
+        kv = fleet.instances[0].core.kv_capacity_tokens if fleet.instances else 400_000
+        grid = np.geomspace(16, max_len, 40)
+        g = self.sim.gpus_per_instance
+        self.prefill_profile = self.slp.prefill_profile(ttft_ms, grid, g)
+        self.decode_profile = self.slp.decode_profile(lambda b, c: perf.iteration_ms(b, b * c), grid,
+                                                      self.max_batch_size, kv, g)
+        fleet.schedule_tick("scale", self.cfg.adjustment_interval_s)
 
     def dispatch(self, fleet: Fleet, rid: str) -> SimInstance | None:
         return self.round_robin(fleet)
 
-    def _decode_tput(self, itl_ms: float, ctx: float, kv_tokens: int) -> float:
-        best = 0.0
-        for b in range(1, self.max_batch_size + 1):
-            if b * ctx > kv_tokens:
-                break
-            ms = self.perf.iteration_ms(b, int(b * ctx), [])
-            if ms > itl_ms:
-                break
-            best = max(best, b / ms * 1e3)
-        return best or 1e3 / self.perf.iteration_ms(1, int(ctx), [])
-
     def on_tick(self, fleet: Fleet, name: str) -> None:
-        now, perf = fleet.now, self.perf
-        fleet.schedule_tick("scale", now + self.interval)
-        lo = now - self.interval
-        ii, bi = fleet._next_i, fleet._next_b
-        idx_i = np.arange(self.prev_i, ii)
-        idx_b = np.arange(self.prev_b, bi)
-        self.prev_i, self.prev_b = ii, bi
-        num_req = len(idx_i) + len(idx_b)
-        if num_req == 0:
-            return
-        isl = float(np.concatenate((fleet._ip[idx_i], fleet._bp[idx_b])).mean())
-        osl = float(np.concatenate((fleet._io[idx_i], fleet._bo[idx_b])).mean())
-        # Observed TTFT and ITL of requests whose first / last token came in the interval.
-        ttfts, itls = [], []
-        arrays = []
-        for rec in (fleet.inter, fleet.batch):
-            first, last, done = np.asarray(rec.first), np.asarray(rec.last), np.asarray(rec.done)
-            tokens = np.asarray(rec.tokens)
-            arrays.append((rec.arrival, done))
-            m = (first >= lo) & (first < now)
-            ttfts.append((first[m] - rec.arrival[m]) * 1e3)
-            d = (done >= lo) & (tokens > 1)
-            itls.append((last[d] - first[d]) / (tokens[d] - 1) * 1e3)
-        ttft_obs = float(np.concatenate(ttfts).mean()) if sum(len(x) for x in ttfts) else math.nan
-        itl_obs = float(np.concatenate(itls).mean()) if sum(len(x) for x in itls) else math.nan
-        n_now = max(1, len(fleet.serving()))
-        ctx = isl + osl / 2
-        ttft_prof = perf.iteration_ms(0, 0, [(int(isl), 0)])
-        durs = np.concatenate([(done - arr)[(done >= lo) & (done < now)] for arr, done in arrays])
-        dur = float(durs.mean()) if len(durs) else self.interval
-        conc = max(1.0, num_req / n_now * dur / self.interval)
-        itl_prof = perf.iteration_ms(int(conc), int(conc * ctx), [])
-        p_corr = ttft_obs / ttft_prof if math.isfinite(ttft_obs) and ttft_prof > 0 else 1.0
-        d_corr = itl_obs / itl_prof if math.isfinite(itl_obs) and itl_prof > 0 else 1.0
-        prefill_tput = isl / (ttft_prof / 1e3)
-        n_p = num_req * isl / self.interval * min(1.0, p_corr) / prefill_tput
-        kv = fleet.instances[0].core.kv_capacity_tokens if fleet.instances else 400_000
-        decode_tput = self._decode_tput(self.workload.interactive_itl_ms / max(d_corr, 1e-3), ctx, kv)
-        n_d = num_req * osl / self.interval / decode_tput
-        desired = max(1, min(math.ceil(n_p + n_d), fleet.config.gpu_budget // fleet.config.gpus_per_instance))
-        if desired != len(fleet.active(self.roles[0])):
-            fleet.set_count(self.roles[0], desired, f"SLA planner: prefill {n_p:.2f} + decode {n_d:.2f} GPUs "
-                            f"(p_corr {p_corr:.2f}, d_corr {d_corr:.2f})")
+        from simulator.baselines.snapshot import request_window
+
+        now, interval = fleet.now, self.cfg.adjustment_interval_s
+        fleet.schedule_tick("scale", now + interval)
+        snap = take_snapshot(fleet)
+        self.state, desired, reason = self.slp.decide(
+            self.cfg, self.state, request_window(fleet, now - interval, now), len(snap.serving()),
+            self.prefill_profile, self.decode_profile, self.slp.saturated(snap))
+        if desired is not None and desired != len(fleet.active(self.roles[0])):
+            fleet.set_count(self.roles[0], desired, reason)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -587,12 +525,13 @@ class OraclePolicy(FleetPolicy):
         self.b_int = max(1, int(lb["interactive_batch_size"] or 1))
         self.b_batch = max(1, int(lb["batch_batch_size"] or 1))
         self.batch_work_s = lb["batch_gpu_seconds"] / self.sim.gpus_per_instance
+        # Every iteration of a busy instance carries B* decodes and a prefill chunk of min_prefill_tokens; a request
+        # holds its slot for its prefill chunks and then one iteration per output token.
         ctx = lb["interactive_decode_context_tokens"]
-        step_s = perf.iteration_ms(self.b_int, self.b_int * ctx) / 1e3
-        prompts = np.asarray(wl.interactive.prompt_tokens, dtype=np.int64)
-        uniq, inv = np.unique(prompts, return_inverse=True)
-        prefill_s = np.array([perf.iteration_ms(0, 0.0, [(int(p), 0)]) for p in uniq])[inv] / 1e3
-        service = prefill_s + np.maximum(np.asarray(wl.interactive.output_tokens, dtype=float) - 1, 0) * step_s
+        chunk = self.min_prefill_tokens
+        step_s = perf.iteration_ms(self.b_int, self.b_int * ctx, [(chunk, int(ctx))]) / 1e3
+        prompts = np.asarray(wl.interactive.prompt_tokens, dtype=float)
+        service = (np.ceil(prompts / chunk) + np.maximum(np.asarray(wl.interactive.output_tokens, dtype=float) - 1, 0)) * step_s
         grid, need = oracle.interactive_need(np.asarray(wl.interactive.arrival_s, dtype=float), service,
                                              self.b_int, self.margin)
         self.schedule = oracle.OracleSchedule(grid, need, 0)
@@ -640,19 +579,32 @@ POLICIES: dict[str, Callable[..., FleetPolicy]] = {
 
 READINGS = {
     "llumnix": "Scaling as in v0.1.0's check_scale with avg_load (its manager never calls it; HEAD disables it): "
-               "+1 instance per 10 s interval while pooled freeness < 10, including while earlier ones still load. "
-               "No request priorities (the paper's priority headroom is not in the code): batch and interactive "
-               "requests are dispatched alike on arrival and served FCFS. Migration every 50 ms (polling interval); "
-               "instance information is exact at each dispatch (Llumnix refreshes it every 50 ms: a stronger reading). "
-               "Waiting blocks beyond 256 waiting requests are extrapolated from the first 256.",
-    "llumnix-tuned": "The llumnix policy with max batch size in {64, 128, 256} and (scale-up, scale-down) freeness "
-                     "thresholds in {(10, 60), (50, 150), (150, 400)}, the best SLO attainment on the workload kept "
-                     "(ties: fewer GPU-seconds).",
+               "+1 instance per 10 s interval while pooled freeness < 10, including while earlier ones still load (a "
+               "loading instance has not reported and is unknown to the scheduler); -1 when the pooled freeness with the "
+               "newest serving instance removed exceeds 60, its requests and waiting blocks pooled into the others and its "
+               "used blocks taken from their free ones (AvgLoad.compute_load_metric_down). No request priorities (the "
+               "paper's priority headroom is not in the code). Migration on (upstream default off), defrag form, "
+               "defrag_constrained pairing, every 50 ms (polling interval): sources have a preempted request (the "
+               "snapshot counts running and waiting requests ever preempted; upstream counts swapped and preempted "
+               "waiting ones) or freeness < 3; a destination at its batch cap is skipped; the shortest decoding request "
+               "moves (SR). Instance information is exact at each dispatch (Llumnix refreshes it every 50 ms: a stronger "
+               "reading). Waiting blocks beyond 256 waiting requests are extrapolated from the first 256. Gateway-queue "
+               "variant: the gateway's queued requests count as waiting requests in the pooled freeness, each with the "
+               "engines' mean waiting-request blocks (none waiting: the workload's mean prompt).",
+    "llumnix-tuned": "The llumnix policy over max batch size {128, 256, 512, 1024} × (scale-up, scale-down) freeness "
+                     "thresholds {(2, 20), (10, 60), (50, 150), (150, 400)} × max_num_batched_tokens {2048, 8192} "
+                     "(LLUMNIX_SWEEP), the best SLO attainment on the workload kept (ties: fewer GPU-seconds).",
     "queue-length": "KEDA's Prometheus query summed over pods (the chart's un-summed query fails with several pods); "
                     "HPA default behaviour; min 1 replica.",
     "kpa": "Concurrency = running + waiting requests of all pods; min-scale 1; least in-flight routing.",
-    "sla-planner": "Aggregated deployment (prefill + decode GPUs summed on one engine type); ARIMA load predictor "
-                   "replaced by the constant predictor (statsmodels is not a dependency); default adjustment interval 180 s.",
+    "sla-planner": "Aggregated deployment: n_prefill + n_decode engines of one type, each pool rounded up with its floor "
+                   "of 1 (upstream's SLA mode is disaggregated only); profiles from our performance model (prefill at "
+                   "the engine's token budget; decode up to its batch and KV limits; linear, not cubic, interpolation). "
+                   "Load predictor as upstream: ARIMA by pmdarima auto_arima refitted on the last 50 intervals (the last "
+                   "value below 5 points); constant and kalman selectable. ISL/OSL/duration/ITL from requests completed "
+                   "in the interval, request count from arrivals (the frontend's counter). Correction factors as "
+                   "upstream, clipped so they cannot shrink the fleet while an engine is at its batch or KV limit or "
+                   "requests wait in the gateway queue (fair-comparison.md §7). Adjustment interval 180 s.",
     "static": "Least-loaded routing, vLLM's A100 defaults (256 requests, 2048 batched tokens) unless given.",
     "oracle": "Knows every future arrival and output length; INTERACTIVE instances sized by future concurrency over "
               "the lower bound's SLO-feasible batch size, each started one model-load time before it is needed; "

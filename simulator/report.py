@@ -167,8 +167,10 @@ def run_policy(policy: str, workload: Workload, sim: SimConfig, params: dict | N
     params = dict(params or {})
     if policy != "llumnix-tuned":
         return _run_one((workload, policy, sim, params))
-    grid = [{**params, "max_batch_size": bs, "scale_up_threshold": up, "scale_down_threshold": down}
-            for bs in LLUMNIX_SWEEP["max_batch_size"] for up, down in LLUMNIX_SWEEP["thresholds"]]
+    grid = [{**params, "max_batch_size": bs, "scale_up_threshold": up, "scale_down_threshold": down,
+             "max_batched_tokens": tok}
+            for bs in LLUMNIX_SWEEP["max_batch_size"] for up, down in LLUMNIX_SWEEP["thresholds"]
+            for tok in LLUMNIX_SWEEP["max_batched_tokens"]]
     jobs = [(workload, "llumnix-tuned", sim, g) for g in grid]
     if workers > 1:
         with ProcessPoolExecutor(workers) as ex:
@@ -183,7 +185,8 @@ def run_policy(policy: str, workload: Workload, sim: SimConfig, params: dict | N
     for r in runs[1:]:
         if _better(r, best):
             best = r
-    best["sweep"] = [{**{k: r["policy_params"][k] for k in ("max_batch_size", "scale_up_threshold", "scale_down_threshold")},
+    best["sweep"] = [{**{k: r["policy_params"][k] for k in ("max_batch_size", "scale_up_threshold", "scale_down_threshold",
+                                                           "max_num_batched_tokens")},
                       "slo_attainment": r["slo_attainment"], "gpu_seconds": r["gpu_seconds"]} for r in runs]
     best["wall_seconds"] = sum(r["wall_seconds"] for r in runs)
     return best

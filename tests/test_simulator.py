@@ -485,12 +485,14 @@ def test_llumnix_tuned_returns_best_of_its_sweep():
     rep = run_policy("llumnix-tuned", wl, SimConfig(model_load_time_s=10))
     assert rep["policy"] == "llumnix-tuned"
     sweep = rep["sweep"]
-    assert len(sweep) == 9
-    grid = {(bs, up, down) for bs in LLUMNIX_SWEEP["max_batch_size"] for up, down in LLUMNIX_SWEEP["thresholds"]}
-    assert {(s["max_batch_size"], s["scale_up_threshold"], s["scale_down_threshold"]) for s in sweep} == grid
+    grid = {(bs, up, down, tok) for bs in LLUMNIX_SWEEP["max_batch_size"] for up, down in LLUMNIX_SWEEP["thresholds"]
+            for tok in LLUMNIX_SWEEP["max_batched_tokens"]}
+    assert len(sweep) == len(grid)
+    assert {(s["max_batch_size"], s["scale_up_threshold"], s["scale_down_threshold"], s["max_num_batched_tokens"])
+            for s in sweep} == grid
     best = rep["policy_params"]
-    kept = [s for s in sweep if (s["max_batch_size"], s["scale_up_threshold"], s["scale_down_threshold"])
-            == (best["max_batch_size"], best["scale_up_threshold"], best["scale_down_threshold"])]
+    keys = ("max_batch_size", "scale_up_threshold", "scale_down_threshold", "max_num_batched_tokens")
+    kept = [s for s in sweep if all(s[k] == best[k] for k in keys)]
     assert len(kept) == 1 and kept[0]["slo_attainment"] == rep["slo_attainment"]
     assert kept[0]["gpu_seconds"] == rep["gpu_seconds"]
     # No setting beats it: higher attainment (beyond 0.1 pp), or as good with fewer GPU-seconds.

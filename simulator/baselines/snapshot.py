@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from itertools import islice
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -102,24 +103,25 @@ class FleetSnapshot:
 _WAITING_SAMPLE = 256
 
 
-def _waiting_blocks(inst: SimInstance) -> tuple[float, float]:
+def snapshot_instance(inst: SimInstance, order: int) -> InstanceSnapshot:
+    """One instance's :class:`InstanceSnapshot`. Waiting blocks and preempted waiting requests are counted over
+    the first ``_WAITING_SAMPLE`` waiting requests and scaled to the whole queue."""
     core = inst.core
     bs = core.config.block_size
     w = core.waiting
-    if not w:
-        return 0.0, 0.0
-    head = -(-(w[0].context_len - w[0].num_computed) // bs)
-    n = min(len(w), _WAITING_SAMPLE)
-    s = sum(-(-(w[i].context_len - w[i].num_computed) // bs) for i in range(n))
-    return float(s * len(w) / n), float(head)
-
-
-def snapshot_instance(inst: SimInstance, order: int) -> InstanceSnapshot:
-    core = inst.core
-    wb, head = _waiting_blocks(inst)
-    preempted = sum(1 for r in core.running if r.num_preemptions) + sum(1 for r in core.waiting if r.num_preemptions)
-    return InstanceSnapshot(inst.iid, inst.state, order, len(core.running), len(core.waiting), core.max_num_seqs,
-                            core.free_blocks, core.total_blocks, wb, head, preempted)
+    wb = head = 0.0
+    preempted = sum(1 for r in core.running if r.num_preemptions)
+    if w:
+        blocks = pre = n = 0
+        for r in islice(w, _WAITING_SAMPLE):
+            blocks += -(-(r.context_len - r.num_computed) // bs)
+            pre += r.num_preemptions > 0
+            n += 1
+        head = float(-(-(w[0].context_len - w[0].num_computed) // bs))
+        wb = blocks * len(w) / n
+        preempted += round(pre * len(w) / n)
+    return InstanceSnapshot(inst.iid, inst.state, order, len(core.running), len(w), core.max_num_seqs,
+                            core.free_blocks, core.total_blocks, float(wb), head, preempted)
 
 
 def take_snapshot(fleet: Fleet) -> FleetSnapshot:
