@@ -168,7 +168,8 @@ def tiny_suite(monkeypatch):
                                         "validate", False, "tiny"),
     }
     monkeypatch.setattr(fair, "SUITE", tiny)
-    monkeypatch.setattr(fair, "QUICK_GRIDS", {"queue-length": {"threshold": (5.0,)}, "kpa": {"target": (70.0,)}})
+    monkeypatch.setattr(fair, "QUICK_GRIDS", {"queue-length": {"threshold": (5.0,)},
+                                               "kpa": {"target": (70.0,), "engine": ((64, 2048),)}})
     monkeypatch.setattr(fair, "ABLATIONS", ("over-provisioning",))
     return tiny
 
