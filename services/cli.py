@@ -1109,9 +1109,14 @@ def _experiments_fair(out_dir: str, quick: bool, workloads: str, slo_levels: str
     with Progress(TextColumn("fair suite"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[msg]}"),
                   TimeElapsedColumn(), console=console) as bar:
         task = bar.add_task("fair", total=None, msg="")
+
+        def progress(done: int, total: int, msg: str) -> None:
+            bar.update(task, completed=done, total=total, msg=msg)
+            if not console.is_terminal and done % 25 == 0:  # a log file gets a line now and then instead of a bar
+                console.print(f"fair suite: {done}/{total} runs ({msg})")
         try:
             data = run_fair(out_dir, quick=quick, workloads=wls, slo_levels=slos, seeds=seed_list, workers=workers,
-                            progress=lambda done, total, m: bar.update(task, completed=done, total=total, msg=m))
+                            progress=progress)
         except LostRequests as e:
             raise click.ClickException(str(e)) from None
     table = Table(title="fair comparison: Chiron vs the cheapest baseline at matched attainment (means over seeds)")
