@@ -140,6 +140,17 @@ def test_observe_reports_an_admission_rate_only_while_a_queue_stands():
     assert math.isnan(inp.instances[0].admit_rate_per_s)
 
 
+def test_an_interval_admitting_a_request_or_two_gives_no_admission_rate():
+    # A queue of 10 stands at a cap-bound instance that admits 2 in 5 s: 0.4/s would stand for minutes as the
+    # fleet's rate and ask for λ / 0.4 instances; two admissions are too few to tell a rate from noise.
+    samples: dict = {}
+    observe(0.0, [EngineLoad("m0", "mixed", 12, 12, 10, finished_requests_total=50)], samples, 1.0)
+    inp = observe(5.0, [EngineLoad("m0", "mixed", 12, 12, 10, finished_requests_total=52)], samples, 1.0)
+    assert math.isnan(inp.instances[0].admit_rate_per_s)
+    inp = observe(10.0, [EngineLoad("m0", "mixed", 12, 12, 10, finished_requests_total=58)], samples, 1.0)
+    assert inp.instances[0].admit_rate_per_s == pytest.approx(6 / 5)
+
+
 def test_a_queue_admitted_within_the_ttft_slo_is_not_a_concurrency_bound():
     # 8 running below a cap of 1024 with 30 waiting, admitting 6/s: the queue is gone in 5 s, within the 10 s
     # TTFT SLO (prompts waiting for the token budget), so the cap stands, not the 8 running.

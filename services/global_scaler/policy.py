@@ -16,7 +16,9 @@ rate: an instance where a queue of interactive requests stood through a whole in
 as it could, so its admissions per second then are its service rate ``μ`` (requests/s) for the traffic of the
 moment; with prompts long against the per-iteration token budget it is prefill throughput / prompt length,
 and running requests are few while the instance is full. The arrival rate needs ``λ / μ̄`` instances (``μ̄``
-the mean of the instances' latest measurements, each standing ``concurrency_memory_s``). The need is
+the mean of the instances' latest measurements, each standing ``concurrency_memory_s``; an interval
+admitting fewer than ``INTERACTIVE_QUEUE`` requests gives none, since one admission in an interval would read
+as a rate a tenth of the real one and stand for minutes, asking for ten times the instances). The need is
 ``max(D / C, λ / μ̄)`` instances. Requests waiting are left out of ``D``: the ones an instance admits within
 the TTFT SLO need no other instance, and a backlog beyond that is work queued at that instance, which an
 instance started now (serving one model-load time later) cannot take over; what the backlog says about load is
@@ -313,7 +315,8 @@ def observe(now: float, loads: Sequence[EngineLoad], samples: dict[str, LoadSamp
     second plus the growth of in-flight ones since each instance's previous sample (in steady state arrivals =
     completions). The arrival CV is given (``arrival_cv``; 1 = Poisson). An instance's admission rate
     (finished + growth of its running interactive requests, per second) is reported only when a queue of
-    interactive requests stood there at both samples (then it admitted as fast as it could).
+    interactive requests stood there at both samples (then it admitted as fast as it could) and it admitted at
+    least ``INTERACTIVE_QUEUE`` of them meanwhile: a count of one or two in an interval is noise, not a rate.
     """
     instances, inflight, rate = [], 0.0, 0.0
     for s in loads:
@@ -331,8 +334,9 @@ def observe(now: float, loads: Sequence[EngineLoad], samples: dict[str, LoadSamp
             if prev is not None and now > prev.time_s:
                 done = max(0, finished - prev.finished)
                 rate += max(0.0, (done + busy - prev.inflight) / (now - prev.time_s))
-                if min(prev.waiting, waiting) >= INTERACTIVE_QUEUE:
-                    admit = max(0.0, (done + running - prev.running) / (now - prev.time_s))
+                admitted = done + running - prev.running
+                if min(prev.waiting, waiting) >= INTERACTIVE_QUEUE and admitted >= INTERACTIVE_QUEUE:
+                    admit = admitted / (now - prev.time_s)
             samples[s.instance_id] = LoadSample(now, finished, busy, running, waiting)
         instances.append(InstanceView(s.instance_id, s.role, s.max_batch_size, s.num_running, s.num_waiting,
                                       interactive_running=running, interactive_waiting=waiting,
