@@ -500,7 +500,8 @@ class StaticPolicy(_VllmFleet):
 class OraclePolicy(FleetPolicy):
     """Counts from :mod:`simulator.baselines.oracle`'s schedule (future arrivals and output lengths, the
     performance model), re-applied every ``tick_s``: INTERACTIVE instances at the SLO-feasible batch size
-    ``B*`` of the lower bound (least-loaded routing, never rejecting), BATCH instances leasing the backlog from
+    ``B*`` of the lower bound, enough for both the slots and the prompt tokens per second arriving (least-loaded
+    routing, never rejecting), BATCH instances leasing the backlog from
     Chiron's queue at the batch class's ``B*``. Same initial fleet as every policy (warm INTERACTIVE)."""
 
     name = "oracle"
@@ -532,8 +533,11 @@ class OraclePolicy(FleetPolicy):
         step_s = perf.iteration_ms(self.b_int, self.b_int * ctx, [(chunk, int(ctx))]) / 1e3
         prompts = np.asarray(wl.interactive.prompt_tokens, dtype=float)
         service = (np.ceil(prompts / chunk) + np.maximum(np.asarray(wl.interactive.output_tokens, dtype=float) - 1, 0)) * step_s
-        grid, need = oracle.interactive_need(np.asarray(wl.interactive.arrival_s, dtype=float), service,
-                                             self.b_int, self.margin)
+        arrival = np.asarray(wl.interactive.arrival_s, dtype=float)
+        grid, need = oracle.interactive_need(arrival, service, self.b_int, self.margin)
+        # Prefill-bound traffic (long prompts, short outputs) needs instances for the prompt tokens per second.
+        need = np.maximum(need, oracle.prefill_need(arrival, prompts, grid, wl.interactive_ttft_ms / 2e3,
+                                                    chunk / step_s, self.margin))
         self.schedule = oracle.OracleSchedule(grid, need, 0)
         self.params.update(interactive_batch_size=self.b_int, batch_batch_size=self.b_batch)
         for _ in range(self.sim.initial_instances):

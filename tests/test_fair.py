@@ -83,6 +83,15 @@ def test_oracle_need_covers_future_concurrency():
     assert oracle.batch_instances(0.0, 1800.0, 30.0, 0.0) == 0
 
 
+def test_oracle_prefill_need_counts_prompt_tokens_per_second():
+    import numpy as np
+
+    grid = np.arange(0.0, 10.0)
+    # 10,000 prompt tokens arriving at t=1 must be prefilled within a 5-s window at 1,000 tokens/s per instance.
+    need = oracle.prefill_need(np.array([1.0]), np.array([10_000]), grid, 5.0, 1_000.0, 0.0)
+    assert need[0] == 2 and need[1] == 2 and need[2] == 0
+
+
 # ---- fair variants in the fleet ---------------------------------------------------------------------
 def _wl():
     return make_workload("poisson", rate_per_s=2, duration_s=60, batch_requests=300, batch_ttft_s=600, seed=0)

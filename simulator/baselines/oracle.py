@@ -59,3 +59,19 @@ def batch_instances(work_gpu_s: float, time_left_s: float, load_s: float, margin
         return 0
     usable = max(time_left_s - load_s, 1.0)
     return max(1, math.ceil(work_gpu_s * (1 + margin) / usable))
+
+
+def prefill_need(arrival_s: np.ndarray, prompt_tokens: np.ndarray, grid: np.ndarray, window_s: float,
+                 tokens_per_s: float, margin: float) -> np.ndarray:
+    """Instances needed at each grid time [s] for prefill alone: the prompt tokens arriving in ``[t, t +
+    window_s)`` prefilled within the window at ``tokens_per_s`` per instance (each iteration carries one prefill
+    chunk), with ``margin``. ``window_s`` is a share of the TTFT SLO: a prompt must be prefilled by then."""
+    if not len(arrival_s):
+        return np.zeros(len(grid), dtype=int)
+    order = np.argsort(arrival_s)
+    cum = np.concatenate(([0.0], np.cumsum(np.asarray(prompt_tokens, dtype=float)[order])))
+    t = np.asarray(arrival_s, dtype=float)[order]
+    lo = np.searchsorted(t, grid, side="left")
+    hi = np.searchsorted(t, grid + window_s, side="left")
+    rate = (cum[hi] - cum[lo]) / window_s
+    return np.ceil(rate * (1 + margin) / tokens_per_s - 1e-9).astype(int)
