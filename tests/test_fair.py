@@ -203,6 +203,15 @@ def test_tiny_fair_suite_writes_every_key(tiny_suite, tmp_path):
     assert not any(math.isnan(h["chiron_gpu_hours"]) for h in data["headline"])
 
 
+def test_rebuild_from_the_rows_gives_the_same_headline(tiny_suite, tmp_path):
+    data = fair.run_fair(tmp_path, quick=True, workloads=("gamma-cv4",), slo_levels=("standard",), seeds=(0,), workers=1)
+    again = fair.rebuild(tmp_path)
+    assert json.dumps(again["headline"], default=str) == json.dumps(data["headline"], default=str)
+    # Dropping Chiron's rows leaves a cell without its reference: rebuilding must say so, not invent one.
+    with pytest.raises(ValueError, match="no chiron run"):
+        fair.rebuild(tmp_path, [r for r in data["rows"] if r["policy"] != "chiron"])
+
+
 def test_a_run_that_loses_requests_fails_the_suite_with_ids(tiny_suite, tmp_path, monkeypatch):
     real = fair._run_job
 
