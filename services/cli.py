@@ -357,6 +357,9 @@ def _role_limits(text: str, role: str) -> tuple[int, int]:
               help="Time a new instance needs before it serves [s] (sizes the over-provisioning Θ).")
 @click.option("--arrival-cv", default=1.0, show_default=True,
               help="Coefficient of variation of interactive inter-arrival times (1 = Poisson) until the router reports it.")
+@click.option("--interactive-ttft-slo-ms", default=10_000.0, show_default=True,
+              help="Interactive TTFT SLO [ms]: a queue an instance admits within it is not read as that instance's "
+                   "concurrency bound (set it to your SLO class, e.g. 2000 for chat).")
 @click.option("--interactive", "lim_i", default="1:16", show_default=True, help="MIN:MAX INTERACTIVE instances.")
 @click.option("--mixed", "lim_m", default="0:16", show_default=True, help="MIN:MAX MIXED instances.")
 @click.option("--batch", "lim_b", default="0:16", show_default=True, help="MIN:MAX BATCH instances.")
@@ -370,8 +373,8 @@ def _role_limits(text: str, role: str) -> tuple[int, int]:
 @click.option("--nomad-job", default="chiron-engine", show_default=True, help="nomad provider: the engine job's id.")
 @_metrics_options
 def scaler(host, port, port_file, etcd, queue_addr, provider, advisory, interval_s, scale_down_delay_s, model_load_time_s,
-           arrival_cv, lim_i, lim_m, lim_b, gpu_budget, gpus_per_instance, engine_args, work_dir, nomad_address,
-           nomad_job, metrics_port, metrics_port_file) -> None:
+           arrival_cv, interactive_ttft_slo_ms, lim_i, lim_m, lim_b, gpu_budget, gpus_per_instance, engine_args, work_dir,
+           nomad_address, nomad_job, metrics_port, metrics_port_file) -> None:
     """Run the global scaler: desired INTERACTIVE / MIXED / BATCH instance counts from interactive load (with
     over-provisioning Θ) and batch backpressure, applied through an instance provider, explained over gRPC
     (GetDecision / WatchDecisions) and in the log.
@@ -386,7 +389,8 @@ def scaler(host, port, port_file, etcd, queue_addr, provider, advisory, interval
             with_limits(PolicyConfig(), interactive=_role_limits(lim_i, "interactive"), mixed=_role_limits(lim_m, "mixed"),
                         batch=_role_limits(lim_b, "batch")),
             interval_s=interval_s, scale_down_delay_s=scale_down_delay_s, model_load_time_s=model_load_time_s,
-            gpu_budget=gpu_budget, gpus_per_instance=gpus_per_instance).validate()
+            gpu_budget=gpu_budget, gpus_per_instance=gpus_per_instance,
+            interactive_ttft_slo_s=interactive_ttft_slo_ms / 1e3).validate()
     except ValueError as e:
         raise click.BadParameter(str(e)) from e
 

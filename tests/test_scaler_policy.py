@@ -123,10 +123,11 @@ def test_admission_rate_sizes_a_prefill_bound_fleet_and_a_backlog_is_not_concurr
     assert d.inputs["demand_requests"] == 10 and d.inputs["interactive_need_instances"] == pytest.approx(8.0)
     assert (d.desired("interactive"), d.desired("mixed")) == (8, 1)  # 8 whole; ceil(8 × 1.1) − 8 on MIXED
     assert "admitted per instance" in d.roles["interactive"].reason
-    # No admission rate known yet: the running requests alone, 10 / 10 = 1 instance.
+    # No admission rate known yet: the queue is all there is to size by, 310 / 10 = 31 instances (without it, long
+    # requests queued at a full batch would never start an instance).
     _, d = decide(CFG, PolicyState(), ScalerInputs(0.0, [dataclasses.replace(inst[0], admit_rate_per_s=math.nan)],
                                                     arrivals))
-    assert d.inputs["interactive_need_instances"] == pytest.approx(1.0)
+    assert d.inputs["interactive_need_instances"] == pytest.approx(31.0)
 
 
 def test_observe_reports_an_admission_rate_only_while_a_queue_stands():

@@ -23,7 +23,9 @@ as a rate a tenth of the real one and stand for minutes, asking for ten times th
 the TTFT SLO need no other instance, and a backlog beyond that is work queued at that instance, which an
 instance started now (serving one model-load time later) cannot take over; what the backlog says about load is
 in ``λ`` (arrivals include it) against ``μ``. Counting it as concurrency asked for one instance per running
-count's worth of queued prompts, all loading after the burst had gone. Arrivals over one
+count's worth of queued prompts, all loading after the burst had gone. Until an instance has a measured ``μ``,
+though, its queue counts in ``D``: otherwise long requests queued at a full batch (no admission in an interval,
+so no rate) would never start an instance. Arrivals over one
 model-load time ``L`` (the time a new instance needs to serve) are modelled as Normal with mean ``λL`` and
 variance ``λL·CV²`` (renewal-process counts; CV = coefficient of variation of inter-arrival times, 1 for
 Poisson). Over-provisioning Θ is chosen so the ``theta_quantile`` (default p99) of those arrivals fits:
@@ -363,13 +365,13 @@ def decide(cfg: PolicyConfig, state: PolicyState, inp: ScalerInputs) -> tuple[Po
     # rate is no such bound (prompts waiting for the token budget, not for room).
     caps = []
     live = set()
-    waiting = 0.0  # interactive requests waiting at INTERACTIVE and MIXED instances (left out of the demand)
+    waiting = 0.0  # interactive requests waiting where they will be admitted within the TTFT SLO (not demand)
     for i in inp.instances:
         if i.role not in ("interactive", "mixed"):
             continue
         queued = i.num_waiting if i.interactive_waiting is None else i.interactive_waiting
-        waiting += queued
         if i.max_batch_size <= 0:
+            waiting += queued
             continue
         live.add(i.instance_id)
         if math.isfinite(i.admit_rate_per_s):
@@ -377,6 +379,11 @@ def decide(cfg: PolicyConfig, state: PolicyState, inp: ScalerInputs) -> tuple[Po
         seen_rate = state.admit_rate.get(i.instance_id)
         drains = (seen_rate is not None and now - seen_rate[0] <= cfg.concurrency_memory_s
                   and queued <= seen_rate[1] * cfg.interactive_ttft_slo_s)
+        if seen_rate is not None and now - seen_rate[0] <= cfg.concurrency_memory_s:
+            # With an admission rate measured, a queue is the rate term's business (λ / μ): no instance started now
+            # could take over requests already waiting at another. With none seen yet (no admission while the queue
+            # stood, e.g. long requests at a full batch) the queue is all there is to size by, so it counts.
+            waiting += queued
         if queue_binds(i.num_running, i.num_waiting, i.max_batch_size) and not drains:
             state.saturated[i.instance_id] = (now, i.num_running, i.max_batch_size)
         seen = state.saturated.get(i.instance_id)
