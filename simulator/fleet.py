@@ -37,6 +37,7 @@ import heapq
 import math
 import time
 from array import array
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -153,8 +154,6 @@ class GatewayQueue:
     output tokens already generated elsewhere)."""
 
     def __init__(self) -> None:
-        from collections import deque
-
         self.interactive: deque[tuple[str, int]] = deque()
         self.batch: deque[tuple[str, int]] = deque()
 
@@ -227,9 +226,7 @@ class Fleet:
             store = QueueStore(QueueConfig(":memory:", lease_timeout_s=1e12, max_prompt_tokens=1 << 30,
                                            capacity=max(2_000_000, len(wb) + 1)), clock=lambda: self.now)
             self.queue = QueueService(store, WaitingTimeEstimator(), CapacityTracker(), clock=lambda: self.now)
-        variant = getattr(policy, "variant", "engine-queue")
-        if variant not in VARIANTS:
-            raise ValueError(f"unknown variant {variant!r}; valid variants: {', '.join(VARIANTS)}")
+        variant = getattr(policy, "variant", "engine-queue")  # checked by the policy (_VllmFleet)
         self.gateway: GatewayQueue | None = GatewayQueue() if variant == "gateway-queue" else None
         self.priority_interactive = variant == "priority"
         self._ticks: dict[str, float] = {}

@@ -31,10 +31,10 @@ from services.global_scaler.policy import (
     observe,
 )
 from services.router.routing import InstanceLoad, Rejected, choose_instance
-from simulator.baselines import kpa, llumnix, oracle, queue_length
+from simulator.baselines import kpa, llumnix, oracle, queue_length, sla_planner
 from simulator.baselines.kpa import KpaConfig, KpaState
 from simulator.baselines.queue_length import QueueLengthConfig, QueueLengthState
-from simulator.baselines.snapshot import snapshot_instance, take_snapshot
+from simulator.baselines.snapshot import request_window, snapshot_instance, take_snapshot
 
 if TYPE_CHECKING:
     from simulator.fleet import Fleet, SimConfig, SimInstance
@@ -295,7 +295,7 @@ class LlumnixPolicy(_VllmFleet):
         insts = self.candidates(fleet)
         if not insts:
             return self.fallback(fleet)
-        iid = llumnix.dispatch(self.cfg, take_snapshot(fleet), [i.iid for i in insts])
+        iid = llumnix.dispatch(self.cfg, take_snapshot(fleet, insts))
         return next(i for i in insts if i.iid == iid)
 
     def on_tick(self, fleet: Fleet, name: str) -> None:
@@ -420,9 +420,6 @@ class SlaPlannerPolicy(_VllmFleet):
                  load_predictor: str = "arima", ttft_target_ms: float | None = None,
                  itl_target_ms: float | None = None) -> None:
         super().__init__(workload, sim, max_batch_size, max_batched_tokens, variant)
-        from simulator.baselines import sla_planner
-
-        self.slp = sla_planner
         self.cfg = sla_planner.SlaPlannerConfig(
             adjustment_interval_s=adjustment_interval_s, load_predictor=load_predictor,
             ttft_ms=ttft_target_ms or workload.interactive_ttft_ms, itl_ms=itl_target_ms or workload.interactive_itl_ms,
@@ -448,8 +445,8 @@ class SlaPlannerPolicy(_VllmFleet):
         kv = fleet.instances[0].core.kv_capacity_tokens if fleet.instances else 400_000
         grid = np.geomspace(16, max_len, 40)
         g = self.sim.gpus_per_instance
-        self.prefill_profile = self.slp.prefill_profile(ttft_ms, grid, g)
-        self.decode_profile = self.slp.decode_profile(lambda b, c: perf.iteration_ms(b, b * c), grid,
+        self.prefill_profile = sla_planner.prefill_profile(ttft_ms, grid, g)
+        self.decode_profile = sla_planner.decode_profile(lambda b, c: perf.iteration_ms(b, b * c), grid,
                                                       self.max_batch_size, kv, g)
         fleet.schedule_tick("scale", self.cfg.adjustment_interval_s)
 
@@ -457,14 +454,12 @@ class SlaPlannerPolicy(_VllmFleet):
         return self.round_robin(fleet)
 
     def on_tick(self, fleet: Fleet, name: str) -> None:
-        from simulator.baselines.snapshot import request_window
-
         now, interval = fleet.now, self.cfg.adjustment_interval_s
         fleet.schedule_tick("scale", now + interval)
         snap = take_snapshot(fleet)
-        self.state, desired, reason = self.slp.decide(
+        self.state, desired, reason = sla_planner.decide(
             self.cfg, self.state, request_window(fleet, now - interval, now), len(snap.serving()),
-            self.prefill_profile, self.decode_profile, self.slp.saturated(snap))
+            self.prefill_profile, self.decode_profile, sla_planner.saturated(snap))
         if desired is not None and desired != len(fleet.active(self.roles[0])):
             fleet.set_count(self.roles[0], desired, reason)
 

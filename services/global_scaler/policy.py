@@ -365,7 +365,7 @@ def decide(cfg: PolicyConfig, state: PolicyState, inp: ScalerInputs) -> tuple[Po
     # rate is no such bound (prompts waiting for the token budget, not for room).
     caps = []
     live = set()
-    waiting = 0.0  # interactive requests waiting where they will be admitted within the TTFT SLO (not demand)
+    waiting = 0.0  # interactive requests waiting at instances with a measured admission rate (left out of D)
     for i in inp.instances:
         if i.role not in ("interactive", "mixed"):
             continue
@@ -377,9 +377,9 @@ def decide(cfg: PolicyConfig, state: PolicyState, inp: ScalerInputs) -> tuple[Po
         if math.isfinite(i.admit_rate_per_s):
             state.admit_rate[i.instance_id] = (now, i.admit_rate_per_s)
         seen_rate = state.admit_rate.get(i.instance_id)
-        drains = (seen_rate is not None and now - seen_rate[0] <= cfg.concurrency_memory_s
-                  and queued <= seen_rate[1] * cfg.interactive_ttft_slo_s)
-        if seen_rate is not None and now - seen_rate[0] <= cfg.concurrency_memory_s:
+        rate_known = seen_rate is not None and now - seen_rate[0] <= cfg.concurrency_memory_s
+        drains = rate_known and queued <= seen_rate[1] * cfg.interactive_ttft_slo_s
+        if rate_known:
             # With an admission rate measured, a queue is the rate term's business (λ / μ): no instance started now
             # could take over requests already waiting at another. With none seen yet (no admission while the queue
             # stood, e.g. long requests at a full batch) the queue is all there is to size by, so it counts.

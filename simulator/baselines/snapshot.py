@@ -124,10 +124,12 @@ def snapshot_instance(inst: SimInstance, order: int) -> InstanceSnapshot:
                             core.free_blocks, core.total_blocks, float(wb), head, preempted)
 
 
-def take_snapshot(fleet: Fleet) -> FleetSnapshot:
-    """The :class:`FleetSnapshot` of ``fleet`` now (instances in start order)."""
+def take_snapshot(fleet: Fleet, instances: list[SimInstance] | None = None) -> FleetSnapshot:
+    """The :class:`FleetSnapshot` of ``fleet`` now (instances in start order); ``instances`` limits it to
+    those (a dispatch that reads only its candidates need not snapshot the whole fleet)."""
     gw = fleet.gateway
-    insts = tuple(snapshot_instance(i, int(i.iid.rsplit("-", 1)[1])) for i in fleet.instances)
+    insts = tuple(snapshot_instance(i, int(i.iid.rsplit("-", 1)[1]))
+                  for i in (fleet.instances if instances is None else instances))
     return FleetSnapshot(fleet.now, insts, len(gw.interactive) if gw else 0, len(gw.batch) if gw else 0,
                          fleet.config.gpu_budget // fleet.config.gpus_per_instance,
                          fleet.instances[0].core.config.block_size if fleet.instances else 16)
