@@ -25,10 +25,9 @@ What the simulator adds, and why (each a modelling choice, documented in the rep
   prefill. The copy-out overlaps compute on the evicting instance and costs it nothing here.
 * **Drain.** An instance being removed takes no new work; its not-yet-started requests are dispatched again
   (batch work under Chiron goes back to the queue with its progress) and it is released once empty.
-* **Metrics.** An interactive request meets its SLO when its TTFT (first token − arrival) and its mean ITL
-  ((last − first token) / (tokens − 1)) are within the workload's SLOs; a rejected one misses it. A batch
-  request meets its SLO when its first token comes within its TTFT SLO. ITL percentiles are over interactive
-  output tokens (weighted by tokens per iteration).
+* **Metrics.** An interactive request meets its SLO when its TTFT and mean ITL are within the workload's SLOs
+  (a rejected one misses it); a batch request when its first token comes within its TTFT SLO. ITL percentiles
+  are over interactive output tokens.
 """
 
 from __future__ import annotations

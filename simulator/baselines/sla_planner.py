@@ -1,6 +1,5 @@
-"""NVIDIA Dynamo's SLA planner (baselines.md §5) as a pure decision over one :class:`RequestWindow`.
-
-Read against ai-dynamo/dynamo:
+"""NVIDIA Dynamo's SLA planner (baselines.md §5) as a pure decision over one :class:`RequestWindow`. Read
+against ai-dynamo/dynamo:
 
 - ``components/planner/src/dynamo/planner/utils/planner_core.py`` @ 07619258 (``Planner.observe_metrics``,
   ``make_adjustments``, ``_compute_replica_requirements``): every ``adjustment_interval`` the planner adds the
@@ -23,18 +22,12 @@ Read against ai-dynamo/dynamo:
   forecasts itself; forecasts are floored at 0; a failed fit falls back to the last value) and the ``kalman``
   predictor (local linear trend, ``q_level`` 1.0, ``q_trend`` 0.1, ``r`` 10.0, ``P`` = 1000·I, the state started
   at the first point; until then the last value, i.e. 0: its ``kalman_min_points`` is not read by the code).
-- ``.../planner/defaults.py`` @ 00c13f8d (``BasePlannerDefaults``, ``SLAPlannerDefaults``): the defaults below.
+- ``.../planner/defaults.py`` @ 00c13f8d: the defaults below.
 
-Deviations this module fixes against the simulator's earlier reading (fair-comparison.md §7): lengths from
-completed requests only (the window gives that); each pool rounded up and floored on its own; and, where the
-engines are at their batch or KV limit (:func:`saturated`), the correction factors are not trusted to shrink
-the fleet: ``d_corr`` is clipped to ≥ 1 and ``min(1, p_corr)`` to 1. Upstream has no such guard; under
-overload its conc estimate (request duration includes queueing) exceeds what an engine holds, the expected ITL
-outruns the observed one, ``d_corr < 1`` loosens the ITL target and the planner removes decode capacity.
-
-Aggregated reading (our fleet runs one engine type; upstream's SLA mode is disaggregated only, and its
-newer aggregated planner is load-based): the fleet size is ``n_p + n_d`` engines, each pool rounded up with its
-floor of ``min_endpoint`` and sized with the same engine's profiles.
+Readings of ours (fair-comparison.md §7): lengths from completed requests only; where the engines are at their
+batch or KV limit (:func:`saturated`) the corrections may not shrink the fleet (``d_corr`` ≥ 1, ``min(1,
+p_corr)`` = 1), since under overload upstream's concurrency estimate includes queueing and loosens the ITL
+target; for our one engine type (upstream's SLA mode is disaggregated only) the fleet is ``n_p + n_d``.
 """
 
 from __future__ import annotations
