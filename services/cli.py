@@ -347,8 +347,9 @@ def _role_limits(text: str, role: str) -> tuple[int, int]:
 @click.option("--port-file", type=click.Path(dir_okay=False), help="Write the bound port here once serving.")
 @click.option("--etcd", required=True, help="etcd endpoint (host:port) holding engine membership.")
 @click.option("--queue", "queue_addr", default=None, help="Queue service (host:port) for batch backpressure.")
-@click.option("--provider", type=click.Choice(["local", "nomad"]), default="local", show_default=True,
-              help="local: chiron engine processes on this machine; nomad: scale engine task groups via Nomad's API.")
+@click.option("--provider", type=click.Choice(["local", "nomad", "keda"]), default="local", show_default=True,
+              help="local: chiron engine processes on this machine; nomad: scale engine task groups via Nomad's API; "
+                   "keda: Kubernetes, where KEDA reads the desired counts from this server (deploy/kubernetes/).")
 @click.option("--advisory", is_flag=True,
               help="Compute, log and expose every decision exactly as when active, but never call the provider.")
 @click.option("--interval-s", default=5.0, show_default=True, help="Scaling interval [s].")
@@ -404,12 +405,16 @@ def scaler(host, port, port_file, etcd, queue_addr, provider, advisory, interval
                 from services.global_scaler.local_provider import LocalProvider
 
                 prov = LocalProvider(shlex.split(engine_args), etcd, work_dir)
-            else:
+            elif provider == "nomad":
                 from services.global_scaler.nomad import NomadProvider
 
                 prov = NomadProvider(address=nomad_address, job_id=nomad_job)
         watcher = MembershipWatcher([etcd])
         await watcher.start()
+        if not advisory and provider == "keda":
+            from services.global_scaler.keda import KedaProvider
+
+            prov = KedaProvider(watcher)
         service = ScalerService(cfg, watcher, prov, queue=queue_addr, advisory=advisory, arrival_cv=arrival_cv)
         srv = await serve(service, host, port)
         msrv = await _start_metrics(srv, service.metrics, host, metrics_port, metrics_port_file)

@@ -16,6 +16,9 @@ Every ``interval_s`` the scaler
 
 A provider error is reported in the decision and retried at the next interval (providers retry with
 backoff inside one call).
+
+The same gRPC server also serves KEDA's ``externalscaler.ExternalScaler`` (:mod:`services.global_scaler.keda`):
+in Kubernetes, KEDA reads each role's desired count from the latest decision and scales that role's Deployment.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import grpc
 from chiron.v1 import engine_pb2, engine_pb2_grpc, queue_pb2, queue_pb2_grpc, scaler_pb2, scaler_pb2_grpc
 from services.common.grpc_util import ChannelPool, create_server, mark_serving, settle_heap, timestamp
 from services.common.metrics import ScalerMetrics
+from services.global_scaler import keda
 from services.global_scaler.policy import (
     ROLES,
     EngineLoad,
@@ -170,6 +174,17 @@ class ScalerService(scaler_pb2_grpc.GlobalScalerServicer):
             roles=[scaler_pb2.RoleDecision(role=r.role, current=r.current, wanted=r.wanted, desired=r.desired,
                                            reason=r.reason) for r in d.roles.values()])
 
+    def latest_decision(self) -> scaler_pb2.ScalerDecision | None:
+        """The latest recorded decision, None before the first step."""
+        return self.decisions[-1] if self.decisions else None
+
+    async def wait_decision(self, after: scaler_pb2.ScalerDecision | None = None) -> scaler_pb2.ScalerDecision:
+        """The latest decision once it is not ``after`` (compared by identity): at once when one newer than
+        ``after`` (or any, for None) is recorded, else after the next step."""
+        async with self._changed:
+            await self._changed.wait_for(lambda: bool(self.decisions) and self.decisions[-1] is not after)
+            return self.decisions[-1]
+
     # ---- RPCs -------------------------------------------------------------------------------------
     async def GetDecision(self, request, context):
         if not self.decisions:
@@ -198,13 +213,19 @@ class RunningScaler:
 
 
 async def serve(service: ScalerService, host: str = "127.0.0.1", port: int = 0) -> RunningScaler:
-    """Serve ``chiron.v1.Scaler`` (health checking, reflection) and start the control loop."""
+    """Serve ``chiron.v1.Scaler`` (health checking, reflection) and KEDA's ``externalscaler.ExternalScaler``
+    (health checking) on one port, and start the control loop."""
     name = scaler_pb2.DESCRIPTOR.services_by_name["GlobalScaler"].full_name
-    server, health_servicer, bound = create_server(
-        lambda s: scaler_pb2_grpc.add_GlobalScalerServicer_to_server(service, s), name, host, port)
+
+    def add(s: grpc.aio.Server) -> None:
+        scaler_pb2_grpc.add_GlobalScalerServicer_to_server(service, s)
+        keda.add_to_server(service, s)
+
+    server, health_servicer, bound = create_server(add, name, host, port)
     await server.start()
     await service.start()
     settle_heap()
     await mark_serving(health_servicer, name)
+    await mark_serving(health_servicer, keda.SERVICE_NAME)
     log.info("scaler serving on %s:%d (%s)", host, bound, "advisory" if service.advisory else "active")
     return RunningScaler(server, service, bound)
