@@ -567,30 +567,84 @@ def _gateway_worker(cfg, fd: int, worker_dir: Path, access_log: bool) -> None:
     run_event_loop(run())
 
 
+_dummy_weights_option = click.option(
+    "--dummy-weights", is_flag=True,
+    help="vllm: run the model with random weights (--load-format dummy; no weight files needed). Default: the "
+         "model's own weights and dtype; a directory written by 'chiron tiny-model' always runs with random weights.")
+
+
+def _cluster_engine_args(backend: str, model: str | None, dummy_weights: bool, speedup: float) -> str:
+    """``chiron up`` / ``chiron demo``: the arguments of the engines the scaler starts. vLLM's model directory is
+    checked here, so a missing or weightless one fails before anything starts."""
+    from services.cluster import vllm_engine_args
+
+    if backend != "vllm":
+        return f"--backend simulated --speedup {speedup}"
+    if not model:
+        raise click.BadParameter("--backend vllm needs --model DIR ('chiron tiny-model DIR' writes a test model)")
+    from services.engine.vllm_backend import ModelDirError, check_model_dir, is_tiny_model
+
+    try:
+        check_model_dir(model, "dummy" if dummy_weights or is_tiny_model(model) else "auto")
+    except ModelDirError as e:
+        msg = str(e).replace("pass --load-format dummy", "pass --dummy-weights")
+        raise click.BadParameter(msg, param_hint="'--model'") from None
+    return vllm_engine_args(model, dummy_weights)
+
+
+def write_report_files(report: dict, json_path: str | Path, plot_path: str | Path) -> str | None:
+    """Write ``report`` as JSON to ``json_path``, then its plot to ``plot_path``, making their folders first.
+
+    The JSON comes first and its failure raises click.ClickException. A plot that cannot be written (folder or
+    file not writable, unknown image format, no matplotlib) raises nothing: the one-line reason comes back
+    (None when it was written), since the report is already safe."""
+    from services.replay import plot_report
+
+    json_path = Path(json_path)
+    try:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(report, indent=2, default=float))
+    except OSError as e:
+        raise click.ClickException(f"cannot write the report to {json_path}: {e}") from e
+    try:
+        Path(plot_path).parent.mkdir(parents=True, exist_ok=True)
+        plot_report(report, str(plot_path))
+    except Exception as e:  # any failure of the plot leaves the written report standing
+        import sys
+
+        plt = sys.modules.get("matplotlib.pyplot")
+        if plt is not None:
+            plt.close("all")
+        return f"the plot was not written to {plot_path}: {type(e).__name__}: {e}".replace("\n", " ")
+    return None
+
+
 @main.command()
 @click.option("--backend", type=click.Choice(["simulated", "vllm"]), default="simulated", show_default=True,
               help="Engines the scaler starts: simulated A100 engines, or real vLLM (needs --model).")
 @click.option("--model", default=None, help="vllm: model directory (e.g. from 'chiron tiny-model DIR').")
+@_dummy_weights_option
 @click.option("--speedup", default=1.0, show_default=True, help="simulated: engine clock speed-up.")
+@click.option("--gateway-port", type=click.IntRange(0, 65535), default=8000, show_default=True,
+              help="HTTP port of the OpenAI-compatible gateway on 127.0.0.1 (0 = pick a free one); a port in use "
+                   "fails at once.")
 @click.option("--scaler-args", default=None, help="Extra 'chiron scaler' arguments (role limits, intervals).")
 @click.option("--work-dir", default=None, type=click.Path(file_okay=False),
               help="Logs, port files, queue database, etcd data (default: a new temporary directory).")
 @_security_options
-def up(backend, model, speedup, scaler_args, work_dir, tls, auth_token) -> None:
-    """Start a whole Chiron cluster on this machine: etcd, queue, router, the OpenAI-compatible HTTP gateway,
-    scaler (local provider), and the engine agents the scaler starts; print the endpoints; Ctrl-C stops
-    everything, draining first."""
+def up(backend, model, dummy_weights, speedup, gateway_port, scaler_args, work_dir, tls, auth_token) -> None:
+    """Start a whole Chiron cluster on this machine: etcd, queue, router, the OpenAI-compatible HTTP gateway
+    (on port 8000 of 127.0.0.1 unless --gateway-port says otherwise), scaler (local provider), and the engine
+    agents the scaler starts; print the endpoints; Ctrl-C stops everything, draining first."""
     import shlex
 
     from services.cluster import ClusterConfig, start_cluster
     from services.common.etcd_server import EtcdNotFound
 
-    if backend == "vllm" and not model:
-        raise click.BadParameter("--backend vllm needs --model DIR ('chiron tiny-model DIR' writes a test model)")
-    engine_args = (f"--backend vllm --model {model} --load-format dummy --dtype float32" if backend == "vllm"
-                   else f"--backend simulated --speedup {speedup}")
+    engine_args = _cluster_engine_args(backend, model, dummy_weights, speedup)
     cfg = ClusterConfig(engine_args=engine_args, work_dir=work_dir, tls=tls, auth_token=auth_token,
-                        gateway_args=f"--tokenizer {shlex.quote(model)}" if backend == "vllm" else "")
+                        gateway_args=f"--tokenizer {shlex.quote(model)}" if backend == "vllm" else "",
+                        gateway_port=gateway_port)
     if scaler_args:
         cfg.scaler_args = scaler_args
 
@@ -651,7 +705,8 @@ def certs(directory, hosts, days) -> None:
 def tiny_model(model_dir, layers, hidden_size, vocab_size, max_len) -> None:
     """Write a tiny Llama-architecture model directory (config only) for the vllm backend on CPU.
 
-    Serve it with: chiron engine --backend vllm --model MODEL_DIR --load-format dummy
+    Serve it with: chiron engine --backend vllm --model MODEL_DIR --load-format dummy (chiron up and chiron demo
+    --backend vllm --model MODEL_DIR know it by its chiron-tiny-model.json marker and add that themselves).
     """
     from services.engine.vllm_backend import write_tiny_model
 
@@ -706,8 +761,9 @@ def _replay_options(f):
     return f
 
 
-def _run_replay(router_addr, scaler_addr, queue_addr, trace, lengths, cfg, json_path, plot_path) -> dict:
-    from services.replay import plot_report, replay
+def _run_replay(router_addr, scaler_addr, queue_addr, trace, lengths, cfg, json_path, plot_path) -> tuple[dict, str | None]:
+    """Replay, print and write the report; returns it and why its plot was not written (None: it was)."""
+    from services.replay import replay
 
     with Progress(TextColumn("replaying"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"), TimeElapsedColumn(),
                   console=console) as bar:
@@ -715,11 +771,12 @@ def _run_replay(router_addr, scaler_addr, queue_addr, trace, lengths, cfg, json_
         report = asyncio.run(replay(router_addr, scaler_addr, queue_addr, trace, lengths, cfg,
                                     progress=lambda f: bar.update(task, completed=f)))
     _print_report(report)
-    Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-    Path(json_path).write_text(json.dumps(report, indent=2, default=float))
-    plot_report(report, plot_path)
-    console.print(f"report: {json_path}; plot: {plot_path}")
-    return report
+    plot_error = write_report_files(report, json_path, plot_path)
+    if plot_error:
+        console.print(f"report: {json_path}; [red]error: {escape(plot_error)}[/]", soft_wrap=True)
+    else:
+        console.print(f"report: {json_path}; plot: {plot_path}")
+    return report, plot_error
 
 
 @main.command()
@@ -728,8 +785,10 @@ def _run_replay(router_addr, scaler_addr, queue_addr, trace, lengths, cfg, json_
 @click.option("--queue", "queue_addr", default=None, help="Queue (host:port), for the queue-size timeline.")
 @click.option("--duration-s", default=120.0, show_default=True, help="Length of the trace slice [s of trace time].")
 @_replay_options
-@click.option("--json", "json_path", default="out/replay.json", show_default=True, type=click.Path(dir_okay=False))
-@click.option("--plot", "plot_path", default="out/replay.png", show_default=True, type=click.Path(dir_okay=False))
+@click.option("--json", "json_path", default="out/replay.json", show_default=True, type=click.Path(dir_okay=False),
+              help="Where to write the JSON report (folders are made).")
+@click.option("--plot", "plot_path", default="out/replay.png", show_default=True, type=click.Path(dir_okay=False),
+              help="Where to write the plot (folders are made).")
 def replay(router_addr, scaler_addr, queue_addr, duration_s, trace_name, trace_file, start_s, speedup, batch_rate,
            batch_ttft_s, interactive_ttft_ms, interactive_itl_ms, json_path, plot_path) -> None:
     """Replay a trace through a running cluster's router: Azure trace requests as interactive traffic at their own
@@ -739,19 +798,24 @@ def replay(router_addr, scaler_addr, queue_addr, duration_s, trace_name, trace_f
     trace, lengths = _replay_inputs(trace_name, trace_file, start_s, duration_s)
     cfg = ReplayConfig(speedup=speedup, batch_rate_per_s=batch_rate, batch_ttft_s=batch_ttft_s,
                        interactive_ttft_ms=interactive_ttft_ms, interactive_itl_ms=interactive_itl_ms)
-    _run_replay(router_addr, scaler_addr, queue_addr, trace, lengths, cfg, json_path, plot_path)
+    _, plot_error = _run_replay(router_addr, scaler_addr, queue_addr, trace, lengths, cfg, json_path, plot_path)
+    if plot_error:
+        raise click.ClickException(f"{plot_error} (the report is in {json_path})")
 
 
 @main.command()
 @click.option("--minutes", default=2.0, show_default=True, help="Wall-clock minutes of replay.")
 @_replay_options
 @click.option("--backend", type=click.Choice(["simulated", "vllm"]), default="simulated", show_default=True)
-@click.option("--model", default=None, help="vllm: model directory.")
-@click.option("--json", "json_path", default="out/demo.json", show_default=True, type=click.Path(dir_okay=False))
-@click.option("--plot", "plot_path", default="out/demo.png", show_default=True, type=click.Path(dir_okay=False))
+@click.option("--model", default=None, help="vllm: model directory (e.g. from 'chiron tiny-model DIR').")
+@_dummy_weights_option
+@click.option("--json", "json_path", default="out/demo.json", show_default=True, type=click.Path(dir_okay=False),
+              help="Where to write the JSON report (folders are made).")
+@click.option("--plot", "plot_path", default="out/demo.png", show_default=True, type=click.Path(dir_okay=False),
+              help="Where to write the plot (folders are made).")
 @_security_options
 def demo(minutes, trace_name, trace_file, start_s, speedup, batch_rate, batch_ttft_s, interactive_ttft_ms,
-         interactive_itl_ms, backend, model, json_path, plot_path, tls, auth_token) -> None:
+         interactive_itl_ms, backend, model, dummy_weights, json_path, plot_path, tls, auth_token) -> None:
     """The whole system in one command: start a local cluster (etcd, queue, router, scaler, engines), replay the
     Azure conversation trace (interactive) plus a batch workload through it for a few minutes, print the report
     (SLO attainment, GPU-seconds by role, scale events, lost requests), write JSON and a plot, shut down cleanly."""
@@ -760,10 +824,7 @@ def demo(minutes, trace_name, trace_file, start_s, speedup, batch_rate, batch_tt
     from services.replay import ReplayConfig
 
     trace, lengths = _replay_inputs(trace_name, trace_file, start_s, minutes * 60 * speedup)
-    if backend == "vllm" and not model:
-        raise click.BadParameter("--backend vllm needs --model DIR")
-    engine_args = (f"--backend vllm --model {model} --load-format dummy --dtype float32" if backend == "vllm"
-                   else f"--backend simulated --speedup {speedup}")
+    engine_args = _cluster_engine_args(backend, model, dummy_weights, speedup)
     cfg = ReplayConfig(speedup=speedup, batch_rate_per_s=batch_rate, batch_ttft_s=batch_ttft_s,
                        interactive_ttft_ms=interactive_ttft_ms, interactive_itl_ms=interactive_itl_ms)
 
@@ -779,11 +840,13 @@ def demo(minutes, trace_name, trace_file, start_s, speedup, batch_rate, batch_tt
     try:
         console.print(f"replaying {minutes:g} min of {trace.name} at {speedup:g}x ({len(trace)} interactive requests) "
                       f"plus batch requests at {batch_rate:g}/s…")
-        report = _run_replay(cluster.endpoint("router"), cluster.endpoint("scaler"), cluster.endpoint("queue"), trace,
-                             lengths, cfg, json_path, plot_path)
+        report, plot_error = _run_replay(cluster.endpoint("router"), cluster.endpoint("scaler"),
+                                         cluster.endpoint("queue"), trace, lengths, cfg, json_path, plot_path)
     finally:
         console.print("shutting down (engines drain first)…")
         asyncio.run(cluster.stop())
+    if plot_error:
+        raise click.ClickException(f"{plot_error} (the report is in {json_path})")
     if report["lost_requests"]:
         raise SystemExit(1)
 

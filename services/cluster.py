@@ -18,14 +18,21 @@ turns on mutual TLS on every gRPC hop; ``ClusterConfig.auth_token`` makes the ro
 Both go into this process's environment as ``CHIRON_*`` variables (:mod:`services.common.security`), which every
 part inherits (the scaler passes them on to the engines it starts) and which this process's own clients use
 (readiness checks, replay). ``CHIRON_*`` variables already set are inherited the same way.
+
+The gateway listens on ``ClusterConfig.gateway_port`` (``chiron up``: 8000, as vLLM's OpenAI server, so the
+README's ``curl http://127.0.0.1:8000/v1/...`` reaches it; 0, the default here, picks a free port so that tests
+and benchmarks never collide). A port already in use fails at once, before anything starts
+(:class:`PortInUseError`, :func:`check_port_free`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import shlex
+import socket
 import subprocess
 import sys
 import tempfile
@@ -52,6 +59,46 @@ class ClusterConfig:
     ready_timeout_s: float = 120.0
     tls: bool = False
     auth_token: str | None = None
+    gateway_port: int = 0  # the gateway's HTTP port on 127.0.0.1 (0 = pick a free one; 'chiron up' asks for 8000)
+
+
+class PortInUseError(RuntimeError):
+    """The gateway's port is taken; the message (one line) names the port and how to choose another."""
+
+
+def check_port_free(port: int, host: str = "127.0.0.1") -> None:
+    """Raise :class:`PortInUseError` when ``host:port`` cannot be bound because something else holds it (port 0
+    always passes). Bound as the gateway binds it (``SO_REUSEADDR``: connections of a server just stopped, in
+    TIME_WAIT, do not count as in use)."""
+    if port == 0:
+        return
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+            s.listen(1)  # on Linux bind alone may share a port with a bound but not yet listening socket
+        except OSError as e:
+            if e.errno in (errno.EADDRINUSE, errno.EACCES):
+                why = "is in use" if e.errno == errno.EADDRINUSE else "needs privileges"
+                raise PortInUseError(f"port {port} {why}; pass --gateway-port N (0 picks a free one)") from e
+            raise
+
+
+def vllm_engine_args(model: str | Path, dummy_weights: bool = False) -> str:
+    """The ``chiron engine`` arguments of the vLLM engines a local cluster starts on ``model`` (a model directory).
+
+    The model's own weights and dtype, unless ``dummy_weights`` asks for random weights
+    (``--load-format dummy``) or the directory was written by ``chiron tiny-model`` (no weights: random ones, in
+    float32, the fastest dtype on CPU)."""
+    from services.engine.vllm_backend import is_tiny_model
+
+    args = ["--backend", "vllm", "--model", str(model)]
+    tiny = is_tiny_model(model)
+    if dummy_weights or tiny:
+        args += ["--load-format", "dummy"]
+    if tiny:
+        args += ["--dtype", "float32"]
+    return shlex.join(args)
 
 
 @dataclass
@@ -93,12 +140,13 @@ class Cluster:
         await asyncio.to_thread(self.etcd.stop)
 
 
-def spawn_chiron(work: Path, name: str, args: list[str]) -> tuple[subprocess.Popen, Path]:
-    """``chiron ARGS --port 0 --port-file WORK/NAME.port`` as a subprocess logging to ``WORK/NAME.log``, in its
-    own session. Returns the process and its port file (the service writes its port there once serving)."""
+def spawn_chiron(work: Path, name: str, args: list[str], port: int = 0) -> tuple[subprocess.Popen, Path]:
+    """``chiron ARGS --port PORT --port-file WORK/NAME.port`` (PORT 0: a free one) as a subprocess logging to
+    ``WORK/NAME.log``, in its own session. Returns the process and its port file (the service writes its port
+    there once serving)."""
     port_file = work / f"{name}.port"
     port_file.write_text("")
-    cmd = [sys.executable, "-m", "services.cli", *args, "--port", "0", "--port-file", str(port_file)]
+    cmd = [sys.executable, "-m", "services.cli", *args, "--port", str(port), "--port-file", str(port_file)]
     proc = subprocess.Popen(cmd, stdout=(work / f"{name}.log").open("w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
     return proc, port_file
@@ -107,7 +155,9 @@ def spawn_chiron(work: Path, name: str, args: list[str]) -> tuple[subprocess.Pop
 async def start_cluster(cfg: ClusterConfig, on_progress=None) -> Cluster:
     """Start everything and wait until it serves. Raises RuntimeError (a part exited, with its log's path),
     TimeoutError, or :class:`~services.common.etcd_server.EtcdNotFound` (no etcd binary: the message says how
-    to install it). On failure, whatever was started is stopped again."""
+    to install it), :class:`PortInUseError` (``cfg.gateway_port`` is taken; raised before anything starts). On
+    failure, whatever was started is stopped again."""
+    check_port_free(cfg.gateway_port)
     work = Path(cfg.work_dir) if cfg.work_dir else Path(tempfile.mkdtemp(prefix="chiron-cluster-"))
     work.mkdir(parents=True, exist_ok=True)
     say = on_progress or (lambda _msg: None)
@@ -221,7 +271,8 @@ async def _start_gateway(cluster: Cluster, cfg: ClusterConfig) -> None:
     from services.common.security import security_settings
 
     name = "gateway"
-    proc, pf = spawn_chiron(cluster.work, name, [name, "--router", cluster.endpoint("router"), *shlex.split(cfg.gateway_args)])
+    proc, pf = spawn_chiron(cluster.work, name, [name, "--router", cluster.endpoint("router"), *shlex.split(cfg.gateway_args)],
+                            port=cfg.gateway_port)
     cluster.procs[name] = proc
     scheme = "https" if security_settings().tls_enabled else "http"
     try:

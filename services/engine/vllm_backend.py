@@ -45,6 +45,8 @@ from services.engine.core import RequestRejected
 VLLM_VERSION = "0.32.0"
 WEIGHT_GLOBS = ("*.safetensors", "*.bin", "*.pt", "*.gguf")
 CPU_DEFAULT_KV_CACHE_BYTES = 256 << 20  # on CPU when no size is given: ~128k tokens of the tiny model
+# Written by write_tiny_model (``chiron tiny-model``): a config-only test model that runs with random weights.
+TINY_MODEL_MARKER = "chiron-tiny-model.json"
 
 
 class ModelDirError(ValueError):
@@ -82,7 +84,8 @@ def check_model_dir(model_dir: str | Path, load_format: str = "auto") -> dict[st
 
 def write_tiny_model(model_dir: str | Path, *, num_layers: int = 2, hidden_size: int = 128, num_heads: int = 4,
                      vocab_size: int = 1024, max_position_embeddings: int = 2048) -> Path:
-    """Write a tiny Llama-architecture model directory (``config.json`` + ``generation_config.json``).
+    """Write a tiny Llama-architecture model directory (``config.json`` + ``generation_config.json``, and the
+    :data:`TINY_MODEL_MARKER` file by which :func:`is_tiny_model` knows it).
 
     No weights: load it with ``load_format="dummy"`` (random weights). Defaults from the probe in
     ``../shared/notes/vllm-on-cpu.md`` (2 layers, hidden 128, 4 heads of 32, vocab 1024, context 2048).
@@ -101,7 +104,14 @@ def write_tiny_model(model_dir: str | Path, *, num_layers: int = 2, hidden_size:
     }
     (d / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (d / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}) + "\n")
+    (d / TINY_MODEL_MARKER).write_text(json.dumps({"written_by": "chiron tiny-model", "weights": "none: "
+                                                   "run with --load-format dummy (random weights)"}) + "\n")
     return d
+
+
+def is_tiny_model(model_dir: str | Path) -> bool:
+    """Whether ``model_dir`` was written by :func:`write_tiny_model` (it holds :data:`TINY_MODEL_MARKER`)."""
+    return (Path(model_dir) / TINY_MODEL_MARKER).is_file()
 
 
 @dataclass
