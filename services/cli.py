@@ -1128,8 +1128,15 @@ def simulate(policy, workload, trace_file, rate_per_s, cv, duration_s, batch_req
 @click.option("--workloads", default="", help="--suite fair: comma-separated suite workloads (default: all).")
 @click.option("--slo-levels", default="", help="--suite fair: comma-separated SLO levels (standard, chat; default: both).")
 @click.option("--seeds", default="", help="--suite fair: comma-separated seeds (default 0,1,2; --quick 0,1).")
+@click.option("--trace-file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="--suite fair: your own trace (CSV with the Azure trace's columns TIMESTAMP,ContextTokens,"
+                   "GeneratedTokens) as a validation workload, every baseline swept on it as on the suite's; run "
+                   "alone unless --workloads names suite workloads too.")
+@click.option("--batch-requests", default=0, show_default=True, type=click.IntRange(min=0),
+              help="--suite fair with --trace-file: a ShareGPT batch backlog of this many requests at t=0.")
 @click.option("--workers", default=2, show_default=True, help="Simulations run in parallel.")
-def experiments(suite, out_dir, quick, policies, workloads, slo_levels, seeds, workers) -> None:
+def experiments(suite, out_dir, quick, policies, workloads, slo_levels, seeds, trace_file, batch_requests,
+                workers) -> None:
     """The paper's experiments (--suite paper) or the fair comparison (--suite fair).
 
     paper: headline workloads, SLO attainment vs arrival rate, a large batch queue, burstiness vs
@@ -1138,13 +1145,17 @@ def experiments(suite, out_dir, quick, policies, workloads, slo_levels, seeds, w
     fair (../shared/notes/fair-comparison.md): every baseline swept over its knobs and its fair variants
     (gateway queue, priority scheduling), Chiron in one configuration, the oracle and Chiron's ablations, on
     each suite workload at both SLO levels; headline at matched attainment; fair.json, report.md and a
-    frontier plot per workload. The whole suite takes about 45 minutes on 2 cores; --quick about 5.
+    frontier plot per workload. The whole suite takes about 45 minutes on 2 cores; --quick about 5. With
+    --trace-file, the same comparison on your own trace (e.g. ``chiron experiments --suite fair --trace-file
+    my.csv --batch-requests 2000 --out out/mine``).
     """
     if suite == "fair":
-        _experiments_fair(out_dir, quick, workloads, slo_levels, seeds, workers)
+        _experiments_fair(out_dir, quick, workloads, slo_levels, seeds, workers, trace_file, batch_requests)
         return
     if suite != "paper":
         raise click.BadParameter(f"unknown suite {suite!r}; valid suites: paper, fair", param_hint="--suite")
+    if trace_file or batch_requests:
+        raise click.BadParameter("--trace-file and --batch-requests apply to --suite fair", param_hint="--trace-file")
     from simulator.experiments import run_experiments
     from simulator.policies import POLICIES
 
@@ -1162,8 +1173,19 @@ def experiments(suite, out_dir, quick, policies, workloads, slo_levels, seeds, w
                   f"report: {Path(out_dir) / 'report.md'}")
 
 
-def _experiments_fair(out_dir: str, quick: bool, workloads: str, slo_levels: str, seeds: str, workers: int) -> None:
-    from simulator.fair import SLO_LEVELS, SUITE, LostRequests, run_fair
+def _experiments_fair(out_dir: str, quick: bool, workloads: str, slo_levels: str, seeds: str, workers: int,
+                      trace_file: str | None = None, batch_requests: int = 0) -> None:
+    from simulator.fair import SLO_LEVELS, SUITE, LostRequests, add_trace_workload, run_fair
+
+    if batch_requests and not trace_file:
+        raise click.BadParameter("--batch-requests goes with --trace-file (the suite's workloads carry their own)",
+                                 param_hint="--batch-requests")
+    mine = None
+    if trace_file:
+        try:
+            mine = add_trace_workload(trace_file, batch_requests)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--trace-file") from None
 
     def split(text: str, valid, what: str, hint: str) -> tuple | None:
         names = tuple(x.strip() for x in text.split(",") if x.strip())
@@ -1173,6 +1195,8 @@ def _experiments_fair(out_dir: str, quick: bool, workloads: str, slo_levels: str
         return names or None
 
     wls = split(workloads, SUITE, "suite workload", "--workloads")
+    if mine:
+        wls = tuple(dict.fromkeys((*(wls or ()), mine)))
     slos = split(slo_levels, SLO_LEVELS, "SLO level", "--slo-levels")
     try:
         seed_list = tuple(int(x) for x in seeds.split(",") if x.strip()) or None

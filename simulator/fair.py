@@ -114,6 +114,27 @@ INTERACTIVE_VARIANTS = ("gateway-queue",)  # with no batch work, priority schedu
 ABLATIONS = ("local autoscaler", "mixed instances", "over-provisioning", "batch backpressure")
 
 
+def add_trace_workload(trace_file: str | Path, batch_requests: int = 0, batch_source: str = "sharegpt") -> str:
+    """Register the operator's own trace (a CSV with the Azure trace's columns ``TIMESTAMP,ContextTokens,
+    GeneratedTokens``; simulator.workloads loads it) as a ``validate`` workload of the suite, with a batch
+    backlog of ``batch_requests`` at t=0 (0: interactive only). Nobody tuned Chiron on it. Returns its suite
+    name, ``trace-<file stem>``. Raises FileNotFoundError for a missing file and ValueError for a malformed
+    one (with ``path:line``), before anything runs."""
+    path = Path(trace_file)
+    kw = {"trace_file": str(path), "batch_requests": batch_requests, "batch_source": batch_source}
+    make_workload("trace", **kw)  # fail now, not in a worker
+    name = "trace-" + "".join(c if c.isalnum() or c in "-_" else "-" for c in path.stem)
+    SUITE[name] = SuiteWorkload(name, "trace", kw, {**kw, "duration_s": 300}, "validate", batch_requests > 0,
+                                f"your trace {path.name}" + (f" + {batch_requests} {batch_source} batch requests"
+                                                             if batch_requests else ", interactive only"))
+    return name
+
+
+def _register(specs: tuple[SuiteWorkload, ...]) -> None:
+    """Pool initializer: the workloads registered in the parent (add_trace_workload) exist in every worker."""
+    SUITE.update({w.name: w for w in specs})
+
+
 class LostRequests(RuntimeError):
     """A run lost accepted requests (the message lists the runs and request ids)."""
 
@@ -333,7 +354,9 @@ def run_fair(out_dir: str | Path, quick: bool = False, workloads: tuple[str, ...
         # Longest first (llumnix migrates every 50 ms; batch workloads are the longest) keeps both workers busy.
         jobs = sorted(jobs, key=lambda j: (j.policy != "llumnix", not SUITE[j.workload].batch))
         args = [(j, quick) for j in jobs]
-        with ProcessPoolExecutor(workers) if workers > 1 else _InProcess() as ex:
+        extra = tuple(w for w in SUITE.values() if w.workload == "trace")
+        with (ProcessPoolExecutor(workers, initializer=_register, initargs=(extra,)) if workers > 1
+              else _InProcess()) as ex:
             for r in ex.map(_run_job if workers > 1 else (lambda a: _run_job(a)), args):
                 rows.append(r)
                 done[0] += 1
@@ -392,7 +415,7 @@ def rebuild(out_dir: str | Path, rows: list[dict] | None = None) -> dict:
     data = json.loads((out / "fair.json").read_text())
     rows = rows if rows is not None else data["rows"]
     workloads, slos = tuple(data["plan"]["workloads"]), tuple(data["plan"]["slo_levels"])
-    headline = [_headline(rows, w, s) for w in workloads for s in slos]
+    headline = [_headline(rows, w, s, data["plan"]["workloads"][w]) for w in workloads for s in slos]
     data.update(rows=rows, headline=headline, ablation=_ablation(rows, workloads), targets=_targets(headline))
     (out / "fair.json").write_text(json.dumps(data, indent=1, default=_json_default))
     for w in workloads:
@@ -441,7 +464,9 @@ def _clears(c: dict, ref: dict, tolerance: float = TOLERANCE) -> bool:
     return ok
 
 
-def _headline(rows: list[dict], workload: str, slo: str) -> dict:
+def _headline(rows: list[dict], workload: str, slo: str, spec: dict | None = None) -> dict:
+    """The headline of one cell; ``spec``: the workload's ``split`` and ``batch`` (default: its :data:`SUITE` entry)."""
+    spec = spec or SUITE[workload].__dict__
     n = len({r["seed"] for r in rows if r["workload"] == workload and r["slo_level"] == slo and r["policy"] == "chiron"})
     confs = _mean_configs(rows, workload, slo, n)
     chiron = next((c for c in confs if c["policy"] == "chiron"), None)
@@ -454,7 +479,7 @@ def _headline(rows: list[dict], workload: str, slo: str) -> dict:
         comp = min(matched, key=lambda c: c["gpu_hours"])
     else:
         comp = max(base, key=lambda c: (_low(c), -c["gpu_hours"])) if base else None
-    h = {"workload": workload, "slo_level": slo, "split": SUITE[workload].split, "batch": SUITE[workload].batch,
+    h = {"workload": workload, "slo_level": slo, "split": spec["split"], "batch": spec["batch"],
          "seeds": n, "chiron_gpu_hours": chiron["gpu_hours"], "chiron_gpu_hours_range": chiron["gpu_hours_range"],
          "chiron_interactive_attainment": chiron["interactive_attainment"],
          "chiron_batch_attainment": chiron["batch_attainment"], "chiron_rejected": chiron["rejected"],
@@ -500,22 +525,25 @@ def _ablation(rows: list[dict], workloads: tuple[str, ...]) -> list[dict]:
 
 
 def _targets(headline: list[dict]) -> list[dict]:
-    """Each of issue 27's targets per headline cell: ``met`` True/False with the numbers."""
+    """Each of issue 27's targets per headline cell: ``met`` True/False with the numbers.
+
+    ``met`` is strict: a ratio target counts only at matched attainment. ``beyond_frontier`` marks a ratio
+    target not met for want of a match where no baseline configuration in the sweep reaches Chiron's
+    attainment and Chiron costs at most the target ratio of the most attaining one (better and cheaper than
+    it): shown beside ``met``, never counted in it.
+    """
     out = []
     for h in headline:
         cell = f"{h['workload']}/{h['slo_level']}"
-        if h["batch"]:
-            out.append({"cell": cell, "target": "gpu_ratio <= 0.70 at matched attainment",
-                        "value": h["gpu_ratio"], "matched": h["matched"],
-                        "met": bool(h["matched"] and h["gpu_ratio"] <= 0.70)})
-        else:
-            out.append({"cell": cell, "target": "gpu_ratio <= 1.00 at matched attainment",
-                        "value": h["gpu_ratio"], "matched": h["matched"],
-                        "met": bool(h["matched"] and h["gpu_ratio"] <= 1.00)})
-            if h["oracle_interactive_attainment"] >= 0.99:
-                out.append({"cell": cell, "target": "interactive attainment >= 0.99 (the oracle reaches it)",
-                            "value": h["chiron_interactive_attainment"],
-                            "met": bool(h["chiron_interactive_attainment"] >= 0.99)})
+        bound = 0.70 if h["batch"] else 1.00
+        met = bool(h["matched"] and h["gpu_ratio"] <= bound)
+        beyond = bool(not h["matched"] and h["attainment_gain"] > 0 and h["gpu_ratio"] <= bound)
+        out.append({"cell": cell, "target": f"gpu_ratio <= {bound:.2f} at matched attainment",
+                    "value": h["gpu_ratio"], "matched": h["matched"], "met": met, "beyond_frontier": beyond})
+        if not h["batch"] and h["oracle_interactive_attainment"] >= 0.99:
+            out.append({"cell": cell, "target": "interactive attainment >= 0.99 (the oracle reaches it)",
+                        "value": h["chiron_interactive_attainment"],
+                        "met": bool(h["chiron_interactive_attainment"] >= 0.99)})
         out.append({"cell": cell, "target": "GPU-hours <= 1.3x the oracle's", "value": h["chiron_over_oracle"],
                     "met": bool(h["chiron_over_oracle"] <= 1.3)})
     return out
@@ -595,9 +623,14 @@ def _markdown(data: dict) -> str:
     lines += [f"| {h['workload']} | {h['slo_level']} | {h['near_baseline'] or 'none'} | "
               f"{_f(h['near_baseline_gpu_hours'], 2)} | {_f(h['near_gpu_ratio'], 2)} |" for h in data["headline"]]
     met = sum(t["met"] for t in data["targets"])
-    lines += ["", f"## Targets: {met} of {len(data['targets'])} met", "", "| cell | target | value | met |",
-              "|---|---|---|---|"]
-    lines += [f"| {t['cell']} | {t['target']} | {_f(t['value'], 3)} | {'yes' if t['met'] else '**no**'} |"
+    beyond = sum(t.get("beyond_frontier", False) for t in data["targets"])
+    lines += ["", f"## Targets: {met} of {len(data['targets'])} met", "",
+              f"Strict count. In {beyond} more ratio cells no baseline configuration of the sweep reaches Chiron's "
+              "attainment, so nothing is matched, and Chiron is cheaper than the most attaining one by at least the "
+              "target ratio (*beyond the frontier*); they are marked but not counted.", "",
+              "| cell | target | value | met |", "|---|---|---|---|"]
+    lines += [f"| {t['cell']} | {t['target']} | {_f(t['value'], 3)} | "
+              f"{'yes' if t['met'] else 'no (beyond the frontier)' if t.get('beyond_frontier') else '**no**'} |"
               for t in data["targets"]]
     lines += ["", "## Ablation (standard SLOs, first seed): Chiron with one mechanism removed", "",
               "| workload | removed | GPU-h | interactive att. | batch att. |", "|---|---|---|---|---|"]
