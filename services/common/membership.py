@@ -13,9 +13,12 @@ Both survive etcd restarts and outages (client ``aetcd`` 1.0.0, see ``../shared/
   re-watches from the last revision it saw + 1, so the events of the outage (including deletions by lease
   expiry) are replayed in order. If that revision has been compacted meanwhile, or the store went back in
   time (etcd restored or wiped), it re-lists the prefix and replaces the snapshot.
-- the registration refreshes its lease every TTL/3. When etcd cannot be reached it logs one warning and
-  retries with backoff (at most TTL/3 apart, so a restarted etcd sees a refresh in time). When the lease is
-  gone (it expired during a partition, or etcd lost it), it grants a new lease and writes the key again.
+- the registration refreshes its lease every TTL/3. When etcd cannot be reached it logs one warning (again
+  every minute while it lasts) and retries with backoff (at most TTL/3 apart, so a restarted etcd sees a
+  refresh in time), for as long as the process runs. When the lease is gone (it expired during a partition or
+  a stall of the host, or etcd lost it), it grants a new lease and writes the key again; a new lease that
+  expires before its first write (another stall) is replaced too. Its task never ends but by ``close()`` /
+  ``abandon()``: a failure of any kind is retried, and a task that ended anyway is started again.
 
 Every (re)connection uses a fresh gRPC channel: a channel that saw its server die would otherwise wait out
 gRPC's own reconnect backoff (up to minutes) before trying again.
@@ -45,6 +48,8 @@ INSTANCES_PREFIX = "/chiron/v1/instances/"
 
 Role = Literal["interactive", "mixed", "batch"]
 State = Literal["serving", "draining"]
+
+_STILL_FAILING_LOG_S = 60.0  # a registration failing this long [s] logs a warning again (and every as long after)
 
 # gRPC channel options for every etcd client made from endpoints: a TCP keepalive ping every 10 s notices a
 # silently dead connection (etcd's default --grpc-keepalive-min-time is 5 s, so this is not a ping flood).
@@ -228,7 +233,7 @@ class Registration:
         """
         reg = cls(target, info, ttl_s=ttl_s, prefix=prefix, request_timeout_s=request_timeout_s,
                   backoff_initial_s=backoff_initial_s, backoff_max_s=backoff_max_s)
-        reg._task = asyncio.create_task(reg._run(), name=f"etcd-registration-{info.instance_id}")
+        reg._start_task()
         if initial_timeout_s is not None:
             try:
                 await asyncio.wait_for(reg._first.wait(), initial_timeout_s)
@@ -355,7 +360,13 @@ class Registration:
         await _close_quietly(client)
 
     async def _ensure_registered(self) -> None:
-        """Grant a lease if there is none and write the record if it is not written; raises etcd errors."""
+        """Grant a lease if there is none and write the record if it is not written; raises etcd errors.
+
+        A write refused with "lease not found" drops the lease, whether it was just granted or not: a lease granted
+        right before a stall of the host (or of this event loop) can expire before its first write, and every
+        later write under it would fail the same way. The next attempt (here at once, else the keep-alive loop's
+        next retry) grants a new one.
+        """
         async with self._lock:
             client = self._conn()
             for _ in range(2):
@@ -368,11 +379,12 @@ class Registration:
                 try:
                     await client.put(self.key.encode(), self._info.to_json(), lease=self._lease_id)
                 except aetcd.exceptions.ClientError as e:
-                    if self._new_lease or "lease not found" not in str(e):
+                    if "lease not found" not in str(e):
                         raise
-                    # a deferred write under a lease that expired meanwhile: start over with a new lease
-                    log.warning("lease %x of %s is gone; registering again with a new lease", self._lease_id, self.key)
-                    self._lease_id = None
+                    # the lease expired before (or since) its write: start over with a new lease
+                    log.warning("lease %x of %s expired before the key was written%s; registering again with a new "
+                                "lease", self._lease_id, self.key, " (granted just before)" if self._new_lease else "")
+                    self._lease_id, self._written, self._new_lease = None, False, False
                     continue
                 self._written = True
                 if self._new_lease:
@@ -381,11 +393,30 @@ class Registration:
                     log.info("registered %s (lease %x, TTL %d s, registration #%d)", self.key, self._lease_id,
                              self._granted_ttl_s, self._registrations)
                 return
+            raise MembershipError(f"the leases granted for {self.key} expired before the key could be written")
+
+    def _start_task(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"etcd-registration-{self._info.instance_id}")
+        self._task.add_done_callback(self._task_ended)
+
+    def _task_ended(self, task: asyncio.Task) -> None:
+        """The keep-alive task must run until :meth:`close` / :meth:`abandon`: if it ends any other way (a bug, an
+        error that is not an ``Exception``), say so and start it again, so the key comes back."""
+        if self._closed or task is not self._task:
+            return
+        error = None if task.cancelled() else task.exception()
+        log.error("the etcd keep-alive of %s ended unexpectedly (%s); starting it again", self.key,
+                  _describe(error) if error is not None else "cancelled" if task.cancelled() else "returned")
+        self._healthy = False
+        self._start_task()
 
     async def _run(self) -> None:
+        """Keep the key registered until cancelled: refresh the lease every TTL/3; on any failure (etcd
+        unreachable, lease gone, a write refused) retry with backoff, forever; never returns by itself."""
         interval = max(0.2, self._ttl_s / 3)
         backoff = _Backoff(self._backoff_initial_s, min(self._backoff_max_s or interval, interval))
         failing_since: float | None = None
+        last_warning = 0.0
         while True:
             try:
                 self._wake.clear()
@@ -407,18 +438,36 @@ class Registration:
                 backoff.reset()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), interval)
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:
-                self._healthy = False
-                if failing_since is None:
-                    failing_since = time.monotonic()
-                    log.warning("etcd unreachable for %s (%s); retrying with backoff up to %.1f s", self.key, _describe(e),
-                                backoff.max_s)
-                else:
-                    log.debug("etcd still unreachable for %s: %s", self.key, _describe(e))
+            except asyncio.CancelledError as e:
+                current = asyncio.current_task()
+                if self._closed or (current is not None and current.cancelling()):
+                    raise  # close() / abandon() / the loop shutting down
+                # grpc.aio raises CancelledError in a call whose channel was closed under it (update() drops the
+                # shared client when a write fails): a failed call like any other, not the end of this task.
+                failing_since, last_warning = self._failed(e, failing_since, last_warning, backoff.max_s)
                 await self._drop_client()
                 await asyncio.sleep(backoff.next_delay())
+            except Exception as e:
+                failing_since, last_warning = self._failed(e, failing_since, last_warning, backoff.max_s)
+                await self._drop_client()
+                await asyncio.sleep(backoff.next_delay())
+
+    def _failed(self, e: BaseException, failing_since: float | None, last_warning: float,
+                max_delay_s: float) -> tuple[float, float]:
+        """Log one failed keep-alive step: a warning on the first, then one every ``_STILL_FAILING_LOG_S`` [s]
+        (the process keeps trying, and says so), debug in between. Returns ``(failing_since, last_warning)``."""
+        self._healthy = False
+        now = time.monotonic()
+        if failing_since is None:
+            log.warning("cannot keep %s registered in etcd (%s); retrying with backoff up to %.1f s until it succeeds",
+                        self.key, _describe(e), max_delay_s)
+            return now, now
+        if now - last_warning >= _STILL_FAILING_LOG_S:
+            log.warning("%s still not kept alive in etcd after %.0f s (%s); still retrying", self.key,
+                        now - failing_since, _describe(e))
+            return failing_since, now
+        log.debug("keep-alive of %s still failing: %s", self.key, _describe(e))
+        return failing_since, last_warning
 
 
 # ---- watching -------------------------------------------------------------------------------------------
