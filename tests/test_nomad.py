@@ -107,6 +107,11 @@ def test_engine_spec_has_what_the_scaler_relies_on(specs):
         for part in ("engine", "--backend vllm", "--model ${var.model_dir}", f"--role {role}", "--port ${NOMAD_PORT_grpc}",
                      "--etcd ${var.etcd_address}"):
             assert part in cmd, (group_name, part, cmd)
+        # BATCH and MIXED engines lease batch work: they need the queue (from Consul, like the router and scaler).
+        if role in ("batch", "mixed"):
+            assert "--queue ${CHIRON_QUEUE_ADDRESS}" in cmd, (group_name, cmd)
+            assert any('service "chiron-queue"' in t["data"] and "CHIRON_QUEUE_ADDRESS=" in t["data"]
+                       for t in task["template"]), group_name
         # One A100 per engine.
         resources = _one(task["resources"])
         gpu = _one(resources["device"])["nvidia/gpu"]

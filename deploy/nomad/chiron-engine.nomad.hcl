@@ -55,6 +55,12 @@ variable "batch_itl_slo_ms" {
   default     = 500
 }
 
+variable "engine_args" {
+  type        = string
+  description = "Extra `chiron engine` arguments appended to every engine's command line (shell words; a later option wins over the same option before it), e.g. \"--max-num-batched-tokens 2048\", or \"--backend simulated --model llama-3-8b\" for a rehearsal without GPUs."
+  default     = ""
+}
+
 variable "engine_cpu_mhz" {
   type        = number
   description = "CPU reserved per engine [MHz]."
@@ -190,7 +196,7 @@ job "chiron-engine" {
         command = "/bin/sh"
         args = [
           "-c",
-          "CUDA_VISIBLE_DEVICES=\"$NVIDIA_VISIBLE_DEVICES\" exec ${var.chiron_bin} engine --backend vllm --model ${var.model_dir} --role interactive --host ${NOMAD_IP_grpc} --port ${NOMAD_PORT_grpc} --instance-id ${NOMAD_ALLOC_ID} --itl-slo-ms ${var.interactive_itl_slo_ms} --etcd ${var.etcd_address}",
+          "CUDA_VISIBLE_DEVICES=\"$NVIDIA_VISIBLE_DEVICES\" exec ${var.chiron_bin} engine --backend vllm --model ${var.model_dir} --role interactive --host ${NOMAD_IP_grpc} --port ${NOMAD_PORT_grpc} --instance-id ${NOMAD_ALLOC_ID} --itl-slo-ms ${var.interactive_itl_slo_ms} --etcd ${var.etcd_address} ${var.engine_args}",
         ]
       }
 
@@ -289,11 +295,20 @@ job "chiron-engine" {
         }
       }
 
+      # The queue's address from Consul (service "chiron-queue"): BATCH and MIXED engines lease batch work from it.
+      # The engine restarts when the queue moves.
+      template {
+        data        = "{{ range service \"chiron-queue\" }}CHIRON_QUEUE_ADDRESS={{ .Address }}:{{ .Port }}\n{{ end }}"
+        destination = "local/queue.env"
+        env         = true
+        change_mode = "restart"
+      }
+
       config {
         command = "/bin/sh"
         args = [
           "-c",
-          "CUDA_VISIBLE_DEVICES=\"$NVIDIA_VISIBLE_DEVICES\" exec ${var.chiron_bin} engine --backend vllm --model ${var.model_dir} --role mixed --host ${NOMAD_IP_grpc} --port ${NOMAD_PORT_grpc} --instance-id ${NOMAD_ALLOC_ID} --itl-slo-ms ${var.interactive_itl_slo_ms} --etcd ${var.etcd_address}",
+          "CUDA_VISIBLE_DEVICES=\"$NVIDIA_VISIBLE_DEVICES\" exec ${var.chiron_bin} engine --backend vllm --model ${var.model_dir} --role mixed --host ${NOMAD_IP_grpc} --port ${NOMAD_PORT_grpc} --instance-id ${NOMAD_ALLOC_ID} --itl-slo-ms ${var.interactive_itl_slo_ms} --etcd ${var.etcd_address} --queue ${CHIRON_QUEUE_ADDRESS} ${var.engine_args}",
         ]
       }
 
@@ -390,11 +405,20 @@ job "chiron-engine" {
         }
       }
 
+      # The queue's address from Consul (service "chiron-queue"): BATCH and MIXED engines lease batch work from it.
+      # The engine restarts when the queue moves.
+      template {
+        data        = "{{ range service \"chiron-queue\" }}CHIRON_QUEUE_ADDRESS={{ .Address }}:{{ .Port }}\n{{ end }}"
+        destination = "local/queue.env"
+        env         = true
+        change_mode = "restart"
+      }
+
       config {
         command = "/bin/sh"
         args = [
           "-c",
-          "CUDA_VISIBLE_DEVICES=\"$NVIDIA_VISIBLE_DEVICES\" exec ${var.chiron_bin} engine --backend vllm --model ${var.model_dir} --role batch --host ${NOMAD_IP_grpc} --port ${NOMAD_PORT_grpc} --instance-id ${NOMAD_ALLOC_ID} --itl-slo-ms ${var.batch_itl_slo_ms} --etcd ${var.etcd_address}",
+          "CUDA_VISIBLE_DEVICES=\"$NVIDIA_VISIBLE_DEVICES\" exec ${var.chiron_bin} engine --backend vllm --model ${var.model_dir} --role batch --host ${NOMAD_IP_grpc} --port ${NOMAD_PORT_grpc} --instance-id ${NOMAD_ALLOC_ID} --itl-slo-ms ${var.batch_itl_slo_ms} --etcd ${var.etcd_address} --queue ${CHIRON_QUEUE_ADDRESS} ${var.engine_args}",
         ]
       }
 

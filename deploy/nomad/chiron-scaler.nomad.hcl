@@ -48,6 +48,12 @@ variable "scaling_interval_s" {
   default     = 10
 }
 
+variable "scale_down_delay_s" {
+  type        = number
+  description = "How long a lower desired count must hold before the scaler scales a role down [s] (hysteresis)."
+  default     = 120
+}
+
 variable "model_load_time_s" {
   type        = number
   description = "Time a new engine needs before it serves (placement, start, model load) [s]; sizes the over-provisioning."
@@ -180,6 +186,7 @@ job "chiron-scaler" {
           "--etcd", var.etcd_address,
           "--queue", "${CHIRON_QUEUE_ADDRESS}",
           "--interval-s", "${var.scaling_interval_s}",
+          "--scale-down-delay-s", "${var.scale_down_delay_s}",
           "--model-load-time-s", "${var.model_load_time_s}",
           "--gpu-budget", "${var.gpu_budget}",
           "--gpus-per-instance", "1",
