@@ -655,6 +655,11 @@ class LocalExecutor:
         with self._lock:
             return [r for r in self.records.values() if r.started_at is not None and r.stopped_at is None]
 
+    def alive(self) -> int:
+        """How many allocation processes are still running."""
+        with self._lock:
+            return sum(1 for p in self._procs.values() if p.poll() is None)
+
     def shutdown(self, timeout_s: float = 60.0) -> None:
         """Stop every allocation still running (as a job stop would) and wait for their threads; whatever is left
         after ``timeout_s`` [s] is killed."""

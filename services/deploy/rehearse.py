@@ -468,7 +468,7 @@ async def rehearse(cfg: RehearsalConfig, progress: Callable[[str], None] | None 
     from services.deploy.nomad_local import LocalExecutor, NomadApiStandIn, ServiceCatalog
 
     say = progress or (lambda _m: None)
-    t_start = time.monotonic()
+    t_start = t_end = time.monotonic()
     chiron_bin = chiron_executable()
     # Render and check with placeholder addresses first: bad input fails before anything starts.
     placeholder = rehearsal_variables(cfg, chiron_bin=chiron_bin, etcd="127.0.0.1:2379", nomad="http://127.0.0.1:4646",
@@ -488,6 +488,7 @@ async def rehearse(cfg: RehearsalConfig, progress: Callable[[str], None] | None 
                              template_timeout_s=cfg.ready_timeout_s)
     standin = NomadApiStandIn(required_token=token, executor=executor)
     ok = False
+    report: dict[str, Any] | None = None
     try:
         await asyncio.to_thread(etcd.start)
         standin.start()
@@ -564,6 +565,12 @@ async def rehearse(cfg: RehearsalConfig, progress: Callable[[str], None] | None 
             with contextlib.suppress(KeyError):
                 standin.stop_job(job_id)
         await asyncio.to_thread(executor.shutdown, 90.0)
+        if report is not None:
+            recs = list(executor.records.values())
+            report["teardown"] = {"stopped": sum(r.stopped_at is not None for r in recs),
+                                  "killed": sum(r.killed for r in recs),
+                                  "left_running": executor.alive(),
+                                  "seconds": round(time.monotonic() - t_end, 3)}
         standin.stop()
         await asyncio.to_thread(etcd.stop)
         if ok and cfg.work_dir is None:
