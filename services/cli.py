@@ -1238,6 +1238,16 @@ def _experiments_fair(out_dir: str, quick: bool, workloads: str, slo_levels: str
 
 
 @main.group()
+def deploy() -> None:
+    """Deployment tools: 'chiron deploy rehearse' runs the Nomad job files as local processes with traffic."""
+
+
+from services.deploy.cli import rehearse_command  # noqa: E402 - the command lives with the rehearsal
+
+deploy.add_command(rehearse_command)
+
+
+@main.group()
 def bench() -> None:
     """Benchmarks: each prints a table and writes JSON."""
 

@@ -332,3 +332,19 @@ def test_the_whole_rehearsal_meets_its_targets(tmp_path):
     assert batch_engine["rendered"] and all("--queue 127.0.0.1:" in x for x in batch_engine["rendered"])
     assert wall < 300, wall
     assert report["teardown"]["left_running"] == 0, report["teardown"]
+
+
+def test_the_cli_fails_bad_job_files_with_the_file_task_and_reason(nomad_dir):
+    from click.testing import CliRunner
+
+    from services.cli import main
+
+    path = nomad_dir / "chiron-scaler.nomad.hcl"
+    path.write_text(path.read_text().replace('"--interval-s"', '"--interval"'))
+    result = CliRunner().invoke(main, ["deploy", "rehearse", "--nomad-dir", str(nomad_dir), "--json",
+                                       str(nomad_dir / "r.json")])
+    assert result.exit_code == 1
+    assert "chiron-scaler.nomad.hcl, task scaler/scaler: `chiron scaler` has no option --interval" in result.output
+    assert not (nomad_dir / "r.json").exists()
+    result = CliRunner().invoke(main, ["deploy", "rehearse", "--var", "oops"])
+    assert result.exit_code == 2 and "NAME=VALUE" in result.output
