@@ -10,9 +10,26 @@ Every ``interval_s`` the scaler
    the arrival rate λ, taken as the rate of finished interactive requests plus the growth of in-flight
    ones (in steady state, arrivals = completions); the arrival CV is configured (``arrival_cv``, 1 =
    Poisson) until the router reports arrivals;
-4. runs the pure policy, and — unless ``advisory`` — asks the provider for each role's desired count;
+4. runs the pure policy, and — unless ``advisory`` or a standby — asks the provider for each role's desired
+   count;
 5. records the decision (inputs, reasons, provider actions and errors), logs it and streams it to
    ``WatchDecisions`` clients. In advisory mode steps 1–3 and 5 are identical and no provider is called.
+
+**No input reads as zero.** An input that could not be read — the queue's stats (``Queue.GetStats`` failed),
+an engine's stats (``Engine.GetStats`` failed), membership (etcd unreachable: the snapshot may be stale), a
+provider's counts — is not replaced by zero: the decision *holds*. The policy still runs (so scale-ups that
+the available inputs justify happen), but no role goes below what it has (serving + starting), every role's
+reason says ``holding: <input> unavailable (<gRPC code>)``, ``inputs["inputs_unavailable"]`` counts the
+missing inputs, and queue-derived inputs read NaN, not 0. Found by a fault probe: with the queue down the
+scaler used to read "queue empty" and drained a BATCH engine that still held 133 finished, unacknowledged
+results. A held role's entry in the scale-down delay window records the held count, so once inputs return a
+scale-down still waits one full ``scale_down_delay_s`` of complete observations.
+
+**One acting replica.** With an election (:class:`~services.global_scaler.leader.LeaderElection`) several
+replicas run; only the leader calls the provider (leadership checked right before each provider call), every
+replica computes, logs and serves decisions. ``inputs["leader"]`` is 1 in a decision the leader made and 0
+in a standby's (the proto has no field for it); the log line says ``standby`` and names the leader. Winning
+the election wakes the loop at once, so a new leader acts without waiting out an interval.
 
 A provider error is reported in the decision and retried at the next interval (providers retry with
 backoff inside one call).
@@ -29,7 +46,7 @@ import logging
 import math
 import time
 from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import grpc
 
@@ -37,6 +54,7 @@ from chiron.v1 import engine_pb2, engine_pb2_grpc, queue_pb2, queue_pb2_grpc, sc
 from services.common.grpc_util import ChannelPool, create_server, mark_serving, settle_heap, timestamp
 from services.common.metrics import ScalerMetrics
 from services.global_scaler import keda
+from services.global_scaler.leader import LeaderElection
 from services.global_scaler.policy import (
     ROLES,
     EngineLoad,
@@ -49,39 +67,75 @@ from services.global_scaler.policy import (
     decide,
     observe,
 )
-from services.global_scaler.providers import InstanceProvider, ProviderError
+from services.global_scaler.providers import InstanceCounts, InstanceProvider, ProviderError
 
 log = logging.getLogger("chiron.scaler")
+
+
+class _Channels(ChannelPool):
+    """A :class:`ChannelPool` that forgets an address's channel after a failed call, so a server that comes
+    back (queue or engine restarted) is reached at the next interval, not after gRPC's reconnect backoff
+    (which grows to 120 s while the server is down)."""
+
+    async def discard(self, address: str) -> None:
+        channel = self._channels.pop(address, None)
+        if channel is not None:
+            with contextlib.suppress(Exception):
+                await channel.close()
+
+
+@dataclass
+class Observation:
+    """What one round read: the policy's ``inputs``; ``unavailable``: one line per input that could not be read
+    (e.g. ``"queue stats unavailable (UNAVAILABLE)"``); ``counts``: the provider's counts per role (None: not
+    read, advisory, or the read failed)."""
+
+    inputs: ScalerInputs
+    unavailable: list[str] = field(default_factory=list)
+    counts: dict[str, InstanceCounts | None] = field(default_factory=dict)
+    queue_missing: bool = False
 
 
 class ScalerService(scaler_pb2_grpc.GlobalScalerServicer):
     """Implements ``chiron.v1.Scaler`` and runs the control loop (see the module docstring).
 
-    ``membership``: an object with ``snapshot() -> dict[str, InstanceInfo]`` (role, address, state);
-    ``provider``: None or ignored in ``advisory`` mode; ``queue``: "host:port" of the queue or None.
+    ``membership``: an object with ``snapshot() -> dict[str, InstanceInfo]`` (role, address, state) and
+    optionally ``healthy`` (False: the snapshot may be stale); ``provider``: None or ignored in ``advisory``
+    mode; ``queue``: "host:port" of the queue or None; ``election``: None (this replica always acts) or a
+    :class:`~services.global_scaler.leader.LeaderElection`, started and resigned with the service (only the
+    leader acts). ValueError for an active scaler without a provider or an advisory one with an election.
     """
 
     def __init__(self, config: PolicyConfig, membership, provider: InstanceProvider | None, *, queue: str | None = None,
-                 advisory: bool = False, arrival_cv: float = 1.0, clock=time.time) -> None:
+                 advisory: bool = False, arrival_cv: float = 1.0, clock=time.time,
+                 election: LeaderElection | None = None) -> None:
         self.config = config.validate()
         if not advisory and provider is None:
             raise ValueError("an active scaler needs a provider (or run it with advisory=True)")
+        if advisory and election is not None:
+            raise ValueError("an advisory scaler never acts: it must not take part in the leader election")
         self.membership = membership
         self.provider = provider
         self.queue = queue
         self.advisory = advisory
         self.arrival_cv = arrival_cv
         self.clock = clock
+        self.election = election
         self.state = PolicyState()
         self.decisions: deque[scaler_pb2.ScalerDecision] = deque(maxlen=1000)
         self._changed = asyncio.Condition()
-        self._channels = ChannelPool()
+        self._channels = _Channels()
         self._samples: dict[str, LoadSample] = {}
         self._task: asyncio.Task | None = None
+        self._wake = asyncio.Event()
         self.metrics = ScalerMetrics()
 
     # ---- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
+        if self.election is not None:
+            # A new leader acts at once, not one interval later.
+            self.election.add_listener(lambda leading: self._wake.set() if leading else None)
+            await self.election.start()
         self._task = asyncio.create_task(self._loop(), name="scaler-loop")
 
     async def stop(self) -> None:
@@ -89,79 +143,156 @@ class ScalerService(scaler_pb2_grpc.GlobalScalerServicer):
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        if self.election is not None:
+            await self.election.close()  # resign: a standby takes over at once
         await self._channels.close()
 
     async def _loop(self) -> None:
         while True:
+            self._wake.clear()
             try:
                 await self.step()
             except Exception:
                 log.exception("scaler step failed; retrying at the next interval")
-            await asyncio.sleep(self.config.interval_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.config.interval_s)
+
+    @property
+    def acting(self) -> bool:
+        """True when this replica may call the provider now: active (not advisory) and, with an election, the
+        leader with its lease certainly alive."""
+        return not self.advisory and (self.election is None or self.election.is_leader)
 
     # ---- observe ---------------------------------------------------------------------------------
     async def _engine_stats(self, address: str):
+        """An engine's ``EngineStats``, or the gRPC status code name (str) when the call failed (2 s deadline)."""
         try:
             resp = await engine_pb2_grpc.EngineStub(self._channels.get(address)).GetStats(engine_pb2.GetStatsRequest(), timeout=2.0)
             return resp.stats
         except grpc.aio.AioRpcError as e:
-            log.warning("engine %s: GetStats failed (%s); counted without stats", address, e.code().name)
-            return None
+            log.warning("engine %s: GetStats failed (%s); its load is unknown this interval", address, e.code().name)
+            await self._channels.discard(address)
+            return e.code().name
 
-    async def _queue_groups(self, now: float) -> list[GroupView]:
+    async def _queue_groups(self, now: float) -> tuple[list[GroupView], str | None]:
+        """The queue's request groups, and None; or ``([], code)`` when ``Queue.GetStats`` failed (2 s deadline):
+        an unreadable queue is not an empty one. No queue configured: ``([], None)``."""
         if not self.queue:
-            return []
+            return [], None
         try:
             stats = (await queue_pb2_grpc.QueueStub(self._channels.get(self.queue)).GetStats(
                 queue_pb2.QueueGetStatsRequest(), timeout=2.0)).stats
         except grpc.aio.AioRpcError as e:
-            log.warning("queue %s: GetStats failed (%s); no batch backpressure this interval", self.queue, e.code().name)
-            return []
+            log.warning("queue %s: GetStats failed (%s); batch inputs unknown, holding scale-downs", self.queue,
+                        e.code().name)
+            await self._channels.discard(self.queue)
+            return [], e.code().name
         return [GroupView(g.group_id, g.size, g.estimated_wait_p95_s if math.isfinite(g.estimated_wait_p95_s) else math.inf,
-                          g.deadline.ToNanoseconds() / 1e9, leased=g.leased) for g in stats.groups]
+                          g.deadline.ToNanoseconds() / 1e9, leased=g.leased) for g in stats.groups], None
 
     async def observe(self) -> ScalerInputs:
+        """The policy's inputs for this round (see :meth:`gather` for what could not be read)."""
+        return (await self.gather()).inputs
+
+    async def gather(self) -> Observation:
+        """Read membership, engine stats, queue stats and provider counts; never raises for an unreachable
+        input (it is listed in ``unavailable`` instead)."""
         now = self.clock()
+        unavailable: list[str] = []
+        if not getattr(self.membership, "healthy", True):
+            unavailable.append("instance membership unavailable (etcd unreachable; last known list used)")
         members = [m for m in self.membership.snapshot().values() if getattr(m, "state", "serving") == "serving"]
         stats = await asyncio.gather(*(self._engine_stats(m.address) for m in members))
-        loads = [EngineLoad(m.instance_id, m.role, has_stats=False) if s is None else
+        failed = [f"{m.instance_id} ({s})" for m, s in zip(members, stats, strict=True) if isinstance(s, str)]
+        if failed:
+            shown = ", ".join(failed[:3]) + (f" and {len(failed) - 3} more" if len(failed) > 3 else "")
+            unavailable.append(f"engine stats unavailable: {shown}")
+        loads = [EngineLoad(m.instance_id, m.role, has_stats=False) if isinstance(s, str) else
                  EngineLoad(m.instance_id, m.role, s.max_batch_size, s.num_running, s.num_waiting,
                             s.finished_requests_total, batch_requests=s.num_batch_requests,
                             batch_finished_total=s.batch_finished_total)
                  for m, s in zip(members, stats, strict=True)]
-        inputs = observe(now, loads, self._samples, self.arrival_cv, await self._queue_groups(now))
+        groups, queue_error = await self._queue_groups(now)
+        if queue_error is not None:
+            unavailable.append(f"queue stats unavailable ({queue_error})")
+        inputs = observe(now, loads, self._samples, self.arrival_cv, groups)
+        counts: dict[str, InstanceCounts | None] = {}
         if self.provider is not None and not self.advisory:
             pending = {}
             for role in ROLES:
-                with contextlib.suppress(ProviderError):
-                    pending[role] = (await self.provider.counts(role)).pending
+                try:
+                    counts[role] = await self.provider.counts(role)
+                    pending[role] = counts[role].pending
+                except ProviderError as e:
+                    counts[role] = None
+                    unavailable.append(f"{role} instance counts unavailable ({self.provider.name}: {e})")
             inputs = replace(inputs, pending=pending)
-        return inputs
+        return Observation(inputs, unavailable, counts, queue_missing=queue_error is not None)
 
     # ---- decide and act -------------------------------------------------------------------------
+    def _hold(self, d: ScalerDecision, obs: Observation) -> ScalerDecision:
+        """Apply "no input reads as zero" (module docstring): no role below what it has, reasons say why."""
+        why = "; ".join(obs.unavailable)
+        roles = {}
+        for role, rd in d.roles.items():
+            have = rd.current + int(obs.inputs.pending.get(role, 0))
+            if rd.desired < have:
+                roles[role] = replace(rd, desired=have, code="scale_down_delay",
+                                      reason=f"holding: {why}; kept at {have} (no scale-down while an input is "
+                                             f"unavailable; the policy without it said {rd.desired})")
+                history = self.state.history[role]
+                if history:  # the delay window remembers the held count, not the one read from missing inputs
+                    t, raw = history[-1]
+                    history[-1] = (t, max(raw, have))
+            else:
+                roles[role] = replace(rd, reason=f"{rd.reason}; holding scale-downs: {why}")
+        inputs = dict(d.inputs, inputs_unavailable=float(len(obs.unavailable)))
+        if obs.queue_missing:
+            for name in ("queued_requests", "in_service_requests", "groups", "worst_group_ratio"):
+                inputs[name] = math.nan
+        return replace(d, roles=roles, inputs=inputs,
+                       batch_backpressure=math.nan if obs.queue_missing else d.batch_backpressure)
+
     async def step(self) -> scaler_pb2.ScalerDecision:
         """One observe → decide → act round; returns the recorded decision."""
-        inputs = await self.observe()
-        self.state, d = decide(self.config, self.state, inputs)
+        obs = await self.gather()
+        self.state, d = decide(self.config, self.state, obs.inputs)
+        if obs.unavailable:
+            d = self._hold(d, obs)
+            log.warning("holding scale-downs: %s", "; ".join(obs.unavailable))
         actions, errors = [], []
+        standby = False
         if not self.advisory:
             for role in ROLES:
                 want = d.desired(role)
+                counts = obs.counts.get(role)
+                if counts is None:
+                    errors.append(f"{role}: instance counts unavailable; not scaled this interval")
+                    continue
+                if counts.total == want:
+                    continue
+                if not self.acting:  # checked right before each call: leadership may lapse mid-round
+                    standby = True
+                    continue
                 try:
-                    counts = await self.provider.counts(role)
-                    if counts.total != want:
-                        await self.provider.set_count(role, want, d.roles[role].reason)
-                        actions.append(f"{role}: {counts.total} -> {want}")
+                    await self.provider.set_count(role, want, d.roles[role].reason)
+                    actions.append(f"{role}: {counts.total} -> {want}")
                 except ProviderError as e:
                     errors.append(f"{role}: {e}")
                     self.metrics.provider_errors.labels(role).inc()
                     log.error("provider %s failed to scale %s to %d: %s", self.provider.name, role, want, e)
+        leader = None
+        if self.election is not None:
+            leader = not standby and self.acting
+            d = replace(d, inputs=dict(d.inputs, leader=1.0 if leader else 0.0))
         msg = self._to_proto(d, actions, errors)
         self.decisions.append(msg)
         self.metrics.decision(d.roles.values(), d.theta, d.batch_backpressure)
         changed = any(r.desired != r.current for r in d.roles.values())
+        mode = (" (advisory)" if self.advisory else
+                f" (standby; leader: {self.election.leader_id or 'none'})" if leader is False else "")
         (log.info if changed or actions else log.debug)(
-            "decision%s: %s", " (advisory)" if self.advisory else "",
+            "decision%s: %s", mode,
             "; ".join(f"{r}={d.roles[r].current}->{d.roles[r].desired} ({d.roles[r].reason})" for r in ROLES))
         async with self._changed:
             self._changed.notify_all()
