@@ -8,7 +8,8 @@ from pathlib import Path
 
 import click
 
-from services.deploy.rehearse import DEFAULT_NOMAD_DIR
+DEFAULT_NOMAD_DIR = Path(__file__).resolve().parents[2] / "deploy" / "nomad"  # as services.deploy.rehearse's (imported
+# only when the command runs: every `chiron` start imports this module)
 
 
 def _parse_vars(items: tuple[str, ...]) -> dict[str, str]:
