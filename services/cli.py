@@ -372,10 +372,16 @@ def _role_limits(text: str, role: str) -> tuple[int, int]:
               help="local provider: where engine logs and port files go.")
 @click.option("--nomad-address", default="http://127.0.0.1:4646", show_default=True, help="nomad provider: Nomad HTTP API.")
 @click.option("--nomad-job", default="chiron-engine", show_default=True, help="nomad provider: the engine job's id.")
+@click.option("--election/--no-election", default=None,
+              help="Elect one acting scaler among replicas through etcd (key /chiron/scaler/leader); standbys decide "
+                   "and explain but never call the provider. Default: on (off with --advisory, which never acts).")
+@click.option("--leader-ttl-s", default=10, show_default=True, type=click.IntRange(min=2),
+              help="Election lease TTL [s]: a standby takes over within it when the leader dies or loses etcd; a "
+                   "leader that cannot refresh stops acting max(0.5, TTL/4) s before it ends.")
 @_metrics_options
 def scaler(host, port, port_file, etcd, queue_addr, provider, advisory, interval_s, scale_down_delay_s, model_load_time_s,
            arrival_cv, interactive_ttft_slo_ms, lim_i, lim_m, lim_b, gpu_budget, gpus_per_instance, engine_args, work_dir,
-           nomad_address, nomad_job, metrics_port, metrics_port_file) -> None:
+           nomad_address, nomad_job, election, leader_ttl_s, metrics_port, metrics_port_file) -> None:
     """Run the global scaler: desired INTERACTIVE / MIXED / BATCH instance counts from interactive load (with
     over-provisioning Θ) and batch backpressure, applied through an instance provider, explained over gRPC
     (GetDecision / WatchDecisions) and in the log.
@@ -394,9 +400,14 @@ def scaler(host, port, port_file, etcd, queue_addr, provider, advisory, interval
             interactive_ttft_slo_s=interactive_ttft_slo_ms / 1e3).validate()
     except ValueError as e:
         raise click.BadParameter(str(e)) from e
+    if election and advisory:
+        raise click.BadParameter("an advisory scaler never acts, so it takes no part in the election",
+                                 param_hint="--election")
+    election = not advisory if election is None else election
 
     async def run() -> None:
         from services.common.membership import MembershipWatcher
+        from services.global_scaler.leader import LeaderElection
         from services.global_scaler.server import ScalerService, serve
 
         prov = None
@@ -415,12 +426,15 @@ def scaler(host, port, port_file, etcd, queue_addr, provider, advisory, interval
             from services.global_scaler.keda import KedaProvider
 
             prov = KedaProvider(watcher)
-        service = ScalerService(cfg, watcher, prov, queue=queue_addr, advisory=advisory, arrival_cv=arrival_cv)
+        elect = LeaderElection(etcd, ttl_s=leader_ttl_s) if election else None
+        service = ScalerService(cfg, watcher, prov, queue=queue_addr, advisory=advisory, arrival_cv=arrival_cv,
+                                election=elect)
         srv = await serve(service, host, port)
         msrv = await _start_metrics(srv, service.metrics, host, metrics_port, metrics_port_file)
         if port_file:
             Path(port_file).write_text(str(srv.port))
-        console.print(f"scaler serving on {host}:{srv.port} ({'advisory' if advisory else provider + ' provider'})"
+        role = ("" if elect is None else f", {'leader' if elect.is_leader else 'standby'} as {elect.candidate_id}")
+        console.print(f"scaler serving on {host}:{srv.port} ({'advisory' if advisory else provider + ' provider'}{role})"
                       + (f", metrics on http://{host}:{msrv.port}/metrics" if msrv else ""))
         stop = _stop_on_signal()
         await stop.wait()
