@@ -1,5 +1,5 @@
 """``chiron gateway --workers N``: worker processes on one port, metrics summed over them, restarted when one dies,
-stopped with the command. Real subprocesses on loopback; no router is needed for ``/health`` and ``/metrics``
+stopped with the command. Real subprocesses on loopback; no router is needed for ``/livez`` and ``/metrics``
 (the router address is a closed port: ``/v1/models`` answers 503)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.cluster import spawn_chiron, wait_http_ready
+from services.cluster import spawn_chiron
 from services.engine.demo import stop_process, wait_port_file
 from tests.conftest import eventually
 
@@ -33,8 +33,21 @@ async def _start(tmp_path, workers: int):
     proc, port_file = spawn_chiron(tmp_path, "gateway", ["gateway", "--router", "127.0.0.1:9", "--workers", str(workers)])
     port = await wait_port_file(port_file, proc, timeout_s=60)
     url = f"http://127.0.0.1:{port}"
-    await wait_http_ready(url, proc=proc)
+    await _wait_live(url, proc)
     return proc, url
+
+
+async def _wait_live(url: str, proc) -> None:
+    """Until ``GET /livez`` answers 200 (``/health`` is 503 here: no router behind these gateways)."""
+    async def live() -> bool:
+        assert proc.poll() is None, f"the gateway exited with status {proc.returncode}"
+        try:
+            async with httpx.AsyncClient(base_url=url) as c:
+                return (await c.get("/livez")).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    await eventually(live, timeout_s=60, interval_s=0.1)
 
 
 def _workers(proc) -> list[psutil.Process]:
@@ -68,7 +81,7 @@ async def test_workers_share_the_port_and_metrics_survive_a_worker_restart(tmp_p
                     return False
                 try:
                     async with httpx.AsyncClient(base_url=url) as fresh:
-                        return (await fresh.get("/health")).status_code == 200
+                        return (await fresh.get("/livez")).status_code == 200
                 except httpx.TransportError:
                     return False
 
@@ -113,6 +126,6 @@ async def test_one_worker_serves_in_the_command_itself(tmp_path):
     try:
         assert _workers(proc) == []
         async with httpx.AsyncClient(base_url=url) as c:
-            assert (await c.get("/health")).status_code == 200
+            assert (await c.get("/livez")).status_code == 200
     finally:
         assert stop_process(proc) == 0

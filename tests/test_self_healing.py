@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import uuid
 from collections.abc import AsyncIterator
 
@@ -161,3 +162,166 @@ async def test_engine_reregisters_after_its_lease_is_lost_while_etcd_is_down(etc
 
 async def _true(x: bool) -> bool:
     return x
+
+
+# ---- 2. and 3.: the gateway over a real router, queue and etcd ---------------------------------------------------
+
+MODEL = "llama-3-8b"
+
+
+@contextlib.asynccontextmanager
+async def gateway_stack(tmp_path, etcd: EtcdServer, **gateway_kw) -> AsyncIterator[dict]:
+    """etcd membership, the real queue and router (dependencies re-checked every 0.1 s) and a gateway on loopback;
+    no engine. Yields the parts by name; whatever a test stopped already is not stopped twice."""
+    from services.common.membership import MembershipWatcher
+    from services.common.security import SecuritySettings
+    from services.gateway.app import GatewayConfig, GatewayServer
+    from services.queue.server import serve as serve_queue
+    from services.queue.store import QueueConfig
+    from services.router.routing import RouterConfig
+    from services.router.server import RouterService
+    from services.router.server import serve as serve_router
+
+    queue = await serve_queue(QueueConfig(db_path=str(tmp_path / "q.db")), port=0)
+    watcher = MembershipWatcher(etcd.endpoint, backoff_initial_s=0.05, backoff_max_s=0.5)
+    await watcher.start()
+    router = await serve_router(RouterService(RouterConfig(), watcher, f"127.0.0.1:{queue.port}", stats_interval_s=0.1,
+                                              dependency_interval_s=0.1), port=0)
+    gateways = {}
+    for name, kw in {"gw": gateway_kw, "strict": {**gateway_kw, "health_requires": "router,queue"}}.items():
+        gateways[name] = GatewayServer(GatewayConfig(router=f"127.0.0.1:{router.port}", port=0, models_ttl_s=0.2, **kw),
+                                       security=SecuritySettings(auth_tokens=[]))
+        await gateways[name].start()
+    parts = {"queue": queue, "router": router, "watcher": watcher, **gateways, "stopped": set()}
+    try:
+        yield parts
+    finally:
+        for gw in gateways.values():
+            await gw.stop()
+        if "router" not in parts["stopped"]:
+            await router.stop(grace_s=0.5)
+        await watcher.stop()
+        if "queue" not in parts["stopped"]:
+            await queue.stop()
+
+
+def chat(model: str, **kw) -> dict:
+    return {"model": model, "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 4, **kw}
+
+
+async def test_a_known_model_without_an_engine_is_503_with_retry_after_and_an_unknown_one_404(
+        tmp_path, etcd: EtcdServer, prefix: str) -> None:
+    import httpx
+
+    from tests.conftest import start_sim_engine
+
+    async with gateway_stack(tmp_path, etcd, models=MODEL) as s, httpx.AsyncClient(timeout=30) as http:
+        url = s["gw"].url
+        # No engine has registered yet: the configured model is unavailable for now, another one does not exist.
+        r = await http.post(f"{url}/v1/chat/completions", json=chat(MODEL))
+        assert r.status_code == 503, r.text
+        err = r.json()["error"]
+        assert err["code"] == "model_unavailable" and err["param"] == "model" and MODEL in err["message"]
+        assert int(r.headers["Retry-After"]) >= 1
+        r = await http.get(f"{url}/v1/models/{MODEL}")
+        assert r.status_code == 503 and r.json()["error"]["code"] == "model_unavailable" and "Retry-After" in r.headers
+        for r in (await http.post(f"{url}/v1/chat/completions", json=chat("gpt-nope")),
+                  await http.get(f"{url}/v1/models/gpt-nope")):
+            assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found", r.text
+
+        # A model is known too once it has been served: the strict gateway was configured with it, this one was
+        # not; after its only engine goes away, it answers 503, not 404.
+        from services.common.security import SecuritySettings
+        from services.gateway.app import GatewayConfig, GatewayServer
+
+        bare = GatewayServer(GatewayConfig(router=f"127.0.0.1:{s['router'].port}", port=0, models_ttl_s=0.2),
+                             security=SecuritySettings(auth_tokens=[]))
+        await bare.start()
+        try:
+            r = await http.post(f"{bare.url}/v1/chat/completions", json=chat(MODEL))
+            assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"  # never known here
+            server, reg = await start_sim_engine("only-engine", "interactive", etcd=etcd.endpoint)
+            try:
+                async def served() -> bool:
+                    return (await http.post(f"{bare.url}/v1/chat/completions", json=chat(MODEL))).status_code == 200
+                await eventually(served, timeout_s=20, interval_s=0.1)
+            finally:
+                await reg.close()
+                await server.stop(grace_s=0.5)
+
+            async def unavailable() -> bool:
+                r = await http.post(f"{bare.url}/v1/chat/completions", json=chat(MODEL))
+                return r.status_code == 503 and r.json()["error"]["code"] == "model_unavailable"
+            await eventually(unavailable, timeout_s=20, interval_s=0.1)
+            r = await http.post(f"{bare.url}/v1/chat/completions", json=chat("gpt-nope"))
+            assert r.status_code == 404 and MODEL in r.json()["error"]["message"]  # listed among the known models
+        finally:
+            await bare.stop()
+
+        # The Batch API takes lines for a known model without an engine (the queue holds them until one comes);
+        # a line for a model never known is a line error.
+        lines = [{"custom_id": "known", "method": "POST", "url": "/v1/chat/completions", "body": chat(MODEL)},
+                 {"custom_id": "unknown", "method": "POST", "url": "/v1/chat/completions", "body": chat("gpt-nope")}]
+        content = "\n".join(json.dumps(x) for x in lines).encode()
+        f = (await http.post(f"{url}/v1/files", files={"file": ("in.jsonl", content)}, data={"purpose": "batch"})).json()
+        r = await http.post(f"{url}/v1/batches", json={"input_file_id": f["id"], "endpoint": "/v1/chat/completions"})
+        assert r.status_code == 200, r.text
+        assert (r.json()["request_counts"]["total"], r.json()["request_counts"]["failed"]) == (2, 1)
+        errors = (await http.get(f"{url}/v1/files/{r.json()['error_file_id']}/content")).text.splitlines()
+        assert [json.loads(e)["custom_id"] for e in errors] == ["unknown"]
+        assert json.loads(errors[0])["error"]["code"] == "model_not_found"
+
+
+async def test_health_reports_each_dependency_and_errors_name_the_one_that_is_down(tmp_path, etcd: EtcdServer) -> None:
+    import httpx
+
+    async with gateway_stack(tmp_path, etcd, models=MODEL) as s, httpx.AsyncClient(timeout=30) as http:
+        url, strict = s["gw"].url, s["strict"].url
+
+        async def health(base: str) -> tuple[int, dict]:
+            r = await http.get(f"{base}/health")
+            return r.status_code, r.json()
+
+        code, body = await health(url)
+        assert code == 200 and body["status"] == "ok", body
+        assert {n: d["status"] for n, d in body["dependencies"].items()} == {"router": "ok", "queue": "ok",
+                                                                             "membership": "ok"}
+
+        # The queue goes away: /health names it (degraded for the default gateway, 503 for one that requires it),
+        # and a request that needs it fails with a message about the queue, not the router.
+        await s["queue"].stop()
+        s["stopped"].add("queue")
+
+        async def queue_down() -> bool:
+            return (await health(url))[1]["dependencies"]["queue"]["status"] == "down"
+        await eventually(queue_down, timeout_s=10, interval_s=0.1)
+        code, body = await health(url)
+        assert code == 200 and body["status"] == "degraded" and body["dependencies"]["router"]["status"] == "ok"
+        assert "queue" in body["dependencies"]["queue"]["message"]
+        code, body = await health(strict)
+        assert code == 503 and body["status"] == "unavailable" and body["dependencies"]["queue"]["status"] == "down"
+        for r in (await http.post(f"{url}/v1/chat/completions", json=chat(MODEL, slo_class="batch")),
+                  await http.get(f"{url}/v1/batches")):
+            assert r.status_code == 503, r.text
+            message = r.json()["error"]["message"]
+            assert "queue" in message and "router is unreachable" not in message, message
+
+        # etcd goes away: the router's membership watch is down.
+        await asyncio.to_thread(etcd.stop)
+        try:
+            async def membership_down() -> bool:
+                return (await health(url))[1]["dependencies"]["membership"]["status"] == "down"
+            await eventually(membership_down, timeout_s=15, interval_s=0.1)
+        finally:
+            await asyncio.to_thread(etcd.start)
+
+        # The router goes away: 503, the router named; its dependencies are unknown; requests blame the router.
+        await s["router"].stop(grace_s=0.5)
+        s["stopped"].add("router")
+        code, body = await health(url)
+        assert code == 503 and body["status"] == "unavailable", body
+        assert (await http.get(f"{url}/livez")).status_code == 200  # alive: nothing to restart it for
+        assert body["dependencies"]["router"]["status"] == "down" and "router" in body["dependencies"]["router"]["message"]
+        assert body["dependencies"]["queue"]["status"] == "unknown"
+        r = await http.post(f"{url}/v1/chat/completions", json=chat(MODEL))
+        assert r.status_code == 503 and "router is unreachable" in r.json()["error"]["message"], r.text

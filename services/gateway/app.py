@@ -1,6 +1,6 @@
 """The OpenAI-compatible HTTP gateway: a thin FastAPI shell over the ``chiron.v1.Router`` gRPC service.
 
-Routes (all but ``/health`` and ``/metrics`` need ``Authorization: Bearer <token>`` when ``CHIRON_AUTH_TOKENS``
+Routes (all but ``/health``, ``/livez`` and ``/metrics`` need ``Authorization: Bearer <token>`` when ``CHIRON_AUTH_TOKENS``
 is set):
 
 * ``POST /v1/completions`` and ``POST /v1/chat/completions``, streaming (server-sent events, ``stream: true``)
@@ -13,8 +13,15 @@ is set):
   through ``Router.Submit`` and the answer waits for the queued request to finish (``Router.StreamResult``;
   no streaming). Usage counts prompt tokens (after the chat template) and generated tokens.
 * ``GET /v1/models``, ``GET /v1/models/{model}``: the models serving engines offer (``Router.ListModels``).
+  A *known* model (``GatewayConfig.models``, or served since the gateway started) that no engine instance serves
+  right now is 503 ``model_unavailable`` with ``Retry-After`` on every route that needs it; a model never known
+  is 404 ``model_not_found``.
 * the Batch API (``/v1/files``, ``/v1/batches``) from ``services.gateway.batch_api`` when that module is present.
-* ``GET /health`` (readiness: the HTTP server answers) and ``GET /metrics`` (Prometheus):
+* ``GET /health``: each dependency (the router; through the router's health service the queue and etcd
+  membership) as ``ok`` / ``down`` / ``unknown`` with a message saying what fails; 503 when one the gateway needs
+  (``GatewayConfig.health_requires``, default the router) is not ok, else 200 (``degraded`` when another one is
+  down): the readiness probe. ``GET /livez``: 200 while the HTTP server answers (the liveness probe: an
+  outage behind the gateway is no reason to restart it). ``GET /metrics`` (Prometheus):
   ``chiron_gateway_requests_total{endpoint, status}``, ``chiron_gateway_request_duration_seconds{endpoint}``
   (to the end of the response, streams included), ``chiron_gateway_ttft_seconds{endpoint}`` (request arrival to
   the first token from the router), ``chiron_gateway_overhead_seconds{endpoint}`` (a streamed request's own time
@@ -22,7 +29,9 @@ is set):
 
 Errors come in OpenAI's shape ``{"error": {"message", "type", "param", "code"}}`` with the HTTP status of
 :data:`services.gateway.common.GRPC_TO_HTTP` (400 bad request, 401 unauthenticated, 404 unknown model or
-route, 413 body over ``max_body_bytes``, 429 admission control, 503 no capacity, 504 deadline). An error before
+route, 413 body over ``max_body_bytes``, 429 admission control, 503 no capacity, a known model without an
+engine now (``model_unavailable``, ``Retry-After``) or a dependency down (the message names it: router or queue),
+504 deadline). An error before
 the first token is a plain HTTP error; one later in a stream is a last ``data: {"error": ...}`` event. A client
 that disconnects cancels its request at the router, so the engine aborts it (a queued one is cancelled).
 """
@@ -46,16 +55,17 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import grpc
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
-from pydantic import BaseModel, Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -70,6 +80,8 @@ from services.gateway.tokenizer import DEFAULT_SIMPLE_VOCAB, Detokenizer, Tokeni
 log = logging.getLogger("chiron.gateway")
 
 SLO_CLASS_HEADER = "x-chiron-slo-class"
+HEALTH_DEPENDENCIES = ("router", "queue", "membership")
+"""What ``/health`` reports: the router, and through its health service the queue and etcd membership."""
 
 
 class SloClassConfig(BaseModel):
@@ -108,12 +120,38 @@ class GatewayConfig(BaseSettings):
                                                    description="Named SLO classes clients may ask for.")
     request_timeout_s: float = Field(600.0, gt=0, description="Deadline of an interactive request's router call [s].")
     models_ttl_s: float = Field(2.0, ge=0, description="How long the router's model list is cached [s].")
+    models: Annotated[list[str], NoDecode] = Field(default_factory=list, description=(
+        "Models this deployment serves (comma-separated in CHIRON_GATEWAY_MODELS). A request for one of them, or "
+        "for a model served since the gateway started, while no engine instance serves it gets 503 "
+        "model_unavailable with Retry-After; a model never known gets 404 model_not_found."))
+    retry_after_s: int = Field(5, ge=1, description=(
+        "Retry-After of a 503 for a known model without an engine instance right now [s]."))
+    health_requires: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["router"], description=(
+        "Dependencies whose loss makes /health answer 503 (comma-separated in CHIRON_GATEWAY_HEALTH_REQUIRES; of "
+        "router, queue, membership). Default: the router only, without which nothing is served; a queue or etcd "
+        "outage shows as 'degraded' with 200, so that load balancers keep interactive traffic flowing."))
+    health_timeout_s: float = Field(2.0, gt=0, description="Deadline of each dependency check of /health [s].")
     disconnect_poll_s: float = Field(0.5, gt=0, description=(
         "How often a non-streaming request checks whether its client went away [s]."))
     graceful_shutdown_s: float = Field(30.0, ge=0, description="On stop, how long in-flight requests may finish [s].")
     workers: int = Field(1, ge=1, le=64, description=(
         "HTTP worker processes of 'chiron gateway' (GatewayWorkers), each with its own event loop and listening "
         "socket on the one port; 1 serves in the command's own process."))
+
+    @field_validator("models", "health_requires", mode="before")
+    @classmethod
+    def _split_list(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return [m.strip() for m in v.split(",") if m.strip()]
+        return v
+
+    @field_validator("health_requires")
+    @classmethod
+    def _known_dependencies(cls, v: list[str]) -> list[str]:
+        unknown = [d for d in v if d not in HEALTH_DEPENDENCIES]
+        if unknown:
+            raise ValueError(f"health_requires: unknown dependencies {unknown}; choose from {list(HEALTH_DEPENDENCIES)}")
+        return v
 
     @model_validator(mode="after")
     def _check(self) -> GatewayConfig:
@@ -333,7 +371,7 @@ async def _generate(request: Request, endpoint: str) -> Response:
     if slo_cls.queued and req.stream:
         raise APIError(400, f"SLO class {slo_name!r} is served through the queue and cannot stream: send stream: false, "
                             f"or use the Batch API", param="stream", code="invalid_value")
-    await common.models(request).require(request, req.model)
+    await common.models(request).require(request, req.model, queued=slo_cls.queued)
     tok = common.tokenizer(request)
     ids = common.prompt_ids(tok, req)
     rid = uuid.uuid4().hex
@@ -494,8 +532,69 @@ async def list_models(request: Request) -> dict[str, Any]:
 
 @api.get("/v1/models/{model:path}")
 async def get_model(request: Request, model: str) -> dict[str, Any]:
-    """OpenAI ``GET /v1/models/{model}``; 404 ``model_not_found`` when no engine serves it."""
-    return _model_json(await common.models(request).require(request, model), request.app.state.started_at)
+    """OpenAI ``GET /v1/models/{model}``: the model while an engine instance serves it; 503 ``model_unavailable``
+    (with ``Retry-After``) for a known model without one now, 404 ``model_not_found`` for one never known
+    (:meth:`services.gateway.common.ModelCache.require`)."""
+    info = await common.models(request).require(request, model)
+    assert info is not None  # only a queued request accepts a model without an engine
+    return _model_json(info, request.app.state.started_at)
+
+
+# ---- health ---------------------------------------------------------------------------------------------------
+_DEPENDENCY_SERVICES = {"queue": "chiron.dependency.queue", "membership": "chiron.dependency.membership"}
+_DOWN_MEANS = {
+    "queue": "the router's queue does not answer its health check: batch-class requests and the Batch API fail "
+             "until it is back (interactive requests are served)",
+    "membership": "the router's etcd membership watch is down: it routes on the engines it last saw and does not "
+                  "see engines that start or stop meanwhile",
+}
+
+
+async def health_report(request: Request) -> tuple[int, dict[str, Any]]:
+    """``(HTTP status, body)`` of ``GET /health``.
+
+    Sources: the router's standard gRPC health service on the gateway's router channel, for ``chiron.v1.Router``
+    (the router serves) and the dependencies it reports (``chiron.dependency.queue``,
+    ``chiron.dependency.membership``: see :mod:`services.router.server`), each with a deadline of
+    ``health_timeout_s`` [s]. Each dependency is ``ok``, ``down`` (with a message saying what fails) or
+    ``unknown`` (the router did not answer, or does not report it). ``status`` is ``ok`` when all are ok,
+    ``unavailable`` (HTTP 503) when one of ``GatewayConfig.health_requires`` is not ok, else ``degraded`` (200).
+    Never raises for a dependency's failure."""
+    cfg = common.config(request)
+    stub = health_pb2_grpc.HealthStub(common.router_channel(request))
+
+    async def check(service: str) -> int | grpc.aio.AioRpcError:
+        try:
+            return (await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=cfg.health_timeout_s)).status
+        except grpc.aio.AioRpcError as e:
+            return e
+
+    router_name = router_pb2.DESCRIPTOR.services_by_name["Router"].full_name
+    answers = await asyncio.gather(check(router_name), *(check(s) for s in _DEPENDENCY_SERVICES.values()))
+    deps: dict[str, dict[str, Any]] = {}
+    router = answers[0]
+    if isinstance(router, grpc.aio.AioRpcError):
+        deps["router"] = {"status": "down", "address": cfg.router,
+                          "message": f"the router at {cfg.router} is unreachable ({router.code().name}: "
+                                     f"{router.details()}): no request can be served"}
+    elif router != health_pb2.HealthCheckResponse.SERVING:
+        deps["router"] = {"status": "down", "address": cfg.router,
+                          "message": f"the router at {cfg.router} is not serving (starting or draining)"}
+    else:
+        deps["router"] = {"status": "ok", "address": cfg.router}
+    for name, answer in zip(_DEPENDENCY_SERVICES, answers[1:], strict=True):
+        if deps["router"]["status"] != "ok":
+            deps[name] = {"status": "unknown", "message": "not known: the router, which reports it, does not answer"}
+        elif isinstance(answer, grpc.aio.AioRpcError):
+            deps[name] = {"status": "unknown", "message": f"the router does not report it ({answer.code().name})"}
+        elif answer == health_pb2.HealthCheckResponse.SERVING:
+            deps[name] = {"status": "ok"}
+        else:
+            deps[name] = {"status": "down", "message": _DOWN_MEANS[name]}
+    failing = [n for n in cfg.health_requires if deps[n]["status"] != "ok"]
+    overall = "unavailable" if failing else "ok" if all(d["status"] == "ok" for d in deps.values()) else "degraded"
+    body = {"status": overall, "dependencies": deps, "required": list(cfg.health_requires)}
+    return (503 if failing else 200), body
 
 
 # ---- the app ------------------------------------------------------------------------------------------------
@@ -527,7 +626,7 @@ def create_app(config: GatewayConfig | None = None, *, security: SecuritySetting
     app.state.config = cfg
     app.state.security = sec
     app.state.tokenizer = tok
-    app.state.models = common.ModelCache(ttl_s=cfg.models_ttl_s)
+    app.state.models = common.ModelCache(ttl_s=cfg.models_ttl_s, configured=cfg.models, retry_after_s=cfg.retry_after_s)
     app.state.metrics = metrics = GatewayMetrics()
     app.state.started_at = int(time.time())
 
@@ -552,7 +651,16 @@ def create_app(config: GatewayConfig | None = None, *, security: SecuritySetting
         return APIError(500, f"internal error in the gateway ({type(e).__name__}); see its log").response()
 
     @app.get("/health", include_in_schema=False)
-    async def health() -> dict[str, str]:
+    async def health(request: Request) -> Response:
+        """Readiness with what the gateway depends on; see :func:`health_report`."""
+        status, report = await health_report(request)
+        return JSONResponse(report, status_code=status,
+                            headers={"Retry-After": str(cfg.retry_after_s)} if status == 503 else None)
+
+    @app.get("/livez", include_in_schema=False)
+    async def livez() -> dict[str, str]:
+        """Liveness: the HTTP server answers (checks nothing else; for liveness probes and waiting for start-up,
+        where /health would restart or hold back a gateway for an outage of the router behind it)."""
         return {"status": "ok"}
 
     @app.get("/metrics", include_in_schema=False)

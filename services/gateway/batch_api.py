@@ -88,10 +88,12 @@ async def _call(request: Request, method: str, msg):
 
 
 # ---- parsing input lines ------------------------------------------------------------------------
-def parse_line(request: Request, raw: bytes, line: int, endpoint: str, default_max_tokens: int, served: set[str]
-               ) -> tuple[batch_pb2.BatchItem | None, batch_pb2.BatchLineError | None]:
+def parse_line(request: Request, raw: bytes, line: int, endpoint: str, default_max_tokens: int,
+               served: set[str] | frozenset[str]) -> tuple[batch_pb2.BatchItem | None, batch_pb2.BatchLineError | None]:
     """One JSONL line → a batch item, or a line error naming what is wrong (never raises). ``served``: the
-    models engine instances serve now; a line for another model is an error (``model_not_found``)."""
+    models accepted, those engine instances serve now and those the gateway knows
+    (:meth:`services.gateway.common.ModelCache.known`: a batch waits in the queue for its model's engines, so a
+    known model without one right now is accepted); a line for another model is an error (``model_not_found``)."""
     def err(code: str, message: str, custom_id: str = "") -> tuple[None, batch_pb2.BatchLineError]:
         return None, batch_pb2.BatchLineError(line=line, custom_id=custom_id, code=code, message=f"line {line}: {message}")
 
@@ -116,8 +118,8 @@ def parse_line(request: Request, raw: bytes, line: int, endpoint: str, default_m
     except common.APIError as e:
         return err(e.code or "invalid_request", e.message, cid)
     if model not in served:
-        return err("model_not_found", f"no engine instance serves the model {model!r}; served models: "
-                                      f"{', '.join(sorted(served)) or 'none'}", cid)
+        return err("model_not_found", f"the model {model!r} is not one this deployment serves or has served; "
+                                      f"known models: {', '.join(sorted(served)) or 'none'}", cid)
     return batch_pb2.BatchItem(line=line, custom_id=cid, request=types_pb2.InferenceRequest(
         model=model, prompt_token_ids=ids, max_tokens=max_tokens)), None
 
@@ -216,7 +218,8 @@ async def create_batch(request: Request):
         raise common.APIError(400, "metadata must be an object of string keys and string values", param="metadata")
     content = (await _call(request, "GetFileContent", batch_pb2.GetFileContentRequest(file_id=input_file_id))).content
     default_max_tokens = common.config(request).default_max_tokens
-    served = {m.model for m in await common.models(request).models(request)}
+    cache = common.models(request)
+    served = {m.model for m in await cache.models(request)} | cache.known()
     msg = batch_pb2.CreateBatchRequest(input_file_id=input_file_id, endpoint=endpoint, completion_window_s=window_s,
                                        metadata=metadata)
     for i, raw in enumerate(content.split(b"\n"), start=1):

@@ -55,22 +55,29 @@ class APIError(Exception):
     field at fault."""
 
     def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 type: str | None = None) -> None:
+                 type: str | None = None, retry_after_s: int | None = None) -> None:
+        """``retry_after_s``: sent as the ``Retry-After`` header [s] (a 503 whose cause is expected to pass)."""
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
         self.code = code
         self.type = type or _ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
+        self.retry_after_s = retry_after_s
 
     @classmethod
     def from_grpc(cls, e: grpc.aio.AioRpcError) -> APIError:
         """The HTTP answer to a failed router call: the status per :data:`GRPC_TO_HTTP`, the router's message,
-        the gRPC status name (lower case) as ``code``."""
+        the gRPC status name (lower case) as ``code``.
+
+        Only a failure of the gateway's own connection to the router blames the router (gRPC's transport
+        messages, :func:`router_unreachable`); an error the router passes on from a dependency names that
+        dependency itself (the queue: trailing metadata ``chiron-dependency: queue`` and a message naming it)
+        and is kept as it is."""
         code = e.code()
         status = GRPC_TO_HTTP.get(code, 500)
         message = e.details() or code.name
-        if code == grpc.StatusCode.UNAVAILABLE and "connect" in message.lower():
+        if _dependency_of(e) is None and router_unreachable(e):
             message = f"the router is unreachable ({message}); retry later"
         return cls(status, message, code=code.name.lower())
 
@@ -78,7 +85,32 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+        headers = {"Retry-After": str(self.retry_after_s)} if self.retry_after_s is not None else None
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+
+
+# How gRPC itself words a failure of the connection (as opposed to a status the router sent), lower case.
+_TRANSPORT_FAILURES = ("failed to connect", "connections to all backends failing", "socket closed", "connection reset",
+                       "connection refused", "recvmsg", "sendmsg", "goaway", "keepalive watchdog", "dns resolution",
+                       "broken pipe", "endpoint closing", "transport closed", "channel closed")
+
+
+def _dependency_of(e: grpc.aio.AioRpcError) -> str | None:
+    """The dependency the router named in the error's trailing metadata (``chiron-dependency``), if any."""
+    try:
+        trailing = e.trailing_metadata() or ()
+    except Exception:  # an error built here (router_mux) may carry none
+        return None
+    for key, value in trailing:
+        if key == "chiron-dependency":
+            return value if isinstance(value, str) else value.decode(errors="replace")
+    return None
+
+
+def router_unreachable(e: grpc.aio.AioRpcError) -> bool:
+    """Whether a failed router call failed to reach the router (UNAVAILABLE whose message is gRPC's own about
+    the connection), rather than being answered by it."""
+    return e.code() == grpc.StatusCode.UNAVAILABLE and (e.details() or "").lower().startswith(_TRANSPORT_FAILURES)
 
 
 def validation_error(errors: Sequence[Mapping[str, Any]]) -> APIError:
@@ -204,15 +236,28 @@ async def json_body(request: Request) -> dict[str, Any]:
 
 
 class ModelCache:
-    """The router's ``ListModels``, cached for ``ttl_s`` seconds. Once read, an expired list is still answered
-    from while a background task re-reads it (no request waits on that round trip: one would every ``ttl_s``,
-    a slow TTFT at the p99); a model not in the list is re-read at once, at most every ``min_refresh_s``, so a
-    model whose first engine just registered is found."""
+    """The router's ``ListModels``, cached for ``ttl_s`` seconds, and the models this gateway *knows*.
 
-    def __init__(self, ttl_s: float = 2.0, min_refresh_s: float = 0.25) -> None:
+    Once read, an expired list is still answered from while a background task re-reads it (no request waits on
+    that round trip: one would every ``ttl_s``, a slow TTFT at the p99); a model not in the list is re-read at
+    once, at most every ``min_refresh_s``, so a model whose first engine just registered is found.
+
+    Known models (``known()``) are the configured ones (``configured``: ``GatewayConfig.models``, the models the
+    operator deploys) and every model the router has listed as served since this gateway started. A known model
+    with no engine instance right now (none started yet, all restarting, scaled to zero) is a passing state:
+    :meth:`require` answers it with 503 ``model_unavailable`` and ``Retry-After``, where a model never known is
+    404 ``model_not_found``. A gateway restarted while no engine serves knows only its configured models, so
+    an operator who wants 503 rather than 404 in that window lists them (``CHIRON_GATEWAY_MODELS``).
+    """
+
+    def __init__(self, ttl_s: float = 2.0, min_refresh_s: float = 0.25, *, configured: Sequence[str] = (),
+                 retry_after_s: int = 5) -> None:
         self.ttl_s = ttl_s
         self.min_refresh_s = min_refresh_s
+        self.retry_after_s = retry_after_s
         self._models: dict[str, router_pb2.ModelInfo] = {}
+        self._configured = frozenset(configured)
+        self._seen: set[str] = set()
         self._at = float("-inf")
         self._lock = asyncio.Lock()
         self._background: asyncio.Task | None = None
@@ -233,6 +278,7 @@ class ModelCache:
             except grpc.aio.AioRpcError as e:
                 raise APIError.from_grpc(e) from None
             self._models = {m.model: m for m in resp.models}
+            self._seen.update(self._models)
             self._at = time.monotonic()
 
     async def models(self, request: Request) -> list[router_pb2.ModelInfo]:
@@ -244,15 +290,31 @@ class ModelCache:
                 self._refresh_in_background(request)
         return [self._models[k] for k in sorted(self._models)]
 
-    async def require(self, request: Request, model: str) -> router_pb2.ModelInfo:
-        """The served ``model``'s entry. Raises :class:`APIError` 404 ``model_not_found`` when no engine instance
-        serves it (or the router call's error)."""
+    def known(self) -> frozenset[str]:
+        """Configured models and models served at some point since this gateway started (see the class)."""
+        return self._configured | self._seen
+
+    def unavailable(self, model: str) -> APIError:
+        """The 503 ``model_unavailable`` answer for a known ``model`` without an engine instance now."""
+        return APIError(503, f"the model {model!r} is known but no engine instance serves it right now (starting, "
+                             f"restarting or scaled to zero); retry in {self.retry_after_s} s", param="model",
+                        code="model_unavailable", retry_after_s=self.retry_after_s)
+
+    async def require(self, request: Request, model: str, *, queued: bool = False) -> router_pb2.ModelInfo | None:
+        """The served ``model``'s entry. Raises :class:`APIError`: 503 ``model_unavailable`` (with Retry-After)
+        when the model is known (:meth:`known`) but no engine instance serves it now, 404 ``model_not_found``
+        when it was never known, or the router call's error. ``queued``: the request waits in the queue for an
+        engine anyway (a queued SLO class), so a known model without one now is accepted (returns None)."""
         await self.models(request)
         if model not in self._models:
             await self._refresh(request, self.min_refresh_s)
         if model not in self._models:
-            known = ", ".join(sorted(self._models)) or "none (no engine instance is serving yet)"
-            raise APIError(404, f"the model {model!r} does not exist or no engine serves it; served models: {known}",
+            if model in self.known():
+                if queued:
+                    return None
+                raise self.unavailable(model)
+            known = ", ".join(sorted(self.known())) or "none (no engine instance has served yet)"
+            raise APIError(404, f"the model {model!r} does not exist or no engine serves it; known models: {known}",
                            param="model", code="model_not_found")
         return self._models[model]
 

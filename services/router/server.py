@@ -7,7 +7,12 @@
   The client's deadline is passed on to the engine call. ``GenerateMany`` serves the same requests, many on one
   long-lived stream (the gateway's way: a message each way per request instead of a call; see router.proto).
 * Batch requests go to the queue (``Submit``); ``GetResult`` / ``StreamResult`` / ``Cancel`` read and act on
-  them there, so a client need not hold a stream open for hours.
+  them there, so a client need not hold a stream open for hours. A queue that does not answer is UNAVAILABLE
+  with a message naming the queue and its address, and trailing metadata ``chiron-dependency: queue``.
+* Dependencies are reported through the standard gRPC health service: besides ``""`` and ``chiron.v1.Router``
+  (this router serves), ``chiron.dependency.queue`` (the queue's own health check answers SERVING) and
+  ``chiron.dependency.membership`` (the etcd membership watch is established) are SERVING or NOT_SERVING,
+  re-checked every ``dependency_interval_s``. The gateway's ``/health`` reads them.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from chiron.v1 import batch_pb2_grpc, engine_pb2, engine_pb2_grpc, queue_pb2, queue_pb2_grpc, router_pb2, router_pb2_grpc, types_pb2
 from services.common.grpc_util import ChannelPool, create_server, mark_serving, settle_heap, status_code
@@ -31,6 +37,27 @@ from services.router.routing import Classified, InstanceLoad, Rejected, RouterCo
 log = logging.getLogger("chiron.router")
 
 _FINAL = (queue_pb2.QUEUED_REQUEST_STATE_DONE, queue_pb2.QUEUED_REQUEST_STATE_CANCELLED)
+
+DEPENDENCY_QUEUE = "chiron.dependency.queue"
+"""Health-service name of the router's view of the queue (SERVING: its health check answers SERVING)."""
+DEPENDENCY_MEMBERSHIP = "chiron.dependency.membership"
+"""Health-service name of the router's view of etcd membership (SERVING: its watch is established)."""
+DEPENDENCY_METADATA_KEY = "chiron-dependency"
+"""Trailing-metadata key of an error caused by a dependency of the router; its value names it (``queue``)."""
+_UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+async def _abort_for_queue(context, queue_address: str, e: grpc.aio.AioRpcError):
+    """End an RPC with the error of a queue call: an unreachable queue (UNAVAILABLE, DEADLINE_EXCEEDED) is
+    UNAVAILABLE naming the queue (trailing metadata ``chiron-dependency: queue``), anything else the queue's own
+    status and message."""
+    code = e.code()
+    if code in _UNREACHABLE:
+        await context.abort(grpc.StatusCode.UNAVAILABLE,
+                            f"the queue at {queue_address} did not answer ({code.name}: {e.details()}); batch requests "
+                            f"cannot be taken or read until it is back; retry later",
+                            trailing_metadata=((DEPENDENCY_METADATA_KEY, "queue"),))
+    await context.abort(code, e.details())
 
 
 class RouterStatus(Exception):
@@ -44,11 +71,13 @@ class RouterStatus(Exception):
 
 
 class RouterService(router_pb2_grpc.RouterServicer):
-    """See the module docstring. ``membership``: ``snapshot() -> dict[str, InstanceInfo]``; ``queue``:
-    "host:port" of the queue service."""
+    """See the module docstring. ``membership``: ``snapshot() -> dict[str, InstanceInfo]`` (and ``healthy``, when
+    it can tell; a :class:`~services.common.membership.MembershipWatcher`); ``queue``: "host:port" of the queue
+    service; ``stats_interval_s``: period of the engine-stats refresh [s]; ``dependency_interval_s``: period of
+    the queue and membership checks reported through the health service [s]."""
 
     def __init__(self, config: RouterConfig, membership, queue: str, *, stats_interval_s: float = 0.25,
-                 result_poll_s: float = 0.5) -> None:
+                 result_poll_s: float = 0.5, dependency_interval_s: float = 1.0) -> None:
         self.config = config.validate()
         self.membership = membership
         self.queue_address = queue
@@ -58,6 +87,10 @@ class RouterService(router_pb2_grpc.RouterServicer):
         self._loads: dict[str, InstanceLoad] = {}
         self._inflight: dict[str, int] = defaultdict(int)  # streams this router has open per instance
         self._task: asyncio.Task | None = None
+        self.dependency_interval_s = dependency_interval_s
+        self._dependency_task: asyncio.Task | None = None
+        self._health: health.aio.HealthServicer | None = None
+        self.dependencies: dict[str, bool] = {}  # DEPENDENCY_* name -> up at the last check
         self.accepted = 0  # interactive requests streamed to an engine
         self.submitted = 0  # batch requests handed to the queue
         self.metrics = RouterMetrics()
@@ -66,13 +99,47 @@ class RouterService(router_pb2_grpc.RouterServicer):
     async def start(self) -> None:
         await self.refresh()
         self._task = asyncio.create_task(self._refresh_loop(), name="router-stats")
+        self._dependency_task = asyncio.create_task(self._dependency_loop(), name="router-dependencies")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in (self._task, self._dependency_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self._channels.close()
+
+    def attach_health(self, servicer: health.aio.HealthServicer) -> None:
+        """Report dependencies through ``servicer`` (the server's health service), from the next check on."""
+        self._health = servicer
+
+    async def check_dependencies(self) -> dict[str, bool]:
+        """Check the queue (its health service, 1 s deadline) and the membership watch (``healthy``; a membership
+        without that property counts as up), publish both on the attached health service, and return them."""
+        try:
+            resp = await health_pb2_grpc.HealthStub(self._channels.get(self.queue_address)).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=1.0)
+            queue_up = resp.status == health_pb2.HealthCheckResponse.SERVING
+        except grpc.aio.AioRpcError:
+            queue_up = False
+        status = {DEPENDENCY_QUEUE: queue_up, DEPENDENCY_MEMBERSHIP: bool(getattr(self.membership, "healthy", True))}
+        for name, up in status.items():
+            if self.dependencies.get(name) != up and name in self.dependencies:
+                log.log(logging.INFO if up else logging.WARNING, "router dependency %s is %s", name.rsplit(".", 1)[-1],
+                        "back" if up else "down" + (f" ({self.queue_address})" if name == DEPENDENCY_QUEUE else ""))
+            if self._health is not None:
+                await self._health.set(name, health_pb2.HealthCheckResponse.SERVING if up
+                                       else health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.dependencies = status
+        return status
+
+    async def _dependency_loop(self) -> None:
+        while True:
+            try:
+                await self.check_dependencies()
+            except Exception:
+                log.exception("router dependency check failed")
+            await asyncio.sleep(self.dependency_interval_s)
 
     @property
     def _queue(self) -> queue_pb2_grpc.QueueStub:
@@ -298,7 +365,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
             resp = await self._queue.Enqueue(queue_pb2.EnqueueRequest(request=fwd), timeout=context.time_remaining())
         except grpc.aio.AioRpcError as e:
             self.metrics.count("batch", outcome_of(e.code()))
-            await context.abort(e.code(), e.details())
+            await _abort_for_queue(context, self.queue_address, e)
         self.submitted += 1
         return router_pb2.SubmitResponse(request_id=resp.request_id, group_id=resp.group_id)
 
@@ -306,7 +373,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
         try:
             return await self._queue.GetRequest(queue_pb2.GetRequestRequest(request_id=request_id), timeout=5.0)
         except grpc.aio.AioRpcError as e:
-            await context.abort(e.code(), e.details())
+            await _abort_for_queue(context, self.queue_address, e)
 
     async def GetResult(self, request: router_pb2.GetResultRequest, context):
         return router_pb2.GetResultResponse(result=await self._get(request.request_id, context))
@@ -327,7 +394,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
         try:
             resp = await self._queue.Cancel(queue_pb2.CancelRequest(request_id=request.request_id), timeout=5.0)
         except grpc.aio.AioRpcError as e:
-            await context.abort(e.code(), e.details())
+            await _abort_for_queue(context, self.queue_address, e)
         return router_pb2.RouterCancelResponse(cancelled=resp.cancelled)
 
     async def ListModels(self, request: router_pb2.ListModelsRequest, context):
@@ -347,11 +414,7 @@ def _forward(method: str):
         try:
             return await getattr(stub, method)(request, timeout=self.timeout_s)
         except grpc.aio.AioRpcError as e:
-            code = e.code()
-            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                await context.abort(grpc.StatusCode.UNAVAILABLE, f"the queue at {self.queue_address} did not answer "
-                                                                 f"({code.name}: {e.details()}); retry later")
-            await context.abort(code, e.details())
+            await _abort_for_queue(context, self.queue_address, e)
     call.__name__ = method
     return call
 
@@ -399,6 +462,8 @@ async def serve(service: RouterService, host: str = "127.0.0.1", port: int = 0) 
         batch_pb2_grpc.add_BatchApiServicer_to_server(forwarder, s)
 
     server, health_servicer, bound = create_server(add, name, host, port, client_facing=True)
+    service.attach_health(health_servicer)
+    await service.check_dependencies()
     await server.start()
     settle_heap()
     await mark_serving(health_servicer, name)
