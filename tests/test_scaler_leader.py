@@ -10,8 +10,10 @@ import time
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from chiron.v1 import scaler_pb2, scaler_pb2_grpc
+from services.global_scaler import keda
 from services.global_scaler.leader import LEADER_KEY, LeaderElection
 from services.global_scaler.policy import PolicyConfig, RoleLimits
 from services.global_scaler.providers import InstanceCounts, InstanceProvider
@@ -125,6 +127,14 @@ async def decision(port: int) -> scaler_pb2.ScalerDecision:
         return (await scaler_pb2_grpc.GlobalScalerStub(ch).GetDecision(scaler_pb2.GetDecisionRequest())).decision
 
 
+async def _keda_is(port: int, status: str) -> bool:
+    """Whether KEDA's external-scaler service on a replica reports gRPC health ``status``."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+        resp = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=keda.SERVICE_NAME),
+                                                          timeout=2)
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status) == status
+
+
 def leaders(*servers) -> list[str]:
     return [s.service.election.candidate_id for s in servers if s.service.election.is_leader]
 
@@ -147,6 +157,9 @@ async def test_two_replicas_one_acts_and_a_resignation_hands_over_at_once(etcd):
         assert dl.inputs["leader"] == 1.0 and dl.actions == ["interactive: 0 -> 1"]
         assert ds.inputs["leader"] == 0.0 and not ds.actions and not ds.advisory
         assert [r.desired for r in ds.roles] == [r.desired for r in dl.roles]
+        # KEDA's service is ready on the leader only (the readiness probe sends KEDA's connections there).
+        await eventually(lambda: _keda_is(lead.port, "SERVING"), timeout_s=5)
+        await eventually(lambda: _keda_is(stand.port, "NOT_SERVING"), timeout_s=5)
 
         # The leader resigns (stops cleanly, revoking its lease): the standby leads well within one TTL.
         t0 = time.monotonic()
@@ -156,6 +169,7 @@ async def test_two_replicas_one_acts_and_a_resignation_hands_over_at_once(etcd):
         await eventually(lambda: _true(provider.callers(since=t0 + took) != []), timeout_s=5)
         assert took < TTL_S / 2, f"takeover after a resignation took {took:.2f} s"
         assert set(provider.callers(since=t0)) == {stand.service.election.candidate_id}
+        await eventually(lambda: _keda_is(stand.port, "SERVING"), timeout_s=5)  # KEDA follows the new leader
     finally:
         for s in (a, b):
             await s.stop()

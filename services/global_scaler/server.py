@@ -49,6 +49,7 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 
 import grpc
+from grpc_health.v1 import health_pb2
 
 from chiron.v1 import engine_pb2, engine_pb2_grpc, queue_pb2, queue_pb2_grpc, scaler_pb2, scaler_pb2_grpc
 from services.common.grpc_util import ChannelPool, create_server, mark_serving, settle_heap, timestamp
@@ -337,10 +338,28 @@ class RunningScaler:
     server: grpc.aio.Server
     service: ScalerService
     port: int
+    keda_health: asyncio.Task | None = None
 
     async def stop(self, grace_s: float = 1.0) -> None:
+        if self.keda_health is not None:
+            self.keda_health.cancel()
         await self.server.stop(grace_s)
         await self.service.stop()
+
+
+async def _keda_health(service: ScalerService, health_servicer, period_s: float = 0.5) -> None:
+    """KEDA's service health follows this replica's right to act: SERVING on the acting replica (the leader, or the
+    only one without an election), NOT_SERVING on a standby or an advisory one. The Kubernetes readiness probe asks
+    this status, so the scaler Service sends KEDA's connections to the leader, whose counts are the ones applied.
+    Checked every ``period_s`` [s]."""
+    last = None
+    while True:
+        acting = service.acting
+        if acting != last:
+            await health_servicer.set(keda.SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING if acting
+                                      else health_pb2.HealthCheckResponse.NOT_SERVING)
+            last = acting
+        await asyncio.sleep(period_s)
 
 
 async def serve(service: ScalerService, host: str = "127.0.0.1", port: int = 0) -> RunningScaler:
@@ -357,6 +376,6 @@ async def serve(service: ScalerService, host: str = "127.0.0.1", port: int = 0) 
     await service.start()
     settle_heap()
     await mark_serving(health_servicer, name)
-    await mark_serving(health_servicer, keda.SERVICE_NAME)
+    task = asyncio.create_task(_keda_health(service, health_servicer))
     log.info("scaler serving on %s:%d (%s)", host, bound, "advisory" if service.advisory else "active")
-    return RunningScaler(server, service, bound)
+    return RunningScaler(server, service, bound, task)
