@@ -277,7 +277,11 @@ class NomadApiStandIn:
             self._stop_job(job)
 
     def register_job(self, job_id: str, groups: Mapping[str, GroupState], *, namespace: str = "default") -> None:
+        """Register (or replace: the old job's allocations are stopped first) a job and place its allocations."""
         with self._lock:
+            old = self._jobs.get((namespace, job_id))
+            if old is not None:
+                self._stop_job(old)
             state = JobState(job_id, namespace, dict(groups))
             self._jobs[(namespace, job_id)] = state
             for g in state.groups.values():

@@ -615,7 +615,9 @@ def _report(cfg: RehearsalConfig, jobs: dict[str, JobSpec], executor: Any, stand
         "jobs": job_rows,
         "allocations_started": len(started),
         "allocations_stopped": len(stopped),
-        "scaler_allocations": {"started": len(scaler_started), "stopped": len(scaler_stopped)},
+        # stopped_before_healthy: allocations the scaler stopped before their engine passed its health check
+        "scaler_allocations": {"started": len(scaler_started), "stopped": len(scaler_stopped),
+                               "stopped_before_healthy": sum(1 for r in scaler_stopped if r.healthy_at is None)},
         "allocations": [{"job": r.job, "group": r.group, "id": r.alloc_id, "cause": r.cause, "stop_cause": r.stop_cause,
                          "started_s": rel(r.started_at), "healthy_s": rel(r.healthy_at), "stopped_s": rel(r.stopped_at),
                          "exit_code": r.exit_code, "killed": r.killed, "error": r.error} for r in recs],
