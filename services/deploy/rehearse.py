@@ -143,19 +143,14 @@ def render_jobs(nomad_dir: Path, variables: Mapping[str, str], strict: Mapping[s
     for path in files:
         try:
             declared = _declared(path)
-        except Exception as e:  # the parse error, reported with the file by render_job_file below
+        except Exception:  # does not parse: render_job_file below says so, with the file
             declared = set()
-            try:
-                render_job_file(path, {})
-            except JobFileError as je:
-                raise RehearsalError(je.reason, file=str(path)) from je
-            raise RehearsalError(f"does not parse: {e}", file=str(path)) from e
-        declared_anywhere |= declared
         try:
             jobs += render_job_file(path, {k: v for k, v in variables.items() if k in declared})
         except JobFileError as e:
             raise RehearsalError(e.reason, file=str(path),
                                  task=f"{e.group}/{e.task}" if e.task else e.group) from e
+        declared_anywhere |= declared
     unknown = sorted(set(strict or {}) - declared_anywhere)
     if unknown:
         raise RehearsalError(f"-var {', '.join(unknown)}: no job file declares such a variable")
@@ -426,7 +421,8 @@ async def _run_batch(base_url: str, cfg: RehearsalConfig) -> dict[str, Any]:
 
 async def _wait(what: str, predicate: Callable[[], Any], timeout_s: float, failed: Callable[[], str | None],
                 interval_s: float = 0.2) -> None:
-    """Poll ``predicate`` (sync or async) until true; raise RehearsalError on ``failed()`` or after ``timeout_s``."""
+    """Poll ``predicate`` (sync or async) every ``interval_s`` [s] until true; ``failed()`` raises (or returns a
+    reason) when the rehearsal cannot go on; RehearsalError after ``timeout_s`` [s]."""
     deadline = time.monotonic() + timeout_s
     while True:
         why = failed()
