@@ -220,10 +220,15 @@ class ScalerService(scaler_pb2_grpc.GlobalScalerServicer):
         counts: dict[str, InstanceCounts | None] = {}
         if self.provider is not None and not self.advisory:
             pending = {}
+            # Starting = what the provider has placed minus what serves: Nomad reports an allocation "running" once
+            # its process starts, while the engine still loads and has not registered. Counted as neither current
+            # nor starting, a scale-down to the serving count would skip the delay window and stop engines seconds
+            # after starting them (seen in `chiron deploy rehearse`: the batch group set to 1, then 0 a second later).
+            serving = {role: sum(1 for m in members if m.role == role) for role in ROLES}
             for role in ROLES:
                 try:
                     counts[role] = await self.provider.counts(role)
-                    pending[role] = counts[role].pending
+                    pending[role] = max(counts[role].pending, counts[role].total - serving[role])
                 except ProviderError as e:
                     counts[role] = None
                     unavailable.append(f"{role} instance counts unavailable ({self.provider.name}: {e})")
