@@ -1,11 +1,13 @@
-"""The Batch API's durable state (services/queue/batches.py) over a real SQLite queue store."""
+"""The Batch API's durable state (services/queue/batches.py) over both real queue stores: a SQLite file and a
+fresh database on the session's PostgreSQL server (``tests/conftest.py``)."""
 
 from __future__ import annotations
 
 import pytest
 
 from services.queue.batches import BatchStore, LineError
-from services.queue.store import QueueConfig, QueueError, QueueStore
+from services.queue.pg_store import open_store
+from services.queue.store import QueueConfig, QueueError
 
 
 class Clock:
@@ -20,10 +22,18 @@ def items(n: int, model: str = "llama-3-8b") -> list[tuple[int, str, str, list[i
     return [(i + 1, f"req-{i}", model, [1, 2, 3], 5) for i in range(n)]
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def db(request, tmp_path):
+    """A SQLite file, or the URL of a fresh PostgreSQL database."""
+    if request.param == "postgres":
+        return request.getfixturevalue("pg_url")
+    return str(tmp_path / "q.db")
+
+
 @pytest.fixture
-def stores(tmp_path):
+def stores(db):
     clock = Clock()
-    store = QueueStore(QueueConfig(db_path=tmp_path / "q.db", models=("llama-3-8b",)), clock)
+    store = open_store(QueueConfig(db_path=db, models=("llama-3-8b",)), clock)
     yield store, BatchStore(store, max_file_bytes=1000, clock=clock), clock
     store.close()
 
@@ -77,15 +87,15 @@ def test_cancel_keeps_finished_outputs_and_cancels_the_rest(stores):
     assert batches.cancel_batch(b.batch_id) == batches.get_batch(b.batch_id)  # idempotent
 
 
-def test_files_and_batches_survive_a_restart(tmp_path):
+def test_files_and_batches_survive_a_restart(db):
     clock = Clock()
-    cfg = QueueConfig(db_path=tmp_path / "q.db")
-    store = QueueStore(cfg, clock)
+    cfg = QueueConfig(db_path=db)
+    store = open_store(cfg, clock)
     batches = BatchStore(store, clock=clock)
     f = batches.create_file("in.jsonl", "batch", b"line\n")
     b = batches.create_batch(f.file_id, "/v1/completions", 60, {}, items(2), [])
     store.close()
-    store = QueueStore(cfg, clock)
+    store = open_store(cfg, clock)
     batches = BatchStore(store, clock=clock)
     assert batches.file_content(f.file_id) == b"line\n"
     assert batches.get_batch(b.batch_id).pending == 2
@@ -115,8 +125,8 @@ def test_bad_input_is_refused_with_a_status_and_nothing_stored(stores):
     assert e.value.code == "NOT_FOUND"
 
 
-def test_a_batch_that_does_not_fit_the_queue_stores_nothing(tmp_path):
-    store = QueueStore(QueueConfig(capacity=2))
+def test_a_batch_that_does_not_fit_the_queue_stores_nothing(db):
+    store = open_store(QueueConfig(db_path=db, capacity=2))
     batches = BatchStore(store)
     f = batches.create_file("x", "batch", b"x")
     with pytest.raises(QueueError) as e:

@@ -1,5 +1,6 @@
-"""Unit tests of the durable grouped lease queue store (``services/queue/store.py``): real SQLite files under
-``tmp_path``, a fake clock (a mutable float, seconds)."""
+"""Unit tests of the durable grouped lease queue store: the contract tests run against both stores, SQLite
+(``services/queue/store.py``, real files under ``tmp_path``) and PostgreSQL (``services/queue/pg_store.py``, a
+fresh database on the session's real server, ``tests/conftest.py``); a fake clock (a mutable float, seconds)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from services.queue.estimator import GroupSnapshot, ServingCapacity, WaitingTimeEstimator
+from services.queue.pg_store import is_postgres_url
+from services.queue.pg_store import open_store as open_any_store
 from services.queue.store import GroupStats, QueueConfig, QueueError, QueueStore, RequestState
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,19 +45,38 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def db(request, tmp_path: Path) -> str:
+    """The database of one test: a SQLite file, or the URL of a fresh PostgreSQL database."""
+    if request.param == "postgres":
+        return request.getfixturevalue("pg_url")
+    return str(tmp_path / "queue.db")
+
+
 @pytest.fixture
-def db(tmp_path: Path) -> str:
+def sqlite_db(tmp_path: Path) -> str:
+    """A SQLite file, for the tests of what only the SQLite store does (one owner per file, thread binding)."""
     return str(tmp_path / "queue.db")
 
 
 def open_store(db: str, clock: FakeClock, **kw) -> QueueStore:
-    return QueueStore(QueueConfig(db_path=db, **kw), clock=clock)
+    return open_any_store(QueueConfig(db_path=db, **kw), clock=clock)
 
 
-def db_count(db_path: str, where: str = "1") -> int:
-    """Rows of the (closed) database file matching ``where``, read with a separate connection."""
-    with sqlite3.connect(db_path) as c:
-        return c.execute(f"SELECT count(*) FROM requests WHERE {where}").fetchone()[0]
+def db_query(db: str, sql: str) -> int:
+    """The first column of the first row of ``sql`` over the (closed) database, read with a separate connection."""
+    if is_postgres_url(db):
+        import psycopg
+
+        with psycopg.connect(db) as c:
+            return c.execute(sql).fetchone()[0]
+    with sqlite3.connect(db) as c:
+        return c.execute(sql).fetchone()[0]
+
+
+def db_count(db: str, where: str = "1 = 1") -> int:
+    """Rows of the (closed) database matching ``where``, read with a separate connection."""
+    return db_query(db, f"SELECT count(*) FROM requests WHERE {where}")
 
 
 def lease_all(store: QueueStore, worker: str = "w", **kw) -> list:
@@ -450,8 +472,7 @@ def test_reopen_keeps_everything_once_and_leases_come_back(db, clock):
     assert len(served) == len(set(served)) == 40 - 4 - 1 - 1  # every request not DONE/cancelled, once
     s.close()
     assert db_count(db) == 40
-    with sqlite3.connect(db) as c:
-        assert c.execute("SELECT count(DISTINCT request_id) FROM requests").fetchone()[0] == 40
+    assert db_query(db, "SELECT count(DISTINCT request_id) FROM requests") == 40
 
 
 def test_kill9_keeps_committed_requests(tmp_path):
@@ -482,7 +503,8 @@ def test_kill9_keeps_committed_requests(tmp_path):
     s.close()
 
 
-def test_one_owner_per_file_and_fixed_granularity(db, clock):
+def test_one_owner_per_file_and_fixed_granularity(sqlite_db, clock):
+    db = sqlite_db
     s = open_store(db, clock)
     s.enqueue("r", "m", [1], 5, 1000)
     with pytest.raises(QueueError) as e:
@@ -495,8 +517,8 @@ def test_one_owner_per_file_and_fixed_granularity(db, clock):
         assert s2.get("r").state is RequestState.QUEUED
 
 
-def test_store_is_bound_to_its_thread(db, clock):
-    s = open_store(db, clock)
+def test_store_is_bound_to_its_thread(sqlite_db, clock):
+    s = open_store(sqlite_db, clock)
     errors = []
     t = threading.Thread(target=lambda: errors.append(pytest.raises(sqlite3.ProgrammingError, s.get, "r")))
     t.start()
@@ -533,10 +555,12 @@ class QueueMachine(RuleBasedStateMachine):
     G = 30.0
     CAPACITY = 14
 
+    pg_server = None  # set: run against a fresh database on this PostgreSQL server (PgQueueMachine)
+
     def __init__(self) -> None:
         super().__init__()
         self.dir = tempfile.mkdtemp(prefix="queue-store-")
-        self.db = os.path.join(self.dir, "q.db")
+        self.db = os.path.join(self.dir, "q.db") if self.pg_server is None else self.pg_server.create_database()
         self.clock = FakeClock(1000.0)
         self.store = self._open()
         self.ref: dict[str, dict] = {}  # request_id -> model, bucket, order, state, lease, expiry, mt, slo, prompt, resume
@@ -545,11 +569,13 @@ class QueueMachine(RuleBasedStateMachine):
         self.acked: dict[str, int] = {}  # request_id -> successful (state-changing) acks
 
     def _open(self) -> QueueStore:
-        return QueueStore(QueueConfig(db_path=self.db, group_granularity_s=self.G, capacity=self.CAPACITY), clock=self.clock)
+        return open_any_store(QueueConfig(db_path=self.db, group_granularity_s=self.G, capacity=self.CAPACITY), clock=self.clock)
 
     def teardown(self) -> None:
         self.store.close()
         shutil.rmtree(self.dir, ignore_errors=True)
+        if self.pg_server is not None:
+            self.pg_server.drop_database(self.db)
 
     # -- reference helpers ---------------------------------------------------------------------
     def _active(self) -> int:
@@ -694,6 +720,18 @@ class QueueMachine(RuleBasedStateMachine):
 QueueMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=50, deadline=None,
                                           suppress_health_check=[HealthCheck.too_slow])
 test_queue_state_machine = QueueMachine.TestCase
+
+
+def test_queue_state_machine_postgres(pg_server):
+    """The same random operations against the PostgreSQL store (fewer examples: a database per example)."""
+    from hypothesis.stateful import run_state_machine_as_test
+
+    class PgQueueMachine(QueueMachine):
+        pass
+
+    PgQueueMachine.pg_server = pg_server
+    run_state_machine_as_test(PgQueueMachine, settings=settings(max_examples=20, stateful_step_count=40, deadline=None,
+                                                                suppress_health_check=[HealthCheck.too_slow]))
 
 
 def test_model_and_resume_is_the_ack_paths_light_lookup(db, clock):

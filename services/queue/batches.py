@@ -1,4 +1,4 @@
-"""The Batch API's durable state: uploaded files and batches, in the queue's own SQLite file.
+"""The Batch API's durable state: uploaded files and batches, in the queue's own database (SQLite or PostgreSQL).
 
 A batch (OpenAI Batch API, issue 8) is a set of batch requests that share a TTFT SLO, its *completion
 window*: every parsed input line becomes one request in the global queue (request id
@@ -18,12 +18,13 @@ rendering of :meth:`BatchStore.results`, which the HTTP gateway turns into JSONL
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import sqlite3
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from chiron.v1 import batch_pb2, batch_pb2_grpc, queue_pb2
@@ -142,8 +143,40 @@ class ItemResult:
     max_tokens: int
 
 
+class _SqliteDb:
+    """The Batch API's seam over the SQLite queue store's connection (``?`` placeholders, BEGIN IMMEDIATE)."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        self.execute = conn.execute
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[object]]) -> None:
+        self.conn.executemany(sql, rows)
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        c = self.conn
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            c.execute("ROLLBACK")
+            raise
+        c.execute("COMMIT")
+
+    def setup(self) -> None:
+        for stmt in _BATCH_SCHEMA.split(";"):
+            if stmt.strip():
+                self.conn.execute(stmt)
+
+    def recover_creating(self, message_json: str) -> None:
+        self.conn.execute("UPDATE batches SET state = 'open', cancelled_s = created_s, errors = ? WHERE state = 'creating'",
+                          (message_json,))
+
+
 class BatchStore:
-    """Files and batches over a :class:`QueueStore`'s database (same file, same single owner).
+    """Files and batches over a :class:`QueueStore`'s database (SQLite: same file, same single owner; PostgreSQL
+    (:class:`~services.queue.pg_store.PgQueueStore`): same database and SQL, any number of replicas).
 
     ``max_file_bytes``: largest accepted upload [bytes] (RESOURCE_EXHAUSTED beyond it); ``clock``: Unix time
     [s]. All methods raise :class:`QueueError` with a gRPC status name (INVALID_ARGUMENT, NOT_FOUND,
@@ -155,22 +188,14 @@ class BatchStore:
         self.store = store
         self.max_file_bytes = int(max_file_bytes)
         self._clock = clock
-        self._conn: sqlite3.Connection = store._conn  # one database, one owner: the queue store's connection
-        c = self._conn
-        c.execute("BEGIN IMMEDIATE")
-        try:
-            for stmt in _BATCH_SCHEMA.split(";"):
-                if stmt.strip():
-                    c.execute(stmt)
+        # One database: the queue store's (SQLite: its connection, one owner; PostgreSQL: its seam, same SQL).
+        self._db = store.batch_db() if hasattr(store, "batch_db") else _SqliteDb(store._conn)
+        with self._db.transaction():
+            self._db.setup()
             # A queue that stopped between storing a batch and enqueueing its requests: the batch is kept (its
             # input file too) and finishes as cancelled, with every line in its error file, so it can be resent.
-            c.execute("UPDATE batches SET state = 'open', cancelled_s = created_s, errors = ? WHERE state = 'creating'",
-                      (json.dumps([{"line": 0, "custom_id": "", "code": "queue_restarted",
-                                    "message": "the queue stopped while creating this batch; create it again"}]),))
-            c.execute("COMMIT")
-        except BaseException:
-            c.execute("ROLLBACK")
-            raise
+            self._db.recover_creating(json.dumps([{"line": 0, "custom_id": "", "code": "queue_restarted",
+                                                   "message": "the queue stopped while creating this batch; create it again"}]))
 
     # -- files ---------------------------------------------------------------------------------
     def create_file(self, filename: str, purpose: str, content: bytes) -> FileRecord:
@@ -184,13 +209,13 @@ class BatchStore:
             raise QueueError("RESOURCE_EXHAUSTED", f"file of {len(content)} bytes exceeds the limit of "
                                                    f"{self.max_file_bytes} bytes; split it into several batches")
         rec = FileRecord(f"file-{uuid.uuid4().hex}", filename or "upload.jsonl", purpose, float(self._clock()), len(content))
-        self._conn.execute("INSERT INTO files (file_id, filename, purpose, created_s, size_bytes, content) VALUES (?,?,?,?,?,?)",
+        self._db.execute("INSERT INTO files (file_id, filename, purpose, created_s, size_bytes, content) VALUES (?,?,?,?,?,?)",
                            (rec.file_id, rec.filename, rec.purpose, rec.created_s, rec.size_bytes, bytes(content)))
         return rec
 
     def get_file(self, file_id: str) -> FileRecord:
         """An upload's metadata. Raises NOT_FOUND."""
-        row = self._conn.execute("SELECT file_id, filename, purpose, created_s, size_bytes FROM files WHERE file_id = ?",
+        row = self._db.execute("SELECT file_id, filename, purpose, created_s, size_bytes FROM files WHERE file_id = ?",
                                  (file_id,)).fetchone()
         if row is None:
             raise QueueError("NOT_FOUND", f"no file {file_id!r}")
@@ -198,7 +223,7 @@ class BatchStore:
 
     def file_content(self, file_id: str) -> bytes:
         """An upload's bytes. Raises NOT_FOUND."""
-        row = self._conn.execute("SELECT content FROM files WHERE file_id = ?", (file_id,)).fetchone()
+        row = self._db.execute("SELECT content FROM files WHERE file_id = ?", (file_id,)).fetchone()
         if row is None:
             raise QueueError("NOT_FOUND", f"no file {file_id!r}")
         return bytes(row[0])
@@ -239,34 +264,28 @@ class BatchStore:
                 good.append((line, cid, model, ids, mt))
         items = good
         now = float(self._clock())
-        c = self._conn
-        c.execute("BEGIN IMMEDIATE")
-        try:
-            c.execute("INSERT INTO batches (batch_id, input_file_id, endpoint, window_s, created_s, state, metadata, errors) "
-                      "VALUES (?, ?, ?, ?, ?, 'creating', ?, ?)",
-                      (batch_id, input_file_id, endpoint, int(window_s), now, json.dumps(dict(metadata)),
-                       json.dumps([e.__dict__ for e in errors])))
-            c.executemany("INSERT INTO batch_items (batch_id, line, custom_id, request_id) VALUES (?, ?, ?, ?)",
-                          [(batch_id, line, cid, f"{batch_id}-{line}") for line, cid, *_ in items])
-            c.execute("COMMIT")
-        except BaseException:
-            c.execute("ROLLBACK")
-            raise
+        db = self._db
+        with db.transaction():
+            db.execute("INSERT INTO batches (batch_id, input_file_id, endpoint, window_s, created_s, state, metadata, errors) "
+                       "VALUES (?, ?, ?, ?, ?, 'creating', ?, ?)",
+                       (batch_id, input_file_id, endpoint, int(window_s), now, json.dumps(dict(metadata)),
+                        json.dumps([e.__dict__ for e in errors])))
+            db.executemany("INSERT INTO batch_items (batch_id, line, custom_id, request_id) VALUES (?, ?, ?, ?)",
+                           [(batch_id, line, cid, f"{batch_id}-{line}") for line, cid, *_ in items])
         try:
             self.store.enqueue_many([(f"{batch_id}-{line}", model, ids, mt, int(window_s) * 1000)
                                      for line, _, model, ids, mt in items])
         except BaseException:
-            c.execute("BEGIN IMMEDIATE")
-            c.execute("DELETE FROM batch_items WHERE batch_id = ?", (batch_id,))
-            c.execute("DELETE FROM batches WHERE batch_id = ?", (batch_id,))
-            c.execute("COMMIT")
+            with db.transaction():
+                db.execute("DELETE FROM batch_items WHERE batch_id = ?", (batch_id,))
+                db.execute("DELETE FROM batches WHERE batch_id = ?", (batch_id,))
             raise
-        c.execute("UPDATE batches SET state = 'open' WHERE batch_id = ?", (batch_id,))
+        db.execute("UPDATE batches SET state = 'open' WHERE batch_id = ?", (batch_id,))
         return self.get_batch(batch_id)
 
     def get_batch(self, batch_id: str) -> BatchRecord:
         """A batch with its counts and status. Cost: one indexed pass over its requests. Raises NOT_FOUND."""
-        c = self._conn
+        c = self._db
         row = c.execute("SELECT input_file_id, endpoint, window_s, created_s, cancelled_s, metadata, errors FROM batches "
                         "WHERE batch_id = ?", (batch_id,)).fetchone()
         if row is None:
@@ -298,7 +317,7 @@ class BatchStore:
     def list_batches(self, limit: int = 20) -> list[BatchRecord]:
         """The newest ``limit`` batches (1..100), newest first."""
         limit = min(max(int(limit) or 20, 1), 100)
-        ids = [r[0] for r in self._conn.execute("SELECT batch_id FROM batches ORDER BY created_s DESC LIMIT ?", (limit,))]
+        ids = [r[0] for r in self._db.execute("SELECT batch_id FROM batches ORDER BY created_s DESC LIMIT ?", (limit,))]
         return [self.get_batch(b) for b in ids]
 
     def cancel_batch(self, batch_id: str) -> BatchRecord:
@@ -308,8 +327,8 @@ class BatchStore:
         if rec.final:
             return rec
         if rec.cancelled_s is None:
-            self._conn.execute("UPDATE batches SET cancelled_s = ? WHERE batch_id = ?", (float(self._clock()), batch_id))
-        for (rid,) in self._conn.execute(
+            self._db.execute("UPDATE batches SET cancelled_s = ? WHERE batch_id = ?", (float(self._clock()), batch_id))
+        for (rid,) in self._db.execute(
                 "SELECT b.request_id FROM batch_items b JOIN requests r ON r.request_id = b.request_id "
                 "WHERE b.batch_id = ? AND r.state IN (0, 1)", (batch_id,)).fetchall():
             self.store.cancel(rid)
@@ -320,7 +339,7 @@ class BatchStore:
         Raises NOT_FOUND."""
         rec = self.get_batch(batch_id)
         items = []
-        for line, cid, rid, model, state, n_prompt, resume, fin, mt in self._conn.execute(
+        for line, cid, rid, model, state, n_prompt, resume, fin, mt in self._db.execute(
                 "SELECT b.line, b.custom_id, b.request_id, r.model, r.state, r.n_prompt, r.resume, r.finished_s, r.max_tokens "
                 "FROM batch_items b JOIN requests r ON r.request_id = b.request_id WHERE b.batch_id = ? ORDER BY b.line",
                 (batch_id,)):
@@ -331,7 +350,7 @@ class BatchStore:
     def line_errors(self, batch_id: str) -> list[LineError]:
         """A batch's line errors (input lines that did not become requests): those the gateway found, then those
         the queue refused. Raises NOT_FOUND."""
-        row = self._conn.execute("SELECT errors FROM batches WHERE batch_id = ?", (batch_id,)).fetchone()
+        row = self._db.execute("SELECT errors FROM batches WHERE batch_id = ?", (batch_id,)).fetchone()
         if row is None:
             raise QueueError("NOT_FOUND", f"no batch {batch_id!r}")
         return [LineError(**e) for e in json.loads(row[0])]

@@ -115,7 +115,9 @@ _STATE_NAMES = (RequestState.QUEUED, RequestState.LEASED, RequestState.DONE, Req
 class QueueConfig:
     """Configuration of a :class:`QueueStore`.
 
-    ``db_path``: SQLite file (created if missing; ``":memory:"`` for tests, not durable).
+    ``db_path``: SQLite file (created if missing; ``":memory:"`` for tests, not durable), or a PostgreSQL URL
+    ``postgresql://user:password@host:port/dbname`` (:mod:`services.queue.pg_store`; open either with
+    :func:`services.queue.pg_store.open_store`).
     ``group_granularity_s``: width of a deadline bucket (seconds, > 0); requests of one model whose deadlines
     fall in the same bucket form one group. Fixed for the life of a database file.
     ``capacity``: most requests QUEUED + LEASED at once (requests, ≥ 1); beyond it enqueue is refused.
@@ -123,7 +125,7 @@ class QueueConfig:
     ``models``: accepted model names; empty = any model.
     ``max_prompt_tokens``: longest accepted prompt (tokens).
     ``lease_timeout_s``: default lease duration (seconds, > 0) when :meth:`QueueStore.lease` is not given one.
-    ``cache_size_kib``: SQLite page cache (KiB, ≥ 1024).
+    ``cache_size_kib``: SQLite page cache (KiB, ≥ 1024; unused by PostgreSQL).
     """
 
     db_path: str | os.PathLike[str] = ":memory:"
@@ -157,9 +159,11 @@ class QueueConfig:
 
 class QueueError(Exception):
     """A refused queue operation. ``code`` is the gRPC status name the service maps it to:
-    INVALID_ARGUMENT, ALREADY_EXISTS, RESOURCE_EXHAUSTED, NOT_FOUND or FAILED_PRECONDITION."""
+    INVALID_ARGUMENT, ALREADY_EXISTS, RESOURCE_EXHAUSTED, NOT_FOUND, FAILED_PRECONDITION or (PostgreSQL store:
+    the database is unreachable; retry) UNAVAILABLE."""
 
-    CODES = frozenset({"INVALID_ARGUMENT", "ALREADY_EXISTS", "RESOURCE_EXHAUSTED", "NOT_FOUND", "FAILED_PRECONDITION"})
+    CODES = frozenset({"INVALID_ARGUMENT", "ALREADY_EXISTS", "RESOURCE_EXHAUSTED", "NOT_FOUND", "FAILED_PRECONDITION",
+                       "UNAVAILABLE"})
 
     def __init__(self, code: str, message: str) -> None:
         if code not in self.CODES:
@@ -299,6 +303,22 @@ def _decode_tokens(blob: bytes | None) -> tuple[int, ...]:
     if not _LITTLE:
         a.byteswap()
     return tuple(a)
+
+
+def _output_tokens_arg(output_tokens: Any) -> tuple[bytes | None, int]:
+    """``(blob or None, count)`` of an ack's ``output_tokens``: a count, or the token ids themselves."""
+    blob = None
+    if isinstance(output_tokens, int | np.integer) and not isinstance(output_tokens, bool):
+        count = int(output_tokens)
+    else:
+        try:
+            len(output_tokens)
+        except TypeError:
+            raise QueueError("INVALID_ARGUMENT", "output_tokens must be a token count or a sequence of token ids") from None
+        blob, count = _encode_tokens(output_tokens, "output_tokens")
+    if count < 0:
+        raise QueueError("INVALID_ARGUMENT", f"output_tokens must be >= 0, got {count}")
+    return blob, count
 
 
 def _as_int(value: Any, what: str) -> int:
@@ -763,17 +783,7 @@ class QueueStore:
         (unknown id), FAILED_PRECONDITION (not the current lease: expired and re-queued or re-leased, cancelled,
         or DONE by another lease), INVALID_ARGUMENT (negative count or bad ids).
         """
-        blob = None
-        if isinstance(output_tokens, int | np.integer) and not isinstance(output_tokens, bool):
-            count = int(output_tokens)
-        else:
-            try:
-                len(output_tokens)  # type: ignore[arg-type]
-            except TypeError:
-                raise QueueError("INVALID_ARGUMENT", "output_tokens must be a token count or a sequence of token ids") from None
-            blob, count = _encode_tokens(output_tokens, "output_tokens")
-        if count < 0:
-            raise QueueError("INVALID_ARGUMENT", f"output_tokens must be >= 0, got {count}")
+        blob, count = _output_tokens_arg(output_tokens)
         row = self._conn.execute(_SELECT_FOR_UPDATE, (request_id,)).fetchone()
         if row is not None and row[3] == _DONE and row[4] == lease_id:
             return int(row[8]), row[1], int(row[6])

@@ -1,0 +1,597 @@
+"""The queue store over PostgreSQL (psycopg 3): several interchangeable queue replicas over one database.
+
+``chiron queue --db postgresql://user:password@host:port/dbname`` selects it (:func:`open_store`); a path keeps
+the embedded SQLite store (:class:`~services.queue.store.QueueStore`, the default). Both keep one contract: the
+same methods, results, errors, order and positions; ``tests/test_queue_store.py`` and
+``tests/test_batch_store.py`` run against both.
+
+What differs from SQLite
+------------------------
+* **No per-process state.** Every answer is derived from the database rows at the moment of the call: group
+  aggregates (:meth:`PgQueueStore.groups`, :meth:`PgQueueStore.group_snapshots`), counts and positions. So the
+  estimator's view of each group (its queued count and deadline) is the same whichever replica answers. What
+  *is* per replica lives in the gRPC service, not here: the measured serving capacity
+  (:class:`~services.queue.server.CapacityTracker`: output tokens acked *through this replica* over its window,
+  over the leases out, which are read from the database) and the estimator's prepared tables. With ``N``
+  replicas behind a balancer each one measures about ``1/N`` of the fleet's throughput; point the scaler at one
+  replica (or use ``--prior-throughput``) until the capacity is read from the rows too.
+  The cost: ``groups()`` / ``counts()`` are an aggregate over the QUEUED and LEASED rows (partial indexes), not
+  O(groups) from memory: milliseconds per 100,000 outstanding requests.
+* **Leases** are taken with ``SELECT … ORDER BY bucket, model, seq LIMIT n FOR UPDATE SKIP LOCKED``: the same
+  earliest-deadline-first, FIFO-inside order as SQLite; two replicas leasing at once get disjoint requests
+  (a row locked by one is skipped by the other). Ack / return / renew / cancel read their row ``FOR UPDATE`` and
+  check the current lease id in the same transaction, so only the current lease holder can complete a request.
+* **Sequence numbers** come from an identity column: FIFO inside a group is commit-order within one replica and
+  allocation order across replicas.
+* **Capacity** (``QueueConfig.capacity``) is checked against a count of outstanding rows that is at most one
+  second old, and recounted whenever the request would come close to the limit; concurrent enqueues through
+  several replicas can overshoot it by at most what they insert at the same moment.
+* **Clock.** Arrival, deadline and lease expiry are on each replica's clock (``time.time`` by default): keep the
+  replicas' clocks in sync (NTP), as lease expiry compares one replica's expiry with another's now.
+* **Loss of the database.** A call that finds the database gone raises ``QueueError("UNAVAILABLE")`` (the
+  service answers gRPC UNAVAILABLE); the next call reconnects, so the replica recovers by itself when the
+  database returns. A transaction cut in the middle is rolled back by PostgreSQL: nothing half-done remains.
+* **Start-up.** An unreachable URL, or a database created by another schema version or another
+  ``group_granularity_s``, stops the queue at start-up with the URL (password hidden) and the fix.
+
+High availability is PostgreSQL's: point ``--db`` at the primary of a streaming-replication pair or a managed
+service's endpoint, or at a proxy (PgBouncer in session or transaction mode, HAProxy, Patroni's endpoint) that
+follows the primary; after a fail-over the replicas reconnect by themselves. A committed call is durable as
+PostgreSQL's ``synchronous_commit`` (and synchronous standbys) make it.
+
+Threads: like the SQLite store, one store object is used from one thread (the queue server's event loop);
+calls block for one database round trip or a few.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from services.queue.estimator import GroupSnapshot
+from services.queue.store import (
+    _DONE,
+    _QUEUED,
+    _STATE_NAMES,
+    GroupStats,
+    Lease,
+    QueueConfig,
+    QueueError,
+    QueueStore,
+    RequestInfo,
+    _as_int,
+    _decode_tokens,
+    _encode_tokens,
+    _output_tokens_arg,
+)
+
+__all__ = ["PgQueueStore", "is_postgres_url", "open_store", "redact_url", "SCHEMA_VERSION"]
+
+SCHEMA_VERSION = 1
+_CONNECT_TIMEOUT_S = 5
+_SETUP_LOCK = 0x63686972  # advisory lock key ("chir"): replicas starting together create the schema once
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS requests (
+    seq            BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    request_id     TEXT             NOT NULL UNIQUE,
+    model          TEXT             NOT NULL,
+    bucket         BIGINT           NOT NULL,
+    state          SMALLINT         NOT NULL,
+    max_tokens     INTEGER          NOT NULL,
+    ttft_slo_ms    BIGINT           NOT NULL,
+    arrival_s      DOUBLE PRECISION NOT NULL,
+    deadline_s     DOUBLE PRECISION NOT NULL,
+    n_prompt       INTEGER          NOT NULL,
+    n_resume       INTEGER          NOT NULL DEFAULT 0,
+    attempts       INTEGER          NOT NULL DEFAULT 0,
+    lease_id       TEXT,
+    lease_expiry_s DOUBLE PRECISION,
+    worker_id      TEXT,
+    output_tokens  INTEGER,
+    finished_s     DOUBLE PRECISION,
+    first_leased_s DOUBLE PRECISION,
+    prompt         BYTEA            NOT NULL,
+    resume         BYTEA
+);
+CREATE INDEX IF NOT EXISTS requests_queued ON requests (bucket, model, seq) WHERE state = 0;
+CREATE INDEX IF NOT EXISTS requests_leased ON requests (lease_expiry_s) WHERE state = 1;
+CREATE INDEX IF NOT EXISTS requests_leased_groups ON requests (bucket, model) WHERE state = 1;
+CREATE INDEX IF NOT EXISTS requests_finished ON requests (finished_s) WHERE state IN (2, 3);
+CREATE TABLE IF NOT EXISTS files (
+    file_id    TEXT PRIMARY KEY,
+    filename   TEXT NOT NULL,
+    purpose    TEXT NOT NULL,
+    created_s  DOUBLE PRECISION NOT NULL,
+    size_bytes BIGINT NOT NULL,
+    content    BYTEA NOT NULL
+);
+CREATE TABLE IF NOT EXISTS batches (
+    batch_id      TEXT PRIMARY KEY,
+    input_file_id TEXT NOT NULL,
+    endpoint      TEXT NOT NULL,
+    window_s      BIGINT NOT NULL,
+    created_s     DOUBLE PRECISION NOT NULL,
+    cancelled_s   DOUBLE PRECISION,
+    state         TEXT NOT NULL,
+    metadata      TEXT NOT NULL,
+    errors        TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS batches_created ON batches (created_s);
+CREATE TABLE IF NOT EXISTS batch_items (
+    batch_id   TEXT    NOT NULL,
+    line       INTEGER NOT NULL,
+    custom_id  TEXT    NOT NULL,
+    request_id TEXT    NOT NULL,
+    PRIMARY KEY (batch_id, line)
+);
+"""
+
+_INSERT = ("INSERT INTO requests (request_id, model, bucket, state, max_tokens, ttft_slo_ms, arrival_s, deadline_s, "
+           "n_prompt, prompt) VALUES (%s, %s, %s, 0, %s, %s, %s, %s, %s, %s)")
+_SELECT_FOR_UPDATE = ("SELECT seq, model, bucket, state, lease_id, max_tokens, n_resume, arrival_s, output_tokens, resume "
+                      "FROM requests WHERE request_id = %s FOR UPDATE")
+_EXPIRE = ("UPDATE requests SET state = 0, lease_id = NULL, lease_expiry_s = NULL, worker_id = NULL, attempts = attempts + 1 "
+           "WHERE state = 1 AND lease_expiry_s < %s")
+_LEASE = """
+WITH picked AS (
+    SELECT seq FROM requests WHERE state = 0 {models} ORDER BY bucket, model, seq LIMIT %(n)s FOR UPDATE SKIP LOCKED
+)
+UPDATE requests r SET state = 1, lease_id = replace(gen_random_uuid()::text, '-', ''), lease_expiry_s = %(expiry)s,
+    worker_id = %(worker)s, first_leased_s = COALESCE(r.first_leased_s, %(now)s)
+FROM picked WHERE r.seq = picked.seq
+RETURNING r.bucket, r.model, r.seq, r.request_id, r.lease_id, r.max_tokens, r.ttft_slo_ms, r.arrival_s, r.deadline_s,
+    r.attempts, r.prompt, r.resume
+"""
+_GROUPS = """
+SELECT model, bucket, count(*) FILTER (WHERE state = 0), count(*) FILTER (WHERE state = 1),
+    COALESCE(sum(max_tokens - n_resume) FILTER (WHERE state = 0), 0),
+    (array_agg(arrival_s ORDER BY seq) FILTER (WHERE state = 0))[1]
+FROM requests WHERE state IN (0, 1) GROUP BY bucket, model ORDER BY bucket, model
+"""
+
+
+def is_postgres_url(db: Any) -> bool:
+    """True when ``db`` (``QueueConfig.db_path``) names a PostgreSQL database (``postgresql://`` or ``postgres://``)."""
+    return isinstance(db, str) and db.startswith(("postgresql://", "postgres://"))
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password replaced by ``***`` (for messages and logs)."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        host = parts.netloc.rsplit("@", 1)[1]
+        return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+    except ValueError:
+        return "<unparsable database URL>"
+
+
+def open_store(config: QueueConfig, clock: Callable[[], float] = time.time) -> QueueStore:
+    """The store ``config.db_path`` names: :class:`PgQueueStore` for a PostgreSQL URL, else the SQLite
+    :class:`~services.queue.store.QueueStore`."""
+    if is_postgres_url(config.db_path):
+        return PgQueueStore(config, clock)
+    return QueueStore(config, clock)
+
+
+def _unavailable(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn a lost or refused database connection into ``QueueError("UNAVAILABLE")``; the next call reconnects."""
+
+    @functools.wraps(fn)
+    def wrapper(self: PgQueueStore, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(self, *args, **kwargs)
+        except self._pg.OperationalError as e:
+            raise self._lost(e) from None
+        except self._pg.InterfaceError as e:  # the connection was closed under us
+            raise self._lost(e) from None
+
+    return wrapper
+
+
+class _PgDb:
+    """The Batch API's view of the database (:class:`~services.queue.batches.BatchStore`): the same SQL as on
+    SQLite (``?`` placeholders become ``%s``), the same transaction seam, errors mapped to UNAVAILABLE."""
+
+    def __init__(self, store: PgQueueStore) -> None:
+        self.store = store
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        return self.store._execute(sql.replace("?", "%s"), params)
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        self.store._executemany(sql.replace("?", "%s"), rows)
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        with self.store._transaction():
+            yield
+
+    def setup(self) -> None:
+        """Schema: created with the queue's tables (:data:`_SCHEMA`)."""
+
+    def recover_creating(self, message_json: str) -> None:
+        """Batches a replica left in ``creating`` (it stopped between storing the batch and enqueueing its
+        requests) finish as cancelled; only those older than 10 minutes, as another replica may be creating one now."""
+        self.execute("UPDATE batches SET state = 'open', cancelled_s = created_s, errors = ? "
+                     "WHERE state = 'creating' AND created_s < ?", (message_json, float(self.store._clock()) - 600.0))
+
+
+class PgQueueStore(QueueStore):
+    """:class:`~services.queue.store.QueueStore`'s contract over PostgreSQL (see the module docstring).
+
+    ``PgQueueStore(config, clock=time.time)`` with ``config.db_path`` a ``postgresql://`` URL. Raises ValueError
+    at start-up for an unreachable database, another schema version or another ``group_granularity_s``; the
+    message names the URL (password hidden) and the fix.
+    """
+
+    def __init__(self, config: QueueConfig, clock: Callable[[], float] = time.time) -> None:  # noqa: D107
+        config.validate()
+        try:
+            import psycopg
+        except ImportError as e:  # pragma: no cover - a dependency of the project
+            raise ValueError("a postgresql:// queue database needs psycopg 3: pip install 'psycopg[binary]>=3'") from e
+        self._pg = psycopg
+        self.config = config
+        self._clock = clock
+        self._g = float(config.group_granularity_s)
+        self._models = frozenset(config.models)
+        self._url = str(config.db_path)
+        self.url = redact_url(self._url)
+        self._conn: Any = None
+        self._tx: Any = None  # the connection while a transaction is open on it (never reconnect inside one)
+        self._active: tuple[float, int] | None = None  # (monotonic time, QUEUED + LEASED rows) for the capacity check
+        try:
+            self._conn = self._connect()
+        except psycopg.Error as e:
+            raise ValueError(
+                f"cannot reach the queue database {self.url}: {str(e).strip()}. Fix: start PostgreSQL there or correct "
+                "--db (postgresql://user:password@host:port/dbname; the database must exist: createdb dbname), and "
+                "check the user, password and pg_hba.conf") from None
+        try:
+            self._setup()
+        except BaseException:
+            self._conn.close()
+            raise
+
+    # -- connection ------------------------------------------------------------------------------
+    def _connect(self) -> Any:
+        return self._pg.connect(self._url, autocommit=True, connect_timeout=_CONNECT_TIMEOUT_S,
+                                application_name="chiron-queue")
+
+    def _c(self) -> Any:
+        conn = self._conn
+        if conn is None or conn.closed or conn.broken:
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    conn.close()
+            self._conn = None
+            self._conn = conn = self._connect()
+        return conn
+
+    def _lost(self, e: Exception) -> QueueError:
+        conn = self._conn
+        if conn is not None and (conn.closed or conn.broken):
+            with contextlib.suppress(Exception):
+                conn.close()
+            self._conn = None
+        return QueueError("UNAVAILABLE", f"the queue database {self.url} is unavailable ({str(e).strip() or type(e).__name__}); "
+                                         "retry: this replica reconnects by itself when it returns")
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[Any]:
+        if self._tx is not None:  # nested (a Batch API transaction around a store call): one transaction
+            yield self._tx
+            return
+        try:
+            conn = self._c()
+            with conn.transaction():
+                self._tx = conn
+                try:
+                    yield conn
+                finally:
+                    self._tx = None
+        except (self._pg.OperationalError, self._pg.InterfaceError) as e:
+            raise self._lost(e) from None
+
+    def _execute(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> Any:
+        try:
+            return (self._tx or self._c()).execute(sql, params)
+        except (self._pg.OperationalError, self._pg.InterfaceError) as e:
+            raise self._lost(e) from None
+
+    def _executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        try:
+            (self._tx or self._c()).cursor().executemany(sql, list(rows))
+        except (self._pg.OperationalError, self._pg.InterfaceError) as e:
+            raise self._lost(e) from None
+
+    def batch_db(self) -> _PgDb:
+        """The database seam :class:`~services.queue.batches.BatchStore` uses."""
+        return _PgDb(self)
+
+    def _setup(self) -> None:
+        with self._conn.transaction():
+            c = self._conn
+            c.execute("SELECT pg_advisory_xact_lock(%s)", (_SETUP_LOCK,))
+            c.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            meta = dict(c.execute("SELECT key, value FROM meta").fetchall())
+            version = meta.get("schema_version")
+            if version is not None and int(version) != SCHEMA_VERSION:
+                raise ValueError(
+                    f"the queue database {self.url} has schema version {version}, this code uses {SCHEMA_VERSION}. Fix: "
+                    f"run the chiron version that created it, or point --db at a new database (createdb), "
+                    f"or drop this one's tables if its queue may be discarded")
+            if version is None and c.execute("SELECT to_regclass('requests') IS NOT NULL").fetchone()[0]:
+                raise ValueError(
+                    f"the queue database {self.url} has a 'requests' table but no chiron schema version: it belongs to "
+                    "something else. Fix: point --db at a database of its own (createdb chiron_queue)")
+            c.execute(_SCHEMA)
+            if version is None:
+                c.execute("INSERT INTO meta (key, value) VALUES ('schema_version', %s)", (str(SCHEMA_VERSION),))
+            g = meta.get("group_granularity_s")
+            if g is None:
+                c.execute("INSERT INTO meta (key, value) VALUES ('group_granularity_s', %s)", (repr(self._g),))
+            elif float(g) != self._g:
+                raise ValueError(f"the queue database {self.url} was created with group_granularity_s={float(g)}, got "
+                                 f"{self._g}. Fix: use the same granularity (--group-granularity-s {float(g)}) or a new database")
+
+    def close(self) -> None:
+        """Close the connection. The store cannot be used afterwards."""
+        if self._conn is not None:
+            self._conn.close()
+
+    # -- enqueue ---------------------------------------------------------------------------------
+    def _outstanding(self, c: Any, adding: int) -> int:
+        """QUEUED + LEASED rows, at most one second old; recounted when ``adding`` more could reach the capacity."""
+        now = time.monotonic()
+        cached = self._active
+        if cached is None or now - cached[0] > 1.0 or cached[1] + adding >= 0.9 * self.config.capacity:
+            n = int(c.execute("SELECT count(*) FROM requests WHERE state IN (0, 1)").fetchone()[0])
+            self._active = cached = (now, n)
+        return cached[1]
+
+    def _exhausted_n(self, active: int, n: int) -> QueueError:
+        return QueueError("RESOURCE_EXHAUSTED", f"queue is full: {active} queued or leased of capacity {self.config.capacity}; "
+                                                f"cannot accept {n} more request(s): retry later")
+
+    def _existing(self, request_id: str) -> tuple[str, int, int, int, bytes] | None:
+        return self._execute("SELECT model, bucket, max_tokens, ttft_slo_ms, prompt FROM requests WHERE request_id = %s",
+                             (request_id,)).fetchone()
+
+    @_unavailable
+    def enqueue(self, request_id: str, model: str, prompt_token_ids: Sequence[int], max_tokens: int,
+                ttft_slo_ms: int) -> tuple[str, str]:
+        return self._enqueue_validated([self._validate(request_id, model, prompt_token_ids, max_tokens, ttft_slo_ms)])[0]
+
+    @_unavailable
+    def enqueue_many(self, requests: Iterable[Sequence[Any] | Mapping[str, Any]]) -> list[tuple[str, str]]:
+        vs: list[tuple[str, str, bytes, int, int, int]] = []
+        for i, item in enumerate(requests):
+            where = f"requests[{i}]: "
+            if isinstance(item, Mapping):
+                try:
+                    vs.append(self._validate(item["request_id"], item["model"], item["prompt_token_ids"], item["max_tokens"],
+                                             item["ttft_slo_ms"], where))
+                except KeyError as e:
+                    raise QueueError("INVALID_ARGUMENT", f"{where}missing field {e}") from None
+            else:
+                if len(item) != 5:
+                    raise QueueError("INVALID_ARGUMENT", f"{where}expected (request_id, model, prompt_token_ids, max_tokens, "
+                                                         f"ttft_slo_ms), got {len(item)} fields")
+                vs.append(self._validate(*item, where=where))
+        return self._enqueue_validated(vs)
+
+    def _enqueue_validated(self, vs: list[tuple[str, str, bytes, int, int, int]]) -> list[tuple[str, str]]:
+        if not vs:
+            return []
+        first: dict[str, tuple[str, str, bytes, int, int, int]] = {}
+        for v in vs:
+            prev = first.get(v[0])
+            if prev is None:
+                first[v[0]] = v
+            elif (prev[1], prev[2], prev[4], prev[5]) != (v[1], v[2], v[4], v[5]):
+                raise QueueError("ALREADY_EXISTS", f"request_id {v[0]!r} appears twice in the batch with different content")
+        for attempt in range(3):
+            try:
+                return self._insert_batch(vs, first)
+            except self._pg.errors.UniqueViolation:
+                if attempt == 2:  # another replica keeps inserting the same ids
+                    raise QueueError("FAILED_PRECONDITION", "conflicting insert of a request id during enqueue") from None
+        raise AssertionError("unreachable")
+
+    def _insert_batch(self, vs: list[tuple[str, str, bytes, int, int, int]],
+                      first: dict[str, tuple[str, str, bytes, int, int, int]]) -> list[tuple[str, str]]:
+        result: dict[str, tuple[str, str]] = {}
+        now = float(self._clock())
+        g = self._g
+        with self._transaction() as c:
+            for model, bucket, mt, slo, blob, rid in c.execute(
+                    "SELECT model, bucket, max_tokens, ttft_slo_ms, prompt, request_id FROM requests WHERE request_id = ANY(%s)",
+                    (list(first),)).fetchall():
+                result[rid] = self._idempotent((model, bucket, mt, slo, blob), first[rid])
+            new = [v for rid, v in first.items() if rid not in result]
+            if new:
+                active = self._outstanding(c, len(new))
+                if active + len(new) > self.config.capacity:
+                    raise self._exhausted_n(active, len(new))
+                rows = []
+                for rid, model, blob, n, mt, slo in new:
+                    deadline = now + slo / 1000.0
+                    bucket = math.floor(deadline / g)
+                    rows.append((rid, model, bucket, mt, slo, now, deadline, n, blob))
+                    result[rid] = (rid, self._group_id(model, bucket))
+                c.cursor().executemany(_INSERT, rows)
+        if new and self._active is not None:
+            self._active = (self._active[0], self._active[1] + len(new))
+        return [result[v[0]] for v in vs]
+
+    # -- lease / ack / return / cancel -----------------------------------------------------------
+    @_unavailable
+    def lease(self, worker_id: str, max_requests: int, models: Iterable[str] | None = None,
+              lease_timeout_s: float | None = None) -> list[Lease]:
+        if not isinstance(worker_id, str) or not worker_id:
+            raise QueueError("INVALID_ARGUMENT", "worker_id must be a non-empty string")
+        n = _as_int(max_requests, "max_requests")
+        if n < 1:
+            raise QueueError("INVALID_ARGUMENT", f"max_requests must be >= 1, got {n}")
+        timeout = self.config.lease_timeout_s if lease_timeout_s is None else float(lease_timeout_s)
+        if not (math.isfinite(timeout) and timeout > 0):
+            raise QueueError("INVALID_ARGUMENT", f"lease_timeout_s must be a finite number of seconds > 0, got {lease_timeout_s}")
+        allowed = None
+        if models is not None:
+            allowed = sorted(set([models] if isinstance(models, str) else models)) or None
+        self.expire_leases()
+        now = float(self._clock())
+        expiry = now + timeout
+        params: dict[str, Any] = {"n": n, "expiry": expiry, "worker": worker_id, "now": now, "models": allowed}
+        sql = _LEASE.format(models="" if allowed is None else "AND model = ANY(%(models)s)")
+        with self._transaction() as c:
+            rows = c.execute(sql, params).fetchall()
+        rows.sort(key=lambda r: (r[0], r[1], r[2]))
+        return [Lease(rid, lease_id, model, _decode_tokens(prompt), mt, _decode_tokens(resume), slo, arrival, deadline,
+                      self._group_id(model, bucket), expiry, attempts, worker_id)
+                for bucket, model, _seq, rid, lease_id, mt, slo, arrival, deadline, attempts, prompt, resume in rows]
+
+    @_unavailable
+    def ack_request(self, request_id: str, lease_id: str, output_tokens: int | Sequence[int]) -> tuple[int, str, int]:
+        blob, count = _output_tokens_arg(output_tokens)
+        with self._transaction() as c:
+            row = c.execute(_SELECT_FOR_UPDATE, (request_id,)).fetchone()
+            if row is not None and row[3] == _DONE and row[4] == lease_id:
+                return int(row[8]), row[1], int(row[6])
+            seq = self._check_leased(row, request_id, lease_id, "ack")[0]
+            if blob is None:
+                c.execute("UPDATE requests SET state = 2, output_tokens = %s, lease_expiry_s = NULL, finished_s = %s WHERE seq = %s",
+                          (count, float(self._clock()), seq))
+            else:
+                c.execute("UPDATE requests SET state = 2, output_tokens = %s, lease_expiry_s = NULL, finished_s = %s, "
+                          "resume = %s, n_resume = %s WHERE seq = %s", (count, float(self._clock()), blob, count, seq))
+        return count, row[1], int(row[6])
+
+    @_unavailable
+    def return_request(self, request_id: str, lease_id: str, generated_token_ids: Sequence[int] = ()) -> int:
+        with self._transaction() as c:
+            row = self._check_leased(c.execute(_SELECT_FOR_UPDATE, (request_id,)).fetchone(), request_id, lease_id, "return")
+            seq, mt, n_resume, resume = row[0], row[5], row[6], row[9]
+            blob, n = _encode_tokens(generated_token_ids, "generated_token_ids")
+            if n == 0:
+                blob, n = resume, n_resume
+            else:
+                if resume and not blob.startswith(bytes(resume)):
+                    raise QueueError("INVALID_ARGUMENT", f"generated_token_ids must be all the tokens generated so far, starting "
+                                                         f"with the lease's {n_resume} resume_token_ids (not only the new ones)")
+                if n > mt:
+                    raise QueueError("INVALID_ARGUMENT", f"generated_token_ids has {n} tokens, more than max_tokens={mt}")
+            c.execute("UPDATE requests SET state = 0, lease_id = NULL, lease_expiry_s = NULL, worker_id = NULL, "
+                      "attempts = attempts + 1, resume = %s, n_resume = %s WHERE seq = %s", (blob, n, seq))
+        return n
+
+    @_unavailable
+    def renew_lease(self, request_id: str, lease_id: str, lease_timeout_s: float | None = None) -> float:
+        timeout = self.config.lease_timeout_s if lease_timeout_s is None else float(lease_timeout_s)
+        if not (math.isfinite(timeout) and timeout > 0):
+            raise QueueError("INVALID_ARGUMENT", f"lease_timeout_s must be a finite number of seconds > 0, got {lease_timeout_s}")
+        with self._transaction() as c:
+            seq = self._check_leased(c.execute(_SELECT_FOR_UPDATE, (request_id,)).fetchone(), request_id, lease_id,
+                                     "renew the lease of")[0]
+            expiry = float(self._clock()) + timeout
+            c.execute("UPDATE requests SET lease_expiry_s = %s WHERE seq = %s", (expiry, seq))
+        return expiry
+
+    @_unavailable
+    def cancel(self, request_id: str) -> bool:
+        with self._transaction() as c:
+            row = c.execute("UPDATE requests SET state = 3, lease_expiry_s = NULL, finished_s = %s "
+                            "WHERE request_id = %s AND state IN (0, 1) RETURNING seq", (float(self._clock()), request_id)).fetchone()
+            if row is None and c.execute("SELECT 1 FROM requests WHERE request_id = %s", (request_id,)).fetchone() is None:
+                raise QueueError("NOT_FOUND", f"no request {request_id!r} in the queue")
+        return row is not None
+
+    @_unavailable
+    def expire_leases(self) -> int:
+        """Put every lease whose expiry is before ``clock()`` back to QUEUED (one statement; replicas expiring at
+        once each re-queue a row at most once: the row lock serializes them and the second finds it QUEUED)."""
+        return self._execute(_EXPIRE, (float(self._clock()),)).rowcount
+
+    @_unavailable
+    def purge_finished(self, finished_before_s: float) -> int:
+        return self._execute("DELETE FROM requests WHERE state IN (2, 3) AND finished_s < %s", (float(finished_before_s),)).rowcount
+
+    # -- queries ---------------------------------------------------------------------------------
+    @_unavailable
+    def get(self, request_id: str) -> RequestInfo:
+        """As :meth:`QueueStore.get`; the position is an indexed count over the model's queued rows ahead of it."""
+        row = self._execute("SELECT seq, model, bucket, state, attempts, n_resume, max_tokens, ttft_slo_ms, arrival_s, deadline_s, "
+                            "lease_id, lease_expiry_s, worker_id, output_tokens FROM requests WHERE request_id = %s",
+                            (request_id,)).fetchone()
+        if row is None:
+            raise QueueError("NOT_FOUND", f"no request {request_id!r} in the queue")
+        seq, model, bucket, state, attempts, n_resume, mt, slo, arrival, deadline, lease_id, expiry, worker, out = row
+        position = -1
+        if state == _QUEUED:
+            position = int(self._execute(
+                "SELECT count(*) FROM requests WHERE state = 0 AND model = %s AND (bucket < %s OR (bucket = %s AND seq < %s))",
+                (model, bucket, bucket, seq)).fetchone()[0])
+        return RequestInfo(request_id, model, _STATE_NAMES[state], self._group_id(model, bucket), position, attempts, n_resume,
+                           mt, slo, arrival, deadline, lease_id, expiry, worker, out)
+
+    @_unavailable
+    def model_and_resume(self, request_id: str) -> tuple[str, int]:
+        row = self._execute("SELECT model, n_resume FROM requests WHERE request_id = %s", (request_id,)).fetchone()
+        if row is None:
+            raise QueueError("NOT_FOUND", f"no request {request_id!r} in the queue")
+        return row[0], int(row[1])
+
+    @_unavailable
+    def times_s(self, request_id: str) -> tuple[float, float | None, float | None]:
+        row = self._execute("SELECT arrival_s, first_leased_s, finished_s FROM requests WHERE request_id = %s",
+                            (request_id,)).fetchone()
+        if row is None:
+            raise QueueError("NOT_FOUND", f"request {request_id!r} is not in the queue")
+        return float(row[0]), row[1], row[2]
+
+    @_unavailable
+    def deadline_s(self, request_id: str) -> float:
+        row = self._execute("SELECT deadline_s FROM requests WHERE request_id = %s", (request_id,)).fetchone()
+        if row is None:
+            raise QueueError("NOT_FOUND", f"request {request_id!r} is not in the queue")
+        return float(row[0])
+
+    @_unavailable
+    def get_tokens(self, request_id: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        row = self._execute("SELECT prompt, resume FROM requests WHERE request_id = %s", (request_id,)).fetchone()
+        if row is None:
+            raise QueueError("NOT_FOUND", f"no request {request_id!r} in the queue")
+        return _decode_tokens(row[0]), _decode_tokens(row[1])
+
+    @_unavailable
+    def groups(self) -> list[GroupStats]:
+        """Every group with queued or leased requests, in EDF order, aggregated from the rows (the same on every
+        replica): one aggregate over the outstanding rows."""
+        g = self._g
+        return [GroupStats(self._group_id(model, bucket), model, int(bucket), bucket * g, bucket * g + g, int(q), int(le),
+                           head, int(rem))
+                for model, bucket, q, le, rem, head in self._execute(_GROUPS).fetchall()]
+
+    def group_snapshots(self) -> list[GroupSnapshot]:
+        return [s.snapshot() for s in self.groups() if s.queued]
+
+    @_unavailable
+    def counts(self) -> dict[str, int]:
+        q, le = self._execute("SELECT count(*) FILTER (WHERE state = 0), count(*) FILTER (WHERE state = 1) FROM requests "
+                              "WHERE state IN (0, 1)").fetchone()
+        return {"queued": int(q), "leased": int(le), "capacity": int(self.config.capacity)}
+
+    def recount_groups(self) -> list[GroupStats]:
+        """Same as :meth:`groups` (which is already a recount from the rows)."""
+        return self.groups()
+
