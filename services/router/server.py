@@ -6,6 +6,16 @@
   each instance as a lower bound of its load, so a burst does not pile onto one instance between refreshes).
   The client's deadline is passed on to the engine call. ``GenerateMany`` serves the same requests, many on one
   long-lived stream (the gateway's way: a message each way per request instead of a call; see router.proto).
+* An engine that dies under a request (its stream fails as :func:`engine_failed` tells: UNAVAILABLE, CANCELLED by
+  the engine's side, a reset connection) does not end the request: the router sends it, with the same request id,
+  to another instance (at most ``max_failovers`` others, the dead one left out of routing until a stats refresh
+  reaches it again). Before its first token it simply starts there; after tokens were streamed it *resumes* there
+  the way batch eviction resumes (``InferenceRequest.resume_token_ids`` = every token the client already has,
+  ``max_tokens`` unchanged since it counts them), so the client's stream goes on with the next token: no error,
+  no token twice, ``num_generated_tokens`` continuing. The first message from the new instance names it
+  (``instance_id``) and carries no TTFT (its ``itl_ms`` is the gap the client saw, per token). No instance to
+  take it over ends the request UNAVAILABLE with a message naming the dead engine; the client's own cancel and
+  deadline (DEADLINE_EXCEEDED) are never retried.
 * Batch requests go to the queue (``Submit``); ``GetResult`` / ``StreamResult`` / ``Cancel`` read and act on
   them there, so a client need not hold a stream open for hours. A queue that does not answer is UNAVAILABLE
   with a message naming the queue and its address, and trailing metadata ``chiron-dependency: queue``.
@@ -20,10 +30,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass, replace
 
 import grpc
@@ -45,6 +56,26 @@ DEPENDENCY_MEMBERSHIP = "chiron.dependency.membership"
 DEPENDENCY_METADATA_KEY = "chiron-dependency"
 """Trailing-metadata key of an error caused by a dependency of the router; its value names it (``queue``)."""
 _UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+MAX_FAILOVERS = 2
+"""Other instances an interactive request is sent to, at most, after the engine serving it died (requests)."""
+# Words in the details of an INTERNAL / UNKNOWN status that gRPC gives a call whose connection went away.
+_CONNECTION_LOST = ("rst_stream", "connection reset", "socket closed", "broken pipe", "stream removed", "goaway")
+
+
+def engine_failed(e: grpc.aio.AioRpcError) -> bool:
+    """Whether an engine call ended because the engine (process, host or connection) went away, so the request
+    should go on elsewhere: UNAVAILABLE (a SIGKILLed engine: "Stream removed (Socket closed)"; an unreachable one;
+    a draining one, which takes no new request), CANCELLED (from the engine's side: a cancel of the router's
+    own ends the call with ``asyncio.CancelledError``, never with a status), or INTERNAL / UNKNOWN whose details
+    say the connection was reset. DEADLINE_EXCEEDED (the client's deadline) and every status the engine answers
+    on purpose (INVALID_ARGUMENT, RESOURCE_EXHAUSTED, ...) are the request's own end."""
+    code = e.code()
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+        return True
+    if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
+        details = (e.details() or "").lower()
+        return any(w in details for w in _CONNECTION_LOST)
+    return False
 
 
 async def _abort_for_queue(context, queue_address: str, e: grpc.aio.AioRpcError):
@@ -74,10 +105,14 @@ class RouterService(router_pb2_grpc.RouterServicer):
     """See the module docstring. ``membership``: ``snapshot() -> dict[str, InstanceInfo]`` (and ``healthy``, when
     it can tell; a :class:`~services.common.membership.MembershipWatcher`); ``queue``: "host:port" of the queue
     service; ``stats_interval_s``: period of the engine-stats refresh [s]; ``dependency_interval_s``: period of
-    the queue and membership checks reported through the health service [s]."""
+    the queue and membership checks reported through the health service [s]; ``max_failovers``: other instances
+    an interactive request is sent to, at most, after its engine died (requests, ≥ 0; 0 = none)."""
 
     def __init__(self, config: RouterConfig, membership, queue: str, *, stats_interval_s: float = 0.25,
-                 result_poll_s: float = 0.5, dependency_interval_s: float = 1.0) -> None:
+                 result_poll_s: float = 0.5, dependency_interval_s: float = 1.0,
+                 max_failovers: int = MAX_FAILOVERS) -> None:
+        if max_failovers < 0:
+            raise ValueError(f"max_failovers must be >= 0 (got {max_failovers})")
         self.config = config.validate()
         self.membership = membership
         self.queue_address = queue
@@ -93,6 +128,9 @@ class RouterService(router_pb2_grpc.RouterServicer):
         self.dependencies: dict[str, bool] = {}  # DEPENDENCY_* name -> up at the last check
         self.accepted = 0  # interactive requests streamed to an engine
         self.submitted = 0  # batch requests handed to the queue
+        self.max_failovers = max_failovers
+        self.failovers = 0  # interactive requests sent to another instance after their engine died
+        self.resumed = 0  # ... of them, those that had streamed tokens and resumed after them
         self.metrics = RouterMetrics()
 
     # ---- lifecycle ------------------------------------------------------------------------------
@@ -170,11 +208,13 @@ class RouterService(router_pb2_grpc.RouterServicer):
         loads = await asyncio.gather(*(one(m) for m in members))
         self._loads = {ld.instance_id: ld for ld in loads if ld is not None}
 
-    def _unseen_members(self, model: str) -> bool:
-        """Whether a serving interactive/mixed instance of ``model`` is in membership but has no stats yet (it
-        registered after the last refresh: a cluster that just started, or a scale-up)."""
+    def _unseen_members(self, model: str, exclude: Collection[str] = ()) -> bool:
+        """Whether a serving interactive/mixed instance of ``model`` (not in ``exclude``, instance ids) is in
+        membership but has no stats yet (it registered after the last refresh: a cluster that just started, or a
+        scale-up; or an engine that did not answer the last refresh)."""
         return any(m.state == "serving" and m.role in ("interactive", "mixed") and m.model == model
-                   and m.instance_id not in self._loads for m in self.membership.snapshot().values())
+                   and m.instance_id not in self._loads and m.instance_id not in exclude
+                   for m in self.membership.snapshot().values())
 
     def loads(self) -> list[InstanceLoad]:
         """Instances with their last stats; ``pending`` = this router's open streams there beyond what the stats
@@ -220,60 +260,139 @@ class RouterService(router_pb2_grpc.RouterServicer):
         fwd.slo.ttft_ms, fwd.slo.itl_ms = c.ttft_ms, c.itl_ms
         return fwd
 
+    async def _choose(self, model: str, ttft_ms: float, exclude: Collection[str] = ()) -> InstanceLoad:
+        """:func:`choose_instance` over the instances with stats, less ``exclude`` (instance ids); when none fits
+        and a serving instance of ``model`` (not excluded) has no stats yet, after reading them at once. Raises
+        :class:`Rejected` as ``choose_instance`` does."""
+        try:
+            return choose_instance([ld for ld in self.loads() if ld.instance_id not in exclude], model, ttft_ms)
+        except Rejected:
+            if not self._unseen_members(model, exclude):
+                raise
+        await self.refresh()  # an instance registered since the last stats refresh: read its stats now
+        return choose_instance([ld for ld in self.loads() if ld.instance_id not in exclude], model, ttft_ms)
+
+    async def _failover(self, fwd: types_pb2.InferenceRequest, failed: list[str], streamed: int,
+                        error: grpc.aio.AioRpcError) -> InstanceLoad:
+        """The instance a request goes on at after the engine serving it died (the last of ``failed``, the
+        instances that died under it; ``streamed``: tokens the client already has; ``error``: how the call
+        failed). Any instance serving the model other than those will do, whatever its projected TTFT: the
+        request was already accepted (and may be half answered), so late beats refused. Raises
+        :class:`RouterStatus` UNAVAILABLE after ``max_failovers`` moves or when no other instance serves the
+        model."""
+        dead = failed[-1]
+        what = (f"engine {dead} failed ({error.code().name}: {error.details()}) after streaming {streamed} of "
+                f"{fwd.max_tokens} tokens of request {fwd.request_id}")
+        if len(failed) > self.max_failovers:
+            raise RouterStatus(grpc.StatusCode.UNAVAILABLE,
+                               f"{what}; {len(failed)} engines failed under it ({', '.join(failed)}), more than the "
+                               f"router moves a request ({self.max_failovers}); retry later")
+        try:
+            target = await self._choose(fwd.model, math.inf, failed)
+        except Rejected as e:
+            raise RouterStatus(grpc.StatusCode.UNAVAILABLE,
+                               f"{what}, and no other instance can take it over ({e}); retry later") from None
+        self.failovers += 1
+        self.resumed += streamed > 0
+        log.warning("%s; %s on %s", what, "resuming it" if streamed else "sending it again", target.instance_id,
+                    extra={"request_id": fwd.request_id})
+        return target
+
     # ---- RPCs -------------------------------------------------------------------------------------------
     async def _generate(self, r: types_pb2.InferenceRequest, timeout_s: float | None,
                         on_call: Callable[[grpc.aio.Call], None] | None = None
                         ) -> AsyncIterator[router_pb2.RouterGenerateResponse]:
         """One interactive request, as ``Generate`` and ``GenerateMany`` serve it: checked, classified, routed,
-        and the chosen engine's chunks relayed (``instance_id`` on the first). ``timeout_s``: the engine call's
-        deadline, seconds (None: none). ``on_call`` gets the engine call once it starts. Raises
+        and the chosen engine's chunks relayed (``instance_id`` on the first, and on the first from each instance
+        the request moves to). An engine that dies under it (:func:`engine_failed`) hands it to another instance
+        (:meth:`_failover`): started afresh there when the client had no token yet, resumed after the tokens the
+        client has otherwise (module docstring). ``timeout_s``: the request's deadline, seconds from now (None:
+        none), shared by every engine call it makes. ``on_call`` gets each engine call once it starts. Raises
         :class:`RouterStatus` with the status the request ends with (INVALID_ARGUMENT, FAILED_PRECONDITION,
-        RESOURCE_EXHAUSTED, UNAVAILABLE, or the engine's)."""
+        RESOURCE_EXHAUSTED, UNAVAILABLE when its engine died and no other could take it over,
+        DEADLINE_EXCEEDED, or the engine's)."""
         start_s = time.monotonic()
+        deadline_s = None if timeout_s is None else start_s + timeout_s
         c = None
         try:
             c = self._classify(r)
             if c.request_class == "batch":
                 raise Rejected(f"a TTFT SLO of {c.ttft_ms} ms makes this a batch request: use Submit", "FAILED_PRECONDITION")
-            try:
-                target = choose_instance(self.loads(), r.model, c.ttft_ms)
-            except Rejected:
-                if not self._unseen_members(r.model):
-                    raise
-                await self.refresh()  # an instance registered since the last stats refresh: read its stats now
-                target = choose_instance(self.loads(), r.model, c.ttft_ms)
+            target = await self._choose(r.model, c.ttft_ms)
         except Rejected as e:
             self.metrics.count(c.request_class if c is not None else "interactive", "rejected")
             raise RouterStatus(status_code(e.code), str(e)) from None
         fwd = self._forwarded(r, c, types_pb2.REQUEST_CLASS_INTERACTIVE, f"req-{uuid.uuid4().hex[:12]}")
-        self._inflight[target.instance_id] += 1
         self.accepted += 1
-        first = True
         timer = self.metrics.stream(start_s, c.ttft_ms / 1e3, c.itl_ms / 1e3)
         outcome = "error"
-        call = None
+        streamed: list[int] = []  # output tokens the client has, in order
+        failed: list[str] = []  # instances that died under this request, in order
+        last_chunk_s = start_s  # when the client got its last chunk with tokens (time.monotonic() seconds)
         try:
-            call = engine_pb2_grpc.EngineStub(self._channels.get(target.address)).Generate(
-                engine_pb2.GenerateRequest(request=fwd), timeout=timeout_s)
-            if on_call is not None:
-                on_call(call)
-            async for chunk in call:
-                if chunk.token_ids:
-                    timer.chunk()
-                yield router_pb2.RouterGenerateResponse(chunk=chunk, instance_id=target.instance_id if first else "")
-                first = False
-            outcome = "ok"
-        except grpc.aio.AioRpcError as e:
-            outcome = outcome_of(e.code())
-            raise RouterStatus(e.code(), f"engine {target.instance_id}: {e.details()}") from None
+            while True:
+                send = fwd
+                if streamed:  # resume after the client's tokens, as an evicted batch request does
+                    send = types_pb2.InferenceRequest()
+                    send.CopyFrom(fwd)
+                    send.resume_token_ids.extend(streamed)
+                remaining_s = None if deadline_s is None else deadline_s - time.monotonic()
+                if remaining_s is not None and remaining_s <= 0:
+                    outcome = outcome_of(grpc.StatusCode.DEADLINE_EXCEEDED)
+                    raise RouterStatus(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                       f"the deadline passed while the request moved off engine {failed[-1]}")
+                self._inflight[target.instance_id] += 1
+                call = None
+                died = None
+                first_here = True  # no message from this instance yet
+                try:
+                    call = engine_pb2_grpc.EngineStub(self._channels.get(target.address)).Generate(
+                        engine_pb2.GenerateRequest(request=send), timeout=remaining_s)
+                    if on_call is not None:
+                        on_call(call)
+                    async for chunk in call:
+                        if chunk.token_ids:
+                            timer.chunk()
+                            now_s = time.monotonic()
+                            if first_here and streamed:  # a resumed stream's first tokens: no second TTFT
+                                chunk.ttft_ms = 0.0
+                                chunk.itl_ms = (now_s - last_chunk_s) * 1e3 / len(chunk.token_ids)
+                            last_chunk_s = now_s
+                            streamed.extend(chunk.token_ids)
+                        yield router_pb2.RouterGenerateResponse(chunk=chunk,
+                                                                instance_id=target.instance_id if first_here else "")
+                        first_here = False
+                        if chunk.finish_reason:  # the client has the end: what befalls the call now is moot
+                            break
+                    outcome = "ok"
+                    return
+                except grpc.aio.AioRpcError as e:
+                    if not engine_failed(e):
+                        outcome = outcome_of(e.code())
+                        raise RouterStatus(e.code(), f"engine {target.instance_id}: {e.details()}") from None
+                    died = e
+                finally:
+                    if call is not None:
+                        call.cancel()  # no-op once the call has ended
+                    self._inflight[target.instance_id] -= 1
+                failed.append(target.instance_id)
+                self._loads.pop(target.instance_id, None)  # out of routing until a stats refresh reaches it again
+                if len(streamed) >= fwd.max_tokens:  # every token out, only the finish lost with the engine
+                    yield router_pb2.RouterGenerateResponse(chunk=engine_pb2.GenerateResponse(
+                        request_id=fwd.request_id, num_generated_tokens=len(streamed),
+                        num_prompt_tokens=len(fwd.prompt_token_ids), finish_reason=types_pb2.FINISH_REASON_LENGTH))
+                    outcome = "ok"
+                    return
+                try:
+                    target = await self._failover(fwd, failed, len(streamed), died)
+                except RouterStatus as e:
+                    outcome = outcome_of(e.code)
+                    raise
         except (asyncio.CancelledError, GeneratorExit):  # the client went away
             outcome = "cancelled"
             raise
         finally:
-            if call is not None:
-                call.cancel()  # no-op once the call has ended
             timer.finish(outcome)
-            self._inflight[target.instance_id] -= 1
 
     async def Generate(self, request: router_pb2.RouterGenerateRequest, context):
         # A client that goes away while this generator waits at its yield does not always reach the request's
