@@ -496,7 +496,9 @@ def router(host, port, port_file, etcd, queue_addr, interactive_ttft_max_ms, sta
 @click.option("--host", default=None, help="Address to bind. Default: 127.0.0.1.")
 @click.option("--port", type=click.IntRange(0, 65535), default=None, help="HTTP port (0 = pick a free one). Default: 8000.")
 @click.option("--port-file", type=click.Path(dir_okay=False), help="Write the bound port here once serving.")
-@click.option("--router", "router_addr", default=None, help="Router gRPC address (host:port). Default: 127.0.0.1:50050.")
+@click.option("--router", "router_addr", default=None,
+              help="Router gRPC address (host:port), or several separated by commas (a:1,b:2): calls fail over to "
+                   "the next when one is unavailable. Default: 127.0.0.1:50050.")
 @click.option("--tokenizer", default=None,
               help="'simple' (simulated engines: a deterministic word-level tokenizer; output text is placeholder words) "
                    "or a model directory (real vLLM engines: its Hugging Face tokenizer and chat template). Default: simple.")
@@ -794,7 +796,8 @@ def _run_replay(router_addr, scaler_addr, queue_addr, trace, lengths, cfg, json_
 
 
 @main.command()
-@click.option("--router", "router_addr", default="127.0.0.1:50050", show_default=True, help="Router (host:port).")
+@click.option("--router", "router_addr", default="127.0.0.1:50050", show_default=True,
+              help="Router (host:port), or several separated by commas: calls fail over between them.")
 @click.option("--scaler", "scaler_addr", default=None, help="Scaler (host:port), for the instance timeline.")
 @click.option("--queue", "queue_addr", default=None, help="Queue (host:port), for the queue-size timeline.")
 @click.option("--duration-s", default=120.0, show_default=True, help="Length of the trace slice [s of trace time].")

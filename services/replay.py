@@ -29,7 +29,8 @@ import grpc
 import numpy as np
 
 from chiron.v1 import queue_pb2, queue_pb2_grpc, router_pb2, router_pb2_grpc, scaler_pb2, scaler_pb2_grpc, types_pb2
-from services.common.security import auth_metadata, open_channel
+from services.common.failover import FailoverChannel
+from services.common.security import auth_metadata
 from services.common.traces import Trace
 
 MODEL = "llama-3-8b"
@@ -78,7 +79,9 @@ def _prompt(rng: np.random.Generator, n: int) -> list[int]:
 
 async def replay(router: str, scaler: str | None, queue: str | None, trace: Trace, batch_lengths: np.ndarray,
                  cfg: ReplayConfig, progress=None) -> dict:
-    """Replay ``trace`` (interactive) plus a batch stream through ``router``; returns the §4 report."""
+    """Replay ``trace`` (interactive) plus a batch stream through ``router``; returns the §4 report. ``router``
+    (and ``queue``, ``scaler``): one address or several separated by commas; a call UNAVAILABLE at one is made
+    at the next (:mod:`services.common.failover`; a stream only before its first message)."""
     rng = np.random.default_rng(cfg.seed)
     t_wall0 = time.monotonic()
     duration_trace_s = float(trace.arrival_s[-1]) if len(trace) else 0.0
@@ -88,7 +91,7 @@ async def replay(router: str, scaler: str | None, queue: str | None, trace: Trac
     batch: list[_Batch] = []
 
     auth = auth_metadata()  # the Router is client-facing: CHIRON_TOKEN when it requires a bearer token
-    async with open_channel(router) as rch:
+    async with FailoverChannel(router) as rch:  # several routers: 'a:1,b:2', failed over
         stub = router_pb2_grpc.RouterStub(rch)
 
         async def one_interactive(rec: _Interactive) -> None:
@@ -125,7 +128,7 @@ async def replay(router: str, scaler: str | None, queue: str | None, trace: Trac
         async def watch_scaler() -> None:
             if not scaler:
                 return
-            async with open_channel(scaler) as ch:
+            async with FailoverChannel(scaler) as ch:
                 with contextlib.suppress(grpc.aio.AioRpcError):
                     async for msg in scaler_pb2_grpc.GlobalScalerStub(ch).WatchDecisions(scaler_pb2.WatchDecisionsRequest()):
                         d = msg.decision
@@ -136,7 +139,7 @@ async def replay(router: str, scaler: str | None, queue: str | None, trace: Trac
         async def watch_queue() -> None:
             if not queue:
                 return
-            async with open_channel(queue) as ch:
+            async with FailoverChannel(queue) as ch:
                 with contextlib.suppress(grpc.aio.AioRpcError):
                     async for msg in queue_pb2_grpc.QueueStub(ch).WatchStats(queue_pb2.QueueWatchStatsRequest(interval_ms=500)):
                         queue_sizes.append(((time.monotonic() - t_wall0) * cfg.speedup, msg.stats.queued + msg.stats.leased))

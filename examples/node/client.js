@@ -11,6 +11,9 @@
 // an "error" object on stdout, and exits with 2 (1 for bad command-line arguments).
 //
 // Usage: node examples/node/client.js [ADDRESS] [options]     (ADDRESS defaults to 127.0.0.1:50050)
+//   ADDRESS may list several routers (stateless, interchangeable), separated by commas: a call that fails with
+//   UNAVAILABLE at one is made at the next (Generate only before its first message: tokens are never repeated);
+//   every channel reconnects at least once a second, so a restarted router is used again at once.
 //   --model NAME         model to ask for (default: $CHIRON_MODEL, else llama-3-8b)
 //   --max-tokens N       output tokens wanted (default 16)
 //   --prompt-tokens N    prompt length; the prompt is the token ids 1..N (default 32)
@@ -115,6 +118,39 @@ function security() {
   return { credentials, metadata, options };
 }
 
+// Reconnect within a second after an address comes back (grpc-js's default backoff grows to two minutes).
+const RECONNECT_OPTIONS = { "grpc.initial_reconnect_backoff_ms": 200, "grpc.max_reconnect_backoff_ms": 1000 };
+
+// One client per router address; call(rpc, attempt) runs attempt(client) on the preferred one and, when it fails
+// with UNAVAILABLE before any message arrived (err.received false), on the next, each address once.
+function failoverClients(Router, addresses, credentials, options, log) {
+  const clients = addresses.map((a) => new Router(a, credentials, { ...RECONNECT_OPTIONS, ...options }));
+  let preferred = 0;
+  return {
+    async call(rpc, attempt) {
+      let last = null;
+      const start = preferred;
+      for (let k = 0; k < clients.length; k++) {
+        const i = (start + k) % clients.length;
+        try {
+          const result = await attempt(clients[i]);
+          preferred = i;
+          return result;
+        } catch (err) {
+          if (!(err instanceof RpcFailure) || err.code !== grpc.status.UNAVAILABLE || err.received) throw err;
+          if (preferred === i) preferred = (i + 1) % clients.length;
+          last = err;
+          if (k + 1 < clients.length) log(`${rpc} at ${addresses[i]} unavailable (${err.details}); trying the next router`);
+        }
+      }
+      throw last;
+    },
+    close() {
+      for (const c of clients) c.close();
+    },
+  };
+}
+
 function deadline(opts) {
   return new Date(Date.now() + opts.timeoutMs);
 }
@@ -135,9 +171,11 @@ function generate(client, metadata, opts, log, write) {
     const requestId = `node-gen-${process.pid}-${Date.now()}`;
     const started = process.hrtime.bigint();
     const out = { tokens: 0, finish_reason: "", instance_id: "", ttft_ms: null, engine_ttft_ms: null, last: null };
+    let received = false; // a message arrived: the request is never sent to another router
     const call = client.Generate({ request: inferenceRequest(opts, requestId, opts.sloClass) }, metadata,
       { deadline: deadline(opts) });
     call.on("data", (msg) => {
+      received = true;
       const chunk = msg.chunk || {};
       if (msg.instance_id) out.instance_id = msg.instance_id;
       const ids = chunk.token_ids || [];
@@ -152,7 +190,7 @@ function generate(client, metadata, opts, log, write) {
       if (chunk.finish_reason && chunk.finish_reason !== "FINISH_REASON_UNSPECIFIED") out.finish_reason = chunk.finish_reason;
       out.last = chunk;
     });
-    call.on("error", (err) => reject(new RpcFailure("Generate", err)));
+    call.on("error", (err) => reject(Object.assign(new RpcFailure("Generate", err), { received })));
     // grpc-js emits "status" once every message has been delivered; a non-OK status also comes as "error".
     call.on("status", (status) => {
       if (status.code === grpc.status.OK) resolve(out);
@@ -181,16 +219,19 @@ async function main() {
   const log = opts.quiet ? () => {} : (line) => { endLine(); console.log(line); };
   const Router = loadRouterService();
   const { credentials, metadata, options } = security();
-  const client = new Router(opts.address, credentials, options);
+  const addresses = opts.address.split(",").map((a) => a.trim()).filter((a) => a);
+  if (addresses.length === 0) usage("ADDRESS lists no router");
+  const routers = failoverClients(Router, addresses, credentials, options, log);
   try {
-    log(`router ${opts.address}, model ${opts.model}`);
-    const gen = await generate(client, metadata, opts, log, write);
+    log(`router ${addresses.join(", ")}, model ${opts.model}`);
+    const gen = await routers.call("Generate", (client) => generate(client, metadata, opts, log, write));
 
     const batch = inferenceRequest(opts, `node-batch-${process.pid}-${Date.now()}`, "batch");
-    const submitted = await unary(client, metadata, "Submit", { request: batch }, opts);
+    const submitted = await routers.call("Submit", (client) => unary(client, metadata, "Submit", { request: batch }, opts));
     log(`Submit: request ${submitted.request_id} in group ${submitted.group_id}`);
 
-    const { result } = await unary(client, metadata, "GetResult", { request_id: submitted.request_id }, opts);
+    const { result } = await routers.call("GetResult", (client) =>
+      unary(client, metadata, "GetResult", { request_id: submitted.request_id }, opts));
     const position = Number(result.position); // int64, loaded as a string
     const secs = (s) => (Number.isFinite(s) ? `${s.toFixed(1)} s` : "unknown"); // no drain rate seen yet: infinite
     log(`GetResult: ${result.state}, position ${position}, estimated wait ${secs(result.estimated_wait_mean_s)} ` +
@@ -216,7 +257,7 @@ async function main() {
     console.log(JSON.stringify({ error: { rpc: err.rpc, code: statusName(err.code), details: err.details } }));
     return 2;
   } finally {
-    client.close();
+    routers.close();
   }
 }
 

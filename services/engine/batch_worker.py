@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from chiron.v1 import queue_pb2, queue_pb2_grpc, types_pb2
-from services.common.security import open_channel
+from services.common.failover import FailoverChannel
 from services.engine.backend import Backend, BackendRequest, Progress, StepStats
 from services.engine.core import RequestRejected
 from services.router.routing import INTERACTIVE_QUEUE
@@ -122,7 +122,9 @@ class _Job:
 
 
 class BatchWorker:
-    """Serves batch requests leased from the ``chiron.v1.Queue`` at ``queue_address`` (``host:port``) on one engine.
+    """Serves batch requests leased from the ``chiron.v1.Queue`` at ``queue_address`` (``host:port``, or several
+    replicas' addresses separated by commas: calls fail over between them, :mod:`services.common.failover`) on one
+    engine.
 
     ``agent_or_backend``: the :class:`~services.engine.server.EngineAgent` it runs in (preferred: a MIXED worker
     then sees the agent's waiting interactive requests) or a bare :class:`~services.engine.backend.Backend`.
@@ -178,7 +180,7 @@ class BatchWorker:
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         self._stopping = False
-        self._channel: grpc.aio.Channel | None = None
+        self._channel: FailoverChannel | None = None
         self._stub: queue_pb2_grpc.QueueStub | None = None
         self._loop_task: asyncio.Task | None = None
         self._drain_task: asyncio.Future | None = None
@@ -188,8 +190,10 @@ class BatchWorker:
         """Open the queue channel and start leasing (idempotent). The queue need not be up yet."""
         if self._loop_task is not None or self._stopping:
             return
-        backoff_ms = max(100, round(self.max_backoff_s * 1e3))  # reconnect as often as we retry
-        self._channel = open_channel(self.queue_address, options=[
+        # Reconnect as often as we retry, and at least once a second (a restarted queue is used again at once).
+        backoff_ms = min(1000, max(100, round(self.max_backoff_s * 1e3)))
+        # Several queue replicas (one database): "a:1,b:2"; a call UNAVAILABLE at one is made at the next.
+        self._channel = FailoverChannel(self.queue_address, options=[
             ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
             ("grpc.max_reconnect_backoff_ms", backoff_ms)])
         self._stub = queue_pb2_grpc.QueueStub(self._channel)

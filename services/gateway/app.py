@@ -70,8 +70,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from chiron.v1 import queue_pb2, router_pb2, router_pb2_grpc, types_pb2
+from services.common.failover import FailoverChannel
 from services.common.grpc_util import MESSAGE_OPTIONS, settle_heap
-from services.common.security import SecuritySettings, open_channel, security_settings
+from services.common.security import SecuritySettings, security_settings
 from services.gateway import common
 from services.gateway.common import APIError
 from services.gateway.router_mux import RouterMux
@@ -107,7 +108,9 @@ class GatewayConfig(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="CHIRON_GATEWAY_", extra="forbid")
 
-    router: str = Field("127.0.0.1:50050", description="Router gRPC address (host:port).")
+    router: str = Field("127.0.0.1:50050", description=(
+        "Router gRPC address (host:port), or several separated by commas: calls fail over between them "
+        "(services.common.failover; a streamed request only before its first token)."))
     host: str = Field("127.0.0.1", description="Address the HTTP server binds.")
     port: int = Field(8000, ge=0, le=65535, description="HTTP port (0 = pick a free one).")
     tokenizer: str = Field("simple", description="'simple' (simulated engines) or a Hugging Face model directory.")
@@ -612,10 +615,10 @@ def create_app(config: GatewayConfig | None = None, *, security: SecuritySetting
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        channel = open_channel(cfg.router, options=MESSAGE_OPTIONS, settings=sec)
+        channel = FailoverChannel(cfg.router, options=MESSAGE_OPTIONS, settings=sec)
         app.state.router_channel = channel
         app.state.router_stub = router_pb2_grpc.RouterStub(channel)
-        app.state.router_mux = RouterMux(app.state.router_stub)
+        app.state.router_mux = RouterMux([router_pb2_grpc.RouterStub(ch) for ch in channel.channels])
         try:
             yield
         finally:

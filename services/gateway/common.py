@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from chiron.v1 import router_pb2, router_pb2_grpc
 from services.common import security
+from services.common.failover import FailoverChannel
 from services.gateway.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -182,8 +183,10 @@ def tokenizer(request: Request) -> Tokenizer:
     return request.app.state.tokenizer
 
 
-def router_channel(request: Request) -> grpc.aio.Channel:
-    """The gateway's channel to the router (TLS when configured; opened at start-up)."""
+def router_channel(request: Request) -> FailoverChannel:
+    """The gateway's channel to the router, or routers: a :class:`~services.common.failover.FailoverChannel`
+    that stubs use as a ``grpc.aio.Channel`` (a call UNAVAILABLE at one router is made at the next; TLS when
+    configured; opened at start-up)."""
     return request.app.state.router_channel
 
 

@@ -13,6 +13,12 @@ the router authenticates every stream exactly as it would each call. :meth:`Rout
 router ended the request with (or the stream's, if the stream broke), or ``asyncio.CancelledError`` after
 ``cancel()``. Responses are buffered per request in the gateway, so one slow HTTP client does not hold up the
 others' tokens on the shared stream.
+
+Failover over several routers (stateless, interchangeable): :class:`RouterMux` takes one stub per router address
+and keeps its streams on the preferred one. A request that ends with UNAVAILABLE *before its first response*
+(its stream broke, the router was unreachable or draining) starts again on the next router's stream, each router
+at most once per request and within its deadline; one that had received tokens ends with the error (repeating
+it would duplicate them). When a stream breaks the next router becomes the preferred one.
 """
 
 from __future__ import annotations
@@ -40,15 +46,21 @@ def _error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
 class MuxCall:
     """One request on a :class:`RouterMux` stream; see the module docstring."""
 
-    __slots__ = ("_stream", "_id", "_items", "_waiter", "_ended", "_timer")
+    __slots__ = ("_stream", "_id", "_items", "_waiter", "_ended", "_timer", "request", "metadata", "deadline",
+                 "tried", "received")
 
-    def __init__(self, stream: _Stream, stream_id: int, timeout_s: float | None) -> None:
-        self._stream = stream
-        self._id = stream_id
+    def __init__(self, request: types_pb2.InferenceRequest, metadata: Metadata, timeout_s: float | None) -> None:
+        self._stream: _Stream | None = None
+        self._id = 0
+        self.request = request
+        self.metadata = metadata
         self._items: collections.deque = collections.deque()  # responses, then EOF or an exception
         self._waiter: asyncio.Future | None = None
         self._ended = False
+        self.tried: set[int] = set()  # indices of the routers this request was sent to
+        self.received = False  # a response arrived: never sent to another router again
         loop = asyncio.get_running_loop()
+        self.deadline = loop.time() + timeout_s if timeout_s else None
         self._timer = loop.call_later(timeout_s, self._expire) if timeout_s else None
 
     async def read(self) -> router_pb2.RouterGenerateResponse | object:
@@ -75,6 +87,7 @@ class MuxCall:
     # ---- fed by the stream ----
     def _deliver(self, m: router_pb2.GenerateManyResponse) -> None:
         if m.HasField("response"):
+            self.received = True
             self._push(m.response)
         if m.end:
             self._end(grpc.aio.EOF if m.code == 0 else
@@ -100,7 +113,8 @@ class MuxCall:
         """Ends the request here with ``last`` and cancels it at the router; False once it has ended."""
         if self._ended:
             return False
-        self._stream.cancel(self._id)
+        if self._stream is not None:
+            self._stream.cancel(self._id)
         self._end(last)
         return True
 
@@ -108,7 +122,8 @@ class MuxCall:
 class _Stream:
     """One ``GenerateMany`` stream and the requests running on it."""
 
-    def __init__(self, stub: router_pb2_grpc.RouterStub, metadata: Metadata, owner: RouterMux) -> None:
+    def __init__(self, stub: router_pb2_grpc.RouterStub, metadata: Metadata, owner: RouterMux, index: int = 0) -> None:
+        self.index = index  # of the router (RouterMux's stubs)
         self._outgoing: asyncio.Queue[router_pb2.GenerateManyRequest] = asyncio.Queue()
         self._calls: dict[int, MuxCall] = {}
         self._ids = itertools.count(1)
@@ -117,12 +132,14 @@ class _Stream:
         self._call = stub.GenerateMany(self._requests(), metadata=metadata)
         self._reader = asyncio.ensure_future(self._read())
 
-    def start(self, request: types_pb2.InferenceRequest, timeout_s: float | None) -> MuxCall:
+    def start(self, call: MuxCall) -> None:
         sid = next(self._ids)
-        call = self._calls[sid] = MuxCall(self, sid, timeout_s)
+        call._stream, call._id = self, sid
+        call.tried.add(self.index)
+        self._calls[sid] = call
+        timeout_s = max(1e-3, call.deadline - asyncio.get_running_loop().time()) if call.deadline else 0.0
         self._outgoing.put_nowait(router_pb2.GenerateManyRequest(
-            stream_id=sid, generate=router_pb2.RouterGenerateRequest(request=request), timeout_s=timeout_s or 0.0))
-        return call
+            stream_id=sid, generate=router_pb2.RouterGenerateRequest(request=call.request), timeout_s=timeout_s))
 
     def cancel(self, stream_id: int) -> None:
         """Cancels a running request at the router (nothing once the stream has ended: it ran no more)."""
@@ -142,6 +159,8 @@ class _Stream:
                     continue
                 if m.end:
                     del self._calls[m.stream_id]
+                    if m.code == grpc.StatusCode.UNAVAILABLE.value[0] and self._owner._retry(call, self.index):
+                        continue
                 call._deliver(m)
         except grpc.aio.AioRpcError as e:
             error = e
@@ -151,11 +170,16 @@ class _Stream:
             error = _error(grpc.StatusCode.CANCELLED, "the gateway is shutting down")
             raise
         finally:
-            if self._owner._streams.get(self.metadata) is self:
-                del self._owner._streams[self.metadata]
+            table = self._owner._tables[self.index]
+            if table.get(self.metadata) is self:
+                del table[self.metadata]
             calls, self._calls = self._calls, {}
+            retry = error.code() == grpc.StatusCode.UNAVAILABLE
+            if retry:
+                self._owner._failed(self.index)
             for call in calls.values():
-                call._end(error)
+                if not (retry and self._owner._retry(call, self.index)):
+                    call._end(error)
 
     async def close(self) -> None:
         self._call.cancel()
@@ -165,23 +189,59 @@ class _Stream:
 
 class RouterMux:
     """Interactive requests to the router over ``GenerateMany`` streams, one per distinct call metadata
-    (opened on first use, replaced when one breaks); see the module docstring."""
+    (opened on first use, replaced when one breaks), failed over between routers; see the module docstring.
+    ``stubs``: one stub, or one per router address."""
 
-    def __init__(self, stub: router_pb2_grpc.RouterStub) -> None:
-        self._stub = stub
-        self._streams: dict[Metadata, _Stream] = {}
+    def __init__(self, stubs: router_pb2_grpc.RouterStub | Sequence[router_pb2_grpc.RouterStub]) -> None:
+        self._stubs = list(stubs) if isinstance(stubs, Sequence) else [stubs]
+        if not self._stubs:
+            raise ValueError("RouterMux needs at least one router stub")
+        self._preferred = 0
+        self._tables: list[dict[Metadata, _Stream]] = [{} for _ in self._stubs]  # per router, by metadata
+
+    @property
+    def _streams(self) -> dict[Metadata, _Stream]:
+        """The preferred router's streams, by metadata."""
+        return self._tables[self._preferred]
 
     def generate(self, request: types_pb2.InferenceRequest, metadata: Sequence[tuple[str, str]] = (),
                  timeout_s: float | None = None) -> MuxCall:
-        """Starts ``request`` on the stream for ``metadata`` (opening it if needed). ``timeout_s``: the request's
-        deadline in seconds (None: none), passed on to the router and enforced here too (DEADLINE_EXCEEDED)."""
-        key = tuple(metadata)
-        stream = self._streams.get(key)
+        """Starts ``request`` on the preferred router's stream for ``metadata`` (opening it if needed).
+        ``timeout_s``: the request's deadline in seconds (None: none), passed on to the router and enforced here
+        too (DEADLINE_EXCEEDED)."""
+        call = MuxCall(request, tuple(metadata), timeout_s)
+        self._place(call, self._preferred)
+        return call
+
+    def _place(self, call: MuxCall, index: int) -> None:
+        table = self._tables[index]
+        stream = table.get(call.metadata)
         if stream is None:  # none yet, or the last one ended (and left the table)
-            stream = self._streams[key] = _Stream(self._stub, key, self)
-        return stream.start(request, timeout_s)
+            stream = table[call.metadata] = _Stream(self._stubs[index], call.metadata, self, index)
+        stream.start(call)
+
+    def _failed(self, index: int) -> None:
+        """The router at ``index`` broke a stream: prefer the next one (unless a stream moved on already)."""
+        if self._preferred == index:
+            self._preferred = (index + 1) % len(self._stubs)
+
+    def _retry(self, call: MuxCall, index: int) -> bool:
+        """Sends ``call``, which ended UNAVAILABLE at router ``index`` before any response, to the next router
+        it has not tried; False (the caller ends it) once it has received a response, ended, or tried all."""
+        if call.received or call._ended:
+            return False
+        n = len(self._stubs)
+        for k in range(1, n):
+            nxt = (index + k) % n
+            if nxt not in call.tried:
+                log.info("request %s: router %d unavailable before its first token; trying router %d",
+                         call.request.request_id, index, nxt)
+                self._place(call, nxt)
+                return True
+        return False
 
     async def close(self) -> None:
         """Ends every stream (their running requests end CANCELLED)."""
-        streams, self._streams = list(self._streams.values()), {}
+        streams = [s for table in self._tables for s in table.values()]
+        self._tables = [{} for _ in self._stubs]
         await asyncio.gather(*(s.close() for s in streams))
