@@ -237,3 +237,110 @@ def _error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
 ])
 def test_which_engine_call_errors_mean_the_engine_died(code, details, failed):
     assert engine_failed(_error(code, details)) is failed
+
+
+async def test_generate_many_streams_cut_by_a_killed_engine_resume_too(world):
+    """The gateway's path: several requests on one GenerateMany stream, their engine killed under them."""
+    etcd, queue, procs = world
+    await procs.engine("engine-a", etcd)
+    router = await start_router(procs, etcd, queue)
+    await wait_instances(router, 1)
+    streams = {sid: Stream(f"many-{sid}", 300) for sid in range(4)}
+    requests: asyncio.Queue = asyncio.Queue()
+    for sid, s in streams.items():
+        requests.put_nowait(router_pb2.GenerateManyRequest(stream_id=sid, timeout_s=60, generate=router_pb2.RouterGenerateRequest(
+            request=types_pb2.InferenceRequest(request_id=s.request_id, model=MODEL, prompt_token_ids=list(range(1, 65)),
+                                               max_tokens=s.max_tokens, ignore_eos=True))))
+
+    async def outgoing():
+        while (m := await requests.get()) is not None:
+            yield m
+
+    ends: dict[int, router_pb2.GenerateManyResponse] = {}
+
+    async def read() -> None:
+        async for m in router.GenerateMany(outgoing()):
+            s = streams[m.stream_id]
+            if m.HasField("response"):
+                if m.response.instance_id:
+                    s.instances.append(m.response.instance_id)
+                    s.moves.append(len(s.chunks))
+                s.chunks.append(m.response.chunk)
+            if m.end:
+                ends[m.stream_id] = m
+                if len(ends) == len(streams):
+                    requests.put_nowait(None)
+    reader = asyncio.ensure_future(read())
+
+    async def all_streaming() -> bool:
+        return all(s.tokens >= 10 for s in streams.values())
+    await eventually(all_streaming)
+    await procs.engine("engine-b", etcd)
+    await wait_instances(router, 2)
+    procs.kill("engine-a")
+    await asyncio.wait_for(reader, 60)
+    for sid, s in streams.items():
+        assert ends[sid].code == grpc.StatusCode.OK.value[0], ends[sid].message
+        s.check_complete()
+        assert s.instances == ["engine-a", "engine-b"]
+        s.resumed_after()
+
+
+_BATCH_ENGINE = """
+import asyncio, sys
+from pathlib import Path
+from chiron.v1 import types_pb2
+from services.engine.backend import SimulatedBackend
+from services.engine.core import EngineConfig
+from services.engine.local_autoscaler import LocalAutoscalerConfig
+from services.engine.server import AgentConfig, EngineAgent, serve
+
+async def main():
+    agent = EngineAgent(SimulatedBackend("llama-3-8b", EngineConfig(max_num_seqs=8)), AgentConfig(
+        instance_id="batch-a", role=types_pb2.INSTANCE_ROLE_BATCH, autoscale=False, queue_address=sys.argv[1],
+        lease_timeout_s=1.0, queue_poll_interval_s=0.05, autoscaler=LocalAutoscalerConfig(initial_batch_size=8)))
+    srv = await serve(agent, port=0)
+    Path(sys.argv[2]).write_text(str(srv.port))
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
+async def test_batch_work_on_a_killed_engine_returns_to_the_queue_when_its_lease_lapses(world, tmp_path):
+    """Part 3 of the issue, as it was: nothing new in the router; the queue's lease does it."""
+    from chiron.v1 import queue_pb2, queue_pb2_grpc
+    from tests.conftest import start_sim_engine
+
+    etcd, queue, procs = world
+    port_file = tmp_path / "batch-a.port"
+    proc = subprocess.Popen([sys.executable, "-c", _BATCH_ENGINE, queue, str(port_file)], cwd=REPO,
+                            stdout=(tmp_path / "batch-a.log").open("w"), stderr=subprocess.STDOUT)
+    procs.procs["batch-a"] = proc
+    await wait_port_file(port_file, proc)
+    async with grpc.aio.insecure_channel(queue) as ch:
+        stub = queue_pb2_grpc.QueueStub(ch)
+        await stub.Enqueue(queue_pb2.EnqueueRequest(request=types_pb2.InferenceRequest(
+            request_id="batch-1", model=MODEL, prompt_token_ids=list(range(1, 65)), max_tokens=3000, ignore_eos=True,
+            request_class=types_pb2.REQUEST_CLASS_BATCH, slo=types_pb2.SLO(ttft_ms=3_600_000))))
+
+        async def state() -> queue_pb2.GetRequestResponse:
+            return await stub.GetRequest(queue_pb2.GetRequestRequest(request_id="batch-1"))
+
+        async def leased() -> bool:
+            return (await state()).state == queue_pb2.QUEUED_REQUEST_STATE_LEASED
+        await eventually(leased)
+        procs.kill("batch-a")
+
+        async def back() -> bool:  # within the 1 s lease (and the queue's expiry sweep)
+            return (await state()).state == queue_pb2.QUEUED_REQUEST_STATE_QUEUED
+        await eventually(back, timeout_s=15)
+        server, _ = await start_sim_engine("batch-b", "batch", queue_address=queue, speedup=50.0)
+        try:
+            async def done() -> bool:
+                return (await state()).state == queue_pb2.QUEUED_REQUEST_STATE_DONE
+            await eventually(done, timeout_s=60)
+            final = await state()
+            assert final.attempts >= 1 and len(final.output_token_ids) == 3000
+        finally:
+            await server.stop(grace_s=1.0)
