@@ -344,3 +344,104 @@ async def test_batch_work_on_a_killed_engine_returns_to_the_queue_when_its_lease
             assert final.attempts >= 1 and len(final.output_token_ids) == 3000
         finally:
             await server.stop(grace_s=1.0)
+
+
+class _CrashingEngine(engine_pb2_grpc.EngineServicer):
+    """An in-process stand-in engine that streams ``tokens`` tokens of every request (after its resume tokens,
+    indices continuing) and then fails as a killed engine does (UNAVAILABLE), or with ``stall`` waits forever
+    before its first token. ``calls``: the requests it got."""
+
+    def __init__(self, iid: str, tokens: int = 5, stall: bool = False) -> None:
+        self.iid, self.tokens, self.stall = iid, tokens, stall
+        self.calls: list[types_pb2.InferenceRequest] = []
+        self.cancelled = asyncio.Event()
+
+    async def Generate(self, request, context):
+        r = request.request
+        self.calls.append(r)
+        if self.stall:
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                self.cancelled.set()
+                raise
+        n = len(r.resume_token_ids)
+        for i in range(self.tokens):
+            yield engine_pb2.GenerateResponse(request_id=r.request_id, token_ids=[100 + n + i],
+                                              num_generated_tokens=n + i + 1, ttft_ms=5.0 if i == 0 else 0.0,
+                                              itl_ms=0.0 if i == 0 else 1.0)
+            await asyncio.sleep(0.001)
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "Stream removed (Socket closed)")
+
+    async def GetStats(self, request, context):
+        return engine_pb2.GetStatsResponse(stats=types_pb2.EngineStats(instance_id=self.iid, max_batch_size=8))
+
+
+@pytest.fixture
+async def stand_ins():
+    """A router in this process over three crashing stand-in engines (membership from a dict)."""
+    from services.common.membership import InstanceInfo
+    from services.router.routing import RouterConfig
+    from services.router.server import RouterService
+    from services.router.server import serve as serve_router
+
+    engines, servers, members = {}, [], {}
+    for iid in ("e1", "e2", "e3"):
+        engines[iid] = eng = _CrashingEngine(iid)
+        server = grpc.aio.server()
+        engine_pb2_grpc.add_EngineServicer_to_server(eng, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        servers.append(server)
+        members[iid] = InstanceInfo(instance_id=iid, role="interactive", model=MODEL, address=f"127.0.0.1:{port}")
+
+    class Members:
+        def snapshot(self):
+            return dict(members)
+
+    router = await serve_router(RouterService(RouterConfig(), Members(), "127.0.0.1:1", stats_interval_s=60), port=0)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{router.port}")
+    yield router_pb2_grpc.RouterStub(channel), router.service, engines
+    await channel.close()
+    await router.stop(grace_s=0)
+    for server in servers:
+        await server.stop(0)
+
+
+async def test_a_request_moves_at_most_max_failovers_times_then_gets_unavailable(stand_ins):
+    router, service, engines = stand_ins
+    s = Stream("unlucky", 100)
+    await run_stream(router, s)
+    assert s.error is not None and s.error.code() == grpc.StatusCode.UNAVAILABLE
+    assert "3 engines failed under it" in s.error.details() and "retry later" in s.error.details()
+    assert service.max_failovers == 2 and service.failovers == 2 and service.resumed == 2
+    # Each engine got the request once, with the same id and the tokens the client had so far.
+    got = sorted((c for e in engines.values() for c in e.calls), key=lambda c: len(c.resume_token_ids))
+    assert [len(c.resume_token_ids) for c in got] == [0, 5, 10]
+    assert {c.request_id for c in got} == {"unlucky"} and {c.max_tokens for c in got} == {100}
+    assert list(got[2].resume_token_ids) == [t for c in s.chunks for t in c.token_ids][:10]
+    assert [c.num_generated_tokens for c in s.chunks] == list(range(1, 16))  # no gap, no repeat
+    assert sum(service._inflight.values()) == 0
+
+
+@pytest.mark.parametrize("how", ["deadline", "cancel"])
+async def test_the_clients_deadline_and_cancel_are_not_taken_for_a_dead_engine(stand_ins, how):
+    router, service, engines = stand_ins
+    for e in engines.values():
+        e.stall = True
+    r = types_pb2.InferenceRequest(request_id=how, model=MODEL, prompt_token_ids=[1, 2, 3], max_tokens=10)
+    call = router.Generate(router_pb2.RouterGenerateRequest(request=r), timeout=0.5 if how == "deadline" else None)
+    if how == "cancel":
+        async def sent() -> bool:
+            return any(e.calls for e in engines.values())
+        await eventually(sent)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call.read()
+    else:
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await call.read()
+        assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    engine = next(e for e in engines.values() if e.calls)
+    await asyncio.wait_for(engine.cancelled.wait(), 10)  # the engine call ended with the client's
+    assert sum(len(e.calls) for e in engines.values()) == 1 and service.failovers == 0

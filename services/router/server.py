@@ -294,8 +294,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
                                f"{what}, and no other instance can take it over ({e}); retry later") from None
         self.failovers += 1
         self.resumed += streamed > 0
-        log.warning("%s; %s on %s", what, "resuming it" if streamed else "sending it again", target.instance_id,
-                    extra={"request_id": fwd.request_id})
+        log.warning("%s; %s on %s", what, "resuming it" if streamed else "sending it again", target.instance_id)
         return target
 
     # ---- RPCs -------------------------------------------------------------------------------------------
