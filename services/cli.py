@@ -651,7 +651,8 @@ def write_report_files(report: dict, json_path: str | Path, plot_path: str | Pat
 def up(backend, model, dummy_weights, speedup, gateway_port, scaler_args, work_dir, tls, auth_token) -> None:
     """Start a whole Chiron cluster on this machine: etcd, queue, router, the OpenAI-compatible HTTP gateway
     (on port 8000 of 127.0.0.1 unless --gateway-port says otherwise), scaler (local provider), and the engine
-    agents the scaler starts; print the endpoints; Ctrl-C stops everything, draining first."""
+    agents the scaler starts; print the endpoints; Ctrl-C stops everything, draining first. Every service keeps
+    the port it got at start: one that exits (queue, router, gateway, scaler) is restarted there."""
     import shlex
 
     from services.cluster import ClusterConfig, start_cluster
@@ -683,7 +684,8 @@ def up(backend, model, dummy_weights, speedup, gateway_port, scaler_args, work_d
         console.print(f"logs in {cluster.work}; Ctrl-C stops everything (engines drain first)")
         stop = _stop_on_signal()
         await stop.wait()
-        console.print("stopping: gateway, scaler (draining engines), router, queue, etcd…")
+        live = [f"{n} (draining engines)" if n == "scaler" else n for n in cluster.live()]  # the dead: nothing to stop
+        console.print(f"stopping: {', '.join(live) or 'nothing is running'}…")
         await cluster.stop()
 
     run_event_loop(run())

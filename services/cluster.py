@@ -19,6 +19,14 @@ Both go into this process's environment as ``CHIRON_*`` variables (:mod:`service
 part inherits (the scaler passes them on to the engines it starts) and which this process's own clients use
 (readiness checks, replay). ``CHIRON_*`` variables already set are inherited the same way.
 
+Supervision (self-healing): every service gets a fixed port when the cluster starts (a free one picked once, or
+``gateway_port``), and :meth:`Cluster.supervise` (started by :func:`start_cluster`) notices a queue, router,
+gateway or scaler that exited and starts it again on the SAME ports, so every client (whose channels reconnect
+within a second: :mod:`services.common.failover`) finds it where it was. A restart that fails is tried again with
+backoff (up to 10 s apart). The engines a dead scaler started keep serving until the restarted scaler's first
+interactive engine serves, then they drain (SIGTERM); on :meth:`Cluster.stop` every engine process started for
+this cluster (found by its port file under ``WORK/engines``) is stopped too, so nothing outlives ``chiron up``.
+
 The gateway listens on ``ClusterConfig.gateway_port`` (``chiron up``: 8000, as vLLM's OpenAI server, so the
 README's ``curl http://127.0.0.1:8000/v1/...`` reaches it; 0, the default here, picks a free port so that tests
 and benchmarks never collide). A port already in use fails at once, before anything starts
@@ -30,12 +38,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import logging
 import os
 import shlex
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +54,8 @@ from services.common.etcd_server import EtcdServer
 from services.common.security import reset_security_settings, write_dev_certificates
 from services.engine.demo import stop_process, wait_healthy, wait_port_file
 
+log = logging.getLogger("chiron.cluster")
+SUPERVISED = ("queue", "router", "gateway", "scaler")  # restarted when they exit; in start order
 
 @dataclass
 class ClusterConfig:
@@ -84,6 +97,13 @@ def check_port_free(port: int, host: str = "127.0.0.1") -> None:
             raise
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on now (bound and released), for a service that keeps it across restarts."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 def vllm_engine_args(model: str | Path, dummy_weights: bool = False) -> str:
     """The ``chiron engine`` arguments of the vLLM engines a local cluster starts on ``model`` (a model directory).
 
@@ -109,9 +129,88 @@ class Cluster:
     ports: dict[str, int] = field(default_factory=dict)
     metrics_ports: dict[str, int] = field(default_factory=dict)
     gateway_url: str | None = None  # base URL of the OpenAI-compatible API (http[s]://host:port)
+    gateway_port: int = 0  # its HTTP port, fixed at start
+    args: dict[str, list[str]] = field(default_factory=dict)  # each supervised part's chiron arguments
+    restarts: dict[str, int] = field(default_factory=dict)  # by part: restarts since the cluster started
+    config: ClusterConfig | None = None
+    on_progress: object = None  # callable(str) for supervision messages, or None
+    _supervisor: asyncio.Task | None = None
+    _retiring: set = field(default_factory=set)  # tasks draining a dead scaler's engines
 
     def endpoint(self, name: str) -> str:
         return f"127.0.0.1:{self.ports[name]}"
+
+    def live(self) -> list[str]:
+        """The parts running now, in stop order (gateway, scaler, router, queue; etcd last)."""
+        names = [n for n in ("gateway", "scaler", "router", "queue")
+                 if n in self.procs and self.procs[n].poll() is None]
+        return [*names, *(["etcd"] if self.etcd.running else [])]
+
+    def _say(self, msg: str) -> None:
+        log.info("%s", msg)
+        if callable(self.on_progress):
+            self.on_progress(msg)
+
+    def supervise(self) -> None:
+        """Start the supervision task (idempotent); :meth:`stop` ends it. See the module docstring."""
+        if self._supervisor is None or self._supervisor.done():
+            self._supervisor = asyncio.create_task(self._supervise(), name="cluster-supervisor")
+
+    async def _supervise(self, interval_s: float = 0.1) -> None:
+        retry_at: dict[str, float] = {}
+        failures: dict[str, int] = {}
+        while True:
+            await asyncio.sleep(interval_s)
+            for name in SUPERVISED:
+                proc = self.procs.get(name)
+                if proc is None or name not in self.args or proc.poll() is None:
+                    continue
+                now = time.monotonic()
+                if now < retry_at.get(name, 0.0):
+                    continue
+                if failures.get(name, 0) == 0:
+                    self._say(f"{name} exited with status {proc.returncode}; restarting it on {self._address(name)}")
+                old_engines = _engine_processes(self.work / "engines") if name == "scaler" else {}
+                try:
+                    await _start_part(self, name, self.config or ClusterConfig())
+                except (RuntimeError, TimeoutError, OSError) as e:
+                    failures[name] = failures.get(name, 0) + 1
+                    delay = min(10.0, 0.5 * 2 ** (failures[name] - 1))
+                    retry_at[name] = time.monotonic() + delay
+                    log.warning("restarting %s failed (%s); trying again in %.1f s", name, e, delay)
+                    continue
+                failures[name] = 0
+                self.restarts[name] = self.restarts.get(name, 0) + 1
+                self._say(f"{name} restarted and serving on {self._address(name)}")
+                if old_engines:
+                    task = asyncio.create_task(self._retire_engines(old_engines))
+                    self._retiring.add(task)
+                    task.add_done_callback(self._retiring.discard)
+
+    async def stop_supervision(self) -> None:
+        """End the supervision task (nothing is restarted any more) and any draining of a dead scaler's engines."""
+        for task in (self._supervisor, *self._retiring):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+
+    def _address(self, name: str) -> str:
+        return self.gateway_url if name == "gateway" and self.gateway_url else self.endpoint(name)
+
+    async def _retire_engines(self, old: dict[int, str]) -> None:
+        """A dead scaler's engines serve until the restarted scaler has an interactive engine of its own serving
+        (at most the ready timeout), then drain (SIGTERM)."""
+        from services.common.membership import MembershipWatcher
+
+        timeout_s = self.config.ready_timeout_s if self.config else 120.0
+        ids = set(old.values())
+        with contextlib.suppress(Exception):
+            async with MembershipWatcher(self.etcd.endpoint) as watcher:
+                await watcher.wait_for(lambda m: any(i.role == "interactive" and i.state == "serving" and iid not in ids
+                                                     for iid, i in m.items()), timeout_s=timeout_s)
+        self._say(f"draining {len(old)} engine(s) of the scaler that exited: {', '.join(sorted(ids))}")
+        await asyncio.to_thread(_stop_pids, list(old), 30.0)
 
     def endpoints(self) -> dict[str, str]:
         return {"etcd": self.etcd.endpoint, **{n: self.endpoint(n) for n in self.ports},
@@ -131,13 +230,74 @@ class Cluster:
         return urls
 
     async def stop(self, grace_s: float = 60.0) -> None:
-        """Gateway first (in-flight HTTP requests finish), scaler (it drains the engines it started), then router,
-        queue, etcd."""
+        """Supervision ends; gateway first (in-flight HTTP requests finish), scaler (it drains the engines it
+        started), any engine process of this cluster still running (e.g. a dead scaler's), then router, queue,
+        etcd."""
+        await self.stop_supervision()
         for name in ("gateway", "scaler", "router", "queue"):
             p = self.procs.get(name)
             if p is not None:
                 await asyncio.to_thread(stop_process, p, grace_s)
+            if name == "scaler":
+                left = _engine_processes(self.work / "engines")
+                if left:
+                    await asyncio.to_thread(_stop_pids, list(left), grace_s)
         await asyncio.to_thread(self.etcd.stop)
+
+
+def _engine_processes(engines_dir: Path) -> dict[int, str]:
+    """Running ``chiron engine`` processes whose port file is in ``engines_dir`` (the local provider's work
+    directory of this cluster), by pid → instance id. Read from /proc (Linux); empty elsewhere."""
+    found: dict[int, str] = {}
+    prefix = str(engines_dir) + os.sep
+    proc_dir = Path("/proc")
+    if not proc_dir.is_dir():
+        return found
+    for d in proc_dir.iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            args = [a.decode(errors="replace") for a in (d / "cmdline").read_bytes().split(b"\0")]
+        except OSError:
+            continue
+        if "engine" not in args or "--port-file" not in args:
+            continue
+        i = args.index("--port-file")
+        if i + 1 < len(args) and args[i + 1].startswith(prefix):
+            iid = args[args.index("--instance-id") + 1] if "--instance-id" in args[:-1] else "?"
+            found[int(d.name)] = iid
+    return found
+
+
+def _stop_pids(pids: list[int], grace_s: float) -> None:
+    """SIGTERM each process (an engine drains), SIGKILL those still running after ``grace_s``."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    alive = list(pids)
+    while alive and time.monotonic() < deadline:
+        alive = [p for p in alive if _running(p)]
+        if alive:
+            time.sleep(0.05)
+    for pid in alive:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, exited but not reaped by its parent, counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
 
 
 def spawn_chiron(work: Path, name: str, args: list[str], port: int = 0) -> tuple[subprocess.Popen, Path]:
@@ -164,26 +324,33 @@ async def start_cluster(cfg: ClusterConfig, on_progress=None) -> Cluster:
     _export_security(cfg, work)
     etcd = EtcdServer(work / "etcd")
     await asyncio.to_thread(etcd.start)
-    cluster = Cluster(work, etcd)
+    cluster = Cluster(work, etcd, config=cfg, on_progress=on_progress)
     say(f"etcd serving on {etcd.endpoint}")
+    # Fixed ports, picked once: a part restarted by the supervisor serves where its clients dial it.
+    for name in ("queue", "router", "scaler"):
+        cluster.ports[name] = free_port()
+        cluster.metrics_ports[name] = free_port()
+    cluster.gateway_port = cfg.gateway_port or free_port()  # the gateway's /metrics is on this port too
+    queue = cluster.endpoint("queue")
+    engine_args = f"{cfg.engine_args} --queue {queue} --metrics-port 0"
+    cluster.args = {
+        "queue": ["queue", "--db", str(work / "queue.db")],
+        "router": ["router", "--etcd", etcd.endpoint, "--queue", queue],
+        "gateway": ["gateway", "--router", cluster.endpoint("router"), *shlex.split(cfg.gateway_args)],
+        "scaler": ["scaler", "--etcd", etcd.endpoint, "--queue", queue, "--provider", "local",
+                   "--work-dir", str(work / "engines"), "--engine-args", engine_args, *shlex.split(cfg.scaler_args)],
+    }
     try:
-        for name, args in (("queue", ["queue", "--db", str(work / "queue.db")]),):
-            await _start_part(cluster, name, args, cfg)
-            say(f"{name} serving on {cluster.endpoint(name)}")
-        await _start_part(cluster, "router", ["router", "--etcd", etcd.endpoint, "--queue", cluster.endpoint("queue")], cfg)
-        say(f"router serving on {cluster.endpoint('router')}")
-        await _start_gateway(cluster, cfg)
-        say(f"gateway serving the OpenAI API on {cluster.gateway_url}/v1")
-        engine_args = f"{cfg.engine_args} --queue {cluster.endpoint('queue')} --metrics-port 0"
-        await _start_part(cluster, "scaler", ["scaler", "--etcd", etcd.endpoint, "--queue", cluster.endpoint("queue"),
-                                              "--provider", "local", "--work-dir", str(work / "engines"),
-                                              "--engine-args", engine_args, *shlex.split(cfg.scaler_args)], cfg)
-        say(f"scaler serving on {cluster.endpoint('scaler')}")
+        for name in SUPERVISED:
+            await _start_part(cluster, name, cfg)
+            say(f"gateway serving the OpenAI API on {cluster.gateway_url}/v1" if name == "gateway" else
+                f"{name} serving on {cluster.endpoint(name)}")
         await _wait_for_engines(cluster, cfg)
         say("the scaler's first engine instances are registered and serving")
     except BaseException:
         await cluster.stop(grace_s=10)
         raise
+    cluster.supervise()
     return cluster
 
 
@@ -225,17 +392,21 @@ def _start_failed(cluster: Cluster, name: str, e: Exception) -> RuntimeError:
     return RuntimeError(f"{name} failed to start: {e}\n--- {cluster.work / (name + '.log')} ---\n{tail}")
 
 
-async def _start_part(cluster: Cluster, name: str, args: list[str], cfg: ClusterConfig) -> None:
+async def _start_part(cluster: Cluster, name: str, cfg: ClusterConfig) -> None:
+    """Start (or restart) part ``name`` with its arguments on its fixed ports and wait until it serves."""
+    if name == "gateway":
+        await _start_gateway(cluster, cfg)
+        return
     metrics_pf = cluster.work / f"{name}.metrics.port"
-    proc, pf = spawn_chiron(cluster.work, name, [*args, "--metrics-port", "0", "--metrics-port-file", str(metrics_pf)])
+    metrics_pf.write_text("")
+    proc, pf = spawn_chiron(cluster.work, name, [*cluster.args[name], "--metrics-port", str(cluster.metrics_ports[name]),
+                                                 "--metrics-port-file", str(metrics_pf)], port=cluster.ports[name])
     cluster.procs[name] = proc
     try:
         port = await wait_port_file(pf, proc, timeout_s=cfg.ready_timeout_s)
-        cluster.metrics_ports[name] = int(metrics_pf.read_text())  # written before the gRPC port file
         await wait_healthy(f"127.0.0.1:{port}", timeout_s=cfg.ready_timeout_s, proc=proc)
     except (RuntimeError, TimeoutError) as e:
         raise _start_failed(cluster, name, e) from e
-    cluster.ports[name] = port
 
 
 async def wait_http_ready(base_url: str, timeout_s: float = 60.0, proc: subprocess.Popen | None = None) -> None:
@@ -271,8 +442,7 @@ async def _start_gateway(cluster: Cluster, cfg: ClusterConfig) -> None:
     from services.common.security import security_settings
 
     name = "gateway"
-    proc, pf = spawn_chiron(cluster.work, name, [name, "--router", cluster.endpoint("router"), *shlex.split(cfg.gateway_args)],
-                            port=cfg.gateway_port)
+    proc, pf = spawn_chiron(cluster.work, name, cluster.args[name], port=cluster.gateway_port)
     cluster.procs[name] = proc
     scheme = "https" if security_settings().tls_enabled else "http"
     try:
@@ -283,3 +453,5 @@ async def _start_gateway(cluster: Cluster, cfg: ClusterConfig) -> None:
     cluster.gateway_url = f"{scheme}://127.0.0.1:{port}"
     if scheme == "http":  # its /metrics is on its own port (Cluster.metrics_endpoints lists plain-HTTP endpoints)
         cluster.metrics_ports[name] = port
+    else:
+        cluster.metrics_ports.pop(name, None)
