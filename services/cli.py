@@ -285,7 +285,9 @@ def engine(host, port, port_file, backend, model, load_format, dtype, max_num_ba
 @click.option("--port", default=50051, show_default=True, help="gRPC port (0 = pick a free one).")
 @click.option("--port-file", type=click.Path(dir_okay=False), help="Write the bound port here once serving.")
 @click.option("--db", "db_path", default="chiron-queue.db", show_default=True, type=click.Path(dir_okay=False),
-              help="SQLite file of the durable queue (WAL mode); reopened after a crash or restart.")
+              help="SQLite file of the durable queue (WAL mode; one queue process per file), or a PostgreSQL URL "
+                   "postgresql://user:password@host:port/dbname, which several queue replicas may share; reopened "
+                   "after a crash or restart.")
 @click.option("--models", default="", help="Comma-separated models accepted (default: any).")
 @click.option("--capacity", default=2_000_000, show_default=True, help="Most requests queued or leased at once.")
 @click.option("--group-granularity-s", default=60.0, show_default=True,
@@ -309,8 +311,12 @@ def queue(host, port, port_file, db_path, models, capacity, group_granularity_s,
     cfg = QueueConfig(db_path=db_path, models=tuple(m for m in models.split(",") if m), capacity=capacity,
                       group_granularity_s=group_granularity_s, lease_timeout_s=lease_timeout_s,
                       max_ttft_slo_ms=int(max_ttft_slo_s * 1000), max_prompt_tokens=max_prompt_tokens)
+    from services.queue.pg_store import check_database, is_postgres_url, redact_url
+
     try:
         cfg.validate()
+        if is_postgres_url(db_path):
+            check_database(cfg)  # unreachable, other schema version: stop now, with the URL and the fix
     except ValueError as e:
         raise click.BadParameter(str(e)) from e
     if not 1 <= max_file_bytes <= 80 * 2**20:
@@ -322,7 +328,7 @@ def queue(host, port, port_file, db_path, models, capacity, group_granularity_s,
         msrv = await _start_metrics(srv, srv.service.metrics, host, metrics_port, metrics_port_file)
         if port_file:
             Path(port_file).write_text(str(srv.port))
-        console.print(f"queue serving on {host}:{srv.port} (store {db_path})"
+        console.print(f"queue serving on {host}:{srv.port} (store {redact_url(db_path)})"
                       + (f", metrics on http://{host}:{msrv.port}/metrics" if msrv else ""))
         stop = _stop_on_signal()
         await stop.wait()

@@ -252,8 +252,12 @@ class PgQueueStore(QueueStore):
         try:
             self._conn = self._connect()
         except psycopg.Error as e:
+            why = str(e).strip().rstrip(".")
+            password = urlsplit(self._url).password
+            if password:
+                why = why.replace(password, "***")
             raise ValueError(
-                f"cannot reach the queue database {self.url}: {str(e).strip()}. Fix: start PostgreSQL there or correct "
+                f"cannot reach the queue database {self.url}: {why}. Fix: start PostgreSQL there or correct "
                 "--db (postgresql://user:password@host:port/dbname; the database must exist: createdb dbname), and "
                 "check the user, password and pg_hba.conf") from None
         try:
@@ -595,3 +599,44 @@ class PgQueueStore(QueueStore):
         """Same as :meth:`groups` (which is already a recount from the rows)."""
         return self.groups()
 
+
+
+def answer_unavailable(servicer: Any, base: type) -> None:
+    """Make every RPC of ``servicer`` (the methods ``base``, its generated servicer class, declares) answer gRPC
+    UNAVAILABLE with the store's message when the database is gone (``QueueError("UNAVAILABLE")``), including the
+    handlers that do not catch :class:`QueueError` themselves (Lease, GetStats, WatchStats, ...). Call before the
+    servicer is added to a server."""
+    import inspect
+
+    import grpc
+
+    for name, fn in vars(base).items():
+        if name.startswith("_") or not callable(fn):
+            continue
+        method = getattr(servicer, name)
+        if inspect.isasyncgenfunction(method):
+            async def stream(request: Any, context: Any, _m: Any = method) -> Any:
+                try:
+                    async for item in _m(request, context):
+                        yield item
+                except QueueError as e:
+                    if e.code != "UNAVAILABLE":
+                        raise
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, e.message)
+            setattr(servicer, name, stream)
+        else:
+            async def unary(request: Any, context: Any, _m: Any = method) -> Any:
+                try:
+                    return await _m(request, context)
+                except QueueError as e:
+                    if e.code != "UNAVAILABLE":
+                        raise
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, e.message)
+            setattr(servicer, name, unary)
+
+
+def check_database(config: QueueConfig) -> None:
+    """Open and close the PostgreSQL store once (creating its schema if new), so that a command fails at start-up
+    with the URL (password hidden) and the fix: raises ValueError for an unreachable database, another schema
+    version or another ``group_granularity_s``."""
+    PgQueueStore(config).close()

@@ -34,6 +34,7 @@ from services.common.grpc_util import create_server, mark_serving, settle_heap, 
 from services.common.metrics import QueueMetrics
 from services.queue.batches import BatchApiService, BatchStore
 from services.queue.estimator import GroupEstimate, ServingCapacity, WaitingTimeEstimator
+from services.queue.pg_store import answer_unavailable, is_postgres_url, open_store
 from services.queue.store import QueueConfig, QueueError, QueueStore
 
 log = logging.getLogger("chiron.queue")
@@ -298,9 +299,12 @@ async def serve(config: QueueConfig, host: str = "127.0.0.1", port: int = 0,
     ``chiron.v1.BatchApi`` (files and batches in the same database; uploads up to ``max_file_bytes``) with health
     checking and reflection. ``port`` 0 picks a free port. Raises ValueError for a bad config."""
     config.validate()
-    store = QueueStore(config)
+    store = open_store(config)  # SQLite file, or PostgreSQL for a postgresql:// URL (services/queue/pg_store.py)
     service = QueueService(store, estimator, capacity)
     batch_api = BatchApiService(BatchStore(store, max_file_bytes), service.metrics)
+    if is_postgres_url(config.db_path):  # a lost database answers UNAVAILABLE on every RPC; the store reconnects
+        answer_unavailable(service, queue_pb2_grpc.QueueServicer)
+        answer_unavailable(batch_api, batch_pb2_grpc.BatchApiServicer)
     name = queue_pb2.DESCRIPTOR.services_by_name["Queue"].full_name
 
     def add(s: grpc.aio.Server) -> None:
@@ -312,5 +316,5 @@ async def serve(config: QueueConfig, host: str = "127.0.0.1", port: int = 0,
     await server.start()
     settle_heap()
     await mark_serving(health_servicer, name)
-    log.info("queue serving on %s:%d (store %s)", host, bound, config.db_path)
+    log.info("queue serving on %s:%d (store %s)", host, bound, getattr(store, "url", config.db_path))
     return RunningQueue(server, service, bound)
