@@ -35,7 +35,8 @@ What differs from SQLite
   ``group_granularity_s``, stops the queue at start-up with the URL (password hidden) and the fix.
 
 High availability is PostgreSQL's: point ``--db`` at the primary of a streaming-replication pair or a managed
-service's endpoint, or at a proxy (PgBouncer in session or transaction mode, HAProxy, Patroni's endpoint) that
+service's endpoint, or at a proxy (HAProxy over Patroni, PgBouncer in session mode, or in transaction mode from 1.21 with
+``max_prepared_statements`` set: psycopg prepares statements it runs often) that
 follows the primary; after a fail-over the replicas reconnect by themselves. A committed call is durable as
 PostgreSQL's ``synchronous_commit`` (and synchronous standbys) make it.
 
@@ -374,7 +375,27 @@ class PgQueueStore(QueueStore):
     @_unavailable
     def enqueue(self, request_id: str, model: str, prompt_token_ids: Sequence[int], max_tokens: int,
                 ttft_slo_ms: int) -> tuple[str, str]:
-        return self._enqueue_validated([self._validate(request_id, model, prompt_token_ids, max_tokens, ttft_slo_ms)])[0]
+        v = self._validate(request_id, model, prompt_token_ids, max_tokens, ttft_slo_ms)
+        conn = self._c()
+        active = self._outstanding(conn, 1)
+        if active + 1 > self.config.capacity:  # full: only a retry of a stored request succeeds
+            existing = self._existing(v[0])
+            if existing is None:
+                raise self._exhausted_n(active, 1)
+            return self._idempotent(existing, v)
+        # One auto-committed statement (one round trip): a duplicate id inserts nothing and is compared below.
+        now = float(self._clock())
+        deadline = now + v[5] / 1000.0
+        bucket = math.floor(deadline / self._g)
+        row = conn.execute(_INSERT + " ON CONFLICT (request_id) DO NOTHING RETURNING seq",
+                           (v[0], v[1], bucket, v[4], v[5], now, deadline, v[3], v[2])).fetchone()
+        if row is None:
+            existing = self._existing(v[0])
+            if existing is None:  # deleted in between (purge): store it as new
+                return self._enqueue_validated([v])[0]
+            return self._idempotent(existing, v)
+        self._active = (self._active[0], self._active[1] + 1) if self._active is not None else None
+        return v[0], self._group_id(v[1], bucket)
 
     @_unavailable
     def enqueue_many(self, requests: Iterable[Sequence[Any] | Mapping[str, Any]]) -> list[tuple[str, str]]:
