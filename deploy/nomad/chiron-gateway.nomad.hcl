@@ -2,8 +2,8 @@
 # router. Stateless: files and batches live in the queue's store, so gateways can be added, moved or restarted
 # freely; two on distinct nodes by default, each on a static HTTP port (var.gateway_port) behind the operator's
 # load balancer. Driver: raw_exec (see chiron-engine.nomad.hcl).
-# The router's address comes from Consul (service "chiron-router") through a template; the gateway restarts when
-# it moves. Health: HTTP GET /health through Consul (HTTPS when var.tls is on).
+# The routers' addresses come from Consul (service "chiron-router", all healthy instances, comma-separated)
+# through a template; the gateway fails over between them and restarts when the list changes. Health: HTTP GET /health through Consul (HTTPS when var.tls is on).
 #
 # var.tokenizer: "simple" for simulated engines, else the model directory on the nodes (its Hugging Face
 # tokenizer and chat template, the same model the engines serve).
@@ -169,9 +169,11 @@ job "chiron-gateway" {
         }
       }
 
-      # CHIRON_ROUTER_ADDRESS=host:port of a healthy router; the task restarts when it changes.
+      # CHIRON_ROUTER_ADDRESS=host:port,host:port,... of every healthy router: the gateway fails over between them
+      # (a call UNAVAILABLE at one router is made at the next; a streamed request only before its first token) and
+      # reconnects to one that comes back within a second. The task restarts when the list changes.
       template {
-        data        = "{{ range $i, $s := service \"chiron-router\" }}{{ if eq $i 0 }}CHIRON_ROUTER_ADDRESS={{ $s.Address }}:{{ $s.Port }}\n{{ end }}{{ end }}"
+        data        = "{{ range $i, $s := service \"chiron-router\" }}{{ if eq $i 0 }}CHIRON_ROUTER_ADDRESS={{ else }},{{ end }}{{ $s.Address }}:{{ $s.Port }}{{ end }}\n"
         destination = "local/router.env"
         env         = true
         change_mode = "restart"

@@ -2,7 +2,8 @@
 # overflow) found through etcd membership; batch requests go to the queue.
 #
 # The router listens on a static port (var.router_port) so clients and the gateway have a stable address; two
-# routers on distinct nodes by default. Driver: raw_exec (see chiron-engine.nomad.hcl).
+# routers on distinct nodes by default (stateless and interchangeable: the gateways list every healthy router and
+# fail over between them, as `chiron replay --router a:1,b:2` and the Node example do). Driver: raw_exec (see chiron-engine.nomad.hcl).
 # The queue's address comes from Consul (service "chiron-queue") through a template; the router restarts when it
 # moves. Health: gRPC check on chiron.v1.Router through Consul.
 
