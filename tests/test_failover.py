@@ -16,6 +16,7 @@ import pytest_asyncio
 
 from chiron.v1 import router_pb2, router_pb2_grpc, types_pb2
 from services.common.failover import FailoverChannel, parse_addresses, with_reconnect_options
+from services.common.grpc_util import ChannelPool
 from services.common.membership import MembershipWatcher
 from services.common.security import SecuritySettings
 from services.common.traces import Trace
@@ -182,16 +183,20 @@ async def test_a_request_not_yet_answered_fails_over_within_the_mux(parts):
         await ch.close()
 
 
-async def test_a_channel_reconnects_within_a_second_once_its_router_is_back(parts):
+@pytest.mark.parametrize("kind", ["failover", "pool"])
+async def test_a_channel_reconnects_within_a_second_once_its_router_is_back(parts, kind):
+    """Both the clients' FailoverChannel and the services' ChannelPool (router -> queue and engines, scaler)."""
     port = free_port()
     router = await parts.router(port)
+    pool = ChannelPool()
     async with FailoverChannel(f"127.0.0.1:{port}") as ch:
-        stub = router_pb2_grpc.RouterStub(ch)
+        stub = router_pb2_grpc.RouterStub(ch if kind == "failover" else pool.get(f"127.0.0.1:{port}"))
         await stub.ListModels(router_pb2.ListModelsRequest(), timeout=10)
         await router.stop(0)
         parts.routers.remove(router)
-        # Down for a few seconds of failing calls: gRPC's default backoff would have grown past 2 s by now.
-        down_until = time.monotonic() + 4.0
+        # Down for 6 s of failing calls: with gRPC's default backoff (1 s growing x1.6, jitter 20 %) the next
+        # attempt would be about 9 s after the first failure, some 3 s after the router is back.
+        down_until = time.monotonic() + 6.0
         while time.monotonic() < down_until:
             with pytest.raises(grpc.aio.AioRpcError):
                 await stub.ListModels(router_pb2.ListModelsRequest(), timeout=1)
@@ -206,6 +211,7 @@ async def test_a_channel_reconnects_within_a_second_once_its_router_is_back(part
                 assert time.monotonic() - back < 3.0, "the channel did not reconnect"
                 await _pause()
         assert time.monotonic() - back < 1.6
+    await pool.close()
 
 
 async def _pause() -> None:

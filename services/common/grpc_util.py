@@ -16,6 +16,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from services.common.failover import with_reconnect_options
 from services.common.security import BearerAuthInterceptor, add_port, open_channel, security_settings
 
 T = TypeVar("T")
@@ -101,7 +102,8 @@ async def mark_serving(health_servicer: health.aio.HealthServicer, service_name:
 
 class ChannelPool:
     """One grpc.aio channel per address, created on first use (TLS when the process's security settings say so:
-    :func:`~services.common.security.open_channel`); :meth:`close` closes them all."""
+    :func:`~services.common.security.open_channel`; reconnecting at least once a second after its server went
+    away: :data:`~services.common.failover.RECONNECT_OPTIONS`); :meth:`close` closes them all."""
 
     def __init__(self) -> None:
         self._channels: dict[str, grpc.aio.Channel] = {}
@@ -109,7 +111,8 @@ class ChannelPool:
     def get(self, address: str) -> grpc.aio.Channel:
         ch = self._channels.get(address)
         if ch is None:
-            ch = self._channels[address] = open_channel(address, options=MESSAGE_OPTIONS)
+            # Reconnect within a second of a server's return (gRPC's default backoff grows to two minutes).
+            ch = self._channels[address] = open_channel(address, options=with_reconnect_options(MESSAGE_OPTIONS))
         return ch
 
     async def close(self) -> None:
