@@ -242,3 +242,24 @@ async def test_the_node_client_fails_over_to_the_second_router(parts):
     assert out["generate_tokens"] == 8 and out["submitted"].startswith("node-batch-")
     assert "trying the next router" in stdout
     assert live.service.accepted == 1 and live.service.submitted == 1
+
+
+def test_nomad_runs_two_routers_and_gateways_on_distinct_nodes_and_gateways_list_every_router():
+    import re
+    from pathlib import Path
+
+    from services.deploy.gotemplate import Context, render
+    from services.deploy.jobspec import render_job_file
+
+    nomad = Path(__file__).resolve().parents[1] / "deploy" / "nomad"
+    for name, group in (("router", "router"), ("gateway", "gateway")):
+        path = nomad / f"chiron-{name}.nomad.hcl"
+        job = render_job_file(path)[0]
+        assert job.groups[group].count >= 2
+        assert re.search(r'constraint\s*\{\s*operator\s*=\s*"distinct_hosts"\s*value\s*=\s*"true"', path.read_text())
+    gateway = render_job_file(nomad / "chiron-gateway.nomad.hcl")[0].groups["gateway"].tasks[0]
+    template = next(t for t in gateway.templates if "chiron-router" in t.data)
+    routers = [{"Address": "10.0.0.1", "Port": 50050}, {"Address": "10.0.0.2", "Port": 50050}]
+    rendered = render(template.data, Context(env={}, service=lambda _name: routers))
+    assert rendered.strip() == "CHIRON_ROUTER_ADDRESS=10.0.0.1:50050,10.0.0.2:50050"
+    assert "${CHIRON_ROUTER_ADDRESS}" in gateway.args
