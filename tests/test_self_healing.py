@@ -282,6 +282,11 @@ async def test_health_reports_each_dependency_and_errors_name_the_one_that_is_do
             r = await http.get(f"{base}/health")
             return r.status_code, r.json()
 
+        # Ready once the router's checks have seen the queue and its etcd watch established (a loaded host takes a
+        # while to get there: wait for it, then hold it to the full answer).
+        async def all_ok() -> bool:
+            return (await health(url))[1]["status"] == "ok"
+        await eventually(all_ok, timeout_s=15, interval_s=0.1)
         code, body = await health(url)
         assert code == 200 and body["status"] == "ok", body
         assert {n: d["status"] for n, d in body["dependencies"].items()} == {"router": "ok", "queue": "ok",
