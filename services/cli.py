@@ -22,6 +22,7 @@
     chiron bench gateway          TTFT overhead the HTTP gateway adds over the router's gRPC at 50/200 req/s
     chiron bench engine-overhead  tokens/s through the agent's gRPC vs vLLM called directly
     chiron bench fidelity         the simulator vs a live cluster on the same 5-minute trace slice
+    chiron soak                   a local cluster under steady load for N minutes: RSS and descriptors per process
 """
 
 from __future__ import annotations
@@ -426,7 +427,7 @@ def scaler(host, port, port_file, etcd, queue_addr, provider, advisory, interval
                 from services.global_scaler.nomad import NomadProvider
 
                 prov = NomadProvider(address=nomad_address, job_id=nomad_job)
-        watcher = MembershipWatcher([etcd])
+        watcher = MembershipWatcher(etcd)  # "a:1,b:2,c:3": every member of an etcd cluster
         await watcher.start()
         if not advisory and provider == "keda":
             from services.global_scaler.keda import KedaProvider
@@ -481,7 +482,7 @@ def router(host, port, port_file, etcd, queue_addr, interactive_ttft_max_ms, sta
         from services.common.membership import MembershipWatcher
         from services.router.server import RouterService, serve
 
-        watcher = MembershipWatcher([etcd])
+        watcher = MembershipWatcher(etcd)  # "a:1,b:2,c:3": every member of an etcd cluster
         await watcher.start()
         srv = await serve(RouterService(cfg, watcher, queue_addr, stats_interval_s=stats_interval_s), host, port)
         msrv = await _start_metrics(srv, srv.service.metrics, host, metrics_port, metrics_port_file)
@@ -1617,6 +1618,60 @@ def bench_fidelity(json_path, minutes, start_s, speedup) -> None:
     print_table(report, console)
     write_json(report, json_path)
     console.print(f"written to {json_path}")
+
+
+@main.command()
+@click.option("--minutes", default=60.0, show_default=True, type=click.FloatRange(min=0.05),
+              help="Wall-clock minutes of load and sampling (the cluster's start and stop come on top).")
+@click.option("--interval-s", default=5.0, show_default=True, type=click.FloatRange(min=0.2), help="Sampling period [s].")
+@click.option("--rate", "interactive_rate", default=5.0, show_default=True, type=click.FloatRange(min=0.01),
+              help="Interactive requests per second (streamed /v1/completions through the gateway).")
+@click.option("--batch-rate", default=0.1, show_default=True, type=click.FloatRange(min=0.0),
+              help="Batch requests per second (Router.Submit, TTFT SLO 60 s).")
+@click.option("--window-min", type=float, default=None,
+              help="Summary window at the end of the run [min] (default: 50 for --minutes >= 60, else minutes - 10, "
+                   "at least half the run).")
+@click.option("--edge-min", type=float, default=None, help="Edges of the window compared for RSS growth [min] "
+                                                            "(default: min(5, window / 2)).")
+@click.option("--work-dir", default=None, type=click.Path(file_okay=False), help="Cluster logs (default: a temporary folder).")
+@click.option("--json", "json_path", default="out/soak.json", show_default=True, type=click.Path(dir_okay=False),
+              help="Where to write the report (folders are made).")
+@click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False),
+              help="Where to write the plot (default: the JSON path with .png).")
+def soak(minutes, interval_s, interactive_rate, batch_rate, window_min, edge_min, work_dir, json_path, plot_path) -> None:
+    """Soak test: a local cluster (simulated engines) under steady interactive load through the gateway plus a
+    trickle of batch work for --minutes; every process's RSS and open descriptors sampled every --interval-s.
+    Report per process (samples, RSS growth over the window, descriptor slope) and plot. Targets (issue 29,
+    --minutes 60): RSS growth <= 5% and a flat descriptor count (drift <= 2) per process over the last 50 min.
+    Needs the etcd binary. Exits 1 when a target is missed."""
+    from services.common.etcd_server import EtcdNotFound
+    from services.soak import SoakConfig, plot_report, print_summary, run_soak, write_json
+
+    cfg = SoakConfig(minutes=minutes, interval_s=interval_s, interactive_rate_per_s=interactive_rate,
+                     batch_rate_per_s=batch_rate, window_min=window_min, edge_min=edge_min, work_dir=work_dir)
+    plot_path = plot_path or str(Path(json_path).with_suffix(".png"))
+    console.print(f"soak: starting a local cluster, then {minutes:g} min at {interactive_rate:g} interactive req/s "
+                  f"and {batch_rate:g} batch req/s, sampling every {interval_s:g} s…")
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[at]}"), TimeElapsedColumn(),
+                  console=console, transient=False) as bar:
+        task = bar.add_task("soak", total=minutes * 60, at="starting the cluster")
+
+        def progress(done_s: float, total_s: float) -> None:
+            bar.update(task, completed=done_s, at=f"{done_s / 60:.1f}/{total_s / 60:g} min")
+
+        try:
+            report = asyncio.run(run_soak(cfg, progress=progress, on_message=lambda m: bar.console.print(f"  {m}")))
+        except (EtcdNotFound, RuntimeError, TimeoutError) as e:
+            raise click.ClickException(str(e)) from e
+    print_summary(report, console)
+    write_json(report, json_path)
+    try:
+        plot_report(report, plot_path)
+        console.print(f"report: {json_path}; plot: {plot_path}")
+    except Exception as e:  # noqa: BLE001 - the report is written; a plot error is one line
+        console.print(f"report: {json_path}; [red]the plot was not written: {escape(str(e))}[/]")
+    if not report["targets"]["met"]:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":
