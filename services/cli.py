@@ -427,7 +427,7 @@ def scaler(host, port, port_file, etcd, queue_addr, provider, advisory, interval
                 from services.global_scaler.nomad import NomadProvider
 
                 prov = NomadProvider(address=nomad_address, job_id=nomad_job)
-        watcher = MembershipWatcher(etcd)  # "a:1,b:2,c:3": every member of an etcd cluster
+        watcher = MembershipWatcher([etcd])
         await watcher.start()
         if not advisory and provider == "keda":
             from services.global_scaler.keda import KedaProvider
@@ -482,7 +482,7 @@ def router(host, port, port_file, etcd, queue_addr, interactive_ttft_max_ms, sta
         from services.common.membership import MembershipWatcher
         from services.router.server import RouterService, serve
 
-        watcher = MembershipWatcher(etcd)  # "a:1,b:2,c:3": every member of an etcd cluster
+        watcher = MembershipWatcher([etcd])
         await watcher.start()
         srv = await serve(RouterService(cfg, watcher, queue_addr, stats_interval_s=stats_interval_s), host, port)
         msrv = await _start_metrics(srv, srv.service.metrics, host, metrics_port, metrics_port_file)
