@@ -10,6 +10,7 @@
     chiron scaler                 run the global scaler (policy + instance provider, or --advisory)
     chiron tiny-model DIR         write a tiny Llama model directory for the vllm backend on CPU
     chiron demo                   the whole system: local cluster + Azure trace + batch workload, report and plot
+    chiron chaos                  faults (SIGKILL, SIGSTOP) in a replicated local cluster under load: what each cost
     chiron demo-engine            one engine agent + the Azure trace, the local autoscaler's report
     chiron simulate               a policy (or several) on a workload at fleet scale in virtual time
     chiron experiments            the paper's experiments for every policy: markdown report with tables and plots
@@ -427,7 +428,7 @@ def scaler(host, port, port_file, etcd, queue_addr, provider, advisory, interval
                 from services.global_scaler.nomad import NomadProvider
 
                 prov = NomadProvider(address=nomad_address, job_id=nomad_job)
-        watcher = MembershipWatcher([etcd])
+        watcher = MembershipWatcher(etcd)  # "a:1,b:2,c:3": every member of an etcd cluster
         await watcher.start()
         if not advisory and provider == "keda":
             from services.global_scaler.keda import KedaProvider
@@ -482,7 +483,7 @@ def router(host, port, port_file, etcd, queue_addr, interactive_ttft_max_ms, sta
         from services.common.membership import MembershipWatcher
         from services.router.server import RouterService, serve
 
-        watcher = MembershipWatcher([etcd])
+        watcher = MembershipWatcher(etcd)  # "a:1,b:2,c:3": every member of an etcd cluster
         await watcher.start()
         srv = await serve(RouterService(cfg, watcher, queue_addr, stats_interval_s=stats_interval_s), host, port)
         msrv = await _start_metrics(srv, srv.service.metrics, host, metrics_port, metrics_port_file)
@@ -874,6 +875,56 @@ def demo(minutes, trace_name, trace_file, start_s, speedup, batch_rate, batch_tt
     if plot_error:
         raise click.ClickException(f"{plot_error} (the report is in {json_path})")
     if report["lost_requests"]:
+        raise SystemExit(1)
+
+
+@main.command()
+@click.option("--json", "json_path", default="out/chaos.json", show_default=True, type=click.Path(dir_okay=False),
+              help="Where to write the report (folders are made).")
+@click.option("--faults", default=None, help="Comma-separated subset, in order, of: queue, router, gateway, scaler, "
+              "engine, etcd-leader, freeze. Default: all (--quick: gateway, router, engine).")
+@click.option("--minutes", default=0.0, show_default=True, type=click.FloatRange(min=0),
+              help="Spread the faults over about this many minutes (0: --fault-interval-s apart).")
+@click.option("--fault-interval-s", type=click.FloatRange(min=1), default=None,
+              help="Seconds from one fault to the next. Default: 40 (--quick: 8).")
+@click.option("--stall-s", type=click.FloatRange(min=0.5), default=None,
+              help="How long the etcd leader stays stopped and the cluster frozen [s]. Default: 30 (--quick: 5).")
+@click.option("--quick", is_flag=True, help="A short run: a few faults, 5-s stalls, small jobs.")
+@click.option("--work-dir", default=None, type=click.Path(file_okay=False), help="Logs (default: a temporary folder).")
+def chaos(json_path, faults, minutes, fault_interval_s, stall_s, quick, work_dir) -> None:
+    """Chaos run: a local cluster with two replicas of queue (one PostgreSQL), router, gateway and scaler (elected
+    leader), three etcd members and simulated engines, under the Azure conversation trace and Batch API jobs
+    through both gateways; kills one replica of each service, an engine, stops the etcd leader and freezes
+    everything, in turn. One row per fault (failed/duplicated/lost/twice-completed requests, recovery_s) and
+    totals; exits 1 when a target is missed. Needs etcd and PostgreSQL binaries."""
+    from services.chaos import ChaosConfig, run_chaos
+
+    kw = {k: v for k, v in {"fault_interval_s": fault_interval_s, "stall_s": stall_s, "minutes": minutes,
+                            "work_dir": work_dir}.items() if v is not None}
+    chosen = tuple(f.strip() for f in faults.split(",") if f.strip()) if faults else None
+    cfg = ChaosConfig.quick(chosen, **kw) if quick else ChaosConfig(**({"faults": chosen} if chosen else {}), **kw)
+    with Progress(TextColumn("chaos"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[msg]}"),
+                  TimeElapsedColumn(), console=console) as bar:
+        task = bar.add_task("chaos", total=len(cfg.faults), msg="starting the cluster")
+        try:
+            report = asyncio.run(run_chaos(cfg, say=lambda m: bar.console.print(f"  {escape(m)}"),
+                                           progress=lambda d, _t, what: bar.update(task, completed=d, msg=what)))
+        except (ValueError, RuntimeError, TimeoutError) as e:
+            raise click.ClickException(str(e)) from e
+    table = Table(title=f"chiron chaos ({report['wall_seconds']:.0f} s)")
+    cols = ("fault", "interactive_failed", "interactive_duplicated_tokens", "batch_lost", "batch_completed_twice",
+            "recovery_s", "replica_back_s", "gateway_connections_cut")
+    for c in cols:
+        table.add_column(c.replace("_", " "), justify="left" if c == "fault" else "right")
+    for row in [*report["faults"], {"fault": "total", **report["totals"]}]:
+        table.add_row(*(_fmt(row.get(c), 2) for c in cols))
+    console.print(table)
+    Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+    Path(json_path).write_text(json.dumps(report, indent=2))
+    console.print(f"report: {json_path}")
+    for miss in report["targets_missed"]:
+        console.print(f"[red]target missed: {escape(miss)}[/]")
+    if report["targets_missed"]:
         raise SystemExit(1)
 
 
