@@ -7,16 +7,22 @@ same methods, results, errors, order and positions; ``tests/test_queue_store.py`
 
 What differs from SQLite
 ------------------------
-* **No per-process state.** Every answer is derived from the database rows at the moment of the call: group
-  aggregates (:meth:`PgQueueStore.groups`, :meth:`PgQueueStore.group_snapshots`), counts and positions. So the
-  estimator's view of each group (its queued count and deadline) is the same whichever replica answers. What
-  *is* per replica lives in the gRPC service, not here: the measured serving capacity
-  (:class:`~services.queue.server.CapacityTracker`: output tokens acked *through this replica* over its window,
-  over the leases out, which are read from the database) and the estimator's prepared tables. With ``N``
-  replicas behind a balancer each one measures about ``1/N`` of the fleet's throughput; point the scaler at one
-  replica (or use ``--prior-throughput``) until the capacity is read from the rows too.
-  The cost: ``groups()`` / ``counts()`` are an aggregate over the QUEUED and LEASED rows (partial indexes), not
-  O(groups) from memory: milliseconds per 100,000 outstanding requests.
+* **No per-process state.** Every answer is derived from the database at the moment of the call, so the
+  estimator's view is the same whichever replica answers:
+  - group aggregates (:meth:`PgQueueStore.groups`, :meth:`PgQueueStore.counts`) come from a per-group summary:
+    statement-level triggers on ``requests`` append one ``group_deltas`` row per (statement, group) in the
+    transaction that changes the rows, whatever the path (enqueue, lease, ack, return, cancel, expiry, purge,
+    or SQL by hand); :meth:`PgQueueStore.compact` (the service's maintenance task, every second; or ``groups()``
+    itself past a few thousand pending deltas) folds them into ``group_summary``. Deltas are append-only, so
+    concurrent enqueues into one group do not queue behind one hot row. ``groups()`` reads summary + deltas in
+    one snapshot plus one index probe per group for its head's arrival: O(groups), not O(requests) (a few ms at
+    1,000,000 queued; :meth:`PgQueueStore.recount_groups` is the from-scratch aggregate it always equals);
+  - the measured serving capacity (:class:`~services.queue.server.CapacityTracker`'s tokens over its window
+    and first-served time): every ack and every return with progress writes its new output tokens to ``served``
+    in its own transaction; :meth:`PgQueueStore.served_window` sums them (folded into per-second totals by
+    ``compact``), so each replica measures the whole fleet's throughput, not the ``1/N`` acked through it.
+  What is still per replica: the estimator's output-length distribution (learnt from the acks each replica
+  sees: the same distribution, fewer samples) and its prepared tables.
 * **Leases** are taken with ``SELECT … ORDER BY bucket, model, seq LIMIT n FOR UPDATE SKIP LOCKED``: the same
   earliest-deadline-first, FIFO-inside order as SQLite; two replicas leasing at once get disjoint requests
   (a row locked by one is skipped by the other). Ack / return / renew / cancel read their row ``FOR UPDATE`` and
@@ -32,7 +38,9 @@ What differs from SQLite
   service answers gRPC UNAVAILABLE); the next call reconnects, so the replica recovers by itself when the
   database returns. A transaction cut in the middle is rolled back by PostgreSQL: nothing half-done remains.
 * **Start-up.** An unreachable URL, or a database created by another schema version or another
-  ``group_granularity_s``, stops the queue at start-up with the URL (password hidden) and the fix.
+  ``group_granularity_s``, stops the queue at start-up with the URL (password hidden) and the fix. A version-1
+  database (before the group summary and served tokens) is upgraded in place by the first replica that starts:
+  tables and triggers added, the summary counted once from the rows (one scan, under the setup lock).
 
 High availability is PostgreSQL's: point ``--db`` at the primary of a streaming-replication pair or a managed
 service's endpoint, or at a proxy (HAProxy over Patroni, PgBouncer in session mode, or in transaction mode from 1.21 with
@@ -73,7 +81,10 @@ from services.queue.store import (
 
 __all__ = ["PgQueueStore", "is_postgres_url", "open_store", "redact_url", "SCHEMA_VERSION"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+_SERVED_KEEP_S = 3600.0  # per-second served-token totals kept this long (longer than any capacity window)
+_COMPACT_ROWS = 5000  # groups() folds the deltas into the summary when it read more than this many
+_COMPACT_LOCK = 0x63686973  # advisory lock key: one replica compacts at a time (the others skip)
 _CONNECT_TIMEOUT_S = 5
 _SETUP_LOCK = 0x63686972  # advisory lock key ("chir"): replicas starting together create the schema once
 
@@ -103,8 +114,35 @@ CREATE TABLE IF NOT EXISTS requests (
 );
 CREATE INDEX IF NOT EXISTS requests_queued ON requests (bucket, model, seq) WHERE state = 0;
 CREATE INDEX IF NOT EXISTS requests_leased ON requests (lease_expiry_s) WHERE state = 1;
-CREATE INDEX IF NOT EXISTS requests_leased_groups ON requests (bucket, model) WHERE state = 1;
 CREATE INDEX IF NOT EXISTS requests_finished ON requests (finished_s) WHERE state IN (2, 3);
+-- Per-group aggregates of the outstanding rows: group_summary plus the not yet folded group_deltas. The triggers
+-- below append one delta row per (statement, group) in the transaction that changes the rows (append-only: no hot
+-- row for concurrent enqueues to queue behind); compact() folds them into group_summary.
+CREATE TABLE IF NOT EXISTS group_summary (
+    bucket    BIGINT NOT NULL,
+    model     TEXT   NOT NULL,
+    queued    BIGINT NOT NULL,
+    leased    BIGINT NOT NULL,
+    remaining BIGINT NOT NULL,
+    PRIMARY KEY (bucket, model)
+);
+CREATE TABLE IF NOT EXISTS group_deltas (
+    bucket    BIGINT NOT NULL,
+    model     TEXT   NOT NULL,
+    queued    BIGINT NOT NULL,
+    leased    BIGINT NOT NULL,
+    remaining BIGINT NOT NULL
+);
+-- Output tokens served (acked, or returned with progress), written in the ack / return transaction: the
+-- measured serving capacity, the same on every replica. compact() folds them into per-second totals.
+CREATE TABLE IF NOT EXISTS served (model TEXT NOT NULL, t_s DOUBLE PRECISION NOT NULL, tokens BIGINT NOT NULL);
+CREATE TABLE IF NOT EXISTS served_seconds (
+    model  TEXT   NOT NULL,
+    second BIGINT NOT NULL,
+    tokens BIGINT NOT NULL,
+    PRIMARY KEY (model, second)
+);
+CREATE TABLE IF NOT EXISTS served_first (model TEXT PRIMARY KEY, first_s DOUBLE PRECISION NOT NULL);
 CREATE TABLE IF NOT EXISTS files (
     file_id    TEXT PRIMARY KEY,
     filename   TEXT NOT NULL,
@@ -140,6 +178,25 @@ _SELECT_FOR_UPDATE = ("SELECT seq, model, bucket, state, lease_id, max_tokens, n
                       "FROM requests WHERE request_id = %s FOR UPDATE")
 _EXPIRE = ("UPDATE requests SET state = 0, lease_id = NULL, lease_expiry_s = NULL, worker_id = NULL, attempts = attempts + 1 "
            "WHERE state = 1 AND lease_expiry_s < %s")
+# Ack in one auto-committed statement (one round trip): lock the row, complete it if leased under this lease, and
+# record its new output tokens (served, for the capacity) in the same transaction; the row as it was comes back, so
+# a refused ack is explained (or an ack repeated after success answered) as before.
+_ACK = """
+WITH cur AS (SELECT seq, model, bucket, state, lease_id, max_tokens, n_resume, arrival_s, output_tokens
+             FROM requests WHERE request_id = %(rid)s FOR UPDATE),
+upd AS (UPDATE requests r SET state = 2, output_tokens = %(count)s, lease_expiry_s = NULL, finished_s = %(now)s{resume}
+        FROM cur WHERE r.seq = cur.seq AND cur.state = 1 AND cur.lease_id = %(lease)s RETURNING r.seq),
+srv AS (INSERT INTO served (model, t_s, tokens) SELECT cur.model, %(now)s, greatest(0, %(count)s - cur.n_resume) FROM cur, upd)
+SELECT cur.*, (SELECT count(*) FROM upd) FROM cur
+"""
+_ACK_COUNT = _ACK.format(resume="")
+_ACK_TOKENS = _ACK.format(resume=", resume = %(blob)s, n_resume = %(count)s")
+# A whole upload in one INSERT (one statement: the group-summary trigger fires once, one delta row per group);
+# rows get their seq in the arrays' order.
+_INSERT_MANY = ("INSERT INTO requests (request_id, model, bucket, state, max_tokens, ttft_slo_ms, arrival_s, deadline_s, "
+                "n_prompt, prompt) SELECT rid, model, bucket, 0, mt, slo, arrival, deadline, n, prompt FROM unnest("
+                "%s::text[], %s::text[], %s::bigint[], %s::int[], %s::bigint[], %s::float8[], %s::float8[], %s::int[], "
+                "%s::bytea[]) AS u(rid, model, bucket, mt, slo, arrival, deadline, n, prompt)")
 _LEASE = """
 WITH picked AS (
     SELECT seq FROM requests WHERE state = 0 {models} ORDER BY bucket, model, seq LIMIT %(n)s FOR UPDATE SKIP LOCKED
@@ -150,11 +207,99 @@ FROM picked WHERE r.seq = picked.seq
 RETURNING r.bucket, r.model, r.seq, r.request_id, r.lease_id, r.max_tokens, r.ttft_slo_ms, r.arrival_s, r.deadline_s,
     r.attempts, r.prompt, r.resume
 """
-_GROUPS = """
+# A row's contribution to its group: queued / leased (0 or 1) and remaining tokens (max_tokens - n_resume if queued).
+_CONTRIB = ("bucket, model, (state = 0)::int AS q, (state = 1)::int AS l, "
+            "CASE WHEN state = 0 THEN max_tokens - n_resume ELSE 0 END AS rem")
+_TRIGGERS = f"""
+CREATE OR REPLACE FUNCTION chiron_group_deltas_insert() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO group_deltas (bucket, model, queued, leased, remaining)
+    SELECT bucket, model, sum(q), sum(l), sum(rem) FROM (SELECT {_CONTRIB} FROM new_rows) x
+    GROUP BY bucket, model HAVING sum(q) <> 0 OR sum(l) <> 0;
+    RETURN NULL;
+END $$;
+CREATE OR REPLACE FUNCTION chiron_group_deltas_update() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO group_deltas (bucket, model, queued, leased, remaining)
+    SELECT bucket, model, sum(q), sum(l), sum(rem) FROM (
+        SELECT {_CONTRIB} FROM new_rows
+        UNION ALL SELECT bucket, model, -q, -l, -rem FROM (SELECT {_CONTRIB} FROM old_rows) o) x
+    GROUP BY bucket, model HAVING sum(q) <> 0 OR sum(l) <> 0 OR sum(rem) <> 0;
+    RETURN NULL;
+END $$;
+CREATE OR REPLACE FUNCTION chiron_group_deltas_delete() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO group_deltas (bucket, model, queued, leased, remaining)
+    SELECT bucket, model, -sum(q), -sum(l), -sum(rem) FROM (SELECT {_CONTRIB} FROM old_rows) x
+    GROUP BY bucket, model HAVING sum(q) <> 0 OR sum(l) <> 0;
+    RETURN NULL;
+END $$;
+DROP TRIGGER IF EXISTS requests_group_insert ON requests;
+DROP TRIGGER IF EXISTS requests_group_update ON requests;
+DROP TRIGGER IF EXISTS requests_group_delete ON requests;
+CREATE TRIGGER requests_group_insert AFTER INSERT ON requests REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION chiron_group_deltas_insert();
+CREATE TRIGGER requests_group_update AFTER UPDATE ON requests REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION chiron_group_deltas_update();
+CREATE TRIGGER requests_group_delete AFTER DELETE ON requests REFERENCING OLD TABLE AS old_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION chiron_group_deltas_delete();
+DROP INDEX IF EXISTS requests_leased_groups;
+"""
+# The summary of every group from scratch (a new or migrated database; recount_groups()).
+_RECOUNT = """
 SELECT model, bucket, count(*) FILTER (WHERE state = 0), count(*) FILTER (WHERE state = 1),
     COALESCE(sum(max_tokens - n_resume) FILTER (WHERE state = 0), 0),
     (array_agg(arrival_s ORDER BY seq) FILTER (WHERE state = 0))[1]
 FROM requests WHERE state IN (0, 1) GROUP BY bucket, model ORDER BY bucket, model
+"""
+_REBUILD_SUMMARY = """
+DELETE FROM group_deltas;
+DELETE FROM group_summary;
+INSERT INTO group_summary (bucket, model, queued, leased, remaining)
+SELECT bucket, model, count(*) FILTER (WHERE state = 0), count(*) FILTER (WHERE state = 1),
+    COALESCE(sum(max_tokens - n_resume) FILTER (WHERE state = 0), 0)
+FROM requests WHERE state IN (0, 1) GROUP BY bucket, model;
+"""
+# groups(): the summary plus the pending deltas (one snapshot), and each group's head arrival by one index probe.
+_GROUPS = """
+SELECT s.model, s.bucket, s.q, s.l, s.rem,
+    (SELECT r.arrival_s FROM requests r WHERE r.state = 0 AND r.bucket = s.bucket AND r.model = s.model
+     ORDER BY r.seq LIMIT 1), s.n
+FROM (SELECT bucket, model, sum(queued) AS q, sum(leased) AS l, sum(remaining) AS rem, count(*) AS n
+      FROM (SELECT bucket, model, queued, leased, remaining FROM group_summary
+            UNION ALL SELECT bucket, model, queued, leased, remaining FROM group_deltas) u
+      GROUP BY bucket, model) s
+WHERE s.q <> 0 OR s.l <> 0 ORDER BY s.bucket, s.model
+"""
+_COUNTS = """
+SELECT COALESCE(sum(queued), 0), COALESCE(sum(leased), 0) FROM (
+    SELECT queued, leased FROM group_summary UNION ALL SELECT queued, leased FROM group_deltas) u
+"""
+_COMPACT = """
+WITH d AS (DELETE FROM group_deltas RETURNING bucket, model, queued, leased, remaining)
+INSERT INTO group_summary AS s (bucket, model, queued, leased, remaining)
+SELECT bucket, model, sum(queued), sum(leased), sum(remaining) FROM d GROUP BY bucket, model
+ON CONFLICT (bucket, model) DO UPDATE SET queued = s.queued + excluded.queued, leased = s.leased + excluded.leased,
+    remaining = s.remaining + excluded.remaining
+"""
+_COMPACT_SERVED = """
+WITH d AS (DELETE FROM served RETURNING model, t_s, tokens),
+first AS (INSERT INTO served_first AS f (model, first_s) SELECT model, min(t_s) FROM d GROUP BY model
+          ON CONFLICT (model) DO UPDATE SET first_s = least(f.first_s, excluded.first_s))
+INSERT INTO served_seconds AS s (model, second, tokens)
+SELECT model, floor(t_s)::bigint, sum(tokens) FROM d GROUP BY 1, 2
+ON CONFLICT (model, second) DO UPDATE SET tokens = s.tokens + excluded.tokens
+"""
+# Output tokens served per model since %(lo)s (per-second totals; the one second across the window's start counts
+# in proportion), and the model's first served time ever.
+_SERVED = """
+SELECT model, sum(tokens), min(first_s) FROM (
+    SELECT model, tokens::float8 AS tokens, NULL::float8 AS first_s FROM served WHERE t_s >= %(lo)s
+    UNION ALL SELECT model, 0, min(t_s) FROM served GROUP BY model
+    UNION ALL SELECT model, CASE WHEN second >= %(lo)s THEN tokens::float8 ELSE tokens * (second + 1 - %(lo)s) END, NULL
+        FROM served_seconds WHERE second > %(lo)s - 1
+    UNION ALL SELECT model, 0, first_s FROM served_first) u
+GROUP BY model
 """
 
 
@@ -330,7 +475,7 @@ class PgQueueStore(QueueStore):
             c.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
             meta = dict(c.execute("SELECT key, value FROM meta").fetchall())
             version = meta.get("schema_version")
-            if version is not None and int(version) != SCHEMA_VERSION:
+            if version is not None and int(version) not in (1, SCHEMA_VERSION):  # 1: migrated below
                 raise ValueError(
                     f"the queue database {self.url} has schema version {version}, this code uses {SCHEMA_VERSION}. Fix: "
                     f"run the chiron version that created it, or point --db at a new database (createdb), "
@@ -340,8 +485,12 @@ class PgQueueStore(QueueStore):
                     f"the queue database {self.url} has a 'requests' table but no chiron schema version: it belongs to "
                     "something else. Fix: point --db at a database of its own (createdb chiron_queue)")
             c.execute(_SCHEMA)
-            if version is None:
-                c.execute("INSERT INTO meta (key, value) VALUES ('schema_version', %s)", (str(SCHEMA_VERSION),))
+            if version is None or int(version) != SCHEMA_VERSION:
+                # new, or version 1 (no group summary, no served tokens): add the triggers, count the summary once
+                c.execute(_TRIGGERS)
+                c.execute(_REBUILD_SUMMARY)
+                c.execute("INSERT INTO meta (key, value) VALUES ('schema_version', %s) ON CONFLICT (key) DO UPDATE "
+                          "SET value = excluded.value", (str(SCHEMA_VERSION),))
             g = meta.get("group_granularity_s")
             if g is None:
                 c.execute("INSERT INTO meta (key, value) VALUES ('group_granularity_s', %s)", (repr(self._g),))
@@ -360,7 +509,8 @@ class PgQueueStore(QueueStore):
         now = time.monotonic()
         cached = self._active
         if cached is None or now - cached[0] > 1.0 or cached[1] + adding >= 0.9 * self.config.capacity:
-            n = int(c.execute("SELECT count(*) FROM requests WHERE state IN (0, 1)").fetchone()[0])
+            q, le = c.execute(_COUNTS).fetchone()
+            n = int(q) + int(le)
             self._active = cached = (now, n)
         return cached[1]
 
@@ -448,13 +598,14 @@ class PgQueueStore(QueueStore):
                 active = self._outstanding(c, len(new))
                 if active + len(new) > self.config.capacity:
                     raise self._exhausted_n(active, len(new))
-                rows = []
+                cols: tuple[list, ...] = ([], [], [], [], [], [], [], [], [])
                 for rid, model, blob, n, mt, slo in new:
                     deadline = now + slo / 1000.0
                     bucket = math.floor(deadline / g)
-                    rows.append((rid, model, bucket, mt, slo, now, deadline, n, blob))
+                    for col, x in zip(cols, (rid, model, bucket, mt, slo, now, deadline, n, blob), strict=True):
+                        col.append(x)
                     result[rid] = (rid, self._group_id(model, bucket))
-                c.cursor().executemany(_INSERT, rows)
+                c.execute(_INSERT_MANY, cols)
         if new and self._active is not None:
             self._active = (self._active[0], self._active[1] + len(new))
         return [result[v[0]] for v in vs]
@@ -479,8 +630,7 @@ class PgQueueStore(QueueStore):
         expiry = now + timeout
         params: dict[str, Any] = {"n": n, "expiry": expiry, "worker": worker_id, "now": now, "models": allowed}
         sql = _LEASE.format(models="" if allowed is None else "AND model = ANY(%(models)s)")
-        with self._transaction() as c:
-            rows = c.execute(sql, params).fetchall()
+        rows = self._execute(sql, params).fetchall()  # one auto-committed statement
         rows.sort(key=lambda r: (r[0], r[1], r[2]))
         return [Lease(rid, lease_id, model, _decode_tokens(prompt), mt, _decode_tokens(resume), slo, arrival, deadline,
                       self._group_id(model, bucket), expiry, attempts, worker_id)
@@ -489,18 +639,14 @@ class PgQueueStore(QueueStore):
     @_unavailable
     def ack_request(self, request_id: str, lease_id: str, output_tokens: int | Sequence[int]) -> tuple[int, str, int]:
         blob, count = _output_tokens_arg(output_tokens)
-        with self._transaction() as c:
-            row = c.execute(_SELECT_FOR_UPDATE, (request_id,)).fetchone()
-            if row is not None and row[3] == _DONE and row[4] == lease_id:
-                return int(row[8]), row[1], int(row[6])
-            seq = self._check_leased(row, request_id, lease_id, "ack")[0]
-            if blob is None:
-                c.execute("UPDATE requests SET state = 2, output_tokens = %s, lease_expiry_s = NULL, finished_s = %s WHERE seq = %s",
-                          (count, float(self._clock()), seq))
-            else:
-                c.execute("UPDATE requests SET state = 2, output_tokens = %s, lease_expiry_s = NULL, finished_s = %s, "
-                          "resume = %s, n_resume = %s WHERE seq = %s", (count, float(self._clock()), blob, count, seq))
-        return count, row[1], int(row[6])
+        params = {"rid": request_id, "lease": lease_id, "count": count, "now": float(self._clock()), "blob": blob}
+        row = self._execute(_ACK_COUNT if blob is None else _ACK_TOKENS, params).fetchone()
+        if row is not None and row[9]:
+            return count, row[1], int(row[6])
+        if row is not None and row[3] == _DONE and row[4] == lease_id:  # acked before (a retry): same answer
+            return int(row[8]), row[1], int(row[6])
+        self._check_leased(row, request_id, lease_id, "ack")
+        raise AssertionError("unreachable: the row was leased under this lease but not updated")
 
     @_unavailable
     def return_request(self, request_id: str, lease_id: str, generated_token_ids: Sequence[int] = ()) -> int:
@@ -518,7 +664,13 @@ class PgQueueStore(QueueStore):
                     raise QueueError("INVALID_ARGUMENT", f"generated_token_ids has {n} tokens, more than max_tokens={mt}")
             c.execute("UPDATE requests SET state = 0, lease_id = NULL, lease_expiry_s = NULL, worker_id = NULL, "
                       "attempts = attempts + 1, resume = %s, n_resume = %s WHERE seq = %s", (blob, n, seq))
+            self._served(c, row[1], n - int(n_resume), float(self._clock()))
         return n
+
+    def _served(self, c: Any, model: str, tokens: int, now: float) -> None:
+        """Record ``tokens`` new output tokens of ``model`` served at ``now`` in the open transaction (what
+        :class:`~services.queue.server.CapacityTracker` records in memory on SQLite)."""
+        c.execute("INSERT INTO served (model, t_s, tokens) VALUES (%s, %s, %s)", (model, now, max(0, tokens)))
 
     @_unavailable
     def renew_lease(self, request_id: str, lease_id: str, lease_timeout_s: float | None = None) -> float:
@@ -600,26 +752,56 @@ class PgQueueStore(QueueStore):
 
     @_unavailable
     def groups(self) -> list[GroupStats]:
-        """Every group with queued or leased requests, in EDF order, aggregated from the rows (the same on every
-        replica): one aggregate over the outstanding rows."""
+        """Every group with queued or leased requests, in EDF order, the same on every replica: the per-group
+        summary (``group_summary`` plus the deltas the triggers appended since the last :meth:`compact`, read in
+        one snapshot) and one index probe per group for its head's arrival; O(groups), not O(requests). Folds the
+        deltas into the summary when it read more than a few thousand of them."""
         g = self._g
+        rows = self._execute(_GROUPS).fetchall()
+        if sum(r[6] for r in rows) > len(rows) + _COMPACT_ROWS:
+            self.compact()
         return [GroupStats(self._group_id(model, bucket), model, int(bucket), bucket * g, bucket * g + g, int(q), int(le),
                            head, int(rem))
-                for model, bucket, q, le, rem, head in self._execute(_GROUPS).fetchall()]
+                for model, bucket, q, le, rem, head, _n in rows]
 
     def group_snapshots(self) -> list[GroupSnapshot]:
         return [s.snapshot() for s in self.groups() if s.queued]
 
     @_unavailable
     def counts(self) -> dict[str, int]:
-        q, le = self._execute("SELECT count(*) FILTER (WHERE state = 0), count(*) FILTER (WHERE state = 1) FROM requests "
-                              "WHERE state IN (0, 1)").fetchone()
+        q, le = self._execute(_COUNTS).fetchone()
         return {"queued": int(q), "leased": int(le), "capacity": int(self.config.capacity)}
 
+    @_unavailable
     def recount_groups(self) -> list[GroupStats]:
-        """Same as :meth:`groups` (which is already a recount from the rows)."""
-        return self.groups()
+        """:meth:`groups` recounted from scratch from the rows (an aggregate over every outstanding request): what
+        the summary must always equal."""
+        g = self._g
+        return [GroupStats(self._group_id(model, bucket), model, int(bucket), bucket * g, bucket * g + g, int(q), int(le),
+                           head, int(rem))
+                for model, bucket, q, le, rem, head in self._execute(_RECOUNT).fetchall()]
 
+    @_unavailable
+    def compact(self) -> bool:
+        """Fold the pending group deltas into ``group_summary`` and the served tokens into per-second totals (one
+        short transaction; kept :data:`_SERVED_KEEP_S`). One replica at a time: returns False without waiting when
+        another is compacting. The queue service's maintenance task calls it every second."""
+        with self._transaction() as c:
+            if not c.execute("SELECT pg_try_advisory_xact_lock(%s)", (_COMPACT_LOCK,)).fetchone()[0]:
+                return False
+            c.execute(_COMPACT)
+            c.execute("DELETE FROM group_summary WHERE queued = 0 AND leased = 0")
+            c.execute(_COMPACT_SERVED)
+            c.execute("DELETE FROM served_seconds WHERE second < %s", (float(self._clock()) - _SERVED_KEEP_S,))
+        return True
+
+    @_unavailable
+    def served_window(self, window_s: float, now: float) -> dict[str, tuple[float, float]]:
+        """Per model: (output tokens served — acked or returned with progress, through any replica — since
+        ``now - window_s``, time of the model's first served tokens ever) [tokens, s]. Per-second resolution for
+        what :meth:`compact` folded: the second across the window's start counts in proportion."""
+        return {model: (float(tokens or 0.0), float(first)) for model, tokens, first in
+                self._execute(_SERVED, {"lo": float(now) - float(window_s)}).fetchall() if first is not None}
 
 
 def answer_unavailable(servicer: Any, base: type) -> None:

@@ -8,9 +8,13 @@
   tokens acked (and returned) over the last ``capacity_window_s`` divided by that window, over as many
   slots as there are leases out (:class:`CapacityTracker`); before the first ack, the configured prior
   (``prior_throughput_tokens_per_s``) or none (estimates then read ``inf``). The global scaler reads the
-  per-group estimates from ``GetStats`` / ``WatchStats``.
-* Stats cost O(groups): the store keeps per-group aggregates; the estimator's Monte-Carlo tables are
-  rebuilt by a background task (``prepare``), not on the stats path.
+  per-group estimates from ``GetStats`` / ``WatchStats``. On SQLite the tracker counts the acks this process
+  sees; over PostgreSQL (several replicas, one database) the served tokens are written in the ack / return
+  transaction and read back from the database (``PgQueueStore.served_window``), so every replica measures the
+  whole fleet's throughput and answers the same capacity.
+* Stats cost O(groups): the store keeps per-group aggregates (in memory on SQLite, a summary table over
+  PostgreSQL); the estimator's Monte-Carlo tables are rebuilt by a background task (``prepare``), not on the
+  stats path.
 
 The store is not thread-safe; every RPC runs on the server's single asyncio event loop.
 """
@@ -74,6 +78,18 @@ class CapacityTracker:
             return ServingCapacity(self.prior_throughput_tokens_per_s, slots, in_service=leased > 0)
         return None
 
+    def capacity_from(self, tokens: float, first_s: float, leased: int, now: float) -> ServingCapacity | None:
+        """:meth:`capacity` from totals read elsewhere (the PostgreSQL store's served tokens, the same on every
+        replica): ``tokens`` output tokens served over the last ``window_s``, the model's first served at
+        ``first_s`` [s]."""
+        slots = max(1, leased)
+        if tokens > 0:
+            span = min(self.window_s, max(now - first_s, 1.0))
+            return ServingCapacity(tokens / span, slots, in_service=leased > 0)
+        if self.prior_throughput_tokens_per_s > 0:
+            return ServingCapacity(self.prior_throughput_tokens_per_s, slots, in_service=leased > 0)
+        return None
+
 
 class QueueService(queue_pb2_grpc.QueueServicer):
     """Implements ``chiron.v1.Queue`` over a :class:`QueueStore` (see the module docstring)."""
@@ -84,6 +100,8 @@ class QueueService(queue_pb2_grpc.QueueServicer):
         self.estimator = estimator or WaitingTimeEstimator()
         self.capacity = capacity or CapacityTracker()
         self.clock = clock
+        # PostgreSQL: the store records served tokens in the ack / return transaction and answers the window's totals
+        self._served_window = getattr(store, "served_window", None)
         self._tasks: list[asyncio.Task] = []
         self.metrics = QueueMetrics(self.stats)
 
@@ -102,6 +120,9 @@ class QueueService(queue_pb2_grpc.QueueServicer):
         """Return expired leases; rebuild the estimator's tables off the stats path."""
         while True:
             try:
+                compact = getattr(self.store, "compact", None)
+                if compact is not None:  # PostgreSQL: fold the group deltas and served tokens (services/queue/pg_store.py)
+                    compact()
                 n = self.store.expire_leases()
                 if n:
                     log.info("%d expired lease(s) returned to the queue", n)
@@ -112,15 +133,24 @@ class QueueService(queue_pb2_grpc.QueueServicer):
             await asyncio.sleep(interval_s)
 
     # ---- estimates -------------------------------------------------------------------------
-    def capacities(self) -> dict[str, ServingCapacity]:
+    def capacities(self, groups: list | None = None) -> dict[str, ServingCapacity]:
+        """Serving capacity per model; ``groups``: :meth:`QueueStore.groups` if the caller has just read them."""
         now = self.clock()
         leased: dict[str, int] = defaultdict(int)
         models = set()
-        for g in self.store.groups():
+        for g in self.store.groups() if groups is None else groups:
             leased[g.model] += g.leased
             models.add(g.model)
-        models |= set(self.capacity._events)
         out = {}
+        if self._served_window is not None:  # from the database: the same on every replica
+            served = self._served_window(self.capacity.window_s, now)
+            for m in models | set(served):
+                tokens, first_s = served.get(m, (0.0, now))
+                cap = self.capacity.capacity_from(tokens, first_s, leased[m], now)
+                if cap is not None:
+                    out[m] = cap
+            return out
+        models |= set(self.capacity._events)
         for m in models:
             cap = self.capacity.capacity(m, leased[m], now)
             if cap is not None:
@@ -129,7 +159,7 @@ class QueueService(queue_pb2_grpc.QueueServicer):
 
     def group_estimates(self) -> tuple[list, list[GroupEstimate], dict[str, ServingCapacity]]:
         groups = self.store.groups()
-        caps = self.capacities()
+        caps = self.capacities(groups)
         snaps = [g.snapshot() for g in groups]
         est = self.estimator.refresh(snaps, caps, self.clock())
         return groups, est, caps
@@ -160,7 +190,8 @@ class QueueService(queue_pb2_grpc.QueueServicer):
         :class:`~services.queue.store.QueueError`."""
         count, model, resume_tokens = self.store.ack_request(request_id, lease_id, output)
         self.estimator.observe(model, float(count))
-        self.capacity.record(model, max(0, count - resume_tokens), self.clock())
+        if self._served_window is None:  # else the store recorded them in the ack's transaction
+            self.capacity.record(model, max(0, count - resume_tokens), self.clock())
         self.metrics.done()
         return count
 
@@ -169,7 +200,8 @@ class QueueService(queue_pb2_grpc.QueueServicer):
         served capacity. Raises :class:`~services.queue.store.QueueError`."""
         model, resume_tokens = self.store.model_and_resume(request_id)
         self.store.return_request(request_id, lease_id, generated_token_ids)
-        self.capacity.record(model, max(0, len(generated_token_ids) - resume_tokens), self.clock())
+        if self._served_window is None:  # else the store recorded them in the return's transaction
+            self.capacity.record(model, max(0, len(generated_token_ids) - resume_tokens), self.clock())
         self.metrics.returned.labels(model).inc()
 
     # ---- RPCs --------------------------------------------------------------------------------
