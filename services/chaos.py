@@ -499,7 +499,7 @@ class _Req:
     end: float = 0.0
     attempts: int = 0
     restarted: int = 0  # streams cut after they started, retried from the start
-    cut_at: list[str] = field(default_factory=list)  # gateway URL of each cut
+    cut_at: list[tuple[str, float]] = field(default_factory=list)  # (gateway URL, monotonic time) of each cut
     duplicated: int = 0
     error: str = ""
     at: str | None = None  # gateway URL of the try in progress
@@ -559,7 +559,7 @@ class LoadGenerator:
                 delay = await self._attempt(r, url)
             except _StreamCut as e:
                 r.restarted += 1
-                r.cut_at.append(url)
+                r.cut_at.append((url, time.monotonic()))
                 r.error = str(e)
                 delay = 0.05
                 idx += 1
@@ -850,7 +850,8 @@ async def run_chaos(cfg: ChaosConfig, say=lambda _m: None, progress=lambda _done
             rec, back = await measure_recovery(cluster, info["t_end"], info["wall_end"], cfg.recovery_timeout_s)
             say(f"  {info['detail']}: recovery {_s(rec)}, every replica back {_s(back)}")
             rows.append({"fault": fault, "detail": info["detail"], "recovery_s": _r(rec), "replica_back_s": _r(back),
-                         "recovery_target_s": cfg.recovery_target_s(fault), "cut_gateway": info["cut_gateway"]})
+                         "recovery_target_s": cfg.recovery_target_s(fault), "cut_gateway": info["cut_gateway"],
+                         "t_fault": info["t_end"], "in_flight": info.get("in_flight")})
             rest = interval - (time.monotonic() - slot_start)
             if rest > 0:  # the slot's load runs its full length, the last one's too
                 await asyncio.sleep(rest)
@@ -891,9 +892,12 @@ def _report(cfg: ChaosConfig, rows: list[dict], jobs: list[BatchJob], load: Load
         row["batch_lost"] = jobs[i].lost
         row["batch_completed_twice"] = jobs[i].twice
         row["batch_status"] = jobs[i].status or jobs[i].error
-        cut = row.pop("cut_gateway")
+        cut, t_fault, in_flight = row.pop("cut_gateway"), row.pop("t_fault"), row.pop("in_flight")
         if cut is not None:
-            row["gateway_connections_cut"] = sum(1 for r in load.reqs if cut in r.cut_at)
+            row["gateway_requests_in_flight"] = in_flight  # requests whose try was at the gateway when killed
+            # streams the killed gateway held: cut within seconds of the SIGKILL
+            row["gateway_connections_cut"] = sum(1 for r in load.reqs for u, t in r.cut_at
+                                                 if u == cut and t_fault - 1 <= t <= t_fault + 10)
     other = [r for r in load.reqs if not 0 <= r.slot < len(rows)]
     keys = ("interactive_requests", "interactive_failed", "interactive_duplicated_tokens", "interactive_restarted",
             "batch_requests", "batch_lost", "batch_completed_twice", "gateway_connections_cut")
