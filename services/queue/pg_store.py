@@ -195,8 +195,8 @@ _ACK_TOKENS = _ACK.format(resume=", resume = %(blob)s, n_resume = %(count)s")
 # rows get their seq in the arrays' order.
 _INSERT_MANY = ("INSERT INTO requests (request_id, model, bucket, state, max_tokens, ttft_slo_ms, arrival_s, deadline_s, "
                 "n_prompt, prompt) SELECT rid, model, bucket, 0, mt, slo, arrival, deadline, n, prompt FROM unnest("
-                "%s::text[], %s::text[], %s::bigint[], %s::int[], %s::bigint[], %s::float8[], %s::float8[], %s::int[], "
-                "%s::bytea[]) AS u(rid, model, bucket, mt, slo, arrival, deadline, n, prompt)")
+                "%b::text[], %b::text[], %b::bigint[], %b::int[], %b::bigint[], %b::float8[], %b::float8[], %b::int[], "
+                "%b::bytea[]) AS u(rid, model, bucket, mt, slo, arrival, deadline, n, prompt)")  # %b: binary, no escaping
 _LEASE = """
 WITH picked AS (
     SELECT seq FROM requests WHERE state = 0 {models} ORDER BY bucket, model, seq LIMIT %(n)s FOR UPDATE SKIP LOCKED
@@ -588,26 +588,48 @@ class PgQueueStore(QueueStore):
         result: dict[str, tuple[str, str]] = {}
         now = float(self._clock())
         g = self._g
-        with self._transaction() as c:
+
+        def columns(rows: Iterable[tuple[str, str, bytes, int, int, int]]) -> tuple[list, ...]:
+            cols: tuple[list, ...] = ([], [], [], [], [], [], [], [], [])
+            for rid, model, blob, n, mt, slo in rows:
+                deadline = now + slo / 1000.0
+                bucket = math.floor(deadline / g)
+                for col, x in zip(cols, (rid, model, bucket, mt, slo, now, deadline, n, blob), strict=True):
+                    col.append(x)
+                result[rid] = (rid, self._group_id(model, bucket))
+            return cols
+
+        def compare_existing(c: Any, ids: list[str]) -> None:
             for model, bucket, mt, slo, blob, rid in c.execute(
                     "SELECT model, bucket, max_tokens, ttft_slo_ms, prompt, request_id FROM requests WHERE request_id = ANY(%s)",
-                    (list(first),)).fetchall():
+                    (ids,), binary=True).fetchall():
                 result[rid] = self._idempotent((model, bucket, mt, slo, blob), first[rid])
-            new = [v for rid, v in first.items() if rid not in result]
-            if new:
-                active = self._outstanding(c, len(new))
-                if active + len(new) > self.config.capacity:
+
+        with self._transaction() as c:
+            active = self._outstanding(c, len(first))
+            if active + len(first) <= self.config.capacity:
+                # Room for all: insert them in one statement, skipping ids already stored, then compare those (an
+                # id stored with other content raises ALREADY_EXISTS and rolls the whole upload back).
+                inserted = {r[0] for r in c.execute(_INSERT_MANY + " ON CONFLICT (request_id) DO NOTHING RETURNING request_id",
+                                                    columns(first.values()), binary=True).fetchall()}
+                stored = [rid for rid in first if rid not in inserted]
+                if stored:
+                    for rid in stored:
+                        del result[rid]
+                    compare_existing(c, stored)
+                    if len(result) != len(first):  # a stored request was purged in between: insert it again
+                        raise self._pg.errors.UniqueViolation("request purged during enqueue")
+                added = len(inserted)
+            else:  # near the capacity: count only the new requests against it
+                compare_existing(c, list(first))
+                new = [v for rid, v in first.items() if rid not in result]
+                if new and active + len(new) > self.config.capacity:
                     raise self._exhausted_n(active, len(new))
-                cols: tuple[list, ...] = ([], [], [], [], [], [], [], [], [])
-                for rid, model, blob, n, mt, slo in new:
-                    deadline = now + slo / 1000.0
-                    bucket = math.floor(deadline / g)
-                    for col, x in zip(cols, (rid, model, bucket, mt, slo, now, deadline, n, blob), strict=True):
-                        col.append(x)
-                    result[rid] = (rid, self._group_id(model, bucket))
-                c.execute(_INSERT_MANY, cols)
-        if new and self._active is not None:
-            self._active = (self._active[0], self._active[1] + len(new))
+                if new:
+                    c.execute(_INSERT_MANY, columns(new))
+                added = len(new)
+        if added and self._active is not None:
+            self._active = (self._active[0], self._active[1] + added)
         return [result[v[0]] for v in vs]
 
     # -- lease / ack / return / cancel -----------------------------------------------------------
