@@ -395,6 +395,7 @@ class PgQueueStore(QueueStore):
         self._conn: Any = None
         self._tx: Any = None  # the connection while a transaction is open on it (never reconnect inside one)
         self._active: tuple[float, int] | None = None  # (monotonic time, QUEUED + LEASED rows) for the capacity check
+        self._last_deadline: tuple[str, float] | None = None  # (request_id, deadline_s) of the last single enqueue
         try:
             self._conn = self._connect()
         except psycopg.Error as e:
@@ -545,6 +546,7 @@ class PgQueueStore(QueueStore):
                 return self._enqueue_validated([v])[0]
             return self._idempotent(existing, v)
         self._active = (self._active[0], self._active[1] + 1) if self._active is not None else None
+        self._last_deadline = (v[0], deadline)  # the Enqueue RPC asks for it next: saves a round trip
         return v[0], self._group_id(v[1], bucket)
 
     @_unavailable
@@ -760,6 +762,9 @@ class PgQueueStore(QueueStore):
 
     @_unavailable
     def deadline_s(self, request_id: str) -> float:
+        last, self._last_deadline = self._last_deadline, None  # one-shot: right after this replica stored it
+        if last is not None and last[0] == request_id:
+            return last[1]
         row = self._execute("SELECT deadline_s FROM requests WHERE request_id = %s", (request_id,)).fetchone()
         if row is None:
             raise QueueError("NOT_FOUND", f"request {request_id!r} is not in the queue")
