@@ -172,3 +172,30 @@ async def test_grpc_queue_over_postgres_answers_unavailable_and_recovers(pg_url)
             assert stats is not None
     finally:
         await srv.stop()
+
+
+async def test_two_grpc_replicas_report_the_same_capacity_after_acks_through_one(pg_url):
+    """Two ``chiron queue`` servers over one database: acks through replica a only; GetStats through b reports the
+    same measured throughput, queued and leased counts (the capacity is read from the database, not per replica)."""
+    a = await serve(QueueConfig(db_path=pg_url))
+    b = await serve(QueueConfig(db_path=pg_url))
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{a.port}") as cha, grpc.aio.insecure_channel(f"127.0.0.1:{b.port}") as chb:
+            sa, sb = queue_pb2_grpc.QueueStub(cha), queue_pb2_grpc.QueueStub(chb)
+            for i in range(6):
+                await (sa if i % 2 else sb).Enqueue(queue_pb2.EnqueueRequest(request=types_pb2.InferenceRequest(
+                    request_id=f"r{i}", model="m", prompt_token_ids=[1, 2], max_tokens=40, slo=types_pb2.SLO(ttft_ms=600_000))))
+            leases = (await sa.Lease(queue_pb2.LeaseRequest(worker_id="w", max_requests=4))).leases
+            for le in leases[:3]:
+                await sa.Ack(queue_pb2.AckRequest(request_id=le.request.request_id, lease_id=le.lease_id, output_tokens=30))
+            st_a = (await sa.GetStats(queue_pb2.QueueGetStatsRequest())).stats
+            st_b = (await sb.GetStats(queue_pb2.QueueGetStatsRequest())).stats
+            assert (st_a.queued, st_a.leased) == (st_b.queued, st_b.leased) == (2, 1)
+            cap_a = {c.model: (c.throughput_tokens_per_s, c.slots) for c in st_a.capacity}
+            cap_b = {c.model: (c.throughput_tokens_per_s, c.slots) for c in st_b.capacity}
+            # b saw no ack (a per-replica tracker would report no capacity at all); the rate is 90 tokens over the
+            # time since the first ack (at least 1 s), read a moment apart through a and b
+            assert cap_b["m"][1] == 1 and 0 < cap_b["m"][0] <= 90.0 and cap_b["m"][0] == pytest.approx(cap_a["m"][0], rel=0.25)
+    finally:
+        await a.stop()
+        await b.stop()
