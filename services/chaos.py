@@ -1,7 +1,7 @@
 """``chiron chaos``: faults injected into a replicated local cluster under load, and what each one cost.
 
 **The cluster** (built here from the services' own entry points, since ``chiron up`` runs one replica of
-each): one PostgreSQL server (initdb/pg_ctl, as ``tests/conftest.py``), a three-member etcd cluster
+each): one PostgreSQL server (:mod:`services.common.pg_server`), a three-member etcd cluster
 (:class:`EtcdCluster`), two replicas each of ``chiron queue`` (both on the one database), ``chiron router``
 (router *i* uses queue *i*; a router whose queue is gone answers UNAVAILABLE and its callers fail over to the
 other router), ``chiron gateway`` (each over both routers) and ``chiron scaler`` (``--election``: one leader;
@@ -50,7 +50,6 @@ import json
 import logging
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -64,6 +63,7 @@ import httpx
 
 from services.cluster import _engine_processes, _stop_pids, free_port
 from services.common.etcd_server import EtcdServer, require_etcd_binary
+from services.common.pg_server import PostgresServer
 
 log = logging.getLogger("chiron.chaos")
 
@@ -117,60 +117,6 @@ class ChaosConfig:
 # ------------------------------------------------------------------------------------------------------------
 # PostgreSQL and a three-member etcd cluster
 # ------------------------------------------------------------------------------------------------------------
-class Postgres:
-    """A throw-away PostgreSQL server (the recipe of ``tests/conftest.py``'s ``PostgresServer``: initdb, pg_ctl on
-    a free loopback port, no fsync; as root it runs as ``postgres``). :meth:`pids`: the postmaster and its children."""
-
-    def __init__(self) -> None:
-        import glob
-
-        found = shutil.which("initdb")
-        bins = [os.path.dirname(os.path.realpath(found))] if found else []
-        bins += sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)
-        self.bin = next((d for d in bins if os.path.exists(os.path.join(d, "pg_ctl"))), None)
-        if self.bin is None:
-            raise RuntimeError("PostgreSQL server binaries (initdb, pg_ctl) not found; install them "
-                               "(Debian: apt-get install postgresql)")
-        # Its own temporary folder (a work folder under pytest's 0700 tmp_path is closed to the postgres user).
-        self.dir = tempfile.mkdtemp(prefix="chiron-chaos-pg-")
-        self.run_as: list[str] = []
-        if os.geteuid() == 0:
-            import pwd
-
-            pw = pwd.getpwnam("postgres")
-            os.chmod(self.dir, 0o755)
-            os.chown(self.dir, pw.pw_uid, pw.pw_gid)
-            self.run_as = ["runuser", "-u", "postgres", "--"]
-        self.port = free_port()
-        self.data = os.path.join(self.dir, "data")
-        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
-
-    def _run(self, *args: str) -> None:
-        subprocess.run([*self.run_as, *args], check=True, capture_output=True, text=True, timeout=120)
-
-    def start(self) -> None:
-        try:
-            self._run(os.path.join(self.bin, "initdb"), "-D", self.data, "-U", "postgres", "--auth=trust", "-E", "UTF8",
-                      "--no-sync")
-            self._run(os.path.join(self.bin, "pg_ctl"), "-D", self.data, "-l", os.path.join(self.dir, "log"), "-w",
-                      "-t", "60", "-o", f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off "
-                      "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200", "start")
-        except subprocess.CalledProcessError as e:
-            raise RuntimeError(f"could not start PostgreSQL: {e.stderr or e.stdout}") from e
-
-    def pids(self) -> list[int]:
-        try:
-            main = int(Path(self.data, "postmaster.pid").read_text().split()[0])
-        except (OSError, ValueError, IndexError):
-            return []
-        return [main, *_children(main)]
-
-    def stop(self) -> None:
-        with contextlib.suppress(subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError):
-            self._run(os.path.join(self.bin, "pg_ctl"), "-D", self.data, "-m", "immediate", "-w", "stop")
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
 class EtcdMember(EtcdServer):
     """One member of an :class:`EtcdCluster`: :class:`EtcdServer` with the whole cluster's ``--initial-cluster``."""
 
@@ -280,7 +226,7 @@ class ChaosCluster:
 
     def __init__(self, cfg: ChaosConfig, work: Path, say=lambda _m: None) -> None:
         self.cfg, self.work, self.say = cfg, work, say
-        self.pg = Postgres()
+        self.pg = PostgresServer()
         self.etcd = EtcdCluster(work)
         self.parts: dict[str, _Part] = {}
         self._supervisor: asyncio.Task | None = None
@@ -307,7 +253,7 @@ class ChaosCluster:
         n = cfg.interactive_engines
         args = {}
         for r, other in (("a", "b"), ("b", "a")):
-            args[f"queue-{r}"] = ["queue", "--db", self.pg.url, "--lease-timeout-s", f"{cfg.lease_timeout_s:g}"]
+            args[f"queue-{r}"] = ["queue", "--db", self.pg.admin_url, "--lease-timeout-s", f"{cfg.lease_timeout_s:g}"]
             args[f"router-{r}"] = ["router", "--etcd", etcd, "--queue", q[r]]
             args[f"gateway-{r}"] = ["gateway", "--router", f"{rt[r]},{rt[other]}"]
             args[f"scaler-{r}"] = ["scaler", "--etcd", etcd, "--queue", q[r], "--provider", "local", "--election",

@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from services.common.etcd_server import EtcdNotFound, EtcdServer
+from services.common.pg_server import PostgresServer
 
 
 async def eventually(predicate: Callable[[], Awaitable[bool]], timeout_s: float = 20.0, interval_s: float = 0.02) -> None:
@@ -63,97 +64,12 @@ async def start_sim_engine(instance_id: str, role: str, *, cap: int = 16, speedu
 # ----------------------------------------------------------------------------------------------
 # PostgreSQL: one real server per test session, a fresh database per test
 # ----------------------------------------------------------------------------------------------
-def _pg_bin() -> str | None:
-    """The folder of PostgreSQL's server binaries (initdb, pg_ctl): on PATH, or Debian's /usr/lib/postgresql/*/bin."""
-    import glob
-    import shutil
-
-    found = shutil.which("initdb")
-    if found and shutil.which("pg_ctl"):
-        return os.path.dirname(os.path.realpath(found))
-    for d in sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(p.split("/")[-2]) if p.split("/")[-2].isdigit() else 0,
-                    reverse=True):
-        if os.path.exists(os.path.join(d, "initdb")) and os.path.exists(os.path.join(d, "pg_ctl")):
-            return d
-    return None
-
-
-class PostgresServer:
-    """A throw-away PostgreSQL cluster (initdb into a temporary folder, pg_ctl start on a free loopback port, no
-    fsync: tests, not durability). As root (CI) the server runs as the ``postgres`` user, since PostgreSQL refuses root."""
-
-    def __init__(self) -> None:
-        import socket
-        import subprocess
-        import tempfile
-
-        self.bin = _pg_bin()
-        if self.bin is None:
-            raise FileNotFoundError("PostgreSQL server binaries (initdb, pg_ctl) not found on PATH or in /usr/lib/postgresql/*/bin; "
-                                    "install them (Debian: apt-get install postgresql)")
-        self.dir = tempfile.mkdtemp(prefix="chiron-pg-")
-        self.run_as: list[str] = []
-        if os.geteuid() == 0:
-            import pwd
-            try:
-                pw = pwd.getpwnam("postgres")
-            except KeyError as e:
-                raise FileNotFoundError("running as root needs a 'postgres' user to run PostgreSQL as") from e
-            os.chmod(self.dir, 0o755)
-            os.chown(self.dir, pw.pw_uid, pw.pw_gid)
-            self.run_as = ["runuser", "-u", "postgres", "--"]
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        data = os.path.join(self.dir, "data")
-        self._run = lambda *args: subprocess.run([*self.run_as, *args], check=True, capture_output=True, text=True, timeout=120)
-        try:
-            self._run(os.path.join(self.bin, "initdb"), "-D", data, "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync")
-            self._run(os.path.join(self.bin, "pg_ctl"), "-D", data, "-l", os.path.join(self.dir, "log"), "-w", "-t", "60",
-                      "-o", f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off "
-                            "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200", "start")
-        except subprocess.CalledProcessError as e:
-            raise RuntimeError(f"could not start PostgreSQL: {e.stderr or e.stdout}") from e
-        self.data = data
-        self.admin_url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
-
-    def url(self, dbname: str) -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/{dbname}"
-
-    def create_database(self) -> str:
-        """A fresh empty database; returns its URL."""
-        import uuid
-
-        import psycopg
-
-        name = f"t_{uuid.uuid4().hex[:16]}"
-        with psycopg.connect(self.admin_url, autocommit=True) as c:
-            c.execute(f"CREATE DATABASE {name} TEMPLATE template0")
-        return self.url(name)
-
-    def drop_database(self, url: str) -> None:
-        import psycopg
-
-        with psycopg.connect(self.admin_url, autocommit=True) as c:
-            c.execute(f"DROP DATABASE IF EXISTS {url.rsplit('/', 1)[1]} WITH (FORCE)")
-
-    def stop(self) -> None:
-        import shutil
-        import subprocess
-
-        try:
-            self._run(os.path.join(self.bin, "pg_ctl"), "-D", self.data, "-m", "immediate", "-w", "stop")
-        except subprocess.CalledProcessError:
-            pass
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
 @pytest.fixture(scope="session")
 def pg_server():
     """One PostgreSQL server for the whole session. No binaries: skip, or fail in CI (``CI=true``), where
     ``.ci/run`` installs Debian's postgresql."""
     try:
-        server = PostgresServer()
+        server = PostgresServer().start()
     except FileNotFoundError as e:
         if os.environ.get("CI") == "true":
             pytest.fail(str(e))

@@ -17,7 +17,7 @@ import pytest
 
 from services.chaos import FAULTS, QUICK_FAULTS, ChaosConfig, run_chaos, targets_met
 from services.common.etcd_server import find_etcd_binary
-from tests.conftest import _pg_bin
+from services.common.pg_server import pg_bin
 
 ROOT = Path(__file__).resolve().parents[1]
 ROW_KEYS = {"fault", "interactive_failed", "interactive_duplicated_tokens", "batch_lost", "batch_completed_twice",
@@ -25,7 +25,7 @@ ROW_KEYS = {"fault", "interactive_failed", "interactive_duplicated_tokens", "bat
 
 
 def _needs_binaries() -> None:
-    missing = [what for what, ok in (("etcd", find_etcd_binary()), ("PostgreSQL (initdb, pg_ctl)", _pg_bin())) if not ok]
+    missing = [what for what, ok in (("etcd", find_etcd_binary()), ("PostgreSQL (initdb, pg_ctl)", pg_bin())) if not ok]
     if missing:
         msg = f"chiron chaos needs {', '.join(missing)}"
         if os.environ.get("CI") == "true":

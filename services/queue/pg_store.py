@@ -550,23 +550,6 @@ class PgQueueStore(QueueStore):
         return v[0], self._group_id(v[1], bucket)
 
     @_unavailable
-    def enqueue_many(self, requests: Iterable[Sequence[Any] | Mapping[str, Any]]) -> list[tuple[str, str]]:
-        vs: list[tuple[str, str, bytes, int, int, int]] = []
-        for i, item in enumerate(requests):
-            where = f"requests[{i}]: "
-            if isinstance(item, Mapping):
-                try:
-                    vs.append(self._validate(item["request_id"], item["model"], item["prompt_token_ids"], item["max_tokens"],
-                                             item["ttft_slo_ms"], where))
-                except KeyError as e:
-                    raise QueueError("INVALID_ARGUMENT", f"{where}missing field {e}") from None
-            else:
-                if len(item) != 5:
-                    raise QueueError("INVALID_ARGUMENT", f"{where}expected (request_id, model, prompt_token_ids, max_tokens, "
-                                                         f"ttft_slo_ms), got {len(item)} fields")
-                vs.append(self._validate(*item, where=where))
-        return self._enqueue_validated(vs)
-
     def _enqueue_validated(self, vs: list[tuple[str, str, bytes, int, int, int]]) -> list[tuple[str, str]]:
         if not vs:
             return []

@@ -596,6 +596,10 @@ class QueueStore:
         item (message prefixed ``requests[i]``) and then nothing of the batch is stored; RESOURCE_EXHAUSTED when
         the new requests do not all fit.
         """
+        return self._enqueue_validated(self._validate_many(requests))
+
+    def _validate_many(self, requests: Iterable[Sequence[Any] | Mapping[str, Any]]) -> list[tuple[str, str, bytes, int, int, int]]:
+        """:meth:`_validate` of every item of an :meth:`enqueue_many` batch (message prefixed ``requests[i]``)."""
         vs: list[tuple[str, str, bytes, int, int, int]] = []
         for i, item in enumerate(requests):
             where = f"requests[{i}]: "
@@ -610,6 +614,10 @@ class QueueStore:
                     raise QueueError("INVALID_ARGUMENT", f"{where}expected (request_id, model, prompt_token_ids, max_tokens, "
                                                          f"ttft_slo_ms), got {len(item)} fields")
                 vs.append(self._validate(*item, where=where))
+        return vs
+
+    def _enqueue_validated(self, vs: list[tuple[str, str, bytes, int, int, int]]) -> list[tuple[str, str]]:
+        """Store validated requests in one transaction (:meth:`enqueue_many`'s storage half)."""
         if not vs:
             return []
         now = float(self._clock())
