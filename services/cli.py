@@ -461,7 +461,9 @@ def scaler(host, port, port_file, etcd, queue_addr, provider, advisory, interval
 @click.option("--port", default=50050, show_default=True, help="gRPC port of the Router service (0 = pick a free one).")
 @click.option("--port-file", type=click.Path(dir_okay=False), help="Write the bound port here once serving.")
 @click.option("--etcd", required=True, help="etcd endpoint (host:port) holding engine membership.")
-@click.option("--queue", "queue_addr", required=True, help="Queue service (host:port) for batch requests.")
+@click.option("--queue", "queue_addr", required=True,
+              help="Queue service (host:port) for batch requests; several replicas over one database as "
+                   "host:port,host:port (a call one cannot answer goes to the next).")
 @click.option("--interactive-ttft-max-ms", default=60_000, show_default=True,
               help="Requests with a TTFT SLO up to this are interactive, longer ones batch [ms].")
 @click.option("--stats-interval-s", default=0.25, show_default=True, help="How often engine stats are refreshed [s].")

@@ -62,7 +62,7 @@ async def parts(tmp_path):
                                       queue_address=f"127.0.0.1:{queue.port}")]
     watcher = MembershipWatcher(etcd.endpoint)
     await watcher.start()
-    await watcher.wait_for(lambda m: len(m) == 2, timeout_s=20)
+    await watcher.wait_for(lambda m: len(m) == 2, timeout_s=60)  # generous: a loaded CI host registers slowly
     p = Parts(etcd, watcher, queue, engines)
     yield p
     for r in p.routers:
@@ -263,3 +263,20 @@ def test_nomad_runs_two_routers_and_gateways_on_distinct_nodes_and_gateways_list
     rendered = render(template.data, Context(env={}, service=lambda _name: routers))
     assert rendered.strip() == "CHIRON_ROUTER_ADDRESS=10.0.0.1:50050,10.0.0.2:50050"
     assert "${CHIRON_ROUTER_ADDRESS}" in gateway.args
+
+
+async def test_a_router_given_two_queue_replicas_submits_through_the_live_one(parts):
+    """``chiron router --queue dead,live``: batch submission, results and health go to the replica that answers."""
+    svc = RouterService(RouterConfig(), parts.watcher, f"127.0.0.1:{free_port()},127.0.0.1:{parts.queue.port}",
+                        stats_interval_s=0.1)
+    r = await serve_router(svc, port=0)
+    parts.routers.append(r)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{r.port}") as ch:
+        stub = router_pb2_grpc.RouterStub(ch)
+        req = request("q-failover", max_tokens=4)
+        req.slo.CopyFrom(types_pb2.SLO(slo_class="batch"))
+        await stub.Submit(router_pb2.SubmitRequest(request=req), timeout=10)
+        got = await stub.GetResult(router_pb2.GetResultRequest(request_id="q-failover"), timeout=10)
+        assert got.result.request_id == "q-failover"
+    await svc.check_dependencies()
+    assert svc.dependencies["chiron.dependency.queue"] is True

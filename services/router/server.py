@@ -41,6 +41,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from chiron.v1 import batch_pb2_grpc, engine_pb2, engine_pb2_grpc, queue_pb2, queue_pb2_grpc, router_pb2, router_pb2_grpc, types_pb2
+from services.common.failover import FailoverChannel
 from services.common.grpc_util import ChannelPool, create_server, mark_serving, settle_heap, status_code
 from services.common.metrics import RouterMetrics, outcome_of
 from services.router.routing import Classified, InstanceLoad, Rejected, RouterConfig, choose_instance, classify
@@ -115,7 +116,10 @@ class RouterService(router_pb2_grpc.RouterServicer):
             raise ValueError(f"max_failovers must be >= 0 (got {max_failovers})")
         self.config = config.validate()
         self.membership = membership
-        self.queue_address = queue
+        # Queue replicas over one database are interchangeable: "a:1,b:2" fails over between them (an Enqueue
+        # repeated at another replica is idempotent for the same content).
+        self.queue_channel = FailoverChannel(queue)
+        self.queue_address = str(self.queue_channel)
         self.stats_interval_s = stats_interval_s
         self.result_poll_s = result_poll_s
         self._channels = ChannelPool()
@@ -146,6 +150,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         await self._channels.close()
+        await self.queue_channel.close()
 
     def attach_health(self, servicer: health.aio.HealthServicer) -> None:
         """Report dependencies through ``servicer`` (the server's health service), from the next check on."""
@@ -155,7 +160,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
         """Check the queue (its health service, 1 s deadline) and the membership watch (``healthy``; a membership
         without that property counts as up), publish both on the attached health service, and return them."""
         try:
-            resp = await health_pb2_grpc.HealthStub(self._channels.get(self.queue_address)).Check(
+            resp = await health_pb2_grpc.HealthStub(self.queue_channel).Check(
                 health_pb2.HealthCheckRequest(service=""), timeout=1.0)
             queue_up = resp.status == health_pb2.HealthCheckResponse.SERVING
         except grpc.aio.AioRpcError:
@@ -181,7 +186,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
 
     @property
     def _queue(self) -> queue_pb2_grpc.QueueStub:
-        return queue_pb2_grpc.QueueStub(self._channels.get(self.queue_address))
+        return queue_pb2_grpc.QueueStub(self.queue_channel)
 
     async def _refresh_loop(self) -> None:
         while True:
@@ -528,7 +533,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
 
 def _forward(method: str):
     async def call(self, request, context):
-        stub = batch_pb2_grpc.BatchApiStub(self.channels.get(self.queue_address))
+        stub = batch_pb2_grpc.BatchApiStub(self.channel)
         try:
             return await getattr(stub, method)(request, timeout=self.timeout_s)
         except grpc.aio.AioRpcError as e:
@@ -541,9 +546,9 @@ class BatchApiForwarder(batch_pb2_grpc.BatchApiServicer):
     """``chiron.v1.BatchApi`` on the router: every call goes unchanged to the queue, which owns files and batches
     (so clients need only the router's address). Errors are the queue's; an unreachable queue is UNAVAILABLE."""
 
-    def __init__(self, channels: ChannelPool, queue_address: str, timeout_s: float = 30.0) -> None:
-        self.channels = channels
-        self.queue_address = queue_address
+    def __init__(self, channel: FailoverChannel, timeout_s: float = 30.0) -> None:
+        self.channel = channel  # the queue replicas' addresses
+        self.queue_address = str(channel)
         self.timeout_s = timeout_s
 
     CreateFile = _forward("CreateFile")
@@ -573,7 +578,7 @@ async def serve(service: RouterService, host: str = "127.0.0.1", port: int = 0) 
     refuse calls without an accepted bearer token (UNAUTHENTICATED); see :mod:`services.common.security`."""
     await service.start()
     name = router_pb2.DESCRIPTOR.services_by_name["Router"].full_name
-    forwarder = BatchApiForwarder(service._channels, service.queue_address)
+    forwarder = BatchApiForwarder(service.queue_channel)
 
     def add(s: grpc.aio.Server) -> None:
         router_pb2_grpc.add_RouterServicer_to_server(service, s)
