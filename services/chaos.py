@@ -254,7 +254,7 @@ class ChaosCluster:
         args = {}
         for r, other in (("a", "b"), ("b", "a")):
             args[f"queue-{r}"] = ["queue", "--db", self.pg.admin_url, "--lease-timeout-s", f"{cfg.lease_timeout_s:g}"]
-            args[f"router-{r}"] = ["router", "--etcd", etcd, "--queue", q[r]]
+            args[f"router-{r}"] = ["router", "--etcd", etcd, "--queue", f"{q[r]},{q[other]}"]  # fails over
             args[f"gateway-{r}"] = ["gateway", "--router", f"{rt[r]},{rt[other]}"]
             args[f"scaler-{r}"] = ["scaler", "--etcd", etcd, "--queue", q[r], "--provider", "local", "--election",
                                    "--leader-ttl-s", str(cfg.leader_ttl_s), "--work-dir", str(work / "engines"),
