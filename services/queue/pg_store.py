@@ -806,6 +806,14 @@ class PgQueueStore(QueueStore):
         return True
 
     @_unavailable
+    @_unavailable
+    def completed_since(self, since_s: float) -> list[tuple[str, str, int, float]]:
+        """Requests acked through any replica with ``finished_s > since_s`` [s]: ``(request_id, model, output tokens,
+        finished_s)``, oldest first. Every replica's estimator learns output lengths from these
+        (:class:`~services.queue.server.QueueService`), so its view does not depend on which replica saw the ack."""
+        return self._execute("SELECT request_id, model, output_tokens, finished_s FROM requests WHERE state = 2 "
+                             "AND finished_s > %s ORDER BY finished_s, seq", (float(since_s),)).fetchall()
+
     def served_window(self, window_s: float, now: float) -> dict[str, tuple[float, float]]:
         """Per model: (output tokens served — acked or returned with progress, through any replica — since
         ``now - window_s``, time of the model's first served tokens ever) [tokens, s]. Per-second resolution for

@@ -91,6 +91,10 @@ class CapacityTracker:
         return None
 
 
+LENGTHS_LAG_S = 5.0  # PostgreSQL: how far behind the newest ack seen the output-length pull looks again [s]
+LENGTHS_HISTORY_S = 3600.0  # PostgreSQL: acks older than this at start-up are not read back [s]
+
+
 class QueueService(queue_pb2_grpc.QueueServicer):
     """Implements ``chiron.v1.Queue`` over a :class:`QueueStore` (see the module docstring)."""
 
@@ -102,6 +106,12 @@ class QueueService(queue_pb2_grpc.QueueServicer):
         self.clock = clock
         # PostgreSQL: the store records served tokens in the ack / return transaction and answers the window's totals
         self._served_window = getattr(store, "served_window", None)
+        # PostgreSQL: output lengths of requests acked through any replica, read back from the database (ack order),
+        # so every replica's estimator learns the same lengths. A window of LENGTHS_LAG_S behind the newest one seen
+        # catches acks that committed late; ids seen in it are skipped. History starts LENGTHS_HISTORY_S back.
+        self._completed_since = getattr(store, "completed_since", None)
+        self._lengths_cursor = self.clock() - LENGTHS_HISTORY_S
+        self._lengths_seen: dict[str, float] = {}
         self._tasks: list[asyncio.Task] = []
         self.metrics = QueueMetrics(self.stats)
 
@@ -123,6 +133,8 @@ class QueueService(queue_pb2_grpc.QueueServicer):
                 compact = getattr(self.store, "compact", None)
                 if compact is not None:  # PostgreSQL: fold the group deltas and served tokens (services/queue/pg_store.py)
                     compact()
+                if self._completed_since is not None:  # PostgreSQL: output lengths acked through any replica
+                    self._pull_lengths()
                 n = self.store.expire_leases()
                 if n:
                     log.info("%d expired lease(s) returned to the queue", n)
@@ -157,7 +169,23 @@ class QueueService(queue_pb2_grpc.QueueServicer):
                 out[m] = cap
         return out
 
+    def _pull_lengths(self) -> None:
+        """Feed the estimator the output lengths of requests acked through any replica since the last pull."""
+        new: dict[str, list[float]] = defaultdict(list)
+        for rid, model, n, t in self._completed_since(self._lengths_cursor - LENGTHS_LAG_S):
+            if rid not in self._lengths_seen:
+                self._lengths_seen[rid] = t
+                new[model].append(float(n))
+                self._lengths_cursor = max(self._lengths_cursor, t)
+        for model, lengths in new.items():
+            self.estimator.observe(model, lengths)
+        floor = self._lengths_cursor - LENGTHS_LAG_S  # no later query returns what finished before it
+        for rid in [r for r, t in self._lengths_seen.items() if t <= floor]:
+            del self._lengths_seen[rid]
+
     def group_estimates(self) -> tuple[list, list[GroupEstimate], dict[str, ServingCapacity]]:
+        if self._completed_since is not None:
+            self._pull_lengths()
         groups = self.store.groups()
         caps = self.capacities(groups)
         snaps = [g.snapshot() for g in groups]
@@ -189,7 +217,8 @@ class QueueService(queue_pb2_grpc.QueueServicer):
         the estimator and its new tokens to the capacity tracker. Returns the output length [tokens]; raises
         :class:`~services.queue.store.QueueError`."""
         count, model, resume_tokens = self.store.ack_request(request_id, lease_id, output)
-        self.estimator.observe(model, float(count))
+        if self._completed_since is None:  # else every replica reads it back from the database (_pull_lengths)
+            self.estimator.observe(model, float(count))
         if self._served_window is None:  # else the store recorded them in the ack's transaction
             self.capacity.record(model, max(0, count - resume_tokens), self.clock())
         self.metrics.done()
