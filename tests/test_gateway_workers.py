@@ -31,9 +31,13 @@ def _count(text: str, endpoint: str, status: str) -> float:
 
 async def _start(tmp_path, workers: int):
     proc, port_file = spawn_chiron(tmp_path, "gateway", ["gateway", "--router", "127.0.0.1:9", "--workers", str(workers)])
-    port = await wait_port_file(port_file, proc, timeout_s=60)
-    url = f"http://127.0.0.1:{port}"
-    await _wait_live(url, proc)
+    try:
+        port = await wait_port_file(port_file, proc, timeout_s=60)
+        url = f"http://127.0.0.1:{port}"
+        await _wait_live(url, proc)
+    except BaseException:  # a start that fails its test must not leave the gateway (and its workers) running
+        stop_process(proc)
+        raise
     return proc, url
 
 
