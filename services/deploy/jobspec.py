@@ -462,6 +462,16 @@ class TaskSpec:
     def command_line(self) -> list[str]:
         return [self.command, *self.args]
 
+    def runtime_command(self, env: Mapping[str, str]) -> tuple[list[str], list[str]]:
+        """The command line with Nomad's runtime references filled from ``env`` (:func:`interpolate_runtime`):
+        ``(argv, names of the references env does not define)``."""
+        argv, missing = [], []
+        for part in self.command_line():
+            text, miss = interpolate_runtime(part, env)
+            argv.append(text)
+            missing += miss
+        return argv, missing
+
 
 @dataclass
 class GroupSpec:

@@ -1,65 +1,33 @@
 """A LOCAL STAND-IN for Nomad — not Nomad: its HTTP API for the endpoints Chiron's scaler uses
-(:class:`NomadApiStandIn`), and, optionally, a raw_exec-like client that runs every allocation as a local process
-(:class:`LocalExecutor`) with a Consul-like catalog of the services allocations register (:class:`ServiceCatalog`).
-``chiron deploy rehearse`` (:mod:`services.deploy.rehearse`) runs Chiron's five job files on it; the Nomad
-provider's tests (``tests/test_nomad.py``, through ``tests/nomad_standin.py``) use the API alone.
+(:class:`NomadApiStandIn`), and optionally a raw_exec-like client running every allocation as a local process
+(:class:`LocalExecutor`) with a Consul-like catalog of the services they register (:class:`ServiceCatalog`).
+``chiron deploy rehearse`` runs Chiron's five job files on it; ``tests/test_nomad.py`` uses the API alone.
 
-The API (checked against Nomad's ``nomad/job_endpoint.go`` ``Job.Scale`` and ``command/agent/job_endpoint.go``):
+The API (read against Nomad's ``nomad/job_endpoint.go`` ``Job.Scale`` and ``command/agent/job_endpoint.go``): jobs
+registered from real job files (:func:`services.deploy.jobspec.render_job_file`, ``-var`` overrides);
+``POST /v1/job/<id>/scale`` with Nomad's status codes and error texts (unknown job or group, a negative count, a
+count outside the scaling min/max), placing ``pending`` allocations or stopping the highest-indexed ones;
+``GET /v1/job/<id>``, ``DELETE /v1/job/<id>``, ``GET /v1/job/<id>/allocations``; ``?namespace=``;
+``X-Nomad-Token`` when ``required_token`` is set (403); plain-text errors. Faults on demand:
+:meth:`~NomadApiStandIn.fail_next` (N answers of a status, 429 with ``Retry-After``) and
+:meth:`~NomadApiStandIn.drop_next` (N connections closed unanswered). Without an executor an allocation turns
+``running`` after ``start_delay_s`` (or at :meth:`~NomadApiStandIn.tick`).
 
-* jobs registered from a real job file (:meth:`NomadApiStandIn.register_job_file`, rendered by
-  :func:`services.deploy.jobspec.render_job_file` with ``-var`` overrides): the task groups, their initial
-  ``count`` and their ``scaling`` ``min``/``max``;
-* ``POST /v1/job/<id>/scale``: 404 ``job "<id>" not found``; 400 for an unknown group, a negative count, and a count
-  outside the scaling min/max with Nomad's exact texts (``group count was greater than scaling policy maximum:
-  N > M`` / ``... less than scaling policy minimum: N < M``); otherwise the count changes at once and allocations are
-  placed (``pending``) or stopped (``DesiredStatus`` ``stop``, highest name index first) — the reply carries an
-  ``EvalID`` and indexes;
-* ``GET /v1/job/<id>``: the job with ``TaskGroups[].Name/Count/Scaling{Min,Max,Enabled}``; 404 ``job not found``;
-  ``DELETE /v1/job/<id>``: ``nomad job stop`` (every allocation stopped);
-* ``GET /v1/job/<id>/allocations``: allocation stubs (``ID``, ``Name``, ``JobID``, ``TaskGroup``, ``DesiredStatus``,
-  ``ClientStatus``, ...); ``[]`` for an unknown job, as Nomad does;
-* allocation life without an executor: ``pending`` → ``running`` after ``start_delay_s`` (None: only on
-  :meth:`NomadApiStandIn.tick`); a stopped allocation keeps its client status for ``stop_delay_s`` (None: until a
-  tick), then is ``complete``. With an executor: ``pending`` while its templates wait and its process starts,
-  ``running`` once the process runs, ``complete`` once a stopped one exited, ``failed`` when it exits by itself;
-* ``?namespace=`` (jobs live in ``default`` unless registered elsewhere); ``X-Nomad-Token`` checked when
-  ``required_token`` is set (403 ``Permission denied``); errors as plain-text bodies, as Nomad's HTTP server writes
-  them;
-* injected faults: :meth:`~NomadApiStandIn.fail_next` (the next N requests answer a status, 500 by default, or 429
-  with ``Retry-After``) and :meth:`~NomadApiStandIn.drop_next` (the next N connections close without an answer).
+The executor, per allocation (Nomad's runtime environment, developer.hashicorp.com/nomad/docs/runtime/environment):
+ports (static, or free in 20000–32000) with ``NOMAD_IP_/PORT_/ADDR_<label>`` (127.0.0.1: one local node); the
+allocation and task directories (``NOMAD_ALLOC_DIR``, ``NOMAD_TASK_DIR``, ``NOMAD_SECRETS_DIR``; logs under
+``alloc/logs``); ``NOMAD_ALLOC_ID`` and the other job/group/task names; the task's ``env``; ``template`` blocks
+rendered by :mod:`services.deploy.gotemplate`, a ``service`` look-up blocking until a healthy instance registers
+(as consul-template does; ``template_timeout_s`` fails it), ``env = true`` ones read into the environment; the
+command's ``${...}`` runtime references filled from it (an unresolved one fails the allocation), then ``command``
++ ``args`` started exactly so in a new session. Services join the catalog once their ``grpc``/``http``/``tcp``
+check passes. Stopping (job-specification/task#kill_timeout): deregister, ``shutdown_delay``, ``kill_signal``
+(default SIGINT), SIGKILL to the process group ``kill_timeout`` (default 5 s) later.
 
-The executor, per allocation (Nomad's runtime environment: https://developer.hashicorp.com/nomad/docs/runtime/environment):
-
-* ports: a static port as the spec says, a dynamic one picked free in Nomad's default dynamic range 20000–32000;
-  ``NOMAD_IP_<label>`` / ``NOMAD_HOST_IP_<label>`` (127.0.0.1, the one local "node"), ``NOMAD_PORT_<label>`` /
-  ``NOMAD_HOST_PORT_<label>``, ``NOMAD_ADDR_<label>`` / ``NOMAD_HOST_ADDR_<label>`` (ip:port);
-* directories (https://developer.hashicorp.com/nomad/docs/runtime/environment#task-directories): a temporary
-  allocation directory with the shared ``alloc/`` (``data/``, ``logs/``, ``tmp/``; ``NOMAD_ALLOC_DIR``) and a task
-  directory (the process's working directory) with ``local/`` (``NOMAD_TASK_DIR``) and ``secrets/``
-  (``NOMAD_SECRETS_DIR``); stdout and stderr go to ``alloc/logs/<task>.stdout.0`` / ``.stderr.0``;
-* ``NOMAD_ALLOC_ID``, ``NOMAD_SHORT_ALLOC_ID``, ``NOMAD_ALLOC_NAME``, ``NOMAD_ALLOC_INDEX``, ``NOMAD_JOB_ID``,
-  ``NOMAD_JOB_NAME``, ``NOMAD_GROUP_NAME``, ``NOMAD_TASK_NAME``, ``NOMAD_NAMESPACE``, ``NOMAD_REGION``
-  (``global``), ``NOMAD_DC`` (``dc1``); ``NOMAD_TOKEN`` with ``identity { env = true }`` (the stand-in's token);
-  the task's ``env`` block;
-* ``template`` blocks rendered by :mod:`services.deploy.gotemplate` into their destination under the task
-  directory; a template whose ``service`` look-up finds no healthy instance blocks the task, as consul-template
-  does, until one registers (or ``template_timeout_s`` passes: the allocation fails); ``env = true`` templates are
-  read as ``KEY=VALUE`` lines into the task's environment;
-* the driver config's ``${...}`` runtime references interpolated from that environment (an unresolved one fails
-  the allocation), then ``command`` + ``args`` started exactly so, as raw_exec does, in a new session, with the
-  task's environment over a minimal base (``PATH``, ``HOME``, ``LANG``, ``TMPDIR``);
-* services (group and task level): registered in the :class:`ServiceCatalog` once their checks pass (``grpc``:
-  the standard gRPC health check of ``grpc_service``; ``http``: GET ``path`` answers 2xx; ``tcp``: connect),
-  polled every 0.2 s until then — Consul's ``service`` look-ups list passing instances only;
-* stopping (https://developer.hashicorp.com/nomad/docs/job-specification/task#kill_timeout): the services are
-  deregistered, ``shutdown_delay`` passes, ``kill_signal`` (default SIGINT) goes to the process, and if it has not
-  exited ``kill_timeout`` (default 5 s) later, SIGKILL goes to its process group.
-
-What it does not model: evaluations, the scheduler (placement always succeeds: no nodes, resources, devices or
-constraints — no ``NVIDIA_VISIBLE_DEVICES``), deployments (so no "job scaling blocked due to active deployment"),
-blocking queries and indexes beyond a counter, job registration through the API, regions, ACL policies beyond one
-token, restarts (``restart`` blocks, ``check_restart``; an exited task fails its allocation), rescheduling, template
-re-rendering on change, Vault, Nomad variables, and every endpoint not listed above (404).
+Not modelled: evaluations and the scheduler (placement always succeeds; no devices, so no
+``NVIDIA_VISIBLE_DEVICES``), deployments, blocking queries, registration through the API, ACL policies beyond
+one token, restarts and rescheduling (an exited task fails its allocation), template re-rendering, Vault, Nomad
+variables, and every other endpoint (404).
 """
 
 from __future__ import annotations
@@ -749,11 +717,7 @@ class LocalExecutor:
                 except TemplateError as e:
                     self._fail(alloc, rec, f"template {tpl.destination}: {e}")
                     return
-        argv, missing = [], []
-        for part in task.command_line():
-            text, miss = interpolate_runtime(part, env)
-            argv.append(text)
-            missing += miss
+        argv, missing = task.runtime_command(env)
         if missing:
             self._fail(alloc, rec, f"unresolved runtime reference(s) {', '.join('${' + m + '}' for m in missing)} "
                                    f"in the task's command")

@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 
 from services.deploy.gotemplate import Context, TemplateError, parse_env_file, render, services_used
-from services.deploy.jobspec import JobFileError, JobSpec, TaskSpec, interpolate_runtime, render_job_file
+from services.deploy.jobspec import JobFileError, JobSpec, TaskSpec, render_job_file
 
 DEFAULT_NOMAD_DIR = Path(__file__).resolve().parents[2] / "deploy" / "nomad"
 JOB_ORDER = ("chiron-queue", "chiron-engine", "chiron-router", "chiron-scaler", "chiron-gateway")
@@ -246,11 +246,7 @@ def check_jobs(jobs: list[JobSpec], chiron_bin: str) -> None:
                             env |= parse_env_file(text)
                     except TemplateError as e:
                         raise RehearsalError(f"template {tpl.destination}: {e}", **where) from e
-                argv, missing = [], []
-                for part in task.command_line():
-                    text, miss = interpolate_runtime(part, env)
-                    argv.append(text)
-                    missing += miss
+                argv, missing = task.runtime_command(env)
                 if missing:
                     raise RehearsalError(f"the command refers to {', '.join('${' + m + '}' for m in missing)}, which "
                                          f"neither Nomad's runtime environment nor a template defines", **where)

@@ -73,7 +73,6 @@ from services.queue.store import (
     QueueError,
     QueueStore,
     RequestInfo,
-    _as_int,
     _decode_tokens,
     _encode_tokens,
     _output_tokens_arg,
@@ -621,17 +620,8 @@ class PgQueueStore(QueueStore):
     @_unavailable
     def lease(self, worker_id: str, max_requests: int, models: Iterable[str] | None = None,
               lease_timeout_s: float | None = None) -> list[Lease]:
-        if not isinstance(worker_id, str) or not worker_id:
-            raise QueueError("INVALID_ARGUMENT", "worker_id must be a non-empty string")
-        n = _as_int(max_requests, "max_requests")
-        if n < 1:
-            raise QueueError("INVALID_ARGUMENT", f"max_requests must be >= 1, got {n}")
-        timeout = self.config.lease_timeout_s if lease_timeout_s is None else float(lease_timeout_s)
-        if not (math.isfinite(timeout) and timeout > 0):
-            raise QueueError("INVALID_ARGUMENT", f"lease_timeout_s must be a finite number of seconds > 0, got {lease_timeout_s}")
-        allowed = None
-        if models is not None:
-            allowed = sorted(set([models] if isinstance(models, str) else models)) or None
+        n, timeout, models_set = self._lease_args(worker_id, max_requests, models, lease_timeout_s)
+        allowed = sorted(models_set) if models_set else None
         self.expire_leases()
         now = float(self._clock())
         expiry = now + timeout

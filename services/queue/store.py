@@ -681,16 +681,10 @@ class QueueStore:
         return True
 
     # -- lease / ack / return / cancel ---------------------------------------------------------
-    def lease(self, worker_id: str, max_requests: int, models: Iterable[str] | None = None,
-              lease_timeout_s: float | None = None) -> list[Lease]:
-        """Lease up to ``max_requests`` queued requests to ``worker_id`` (one transaction, after
-        :meth:`expire_leases`): earliest-deadline group first (only ``models`` if given: a name or an iterable of
-        names; None or empty = every model), FIFO inside a group.
-
-        ``lease_timeout_s``: seconds until the lease expires (default ``config.lease_timeout_s``); renew it with
-        :meth:`renew_lease`. Returns the leases in serving order (possibly empty). Raises QueueError
-        INVALID_ARGUMENT for an empty worker_id, ``max_requests`` < 1 or a timeout ≤ 0.
-        """
+    def _lease_args(self, worker_id: str, max_requests: int, models: Iterable[str] | str | None,
+                    lease_timeout_s: float | None) -> tuple[int, float, frozenset[str] | None]:
+        """:meth:`lease`'s arguments checked: ``(max_requests, lease timeout [s], allowed models or None)``; raises
+        QueueError INVALID_ARGUMENT as :meth:`lease` says."""
         if not isinstance(worker_id, str) or not worker_id:
             raise QueueError("INVALID_ARGUMENT", "worker_id must be a non-empty string")
         n = _as_int(max_requests, "max_requests")
@@ -702,6 +696,19 @@ class QueueStore:
         allowed = None
         if models is not None:
             allowed = frozenset([models] if isinstance(models, str) else models) or None
+        return n, timeout, allowed
+
+    def lease(self, worker_id: str, max_requests: int, models: Iterable[str] | None = None,
+              lease_timeout_s: float | None = None) -> list[Lease]:
+        """Lease up to ``max_requests`` queued requests to ``worker_id`` (one transaction, after
+        :meth:`expire_leases`): earliest-deadline group first (only ``models`` if given: a name or an iterable of
+        names; None or empty = every model), FIFO inside a group.
+
+        ``lease_timeout_s``: seconds until the lease expires (default ``config.lease_timeout_s``); renew it with
+        :meth:`renew_lease`. Returns the leases in serving order (possibly empty). Raises QueueError
+        INVALID_ARGUMENT for an empty worker_id, ``max_requests`` < 1 or a timeout ≤ 0.
+        """
+        n, timeout, allowed = self._lease_args(worker_id, max_requests, models, lease_timeout_s)
         self.expire_leases()
         if self._queued == 0:
             return []
