@@ -1,45 +1,29 @@
 """``chiron chaos``: faults injected into a replicated local cluster under load, and what each one cost.
 
-**The cluster** (built here from the services' own entry points, since ``chiron up`` runs one replica of
-each): one PostgreSQL server (:mod:`services.common.pg_server`), a three-member etcd cluster
-(:class:`EtcdCluster`), two replicas each of ``chiron queue`` (both on the one database), ``chiron router``
-(router *i* uses queue *i*; a router whose queue is gone answers UNAVAILABLE and its callers fail over to the
-other router), ``chiron gateway`` (each over both routers) and ``chiron scaler`` (``--election``: one leader;
-``--provider local``, which starts the simulated engines: a fixed fleet of INTERACTIVE engines with a static
-batch size, and one BATCH engine leasing from both queues). Every service has a fixed port; a supervisor here
-restarts any replica that exits on the same port (as ``chiron up`` does), and the engines of a killed scaler
-drain once the new leader's own engine serves.
+**Cluster** (built from the services' entry points: ``chiron up`` runs one replica of each): one PostgreSQL
+(:mod:`services.common.pg_server`), a three-member etcd (:class:`EtcdCluster`), two replicas each of ``chiron
+queue`` (one database), ``router`` (each over both queues), ``gateway`` (each over both routers) and ``scaler``
+(``--election``; its local provider starts simulated engines with a static batch size). Fixed ports; a
+supervisor here restarts any replica that exits on the same port, as ``chiron up`` does.
 
-**The load**: the Azure conversation trace (``../shared/data/traces/azure_llm_2023/``) as streamed
-``/v1/completions`` through both gateways, paced so that arrival rate × mean request time ≈ ``load`` (0.8) ×
-the interactive slots (engines × static batch size; Little's law, the mean measured as the run goes), output
-lengths capped at ``max_output_tokens``; plus one OpenAI Batch API job per fault (a JSONL file uploaded and a
-batch created through a gateway), so each fault's row has its own batch work in flight. The client behaves as
-an OpenAI client with two base URLs: a connection error or 5xx before the answer starts goes to the other
-gateway, a 503/429 waits its ``Retry-After`` (at most 2 s); a stream cut after it started is retried from the
-start (counted in ``interactive_restarted``; counted ``gateway_connections_cut`` when its gateway was the one
-killed); a request counts in ``interactive_failed`` only if it never completes within ``request_deadline_s``.
+**Load**: the Azure conversation trace streamed as ``/v1/completions`` through both gateways at ``load`` (0.8) ×
+the interactive slots (Little's law), plus one OpenAI Batch API job per fault. The client acts as an OpenAI
+client with two base URLs: a connection error or 5xx before the answer starts goes to the other gateway, a
+503/429 waits its ``Retry-After`` (≤ 2 s), a stream cut after it started is retried from the start
+(``interactive_restarted``; ``gateway_connections_cut`` when its gateway was the one killed).
 
-**Faults**, in turn, ``fault_interval_s`` apart (:data:`FAULTS`): SIGKILL one replica of the queue, router,
-gateway and scaler (the scaler: the leader), SIGKILL one INTERACTIVE engine, SIGSTOP the etcd leader for
-``stall_s`` (then SIGCONT), and SIGSTOP every process of the cluster (PostgreSQL, etcd, services, engines) for
-``stall_s``, as a host stall does.
+**Faults** (:data:`FAULTS`, ``fault_interval_s`` apart): SIGKILL one replica of queue, router, gateway and
+scaler (the leader), SIGKILL one engine, SIGSTOP the etcd leader for ``stall_s``, and SIGSTOP every process
+of the cluster for ``stall_s`` (a host stall).
 
-**Per fault** (one row): ``interactive_failed`` (requests started in the fault's slot that never completed),
-``interactive_duplicated_tokens`` (tokens beyond ``max_tokens`` in one completed stream, or a usage count that
-does not match the tokens streamed), ``batch_lost`` (lines of the slot's batch job that did not end with a 200
-answer of all their tokens), ``batch_completed_twice`` (lines answered more than once, or with more tokens than
-asked: two executions' outputs; plus completed counts above the job's total), ``recovery_s`` and
-``replica_back_s``.
-
-``recovery_s`` — from the end of the fault (the SIGKILL, or the SIGCONT of a stop or freeze) until BOTH (a) a
-request through EVERY gateway address has succeeded (a small non-streaming completion with all its tokens,
-sent after the fault ended; probes every 0.1 s) and (b) a scaler replica that holds the leadership (its
-``externalscaler.ExternalScaler`` health is SERVING) has answered ``GetDecision`` with a decision made after
-the fault ended. ``replica_back_s`` — from the same moment until every replica of every service answers its
-health check again (restarted by the supervisor) and all etcd members are healthy. Targets
-(:func:`targets_met`): all four counts 0; ``recovery_s`` ≤ leader TTL + 5 s for the scaler, the etcd stop and
-the freeze, ≤ 5 s for the other faults.
+**Per fault**: ``interactive_failed`` (requests of the fault's slot never completed within
+``request_deadline_s``), ``interactive_duplicated_tokens`` (tokens beyond ``max_tokens``, or a usage count
+unlike the tokens streamed), ``batch_lost`` (lines of the slot's job without a 200 answer of all their tokens),
+``batch_completed_twice`` (lines answered twice or with more tokens than asked), ``recovery_s``: from the end
+of the fault (the SIGKILL, or the SIGCONT) until a request through every gateway has succeeded AND the scaler
+replica holding the leadership has made a decision after the fault; ``replica_back_s``: until every replica and
+etcd member answers its health check again. Targets (:func:`targets_met`): the four counts 0; ``recovery_s`` ≤
+leader TTL + 5 s for the scaler, the etcd stop and the freeze, ≤ 5 s otherwise.
 """
 
 from __future__ import annotations

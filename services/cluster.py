@@ -1,36 +1,27 @@
 """A whole Chiron cluster on one machine (``chiron up``, ``chiron demo``).
 
-Starts, in order, each as its own process and each waited on by readiness (port file, then the gRPC health
-check; etcd and the gateway by their HTTP ``/health``): etcd (a local process with its own data directory), the
-queue, the router, the OpenAI-compatible HTTP gateway over the router, and the scaler with the ``local``
-provider, which itself starts the engine agents (at least the configured minimum per role) — simulated A100
-engines by default, real vLLM with ``engine_args``. Stopping goes the other way round: the gateway first (no
-new HTTP requests; in-flight ones finish), the scaler (its provider drains every engine: in-flight requests
-finish, batch work returns to the queue), then router, queue and etcd. The gateway serves its Prometheus metrics
-on its own HTTP port (``/metrics``).
+Starts, in order, each as its own process waited on by readiness (port file, then gRPC health; etcd and the
+gateway by HTTP): etcd, the queue, the router, the OpenAI-compatible gateway, and the scaler with the ``local``
+provider, which starts the engine agents (simulated A100 engines by default, real vLLM with ``engine_args``).
+Stopping goes the other way round: the gateway first (in-flight requests finish), the scaler (its provider
+drains every engine; batch work returns to the queue), then router, queue and etcd.
 
-Every service serves Prometheus metrics on a port of its own (``--metrics-port 0``: the queue, router and scaler
-report theirs in ``WORK/NAME.metrics.port``; each engine publishes its ``metrics_address`` in its etcd record's
-labels): :meth:`Cluster.metrics_endpoints` lists the /metrics URLs.
+Every service serves Prometheus metrics on a port of its own (the queue, router and scaler report theirs in
+``WORK/NAME.metrics.port``; engines in their etcd record): :meth:`Cluster.metrics_endpoints` lists the URLs.
 
-Security (off by default): ``ClusterConfig.tls`` writes a development CA and certificates into ``WORK/certs`` and
-turns on mutual TLS on every gRPC hop; ``ClusterConfig.auth_token`` makes the router require that bearer token.
-Both go into this process's environment as ``CHIRON_*`` variables (:mod:`services.common.security`), which every
-part inherits (the scaler passes them on to the engines it starts) and which this process's own clients use
-(readiness checks, replay). ``CHIRON_*`` variables already set are inherited the same way.
+Security (off by default): ``ClusterConfig.tls`` writes a development CA into ``WORK/certs`` and turns on mutual
+TLS on every gRPC hop; ``ClusterConfig.auth_token`` makes the router require that bearer token. Both reach every
+part as ``CHIRON_*`` environment variables (:mod:`services.common.security`).
 
-Supervision (self-healing): every service gets a fixed port when the cluster starts (a free one picked once, or
-``gateway_port``), and :meth:`Cluster.supervise` (started by :func:`start_cluster`) notices a queue, router,
-gateway or scaler that exited and starts it again on the SAME ports, so every client (whose channels reconnect
-within a second: :mod:`services.common.failover`) finds it where it was. A restart that fails is tried again with
-backoff (up to 10 s apart). The engines a dead scaler started keep serving until the restarted scaler's first
-interactive engine serves, then they drain (SIGTERM); on :meth:`Cluster.stop` every engine process started for
-this cluster (found by its port file under ``WORK/engines``) is stopped too, so nothing outlives ``chiron up``.
+Supervision: every service gets fixed ports when the cluster starts, and :meth:`Cluster.supervise` restarts a
+queue, router, gateway or scaler that exited on the SAME ports (clients reconnect within a second:
+:mod:`services.common.failover`), with backoff up to 10 s between failed restarts. A dead scaler's engines
+serve until the restarted scaler's first interactive engine does, then drain; :meth:`Cluster.stop` stops every
+engine process of the cluster (found by its port file under ``WORK/engines``), so nothing outlives ``chiron up``.
 
-The gateway listens on ``ClusterConfig.gateway_port`` (``chiron up``: 8000, as vLLM's OpenAI server, so the
-README's ``curl http://127.0.0.1:8000/v1/...`` reaches it; 0, the default here, picks a free port so that tests
-and benchmarks never collide). A port already in use fails at once, before anything starts
-(:class:`PortInUseError`, :func:`check_port_free`).
+The gateway listens on ``ClusterConfig.gateway_port`` (``chiron up``: 8000, as vLLM's server, so the README's
+``curl`` works; 0, the default here, a free port for tests). A port in use fails before anything starts
+(:class:`PortInUseError`).
 """
 
 from __future__ import annotations

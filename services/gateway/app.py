@@ -1,39 +1,30 @@
 """The OpenAI-compatible HTTP gateway: a thin FastAPI shell over the ``chiron.v1.Router`` gRPC service.
 
-Routes (all but ``/health``, ``/livez`` and ``/metrics`` need ``Authorization: Bearer <token>`` when ``CHIRON_AUTH_TOKENS``
-is set):
+Routes (all but ``/health``, ``/livez`` and ``/metrics`` need ``Authorization: Bearer <token>`` when
+``CHIRON_AUTH_TOKENS`` is set):
 
-* ``POST /v1/completions`` and ``POST /v1/chat/completions``, streaming (server-sent events, ``stream: true``)
-  or not. The prompt is tokenized here (:mod:`services.gateway.tokenizer`: the router takes token ids only).
-  The **SLO class** comes from the body field ``slo_class``, else the header ``X-Chiron-SLO-Class``, else
-  ``GatewayConfig.default_slo_class`` (``interactive``); ``ttft_ms`` / ``itl_ms`` body fields override the
-  class's SLOs. An interactive class streams through the router as ``Router.Generate`` would, many requests
-  on one ``Router.GenerateMany`` stream per bearer token (:mod:`services.gateway.router_mux`: a message each way
-  per request instead of a gRPC call); a *queued* class (``batch``) goes
-  through ``Router.Submit`` and the answer waits for the queued request to finish (``Router.StreamResult``;
-  no streaming). Usage counts prompt tokens (after the chat template) and generated tokens.
-* ``GET /v1/models``, ``GET /v1/models/{model}``: the models serving engines offer (``Router.ListModels``).
-  A *known* model (``GatewayConfig.models``, or served since the gateway started) that no engine instance serves
-  right now is 503 ``model_unavailable`` with ``Retry-After`` on every route that needs it; a model never known
-  is 404 ``model_not_found``.
-* the Batch API (``/v1/files``, ``/v1/batches``) from ``services.gateway.batch_api`` when that module is present.
-* ``GET /health``: each dependency (the router; through the router's health service the queue and etcd
-  membership) as ``ok`` / ``down`` / ``unknown`` with a message saying what fails; 503 when one the gateway needs
-  (``GatewayConfig.health_requires``, default the router) is not ok, else 200 (``degraded`` when another one is
-  down): the readiness probe. ``GET /livez``: 200 while the HTTP server answers (the liveness probe: an
-  outage behind the gateway is no reason to restart it). ``GET /metrics`` (Prometheus):
-  ``chiron_gateway_requests_total{endpoint, status}``, ``chiron_gateway_request_duration_seconds{endpoint}``
-  (to the end of the response, streams included), ``chiron_gateway_ttft_seconds{endpoint}`` (request arrival to
-  the first token from the router), ``chiron_gateway_overhead_seconds{endpoint}`` (a streamed request's own time
-  in the gateway: arrival to router call, plus first token received to its SSE event written).
+* ``POST /v1/completions`` and ``POST /v1/chat/completions``, streaming (SSE) or not; the prompt is tokenized
+  here (:mod:`services.gateway.tokenizer`). The **SLO class** comes from the body's ``slo_class``, else the
+  header ``X-Chiron-SLO-Class``, else ``GatewayConfig.default_slo_class``; ``ttft_ms`` / ``itl_ms`` override its
+  SLOs. An interactive class streams through the router, many requests on one ``Router.GenerateMany`` stream per
+  bearer token (:mod:`services.gateway.router_mux`); a queued class (``batch``) goes through ``Router.Submit``
+  and the answer waits for the result (no streaming).
+* ``GET /v1/models``, ``GET /v1/models/{model}`` (``Router.ListModels``). A *known* model (``GatewayConfig.models``,
+  or served since the gateway started) that no engine serves right now is 503 ``model_unavailable`` with
+  ``Retry-After``; a model never known is 404 ``model_not_found``.
+* the Batch API (``/v1/files``, ``/v1/batches``) from ``services.gateway.batch_api``.
+* ``GET /health`` (readiness): each dependency (router; through it the queue and etcd membership) ``ok`` /
+  ``down`` / ``unknown`` with a message; 503 when one in ``GatewayConfig.health_requires`` (default the router)
+  is not ok, else 200 (``degraded`` when another is down). ``GET /livez`` (liveness): 200 while the server
+  answers. ``GET /metrics``: ``chiron_gateway_requests_total{endpoint, status}``,
+  ``chiron_gateway_request_duration_seconds``, ``chiron_gateway_ttft_seconds`` and
+  ``chiron_gateway_overhead_seconds`` (a streamed request's own time in the gateway), per endpoint.
 
 Errors come in OpenAI's shape ``{"error": {"message", "type", "param", "code"}}`` with the HTTP status of
-:data:`services.gateway.common.GRPC_TO_HTTP` (400 bad request, 401 unauthenticated, 404 unknown model or
-route, 413 body over ``max_body_bytes``, 429 admission control, 503 no capacity, a known model without an
-engine now (``model_unavailable``, ``Retry-After``) or a dependency down (the message names it: router or queue),
-504 deadline). An error before
-the first token is a plain HTTP error; one later in a stream is a last ``data: {"error": ...}`` event. A client
-that disconnects cancels its request at the router, so the engine aborts it (a queued one is cancelled).
+:data:`services.gateway.common.GRPC_TO_HTTP` (400, 401, 404, 413 body over ``max_body_bytes``, 429 admission
+control, 503 no capacity, no engine now or a dependency down — the message names it —, 504 deadline). An error
+before the first token is a plain HTTP error, a later one a last ``data: {"error": ...}`` event. A client that
+disconnects cancels its request at the router, so the engine aborts it.
 """
 
 from __future__ import annotations

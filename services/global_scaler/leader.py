@@ -24,12 +24,10 @@ successful refresh (or grant): etcd applied it later, so etcd's expiry is later 
 that deadline whether or not a retry is still hanging: a cut-off leader stops acting at least ``margin_s``
 before any other replica can be elected. A refresh answered "lease not found" steps down at once. The
 margin (default ``max(0.5, ttl_s / 4)`` seconds) covers clock-rate differences between hosts and the time
-one provider call takes after the last leadership check; a provider call longer than the margin could
-still finish after a successor started acting.
+one provider call takes after the leadership check (a call longer than that could overlap a successor's).
 
-Errors: nothing here raises to the caller for etcd failures (they are logged and retried with backoff);
-``ValueError`` for bad arguments. Client: ``aetcd`` (see ``../shared/notes/infra.md``), a fresh connection
-after each failure, as in :mod:`services.common.membership`.
+Errors: etcd failures are logged and retried with backoff, never raised; ``ValueError`` for bad arguments.
+Client: ``aetcd``, a fresh connection after each failure, as in :mod:`services.common.membership`.
 """
 
 from __future__ import annotations
