@@ -31,6 +31,7 @@ import contextlib
 import errno
 import logging
 import os
+import random
 import shlex
 import signal
 import socket
@@ -88,11 +89,27 @@ def check_port_free(port: int, host: str = "127.0.0.1") -> None:
             raise
 
 
+FIXED_PORTS = range(20000, 32000)  # below Linux's ephemeral range (32768-60999), as Nomad's dynamic ports
+_handed_out: set[int] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nothing listens on now (bound and released), for a service that keeps it across restarts."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    """A TCP port nothing listens on now, for a service that keeps it across restarts. Taken from
+    :data:`FIXED_PORTS`, outside the kernel's ephemeral range: a port bound with 0 or an outgoing connection's
+    source port cannot take it between this pick and the service's bind (seen in CI with a port from that range:
+    the scaler's bind failed). Never the same port twice in one process. Raises OSError when none is free."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for port in random.sample(FIXED_PORTS, 200):
+        if port in _handed_out:
+            continue
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise OSError(f"no free port among 200 tried in {FIXED_PORTS.start}-{FIXED_PORTS.stop - 1}")
 
 
 def vllm_engine_args(model: str | Path, dummy_weights: bool = False) -> str:
