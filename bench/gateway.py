@@ -1,50 +1,23 @@
 """``chiron bench gateway``: the latency the OpenAI-compatible HTTP gateway adds over calling the router's gRPC.
 
 A real cluster on loopback, every part its own process: etcd, the queue, one simulated engine agent
-(``--speedup 100`` and a static batch of 256, so the engine is never the bottleneck) registered in etcd, the
-router and the gateway (``gateway_workers`` worker processes, 1 by default as ``chiron gateway``'s). At each
-rate (50 and 200 requests/s by default) an open-loop Poisson client sends
-requests for ``duration_s``, alternately along the two paths (so both run side by side under the same load,
-each at half the rate): a streaming ``POST /v1/completions`` to the gateway (aiohttp by default, or httpx;
-HTTP/1.1 keep-alive), or the same request straight to ``Router.Generate``. Same prompt (``prompt_words``
-words, which the gateway's simple tokenizer makes into as many tokens; the direct client sends those ids), same
-``max_tokens``, same SLOs. TTFT is measured at the
-client: send → first streamed token (the first SSE event; the first gRPC message). The overhead is the
-difference of the two TTFT distributions' percentiles: ``overhead_p50_ms`` = p50(gateway) − p50(direct),
-``overhead_p99_ms`` likewise. Both paths share the machine, the router and the engine, so their difference is
-what the HTTP hop costs: the gateway's work, plus the client's HTTP/SSE handling against its gRPC handling.
-``overhead_p50_ci95_ms`` / ``overhead_p99_ci95_ms`` are their 95% intervals ([low, high], a block bootstrap over
-1-s windows of send time: :func:`overhead_interval`). A p99 of 3,000 requests rests on its 30 slowest, which
-come in a few bursts, so one 30-s run pins it only to within several milliseconds.
+(``--speedup 100``, a static batch of 256: never the bottleneck), the router and the gateway
+(``gateway_workers`` worker processes, 1 by default). At each rate (50 and 200 requests/s by default) an
+open-loop Poisson client sends requests for ``duration_s``, alternately along the two paths (both run side by
+side under the same load, each at half the rate): a streaming ``POST /v1/completions`` to the gateway (aiohttp,
+or httpx; HTTP/1.1 keep-alive), or the same request straight to ``Router.Generate``. Same prompt, ``max_tokens``
+and SLOs. TTFT is measured at the client: send → first streamed token.
 
-``gateway_internal_p50_ms`` / ``_p99_ms`` are the gateway's own time per streamed request, from its
-``chiron_gateway_overhead_seconds`` histogram (arrival to router call, plus first token received to its SSE event
-written; interpolated within buckets): what the gateway adds when it is not waiting for a core.
+* ``overhead_p50_ms`` / ``overhead_p99_ms``: p50 / p99 of the gateway path's TTFT minus the direct path's;
+  ``overhead_p50_ci95_ms`` / ``overhead_p99_ci95_ms``: 95% intervals from a block bootstrap over 1-s windows of
+  send time (:func:`overhead_interval`); a p99 of 3,000 requests rests on its 30 slowest, which come in bursts.
+* ``gateway_internal_p50_ms`` / ``_p99_ms``: the gateway's own time per streamed request, from its
+  ``chiron_gateway_overhead_seconds`` histogram (interpolated within buckets).
+* ``cpu_ms_per_request`` per part, from ``/proc`` (the gateway's summed over its workers).
 
-Every part's CPU per request (``cpu_ms_per_request``, from ``/proc``; the gateway's summed over its worker
-processes) shows where the time goes. On
-this 2-core machine everything shares two cores (about two thirds busy at 200/s), so the tails are set by
-scheduling: a stall of the host, or of one process, delays a burst of requests. The bench process freezes its
-start-up heap like the services do (:func:`services.common.grpc_util.settle_heap`), so its own garbage
-collections do not stall both paths, and the default 30 s per rate gives about 3,000 requests per path at 200/s.
-
-Where the p99 comes from (three runs of 45–120 s at 200/s, one gateway worker): Poisson bursts. Gateway
-requests that arrived with 8–11 others in the previous 50 ms (160–220/s for a moment, against 100/s on
-average) had a p50 TTFT of 8–17 ms against 5–7 ms. Two gateway workers (``gateway_workers=2``) did not help on
-this 2-core machine: in two alternating 90-s runs each, the p99 overhead was 3.8 and 3.6 ms against 4.8 and
-4.9 ms, but only because the direct path got slower too (its p99 17.5–18.1 ms against 11.8–12.8 ms); the
-gateway path's own TTFT in bursts rose from 7.0–7.4 to 9.0–10.3 ms (p50). The second process competes with
-the router and the engine for the same two cores.
-
-What moved it: the gateway forwards its requests over one ``Router.GenerateMany`` stream
-(:mod:`services.gateway.router_mux`) instead of a ``Router.Generate`` call each; the direct path still makes
-one ``Generate`` call per request, as a gRPC client would. Same machine, 200 req/s, 60 s per run, three
-alternating pairs (per-call gateway first): p99 overhead 4.56 / 5.65 / 4.41 ms against 3.76 / 2.36 / 1.80 ms,
-p50 1.3–1.8 against 0.8–1.1 ms, gateway CPU per request 2.0–2.3 against 1.75–1.9 ms. Three 120-s runs of this
-bench afterwards gave 2.63 [1.5, 3.8], 3.39 [2.0, 5.4] and 2.47 [1.1, 4.7] ms, where the per-call gateway's
-120-s runs had given 3.5–9.1 ms; one of 300 s gave 3.16 [2.3, 4.2] ms (30,107 requests per path). Of eight
-30-s runs, seven met 5 ms (1.39–3.80 ms); the eighth, 5.32 ms, came while the machine was slow (the direct
-path's own p99 20.3 ms against 12.7–16.1 ms in the others).
+On a 2-core machine everything shares two cores, so the tails are set by scheduling. The bench process freezes
+its start-up heap like the services do (:func:`services.common.grpc_util.settle_heap`). Why the gateway uses one
+``Router.GenerateMany`` stream and one worker: ``docs/decisions/0013-gateway-router-stream.md``.
 """
 
 from __future__ import annotations

