@@ -105,7 +105,6 @@ cut first, then MIXED, never INTERACTIVE below its demand.
 from __future__ import annotations
 
 import math
-from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -266,18 +265,22 @@ class ScalerDecision:
         return self.roles[role].desired
 
 
-@dataclass
+@dataclass(frozen=True)
 class PolicyState:
-    """What :func:`decide` carries between calls: recent raw desired counts per role (for the scale-down
-    delay window)."""
+    """What :func:`decide` carries from one call to the next (it returns a new one, never changes this one).
 
-    history: dict[str, deque] = field(default_factory=lambda: {r: deque() for r in ROLES})
-    # Per instance: (time, running requests, its max batch size then) when it last had requests waiting below its cap.
-    saturated: dict[str, tuple[float, int, int]] = field(default_factory=dict)
+    ``history``: per role, the (time [s], raw desired count) pairs of the last ``scale_down_delay_s`` (the
+    delay window). ``saturated``: per instance, (time, running requests, its max batch size then) when it last
+    had requests waiting below its cap. ``last_batch_up_s``: time of the last BATCH scale-up.
+    ``last_interactive_mixed``: INTERACTIVE + MIXED instances the previous decision wanted (before the delay).
+    ``admit_rate``: per instance, (time, interactive admissions/s) when it last admitted with a queue standing.
+    """
+
+    history: Mapping[str, tuple[tuple[float, int], ...]] = field(default_factory=lambda: {r: () for r in ROLES})
+    saturated: Mapping[str, tuple[float, int, int]] = field(default_factory=dict)
     last_batch_up_s: float = -math.inf
-    last_interactive_mixed: int = 0  # INTERACTIVE + MIXED instances the previous decision wanted (before the delay)
-    # Per instance: (time, interactive admissions/s) when it last admitted with a queue standing (its service rate).
-    admit_rate: dict[str, tuple[float, float]] = field(default_factory=dict)
+    last_interactive_mixed: int = 0
+    admit_rate: Mapping[str, tuple[float, float]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -355,71 +358,92 @@ def overprovisioning_theta(cfg: PolicyConfig, arrivals: ArrivalStats) -> float:
     return min(cfg.theta_max, max(cfg.theta_min, z * max(arrivals.cv, 0.0) / math.sqrt(lam_l)))
 
 
-def decide(cfg: PolicyConfig, state: PolicyState, inp: ScalerInputs) -> tuple[PolicyState, ScalerDecision]:
-    """One scaling decision. O(instances + groups). Returns the (mutated) state and the decision."""
+@dataclass(frozen=True)
+class InstanceCapacity:
+    """What the interactive instances hold (:func:`instance_capacity`): ``concurrency`` C [requests per
+    instance], ``admit_rate`` μ̄ [requests/s per instance, NaN when none is measured], ``left_out`` interactive
+    requests waiting where the rate term covers them (not counted in D), and the updated per-instance memories."""
+
+    concurrency: float
+    admit_rate: float
+    left_out: float
+    saturated: Mapping[str, tuple[float, int, int]]
+    admit_rates: Mapping[str, tuple[float, float]]
+
+
+@dataclass(frozen=True)
+class BatchNeed:
+    """The batch rule's result (:func:`batch_need`): ``wanted`` BATCH instances before rounding, its reason
+    code and text, MIXED ``lend`` and total ``capacity`` [instances], the worst group's wait/time-left
+    ``ratio``, batch backpressure, queued and leased request counts, and ``need``: the groups' need
+    [instances] under batch backpressure, else NaN."""
+
+    wanted: float
+    code: str
+    reason: str
+    lend: float
+    capacity: float
+    ratio: float
+    backpressure: float
+    queued: int
+    in_service: int
+    need: float = math.nan
+
+
+def instance_capacity(cfg: PolicyConfig, state: PolicyState, inp: ScalerInputs) -> InstanceCapacity:
+    """C and μ̄ over INTERACTIVE and MIXED instances (module docstring, "Instance concurrency"). Pure."""
     now = inp.now
-    current = {r: sum(1 for i in inp.instances if i.role == r) for r in ROLES}
-    # An instance with requests waiting below its cap holds what it runs then (its KV cache or token budget binds
-    # first); that count stands for its capacity for concurrency_memory_s, so a moment without waiting requests
-    # does not read as the cap's worth of room. A queue it admits within the TTFT SLO at its measured admission
-    # rate is no such bound (prompts waiting for the token budget, not for room).
-    caps = []
-    live = set()
-    waiting = 0.0  # interactive requests waiting at instances with a measured admission rate (left out of D)
+    saturated, admit_rates = dict(state.saturated), dict(state.admit_rate)
+    caps, live, left_out = [], set(), 0.0
     for i in inp.instances:
         if i.role not in ("interactive", "mixed"):
             continue
         queued = i.num_waiting if i.interactive_waiting is None else i.interactive_waiting
         if i.max_batch_size <= 0:
-            waiting += queued
+            left_out += queued
             continue
         live.add(i.instance_id)
         if math.isfinite(i.admit_rate_per_s):
-            state.admit_rate[i.instance_id] = (now, i.admit_rate_per_s)
-        seen_rate = state.admit_rate.get(i.instance_id)
+            admit_rates[i.instance_id] = (now, i.admit_rate_per_s)
+        seen_rate = admit_rates.get(i.instance_id)
         rate_known = seen_rate is not None and now - seen_rate[0] <= cfg.concurrency_memory_s
+        # A queue admitted within the TTFT SLO at the measured rate waits for the token budget, not for room.
         drains = rate_known and queued <= seen_rate[1] * cfg.interactive_ttft_slo_s
         if rate_known:
-            # With an admission rate measured, a queue is the rate term's business (λ / μ): no instance started now
-            # could take over requests already waiting at another. With none seen yet (no admission while the queue
-            # stood, e.g. long requests at a full batch) the queue is all there is to size by, so it counts.
-            waiting += queued
+            # With a rate measured, the queue is the rate term's business (λ / μ); with none yet, it counts in D.
+            left_out += queued
         if queue_binds(i.num_running, i.num_waiting, i.max_batch_size) and not drains:
-            state.saturated[i.instance_id] = (now, i.num_running, i.max_batch_size)
-        seen = state.saturated.get(i.instance_id)
-        # A count seen under a cap less than half the current one (a token budget the local autoscaler has grown
-        # since, e.g. a fresh instance ramping up from its initial batch size) says nothing of what the instance
-        # holds now. Within 2x (the local autoscaler's ordinary moves) it stands.
+            saturated[i.instance_id] = (now, i.num_running, i.max_batch_size)
+        seen = saturated.get(i.instance_id)
+        # A count seen under a cap less than half the current one says nothing of what the instance holds now.
         fresh = seen is not None and now - seen[0] <= cfg.concurrency_memory_s and i.max_batch_size <= 2 * seen[2]
         caps.append(min(i.max_batch_size, seen[1]) if fresh else i.max_batch_size)
-    for memo in (state.saturated, state.admit_rate):
-        for iid in [k for k in memo if k not in live]:
-            del memo[iid]
+    saturated = {k: v for k, v in saturated.items() if k in live}
+    admit_rates = {k: v for k, v in admit_rates.items() if k in live}
     conc = sum(caps) / len(caps) if caps else cfg.default_instance_concurrency
-    rates = [r for t, r in state.admit_rate.values() if now - t <= cfg.concurrency_memory_s and r > 0]
+    rates = [r for t, r in admit_rates.values() if now - t <= cfg.concurrency_memory_s and r > 0]
     mu = sum(rates) / len(rates) if rates else math.nan
+    return InstanceCapacity(conc, mu, left_out, saturated, admit_rates)
 
-    # Interactive: the need N = max(D / C, λ / μ) instances (concurrency, admission rate); its whole instances on
-    # INTERACTIVE instances, the rest plus the headroom Θ·N on MIXED ones, whose idle capacity serves batch work.
-    theta = overprovisioning_theta(cfg, inp.arrivals)
-    demand = max(0.0, inp.arrivals.inflight - waiting)
-    by_rate = inp.arrivals.rate_per_s / mu if math.isfinite(mu) else 0.0
-    need = max(demand / conc, by_rate)
-    want_i = float(math.floor(need + 1e-9))
-    want_m = need * (1 + theta) - want_i
 
-    # Batch: capacity serving batch now, and the groups' need relative to it.
-    mixed = [i for i in inp.instances if i.role == "mixed"]
-    busy_batch = [i.num_running for i in inp.instances if i.role == "batch" and i.num_running > 0]
-    batch_conc = sum(busy_batch) / len(busy_batch) if busy_batch else None  # requests a busy BATCH instance runs
+def mixed_lend(cfg: PolicyConfig, instances: Sequence[InstanceView]) -> float:
+    """BATCH instances' worth of capacity the MIXED instances lend (module docstring, "What a MIXED instance
+    lends"): each its idle share, at most its batch requests over what a busy BATCH instance runs."""
+    busy_batch = [i.num_running for i in instances if i.role == "batch" and i.num_running > 0]
+    batch_conc = sum(busy_batch) / len(busy_batch) if busy_batch else None
 
     def lent(i: InstanceView) -> float:
         idle = max(0.0, 1 - i.interactive_running / max(i.max_batch_size, 1))
         return idle if batch_conc is None else min(idle, max(0, i.num_running - i.interactive_running) / batch_conc)
-    lend = sum(cfg.mixed_lend_fraction * lent(i) for i in mixed)
-    batch_now = current["batch"] + lend
-    ratio = 0.0
-    worst = ""
+    return sum(cfg.mixed_lend_fraction * lent(i) for i in instances if i.role == "mixed")
+
+
+def batch_need(cfg: PolicyConfig, inp: ScalerInputs, batch_instances: int) -> BatchNeed:
+    """BATCH instances the request groups need (module docstring, "Batch capacity and batch backpressure")."""
+    now = inp.now
+    lend = mixed_lend(cfg, inp.instances)
+    batch_now = batch_instances + lend
+    ratio, worst = 0.0, ""
     for g in inp.groups:
         if g.size <= 0:
             continue
@@ -430,36 +454,30 @@ def decide(cfg: PolicyConfig, state: PolicyState, inp: ScalerInputs) -> tuple[Po
         if r > ratio:
             ratio, worst = r, g.group_id
     bbp = ratio - 1.0 if inp.groups and ratio > 0 else -1.0
+    need = math.nan
     queued = sum(g.size for g in inp.groups)
     in_service = sum(g.leased for g in inp.groups)
     if queued == 0 and in_service > 0:
-        # Nothing waits, but engines are serving batch work: keep the BATCH instances (draining one would send its
-        # work back to the queue only to start another instance for it).
-        want_b, b_code = float(current["batch"]), "batch_in_service"
-        b_reason = f"{in_service} batch requests in service, none waiting: keep the batch capacity"
+        # Draining a BATCH instance would send its work back to the queue only to start another for it.
+        want, code = float(batch_instances), "batch_in_service"
+        reason = f"{in_service} batch requests in service, none waiting: keep the batch capacity"
     elif queued == 0:
-        want_b, b_code, b_reason = 0.0, "queue_empty", "queue empty: no batch capacity needed"
+        want, code, reason = 0.0, "queue_empty", "queue empty: no batch capacity needed"
     elif batch_now <= 0:
-        want_b, b_code, b_reason = 1.0, "no_batch_capacity", f"{queued} queued requests and no batch capacity: start one"
+        want, code, reason = 1.0, "no_batch_capacity", f"{queued} queued requests and no batch capacity: start one"
     else:
-        b_code = "batch_backpressure"
+        code = "batch_backpressure"
         need = batch_now * ratio * (1 + cfg.batch_margin)
-        want_b = max(need - lend, 0.0)
-        b_reason = (f"batch backpressure {bbp:+.2f} (worst group {worst}: wait p95 / time left = {ratio:.2f}); "
-                    f"capacity {batch_now:.2f} instances (MIXED lend {lend:.2f}) → need {need:.2f}")
-    if queued and want_b == 0 and current["batch"] == 0 and lend <= 0:
-        want_b = 1.0
+        want = max(need - lend, 0.0)
+        reason = (f"batch backpressure {bbp:+.2f} (worst group {worst}: wait p95 / time left = {ratio:.2f}); "
+                  f"capacity {batch_now:.2f} instances (MIXED lend {lend:.2f}) → need {need:.2f}")
+    if queued and want == 0 and batch_instances == 0 and lend <= 0:
+        want = 1.0
+    return BatchNeed(want, code, reason, lend, batch_now, ratio, bbp, queued, in_service, need)
 
-    wanted = {"interactive": want_i, "mixed": max(0.0, want_m), "batch": want_b}
-    reasons = {
-        "interactive": (f"demand {demand:.1f} running requests / {conc:.1f} per instance"
-                        + (f"; arrivals {inp.arrivals.rate_per_s:.2f}/s / {mu:.2f}/s admitted per instance"
-                           if math.isfinite(mu) else "")),
-        "mixed": (f"headroom Θ={theta:.2f} (λ={inp.arrivals.rate_per_s:.2f}/s, CV={inp.arrivals.cv:.2f}, "
-                  f"L={cfg.model_load_time_s:g} s) over {need:.2f} instances' worth"),
-        "batch": b_reason,
-    }
-    codes = {"interactive": "demand", "mixed": "headroom", "batch": b_code}
+
+def clamp_to_limits(cfg: PolicyConfig, wanted: Mapping[str, float], codes: dict[str, str]) -> dict[str, int]:
+    """Round each role's wanted count up and clamp it to the role's limits; ``codes`` gets the limit that bound."""
     raw = {}
     for role in ROLES:
         lim = cfg.limit(role)
@@ -467,47 +485,54 @@ def decide(cfg: PolicyConfig, state: PolicyState, inp: ScalerInputs) -> tuple[Po
         raw[role] = min(lim.max_instances, max(lim.min_instances, unclamped))
         if raw[role] != unclamped:
             codes[role] = "min_instances" if raw[role] > unclamped else "max_instances"
-    # Instances per role serving or starting (starting ones count: never cancel them early).
-    have = {r: current[r] + int(inp.pending.get(r, 0)) for r in ROLES}
-    # Batch scale-up pace: measured capacity lags new instances (throughput is learnt from completions), so add
-    # no BATCH instance while earlier ones still start, and at most max(2×, +4) of the BATCH fleet per step.
-    pending_b = int(inp.pending.get("batch", 0))
-    have_b = have["batch"]
-    if raw["batch"] > have_b:
-        settling = now - state.last_batch_up_s < cfg.model_load_time_s + cfg.batch_settle_s
-        cap_b = have_b if pending_b > 0 or settling else max(2 * have_b, have_b + 4)
-        if raw["batch"] > cap_b:
-            reasons["batch"] += (f"; held at {cap_b}: {pending_b} BATCH instance(s) still starting" if pending_b
-                                 else f"; held at {cap_b}: the last scale-up's capacity is still being measured"
-                                 if settling else f"; paced to {cap_b} (at most max(2×, +4) per step)")
-            codes["batch"] = "batch_starting" if pending_b else "batch_settling" if settling else "batch_paced"
-            raw["batch"] = max(cap_b, cfg.limit("batch").min_instances)
-        if raw["batch"] > have_b:
-            state.last_batch_up_s = now
+    return raw
 
-    # Scale-down delay: the largest raw count over the last scale_down_delay_s, when below the current count.
-    desired = {}
+
+def pace_batch(cfg: PolicyConfig, last_up_s: float, now: float, want: int, have: int,
+               pending: int) -> tuple[int, float, str, str]:
+    """Pace a BATCH scale-up (module docstring, "Pace of batch scale-up"): none while earlier BATCH instances
+    start or within model load + ``batch_settle_s`` of the last scale-up, else at most max(2×, +4) per step.
+    Returns (count, time of the last scale-up, reason suffix, code; both "" when not held)."""
+    if want <= have:
+        return want, last_up_s, "", ""
+    note = code = ""
+    settling = now - last_up_s < cfg.model_load_time_s + cfg.batch_settle_s
+    cap = have if pending > 0 or settling else max(2 * have, have + 4)
+    if want > cap:
+        note = (f"; held at {cap}: {pending} BATCH instance(s) still starting" if pending
+                else f"; held at {cap}: the last scale-up's capacity is still being measured"
+                if settling else f"; paced to {cap} (at most max(2×, +4) per step)")
+        code = "batch_starting" if pending else "batch_settling" if settling else "batch_paced"
+        want = max(cap, cfg.limit("batch").min_instances)
+    return want, now if want > have else last_up_s, note, code
+
+
+def delay_window(cfg: PolicyConfig, history: Mapping[str, tuple[tuple[float, int], ...]], now: float,
+                 raw: Mapping[str, int], have: Mapping[str, int]
+                 ) -> tuple[dict[str, tuple[tuple[float, int], ...]], dict[str, int], set[str]]:
+    """The scale-down delay: a role below ``have`` gets the largest raw count of the last ``scale_down_delay_s``.
+    Returns the new history, the desired counts, and the roles the window held."""
+    new_history, desired, held_roles = {}, {}, set()
     for role in ROLES:
-        h = state.history[role]
-        h.append((now, raw[role]))
-        while h and h[0][0] < now - cfg.scale_down_delay_s:
-            h.popleft()
+        h = (*history.get(role, ()), (now, raw[role]))
+        first = next(k for k, (t, _) in enumerate(h) if t >= now - cfg.scale_down_delay_s)
+        h = h[first:]
+        new_history[role] = h
         d = raw[role]
         if d < have[role]:
             held = max(c for _, c in h)
             if held > d:
-                reasons[role] += f"; scale-down held by the {cfg.scale_down_delay_s:g} s delay window"
-                codes[role] = "scale_down_delay"
+                held_roles.add(role)
                 d = min(have[role], held)
         desired[role] = d
+    return new_history, desired, held_roles
 
-    # INTERACTIVE and MIXED instances both serve interactive demand (the router sends it to either): a role that
-    # grows while the other keeps instances it no longer wants (held by the delay window) uses those first. While
-    # the two roles' wanted total rises (demand growing), only held instances that already serve count: ones
-    # still starting are left to the growth.
-    both = raw["interactive"] + raw["mixed"]
-    rising = both > state.last_interactive_mixed
-    state.last_interactive_mixed = both
+
+def role_cover(cfg: PolicyConfig, raw: Mapping[str, int], desired: Mapping[str, int], have: Mapping[str, int],
+               current: Mapping[str, int], rising: bool) -> dict[str, int]:
+    """Instances of INTERACTIVE (MIXED) that MIXED (INTERACTIVE) instances kept by the delay window cover
+    (module docstring, "INTERACTIVE and MIXED cover each other"); while ``rising`` only serving ones count."""
+    desired, covers = dict(desired), {}
     for short, other in (("interactive", "mixed"), ("mixed", "interactive")):
         spare = desired[other] - raw[other]
         if rising:
@@ -515,31 +540,91 @@ def decide(cfg: PolicyConfig, state: PolicyState, inp: ScalerInputs) -> tuple[Po
         covered = min(desired[short] - have[short], spare, desired[short] - cfg.limit(short).min_instances)
         if covered > 0:
             desired[short] -= covered
-            reasons[short] += (f"; {covered} of it covered by {other.upper()} instance(s) kept by the scale-down "
-                               f"delay")
-            codes[short] = "other_role_covers"
+            covers[short] = covered
+    return covers
 
-    # GPU budget: cut BATCH, then MIXED; INTERACTIVE keeps its demand (down to its minimum only).
-    budget = cfg.gpu_budget // cfg.gpus_per_instance
-    over = sum(desired.values()) - budget
+
+def gpu_budget_cuts(cfg: PolicyConfig, desired: Mapping[str, int]) -> dict[str, int]:
+    """Instances to cut per role to fit ``gpu_budget``: BATCH first, then MIXED, then INTERACTIVE, none below its
+    minimum."""
+    over = sum(desired.values()) - cfg.gpu_budget // cfg.gpus_per_instance
+    cuts = {}
     for role in ("batch", "mixed", "interactive"):
         if over <= 0:
             break
         cut = min(over, desired[role] - cfg.limit(role).min_instances)
         if cut > 0:
-            desired[role] -= cut
+            cuts[role] = cut
             over -= cut
-            reasons[role] += f"; cut by {cut} to fit the GPU budget of {cfg.gpu_budget}"
-            codes[role] = "gpu_budget"
+    return cuts
 
+
+def decide(cfg: PolicyConfig, state: PolicyState, inp: ScalerInputs) -> tuple[PolicyState, ScalerDecision]:
+    """One scaling decision, O(instances + groups): the next state (``state`` is not changed) and the decision."""
+    now = inp.now
+    current = {r: sum(1 for i in inp.instances if i.role == r) for r in ROLES}
+    cap = instance_capacity(cfg, state, inp)
+    # Interactive: N = max(D / C, λ / μ̄); whole instances INTERACTIVE, the rest plus Θ·N MIXED.
+    theta = overprovisioning_theta(cfg, inp.arrivals)
+    demand = max(0.0, inp.arrivals.inflight - cap.left_out)
+    by_rate = inp.arrivals.rate_per_s / cap.admit_rate if math.isfinite(cap.admit_rate) else 0.0
+    need = max(demand / cap.concurrency, by_rate)
+    want_i = float(math.floor(need + 1e-9))
+    batch = batch_need(cfg, inp, current["batch"])
+    # Kept as the decision has always been explained (the simulator's reports record it): under batch
+    # backpressure the MIXED reason and ``interactive_need_instances`` show the batch need, not N.
+    shown_need = batch.need if math.isfinite(batch.need) else need
+    wanted = {"interactive": want_i, "mixed": max(0.0, need * (1 + theta) - want_i), "batch": batch.wanted}
+    reasons = {
+        "interactive": (f"demand {demand:.1f} running requests / {cap.concurrency:.1f} per instance"
+                        + (f"; arrivals {inp.arrivals.rate_per_s:.2f}/s / {cap.admit_rate:.2f}/s admitted per "
+                           f"instance" if math.isfinite(cap.admit_rate) else "")),
+        "mixed": (f"headroom Θ={theta:.2f} (λ={inp.arrivals.rate_per_s:.2f}/s, CV={inp.arrivals.cv:.2f}, "
+                  f"L={cfg.model_load_time_s:g} s) over {shown_need:.2f} instances' worth"),
+        "batch": batch.reason,
+    }
+    codes = {"interactive": "demand", "mixed": "headroom", "batch": batch.code}
+    raw = clamp_to_limits(cfg, wanted, codes)
+    # Instances per role serving or starting (starting ones count: never cancel them early).
+    have = {r: current[r] + int(inp.pending.get(r, 0)) for r in ROLES}
+    raw["batch"], last_up, note, code = pace_batch(cfg, state.last_batch_up_s, now, raw["batch"], have["batch"],
+                                                   int(inp.pending.get("batch", 0)))
+    if code:
+        reasons["batch"] += note
+        codes["batch"] = code
+    history, desired, held = delay_window(cfg, state.history, now, raw, have)
+    for role in held:
+        reasons[role] += f"; scale-down held by the {cfg.scale_down_delay_s:g} s delay window"
+        codes[role] = "scale_down_delay"
+    both = raw["interactive"] + raw["mixed"]
+    for role, covered in role_cover(cfg, raw, desired, have, current, both > state.last_interactive_mixed).items():
+        other = "mixed" if role == "interactive" else "interactive"
+        desired[role] -= covered
+        reasons[role] += f"; {covered} of it covered by {other.upper()} instance(s) kept by the scale-down delay"
+        codes[role] = "other_role_covers"
+    for role, cut in gpu_budget_cuts(cfg, desired).items():
+        desired[role] -= cut
+        reasons[role] += f"; cut by {cut} to fit the GPU budget of {cfg.gpu_budget}"
+        codes[role] = "gpu_budget"
     roles = {r: RoleDecision(r, current[r], wanted[r], desired[r], reasons[r], codes[r]) for r in ROLES}
-    decision = ScalerDecision(now, roles, theta, bbp, {
-        "demand_requests": demand, "instance_concurrency": conc, "arrival_rate_per_s": inp.arrivals.rate_per_s,
-        "admit_rate_per_instance": mu, "interactive_need_instances": need,
-        "arrival_cv": inp.arrivals.cv, "batch_capacity_instances": batch_now, "mixed_lend_instances": lend,
-        "queued_requests": float(queued),
-        "in_service_requests": float(in_service), "groups": float(len(inp.groups)), "worst_group_ratio": ratio})
-    return state, decision
+    decision = ScalerDecision(now, roles, theta, batch.backpressure, {
+        "demand_requests": demand, "instance_concurrency": cap.concurrency,
+        "arrival_rate_per_s": inp.arrivals.rate_per_s, "admit_rate_per_instance": cap.admit_rate,
+        "interactive_need_instances": shown_need, "arrival_cv": inp.arrivals.cv,
+        "batch_capacity_instances": batch.capacity, "mixed_lend_instances": batch.lend,
+        "queued_requests": float(batch.queued), "in_service_requests": float(batch.in_service),
+        "groups": float(len(inp.groups)), "worst_group_ratio": batch.ratio})
+    nxt = PolicyState(history, cap.saturated, last_up, both, cap.admit_rates)
+    return nxt, decision
+
+
+def hold_in_window(state: PolicyState, role: str, count: int) -> PolicyState:
+    """``state`` with the delay window's latest ``role`` count raised to ``count`` (the service holds a count
+    when an input is unavailable; the window remembers the held count, not the one read from missing inputs)."""
+    h = state.history.get(role, ())
+    if not h or h[-1][1] >= count:
+        return state
+    return replace(state, history={**state.history, role: (*h[:-1], (h[-1][0], count))})
 
 
 def with_limits(cfg: PolicyConfig, **limits: tuple[int, int]) -> PolicyConfig:

@@ -66,6 +66,7 @@ from services.global_scaler.policy import (
     ScalerDecision,
     ScalerInputs,
     decide,
+    hold_in_window,
     observe,
 )
 from services.global_scaler.providers import InstanceCounts, InstanceProvider, ProviderError
@@ -246,10 +247,7 @@ class ScalerService(scaler_pb2_grpc.GlobalScalerServicer):
                 roles[role] = replace(rd, desired=have, code="scale_down_delay",
                                       reason=f"holding: {why}; kept at {have} (no scale-down while an input is "
                                              f"unavailable; the policy without it said {rd.desired})")
-                history = self.state.history[role]
-                if history:  # the delay window remembers the held count, not the one read from missing inputs
-                    t, raw = history[-1]
-                    history[-1] = (t, max(raw, have))
+                self.state = hold_in_window(self.state, role, have)
             else:
                 roles[role] = replace(rd, reason=f"{rd.reason}; holding scale-downs: {why}")
         inputs = dict(d.inputs, inputs_unavailable=float(len(obs.unavailable)))
