@@ -1,78 +1,30 @@
 """Chiron's local autoscaler: the engine's maximum batch size from latency and throughput backpressure.
 
-A pure function of ``(config, state, observation)`` — no clock, no I/O — so the engine agent (wall clock)
-and the fleet simulator (virtual clock) run the very same code.
+A pure function of ``(config, state, observation)`` (no clock, no I/O): the engine agent and the fleet simulator
+run the very same code. The paper's rule (arXiv 2501.08090, local autoscaler; ``../shared/notes/paper.md``
+§0b): latency backpressure ``LBP = ITL / SLO``, throughput backpressure ``TBP = previous / current
+throughput``; ``> 1`` halves the batch size, ``< 1`` grows it through an EWMA ``B ← (1 − α)·B + α·B/BP``.
 
-The rule (paper "Hierarchical Autoscaling for LLM Serving with Chiron", arXiv 2501.08090, local
-autoscaler; restated in ``../shared/notes/paper.md`` §0b):
+Where the paper is silent (pitfalls: ``paper.md`` §0c; measurements: ``docs/decisions/0022``):
 
-* latency backpressure ``LBP = observed ITL / ITL SLO``;
-* throughput backpressure ``TBP = previous throughput / current throughput``;
-* backpressure ``> 1`` ⇒ halve the max batch size; ``< 1`` ⇒ grow toward ``current / BP`` through an
-  EWMA: ``B ← (1 − α)·B + α·B/BP``.
-
-Choices where the paper is silent (``paper.md`` §0c lists the pitfalls they guard against):
-
-* **Observed ITL** is a high quantile (``itl_quantile``, default p99) of the per-token ITLs of the last
-  control interval, smoothed by an EWMA (``itl_smoothing``) so one prefill-heavy interval does
-  not halve the batch (one interval above ``overload_factor`` × SLO still halves at once).
-* **Halve only on a real violation, grow toward a margin.** LBP > 1 (ITL above the SLO itself) halves;
-  growth aims at ``latency_target_fraction`` × SLO (default 0.9), and between that target and the SLO
-  the same proportional EWMA step eases the batch down instead of halving it. A literal "halve when > 1"
-  around the growth target throws half the throughput away on noise every few seconds (a sawtooth the
-  first version of this module showed in ``chiron bench local-autoscaler``).
-* **TBP counts only while the engine is saturated** (work waiting or batch at its cap) **and only right
-  after a growth step.** Throughput also falls when load falls, and it falls right after a halving by
-  construction; a literal TBP > 1 would then halve again and cascade to a batch of 1. Throughput is
-  smoothed by the same EWMA, and TBP must exceed ``1 + tbp_tolerance`` before it halves (noise band).
-* **Both EWMAs restart after a halving**, so the interval after a halving is judged on what the smaller
-  batch does, not on the pre-halving ITL (which would halve twice for one violation).
-* **A halving is judged once it is in effect.** A lower cap stops admissions but evicts no running request
-  (vLLM's ``max_num_active_reqs``, the simulated engine alike), so until the running count
-  (``Observation.running``) is down to the new cap the controller holds: those intervals still show the old
-  batch. Seen in ``chiron bench local-autoscaler --backend vllm`` (SLO 3× the batch-1 ITL): halvings
-  17 → 8 → 4 → 2 in consecutive seconds. With the wait, that run's halvings over 90 s went from 14 to 10 and
-  its mean cap after the warm-up from 4.5 to 7.0; the simulated bench, ``chiron simulate --workload mixed``
-  and ``make demo`` did not change.
-* **A throughput fall must last ``tbp_confirm_intervals`` intervals (default 3).** The intervals after a
-  growth step also pay the prefills of the requests the larger batch admitted (chunked, so over several
-  intervals at a small token budget), and throughput dips with no cliff behind it. Seen in ``chiron bench
-  local-autoscaler`` (seed 4): a false cliff at B = 41 capped a 100-ms-SLO engine at 30 for a minute, and
-  at 2 intervals one at B = 35 still capped a 25-ms one. A fall past the band holds the batch size and
-  keeps the pre-growth throughput as the reference; the batch halves only if throughput is still below it
-  by more than the band after that many intervals. Over seeds 0–4 this raised the adaptive throughput by up
-  to 11% where a false cliff had struck and changed nothing elsewhere.
-* **A throughput cliff is remembered.** When TBP halves, the batch size before the growth step that lost
-  throughput becomes a ceiling for ``tbp_ceiling_ttl_s`` seconds; otherwise a relaxed-SLO instance would
-  grow straight back over the cliff and alternate forever. One step grows by at most
-  ``max_growth_factor``.
-* **Hold within 1 ± ``deadband`` (0.08).** The right batch size moves with the context lengths of the
-  running requests, and the observed p99 ITL of a 1-s interval is noisy; inside the band the batch stays
-  put. Measured over seeds 0–4 of ``chiron bench local-autoscaler``: at 0.05 the batch wandered by more than
-  10% for minutes (convergence within 30 s in 4 of 15 SLO×seed runs), at 0.08 in 11 of 15, throughput
-  and ITL attainment unchanged; asymmetric bands (easing sooner than growing) wandered more.
-* **Aim lower while the running set is still growing** (``young_target_fraction``, 0.85). After a cold
-  start the running set fills for about one request lifetime before admissions and completions balance,
-  and the ITL at a fixed cap rises with it as contexts and the population grow. Measured in ``chiron bench
-  local-autoscaler`` at a 100-ms SLO (simulated Llama-3-8B/A100, ShareGPT, cap 711): ITL p99 74 ms at 11 s
-  with 46 running, 90 ms at 60 s with ~100 running. A controller that only follows the ITL ramps onto the
-  young engine's batch size (895) and then eases for a minute (convergence 42.8 s). So while the running
-  count is still growing, the ITL target is scaled by ``f + (1 − f)·m``, where ``m`` = running count
-  ``maturity_window_s`` (10 s) ago / running count now (0 until that much history exists). Once
-  ``m ≥ mature_running_ratio`` (0.9), or in any interval the engine is not saturated (the running set then
-  follows arrivals, not the cap), the running set counts as settled and the full target applies for good.
-  Needs ``Observation.running`` (``None`` turns it off). Over workload seeds 0–9 (5 tuned, 5 held out)
-  convergence within 30 s went from 9 / 8 / 2 of 10 runs (25 / 50 / 100 ms) to 9 / 9 / 9, throughput and
-  ITL attainment unchanged within 1%. Only BATCH instances use it in a cluster; INTERACTIVE and MIXED ones
-  keep the full target (:func:`role_overrides` says why).
-* **Combined** growth backpressure ``BP = max(ITL / target, TBP / (1 + tbp_tolerance))``: whichever
-  resource is closer to its limit. A batch instance has a relaxed ITL SLO, so its LBP is small and TBP
-  drives it.
-* Worked example (ITL ≈ a + b·B, SLO target S): growth maps B to ``(1−α)B + α·B·S/(a+bB)``, which is
-  increasing, concave and has its fixed point at the largest B whose ITL meets S, so growth approaches
-  it from below. Growth uses the larger of the smoothed and the latest ITL, so the smoothing's lag does
-  not carry it past the target; halving uses the smoothed value, so one noisy interval does not halve.
-  ``tests/test_local_autoscaler.py`` checks the step-load, oscillation and noise cases.
+* **Observed ITL** is the ``itl_quantile`` (p99) of the interval's per-token ITLs, EWMA-smoothed
+  (``itl_smoothing``); one interval above ``overload_factor`` × SLO still halves at once.
+* **Halve above the SLO, grow toward ``latency_target_fraction`` × SLO** (0.9); between the two the same
+  proportional step eases down, so noise around the target does not halve the batch.
+* **TBP counts only while saturated and right after a growth step** (throughput also falls with load, and after
+  a halving by construction), beyond ``1 + tbp_tolerance``, and only once the fall has lasted
+  ``tbp_confirm_intervals``: the prefills a larger batch admitted dip throughput with no cliff behind them.
+  A confirmed cliff caps growth at the pre-growth size for ``tbp_ceiling_ttl_s``.
+* **After a halving** both EWMAs restart, and nothing is judged until the running requests have finished down
+  to the new cap (a lower cap evicts no one; the intervals until then show the old batch).
+* **Hold within 1 ± ``deadband``** (0.08): the right size moves with context lengths and a 1-s p99 is noisy.
+* **Aim lower while the running set grows** (BATCH instances only, :func:`role_overrides`): the target is
+  scaled by ``f + (1 − f)·m``, ``f = young_target_fraction``, ``m`` = running count ``maturity_window_s`` ago /
+  now, until ``m ≥ mature_running_ratio`` or an unsaturated interval; the ITL at a fixed cap rises as it fills.
+* Growth uses ``BP = max(ITL / target, TBP / (1 + tbp_tolerance))``, on the larger of the smoothed and latest
+  ITL; one step grows at most ``max_growth_factor``. Worked example, ITL ≈ a + b·B: growth maps B to
+  ``(1−α)B + α·B·S/(a+bB)``, increasing and concave with its fixed point at the largest B meeting target S,
+  so it approaches that from below. ``tests/test_local_autoscaler.py`` checks step load, oscillation, noise.
 """
 
 from __future__ import annotations
@@ -185,15 +137,9 @@ def role_overrides(role: str) -> dict:
     """Per-role changes to :class:`LocalAutoscalerConfig`'s defaults (``role``: ``interactive``, ``mixed``,
     ``batch``), for the engine agent (``chiron engine --role``) and the fleet simulator alike.
 
-    Only BATCH instances, fed from a backlog like ``chiron bench local-autoscaler``, aim lower while their running
-    set fills up; INTERACTIVE and MIXED instances keep the full ITL target from their start
-    (``young_target_fraction`` 1). On them a saturated interval is an interactive burst, and a lower cap queues
-    it: ``make demo`` (Azure conversation replay on a local cluster) gave interactive SLO attainment 0.981, TTFT
-    p99 13.9 s and 1,343 GPU-seconds with the rule on INTERACTIVE and BATCH instances, against 1.000, 1.2 s and
-    885 with it off everywhere (and 0.999, 2.1 s, 1,039 with it on BATCH instances only); and
-    on MIXED instances, whose running set is topped up with preemptible batch work, ``chiron simulate --policy
-    chiron --workload mixed --seeds 20`` cost 1.251× the GPU-hours lower bound (worst seed 1.312×) against
-    1.245× (worst 1.267×). BATCH instances changed nothing in that simulation either way.
+    Only BATCH instances, fed from a backlog, aim lower while their running set fills up; INTERACTIVE and MIXED
+    instances keep the full ITL target (``young_target_fraction`` 1): on them a saturated interval is an
+    interactive burst, and a lower cap queues it (measurements: ``docs/decisions/0022``).
 
     Raises ValueError for an unknown role.
     """

@@ -1,105 +1,32 @@
-"""Chiron's global scaling policy: desired engine instances per role. Pure and clock-injected.
+"""Chiron's global scaling policy: desired INTERACTIVE, MIXED and BATCH instances. Pure and clock-injected.
 
-One call of :func:`decide` maps what the scaler observed (instances and their engine stats, interactive
-arrivals, the queue's per-group waiting-time estimates) to desired counts of INTERACTIVE, MIXED and BATCH
-instances, each with the inputs and the reason that explain it. The same function runs in the ``chiron
-scaler`` service (wall clock) and the fleet simulator (virtual clock).
+:func:`decide` maps observed instances, arrivals and queue groups plus a :class:`PolicyState` to a new state and
+desired counts per role with reasons; the ``chiron scaler`` service and the fleet simulator both run it. The
+paper (arXiv 2501.08090; ``../shared/notes/paper.md`` §0b, §3.4) gives the shape, the formulas are Chiron's
+(measurements: ``docs/decisions/0020``, ``0021``).
 
-The rules (paper: arXiv 2501.08090, global autoscaler; ``../shared/notes/paper.md`` §0b and §3.4 — the
-paper gives the shape, not the formulas; every formula below is Chiron's choice):
+**Interactive need** ``N = max(D / C, λ / μ̄)`` instances. ``D``: interactive requests running at INTERACTIVE
+and MIXED instances (a queue counts only until the instance has a measured admission rate). ``C``: the mean of
+what each instance holds, its max batch size or the running count it had when requests last waited below that
+cap (remembered ``concurrency_memory_s`` while the cap stays within 2×; a queue admitted within the TTFT SLO
+does not count).
+``μ̄``: mean admission rate of instances where a queue stood through an interval (their service rate).
 
-**Interactive capacity and Θ.** Interactive capacity has two limits, and the fleet is sized by the tighter:
-concurrency and admission rate. Concurrency: demand ``D`` is the interactive requests *running* at
-INTERACTIVE and MIXED instances; one instance holds ``C`` of them, the mean max batch size its local
-autoscaler settled on (``default_instance_concurrency`` before any is known): ``D / C`` instances. Admission
-rate: an instance where a queue of interactive requests stood through a whole interval admitted them as fast
-as it could, so its admissions per second then are its service rate ``μ`` (requests/s) for the traffic of the
-moment; with prompts long against the per-iteration token budget it is prefill throughput / prompt length,
-and running requests are few while the instance is full. The arrival rate needs ``λ / μ̄`` instances (``μ̄``
-the mean of the instances' latest measurements, each standing ``concurrency_memory_s``; an interval
-admitting fewer than ``INTERACTIVE_QUEUE`` requests gives none, since one admission in an interval would read
-as a rate a tenth of the real one and stand for minutes, asking for ten times the instances). The need is
-``max(D / C, λ / μ̄)`` instances. Requests waiting are left out of ``D``: the ones an instance admits within
-the TTFT SLO need no other instance, and a backlog beyond that is work queued at that instance, which an
-instance started now (serving one model-load time later) cannot take over; what the backlog says about load is
-in ``λ`` (arrivals include it) against ``μ``. Counting it as concurrency asked for one instance per running
-count's worth of queued prompts, all loading after the burst had gone. Until an instance has a measured ``μ``,
-though, its queue counts in ``D``: otherwise long requests queued at a full batch (no admission in an interval,
-so no rate) would never start an instance. Arrivals over one
-model-load time ``L`` (the time a new instance needs to serve) are modelled as Normal with mean ``λL`` and
-variance ``λL·CV²`` (renewal-process counts; CV = coefficient of variation of inter-arrival times, 1 for
-Poisson). Over-provisioning Θ is chosen so the ``theta_quantile`` (default p99) of those arrivals fits:
-``Θ = z_q · CV / sqrt(λL)``, clamped to ``[theta_min, theta_max]``: bursty or slow traffic gets more
-headroom than smooth heavy traffic. INTERACTIVE instances cover the whole instances' worth of the need ``N``; MIXED
-instances cover the rest and the headroom ``Θ·N``: ``n_I = floor(N)``, ``n_M = ceil(N·(1+Θ)) − n_I``
-(role minimums apply). The fractional remainder goes to MIXED instances because their idle capacity is lent
-to batch work (multiplexing, paper §0b): an instance only partly needed by interactive traffic is the
-cheapest batch capacity there is. With an INTERACTIVE minimum of 1 (the service's default) the first
-instance stays INTERACTIVE; a fleet configured ``interactive 0:N, mixed 1:N`` multiplexes from the first GPU.
+**Headroom Θ.** Arrivals over one model-load time ``L`` ~ Normal(λL, λL·CV²), so the ``theta_quantile`` fits
+with ``Θ = z_q · CV / sqrt(λL)``, clamped to ``[theta_min, theta_max]``. ``n_I = floor(N)``, ``n_M =
+ceil(N·(1+Θ)) − n_I``: the fractional part goes to MIXED instances, whose idle capacity is lent to batch work.
+E.g. λ = 10/s, CV = 1, L = 60 s, p99: Θ = 2.33 / sqrt(600) ≈ 0.095 → theta_min 0.1; N = 4.5 → 4 I + 1 M.
 
-**Batch capacity and batch backpressure.** For each request group the queue reports the estimated wait of
-its last request (p95) and its deadline. With the batch capacity ``B`` now serving (BATCH instances plus what
-each MIXED instance lends, times ``mixed_lend_fraction``), the
-waiting time scales as ``1 / B``, so the capacity a group needs is ``B · wait_p95 / time_left``. Batch
-backpressure ``BBP = max_g(wait_p95_g / time_left_g) − 1``; BBP > 0 ⇒ the groups need
-``B·(1 + BBP)·(1 + batch_margin)`` instances' worth of capacity. BATCH instances = that need minus what
-MIXED instances lend. An empty queue needs no BATCH instance (``min_batch`` aside); a group already past
-its deadline counts as the largest ratio ``max_ratio``, but a group whose estimated wait is no longer than the
-model-load time counts at most 1 (the capacity now and its margin): what serves it now serves its last request
-before a new instance could load. Seen in the simulator (``mixed``, seed 9): 11 requests were left at the
-backlog's deadline; past it the ratio became ``max_ratio`` and 4 BATCH instances started, the MIXED instance
-served the requests before they loaded, and they idled 150 s while the last leased requests finished (1.314× →
-1.261× the lower bound; seeds 0–19 mean 1.247 → 1.245, the 900 s slice and a 10,000-request ``batch-backlog``
-unchanged). While requests are in service (leased) and none wait, the BATCH count holds.
+**Batch backpressure.** ``B`` = BATCH instances + what MIXED ones lend (each its idle share, at most its batch
+requests over a busy BATCH instance's). A group's wait scales as ``1 / B``, so ``BBP = max_g(wait_p95 /
+time_left) − 1`` and the groups need ``B·(1 + BBP)·(1 + batch_margin)``; a group past its deadline counts
+``max_ratio``, one whose wait is under ``L`` at most 1. Empty queue: no BATCH instance; leased work only:
+hold. Scale-up is paced (the queue's measured capacity lags new instances): none while BATCH instances start
+or within ``batch_settle_s`` of serving, else at most max(2×, +4) per step (Kubernetes HPA's default).
 
-**What a MIXED instance lends.** The share of it idle from interactive work (``1 − interactive running / cap``),
-but no more than the batch requests it runs as a fraction of what a busy BATCH instance runs (when one does).
-The idle share alone overstated it: a MIXED instance carrying the interactive traffic leases batch work only
-while no interactive request waits and gives it back when a queue forms, so it served a few batch requests while
-counting as ~0.9 of a BATCH instance. Seen in the simulator (``mixed`` slice of 900 s with 5,000 batch requests,
-seed 0): the BATCH fleet shrank 4 → 1 with 2,500 requests queued and had to grow again before the deadline,
-1.43× the GPU-hours lower bound, 1.21× with this limit (that slice over seeds 0–11: 1.244 → 1.208; the
-hour-long ``mixed`` over seeds 0–19: 1.314 → 1.300).
-
-**Pace of batch scale-up.** The queue learns serving capacity from completed requests, so right after a
-BATCH instance starts the measured capacity (and so the estimated wait) lags; trusted at once, it over-scales
-(seen in the simulator: 1 → 11 → 49 instances in ten seconds for a 20,000-request backlog that 18 drained).
-No BATCH instance is added while earlier ones still start (``ScalerInputs.pending``) or within
-``batch_settle_s`` after they serve (the queue's capacity window), and one step adds at most ``max(2×, +4)``
-of the BATCH fleet (Kubernetes HPA's default scale-up limit).
-
-**Instance concurrency.** ``C`` is the mean over INTERACTIVE and MIXED instances of what each holds: its
-max batch size, or the running requests it had when requests last waited there below that cap (its KV cache
-or token budget binds first; remembered for ``concurrency_memory_s`` while the cap stays within 2× of the
-one it was seen under), so that demand beyond what instances can actually run asks for more instances. A
-queue the instance admits within the TTFT SLO (``interactive_ttft_slo_s``) at its measured admission rate
-does not count as such a bound: a burst of long prompts waits for the per-iteration token budget, not for
-room, and the few requests running meanwhile are no measure of what the instance holds. A
-count is dropped once the local autoscaler has more than doubled the cap: seen in the simulator (``mixed``
-workload), a fresh MIXED instance still at its initial batch size of 16 (16 tokens per iteration) ran 2
-requests with more waiting, and that count stood for 300 s as "2 per instance", asking for 14 INTERACTIVE
-instances for 29 requests (mixed, seeds 0–2: 1.56–1.76× the GPU-hours lower bound before, 1.29–1.33×
-after). Dropping it on any growth instead also cut the Gamma CV 8 workload's attainment by 4 points (seeds
-0–3), where 2× cost 0.8 points and 18% fewer GPU-hours.
-
-**INTERACTIVE and MIXED cover each other.** Both roles serve interactive demand. When one role grows while
-the other keeps instances it no longer wants (held by the scale-down delay below), the growth is met by those
-instances first; the two roles swap only when the delay lets the surplus go. While the two roles together
-want more than at the previous decision (demand growing), only such instances that already serve count; ones
-still starting are left to the growth. Without the rule, the split of a steady demand moving between the
-roles started instances while as many idled. Seen in the simulator (``mixed``, seed 5, t = 1,700 s): the
-batch backlog had drained, an INTERACTIVE instance had just been retired and the one MIXED instance queued
-interactive requests; the count went 0 → 2 INTERACTIVE, then MIXED 1 → 2 while those two still loaded, then
-a third INTERACTIVE, and the delay window held 6 instances for a load of ~40 requests for 150 s. Measured
-(seeds 0–19 of ``mixed``; seeds 0–7 of 600 s for the others): mixed 1.300× → 1.247× the GPU-hours lower
-bound, interactive attainment ≥ 0.9999 both; Poisson 16/s 1.88 → 1.95 GPU-hours, attainment 0.885 → 0.894;
-Gamma CV 4 2.00 → 1.88, 0.921 → 0.925; Gamma CV 8 3.18 → 3.21, 0.888 → 0.886. Counting starting instances
-during growth too cost Gamma CV 8 1.4 points of attainment (0.874) for the same gain on mixed.
-
-**Stability and limits.** A desired count below the current one (serving plus starting instances) is applied
-only after it has stayed below for ``scale_down_delay_s`` (the largest desired count seen in that window is used), so capacity does not
-flap. Counts are clamped to per-role min/max, then to the GPU budget (``gpus_per_instance`` each): BATCH is
-cut first, then MIXED, never INTERACTIVE below its demand.
+**Stability and limits.** Per-role min/max apply; a count below the current one (serving + starting) applies only
+after ``scale_down_delay_s`` (the window's largest count is used); a growing role first uses instances of the
+other interactive role that window holds. GPU budget: cut BATCH, MIXED, then INTERACTIVE, to their minimums.
 """
 
 from __future__ import annotations
