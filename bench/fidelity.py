@@ -66,7 +66,6 @@ import dataclasses
 import json
 import math
 import re
-import shlex
 import statistics
 import time
 import warnings
@@ -75,12 +74,14 @@ from pathlib import Path
 
 import numpy as np
 
+from services.common.settings import EngineSettings, ScalerSettings
+
 TARGETS = {"attainment_pp": 3, "gpu_seconds_rel": 0.10}
 DEFAULT_START_S = 0.0
 DEFAULT_SPEEDUP = 1.0
-# ``chiron engine``'s local-autoscaler ITL SLO when --itl-slo-ms is not given (services/cli.py, engine command).
-LIVE_LA_ITL_SLO_MS = 50.0
-LIVE_BATCH_LA_ITL_SLO_MS = 500.0
+# ``chiron engine``'s local-autoscaler ITL SLOs when --itl-slo-ms is not given [ms].
+LIVE_LA_ITL_SLO_MS = EngineSettings(role="interactive").local_itl_slo_ms
+LIVE_BATCH_LA_ITL_SLO_MS = EngineSettings(role="batch").local_itl_slo_ms
 
 _LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \S+ chiron\.scaler\.local: (.*)$")
 _EVENTS = (("start", re.compile(r"^starting instance (\S+) \((\w+)\)")),
@@ -89,17 +90,12 @@ _EVENTS = (("start", re.compile(r"^starting instance (\S+) \((\w+)\)")),
 
 
 def scaler_settings(scaler_args: str) -> dict:
-    """The live scaler's settings from its arguments, parsed by the ``chiron scaler`` command itself (so the
-    defaults are the service's)."""
-    from services import cli
-
-    p = cli.scaler.make_context("scaler", ["--etcd", "unused:0", *shlex.split(scaler_args)]).params
-    return {"interval_s": p["interval_s"], "scale_down_delay_s": p["scale_down_delay_s"],
-            "model_load_time_s": p["model_load_time_s"], "arrival_cv": p["arrival_cv"],
-            "gpu_budget": p["gpu_budget"], "gpus_per_instance": p["gpus_per_instance"],
-            "limits": {"interactive": cli._role_limits(p["lim_i"], "interactive"),
-                       "mixed": cli._role_limits(p["lim_m"], "mixed"),
-                       "batch": cli._role_limits(p["lim_b"], "batch")}}
+    """The live scaler's policy settings from its arguments (:meth:`ScalerSettings.from_args`: the service's
+    defaults), as the report gives them."""
+    s = ScalerSettings.from_args(scaler_args)
+    return {"interval_s": s.interval_s, "scale_down_delay_s": s.scale_down_delay_s,
+            "model_load_time_s": s.model_load_time_s, "arrival_cv": s.arrival_cv, "gpu_budget": s.gpu_budget,
+            "gpus_per_instance": s.gpus_per_instance, "limits": s.limits}
 
 
 def instance_lifetimes(scaler_log: Path) -> dict[str, dict]:
@@ -207,7 +203,6 @@ def run_bench(minutes: float = 5.0, start_s: float = DEFAULT_START_S, speedup: f
     """Run the slice live and in the simulator (module docstring); returns the comparison report."""
     from services.cluster import ClusterConfig
     from services.common.traces import Trace, load_azure_trace
-    from services.global_scaler.policy import PolicyConfig, with_limits
     from services.replay import ReplayConfig
     from simulator.fleet import Fleet, SimConfig
     from simulator.policies import make_policy
@@ -244,10 +239,7 @@ def run_bench(minutes: float = 5.0, start_s: float = DEFAULT_START_S, speedup: f
                         sample_interval_s=1.0, seed=seed).validate()
     # The live scaler's PolicyConfig as ``chiron scaler`` builds it, then every duration in it (``*_s``: the
     # scaler's wall clock) × speedup into trace time.
-    live_pcfg = dataclasses.replace(
-        with_limits(PolicyConfig(), **live_set["limits"]), interval_s=live_set["interval_s"],
-        scale_down_delay_s=live_set["scale_down_delay_s"], model_load_time_s=live_set["model_load_time_s"],
-        gpu_budget=live_set["gpu_budget"], gpus_per_instance=live_set["gpus_per_instance"]).validate()
+    live_pcfg = ScalerSettings.from_args(ccfg.scaler_args).policy_config()
     scaled = {f.name: getattr(live_pcfg, f.name) * speedup for f in dataclasses.fields(live_pcfg) if f.name.endswith("_s")}
     pcfg = dataclasses.replace(live_pcfg, **scaled).validate()
     policy = make_policy("chiron", wl, sim_cfg, arrival_cv=live_set["arrival_cv"], la_itl_slo_ms=LIVE_LA_ITL_SLO_MS,

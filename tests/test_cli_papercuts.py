@@ -18,6 +18,8 @@ from click.testing import CliRunner
 
 from chiron.v1 import queue_pb2
 from services import cli
+from services.cli._common import write_report_files
+from services.cli.cluster import _run_replay
 from services.cluster import ClusterConfig, PortInUseError, check_port_free, vllm_engine_args
 from services.engine.vllm_backend import TINY_MODEL_MARKER, is_tiny_model, write_tiny_model
 from services.replay import ReplayConfig, _Batch, _Interactive, build_report
@@ -131,7 +133,7 @@ def _report() -> dict:
 
 def test_report_and_plot_go_into_folders_that_do_not_exist_yet(tmp_path):
     json_path, plot_path = tmp_path / "a" / "b" / "r.json", tmp_path / "c" / "d" / "p.png"
-    assert cli.write_report_files(_report(), json_path, plot_path) is None
+    assert write_report_files(_report(), json_path, plot_path) is None
     assert json.loads(json_path.read_text())["trace"] == "t" and plot_path.stat().st_size > 1000
 
 
@@ -139,7 +141,7 @@ def test_report_and_plot_go_into_folders_that_do_not_exist_yet(tmp_path):
 def test_a_plot_that_cannot_be_written_costs_neither_the_report_nor_a_traceback(tmp_path, bad_plot):
     (tmp_path / "file").write_text("a file where a folder would be")
     json_path = tmp_path / "new" / "r.json"
-    error = cli.write_report_files(_report(), json_path, tmp_path / bad_plot)
+    error = write_report_files(_report(), json_path, tmp_path / bad_plot)
     assert error and "plot was not written" in error and "\n" not in error
     assert json.loads(json_path.read_text())["trace"] == "t"
 
@@ -155,7 +157,7 @@ def test_replay_writes_the_report_and_reports_a_bad_plot_in_one_line(tmp_path, m
     monkeypatch.setattr("services.replay.replay", fake_replay)
 
     def run(json_path, plot_path):
-        return cli._run_replay("r", None, None, None, None, ReplayConfig(), str(json_path), str(plot_path))
+        return _run_replay("r", None, None, None, None, ReplayConfig(), str(json_path), str(plot_path))
 
     _, plot_error = run(tmp_path / "out" / "demo.json", tmp_path / "out2" / "demo.png")
     assert plot_error is None and (tmp_path / "out2" / "demo.png").is_file()
@@ -168,4 +170,4 @@ def test_replay_writes_the_report_and_reports_a_bad_plot_in_one_line(tmp_path, m
 def test_write_report_files_raises_a_click_error_when_the_json_cannot_be_written(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(click.ClickException, match="cannot write the report"):
-        cli.write_report_files(_report(), tmp_path / "file" / "r.json", tmp_path / "p.png")
+        write_report_files(_report(), tmp_path / "file" / "r.json", tmp_path / "p.png")

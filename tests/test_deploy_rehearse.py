@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from services.cli import main
 from services.deploy.gotemplate import Context, ServiceNotReady, TemplateError, parse_env_file, render, services_used
 from services.deploy.jobspec import JobFileError, interpolate_runtime, parse_duration_s, render_job_file
 from services.deploy.nomad_local import LocalExecutor, NomadApiStandIn, ServiceCatalog, ServiceInstance
@@ -131,10 +132,10 @@ def test_chiron_command_lines_are_checked_with_the_real_cli_parser():
     script = 'CUDA_VISIBLE_DEVICES="$NVIDIA_VISIBLE_DEVICES" exec /x/chiron engine --role batch --port 1'
     assert chiron_arguments(["/bin/sh", "-c", script], "/x/chiron") == ["engine", "--role", "batch", "--port", "1"]
     assert chiron_arguments(["/bin/echo", "hi"], "/x/chiron") is None
-    assert check_chiron_flags(["queue", "--port", "1", "--lease-timeout-s", "60"]) is None
-    assert "has no option --no-such-flag" in check_chiron_flags(["queue", "--no-such-flag", "1"])
-    assert "no command 'quux'" in check_chiron_flags(["quux"])
-    assert "batch" in check_chiron_flags(["engine", "--role", "batchy"])  # a bad choice names the choices
+    assert check_chiron_flags(["queue", "--port", "1", "--lease-timeout-s", "60"], main) is None
+    assert "has no option --no-such-flag" in check_chiron_flags(["queue", "--no-such-flag", "1"], main)
+    assert "no command 'quux'" in check_chiron_flags(["quux"], main)
+    assert "batch" in check_chiron_flags(["engine", "--role", "batchy"], main)  # a bad choice names the choices
 
 
 def test_the_shipped_job_files_pass_the_checks():
@@ -143,7 +144,7 @@ def test_the_shipped_job_files_pass_the_checks():
                                                               nomad="http://127.0.0.1:4646", gateway_port=8000,
                                                               router_port=50050))
     assert {j.id for j in jobs} == {"chiron-queue", "chiron-engine", "chiron-router", "chiron-scaler", "chiron-gateway"}
-    check_jobs(jobs, chiron)
+    check_jobs(jobs, chiron, main)
 
 
 # ---------------------------------------------------------------------------------------------------- bad input
@@ -159,7 +160,7 @@ def _check_dir(d: Path) -> None:
     chiron = chiron_executable()
     variables = rehearsal_variables(RehearsalConfig(), chiron_bin=chiron, etcd="127.0.0.1:2379",
                                     nomad="http://127.0.0.1:4646", gateway_port=8000, router_port=50050)
-    check_jobs(render_jobs(d, variables), chiron)
+    check_jobs(render_jobs(d, variables), chiron, main)
 
 
 def test_a_job_file_that_does_not_parse_fails_with_its_name(nomad_dir):
@@ -197,7 +198,7 @@ def test_an_undefined_runtime_reference_fails(nomad_dir):
 def test_an_undeclared_var_is_refused(nomad_dir):
     cfg = RehearsalConfig(nomad_dir=nomad_dir, variables={"no_such_variable": "1"})
     with pytest.raises(RehearsalError, match="no job file declares"):
-        asyncio.run(rehearse(cfg))
+        asyncio.run(rehearse(cfg, main))
     assert "engine_args" in declared_variables(nomad_dir / "chiron-engine.nomad.hcl")
 
 
@@ -312,7 +313,7 @@ def test_the_whole_rehearsal_meets_its_targets(tmp_path):
             pytest.fail(str(EtcdNotFound("no etcd binary")))
         pytest.skip("no etcd binary")
     t0 = time.monotonic()
-    report = asyncio.run(rehearse(RehearsalConfig(work_dir=str(tmp_path / "work")), progress=print))
+    report = asyncio.run(rehearse(RehearsalConfig(work_dir=str(tmp_path / "work")), main, progress=print))
     wall = time.monotonic() - t0
     print(json.dumps({k: report[k] for k in ("allocations_started", "allocations_stopped", "scaler_allocations",
                                              "interactive", "batch", "lost_requests", "wall_seconds", "targets")}))
@@ -336,8 +337,6 @@ def test_the_whole_rehearsal_meets_its_targets(tmp_path):
 
 def test_the_cli_fails_bad_job_files_with_the_file_task_and_reason(nomad_dir):
     from click.testing import CliRunner
-
-    from services.cli import main
 
     path = nomad_dir / "chiron-scaler.nomad.hcl"
     path.write_text(path.read_text().replace('"--interval-s"', '"--interval"'))

@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import click
 import numpy as np
 
 from services.deploy.gotemplate import Context, TemplateError, parse_env_file, render, services_used
@@ -177,18 +178,14 @@ def chiron_arguments(argv: list[str], chiron_bin: str) -> list[str] | None:
     return None
 
 
-def check_chiron_flags(args: list[str]) -> str | None:
-    """Parse ``chiron ARGS`` with the real CLI parser (``services.cli``) without running it. Returns why it does
-    not parse (unknown command or option, a bad value), or None."""
-    import click
-
-    from services.cli import main
-
+def check_chiron_flags(args: list[str], chiron: click.Group) -> str | None:
+    """Parse ``chiron ARGS`` with ``chiron``, the real CLI parser (:func:`services.cli.main`), without running it.
+    Returns why it does not parse (unknown command or option, a bad value), or None."""
     if not args:
         return "`chiron` without a command"
-    cmd = main.commands.get(args[0])
+    cmd = chiron.commands.get(args[0])
     if cmd is None:
-        return f"`chiron` has no command {args[0]!r} (commands: {', '.join(sorted(main.commands))})"
+        return f"`chiron` has no command {args[0]!r} (commands: {', '.join(sorted(chiron.commands))})"
     if "--help" in args or "-h" in args:
         return None
     try:
@@ -219,7 +216,7 @@ def _placeholder_env(job: JobSpec, group_name: str, task: TaskSpec) -> dict[str,
     return env | task.env
 
 
-def check_jobs(jobs: list[JobSpec], chiron_bin: str) -> None:
+def check_jobs(jobs: list[JobSpec], chiron_bin: str, chiron: click.Group) -> None:
     """Check every task before anything starts (see the module docstring). Raises :class:`RehearsalError` with
     the file, the task and the reason."""
     registered = {s.name for j in jobs for g in j.groups.values() for s in [*g.services, *(x for t in g.tasks
@@ -253,17 +250,17 @@ def check_jobs(jobs: list[JobSpec], chiron_bin: str) -> None:
                 args = chiron_arguments(argv, chiron_bin)
                 if args is None:
                     raise RehearsalError(f"the command does not run chiron: {shlex.join(argv)}", **where)
-                why = check_chiron_flags(args)
+                why = check_chiron_flags(args, chiron)
                 if why:
                     raise RehearsalError(why, **where)
 
 
-def _command_check(chiron_bin: str) -> Callable[[JobSpec, Any, str, list[str]], str | None]:
+def _command_check(chiron_bin: str, chiron: click.Group) -> Callable[[JobSpec, Any, str, list[str]], str | None]:
     def check(job: JobSpec, group: Any, task: str, argv: list[str]) -> str | None:
         args = chiron_arguments(argv, chiron_bin)
         if args is None:
             return f"the command does not run chiron: {shlex.join(argv)}"
-        return check_chiron_flags(args)
+        return check_chiron_flags(args, chiron)
 
     return check
 
@@ -452,8 +449,10 @@ def _log_tail(log_dir: str, n: int = 2000) -> str:
     return "\n".join(out)
 
 
-async def rehearse(cfg: RehearsalConfig, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Run the rehearsal (module docstring); returns the report. Raises :class:`RehearsalError` for bad job files
+async def rehearse(cfg: RehearsalConfig, chiron: click.Group,
+                   progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run the rehearsal (module docstring) with ``chiron``, the CLI parser the tasks' chiron flags are checked
+    against (:func:`services.cli.main`); returns the report. Raises :class:`RehearsalError` for bad job files
     (before anything starts) and for a rehearsal that cannot go on (a task that fails, a wait that times out);
     everything started is stopped in every case."""
     from services.common.etcd_server import EtcdNotFound, EtcdServer
@@ -465,7 +464,7 @@ async def rehearse(cfg: RehearsalConfig, progress: Callable[[str], None] | None 
     # Render and check with placeholder addresses first: bad input fails before anything starts.
     placeholder = rehearsal_variables(cfg, chiron_bin=chiron_bin, etcd="127.0.0.1:2379", nomad="http://127.0.0.1:4646",
                                       gateway_port=8000, router_port=50050)
-    check_jobs(render_jobs(cfg.nomad_dir, placeholder | cfg.variables, strict=cfg.variables), chiron_bin)
+    check_jobs(render_jobs(cfg.nomad_dir, placeholder | cfg.variables, strict=cfg.variables), chiron_bin, chiron)
     say("job files rendered and checked")
 
     work = Path(cfg.work_dir) if cfg.work_dir else Path(tempfile.mkdtemp(prefix="chiron-rehearsal-"))
@@ -476,7 +475,7 @@ async def rehearse(cfg: RehearsalConfig, progress: Callable[[str], None] | None 
         raise RehearsalError(str(e)) from e
     token = secrets.token_hex(16)  # the scaler's workload identity (identity { env = true } → NOMAD_TOKEN)
     catalog = ServiceCatalog()
-    executor = LocalExecutor(work / "allocs", catalog, check_command=_command_check(chiron_bin), identity_token=token,
+    executor = LocalExecutor(work / "allocs", catalog, check_command=_command_check(chiron_bin, chiron), identity_token=token,
                              template_timeout_s=cfg.ready_timeout_s)
     standin = NomadApiStandIn(required_token=token, executor=executor)
     ok = False

@@ -1,4 +1,5 @@
-"""``chiron deploy rehearse``: the click command (``services/cli.py`` adds it under ``chiron deploy``)."""
+"""``chiron deploy rehearse``: the Nomad job files run as local processes with traffic
+(:mod:`services.deploy.rehearse`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,12 @@ import json
 from pathlib import Path
 
 import click
+
+
+@click.group()
+def deploy() -> None:
+    """Deployment tools: 'chiron deploy rehearse' runs the Nomad job files as local processes with traffic."""
+
 
 DEFAULT_NOMAD_DIR = Path(__file__).resolve().parents[2] / "deploy" / "nomad"  # as services.deploy.rehearse's (imported
 # only when the command runs: every `chiron` start imports this module)
@@ -22,7 +29,7 @@ def _parse_vars(items: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
-@click.command("rehearse")
+@deploy.command("rehearse")
 @click.option("--json", "json_path", default="out/rehearsal.json", show_default=True, type=click.Path(dir_okay=False),
               help="Where to write the JSON report (folders are made).")
 @click.option("--nomad-dir", default=str(DEFAULT_NOMAD_DIR), show_default=True, type=click.Path(file_okay=False),
@@ -50,8 +57,9 @@ def rehearse_command(json_path, nomad_dir, variables, duration_s, start_s, speed
 
     cfg = RehearsalConfig(nomad_dir=Path(nomad_dir), variables=_parse_vars(variables), duration_s=duration_s,
                           start_s=start_s, speedup=speedup, batch_requests=batch_requests, work_dir=work_dir)
+    chiron = click.get_current_context().find_root().command  # the parser the job files' chiron flags must pass
     try:
-        report = asyncio.run(rehearse(cfg, progress=lambda m: click.echo(f"  {m}")))
+        report = asyncio.run(rehearse(cfg, chiron, progress=lambda m: click.echo(f"  {m}")))
     except RehearsalError as e:
         raise click.ClickException(f"rehearsal failed: {e}") from None
     path = Path(json_path)

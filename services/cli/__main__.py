@@ -1,0 +1,5 @@
+"""``python -m services.cli``: the ``chiron`` command."""
+
+from services.cli import main
+
+main()
