@@ -5,20 +5,12 @@ the simulator scores them against. :func:`make_workload` builds the named worklo
 :func:`gpu_seconds_lower_bound` gives the offline lower bound on GPU time that every policy's GPU-hours are
 reported against (``../shared/notes/hardware.md``, "Offline lower bound on GPU-hours").
 
-Data files (in ``../shared/data``; source, commit and licence of each in ``../shared/data/PROVENANCE.md``):
+Data files (``../shared/data``; source, commit and licence of each in ``../shared/data/PROVENANCE.md``): the
+Azure LLM inference traces 2023 (conv, code; :func:`services.common.traces.load_azure_trace`), ShareGPT and
+arXiv-summarization prompt/output token counts (Llama-2 tokenizer; :func:`arxiv_lengths`).
 
-* ``traces/azure_llm_2023/AzureLLMInferenceTrace_{conv,code}.csv`` — Azure LLM inference traces 2023
-  (Splitwise, ISCA'24; Azure/AzurePublicDataset @ b469a113, CC-BY-4.0): one hour of real arrivals with context
-  and generated token counts (conv 19,366 requests, code 8,819). Loaded by
-  :func:`services.common.traces.load_azure_trace`, which also loads a user's CSV with the same columns.
-* ``traces/sharegpt/sharegpt_8k_filtered_stats_llama2_tokenizer.csv`` — ShareGPT prompt/output token counts
-  (Llama-2 tokenizer; microsoft/sarathi-serve @ 72339db5, Apache-2.0). Loaded by
-  :func:`services.common.traces.load_sharegpt_lengths`.
-* ``traces/arxiv_summarization/arxiv_summarization_stats_llama2_tokenizer_filtered_v2.csv`` — arXiv
-  summarization prompt/output token counts (Llama-2 tokenizer; microsoft/vidur @ 7d475133, MIT): long prompts,
-  short outputs, a natural batch workload. Loaded by :func:`arxiv_lengths`.
-
-Named workloads (``make_workload(name, ...)``; every one is deterministic given ``seed``):
+Named workloads (``make_workload(name, ...)``; each deterministic given ``seed``; parameters, token lengths
+and SLO defaults: :func:`make_workload`):
 
 * ``azure-conv`` — the Azure conversation trace as interactive traffic (no batch unless ``batch_requests``);
 * ``azure-code`` — the same with the Azure code trace;
@@ -33,43 +25,6 @@ Named workloads (``make_workload(name, ...)``; every one is deterministic given 
   requests/s, for 1,800 s; ~4 turns drawn, ~2 kept, 30 s think time); a turn's prompt is the whole conversation so far
   plus its new ShareGPT input, and a session stops once it would exceed ``max_model_len``
   (:func:`_conversation_interactive`).
-
-Parameters, where they apply:
-
-* ``rate_per_s`` — trace workloads (``azure-*``, ``trace``, ``mixed``): the whole trace's arrival times are
-  scaled uniformly (burst shape kept) so its mean inter-arrival time is ``1/rate_per_s``; then ``duration_s``
-  is taken. Synthetic workloads: the arrival rate (``conversation``: of sessions).
-* ``duration_s`` — trace workloads: keep the first ``duration_s`` seconds (after rescaling); default the whole
-  trace. Synthetic: length of the arrival process (``poisson``/``gamma`` 600 s, ``batch-backlog`` 3,600 s,
-  ``conversation`` 1,800 s: no turn arrives after it).
-* ``batch_requests`` — size of the batch backlog, all arriving at t=0 (any workload; default 0, ``mixed``
-  20,000, ``batch-backlog`` 1,000,000), lengths from ``batch_source`` (``sharegpt`` or ``arxiv``).
-* ``cv`` only with ``gamma``; ``trace_file`` only with ``trace`` (anything else is a ValueError, not ignored).
-* At most 10,000,000 requests per class (``batch_requests``, and ``rate_per_s × duration_s`` for synthetic
-  arrivals; × 4 mean turns for ``conversation``), checked before anything is built.
-
-Synthetic arrivals are a renewal process started at t=0 (the first request arrives after one inter-arrival
-time). Batch and interactive requests are drawn from separate random streams of ``seed``, so changing the
-batch size leaves the interactive requests unchanged (common random numbers).
-
-Token lengths (``max_model_len``, default 8,192 = Llama-3-8B's context in the performance model):
-
-* sampled lengths (ShareGPT, arXiv) are drawn, with replacement, from the rows whose prompt ≥ 1, output ≥ 1
-  and prompt + output ≤ ``max_model_len`` (the others are **dropped** from the pool);
-* trace lengths (Azure, the user's CSV) are **clipped** so every request and its arrival time stay: output to
-  at most ``max_model_len − 1``, then prompt to at most ``max_model_len − output`` (a front end truncating the
-  prompt). A trace row with ContextTokens or GeneratedTokens < 1 is an error (``path:line``).
-
-SLO defaults — Chiron's choices for Llama-3-8B on one A100-80GB; the paper's values are not known
-(``../shared/notes/paper.md`` §1 gives only "seconds" for interactive and "minutes to hours" for batch):
-
-* interactive TTFT 10,000 ms and mean-ITL 100 ms: the same as ``services.replay.ReplayConfig`` and the
-  router's default SLO class, so simulated and replayed runs score alike (a single-request decode step is
-  about 12 ms in the performance model);
-* batch ITL 500 ms: the relaxed SLO of ``chiron engine --role batch``'s local autoscaler;
-* batch TTFT 1,800 s (30 min), and 14,400 s (4 h) for ``batch-backlog``, whose million-request ShareGPT queue
-  needs about 90 GPU-hours even at the lower bound (:func:`gpu_seconds_lower_bound`), i.e. nearly 2 h on the
-  paper's 50-GPU cap. (``mixed``'s 20,000 requests need about 1.8 GPU-hours: ~4 GPUs for 30 min.)
 """
 
 from __future__ import annotations
@@ -297,19 +252,9 @@ def _count(name: str, value: int | None) -> None:
         raise ValueError(f"{name} must be an integer in [0, {MAX_REQUESTS:,}] (requests), got {value!r}")
 
 
-def make_workload(name: str, *, rate_per_s: float | None = None, cv: float | None = None,
-                  duration_s: float | None = None, batch_requests: int | None = None,
-                  batch_ttft_s: float | None = None, batch_source: str = "sharegpt", trace_file: str | Path | None = None,
-                  interactive_ttft_ms: float = DEFAULT_INTERACTIVE_TTFT_MS,
-                  interactive_itl_ms: float = DEFAULT_INTERACTIVE_ITL_MS,
-                  batch_itl_ms: float = DEFAULT_BATCH_ITL_MS,
-                  seed: int = 0, max_model_len: int = 8192) -> Workload:
-    """Build the named workload (see the module docstring for names, parameters and defaults).
-
-    Raises ValueError for an unknown name (listing the valid ones) or a parameter out of range (naming it and
-    the accepted range), before loading or drawing anything; FileNotFoundError for a missing trace file, and
-    ValueError with ``path:line`` for a malformed one.
-    """
+def _check_args(name: str, rate_per_s, cv, duration_s, batch_requests, batch_ttft_s, batch_source, trace_file,
+                interactive_ttft_ms, interactive_itl_ms, batch_itl_ms, seed, max_model_len) -> None:
+    """:func:`make_workload`'s argument checks (ValueError naming the parameter and its accepted range)."""
     if name not in WORKLOADS:
         raise ValueError(f"unknown workload {name!r}; valid names: {', '.join(WORKLOADS)}")
     _positive("rate_per_s", rate_per_s, "requests/s")
@@ -338,10 +283,11 @@ def make_workload(name: str, *, rate_per_s: float | None = None, cv: float | Non
     if name == "trace" and trace_file is None:
         raise ValueError("the 'trace' workload needs trace_file=PATH (a CSV with TIMESTAMP,ContextTokens,GeneratedTokens)")
 
-    n_batch = batch_requests if batch_requests is not None else {
-        "mixed": MIXED_BATCH_REQUESTS, "batch-backlog": BACKLOG_BATCH_REQUESTS}.get(name, 0)
-    if batch_ttft_s is None:
-        batch_ttft_s = BACKLOG_BATCH_TTFT_S if name == "batch-backlog" else DEFAULT_BATCH_TTFT_S
+
+def _interactive(name: str, rng: np.random.Generator, rate_per_s: float | None, cv: float | None,
+                 duration_s: float | None, trace_file: str | Path | None, max_model_len: int) -> tuple[Trace, str]:
+    """The interactive requests of workload ``name`` and a description of them (:func:`make_workload`).
+    ValueError when a synthetic workload would exceed ``MAX_REQUESTS``, checked before drawing anything."""
     if name in _SYNTHETIC_WORKLOADS:
         conv = name == "conversation"
         rate = rate_per_s if rate_per_s is not None else (CONVERSATION_RATE_PER_S if conv else BACKLOG_RATE_PER_S)
@@ -353,21 +299,80 @@ def make_workload(name: str, *, rate_per_s: float | None = None, cv: float | Non
             raise ValueError(f"rate_per_s × duration_s{per} must be <= {MAX_REQUESTS:,} expected requests, "
                              f"got {rate} × {dur}{per} = {rate * dur * turns:,.0f}")
 
-    rng_int, rng_batch = (np.random.default_rng(s) for s in np.random.SeedSequence(int(seed)).spawn(2))
-
     if name in _TRACE_WORKLOADS:
         source = str(trace_file) if name == "trace" else ("azure-conv" if name == "mixed" else name)
         interactive = _trace_interactive(source, rate_per_s, duration_s, max_model_len)
         what = f"{source}" + (f" rescaled to {rate_per_s:g}/s" if rate_per_s is not None else "")
     elif name == "conversation":
-        interactive = _conversation_interactive(rng_int, rate, dur, max_model_len)
+        interactive = _conversation_interactive(rng, rate, dur, max_model_len)
         what = f"{rate:g} sessions/s for {dur:g} s, ShareGPT lengths, context growing across turns"
     else:
-        arrivals = _renewal_arrivals(rng_int, rate, dur, cv if name == "gamma" else 1.0)
-        prompt, out = _sample_lengths(rng_int, "sharegpt", len(arrivals), max_model_len)
+        arrivals = _renewal_arrivals(rng, rate, dur, cv if name == "gamma" else 1.0)
+        prompt, out = _sample_lengths(rng, "sharegpt", len(arrivals), max_model_len)
         kind = f"gamma(cv={cv:g})" if name == "gamma" else "poisson"
         interactive = Trace(f"{kind}@{rate:g}/s", arrivals, prompt, out)
         what = f"{kind} at {rate:g}/s for {dur:g} s, ShareGPT lengths"
+    return interactive, what
+
+
+def make_workload(name: str, *, rate_per_s: float | None = None, cv: float | None = None,
+                  duration_s: float | None = None, batch_requests: int | None = None,
+                  batch_ttft_s: float | None = None, batch_source: str = "sharegpt", trace_file: str | Path | None = None,
+                  interactive_ttft_ms: float = DEFAULT_INTERACTIVE_TTFT_MS,
+                  interactive_itl_ms: float = DEFAULT_INTERACTIVE_ITL_MS,
+                  batch_itl_ms: float = DEFAULT_BATCH_ITL_MS,
+                  seed: int = 0, max_model_len: int = 8192) -> Workload:
+    """Build the named workload (names: the module docstring).
+
+    Parameters, where they apply:
+
+    * ``rate_per_s`` — trace workloads (``azure-*``, ``trace``, ``mixed``): the whole trace's arrival times are
+      scaled uniformly (burst shape kept) so its mean inter-arrival time is ``1/rate_per_s``; then ``duration_s``
+      is taken. Synthetic workloads: the arrival rate (``conversation``: of sessions).
+    * ``duration_s`` — trace workloads: keep the first ``duration_s`` seconds (after rescaling); default the whole
+      trace. Synthetic: length of the arrival process (``poisson``/``gamma`` 600 s, ``batch-backlog`` 3,600 s,
+      ``conversation`` 1,800 s: no turn arrives after it).
+    * ``batch_requests`` — size of the batch backlog, all arriving at t=0 (any workload; default 0, ``mixed``
+      20,000, ``batch-backlog`` 1,000,000), lengths from ``batch_source`` (``sharegpt`` or ``arxiv``).
+    * ``cv`` only with ``gamma``; ``trace_file`` only with ``trace`` (anything else is a ValueError, not ignored).
+    * At most 10,000,000 requests per class (``batch_requests``, and ``rate_per_s × duration_s`` for synthetic
+      arrivals; × 4 mean turns for ``conversation``), checked before anything is built.
+
+    Synthetic arrivals are a renewal process started at t=0 (the first request arrives after one inter-arrival
+    time). Batch and interactive requests are drawn from separate random streams of ``seed``, so changing the
+    batch size leaves the interactive requests unchanged (common random numbers).
+
+    Token lengths (``max_model_len``, default 8,192 = Llama-3-8B's context in the performance model):
+
+    * sampled lengths (ShareGPT, arXiv) are drawn, with replacement, from the rows whose prompt ≥ 1, output ≥ 1
+      and prompt + output ≤ ``max_model_len`` (the others are **dropped** from the pool);
+    * trace lengths (Azure, the user's CSV) are **clipped** so every request and its arrival time stay: output to
+      at most ``max_model_len − 1``, then prompt to at most ``max_model_len − output`` (a front end truncating the
+      prompt). A trace row with ContextTokens or GeneratedTokens < 1 is an error (``path:line``).
+
+    SLO defaults — Chiron's choices for Llama-3-8B on one A100-80GB; the paper's values are not known
+    (``../shared/notes/paper.md`` §1 gives only "seconds" for interactive and "minutes to hours" for batch):
+
+    * interactive TTFT 10,000 ms and mean-ITL 100 ms: the same as ``services.replay.ReplayConfig`` and the
+      router's default SLO class, so simulated and replayed runs score alike (a single-request decode step is
+      about 12 ms in the performance model);
+    * batch ITL 500 ms: the relaxed SLO of ``chiron engine --role batch``'s local autoscaler;
+    * batch TTFT 1,800 s (30 min), and 14,400 s (4 h) for ``batch-backlog``, whose million-request ShareGPT queue
+      needs about 90 GPU-hours even at the lower bound (:func:`gpu_seconds_lower_bound`), i.e. nearly 2 h on the
+      paper's 50-GPU cap. (``mixed``'s 20,000 requests need about 1.8 GPU-hours: ~4 GPUs for 30 min.)
+
+    Raises ValueError for an unknown name (listing the valid ones) or a parameter out of range (naming it and
+    the accepted range), before loading or drawing anything; FileNotFoundError for a missing trace file, and
+    ValueError with ``path:line`` for a malformed one.
+    """
+    _check_args(name, rate_per_s, cv, duration_s, batch_requests, batch_ttft_s, batch_source, trace_file,
+                interactive_ttft_ms, interactive_itl_ms, batch_itl_ms, seed, max_model_len)
+    n_batch = batch_requests if batch_requests is not None else {
+        "mixed": MIXED_BATCH_REQUESTS, "batch-backlog": BACKLOG_BATCH_REQUESTS}.get(name, 0)
+    if batch_ttft_s is None:
+        batch_ttft_s = BACKLOG_BATCH_TTFT_S if name == "batch-backlog" else DEFAULT_BATCH_TTFT_S
+    rng_int, rng_batch = (np.random.default_rng(s) for s in np.random.SeedSequence(int(seed)).spawn(2))
+    interactive, what = _interactive(name, rng_int, rate_per_s, cv, duration_s, trace_file, max_model_len)
 
     b_prompt, b_out = _sample_lengths(rng_batch, batch_source, n_batch, max_model_len)
     batch = Trace(f"{batch_source}-backlog", np.zeros(n_batch), b_prompt, b_out)

@@ -2,40 +2,30 @@
 
 Every ``interval_s`` the scaler
 
-1. reads engine membership from etcd (:class:`~services.common.membership.MembershipWatcher`; while etcd
-   is unreachable the last known membership is used and a warning logged);
-2. asks each serving instance for its stats (``Engine.GetStats``: max batch size, running, waiting,
-   finished requests) and the queue for its per-group estimates (``Queue.GetStats``);
-3. derives interactive load: in-flight requests (running + waiting at INTERACTIVE and MIXED instances) and
-   the arrival rate λ, taken as the rate of finished interactive requests plus the growth of in-flight
-   ones (in steady state, arrivals = completions); the arrival CV is configured (``arrival_cv``, 1 =
-   Poisson) until the router reports arrivals;
-4. runs the pure policy, and — unless ``advisory`` or a standby — asks the provider for each role's desired
-   count;
-5. records the decision (inputs, reasons, provider actions and errors), logs it and streams it to
-   ``WatchDecisions`` clients. In advisory mode steps 1–3 and 5 are identical and no provider is called.
+1. reads engine membership from etcd (:class:`~services.common.membership.MembershipWatcher`; while etcd is
+   unreachable the last known membership is used and a warning logged);
+2. asks each serving instance for ``Engine.GetStats`` and the queue for its per-group estimates
+   (``Queue.GetStats``), and builds the policy's inputs with :func:`~services.global_scaler.policy.observe`
+   (the same builder the simulator uses);
+3. runs the pure policy and, unless ``advisory`` or a standby, asks the provider for each role's count;
+4. records the decision (inputs, reasons, provider actions and errors), logs it and streams it to
+   ``WatchDecisions`` clients. Advisory mode does all but call the provider.
 
-**No input reads as zero.** An input that could not be read — the queue's stats (``Queue.GetStats`` failed),
-an engine's stats (``Engine.GetStats`` failed), membership (etcd unreachable: the snapshot may be stale), a
-provider's counts — is not replaced by zero: the decision *holds*. The policy still runs (so scale-ups that
-the available inputs justify happen), but no role goes below what it has (serving + starting), every role's
-reason says ``holding: <input> unavailable (<gRPC code>)``, ``inputs["inputs_unavailable"]`` counts the
-missing inputs, and queue-derived inputs read NaN, not 0. Found by a fault probe: with the queue down the
-scaler used to read "queue empty" and drained a BATCH engine that still held 133 finished, unacknowledged
-results. A held role's entry in the scale-down delay window records the held count, so once inputs return a
-scale-down still waits one full ``scale_down_delay_s`` of complete observations.
+**No input reads as zero.** An input that could not be read (queue or engine stats, membership while etcd is
+unreachable, a provider's counts) is not replaced by zero: the decision *holds*. The policy still runs (so
+justified scale-ups happen), but no role goes below what it has (serving + starting), every reason says
+``holding: <input> unavailable (<gRPC code>)``, ``inputs["inputs_unavailable"]`` counts the missing inputs and
+queue-derived inputs read NaN. Reading a down queue as empty would drain BATCH engines still holding
+unacknowledged results. The delay window records the held count, so once inputs return a scale-down still waits
+one full ``scale_down_delay_s`` of complete observations.
 
-**One acting replica.** With an election (:class:`~services.global_scaler.leader.LeaderElection`) several
-replicas run; only the leader calls the provider (leadership checked right before each provider call), every
-replica computes, logs and serves decisions. ``inputs["leader"]`` is 1 in a decision the leader made and 0
-in a standby's (the proto has no field for it); the log line says ``standby`` and names the leader. Winning
-the election wakes the loop at once, so a new leader acts without waiting out an interval.
+**One acting replica.** With an election (:class:`~services.global_scaler.leader.LeaderElection`) only the
+leader calls the provider (checked right before each call); every replica computes, logs and serves decisions.
+``inputs["leader"]`` is 1 in the leader's decisions and 0 in a standby's; winning the election wakes the loop
+at once. A provider error is reported in the decision and retried at the next interval.
 
-A provider error is reported in the decision and retried at the next interval (providers retry with
-backoff inside one call).
-
-The same gRPC server also serves KEDA's ``externalscaler.ExternalScaler`` (:mod:`services.global_scaler.keda`):
-in Kubernetes, KEDA reads each role's desired count from the latest decision and scales that role's Deployment.
+The same gRPC server serves KEDA's ``externalscaler.ExternalScaler`` (:mod:`services.global_scaler.keda`): in
+Kubernetes, KEDA reads each role's desired count from the latest decision and scales its Deployment.
 """
 
 from __future__ import annotations
@@ -224,7 +214,7 @@ class ScalerService(scaler_pb2_grpc.GlobalScalerServicer):
             # Starting = what the provider has placed minus what serves: Nomad reports an allocation "running" once
             # its process starts, while the engine still loads and has not registered. Counted as neither current
             # nor starting, a scale-down to the serving count would skip the delay window and stop engines seconds
-            # after starting them (seen in `chiron deploy rehearse`: the batch group set to 1, then 0 a second later).
+            # after starting them.
             serving = {role: sum(1 for m in members if m.role == role) for role in ROLES}
             for role in ROLES:
                 try:

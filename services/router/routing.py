@@ -12,10 +12,7 @@ instance its batch requests count as room, because it evicts them), in this orde
 tier: INTERACTIVE ones where no queue of interactive requests (≥ 4) waits; MIXED ones without a queue and
 without batch work; INTERACTIVE ones; MIXED ones. Concentrating load on INTERACTIVE instances leaves MIXED ones
 idle to lend to batch work, but a request that would queue at an INTERACTIVE instance starts at once on a MIXED
-one that lends nothing. Seen in the fleet simulator (Poisson 8/s): with the role order alone, two INTERACTIVE
-instances ran ~110 requests each with 20–30 waiting while five fresh MIXED instances took none, never grew their
-cap, and held the scaler's per-instance concurrency at ~40, so it kept 14 instances for ~250 requests (4.3× the
-GPU-hours lower bound, seeds 0–1; 3.2× with the tiers, at 0.88 instead of 0.86 SLO attainment). **Admission**: an
+one that lends nothing (measured: ``docs/decisions/0023``). **Admission**: an
 instance is eligible only if its projected TTFT fits the request's TTFT SLO: ``ttft_p50 × (1 + queued /
 max_batch_size)`` where ``queued`` counts the requests waiting there (a heuristic: each full batch ahead
 costs about one more TTFT). No eligible instance ⇒ the request is refused at once (RESOURCE_EXHAUSTED)

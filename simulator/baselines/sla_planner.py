@@ -23,11 +23,10 @@ against ai-dynamo/dynamo:
   predictor (local linear trend, ``q_level`` 1.0, ``q_trend`` 0.1, ``r`` 10.0, ``P`` = 1000·I, the state started
   at the first point; until then the last value, i.e. 0: its ``kalman_min_points`` is not read by the code).
 - ``.../planner/defaults.py`` @ 00c13f8d: the defaults below.
-
-Readings of ours (fair-comparison.md §7): lengths from completed requests only; where the engines are at their
-batch or KV limit (:func:`saturated`) the corrections may not shrink the fleet (``d_corr`` ≥ 1, ``min(1,
-p_corr)`` = 1), since under overload upstream's concurrency estimate includes queueing and loosens the ITL
-target; for our one engine type (upstream's SLA mode is disaggregated only) the fleet is ``n_p + n_d``.
+Readings of ours (fair-comparison.md §7): lengths from completed requests only; at the engines' batch or KV limit
+(:func:`saturated`) the corrections may not shrink the fleet (``d_corr`` ≥ 1, ``min(1, p_corr)`` = 1): under
+overload upstream's concurrency estimate includes queueing and loosens the ITL target; for our one engine type
+(upstream's SLA mode is disaggregated only) the fleet is ``n_p + n_d``.
 """
 
 from __future__ import annotations
