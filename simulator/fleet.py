@@ -7,10 +7,10 @@ What runs here is the product's own decision code, imported, never copied (``../
   iterations between events, identical to stepping one iteration at a time);
 * its local autoscaler is :func:`services.engine.local_autoscaler.decide`, fed the same observation as the
   engine agent's control loop (ITL quantile and output tokens/s over the control interval, saturation);
-* Chiron's batch path is the queue service itself (:class:`~services.queue.server.QueueService` over an
+* Chiron's batch path is the queue's own core (:class:`~services.queue.core.QueueCore` over an
   in-memory :class:`~services.queue.store.QueueStore`, its waiting-time estimator and capacity tracker) with
-  the batch worker's leasing and eviction rules (:func:`~services.engine.batch_worker.lease_room`,
-  :func:`~services.engine.batch_worker.eviction_need`, :func:`~services.engine.batch_worker.eviction_order`);
+  the batch worker's leasing and eviction rules (:func:`~services.engine.batch_rules.lease_room`,
+  :func:`~services.engine.batch_rules.eviction_need`, :func:`~services.engine.batch_rules.eviction_order`);
 * routing and scaling come from the policy (:mod:`simulator.policies`): Chiron's policy calls the router's
   :func:`~services.router.routing.choose_instance` and the global scaler's :func:`~services.global_scaler.policy.decide`;
   baselines are peers behind the same interface.
@@ -19,10 +19,9 @@ What the simulator adds, and why (each a modelling choice, documented in the rep
 
 * **Model load time.** A started instance holds its GPU for ``model_load_time_s`` before it serves
   (``../shared/notes/hardware.md``: order of 30 s for an 8B model). GPU-seconds count from start to release.
-* **Leases never expire** (renewals always succeed: no instance fails in the simulator).
-* **Eviction on MIXED instances** moves the batch request's KV cache to host memory; when the request is
-  leased again it pays the host-to-GPU copy (``EngineCore``'s ``host_kv_tokens``) instead of recomputing its
-  prefill. The copy-out overlaps compute on the evicting instance and costs it nothing here.
+* **Leases never expire** (no instance fails in the simulator). **Eviction on MIXED instances** moves the batch
+  request's KV cache to host memory; leased again, it pays the host-to-GPU copy (``EngineCore``'s
+  ``host_kv_tokens``) instead of recomputing its prefill. The copy-out costs the evicting instance nothing.
 * **Drain.** An instance being removed takes no new work; its not-yet-started requests are dispatched again
   (batch work under Chiron goes back to the queue with its progress) and it is released once empty.
 * **Metrics.** An interactive request meets its SLO when its TTFT and mean ITL are within the workload's SLOs
@@ -43,13 +42,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from services.engine.batch_worker import eviction_need, eviction_order, lease_room
+from services.engine.batch_rules import eviction_need, eviction_order, lease_room
 from services.engine.core import EngineCore
 from services.engine.local_autoscaler import LocalAutoscalerConfig, Observation, decide, initial_state
 from services.engine.perf_model import PerfModel, default_perf_model
 from services.engine.stats import LatencyWindow, weighted_quantile
+from services.queue.core import CapacityTracker, QueueCore
 from services.queue.estimator import WaitingTimeEstimator
-from services.queue.server import CapacityTracker, QueueService
 from services.queue.store import QueueConfig, QueueStore
 from simulator.workloads import Workload
 
@@ -220,11 +219,11 @@ class Fleet:
         self.migrated = 0
         self.host_kv: dict[str, int] = {}  # evicted batch request → KV tokens kept in host memory
         self.queued_batch = 0  # Chiron: batch requests queued (not leased)
-        self.queue: QueueService | None = None
+        self.queue: QueueCore | None = None
         if policy.uses_queue:
             store = QueueStore(QueueConfig(":memory:", lease_timeout_s=1e12, max_prompt_tokens=1 << 30,
                                            capacity=max(2_000_000, len(wb) + 1)), clock=lambda: self.now)
-            self.queue = QueueService(store, WaitingTimeEstimator(), CapacityTracker(), clock=lambda: self.now)
+            self.queue = QueueCore(store, WaitingTimeEstimator(), CapacityTracker(), clock=lambda: self.now)
         variant = getattr(policy, "variant", "engine-queue")  # checked by the policy (_VllmFleet)
         self.gateway: GatewayQueue | None = GatewayQueue() if variant == "gateway-queue" else None
         self.priority_interactive = variant == "priority"

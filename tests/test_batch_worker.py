@@ -12,7 +12,8 @@ import pytest
 
 from chiron.v1 import engine_pb2, engine_pb2_grpc, queue_pb2, queue_pb2_grpc, types_pb2
 from services.engine.backend import SimulatedBackend
-from services.engine.batch_worker import DRAINING, EVICTED_FOR_INTERACTIVE, BatchWorker, eviction_need
+from services.engine.batch_rules import DRAINING, EVICTED_FOR_INTERACTIVE, eviction_need
+from services.engine.batch_worker import BatchWorker
 from services.engine.core import EngineConfig
 from services.engine.local_autoscaler import LocalAutoscalerConfig
 from services.engine.server import AgentConfig, EngineAgent, RunningServer, serve

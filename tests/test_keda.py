@@ -24,7 +24,7 @@ from services.global_scaler import keda
 from services.global_scaler.keda import KedaProvider
 from services.global_scaler.policy import PolicyConfig, RoleLimits
 from services.global_scaler.server import ScalerService, serve
-from services.queue.server import CapacityTracker
+from services.queue.core import CapacityTracker
 from services.queue.server import serve as serve_queue
 from services.queue.store import QueueConfig
 

@@ -10,9 +10,10 @@ import random
 import psycopg
 import pytest
 
+from services.queue.core import CapacityTracker
 from services.queue.estimator import WaitingTimeEstimator
 from services.queue.pg_store import PgQueueStore
-from services.queue.server import CapacityTracker, QueueService
+from services.queue.server import QueueService
 from services.queue.store import QueueConfig, QueueError
 
 

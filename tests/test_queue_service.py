@@ -17,7 +17,8 @@ import pytest
 
 from chiron.v1 import queue_pb2, queue_pb2_grpc, types_pb2
 from services.engine.demo import wait_healthy, wait_port_file
-from services.queue.server import CapacityTracker, serve
+from services.queue.core import CapacityTracker
+from services.queue.server import serve
 from services.queue.store import QueueConfig
 from tests.conftest import eventually
 

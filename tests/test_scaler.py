@@ -16,7 +16,7 @@ from services.global_scaler.local_provider import LocalProvider
 from services.global_scaler.policy import PolicyConfig, RoleLimits
 from services.global_scaler.providers import ProviderError
 from services.global_scaler.server import ScalerService, serve
-from services.queue.server import CapacityTracker
+from services.queue.core import CapacityTracker
 from services.queue.server import serve as serve_queue
 from services.queue.store import QueueConfig
 from tests.conftest import start_etcd

@@ -15,7 +15,7 @@ from services.common.membership import InstanceInfo
 from services.global_scaler.policy import PolicyConfig, RoleLimits
 from services.global_scaler.providers import InstanceCounts, InstanceProvider
 from services.global_scaler.server import ScalerService
-from services.queue.server import CapacityTracker
+from services.queue.core import CapacityTracker
 from services.queue.server import serve as serve_queue
 from services.queue.store import QueueConfig
 from tests.conftest import eventually, start_sim_engine

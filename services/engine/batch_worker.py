@@ -4,7 +4,7 @@ DESIGN.md §1 "Batch path" and "Eviction". A :class:`BatchWorker` runs as asynci
 process, next to the gRPC service, and talks to the backend directly (batch requests do not go through
 ``Engine.Generate``):
 
-* **Leasing.** While the engine has room (:func:`lease_room`: ``running + waiting < max_batch_size`` from
+* **Leasing.** While the engine has room (:func:`~services.engine.batch_rules.lease_room`: ``running + waiting < max_batch_size`` from
   ``backend.snapshot()`` and fewer than ``lease_batch`` requests waiting in the engine, so work it cannot start
   stays in the global queue; on a MIXED instance also only while no interactive request waits for admission) it leases up to
   ``min(room, lease_batch)`` requests of its model. Without room it sleeps until a request finishes (a step
@@ -16,9 +16,9 @@ process, next to the gRPC service, and talks to the backend directly (batch requ
   lost (FAILED_PRECONDITION / NOT_FOUND on renew or ack: it expired and went elsewhere, or was cancelled) is
   logged and dropped, and its generation stopped.
 * **Eviction** (:meth:`BatchWorker.make_room`, MIXED only): when an interactive request arrives at the cap, or
-  behind a queue of interactive requests below it (:func:`eviction_need`), running batch requests with the least
-  progress are evicted from the backend and returned to the queue with every token generated so far, so they
-  resume elsewhere rather than restart.
+  behind a queue of interactive requests below it (:func:`~services.engine.batch_rules.eviction_need`), running
+  batch requests with the least progress are evicted from the backend and returned to the queue with every
+  token generated so far, so they resume elsewhere rather than restart.
 * **Drain** (:meth:`BatchWorker.drain`): stop leasing, evict everything still running and return it with its
   progress; returns once the queue has it back (bounded by ``drain_timeout_s``).
 * **Queue failures** (UNAVAILABLE, deadlines, ...) are logged and retried with exponential backoff up to
@@ -33,23 +33,17 @@ import contextlib
 import logging
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import grpc
 
 from chiron.v1 import queue_pb2, queue_pb2_grpc, types_pb2
 from services.common.failover import FailoverChannel
 from services.engine.backend import Backend, BackendRequest, Progress, StepStats
+from services.engine.batch_rules import DRAINING, EVICTED_FOR_INTERACTIVE, eviction_need, eviction_order, lease_room
 from services.engine.core import RequestRejected
-from services.router.routing import INTERACTIVE_QUEUE
-
-if TYPE_CHECKING:
-    from services.engine.server import EngineAgent
 
 log = logging.getLogger("chiron.engine.batch")
-
-EVICTED_FOR_INTERACTIVE = "evicted for interactive load"
-DRAINING = "engine draining"
 
 _ROLES = {"batch": types_pb2.INSTANCE_ROLE_BATCH, "mixed": types_pb2.INSTANCE_ROLE_MIXED}
 # Answers that retrying cannot change: the lease is gone (expired and re-queued, cancelled, done) or the call is bad.
@@ -61,40 +55,6 @@ _MIN_BACKOFF_S = 0.05
 # direct path). An eviction keeps only the tokens already handed back, so up to 7 are generated again elsewhere; the
 # first token still comes at once (batch TTFT).
 _BATCH_STREAM_INTERVAL = 8
-
-
-def lease_room(max_batch_size: int, num_running: int, num_waiting: int, prefetch: int = 8) -> int:
-    """Batch requests an engine may lease now (requests, ≥ 0): what its cap leaves,
-    ``max_batch_size − running − waiting``, but no more than keeps ``prefetch`` requests waiting in the engine.
-
-    Work the engine cannot start yet (its KV cache is full, or its token budget admits a few prompts per
-    iteration) stays in the global queue, where the waiting-time estimator and the scaler see it and another
-    instance can take it, rather than in one engine's waiting list. The caller returns 0 instead on a MIXED
-    instance while interactive work waits for admission, and while draining. Pure: the fleet simulator
-    applies the same rule.
-    """
-    return max(0, min(max_batch_size - num_running - num_waiting, prefetch - num_waiting))
-
-
-def eviction_need(n: int, max_batch_size: int, num_running: int, num_waiting: int, interactive_waiting: int = 0) -> int:
-    """Batch requests a MIXED instance must evict so that ``n`` more interactive requests start now (requests,
-    may be ≤ 0): what the cap needs, ``running + waiting + n − max_batch_size``, at most ``n``; or ``n`` when
-    ``interactive_waiting`` (interactive requests already here without their first token, the ``n`` not
-    counted) is at least :data:`~services.router.routing.INTERACTIVE_QUEUE`: then the KV cache or the token
-    budget binds below the cap, and batch work is holding it. Seen in the fleet simulator (``mixed``, seeds
-    0–9): with the cap alone, a MIXED instance full of batch work (KV cache 87% used, 645 cap, 131 running)
-    queued 40–90 interactive requests for a minute after the scaler had drained the INTERACTIVE instances, and
-    TTFTs broke."""
-    at_cap = min(n, num_running + num_waiting + n - max_batch_size)
-    if at_cap <= 0 and interactive_waiting >= INTERACTIVE_QUEUE:
-        return n
-    return at_cap
-
-
-def eviction_order(submitted: bool, tokens: int, started_s: float) -> tuple[bool, int, float]:
-    """Sort key of eviction victims: leases not yet handed to the engine first, then the least progress
-    (fewest output tokens), then the newest."""
-    return (submitted, tokens, -started_s)
 
 
 @dataclass(eq=False)
@@ -121,6 +81,13 @@ class _Job:
         return self.lease.lease_id
 
 
+class Agent(Protocol):
+    """What the worker reads of the engine agent it runs in (:class:`~services.engine.server.EngineAgent`)."""
+
+    backend: Backend
+    interactive_waiting: int  # interactive requests waiting for their first token
+
+
 class BatchWorker:
     """Serves batch requests leased from the ``chiron.v1.Queue`` at ``queue_address`` (``host:port``, or several
     replicas' addresses separated by commas: calls fail over between them, :mod:`services.common.failover`) on one
@@ -139,11 +106,11 @@ class BatchWorker:
     (leased requests the backend refused; returned) and ``queue_errors`` (failed queue calls, retried).
     """
 
-    def __init__(self, agent_or_backend: EngineAgent | Backend, queue_address: str, instance_id: str, model: str,
+    def __init__(self, agent_or_backend: Agent | Backend, queue_address: str, instance_id: str, model: str,
                  role: int | str, *, lease_batch: int = 8, lease_timeout_s: float = 60.0, poll_interval_s: float = 0.2,
                  rpc_timeout_s: float = 5.0, max_backoff_s: float = 5.0, drain_timeout_s: float = 30.0) -> None:
         if isinstance(agent_or_backend, Backend):
-            self.agent: EngineAgent | None = None
+            self.agent: Agent | None = None
             self.backend = agent_or_backend
         else:
             self.agent = agent_or_backend
@@ -472,11 +439,11 @@ class BatchWorker:
         """MIXED instances: evict batch requests so that ``n`` more (interactive) requests, already counted in the
         agent's interactive requests waiting for their first token, get admitted now.
 
-        Evicts up to ``n`` batch requests, as many as :func:`eviction_need` says (what the cap needs, or ``n``
-        while interactive requests queue below it), those with the least progress (fewest output tokens) first and
-        leases not yet handed to the backend before any; they return to the queue with every token generated so far
-        (reason "evicted for interactive load") and resume elsewhere. The returns run in the background
-        (:meth:`drain` waits for them). Returns how many were evicted; 0 on a BATCH instance.
+        Evicts up to ``n`` batch requests, as many as :func:`~services.engine.batch_rules.eviction_need` says (what
+        the cap needs, or ``n`` while interactive requests queue below it), those with the least progress (fewest
+        output tokens) first and leases not yet handed to the backend before any; they return to the queue with
+        every token generated so far (reason "evicted for interactive load") and resume elsewhere. The returns run
+        in the background (:meth:`drain` waits for them). Returns how many were evicted; 0 on a BATCH instance.
         """
         if self.role != types_pb2.INSTANCE_ROLE_MIXED or n <= 0 or self._stopping:
             return 0
@@ -499,4 +466,4 @@ class BatchWorker:
         return count
 
 
-__all__ = ["DRAINING", "EVICTED_FOR_INTERACTIVE", "BatchWorker", "eviction_need", "eviction_order", "lease_room"]
+__all__ = ["Agent", "BatchWorker"]

@@ -1,20 +1,12 @@
-"""The ``chiron.v1.Queue`` gRPC service: the durable grouped store plus the waiting-time estimator.
+"""The ``chiron.v1.Queue`` gRPC service: a thin shell over :class:`~services.queue.core.QueueCore`.
 
-* Requests live in :class:`~services.queue.store.QueueStore` (SQLite, WAL): durable before ``Enqueue``
-  returns, grouped by model and TTFT-SLO deadline bucket, served earliest-deadline-first and FIFO inside a
-  group, handed out under leases that expire back into the queue.
-* Waiting-time estimates come from :class:`~services.queue.estimator.WaitingTimeEstimator`, fed with the
-  output lengths of acked requests. The serving capacity it assumes per model is measured here: output
-  tokens acked (and returned) over the last ``capacity_window_s`` divided by that window, over as many
-  slots as there are leases out (:class:`CapacityTracker`); before the first ack, the configured prior
-  (``prior_throughput_tokens_per_s``) or none (estimates then read ``inf``). The global scaler reads the
-  per-group estimates from ``GetStats`` / ``WatchStats``. On SQLite the tracker counts the acks this process
-  sees; over PostgreSQL (several replicas, one database) the served tokens are written in the ack / return
-  transaction and read back from the database (``PgQueueStore.served_window``), so every replica measures the
-  whole fleet's throughput and answers the same capacity.
-* Stats cost O(groups): the store keeps per-group aggregates (in memory on SQLite, a summary table over
-  PostgreSQL); the estimator's Monte-Carlo tables are rebuilt by a background task (``prepare``), not on the
-  stats path.
+The core holds the durable grouped store, the waiting-time estimator and the measured serving capacity (see
+:mod:`services.queue.core`); this module turns its answers into protobuf messages, maps
+:class:`~services.queue.store.QueueError` to gRPC status codes, counts Prometheus metrics, runs the maintenance
+round in the background and serves ``chiron.v1.BatchApi`` beside it. The global scaler reads the per-group
+estimates from ``GetStats`` / ``WatchStats``. Stats cost O(groups): the store keeps per-group aggregates (in
+memory on SQLite, a summary table over PostgreSQL); the estimator's Monte-Carlo tables are rebuilt by the
+maintenance round, not on the stats path.
 
 The store is not thread-safe; every RPC runs on the server's single asyncio event loop.
 """
@@ -27,9 +19,8 @@ import logging
 import math
 import time
 import uuid
-from collections import defaultdict, deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import grpc
 
@@ -37,7 +28,8 @@ from chiron.v1 import batch_pb2_grpc, queue_pb2, queue_pb2_grpc, types_pb2
 from services.common.grpc_util import create_server, mark_serving, settle_heap, status_code, timestamp
 from services.common.metrics import QueueMetrics
 from services.queue.batches import BatchApiService, BatchStore
-from services.queue.estimator import GroupEstimate, ServingCapacity, WaitingTimeEstimator
+from services.queue.core import CapacityTracker, QueueCore
+from services.queue.estimator import WaitingTimeEstimator
 from services.queue.pg_store import answer_unavailable, is_postgres_url, open_store
 from services.queue.store import QueueConfig, QueueError, QueueStore
 
@@ -47,71 +39,12 @@ _STATES = {"QUEUED": queue_pb2.QUEUED_REQUEST_STATE_QUEUED, "LEASED": queue_pb2.
            "DONE": queue_pb2.QUEUED_REQUEST_STATE_DONE, "CANCELLED": queue_pb2.QUEUED_REQUEST_STATE_CANCELLED}
 
 
-@dataclass
-class CapacityTracker:
-    """Measured batch-serving capacity per model (tokens/s over ``window_s``, slots = leases out).
-
-    ``prior_throughput_tokens_per_s``: assumed before any completion is seen (0 = unknown: no capacity).
-    """
-
-    window_s: float = 60.0
-    prior_throughput_tokens_per_s: float = 0.0
-    _events: dict[str, deque] = field(default_factory=lambda: defaultdict(deque))
-    _first_s: dict[str, float] = field(default_factory=dict)
-
-    def record(self, model: str, tokens: int, now: float) -> None:
-        """``tokens`` output tokens of ``model`` finished (acked or returned) at ``now`` [s]."""
-        self._first_s.setdefault(model, now)
-        self._events[model].append((now, tokens))
-
-    def capacity(self, model: str, leased: int, now: float) -> ServingCapacity | None:
-        ev = self._events.get(model)
-        while ev and ev[0][0] < now - self.window_s:
-            ev.popleft()
-        slots = max(1, leased)
-        if ev:
-            span = min(self.window_s, max(now - self._first_s[model], 1.0))
-            tput = sum(t for _, t in ev) / span
-            if tput > 0:
-                return ServingCapacity(tput, slots, in_service=leased > 0)
-        if self.prior_throughput_tokens_per_s > 0:
-            return ServingCapacity(self.prior_throughput_tokens_per_s, slots, in_service=leased > 0)
-        return None
-
-    def capacity_from(self, tokens: float, first_s: float, leased: int, now: float) -> ServingCapacity | None:
-        """:meth:`capacity` from totals read elsewhere (the PostgreSQL store's served tokens, the same on every
-        replica): ``tokens`` output tokens served over the last ``window_s``, the model's first served at
-        ``first_s`` [s]."""
-        slots = max(1, leased)
-        if tokens > 0:
-            span = min(self.window_s, max(now - first_s, 1.0))
-            return ServingCapacity(tokens / span, slots, in_service=leased > 0)
-        if self.prior_throughput_tokens_per_s > 0:
-            return ServingCapacity(self.prior_throughput_tokens_per_s, slots, in_service=leased > 0)
-        return None
-
-
-LENGTHS_LAG_S = 5.0  # PostgreSQL: how far behind the newest ack seen the output-length pull looks again [s]
-LENGTHS_HISTORY_S = 3600.0  # PostgreSQL: acks older than this at start-up are not read back [s]
-
-
-class QueueService(queue_pb2_grpc.QueueServicer):
-    """Implements ``chiron.v1.Queue`` over a :class:`QueueStore` (see the module docstring)."""
+class QueueService(QueueCore, queue_pb2_grpc.QueueServicer):
+    """Implements ``chiron.v1.Queue`` over a :class:`~services.queue.core.QueueCore` (see the module docstring)."""
 
     def __init__(self, store: QueueStore, estimator: WaitingTimeEstimator | None = None,
                  capacity: CapacityTracker | None = None, clock: Callable[[], float] = time.time) -> None:
-        self.store = store
-        self.estimator = estimator or WaitingTimeEstimator()
-        self.capacity = capacity or CapacityTracker()
-        self.clock = clock
-        # PostgreSQL: the store records served tokens in the ack / return transaction and answers the window's totals
-        self._served_window = getattr(store, "served_window", None)
-        # PostgreSQL: output lengths of requests acked through any replica, read back from the database (ack order),
-        # so every replica's estimator learns the same lengths. A window of LENGTHS_LAG_S behind the newest one seen
-        # catches acks that committed late; ids seen in it are skipped. History starts LENGTHS_HISTORY_S back.
-        self._completed_since = getattr(store, "completed_since", None)
-        self._lengths_cursor = self.clock() - LENGTHS_HISTORY_S
-        self._lengths_seen: dict[str, float] = {}
+        super().__init__(store, estimator, capacity, clock)
         self._tasks: list[asyncio.Task] = []
         self.metrics = QueueMetrics(self.stats)
 
@@ -127,70 +60,13 @@ class QueueService(queue_pb2_grpc.QueueServicer):
         self._tasks.clear()
 
     async def _maintenance(self, interval_s: float) -> None:
-        """Return expired leases; rebuild the estimator's tables off the stats path."""
+        """Run :meth:`QueueCore.maintain` every ``interval_s`` [s]."""
         while True:
             try:
-                compact = getattr(self.store, "compact", None)
-                if compact is not None:  # PostgreSQL: fold the group deltas and served tokens (services/queue/pg_store.py)
-                    compact()
-                if self._completed_since is not None:  # PostgreSQL: output lengths acked through any replica
-                    self._pull_lengths()
-                n = self.store.expire_leases()
-                if n:
-                    log.info("%d expired lease(s) returned to the queue", n)
-                for model, cap in self.capacities().items():
-                    self.estimator.prepare(model, cap)
+                self.maintain()
             except Exception:  # keep the service alive; the next round retries
                 log.exception("queue maintenance failed")
             await asyncio.sleep(interval_s)
-
-    # ---- estimates -------------------------------------------------------------------------
-    def capacities(self, groups: list | None = None) -> dict[str, ServingCapacity]:
-        """Serving capacity per model; ``groups``: :meth:`QueueStore.groups` if the caller has just read them."""
-        now = self.clock()
-        leased: dict[str, int] = defaultdict(int)
-        models = set()
-        for g in self.store.groups() if groups is None else groups:
-            leased[g.model] += g.leased
-            models.add(g.model)
-        out = {}
-        if self._served_window is not None:  # from the database: the same on every replica
-            served = self._served_window(self.capacity.window_s, now)
-            for m in models | set(served):
-                tokens, first_s = served.get(m, (0.0, now))
-                cap = self.capacity.capacity_from(tokens, first_s, leased[m], now)
-                if cap is not None:
-                    out[m] = cap
-            return out
-        models |= set(self.capacity._events)
-        for m in models:
-            cap = self.capacity.capacity(m, leased[m], now)
-            if cap is not None:
-                out[m] = cap
-        return out
-
-    def _pull_lengths(self) -> None:
-        """Feed the estimator the output lengths of requests acked through any replica since the last pull."""
-        new: dict[str, list[float]] = defaultdict(list)
-        for rid, model, n, t in self._completed_since(self._lengths_cursor - LENGTHS_LAG_S):
-            if rid not in self._lengths_seen:
-                self._lengths_seen[rid] = t
-                new[model].append(float(n))
-                self._lengths_cursor = max(self._lengths_cursor, t)
-        for model, lengths in new.items():
-            self.estimator.observe(model, lengths)
-        floor = self._lengths_cursor - LENGTHS_LAG_S  # no later query returns what finished before it
-        for rid in [r for r, t in self._lengths_seen.items() if t <= floor]:
-            del self._lengths_seen[rid]
-
-    def group_estimates(self) -> tuple[list, list[GroupEstimate], dict[str, ServingCapacity]]:
-        if self._completed_since is not None:
-            self._pull_lengths()
-        groups = self.store.groups()
-        caps = self.capacities(groups)
-        snaps = [g.snapshot() for g in groups]
-        est = self.estimator.refresh(snaps, caps, self.clock())
-        return groups, est, caps
 
     def stats(self) -> queue_pb2.QueueStats:
         groups, estimates, caps = self.group_estimates()
@@ -211,27 +87,16 @@ class QueueService(queue_pb2_grpc.QueueServicer):
                                                         slots=cap.slots))
         return out
 
-    # ---- completions (the RPCs and the fleet simulator share these) -----------------------------
+    # ---- completions: the core's, counted in the metrics ------------------------------------
     def complete(self, request_id: str, lease_id: str, output: int | list[int]) -> int:
-        """Ack a leased request (``output``: all its output token ids, or their count) and feed its length to
-        the estimator and its new tokens to the capacity tracker. Returns the output length [tokens]; raises
-        :class:`~services.queue.store.QueueError`."""
-        count, model, resume_tokens = self.store.ack_request(request_id, lease_id, output)
-        if self._completed_since is None:  # else every replica reads it back from the database (_pull_lengths)
-            self.estimator.observe(model, float(count))
-        if self._served_window is None:  # else the store recorded them in the ack's transaction
-            self.capacity.record(model, max(0, count - resume_tokens), self.clock())
+        count = super().complete(request_id, lease_id, output)
         self.metrics.done()
         return count
 
-    def give_back(self, request_id: str, lease_id: str, generated_token_ids: list[int]) -> None:
-        """Return a leased request to the queue with its progress (eviction, drain); its new tokens count as
-        served capacity. Raises :class:`~services.queue.store.QueueError`."""
-        model, resume_tokens = self.store.model_and_resume(request_id)
-        self.store.return_request(request_id, lease_id, generated_token_ids)
-        if self._served_window is None:  # else the store recorded them in the return's transaction
-            self.capacity.record(model, max(0, len(generated_token_ids) - resume_tokens), self.clock())
+    def give_back(self, request_id: str, lease_id: str, generated_token_ids: list[int]) -> str:
+        model = super().give_back(request_id, lease_id, generated_token_ids)
         self.metrics.returned.labels(model).inc()
+        return model
 
     # ---- RPCs --------------------------------------------------------------------------------
     async def _fail(self, context, e: QueueError):
