@@ -1,5 +1,5 @@
 """The service commands: ``chiron engine``, ``queue``, ``router``, ``scaler`` and ``gateway``. Each maps its
-options onto the service's settings (:mod:`services.common.settings`, :class:`services.gateway.common.GatewayConfig`)
+options onto the service's settings (:mod:`services.common.settings`, :class:`services.gateway.config.GatewayConfig`)
 and serves until SIGINT or SIGTERM."""
 
 from __future__ import annotations
@@ -394,7 +394,8 @@ def gateway(host, port, port_file, router_addr, tokenizer, vocab_size, max_body_
     """
     from pydantic import ValidationError
 
-    from services.gateway.app import GatewayConfig, GatewayServer, GatewayWorkers, worker_config
+    from services.gateway.app import GatewayServer, GatewayWorkers, worker_config
+    from services.gateway.config import GatewayConfig
 
     check_security_settings()
     if worker_fd is not None:  # one worker of GatewayWorkers (another 'chiron gateway' started it)

@@ -2,7 +2,7 @@
 pydantic models: every default, including the ones that depend on another setting (an engine's ITL SLO on its
 role, its batch-size bound on its backend), and the service configurations built from them. The commands in
 :mod:`services.cli` only map their options onto these; the fidelity bench (``bench/fidelity.py``) reads the
-live scaler's settings here too. The gateway's are :class:`services.gateway.common.GatewayConfig`.
+live scaler's settings here too. The gateway's are :class:`services.gateway.config.GatewayConfig`.
 
 Errors: the ``*_config`` methods raise ValueError for values their service refuses (the message names the
 setting)."""

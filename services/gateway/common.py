@@ -30,7 +30,7 @@ from services.common.failover import FailoverChannel
 from services.gateway.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
-    from services.gateway.app import GatewayConfig
+    from services.gateway.config import GatewayConfig
 
 # gRPC status of a router call → HTTP status of the gateway's answer (anything else: 500).
 GRPC_TO_HTTP: dict[grpc.StatusCode, int] = {
@@ -174,7 +174,7 @@ def queued_finish_reason(num_output_tokens: int, max_tokens: int) -> str:
 
 # ---- app state ------------------------------------------------------------------------------------
 def config(request: Request) -> GatewayConfig:
-    """The gateway's :class:`~services.gateway.app.GatewayConfig`."""
+    """The gateway's :class:`~services.gateway.config.GatewayConfig`."""
     return request.app.state.config
 
 
