@@ -38,22 +38,39 @@ from array import array
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 
 from services.engine.batch_rules import eviction_need, eviction_order, lease_room
-from services.engine.core import EngineCore
+from services.engine.core import EngineConfig, EngineCore
 from services.engine.local_autoscaler import LocalAutoscalerConfig, Observation, decide, initial_state
 from services.engine.perf_model import PerfModel, default_perf_model
 from services.engine.stats import LatencyWindow, weighted_quantile
 from services.queue.core import CapacityTracker, QueueCore
 from services.queue.estimator import WaitingTimeEstimator
 from services.queue.store import QueueConfig, QueueStore
+from simulator.results import build_report
 from simulator.workloads import Workload
 
-if TYPE_CHECKING:
-    from simulator.policies import FleetPolicy
+
+class FleetPolicy(Protocol):
+    """What the fleet asks of a scaling policy (implemented by :class:`simulator.policies.FleetPolicy`; defined
+    here so that the fleet does not import the policies, which import it)."""
+
+    name: str
+    roles: tuple[str, ...]
+    uses_queue: bool
+    local_autoscaler: bool
+    params: dict
+
+    def setup(self, fleet: Fleet) -> None: ...
+
+    def engine_setup(self, role: str) -> tuple[EngineConfig, LocalAutoscalerConfig | None]: ...
+
+    def dispatch(self, fleet: Fleet, rid: str) -> SimInstance | None: ...
+
+    def on_tick(self, fleet: Fleet, name: str) -> None: ...
 
 ROLES = ("interactive", "mixed", "batch", "uniform")
 
@@ -609,8 +626,6 @@ class Fleet:
         self._settle_unfinished()
         self.inter.finalize()
         self.batch.finalize()
-        from simulator.report import build_report  # local import: report imports this module's types
-
         return build_report(self, time.perf_counter() - t_wall)
 
     def _settle_unfinished(self) -> None:

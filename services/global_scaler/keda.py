@@ -32,15 +32,13 @@ KEDA asked for and that have not registered yet), so the policy's "no BATCH adde
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import grpc
 
 from chiron.keda import externalscaler_pb2, externalscaler_pb2_grpc
+from chiron.v1 import scaler_pb2
 from services.global_scaler.providers import ROLES, InstanceCounts, InstanceProvider
-
-if TYPE_CHECKING:
-    from services.global_scaler.server import ScalerService
 
 SERVICE_NAME = externalscaler_pb2.DESCRIPTOR.services_by_name["ExternalScaler"].full_name  # "externalscaler.ExternalScaler"
 ROLE_KEY = "role"  # the ScaledObject trigger's metadata key naming the role
@@ -53,11 +51,19 @@ def metric_name(role: str) -> str:
     return f"chiron-{role}-desired"
 
 
+class DecisionSource(Protocol):
+    """What KEDA's service reads from the scaler (:class:`~services.global_scaler.server.ScalerService`)."""
+
+    def latest_decision(self) -> scaler_pb2.ScalerDecision | None: ...
+
+    async def wait_decision(self, after: scaler_pb2.ScalerDecision | None = None) -> scaler_pb2.ScalerDecision: ...
+
+
 class KedaExternalScaler(externalscaler_pb2_grpc.ExternalScalerServicer):
     """``externalscaler.ExternalScaler`` over a :class:`~services.global_scaler.server.ScalerService`'s decisions
     (see the module docstring). Holds no state of its own: every answer reads the scaler's latest decision."""
 
-    def __init__(self, scaler: ScalerService) -> None:
+    def __init__(self, scaler: DecisionSource) -> None:
         self.scaler = scaler
 
     # ---- helpers -------------------------------------------------------------------------------
@@ -128,7 +134,7 @@ class KedaExternalScaler(externalscaler_pb2_grpc.ExternalScalerServicer):
                                           targetSizeFloat=float(TARGET_SIZE))])
 
 
-def add_to_server(scaler: ScalerService, server: grpc.aio.Server) -> KedaExternalScaler:
+def add_to_server(scaler: DecisionSource, server: grpc.aio.Server) -> KedaExternalScaler:
     """Register ``externalscaler.ExternalScaler`` for ``scaler`` on ``server`` (before it starts)."""
     servicer = KedaExternalScaler(scaler)
     externalscaler_pb2_grpc.add_ExternalScalerServicer_to_server(servicer, server)
