@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import NamedTuple
 
@@ -196,6 +196,20 @@ class EngineConfig:
 
 
 _tuple_new = tuple.__new__  # builds a TokenEvent without the Python-level NamedTuple constructor
+
+
+@dataclass(slots=True)
+class _Batch:
+    """What :meth:`EngineCore.step` schedules for one iteration (token counts in tokens)."""
+
+    budget: int  # tokens the iteration may still schedule
+    preempted: list[str] = field(default_factory=list)  # ids of running requests preempted for KV blocks
+    chunks: list[tuple[int, int]] = field(default_factory=list)  # prefill chunks: (tokens, context already computed)
+    sampled: list[EngineRequest] = field(default_factory=list)  # requests that sample a token, in scheduling order
+    num_scheduled: int = 0
+    num_decode: int = 0
+    sum_ctx: int = 0  # summed context of the decodes
+    host_load_tokens: int = 0  # KV tokens copied from host memory for admitted requests
 
 
 def _remove(seq: list[EngineRequest] | deque[EngineRequest], req: EngineRequest) -> None:
@@ -374,35 +388,38 @@ class EngineCore:
                 return False
         return True
 
+    def _token_budget(self, num_running: int) -> int:
+        """Tokens one iteration may schedule. The tied budget is never below the running set, so lowering the
+        cap stops admissions but starves no one."""
+        cfg = self.config
+        return cfg.max_num_batched_tokens or max(self.max_num_seqs, num_running + cfg.min_prefill_tokens)
+
     def step(self, now: float, all_events: bool = True) -> StepResult:
         """Schedule and run one iteration starting at ``now`` (seconds). Returns an empty result when idle.
         ``all_events=False``: events only for first tokens and finishes (see :class:`StepResult`)."""
         # Hot path of the fleet simulator (one call per iteration, hundreds of requests each): the per-request
-        # work is inlined (context_len, done, the tokens wanted, _grow, _blocks_for) and a scheduled request's
-        # counters and event are settled as it is scheduled. That changes no decision: scheduling only reads
+        # work is inlined (context_len, done, the tokens wanted, _grow, _blocks_for). Scheduling only reads
         # requests not yet scheduled (preemption victims are later in ``running`` than the request being
         # scheduled) and the free blocks, which finishes give back only after all scheduling.
-        cfg = self.config
-        running = self.running
-        # Tied budget: never below the running set, so lowering the cap stops admissions but starves no one.
-        budget = cfg.max_num_batched_tokens or max(self.max_num_seqs, len(running) + cfg.min_prefill_tokens)
-        bs = cfg.block_size
-        preempted: list[str] = []
-        host_load_tokens = 0
-        num_scheduled = 0
-        num_decode = 0
-        sum_ctx = 0
-        chunks: list[tuple[int, int]] = []
-        events: list[TokenEvent] = []
-        sampled: list[EngineRequest] = []  # requests that sample a token this iteration
-        firsts: list[EngineRequest] = []  # ... their first one
-        finished: list[EngineRequest] = []
-        new_event = _tuple_new
-        n_itl_interactive = 0
+        batch = _Batch(self._token_budget(len(self.running)))
+        self._schedule_running(batch)
+        if not batch.preempted:  # no admissions in an iteration that preempted
+            self._admit_waiting(batch)
+        if not batch.num_scheduled:
+            return StepResult(now, 0.0, (), 0, 0, tuple(batch.preempted), 1, (0.0,))
+        return self._run_batch(batch, now, all_events)
 
-        # 1) running requests, oldest first; preempt the newest when KV blocks run out. (Iterating the list
-        # while preemption pops its tail visits what an index loop up to len(running) would.)
-        for req in running:
+    def _schedule_running(self, batch: _Batch) -> None:
+        """Step 1: running requests, oldest first, while the budget lasts; preempt the newest when KV blocks run
+        out. (Iterating the list while preemption pops its tail visits what an index loop up to len(running)
+        would.)"""
+        bs = self.config.block_size
+        budget = batch.budget
+        preempted = batch.preempted
+        chunks = batch.chunks
+        sampled = batch.sampled
+        num_scheduled = num_decode = sum_ctx = 0
+        for req in self.running:
             if budget <= 0:
                 break
             nc = req.num_computed
@@ -436,23 +453,25 @@ class EngineCore:
                     num_scheduled += 1
                     continue  # prefill chunk only, no token sampled yet
             num_scheduled += 1
-            ng += 1
-            req.num_generated = ng
+            req.num_generated = ng + 1
             sampled.append(req)
-            first = req.first_token_s is None
-            if first:
-                firsts.append(req)
-            elif req.interactive:
-                n_itl_interactive += 1
-            done = ng >= req.max_tokens
-            if done:
-                finished.append(req)
-            if all_events or first or done:
-                events.append(new_event(TokenEvent, (req.request_id, 1, ng, done, first)))
+        batch.budget = budget
+        batch.num_scheduled = num_scheduled
+        batch.num_decode = num_decode
+        batch.sum_ctx = sum_ctx
 
-        # 2) waiting requests (FIFO) while the cap, the budget and the KV cache allow; none after a preemption.
+    def _admit_waiting(self, batch: _Batch) -> None:
+        """Step 2: waiting requests (FIFO) while the cap, the budget and the KV cache allow."""
+        running = self.running
         waiting = self.waiting
-        while not preempted and waiting and budget > 0 and len(running) < self.max_num_seqs:
+        budget = batch.budget
+        chunks = batch.chunks
+        sampled = batch.sampled
+        num_scheduled = batch.num_scheduled
+        num_decode = batch.num_decode
+        sum_ctx = batch.sum_ctx
+        host_load_tokens = 0
+        while waiting and budget > 0 and len(running) < self.max_num_seqs:
             req = waiting[0]
             nc = req.num_computed
             ng = req.num_generated
@@ -480,51 +499,64 @@ class EngineCore:
             req.num_computed = nc
             if nc < ctx:
                 continue  # prefill chunk only, no token sampled yet
-            ng += 1
-            req.num_generated = ng
+            req.num_generated = ng + 1
             sampled.append(req)
+        batch.budget = budget
+        batch.num_scheduled = num_scheduled
+        batch.num_decode = num_decode
+        batch.sum_ctx = sum_ctx
+        batch.host_load_tokens = host_load_tokens
+
+    def _run_batch(self, batch: _Batch, now: float, all_events: bool) -> StepResult:
+        """Step 3: time the scheduled iteration with the performance model (plus the host-to-GPU copy of admitted
+        requests' KV, at ``host_link_bytes_per_s``), stamp the sampled tokens, retire finished requests."""
+        perf = self.perf
+        duration = perf.iteration_ms(batch.num_decode, batch.sum_ctx, batch.chunks) / 1e3
+        if batch.host_load_tokens:
+            duration += batch.host_load_tokens * perf.model.kv_bytes_per_token / perf.gpu.host_link_bytes_per_s
+        end = now + duration
+        events: list[TokenEvent] = []
+        finished: list[EngineRequest] = []
+        new_event = _tuple_new
+        num_first = num_itl_interactive = 0
+        for req in batch.sampled:
+            req.last_token_s = end
+            ng = req.num_generated
             first = req.first_token_s is None
             if first:
-                firsts.append(req)
+                req.first_token_s = end
+                num_first += 1
             elif req.interactive:
-                n_itl_interactive += 1
+                num_itl_interactive += 1
             done = ng >= req.max_tokens
             if done:
                 finished.append(req)
             if all_events or first or done:
                 events.append(new_event(TokenEvent, (req.request_id, 1, ng, done, first)))
-
-        if not num_scheduled:
-            return StepResult(now, 0.0, (), 0, 0, tuple(preempted), 1, (0.0,))
-
-        perf = self.perf
-        duration = perf.iteration_ms(num_decode, sum_ctx, chunks) / 1e3
-        if host_load_tokens:
-            duration += host_load_tokens * perf.model.kv_bytes_per_token / perf.gpu.host_link_bytes_per_s
-        end = now + duration
-
-        for req in sampled:
-            req.last_token_s = end
-        for req in firsts:
-            req.first_token_s = end
-        self.generated_tokens_total += len(sampled)
+        num_sampled = len(batch.sampled)
+        self.generated_tokens_total += num_sampled
         if finished:
-            requests = self.requests
-            for req in finished:
-                self.free_blocks += req.num_blocks
-                req.num_blocks = 0
-                req.state = RequestState.FINISHED
-                del requests[req.request_id]
-            self.finished_total += len(finished)
+            self._retire(finished)
+            running = self.running
             if len(finished) == 1:
                 _remove(running, finished[0])
             else:
                 running[:] = [req for req in running if req.state is not RequestState.FINISHED]
         num_prefill_tokens = 0
-        for c, _ in chunks:
+        for c, _ in batch.chunks:
             num_prefill_tokens += c
-        return StepResult(now, duration, tuple(events), num_decode, num_prefill_tokens, tuple(preempted), 1,
-                          (duration,), len(sampled), len(sampled) - len(firsts), n_itl_interactive)
+        return StepResult(now, duration, tuple(events), batch.num_decode, num_prefill_tokens, tuple(batch.preempted),
+                          1, (duration,), num_sampled, num_sampled - num_first, num_itl_interactive)
+
+    def _retire(self, finished: list[EngineRequest]) -> None:
+        """Free the KV blocks of requests that finished and forget them (the caller drops them from running)."""
+        requests = self.requests
+        for req in finished:
+            self.free_blocks += req.num_blocks
+            req.num_blocks = 0
+            req.state = RequestState.FINISHED
+            del requests[req.request_id]
+        self.finished_total += len(finished)
 
     def advance(self, now: float, until_s: float, max_steps: int = 1_000_000, all_events: bool = True) -> StepResult:
         """Run iterations back to back from ``now``: one :meth:`step`, or a bulk of steady-decode ones.
@@ -542,28 +574,40 @@ class EngineCore:
         clock summed in the same order). Cost: O(running + k), one ``iteration_ms`` call per iteration.
         ``all_events=False``: events only for first tokens and finishes (see :class:`StepResult`).
         """
+        plan = self._steady_decode_steps(max_steps)
+        if plan is None:
+            return self.step(now, all_events)
+        k, sum_ctx = plan
+        n = len(self.running)
+        iteration_ms = self.perf.iteration_ms
+        no_chunks: tuple[tuple[int, int], ...] = ()
+        durations: list[float] = []
+        end = now
+        for j in range(1, k + 1):
+            d = iteration_ms(n, sum_ctx, no_chunks) / 1e3
+            durations.append(d)
+            end += d
+            sum_ctx += n
+            if end >= until_s:
+                k = j
+                break
+        return self._run_bulk(now, k, durations, end, all_events)
+
+    def _steady_decode_steps(self, max_steps: int) -> tuple[int, int] | None:
+        """The bound on the bulk :meth:`advance` may run before ``until_s`` cuts it, and the running requests'
+        summed context [tokens], as ``(k, sum_ctx)``; None when the next iteration is not steady decode."""
         running = self.running
         n = len(running)
-        max_seqs = self.max_num_seqs
-        cfg = self.config
-        budget = cfg.max_num_batched_tokens or max(max_seqs, n + cfg.min_prefill_tokens)
+        budget = self._token_budget(n)
         if not n or budget < n or max_steps <= 1:
-            return self.step(now, all_events)
-        bs = cfg.block_size
+            return None
+        bs = self.config.block_size
         free = self.free_blocks
         # Every failed check below means one step; the order of the checks changes nothing else.
-        waiting = self.waiting
-        head_need = None  # blocks the waiting queue's head would take, when admission hinges on it
-        if waiting and n < max_seqs and budget > n:
-            # Admission would be tried every iteration; it fails in all of them iff it fails in the first:
-            # the head's request does not change and the free blocks only shrink.
-            head = waiting[0]
-            hc = head.num_computed
-            host = head.host_kv_tokens if hc == 0 else 0
-            chunk = min(head.prompt_tokens + head.num_generated - hc - host, budget - n)
-            head_need = -(-(hc + host + chunk) // bs) - head.num_blocks
+        head_need = self._head_blocks(n, budget)
+        if head_need is not None:
             if head_need <= free - n:  # fits whatever the first iteration's n decodes take
-                return self.step(now, all_events)
+                return None
             if head_need > free:  # never fits
                 head_need = None
         k = max_steps
@@ -577,10 +621,10 @@ class EngineCore:
             # A decode as `step` classifies it; first_token_s also rules out a resumed request whose first
             # token here is still to come (its event would say first=True).
             if nc != ctx - 1 or ng <= 0 or req.first_token_s is None:
-                return self.step(now, all_events)
+                return None
             s = req.num_blocks * bs - nc
             if not 0 <= s < bs:  # not the engine's block accounting: leave it to step
-                return self.step(now, all_events)
+                return None
             append(s)
             remaining = req.max_tokens - ng
             if remaining < k:
@@ -593,25 +637,30 @@ class EngineCore:
         q, r = divmod(free, n)
         k_kv = q * bs + slack[r]
         if k_kv < 1:
-            return self.step(now, all_events)  # the first iteration preempts
+            return None  # the first iteration preempts
         if head_need is not None and head_need <= free - bisect_right(slack, 0):
-            return self.step(now, all_events)
-        if k_kv < k:
-            k = k_kv
+            return None
+        return min(k, k_kv), sum_ctx
 
-        iteration_ms = self.perf.iteration_ms
-        no_chunks: tuple[tuple[int, int], ...] = ()
-        durations: list[float] = []
-        end = now
-        for j in range(1, k + 1):
-            d = iteration_ms(n, sum_ctx, no_chunks) / 1e3
-            durations.append(d)
-            end += d
-            sum_ctx += n
-            if end >= until_s:
-                k = j
-                break
+    def _head_blocks(self, num_running: int, budget: int) -> int | None:
+        """KV blocks the waiting queue's head would take if admission were tried next to ``num_running`` decodes;
+        None when it is not tried (empty queue, batch at its cap, budget used up). Admission would be tried every
+        iteration of a bulk; it fails in all of them iff it fails in the first: the head does not change and the
+        free blocks only shrink."""
+        waiting = self.waiting
+        if not (waiting and num_running < self.max_num_seqs and budget > num_running):
+            return None
+        head = waiting[0]
+        hc = head.num_computed
+        host = head.host_kv_tokens if hc == 0 else 0
+        chunk = min(head.prompt_tokens + head.num_generated - hc - host, budget - num_running)
+        return -(-(hc + host + chunk) // self.config.block_size) - head.num_blocks
 
+    def _run_bulk(self, now: float, k: int, durations: list[float], end: float, all_events: bool) -> StepResult:
+        """Apply ``k`` steady-decode iterations ending at ``end`` to every running request (see :meth:`advance`)."""
+        running = self.running
+        n = len(running)
+        bs = self.config.block_size
         events: list[TokenEvent] = []
         finished: list[EngineRequest] = []
         new_event = _tuple_new
@@ -633,17 +682,11 @@ class EngineCore:
                 finished.append(req)
             if all_events or done:
                 events.append(new_event(TokenEvent, (req.request_id, k, ng, done, False)))
-        self.free_blocks = free - grown
+        self.free_blocks -= grown
         self.generated_tokens_total += n * k
         if finished:
             running[:] = [req for req in running if req.num_generated < req.max_tokens]
-            requests = self.requests
-            for req in finished:
-                self.free_blocks += req.num_blocks
-                req.num_blocks = 0
-                req.state = RequestState.FINISHED
-                del requests[req.request_id]
-            self.finished_total += len(finished)
+            self._retire(finished)
         return StepResult(now, end - now, tuple(events), n, 0, (), k, tuple(durations), n * k, n, n_interactive)
 
 
