@@ -32,9 +32,9 @@ from services.engine.core import RequestRejected
 from services.engine.local_autoscaler import (
     Decision,
     LocalAutoscalerConfig,
-    Observation,
     decide,
     initial_state,
+    observation,
 )
 from services.engine.stats import LatencyWindow, RateWindow
 
@@ -173,8 +173,7 @@ class EngineAgent(engine_pb2_grpc.EngineServicer):
         last = now - cfg.control_interval_s if first else self._ctl_last_s
         snap = self.backend.snapshot()
         q = self._ctl_itl.quantile(cfg.itl_quantile, now, since_s=last)
-        obs = Observation(now, q, self._ctl_tokens / max(now - last, 1e-9), snap.saturated or self._saturated,
-                          running=snap.num_running)
+        obs = observation(now, q, self._ctl_tokens, now - last, snap.saturated or self._saturated, snap.num_running)
         self._ctl_tokens = 0
         self._ctl_last_s = now
         self._state, decision = decide(cfg, self._state, obs)

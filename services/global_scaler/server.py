@@ -48,7 +48,6 @@ from services.global_scaler import keda
 from services.global_scaler.leader import LeaderElection
 from services.global_scaler.policy import (
     ROLES,
-    EngineLoad,
     GroupView,
     LoadSample,
     PolicyConfig,
@@ -56,6 +55,8 @@ from services.global_scaler.policy import (
     ScalerDecision,
     ScalerInputs,
     decide,
+    engine_load,
+    group_view,
     hold_in_window,
     observe,
 )
@@ -179,8 +180,8 @@ class ScalerService(scaler_pb2_grpc.GlobalScalerServicer):
                         e.code().name)
             await self._channels.discard(self.queue)
             return [], e.code().name
-        return [GroupView(g.group_id, g.size, g.estimated_wait_p95_s if math.isfinite(g.estimated_wait_p95_s) else math.inf,
-                          g.deadline.ToNanoseconds() / 1e9, leased=g.leased) for g in stats.groups], None
+        return [group_view(g.group_id, g.size, g.estimated_wait_p95_s, g.deadline.ToNanoseconds() / 1e9, g.leased)
+                for g in stats.groups], None
 
     async def observe(self) -> ScalerInputs:
         """The policy's inputs for this round (see :meth:`gather` for what could not be read)."""
@@ -199,10 +200,7 @@ class ScalerService(scaler_pb2_grpc.GlobalScalerServicer):
         if failed:
             shown = ", ".join(failed[:3]) + (f" and {len(failed) - 3} more" if len(failed) > 3 else "")
             unavailable.append(f"engine stats unavailable: {shown}")
-        loads = [EngineLoad(m.instance_id, m.role, has_stats=False) if isinstance(s, str) else
-                 EngineLoad(m.instance_id, m.role, s.max_batch_size, s.num_running, s.num_waiting,
-                            s.finished_requests_total, batch_requests=s.num_batch_requests,
-                            batch_finished_total=s.batch_finished_total)
+        loads = [engine_load(m.instance_id, m.role, None if isinstance(s, str) else s)
                  for m, s in zip(members, stats, strict=True)]
         groups, queue_error = await self._queue_groups(now)
         if queue_error is not None:

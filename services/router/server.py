@@ -44,7 +44,15 @@ from chiron.v1 import batch_pb2_grpc, engine_pb2, engine_pb2_grpc, queue_pb2, qu
 from services.common.failover import FailoverChannel
 from services.common.grpc_util import ChannelPool, create_server, mark_serving, settle_heap, status_code
 from services.common.metrics import RouterMetrics, outcome_of
-from services.router.routing import Classified, InstanceLoad, Rejected, RouterConfig, choose_instance, classify
+from services.router.routing import (
+    Classified,
+    InstanceLoad,
+    Rejected,
+    RouterConfig,
+    choose_instance,
+    classify,
+    instance_load,
+)
 
 log = logging.getLogger("chiron.router")
 
@@ -207,8 +215,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
                     engine_pb2.GetStatsRequest(), timeout=1.0)).stats
             except grpc.aio.AioRpcError:
                 return None
-            return InstanceLoad(m.instance_id, m.role, m.address, m.model, s.max_batch_size, s.num_running,
-                                s.num_waiting, s.ttft_p50_ms, batch_requests=s.num_batch_requests)
+            return instance_load(m.instance_id, m.role, m.address, m.model, s)
 
         loads = await asyncio.gather(*(one(m) for m in members))
         self._loads = {ld.instance_id: ld for ld in loads if ld is not None}
