@@ -44,7 +44,7 @@ import numpy as np
 
 from services.engine.batch_rules import eviction_need, eviction_order, lease_room
 from services.engine.core import EngineConfig, EngineCore
-from services.engine.local_autoscaler import LocalAutoscalerConfig, Observation, decide, initial_state
+from services.engine.local_autoscaler import LocalAutoscalerConfig, decide, initial_state, observation
 from services.engine.perf_model import PerfModel, default_perf_model
 from services.engine.stats import LatencyWindow, weighted_quantile
 from services.queue.core import CapacityTracker, QueueCore
@@ -533,7 +533,7 @@ class Fleet:
             interval = inst.la.control_interval_s
             q = (weighted_quantile(np.asarray(inst.ctl_itl_ms), np.asarray(inst.ctl_itl_n, dtype=float), inst.la.itl_quantile)
                  if inst.ctl_itl_ms else math.nan)
-            obs = Observation(self.now, q, inst.ctl_tokens / interval, inst.core.saturated, running=len(inst.core.running))
+            obs = observation(self.now, q, inst.ctl_tokens, interval, inst.core.saturated, len(inst.core.running))
             inst.la_state, d = decide(inst.la, inst.la_state, obs)
             inst.core.set_max_num_seqs(d.max_batch_size)
             inst.ctl_itl_ms, inst.ctl_itl_n, inst.ctl_tokens = [], [], 0

@@ -22,15 +22,17 @@ from services.engine.core import EngineConfig
 from services.engine.local_autoscaler import LocalAutoscalerConfig, role_overrides
 from services.engine.perf_model import PerfModel
 from services.global_scaler.policy import (
-    EngineLoad,
     GroupView,
     PolicyConfig,
     PolicyState,
     RoleLimits,
+    arrival_cv,
     decide,
+    engine_load,
+    group_views,
     observe,
 )
-from services.router.routing import InstanceLoad, Rejected, choose_instance
+from services.router.routing import EngineStatsView, Rejected, choose_instance, instance_load
 from simulator.baselines import kpa, llumnix, oracle, queue_length, sla_planner
 from simulator.baselines.kpa import KpaConfig, KpaState
 from simulator.baselines.queue_length import QueueLengthConfig, QueueLengthState
@@ -44,6 +46,14 @@ if TYPE_CHECKING:
 # max_num_batched_tokens 2048.
 VLLM_A100_MAX_NUM_SEQS = 256
 VLLM_A100_MAX_BATCHED_TOKENS = 2048
+
+
+def engine_stats(inst: SimInstance, now: float | None = None) -> EngineStatsView:
+    """A simulated engine's stats as the engine agent reports them (``Engine.GetStats``), for the router's and the
+    scaler's builders; the median TTFT (last 10 s, 0 when none) only with ``now`` (the router reads it)."""
+    p50 = inst.ttft.quantile(0.5, now) if now is not None else 0.0
+    return EngineStatsView(inst.max_batch_size, inst.num_running, inst.num_waiting, inst.finished_total,
+                           len(inst.leases), inst.batch_finished_total, 0.0 if math.isnan(p50) else p50)
 
 
 class FleetPolicy:
@@ -195,10 +205,7 @@ class ChironPolicy(FleetPolicy):
         for inst in fleet.instances:
             if inst.state != "serving" or inst.role not in ("interactive", "mixed"):
                 continue
-            p50 = inst.ttft.quantile(0.5, now)
-            loads.append(InstanceLoad(inst.iid, inst.role, inst.iid, fleet.config.model, inst.max_batch_size,
-                                      inst.num_running, inst.num_waiting, 0.0 if math.isnan(p50) else p50,
-                                      batch_requests=len(inst.leases)))
+            loads.append(instance_load(inst.iid, inst.role, inst.iid, fleet.config.model, engine_stats(inst, now)))
             by_id[inst.iid] = inst
         try:
             chosen = choose_instance(loads, fleet.config.model, self.workload.interactive_ttft_ms)
@@ -209,12 +216,7 @@ class ChironPolicy(FleetPolicy):
     def _arrival_cv(self, fleet: Fleet) -> float:
         if self.arrival_cv is not None:
             return self.arrival_cv
-        t = np.frombuffer(fleet.arrival_times, dtype=float)
-        t = t[t >= fleet.now - self.cv_window_s]
-        if len(t) < 20:
-            return 1.0
-        gaps = np.diff(t)
-        return float(gaps.std() / gaps.mean()) if gaps.mean() > 0 else 1.0
+        return arrival_cv(np.frombuffer(fleet.arrival_times, dtype=float), fleet.now, self.cv_window_s)
 
     def group_views(self, fleet: Fleet, groups: list[GroupView]) -> list[GroupView]:
         """The request groups the scaler is shown (an ablation overrides it)."""
@@ -222,20 +224,11 @@ class ChironPolicy(FleetPolicy):
 
     def on_tick(self, fleet: Fleet, name: str) -> None:
         now = fleet.now
-        loads = [EngineLoad(i.iid, i.role, i.max_batch_size, i.num_running, i.num_waiting, i.finished_total,
-                            batch_requests=len(i.leases), batch_finished_total=i.batch_finished_total)
-                 for i in fleet.serving()]
+        loads = [engine_load(i.iid, i.role, engine_stats(i)) for i in fleet.serving()]
         groups = []
         if fleet.queue is not None and fleet.queue.store.groups():
             gstats, estimates, _caps = fleet.queue.group_estimates()
-            by_id = {g.group_id: g for g in gstats}
-            for e in estimates:
-                g = by_id[e.group_id]
-                w = e.last_wait_quantile_s
-                groups.append(GroupView(g.group_id, g.queued, w if math.isfinite(w) else math.inf, g.deadline_s, g.leased))
-            # groups with only leased requests (the estimator sees queued ones)
-            seen = {e.group_id for e in estimates}
-            groups += [GroupView(g.group_id, 0, 0.0, g.deadline_s, g.leased) for g in gstats if g.group_id not in seen]
+            groups = group_views(gstats, estimates)
         inputs = observe(now, loads, self.samples, self._arrival_cv(fleet), self.group_views(fleet, groups))
         inputs = replace(inputs, pending={r: sum(1 for i in fleet.instances if i.role == r and i.state == "loading")
                                           for r in self.roles})

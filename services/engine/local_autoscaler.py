@@ -101,6 +101,14 @@ class Observation:
     running: int | None = None
 
 
+def observation(now: float, itl_ms: float, output_tokens: int, interval_s: float, saturated: bool,
+                running: int | None = None) -> Observation:
+    """The observation of one control interval of ``interval_s`` [s] ending at ``now``: ``itl_ms`` the interval's
+    ITL quantile (NaN: no token), ``output_tokens`` generated in it, ``saturated`` and ``running`` at its end
+    (:class:`Observation`). Built by the engine agent and the fleet simulator alike."""
+    return Observation(now, itl_ms, output_tokens / max(interval_s, 1e-9), saturated, running=running)
+
+
 @dataclass(frozen=True)
 class LocalAutoscalerState:
     """State carried between decisions. ``batch_size`` is fractional; the engine gets its floor."""

@@ -35,9 +35,10 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
+import numpy as np
 from scipy.stats import norm
 
-from services.router.routing import INTERACTIVE_QUEUE, queue_binds
+from services.router.routing import INTERACTIVE_QUEUE, EngineStatsView, queue_binds
 
 ROLES = ("interactive", "mixed", "batch")
 # RoleDecision.code: what shaped a desired count, as a short stable label (the reason text carries the numbers).
@@ -236,6 +237,43 @@ class LoadSample:
     inflight: int
     running: int = 0
     waiting: int = 0
+
+
+def engine_load(instance_id: str, role: str, stats: EngineStatsView | None) -> EngineLoad:
+    """The scaler's view of a serving instance from its engine stats (an :class:`EngineStatsView` or
+    ``chiron.v1.EngineStats``; None when they could not be read). Used by the scaler service and the simulator."""
+    if stats is None:
+        return EngineLoad(instance_id, role, has_stats=False)
+    return EngineLoad(instance_id, role, stats.max_batch_size, stats.num_running, stats.num_waiting,
+                      stats.finished_requests_total, batch_requests=stats.num_batch_requests,
+                      batch_finished_total=stats.batch_finished_total)
+
+
+def group_view(group_id: str, queued: int, wait_p95_s: float, deadline_s: float, leased: int) -> GroupView:
+    """One request group as the policy reads it; a wait that is not finite (no capacity known) reads as inf."""
+    return GroupView(group_id, queued, wait_p95_s if math.isfinite(wait_p95_s) else math.inf, deadline_s, leased)
+
+
+def group_views(groups: Sequence, estimates: Sequence) -> list[GroupView]:
+    """The policy's groups from the queue's group stats (``group_id``, ``queued``, ``deadline_s``, ``leased``) and
+    waiting-time estimates (``group_id``, ``last_wait_quantile_s``; only groups with queued requests have one):
+    groups with an estimate in its order, then groups with leased requests only (wait 0)."""
+    by_id = {g.group_id: g for g in groups}
+    out = [group_view(g.group_id, g.queued, e.last_wait_quantile_s, g.deadline_s, g.leased)
+           for e in estimates for g in (by_id[e.group_id],)]
+    seen = {e.group_id for e in estimates}
+    return out + [GroupView(g.group_id, 0, 0.0, g.deadline_s, g.leased) for g in groups if g.group_id not in seen]
+
+
+def arrival_cv(arrival_times: np.ndarray, now: float, window_s: float, min_arrivals: int = 20) -> float:
+    """Coefficient of variation of the inter-arrival times of the arrivals within ``window_s`` [s] before
+    ``now`` (``arrival_times`` ascending, s); 1 (Poisson) with fewer than ``min_arrivals`` of them or no spread
+    in time."""
+    t = arrival_times[arrival_times >= now - window_s]
+    if len(t) < min_arrivals:
+        return 1.0
+    gaps = np.diff(t)
+    return float(gaps.std() / gaps.mean()) if gaps.mean() > 0 else 1.0
 
 
 def observe(now: float, loads: Sequence[EngineLoad], samples: dict[str, LoadSample], arrival_cv: float,

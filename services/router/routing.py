@@ -109,6 +109,21 @@ def classify(cfg: RouterConfig, *, slo_class: str, ttft_ms: int, itl_ms: int, re
 
 
 @dataclass(frozen=True)
+class EngineStatsView:
+    """The fields of an engine's stats (``chiron.v1.EngineStats``, same names) that the router and the global
+    scaler read: the services pass the message itself, the fleet simulator this view of a simulated engine.
+    Counts in requests (``*_total`` cumulative); ``ttft_p50_ms``: median TTFT of recent requests, 0 when none."""
+
+    max_batch_size: int = 0
+    num_running: int = 0
+    num_waiting: int = 0
+    finished_requests_total: int = 0
+    num_batch_requests: int = 0  # batch requests leased from the queue among running + waiting
+    batch_finished_total: int = 0
+    ttft_p50_ms: float = 0.0
+
+
+@dataclass(frozen=True)
 class InstanceLoad:
     """An instance as the router sees it: membership (role, address, model) plus its last engine stats and the
     requests this router dispatched to it since (``pending``). Counts in requests, times in ms."""
@@ -155,6 +170,13 @@ class InstanceLoad:
         else:
             queued = max(0, waiting - max(0, self.max_batch_size - self.num_running))
         return self.ttft_p50_ms * (1 + queued / max(self.max_batch_size, 1))
+
+
+def instance_load(instance_id: str, role: str, address: str, model: str, stats: EngineStatsView) -> InstanceLoad:
+    """The router's view of a serving instance from its membership and engine stats (``stats``: an
+    :class:`EngineStatsView` or ``chiron.v1.EngineStats``). Used by the router service and the simulator."""
+    return InstanceLoad(instance_id, role, address, model, stats.max_batch_size, stats.num_running,
+                        stats.num_waiting, stats.ttft_p50_ms, batch_requests=stats.num_batch_requests)
 
 
 def choose_instance(instances: Iterable[InstanceLoad], model: str, ttft_slo_ms: float) -> InstanceLoad:
