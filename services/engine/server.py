@@ -24,8 +24,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2
 
 from chiron.v1 import engine_pb2, engine_pb2_grpc, types_pb2
-from services.common.grpc_util import create_server, mark_serving, settle_heap, status_code, timestamp
+from services.common.grpc_util import status_code, timestamp
 from services.common.metrics import EngineMetrics
+from services.common.serving import every_interval, start_server
 from services.engine.backend import Backend, BackendRequest
 from services.engine.batch_worker import BatchWorker
 from services.engine.core import RequestRejected
@@ -337,10 +338,8 @@ class EngineAgent(engine_pb2_grpc.EngineServicer):
         return engine_pb2.GetStatsResponse(stats=self.stats())
 
     async def WatchStats(self, request: engine_pb2.WatchStatsRequest, context):
-        interval = max(request.interval_ms or 1000, 50) / 1e3
-        while True:
-            yield engine_pb2.WatchStatsResponse(stats=self.stats())
-            await asyncio.sleep(interval)
+        async for msg in every_interval(lambda: engine_pb2.WatchStatsResponse(stats=self.stats()), request.interval_ms):
+            yield msg
 
 
 @dataclass
@@ -369,11 +368,8 @@ class RunningServer:
 async def serve(agent: EngineAgent, host: str = "127.0.0.1", port: int = 0) -> RunningServer:
     """Start the gRPC server (health checking and reflection on). ``port`` 0 picks a free port."""
     name = engine_pb2.DESCRIPTOR.services_by_name["Engine"].full_name
-    server, health_servicer, bound = create_server(
-        lambda s: engine_pb2_grpc.add_EngineServicer_to_server(agent, s), name, host, port)
-    await agent.start()
-    await server.start()
-    settle_heap()
-    await mark_serving(health_servicer, name)
+    server, health_servicer, bound = await start_server(
+        lambda s: engine_pb2_grpc.add_EngineServicer_to_server(agent, s), name, host, port,
+        before_start=lambda _health: agent.start())
     log.info("engine agent %s serving on %s:%d", agent.config.instance_id, host, bound)
     return RunningServer(server, agent, health_servicer, bound)

@@ -42,8 +42,9 @@ import grpc
 from grpc_health.v1 import health_pb2
 
 from chiron.v1 import engine_pb2, engine_pb2_grpc, queue_pb2, queue_pb2_grpc, scaler_pb2, scaler_pb2_grpc
-from services.common.grpc_util import ChannelPool, create_server, mark_serving, settle_heap, timestamp
+from services.common.grpc_util import ChannelPool, timestamp
 from services.common.metrics import ScalerMetrics
+from services.common.serving import RunningService, start_server
 from services.global_scaler import keda
 from services.global_scaler.leader import LeaderElection
 from services.global_scaler.policy import (
@@ -325,17 +326,14 @@ class ScalerService(scaler_pb2_grpc.GlobalScalerServicer):
 
 
 @dataclass
-class RunningScaler:
-    server: grpc.aio.Server
+class RunningScaler(RunningService):
     service: ScalerService
-    port: int
     keda_health: asyncio.Task | None = None
 
     async def stop(self, grace_s: float = 1.0) -> None:
         if self.keda_health is not None:
             self.keda_health.cancel()
-        await self.server.stop(grace_s)
-        await self.service.stop()
+        await super().stop(grace_s)
 
 
 async def _keda_health(service: ScalerService, health_servicer, period_s: float = 0.5) -> None:
@@ -362,11 +360,7 @@ async def serve(service: ScalerService, host: str = "127.0.0.1", port: int = 0) 
         scaler_pb2_grpc.add_GlobalScalerServicer_to_server(service, s)
         keda.add_to_server(service, s)
 
-    server, health_servicer, bound = create_server(add, name, host, port)
-    await server.start()
-    await service.start()
-    settle_heap()
-    await mark_serving(health_servicer, name)
+    server, health_servicer, bound = await start_server(add, name, host, port, after_start=service.start)
     task = asyncio.create_task(_keda_health(service, health_servicer))
     log.info("scaler serving on %s:%d (%s)", host, bound, "advisory" if service.advisory else "active")
     return RunningScaler(server, service, bound, task)

@@ -35,15 +35,16 @@ import time
 import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Collection
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from chiron.v1 import batch_pb2_grpc, engine_pb2, engine_pb2_grpc, queue_pb2, queue_pb2_grpc, router_pb2, router_pb2_grpc, types_pb2
 from services.common.failover import FailoverChannel
-from services.common.grpc_util import ChannelPool, create_server, mark_serving, settle_heap, status_code
+from services.common.grpc_util import ChannelPool, status_code
 from services.common.metrics import RouterMetrics, outcome_of
+from services.common.serving import RunningService, start_server
 from services.router.routing import (
     Classified,
     InstanceLoad,
@@ -568,15 +569,11 @@ class BatchApiForwarder(batch_pb2_grpc.BatchApiServicer):
     GetBatchResults = _forward("GetBatchResults")
 
 
-@dataclass
-class RunningRouter:
-    server: grpc.aio.Server
+class RunningRouter(RunningService):
     service: RouterService
-    port: int
 
     async def stop(self, grace_s: float = 5.0) -> None:
-        await self.server.stop(grace_s)
-        await self.service.stop()
+        await super().stop(grace_s)
 
 
 async def serve(service: RouterService, host: str = "127.0.0.1", port: int = 0) -> RunningRouter:
@@ -591,11 +588,11 @@ async def serve(service: RouterService, host: str = "127.0.0.1", port: int = 0) 
         router_pb2_grpc.add_RouterServicer_to_server(service, s)
         batch_pb2_grpc.add_BatchApiServicer_to_server(forwarder, s)
 
-    server, health_servicer, bound = create_server(add, name, host, port, client_facing=True)
-    service.attach_health(health_servicer)
-    await service.check_dependencies()
-    await server.start()
-    settle_heap()
-    await mark_serving(health_servicer, name)
+    async def check_dependencies(health_servicer) -> None:
+        service.attach_health(health_servicer)
+        await service.check_dependencies()
+
+    server, _health, bound = await start_server(add, name, host, port, client_facing=True,
+                                                before_start=check_dependencies)
     log.info("router serving on %s:%d", host, bound)
     return RunningRouter(server, service, bound)
