@@ -17,7 +17,7 @@ What differs from SQLite
     concurrent enqueues into one group do not queue behind one hot row. ``groups()`` reads summary + deltas in
     one snapshot plus one index probe per group for its head's arrival: O(groups), not O(requests) (a few ms at
     1,000,000 queued; :meth:`PgQueueStore.recount_groups` is the from-scratch aggregate it always equals);
-  - the measured serving capacity (:class:`~services.queue.server.CapacityTracker`'s tokens over its window
+  - the measured serving capacity (:class:`~services.queue.core.CapacityTracker`'s tokens over its window
     and first-served time): every ack and every return with progress writes its new output tokens to ``served``
     in its own transaction; :meth:`PgQueueStore.served_window` sums them (folded into per-second totals by
     ``compact``), so each replica measures the whole fleet's throughput, not the ``1/N`` acked through it.
@@ -73,9 +73,9 @@ from services.queue.store import (
     QueueError,
     QueueStore,
     RequestInfo,
-    _decode_tokens,
-    _encode_tokens,
-    _output_tokens_arg,
+    decode_tokens,
+    output_tokens_arg,
+    returned_tokens_arg,
 )
 
 __all__ = ["PgQueueStore", "is_postgres_url", "open_store", "redact_url", "SCHEMA_VERSION"]
@@ -629,13 +629,13 @@ class PgQueueStore(QueueStore):
         sql = _LEASE.format(models="" if allowed is None else "AND model = ANY(%(models)s)")
         rows = self._execute(sql, params).fetchall()  # one auto-committed statement
         rows.sort(key=lambda r: (r[0], r[1], r[2]))
-        return [Lease(rid, lease_id, model, _decode_tokens(prompt), mt, _decode_tokens(resume), slo, arrival, deadline,
+        return [Lease(rid, lease_id, model, decode_tokens(prompt), mt, decode_tokens(resume), slo, arrival, deadline,
                       self._group_id(model, bucket), expiry, attempts, worker_id)
                 for bucket, model, _seq, rid, lease_id, mt, slo, arrival, deadline, attempts, prompt, resume in rows]
 
     @_unavailable
     def ack_request(self, request_id: str, lease_id: str, output_tokens: int | Sequence[int]) -> tuple[int, str, int]:
-        blob, count = _output_tokens_arg(output_tokens)
+        blob, count = output_tokens_arg(output_tokens)
         params = {"rid": request_id, "lease": lease_id, "count": count, "now": float(self._clock()), "blob": blob}
         row = self._execute(_ACK_COUNT if blob is None else _ACK_TOKENS, params).fetchone()
         if row is not None and row[9]:
@@ -650,15 +650,7 @@ class PgQueueStore(QueueStore):
         with self._transaction() as c:
             row = self._check_leased(c.execute(_SELECT_FOR_UPDATE, (request_id,)).fetchone(), request_id, lease_id, "return")
             seq, mt, n_resume, resume = row[0], row[5], row[6], row[9]
-            blob, n = _encode_tokens(generated_token_ids, "generated_token_ids")
-            if n == 0:
-                blob, n = resume, n_resume
-            else:
-                if resume and not blob.startswith(bytes(resume)):
-                    raise QueueError("INVALID_ARGUMENT", f"generated_token_ids must be all the tokens generated so far, starting "
-                                                         f"with the lease's {n_resume} resume_token_ids (not only the new ones)")
-                if n > mt:
-                    raise QueueError("INVALID_ARGUMENT", f"generated_token_ids has {n} tokens, more than max_tokens={mt}")
+            blob, n = returned_tokens_arg(generated_token_ids, resume, n_resume, mt)
             c.execute("UPDATE requests SET state = 0, lease_id = NULL, lease_expiry_s = NULL, worker_id = NULL, "
                       "attempts = attempts + 1, resume = %s, n_resume = %s WHERE seq = %s", (blob, n, seq))
             self._served(c, row[1], n - int(n_resume), float(self._clock()))
@@ -666,7 +658,7 @@ class PgQueueStore(QueueStore):
 
     def _served(self, c: Any, model: str, tokens: int, now: float) -> None:
         """Record ``tokens`` new output tokens of ``model`` served at ``now`` in the open transaction (what
-        :class:`~services.queue.server.CapacityTracker` records in memory on SQLite)."""
+        :class:`~services.queue.core.CapacityTracker` records in memory on SQLite)."""
         c.execute("INSERT INTO served (model, t_s, tokens) VALUES (%s, %s, %s)", (model, now, max(0, tokens)))
 
     @_unavailable
@@ -748,7 +740,7 @@ class PgQueueStore(QueueStore):
         row = self._execute("SELECT prompt, resume FROM requests WHERE request_id = %s", (request_id,)).fetchone()
         if row is None:
             raise QueueError("NOT_FOUND", f"no request {request_id!r} in the queue")
-        return _decode_tokens(row[0]), _decode_tokens(row[1])
+        return decode_tokens(row[0]), decode_tokens(row[1])
 
     @_unavailable
     def groups(self) -> list[GroupStats]:
@@ -796,11 +788,10 @@ class PgQueueStore(QueueStore):
         return True
 
     @_unavailable
-    @_unavailable
     def completed_since(self, since_s: float) -> list[tuple[str, str, int, float]]:
         """Requests acked through any replica with ``finished_s > since_s`` [s]: ``(request_id, model, output tokens,
         finished_s)``, oldest first. Every replica's estimator learns output lengths from these
-        (:class:`~services.queue.server.QueueService`), so its view does not depend on which replica saw the ack."""
+        (:class:`~services.queue.core.QueueCore`), so its view does not depend on which replica saw the ack."""
         return self._execute("SELECT request_id, model, output_tokens, finished_s FROM requests WHERE state = 2 "
                              "AND finished_s > %s ORDER BY finished_s, seq", (float(since_s),)).fetchall()
 
@@ -810,40 +801,6 @@ class PgQueueStore(QueueStore):
         what :meth:`compact` folded: the second across the window's start counts in proportion."""
         return {model: (float(tokens or 0.0), float(first)) for model, tokens, first in
                 self._execute(_SERVED, {"lo": float(now) - float(window_s)}).fetchall() if first is not None}
-
-
-def answer_unavailable(servicer: Any, base: type) -> None:
-    """Make every RPC of ``servicer`` (the methods ``base``, its generated servicer class, declares) answer gRPC
-    UNAVAILABLE with the store's message when the database is gone (``QueueError("UNAVAILABLE")``), including the
-    handlers that do not catch :class:`QueueError` themselves (Lease, GetStats, WatchStats, ...). Call before the
-    servicer is added to a server."""
-    import inspect
-
-    import grpc
-
-    for name, fn in vars(base).items():
-        if name.startswith("_") or not callable(fn):
-            continue
-        method = getattr(servicer, name)
-        if inspect.isasyncgenfunction(method):
-            async def stream(request: Any, context: Any, _m: Any = method) -> Any:
-                try:
-                    async for item in _m(request, context):
-                        yield item
-                except QueueError as e:
-                    if e.code != "UNAVAILABLE":
-                        raise
-                    await context.abort(grpc.StatusCode.UNAVAILABLE, e.message)
-            setattr(servicer, name, stream)
-        else:
-            async def unary(request: Any, context: Any, _m: Any = method) -> Any:
-                try:
-                    return await _m(request, context)
-                except QueueError as e:
-                    if e.code != "UNAVAILABLE":
-                        raise
-                    await context.abort(grpc.StatusCode.UNAVAILABLE, e.message)
-            setattr(servicer, name, unary)
 
 
 def check_database(config: QueueConfig) -> None:

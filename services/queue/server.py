@@ -15,22 +15,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import math
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
 from chiron.v1 import batch_pb2_grpc, queue_pb2, queue_pb2_grpc, types_pb2
-from services.common.grpc_util import status_code, timestamp
+from services.common.grpc_util import create_server, mark_serving, settle_heap, status_code, timestamp
 from services.common.metrics import QueueMetrics
-from services.common.serving import RunningService, every_interval, start_server
-from services.queue.batches import BatchApiService, BatchStore
+from services.queue.batch_service import BatchApiService
+from services.queue.batches import BatchStore
 from services.queue.core import CapacityTracker, QueueCore
 from services.queue.estimator import WaitingTimeEstimator
-from services.queue.pg_store import answer_unavailable, is_postgres_url, open_store
+from services.queue.pg_store import is_postgres_url, open_store
 from services.queue.store import QueueConfig, QueueError, QueueStore
 
 log = logging.getLogger("chiron.queue")
@@ -200,18 +203,52 @@ class QueueService(QueueCore, queue_pb2_grpc.QueueServicer):
         return queue_pb2.QueueGetStatsResponse(stats=self.stats())
 
     async def WatchStats(self, request: queue_pb2.QueueWatchStatsRequest, context):
-        async for msg in every_interval(lambda: queue_pb2.QueueWatchStatsResponse(stats=self.stats()),
-                                        request.interval_ms):
-            yield msg
+        interval = max(request.interval_ms or 1000, 50) / 1e3
+        while True:
+            yield queue_pb2.QueueWatchStatsResponse(stats=self.stats())
+            await asyncio.sleep(interval)
 
 
-class RunningQueue(RunningService):
+@dataclass
+class RunningQueue:
+    server: grpc.aio.Server
     service: QueueService
+    port: int
 
     async def stop(self, grace_s: float = 1.0) -> None:
-        """Stop the server and the service, then close the store."""
-        await super().stop(grace_s)
+        await self.server.stop(grace_s)
+        await self.service.stop()
         self.service.store.close()
+
+
+def answer_unavailable(servicer: Any, base: type) -> None:
+    """Make every RPC of ``servicer`` (the methods ``base``, its generated servicer class, declares) answer gRPC
+    UNAVAILABLE with the store's message when the database is gone (``QueueError("UNAVAILABLE")``), including the
+    handlers that do not catch :class:`QueueError` themselves (Lease, GetStats, WatchStats, ...). Call before the
+    servicer is added to a server."""
+    for name, fn in vars(base).items():
+        if name.startswith("_") or not callable(fn):
+            continue
+        method = getattr(servicer, name)
+        if inspect.isasyncgenfunction(method):
+            async def stream(request: Any, context: Any, _m: Any = method) -> Any:
+                try:
+                    async for item in _m(request, context):
+                        yield item
+                except QueueError as e:
+                    if e.code != "UNAVAILABLE":
+                        raise
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, e.message)
+            setattr(servicer, name, stream)
+        else:
+            async def unary(request: Any, context: Any, _m: Any = method) -> Any:
+                try:
+                    return await _m(request, context)
+                except QueueError as e:
+                    if e.code != "UNAVAILABLE":
+                        raise
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, e.message)
+            setattr(servicer, name, unary)
 
 
 async def serve(config: QueueConfig, host: str = "127.0.0.1", port: int = 0,
@@ -233,6 +270,10 @@ async def serve(config: QueueConfig, host: str = "127.0.0.1", port: int = 0,
         queue_pb2_grpc.add_QueueServicer_to_server(service, s)
         batch_pb2_grpc.add_BatchApiServicer_to_server(batch_api, s)
 
-    server, _health, bound = await start_server(add, name, host, port, before_start=lambda _h: service.start())
+    server, health_servicer, bound = create_server(add, name, host, port)
+    await service.start()
+    await server.start()
+    settle_heap()
+    await mark_serving(health_servicer, name)
     log.info("queue serving on %s:%d (store %s)", host, bound, getattr(store, "url", config.db_path))
     return RunningQueue(server, service, bound)

@@ -273,7 +273,7 @@ class _Group:
 # ----------------------------------------------------------------------------------------------
 # Token encoding (int32 little-endian bytes)
 # ----------------------------------------------------------------------------------------------
-def _encode_tokens(tokens: Any, what: str) -> tuple[bytes, int]:
+def encode_tokens(tokens: Any, what: str) -> tuple[bytes, int]:
     """(bytes, count) of a sequence of token ids in [0, 2^31) as int32 little-endian. Raises QueueError(INVALID_ARGUMENT)."""
     if isinstance(tokens, (str, bytes, bytearray, memoryview)):
         raise QueueError("INVALID_ARGUMENT", f"{what} must be a sequence of integer token ids, got {type(tokens).__name__}")
@@ -295,7 +295,8 @@ def _encode_tokens(tokens: Any, what: str) -> tuple[bytes, int]:
     return blob, len(a)
 
 
-def _decode_tokens(blob: bytes | None) -> tuple[int, ...]:
+def decode_tokens(blob: bytes | None) -> tuple[int, ...]:
+    """Token ids from :func:`encode_tokens`'s bytes (``()`` for None or empty)."""
     if not blob:
         return ()
     a = array(_TOKEN_CODE)
@@ -305,7 +306,7 @@ def _decode_tokens(blob: bytes | None) -> tuple[int, ...]:
     return tuple(a)
 
 
-def _output_tokens_arg(output_tokens: Any) -> tuple[bytes | None, int]:
+def output_tokens_arg(output_tokens: Any) -> tuple[bytes | None, int]:
     """``(blob or None, count)`` of an ack's ``output_tokens``: a count, or the token ids themselves."""
     blob = None
     if isinstance(output_tokens, int | np.integer) and not isinstance(output_tokens, bool):
@@ -315,10 +316,26 @@ def _output_tokens_arg(output_tokens: Any) -> tuple[bytes | None, int]:
             len(output_tokens)
         except TypeError:
             raise QueueError("INVALID_ARGUMENT", "output_tokens must be a token count or a sequence of token ids") from None
-        blob, count = _encode_tokens(output_tokens, "output_tokens")
+        blob, count = encode_tokens(output_tokens, "output_tokens")
     if count < 0:
         raise QueueError("INVALID_ARGUMENT", f"output_tokens must be >= 0, got {count}")
     return blob, count
+
+
+def returned_tokens_arg(generated_token_ids: Any, resume: bytes | None, n_resume: int, max_tokens: int) -> tuple[bytes, int]:
+    """``(blob, count)`` a return stores as the request's resume tokens: ``generated_token_ids`` (all the output
+    tokens so far), or the stored ``resume`` / ``n_resume`` when it is empty (no new progress). Raises
+    QueueError(INVALID_ARGUMENT) for bad ids, ids that do not start with the stored resume tokens, or more than
+    ``max_tokens``."""
+    blob, n = encode_tokens(generated_token_ids, "generated_token_ids")
+    if n == 0:
+        return resume, n_resume
+    if resume and not blob.startswith(bytes(resume)):
+        raise QueueError("INVALID_ARGUMENT", f"generated_token_ids must be all the tokens generated so far, starting "
+                                             f"with the lease's {n_resume} resume_token_ids (not only the new ones)")
+    if n > max_tokens:
+        raise QueueError("INVALID_ARGUMENT", f"generated_token_ids has {n} tokens, more than max_tokens={max_tokens}")
+    return blob, n
 
 
 def _as_int(value: Any, what: str) -> int:
@@ -535,7 +552,7 @@ class QueueStore:
         if n > self.config.max_prompt_tokens:
             raise QueueError("INVALID_ARGUMENT", f"{where}request {request_id}: prompt of {n} tokens is longer than "
                                                  f"max_prompt_tokens={self.config.max_prompt_tokens}")
-        blob, n = _encode_tokens(prompt_token_ids, f"{where}request {request_id}: prompt_token_ids")
+        blob, n = encode_tokens(prompt_token_ids, f"{where}request {request_id}: prompt_token_ids")
         return request_id, model, blob, n, mt, slo
 
     def _existing(self, request_id: str) -> tuple[str, int, int, int, bytes] | None:
@@ -733,7 +750,7 @@ class QueueStore:
                     lease_id = uuid.uuid4().hex
                     updates.append((lease_id, expiry, worker_id, now, seq))
                     tokens += mt - n_resume
-                    out.append(Lease(rid, lease_id, model, _decode_tokens(prompt), mt, _decode_tokens(resume), slo,
+                    out.append(Lease(rid, lease_id, model, decode_tokens(prompt), mt, decode_tokens(resume), slo,
                                      arrival, deadline, group_id, expiry, attempts, worker_id))
                 c.executemany(_SET_LEASED, updates)
                 head: tuple[int, float] | None = None
@@ -798,7 +815,7 @@ class QueueStore:
         (unknown id), FAILED_PRECONDITION (not the current lease: expired and re-queued or re-leased, cancelled,
         or DONE by another lease), INVALID_ARGUMENT (negative count or bad ids).
         """
-        blob, count = _output_tokens_arg(output_tokens)
+        blob, count = output_tokens_arg(output_tokens)
         row = self._conn.execute(_SELECT_FOR_UPDATE, (request_id,)).fetchone()
         if row is not None and row[3] == _DONE and row[4] == lease_id:
             return int(row[8]), row[1], int(row[6])
@@ -827,15 +844,7 @@ class QueueStore:
         current lease), INVALID_ARGUMENT (bad tokens, not extending the resume tokens, longer than max_tokens).
         """
         seq, model, bucket, _, _, mt, n_resume, arrival, _, resume = self._leased_row(request_id, lease_id, "return")
-        blob, n = _encode_tokens(generated_token_ids, "generated_token_ids")
-        if n == 0:
-            blob, n = resume, n_resume
-        else:
-            if resume and not blob.startswith(bytes(resume)):
-                raise QueueError("INVALID_ARGUMENT", f"generated_token_ids must be all the tokens generated so far, starting "
-                                                     f"with the lease's {n_resume} resume_token_ids (not only the new ones)")
-            if n > mt:
-                raise QueueError("INVALID_ARGUMENT", f"generated_token_ids has {n} tokens, more than max_tokens={mt}")
+        blob, n = returned_tokens_arg(generated_token_ids, resume, n_resume, mt)
         self._conn.execute("UPDATE requests SET state = 0, lease_id = NULL, lease_expiry_s = NULL, worker_id = NULL, "
                            "attempts = attempts + 1, resume = ?, n_resume = ? WHERE seq = ?", (blob, n, seq))
         g = self._groups[(model, bucket)]
@@ -977,7 +986,7 @@ class QueueStore:
         row = self._conn.execute("SELECT prompt, resume FROM requests WHERE request_id = ?", (request_id,)).fetchone()
         if row is None:
             raise QueueError("NOT_FOUND", f"no request {request_id!r} in the queue")
-        return _decode_tokens(row[0]), _decode_tokens(row[1])
+        return decode_tokens(row[0]), decode_tokens(row[1])
 
     def _stats(self, g: _Group) -> GroupStats:
         start = g.bucket * self._g
