@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from services.engine.stats import weighted_quantile
+from services.slo import slo_met
 from simulator.workloads import gpu_seconds_lower_bound
 
 
@@ -32,10 +33,10 @@ def build_report(fleet: Any, wall_s: float) -> dict:
     with np.errstate(invalid="ignore", divide="ignore"):
         mean_itl = np.where(i.tokens > 1, (i.last - i.first) / np.maximum(i.tokens - 1, 1) * 1e3, 0.0)
     done_i = np.isfinite(i.done)
-    met_i = done_i & (ttft_i <= wl.interactive_ttft_ms) & (mean_itl <= wl.interactive_itl_ms)
+    met_i = slo_met(done_i, ttft_i, wl.interactive_ttft_ms, mean_itl, wl.interactive_itl_ms)
     ttft_b = b.first - b.arrival
     done_b = np.isfinite(b.done)
-    met_b = done_b & (ttft_b <= wl.batch_ttft_s)
+    met_b = slo_met(done_b, ttft_b, wl.batch_ttft_s)
     unfinished = int((~done_i & ~i.rejected).sum() + (~done_b & ~b.rejected).sum())
     ran_out = bool(fleet._work_left())
     itl_vals = np.frombuffer(fleet.itl_ms, dtype=float)
