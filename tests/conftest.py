@@ -84,3 +84,26 @@ def pg_url(pg_server):
     url = pg_server.create_database()
     yield url
     pg_server.drop_database(url)
+
+
+# ---- `make test-fast`: the unit tests only ------------------------------------------------------------------------
+# A test is an integration test when its module starts real parts (etcd, PostgreSQL, gRPC servers on ports,
+# subprocesses, a local cluster, vLLM) or when it runs against PostgreSQL (a store test's "postgres" parameter).
+# `make test-fast` deselects them (`-m "not integration"`); `make test` runs everything.
+INTEGRATION_MODULES = frozenset({
+    "test_batch_api", "test_batch_worker", "test_chaos", "test_cli_papercuts", "test_deploy_rehearse",
+    "test_engine_agent", "test_engine_crash", "test_failover", "test_gateway", "test_gateway_batch",
+    "test_gateway_workers", "test_grpc_defaults", "test_keda", "test_membership", "test_metrics", "test_node_client",
+    "test_nomad", "test_queue_pg", "test_queue_pg_capacity", "test_queue_service", "test_replay", "test_router",
+    "test_scaler", "test_scaler_inputs", "test_scaler_leader", "test_scaler_starting", "test_security",
+    "test_self_healing", "test_soak", "test_supervision", "test_tracing", "test_vllm_backend",
+})
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        module = item.module.__name__.rpartition(".")[2] if item.module else ""
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if (module in INTEGRATION_MODULES or "postgres" in params.values()
+                or {"pg_url", "pg_server"} & set(getattr(item, "fixturenames", ()))):
+            item.add_marker(pytest.mark.integration)
