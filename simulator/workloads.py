@@ -518,6 +518,43 @@ def _folded_optimum(perf: PerfModel, dec_tokens: float, prefill_tokens: float, s
     return best
 
 
+def _class_terms(perf: PerfModel, trace: Trace, itl_ms: float, kv: int, cls: str) -> dict:
+    """One class's sums for :func:`gpu_seconds_lower_bound`: prompt and decode tokens, Σ decode context, exact
+    prefill attention [ms], and (with decode tokens) its mean decode context, best SLO-feasible decode batch
+    with its step [ms], and its SLO batch limit."""
+    d0, d1, d2 = (float(x) for x in perf.prefill)
+    layers = perf.model.num_layers
+    p = trace.prompt_tokens.astype(np.float64)
+    o = trace.output_tokens.astype(np.float64)
+    dec = np.maximum(o - 1.0, 0.0)  # decode tokens j = 1..O-1, each at context P + j
+    c = {"itl": float(itl_ms), "prompt_tokens": float(p.sum()), "dec_tokens": float(dec.sum()),
+         "sum_ctx": float((dec * p + dec * (dec + 1.0) / 2.0).sum()),
+         "attention_ms": float(layers * (d0 * len(p) + d1 * p.sum() + d2 * (p * p).sum() / 2.0)),
+         "batch_size": 0, "ctx": 0.0, "step_ms": 0.0, "slo_limit": math.inf}
+    if c["dec_tokens"] > 0:
+        c["ctx"] = c["sum_ctx"] / c["dec_tokens"]
+        c["batch_size"], c["step_ms"] = _best_decode_batch(perf, c["ctx"], itl_ms, kv, cls)
+        c["slo_limit"] = _slo_batch_limit(perf, c["ctx"], itl_ms)
+    return c
+
+
+def _pooled_shared_ms(perf: PerfModel, per: dict[str, dict], kv: int) -> tuple[float, float, float, float]:
+    """The pooled optimum over both classes (:func:`_folded_optimum`): decode batch ``B``, folded prompt tokens
+    per decode step ``x``, and the shared cost ``G`` [ms] split into decode ``(T/B)·G(B, 0)`` and the prefill
+    rest (``X·π0`` with no decode tokens)."""
+    T = sum(c["dec_tokens"] for c in per.values())
+    X = sum(c["prompt_tokens"] for c in per.values())
+    K = sum(c["sum_ctx"] for c in per.values())
+    if T <= 0:
+        return 0.0, 0.0, 0.0, X * _prefill_slope_ms(perf)
+    decoding = [c for c in per.values() if c["dec_tokens"] > 0]
+    b_cap = min(T * c["slo_limit"] / c["dec_tokens"] for c in decoding)
+    itl_max = max(c["itl"] for c in decoding)
+    b_opt, x_opt, shared_ms = _folded_optimum(perf, T, X, K, itl_max, kv, b_cap)
+    decode_shared_ms = T / b_opt * float(_shared_step_ms(perf, b_opt, 0.0))
+    return b_opt, x_opt, decode_shared_ms, shared_ms - decode_shared_ms
+
+
 def gpu_seconds_lower_bound(workload: Workload, perf: PerfModel | None = None,
                             gpus_per_instance: int | None = None) -> dict:
     """Offline lower bound on the GPU-seconds of ``workload`` (hardware.md, "Offline lower bound on GPU-hours").
@@ -527,44 +564,18 @@ def gpu_seconds_lower_bound(workload: Workload, perf: PerfModel | None = None,
     that decodes within the decoding classes' ITL SLO and the KV capacity; no idle time, model loading,
     headroom or queueing is counted, so no real policy reaches it.
 
-    Why nothing beats it (``L`` layers; every coefficient is a non-negative fit, ``perf_model.py``). Split each
-    iteration as in :func:`_shared_step_ms`: ``iteration_ms = G(D, C) + L·c2·S + L·Σ prefill_attention + R``,
-    ``R ≥ 0`` (extra LM-head/CPU cost of the prefilling sequences, dropped).
-
-    * Prefill attention (``d0 + d1·q + d2·q·(k + q/2)`` per chunk of ``q`` over ``k`` cached tokens) summed over
-      a prompt's chunks is ``chunks·d0 + d1·P + d2·P²/2``: charged exactly, at one chunk per prompt.
-    * Decode context: ``L·c2·S`` summed over iterations is ``L·c2·Σ(P + j)`` over every decode token
-      ``j = 1..O−1`` (the engine decodes at context prompt + generated): charged exactly.
-    * ``G`` (linear layers, KV save, all-reduce, decode-attention fixed terms, LM head, CPU overhead) is convex
-      and increasing in ``(D, C)`` for ``D ≥ 1`` (roofline ``(a^p + (b·n)^p)^(1/p)`` with ``p ≥ 1``). So the
-      ``N`` decode iterations of any run cost at least ``N·G(B, x)`` at their mean point (Jensen), ``B = T/N``
-      decodes and ``x`` prefill tokens each, and the mean point obeys every convex per-iteration limit:
-      ``B·ctx + x ≤`` KV capacity (decode contexts and prefill chunks hold KV blocks), ``G + L·c2·B·ctx ≤`` the
-      loosest decoding class's ITL SLO, and ``B ≤ T·B_c/T_c`` per class (the ``T_c`` decodes of class ``c`` sit
-      in iterations each within its SLO, so at least ``T_c/B_c`` of them). Prefill tokens outside decode
-      iterations cost at least ``π0`` each (:func:`_prefill_slope_ms`), which bounds the marginal cost of a
-      folded one too, so folding is never dearer. :func:`_folded_optimum` minimises over ``(B, x)``.
-    * Both classes are pooled (a MIXED or static instance batches them together). A preemption (recompute)
-      swaps one decode token, charged ``G(B,0)/B + L·c2·ctx``, for a re-prefill of its context whose attention
-      alone is ``≥ L·(d0 + d1·ctx)``: more (``d1 > c2``; ``L·d0`` ≈ 0.26 ms ≥ ``G(B,0)/B`` once ``B ≥`` 55, and
-      ``B`` is 106–323 for the named workloads on Llama-3-8B), so preemption only adds work. A request moved with
-      its KV on host memory pays a copy on top; its prompt was prefilled once where it started.
+    Why nothing beats it (convexity of the iteration cost in the decode batch and folded prefill tokens; exact
+    prefill-attention and decode-context terms; preemption only adds work): ``docs/decisions/0024``.
 
     Decode takes ``(T/B)·G(B, 0)`` plus its context term and is split between the classes in proportion to
     their dedicated-instance cost ``T_c·G(B_c*, 0)/B_c*``; prefill takes the rest of ``G`` (each prompt token
     its marginal share ``prefill_ms_per_token``) plus its attention. ``{cls}_batch_size`` is the class's own
     best SLO-feasible decode batch ``B_c*`` (max ``B/iteration_ms(B, B·ctx_c)`` with ``iteration_ms ≤`` the
-    class's ITL SLO and ``B·ctx_c ≤`` KV, ``ctx_c`` the token-weighted mean decode context), as before;
+    class's ITL SLO and ``B·ctx_c ≤`` KV, ``ctx_c`` the token-weighted mean decode context);
     ``decode_batch_size`` and ``prefill_tokens_per_decode_step`` are the pooled optimum ``(B, x)``.
-    ``gpu_seconds_standalone_prefill`` is the previous figure (prefill in its own iterations at the cheapest of
-    :data:`PREFILL_TOKEN_BUDGETS`, decode per class at ``B_c*``), never below this one (its schedule is one the
-    optimum above considers); a single static instance beats it (tests) because the engine folds prefill into
-    decode steps (``EngineCore.step``, chunked prefill). The change is 0.5–3.0% of the total for the named
-    workloads (``mixed`` −2.3%).
-
-    For Llama-3-8B on one A100-80GB with ShareGPT or Azure lengths, the KV capacity (≈397k tokens), not the
-    default 100/500 ms ITL SLOs, is what bounds ``B_c*`` (≈150–320); a tighter interactive ITL SLO (e.g. 30 ms)
-    makes the SLO the binding limit.
+    ``gpu_seconds_standalone_prefill`` charges prefill in its own iterations at the cheapest of
+    :data:`PREFILL_TOKEN_BUDGETS` and decode per class at ``B_c*``: never below the bound (its schedule is one
+    the optimum considers), and beaten by a single static instance, which folds prefill into decode steps.
 
     ``perf`` defaults to Llama-3-8B on A100-80GB; ``gpus_per_instance`` to the model's tensor-parallel degree
     (1 for Llama-3-8B). Batch sizes are 0 for a class without decode tokens. Raises ValueError if a class's ITL
@@ -576,38 +587,15 @@ def gpu_seconds_lower_bound(workload: Workload, perf: PerfModel | None = None,
     if not isinstance(gpus, int | np.integer) or isinstance(gpus, bool) or gpus < 1:
         raise ValueError(f"gpus_per_instance must be an integer >= 1, got {gpus_per_instance!r}")
     kv = kv_capacity_tokens(perf.model, perf.gpu)
-    d0, d1, d2 = (float(x) for x in perf.prefill)
     layers, c2 = perf.model.num_layers, float(perf.decode[2])
 
-    per: dict[str, dict] = {}
-    for cls, trace, itl in (("interactive", workload.interactive, workload.interactive_itl_ms),
-                            ("batch", workload.batch, workload.batch_itl_ms)):
-        p = trace.prompt_tokens.astype(np.float64)
-        o = trace.output_tokens.astype(np.float64)
-        dec = np.maximum(o - 1.0, 0.0)  # decode tokens j = 1..O-1, each at context P + j
-        c = {"itl": float(itl), "prompt_tokens": float(p.sum()), "dec_tokens": float(dec.sum()),
-             "sum_ctx": float((dec * p + dec * (dec + 1.0) / 2.0).sum()),
-             "attention_ms": float(layers * (d0 * len(p) + d1 * p.sum() + d2 * (p * p).sum() / 2.0)),
-             "batch_size": 0, "ctx": 0.0, "step_ms": 0.0, "slo_limit": math.inf}
-        if c["dec_tokens"] > 0:
-            c["ctx"] = c["sum_ctx"] / c["dec_tokens"]
-            c["batch_size"], c["step_ms"] = _best_decode_batch(perf, c["ctx"], itl, kv, cls)
-            c["slo_limit"] = _slo_batch_limit(perf, c["ctx"], itl)
-        per[cls] = c
+    per = {cls: _class_terms(perf, trace, itl, kv, cls)
+           for cls, trace, itl in (("interactive", workload.interactive, workload.interactive_itl_ms),
+                                   ("batch", workload.batch, workload.batch_itl_ms))}
 
     T = sum(c["dec_tokens"] for c in per.values())
     X = sum(c["prompt_tokens"] for c in per.values())
-    K = sum(c["sum_ctx"] for c in per.values())
-    pi0 = _prefill_slope_ms(perf)
-    b_opt = x_opt = 0.0
-    decode_shared_ms, prefill_shared_ms = 0.0, X * pi0
-    if T > 0:
-        decoding = [c for c in per.values() if c["dec_tokens"] > 0]
-        b_cap = min(T * c["slo_limit"] / c["dec_tokens"] for c in decoding)
-        itl_max = max(c["itl"] for c in decoding)
-        b_opt, x_opt, shared_ms = _folded_optimum(perf, T, X, K, itl_max, kv, b_cap)
-        decode_shared_ms = T / b_opt * float(_shared_step_ms(perf, b_opt, 0.0))
-        prefill_shared_ms = shared_ms - decode_shared_ms
+    b_opt, x_opt, decode_shared_ms, prefill_shared_ms = _pooled_shared_ms(perf, per, kv)
     weights = {cls: (c["dec_tokens"] * float(_shared_step_ms(perf, c["batch_size"], 0.0)) / c["batch_size"]
                      if c["dec_tokens"] > 0 else 0.0) for cls, c in per.items()}
     w_sum = sum(weights.values())

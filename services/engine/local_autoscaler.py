@@ -186,6 +186,29 @@ def _maturity(cfg: LocalAutoscalerConfig, state: LocalAutoscalerState,
     return m, False, history
 
 
+def _throughput_backpressure(state: LocalAutoscalerState, saturated: bool, tp: float) -> float:
+    """TBP for smoothed throughput ``tp`` [tokens/s]: against the pre-growth reference while a fall awaits
+    confirmation, else against the previous interval right after a growth step; 0 unless saturated."""
+    if saturated and tp > 0 and state.tbp_reference is not None:
+        return state.tbp_reference / tp
+    if saturated and state.last_action == "grow" and state.throughput_ewma is not None and tp > 0:
+        return state.throughput_ewma / tp
+    return 0.0
+
+
+def _unjudged(cfg: LocalAutoscalerConfig, state: LocalAutoscalerState, obs: Observation) -> tuple[float, str] | None:
+    """(LBP, reason) when the interval is not to be judged, else None: right after a halving while more requests
+    run than the new cap (a lower cap evicts no one, so the interval still shows the old batch), or when no
+    token was produced (nothing to learn from)."""
+    cur = int(state.batch_size)
+    if state.draining and obs.running is not None and obs.running > cur:
+        return (0.0 if math.isnan(obs.itl_ms) else obs.itl_ms / cfg.itl_slo_ms,
+                f"halved: waiting for the running requests to finish down to the cap ({obs.running} running, cap {cur})")
+    if math.isnan(obs.itl_ms):
+        return 0.0, "no tokens produced in the interval"
+    return None
+
+
 def decide(config: LocalAutoscalerConfig, state: LocalAutoscalerState,
            obs: Observation) -> tuple[LocalAutoscalerState, Decision]:
     """One control step. Returns the new state and the decision (``max_batch_size`` to apply)."""
@@ -193,21 +216,13 @@ def decide(config: LocalAutoscalerConfig, state: LocalAutoscalerState,
     cur = state.batch_size
     m, settled, history = _maturity(cfg, state, obs)
 
-    def keep(lbp: float, reason: str) -> tuple[LocalAutoscalerState, Decision]:
+    unjudged = _unjudged(cfg, state, obs)
+    if unjudged is not None:
         # Hold without judging the interval: the EWMAs and the throughput reference stay as they are.
+        lbp, reason = unjudged
         return (replace(state, last_decision_s=obs.now, last_action="hold", running_settled=settled,
                         running_history=history),
                 Decision(obs.now, int(cur), lbp, 0.0, 0.0, "hold", reason))
-
-    if state.draining and obs.running is not None and obs.running > int(cur):
-        # A lower cap stops admissions but evicts no one: until the running requests finish down to it, the
-        # interval shows the old batch, and judging it would halve again for the same violation.
-        return keep(0.0 if math.isnan(obs.itl_ms) else obs.itl_ms / cfg.itl_slo_ms,
-                    f"halved: waiting for the running requests to finish down to the cap "
-                    f"({obs.running} running, cap {int(cur)})")
-    if math.isnan(obs.itl_ms):
-        # No tokens in the interval: nothing to learn from; keep the batch size.
-        return keep(0.0, "no tokens produced in the interval")
 
     itl = _ewma(state.itl_ewma_ms, obs.itl_ms, cfg.itl_smoothing)
     lbp = itl / cfg.itl_slo_ms  # the paper's latency backpressure
@@ -216,12 +231,8 @@ def decide(config: LocalAutoscalerConfig, state: LocalAutoscalerState,
 
     prev_tp = state.throughput_ewma  # None right after a halving
     tp = _ewma(prev_tp, obs.throughput_tokens_per_s, cfg.itl_smoothing)
-    tbp, tbp_reference, low_intervals = 0.0, None, 0
+    tbp, tbp_reference, low_intervals = _throughput_backpressure(state, obs.saturated, tp), None, 0
     confirming = state.tbp_reference is not None
-    if obs.saturated and tp > 0 and confirming:
-        tbp = state.tbp_reference / tp
-    elif obs.saturated and state.last_action == "grow" and prev_tp is not None and tp > 0:
-        tbp = prev_tp / tp
     # Backpressure against the growth target: latency against the SLO margin, throughput against its noise band.
     # Growth is judged on the larger of the smoothed and the latest ITL (the smoothing's lag must not carry
     # growth past the target); easing down is judged on the smoothed ITL alone (one spike must not shrink it).
