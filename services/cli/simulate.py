@@ -123,7 +123,7 @@ def simulate(policy, workload, trace_file, rate_per_s, cv, duration_s, batch_req
     """
     from simulator.fleet import SimConfig
     from simulator.policies import POLICIES
-    from simulator.report import plot_report, run_policy, seed_summary
+    from simulator.report import run_policy
     from simulator.workloads import make_workload
 
     names = [p.strip() for p in policy.split(",") if p.strip()]
@@ -148,47 +148,60 @@ def simulate(policy, workload, trace_file, rate_per_s, cv, duration_s, batch_req
                   f"{len(wl.batch)} batch requests over {wl.duration_s:.0f} s"
                   + (f"; seeds {seed}–{seed + seeds - 1}" if seeds > 1 else ""))
 
-    def params_for(name: str) -> dict:
-        params = {}
-        if name == "static" and instances is not None:
-            params["instances"] = instances
-        if max_batch_size is not None and name not in ("chiron", "llumnix-tuned", "oracle"):
-            params["max_batch_size"] = max_batch_size
-        if name not in ("chiron", "oracle"):
-            if variant != "engine-queue":
-                params["variant"] = variant
-            if max_batched_tokens is not None:
-                params["max_batched_tokens"] = max_batched_tokens
-        return params
-
-    reports = []
+    params = {name: _policy_params(name, instances, max_batch_size, variant, max_batched_tokens) for name in names}
     if seeds == 1:
-        for name in names:
-            with Progress(TextColumn(f"{name}"), BarColumn(), TextColumn("{task.fields[msg]}"), TimeElapsedColumn(),
-                          console=console, transient=True) as bar:
-                task = bar.add_task(name, total=None, msg="")
-                try:
-                    rep = run_policy(name, wl, runs[0][1], params_for(name), workers=workers,
-                                     progress=lambda m, t=task: bar.update(t, msg=m))
-                except ValueError as e:
-                    raise click.BadParameter(str(e)) from e
-            reports.append(rep)
+        reports = [_simulate_one(run_policy, name, wl, runs[0][1], params[name], workers) for name in names]
     else:
-        reports = _simulate_seeds(run_policy, [(name, w, sim, params_for(name)) for name in names
-                                               for w, sim in runs], workers)
+        reports = _simulate_seeds(run_policy, [(name, w, sim, params[name]) for name in names for w, sim in runs],
+                                  workers)
+    _report_simulations(reports, names, wl.name, seed, seeds, json_path, plot_path)
+
+
+def _policy_params(name: str, instances: int | None, max_batch_size: int | None, variant: str,
+                   max_batched_tokens: int | None) -> dict:
+    """The ``chiron simulate`` options that apply to policy ``name``, as its parameters (``make_policy``)."""
+    params = {}
+    if name == "static" and instances is not None:
+        params["instances"] = instances
+    if max_batch_size is not None and name not in ("chiron", "llumnix-tuned", "oracle"):
+        params["max_batch_size"] = max_batch_size
+    if name not in ("chiron", "oracle"):
+        if variant != "engine-queue":
+            params["variant"] = variant
+        if max_batched_tokens is not None:
+            params["max_batched_tokens"] = max_batched_tokens
+    return params
+
+
+def _simulate_one(run_policy, name: str, wl, sim, params: dict, workers: int) -> dict:
+    """One policy's run with a progress line; a bad parameter raises click.BadParameter."""
+    with Progress(TextColumn(f"{name}"), BarColumn(), TextColumn("{task.fields[msg]}"), TimeElapsedColumn(),
+                  console=console, transient=True) as bar:
+        task = bar.add_task(name, total=None, msg="")
+        try:
+            return run_policy(name, wl, sim, params, workers=workers, progress=lambda m: bar.update(task, msg=m))
+        except ValueError as e:
+            raise click.BadParameter(str(e)) from e
+
+
+def _report_simulations(reports: list[dict], names: list[str], workload: str, seed: int, seeds: int,
+                        json_path: str | None, plot_path: str | None) -> None:
+    """Plot (``--plot``), print the tables and notes, write the JSON (``--json``) of ``chiron simulate``."""
+    from simulator.report import plot_report, seed_summary
+
     if plot_path:
         for name in names:
             rep = next(r for r in reports if r["policy"] == name)
             path = plot_path if len(names) == 1 else str(Path(plot_path).with_name(f"{Path(plot_path).stem}-{name}.png"))
             plot_report(rep, path)
             console.print(f"plot: {path}")
-    title = f"Simulated {wl.name}: lower bound {reports[0]['gpu_seconds_lower_bound'] / 3600:.2f} GPU-hours"
+    title = f"Simulated {workload}: lower bound {reports[0]['gpu_seconds_lower_bound'] / 3600:.2f} GPU-hours"
     summary = seed_summary(reports) if seeds > 1 else None
     if summary:
-        title = f"Simulated {wl.name}, seeds {seed}–{seed + seeds - 1}"
+        title = f"Simulated {workload}, seeds {seed}–{seed + seeds - 1}"
     console.print(_sim_report_table(reports, title, with_seed=seeds > 1))
     if summary:
-        console.print(_seed_summary_table(summary, f"{wl.name}: mean [min–max] over {seeds} seeds"))
+        console.print(_seed_summary_table(summary, f"{workload}: mean [min–max] over {seeds} seeds"))
     for r in reports:
         if r.get("sweep"):
             best = r["policy_params"]

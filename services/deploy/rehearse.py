@@ -484,90 +484,114 @@ async def rehearse(cfg: RehearsalConfig, chiron: click.Group,
         await asyncio.to_thread(etcd.start)
         standin.start()
         say(f"etcd on {etcd.endpoint}; Nomad API stand-in on {standin.address}")
-        variables = rehearsal_variables(cfg, chiron_bin=chiron_bin, etcd=etcd.endpoint, nomad=standin.address,
-                                        gateway_port=_free_local_port(), router_port=_free_local_port())
-        jobs = {j.id: j for j in render_jobs(cfg.nomad_dir, variables | cfg.variables, strict=cfg.variables)}
-        for job_id in [*(j for j in JOB_ORDER if j in jobs), *(j for j in jobs if j not in JOB_ORDER)]:
-            standin.register_job_spec(jobs[job_id])
-        say(f"registered {', '.join(jobs)}")
-
-        def failed() -> str | None:
-            bad = executor.failures()
-            if not bad:
-                return None
-            r = bad[0]
-            job = jobs[r.job]
-            raise RehearsalError(f"allocation {r.alloc_id[:8]} failed: {r.error}\n{_log_tail(r.log_dir)}",
-                                 file=job.file, task=f"{r.group}/{r.task}")
-
-        needed = ["chiron-queue", "chiron-router", "chiron-scaler", "chiron-gateway", "chiron-engine-interactive"]
-        await _wait("every service healthy (" + ", ".join(needed) + ")",
-                    lambda: all(catalog.instances(n) for n in needed), cfg.ready_timeout_s, failed)
-        gw = catalog.instances("chiron-gateway")[0]
-        base_url = f"http://{gw.address}:{gw.port}"
-
-        async def model_listed() -> bool:
-            import httpx
-
-            async with httpx.AsyncClient(timeout=5.0) as c:
-                with contextlib.suppress(httpx.HTTPError, ValueError):
-                    r = await c.get(f"{base_url}/v1/models")
-                    return r.status_code == 200 and any(m.get("id") == MODEL for m in r.json().get("data", []))
-            return False
-
-        await _wait(f"the gateway at {base_url} to list {MODEL}", model_listed, cfg.ready_timeout_s, failed)
+        jobs, base_url, failed = await _start_jobs(cfg, chiron_bin, etcd.endpoint, standin, catalog, executor, say)
         t_ready = time.monotonic()
         say(f"ready after {t_ready - t_start:.1f} s; replaying {cfg.duration_s:g} s of {cfg.trace} at {cfg.speedup:g}x "
             f"plus a Batch API job of {cfg.batch_requests} requests")
-
-        async def watch_failures() -> None:
-            while True:
-                failed()
-                await asyncio.sleep(0.5)
-
-        watcher = asyncio.create_task(watch_failures())
-        work_tasks = asyncio.gather(_run_interactive(base_url, cfg), _run_batch(base_url, cfg))
-        done, _ = await asyncio.wait([watcher, work_tasks], return_when=asyncio.FIRST_COMPLETED)
-        if watcher in done:
-            work_tasks.cancel()
-            with contextlib.suppress(BaseException):
-                await work_tasks
-            watcher.result()  # raises the allocation's failure
-        watcher.cancel()
-        (inter, trace_name), batch = work_tasks.result()
+        inter, trace_name, batch = await _traffic(base_url, cfg, failed)
         say(f"traffic done after {time.monotonic() - t_ready:.1f} s: interactive {sum(r.served for r in inter)}/"
             f"{len(inter)} served, batch {batch['done']}/{batch['count']} done ({batch['status']})")
-
-        def scaler_cycle() -> bool:
-            recs = list(executor.records.values())
-            return (any(r.cause == "job scale" and r.started_at is not None for r in recs)
-                    and any(r.stop_cause == "job scale" and r.stopped_at is not None for r in recs))
-
         with contextlib.suppress(RehearsalError):  # reported as a missed target, not an error
-            await _wait("the scaler to start and stop an engine allocation", scaler_cycle, cfg.scale_down_timeout_s,
-                        lambda: None)
+            await _wait("the scaler to start and stop an engine allocation", lambda: _scaler_cycled(executor),
+                        cfg.scale_down_timeout_s, lambda: None)
         t_end = time.monotonic()
         report = _report(cfg, jobs, executor, standin, inter, trace_name, batch, t_start, t_ready, t_end)
         ok = report["targets"]["ok"]
         return report
     finally:
         say("stopping every job (SIGTERM, then SIGKILL after kill_timeout)")
-        for job_id in ("chiron-gateway", "chiron-scaler", "chiron-router", "chiron-engine", "chiron-queue"):
-            with contextlib.suppress(KeyError):
-                standin.stop_job(job_id)
-        await asyncio.to_thread(executor.shutdown, 90.0)
-        if report is not None:
-            recs = list(executor.records.values())
-            report["teardown"] = {"stopped": sum(r.stopped_at is not None for r in recs),
-                                  "killed": sum(r.killed for r in recs),
-                                  "left_running": executor.alive(),
-                                  "seconds": round(time.monotonic() - t_end, 3)}
-        standin.stop()
+        await _teardown(standin, executor, report, t_end)
         await asyncio.to_thread(etcd.stop)
         if ok and cfg.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)
         elif not ok:
             say(f"allocation directories and logs kept in {work}")
+
+
+async def _start_jobs(cfg: RehearsalConfig, chiron_bin: str, etcd: str, standin: Any, catalog: Any, executor: Any,
+                      say: Callable[[str], None]) -> tuple[dict[str, JobSpec], str, Callable[[], None]]:
+    """Render the job files for this rehearsal's addresses, register them with the stand-in and wait until every
+    service is healthy and the gateway lists the model. Returns the jobs by id, the gateway's base URL and the
+    check that raises :class:`RehearsalError` for the first failed allocation."""
+    variables = rehearsal_variables(cfg, chiron_bin=chiron_bin, etcd=etcd, nomad=standin.address,
+                                    gateway_port=_free_local_port(), router_port=_free_local_port())
+    jobs = {j.id: j for j in render_jobs(cfg.nomad_dir, variables | cfg.variables, strict=cfg.variables)}
+    for job_id in [*(j for j in JOB_ORDER if j in jobs), *(j for j in jobs if j not in JOB_ORDER)]:
+        standin.register_job_spec(jobs[job_id])
+    say(f"registered {', '.join(jobs)}")
+
+    def failed() -> None:
+        bad = executor.failures()
+        if bad:
+            r = bad[0]
+            raise RehearsalError(f"allocation {r.alloc_id[:8]} failed: {r.error}\n{_log_tail(r.log_dir)}",
+                                 file=jobs[r.job].file, task=f"{r.group}/{r.task}")
+
+    needed = ["chiron-queue", "chiron-router", "chiron-scaler", "chiron-gateway", "chiron-engine-interactive"]
+    await _wait("every service healthy (" + ", ".join(needed) + ")",
+                lambda: all(catalog.instances(n) for n in needed), cfg.ready_timeout_s, failed)
+    gw = catalog.instances("chiron-gateway")[0]
+    base_url = f"http://{gw.address}:{gw.port}"
+    await _wait(f"the gateway at {base_url} to list {MODEL}", lambda: _model_listed(base_url), cfg.ready_timeout_s,
+                failed)
+    return jobs, base_url, failed
+
+
+async def _model_listed(base_url: str) -> bool:
+    """Whether the gateway's /v1/models lists the rehearsal's model."""
+    import httpx
+
+    async with httpx.AsyncClient(timeout=5.0) as c:
+        with contextlib.suppress(httpx.HTTPError, ValueError):
+            r = await c.get(f"{base_url}/v1/models")
+            return r.status_code == 200 and any(m.get("id") == MODEL for m in r.json().get("data", []))
+    return False
+
+
+async def _traffic(base_url: str, cfg: RehearsalConfig,
+                   failed: Callable[[], None]) -> tuple[list[_Interactive], str, dict[str, Any]]:
+    """The interactive slice and the Batch API job through the gateway, side by side, while ``failed()`` is
+    checked every 0.5 s (its RehearsalError ends the traffic and is raised). Returns the interactive records,
+    the trace's name and the batch outcome."""
+    async def watch_failures() -> None:
+        while True:
+            failed()
+            await asyncio.sleep(0.5)
+
+    watcher = asyncio.create_task(watch_failures())
+    work_tasks = asyncio.gather(_run_interactive(base_url, cfg), _run_batch(base_url, cfg))
+    done, _ = await asyncio.wait([watcher, work_tasks], return_when=asyncio.FIRST_COMPLETED)
+    if watcher in done:
+        work_tasks.cancel()
+        with contextlib.suppress(BaseException):
+            await work_tasks
+        watcher.result()  # raises the allocation's failure
+    watcher.cancel()
+    (inter, trace_name), batch = work_tasks.result()
+    return inter, trace_name, batch
+
+
+def _scaler_cycled(executor: Any) -> bool:
+    """Whether the scaler (Nomad's job scale API) has both started and stopped an allocation."""
+    recs = list(executor.records.values())
+    return (any(r.cause == "job scale" and r.started_at is not None for r in recs)
+            and any(r.stop_cause == "job scale" and r.stopped_at is not None for r in recs))
+
+
+async def _teardown(standin: Any, executor: Any, report: dict[str, Any] | None, t_end: float) -> None:
+    """Stop every job (gateway first, queue last), wait for the allocations and the stand-in, and add what the
+    teardown left to ``report`` (when there is one)."""
+    for job_id in ("chiron-gateway", "chiron-scaler", "chiron-router", "chiron-engine", "chiron-queue"):
+        with contextlib.suppress(KeyError):
+            standin.stop_job(job_id)
+    await asyncio.to_thread(executor.shutdown, 90.0)
+    if report is not None:
+        recs = list(executor.records.values())
+        report["teardown"] = {"stopped": sum(r.stopped_at is not None for r in recs),
+                              "killed": sum(r.killed for r in recs),
+                              "left_running": executor.alive(),
+                              "seconds": round(time.monotonic() - t_end, 3)}
+    standin.stop()
 
 
 def _report(cfg: RehearsalConfig, jobs: dict[str, JobSpec], executor: Any, standin: Any, inter: list[_Interactive],
