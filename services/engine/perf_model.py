@@ -1,7 +1,7 @@
 """Performance model of one engine iteration on A100 GPUs, fitted to Vidur's operator profiles.
 
-Sources
--------
+All times are milliseconds; the model is pure (no I/O after loading) and deterministic. Sources:
+
 * ``../shared/data/profiles/vidur/a100/<model>/mlp.csv`` — per-layer times (ms) of the linear
   operators (QKV/output projections, gated MLP, norms, rope, residual add) against ``num_tokens`` and
   ``num_tensor_parallel_workers`` (microsoft/vidur @ 7d475133, MIT).
@@ -27,8 +27,6 @@ The fitted shapes follow the roofline argument of ``hardware.md``:
 Terms not in the profiles are modelled from ``hardware.md`` and stated as assumptions: the LM head
 (roofline of a ``hidden × vocab`` GEMM) and a per-iteration CPU overhead of the serving engine
 (scheduling, sampling, detokenization; ``cpu_overhead_ms`` + ``cpu_overhead_per_seq_ms`` × sequences).
-
-All times are milliseconds. The model is pure (no I/O after loading) and deterministic.
 """
 
 from __future__ import annotations

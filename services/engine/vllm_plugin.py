@@ -3,19 +3,17 @@
 vLLM (pinned: 0.32.0) has no public API to change the running-request cap of a live engine, or to hold
 one request out of the batch and bring it back. Its engine core does run *utility calls* between steps:
 ``AsyncLLM.engine_core.call_utility_async(name, *args)`` reaches ``getattr(EngineCore, name)(*args)`` in
-the engine process (``vllm/v1/engine/core.py``, ``_handle_client_request``). vLLM loads every
-``vllm.general_plugins`` entry point in each of its processes at start-up; this package declares
-``chiron = "services.engine.vllm_plugin:register"`` (``pyproject.toml``), and :func:`register` adds the
-methods below to ``EngineCore``:
+the engine process (``vllm/v1/engine/core.py``, ``_handle_client_request``). vLLM loads the
+``vllm.general_plugins`` entry point ``chiron = "services.engine.vllm_plugin:register"`` (``pyproject.toml``) in
+each of its processes; :func:`register` adds these methods to ``EngineCore``:
 
 ``chiron_set_max_active(n) -> int``
     The local autoscaler's max batch size: the scheduler admits while ``len(running) <
     max_num_active_reqs`` (``v1/core/sched/scheduler.py``). Clamped to ``[1, max_num_seqs]``
     (``max_num_seqs`` sizes the model runner's buffers, so the engine starts with the largest cap
     allowed). Lowering it does not evict running requests; they finish and are not replaced. The
-    per-step token budget stays vLLM's (``max_num_batched_tokens``): tying it to the cap, as the
-    simulated engine does by default, cut the tiny model's throughput by half at small caps on this CPU
-    for no ITL gain (per-step overhead, not tokens, dominates there; stop-10 note).
+    per-step token budget stays vLLM's (``max_num_batched_tokens``), not tied to the cap as in the
+    simulated engine (``docs/decisions/0043-vllm-budget-not-tied-to-cap.md``).
 ``chiron_preempt(request_ids) -> list[str]``
     Take requests out of the batch and hold them (MIXED instances make room for interactive work this
     way). vLLM v1 preemption is recompute-style: the request's KV blocks are freed, its generated tokens
@@ -23,15 +21,13 @@ methods below to ``EngineCore``:
     offload connectors refuse to run on CPU: ``../shared/notes/vllm-on-cpu.md``).
 ``chiron_resume(request_ids) -> list[str]``
     Put held requests back at the front of the waiting queue.
-Request ids are the caller's (vLLM appends ``-<8 random chars>`` internally; the hooks map both ways).
-
 ``chiron_state() -> dict``
     ``running``, ``waiting``, ``held`` (request-id lists), ``max_active``, ``max_num_seqs``,
     ``kv_cache_usage`` (fraction).
 
+Request ids are the caller's (vLLM appends ``-<8 random chars>`` internally; the hooks map both ways).
 These touch private scheduler fields (``running``, ``waiting``, ``max_num_active_reqs``,
-``_preempt_request``); ``tests/test_vllm_backend.py`` exercises every hook against the pinned version.
-"""
+``_preempt_request``); ``tests/test_vllm_backend.py`` exercises every hook against the pinned version."""
 
 from __future__ import annotations
 

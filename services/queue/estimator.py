@@ -1,82 +1,32 @@
 """Waiting-time estimator of the global batch queue (pure: no I/O, no clock; time comes in as arguments).
 
-What it answers
----------------
-For a request with ``k`` requests ahead of it (counting every request of the groups served before its own
-group, in earliest-deadline-first order, plus the earlier requests of its own group, FIFO), how long until
-it *starts* being served, as a mean and an upper quantile (default p95), in **seconds**, given the serving
-capacity of the model: the aggregate continuous-batching token throughput ``X`` (output tokens/s) of the
-instances serving batch work and their concurrency ``B`` (batch slots; one request per slot at a time,
-continuous batching: a queued request starts the moment any slot frees).
+For a request with ``k`` requests ahead of it (every request of the groups served before its own, earliest
+deadline first, plus the earlier requests of its own group, FIFO) it answers how long until it *starts* being
+served [s], as a mean and an upper quantile (default p95), given the model's serving capacity: output
+throughput ``X`` [tokens/s] over ``B`` batch slots (a queued request starts the moment any slot frees).
 
-The formula and its source
---------------------------
-The paper (Chiron, arXiv 2501.08090, §3.2 of ``../shared/notes/paper.md``; ``../shared/DESIGN.md`` §2):
-the total output tokens ``S_n`` of the ``n`` requests ahead is approximately ``Normal(n·μ, n·σ²)`` by the
-central limit theorem over the output-length distribution (mean ``μ``, variance ``σ²`` tokens), and the
-waiting time is that work divided by the continuous-batching throughput: ``W ≈ S_n / X``.
+Formula (Chiron, arXiv 2501.08090 §3.2, ``../shared/notes/paper.md``; ``../shared/DESIGN.md`` §2): the output
+tokens ``S_n`` of the ``n`` requests ahead are ``≈ Normal(n·μ, n·σ²)`` (CLT over the output lengths) and
+``W ≈ S_n / X``. With ``B`` slots the work identity of a busy server gives ``X·W_k = S_k − R_k`` exactly, ``R_k``
+being the work left in the other ``B − 1`` running requests (``O(B·μ)``, far from normal near ``k = B``), so
+the estimator works in slot tokens (``W·X/B``) and splits by position:
 
-With ``B`` slots that start free, the first ``B`` requests start at once, and for ``k ≥ B`` the work
-identity of a busy server gives ``X·W_k = S_k − R_k`` *exactly*, where ``R_k`` is the work still left in
-the other ``B − 1`` running requests when request ``k`` starts. ``R_k`` is ``O(B·μ)``: it makes the paper's
-``S_k / X`` biased high by about ``(B − 1)·E[L²]/(2μ)/X`` and it is far from normal when ``k`` is near ``B``
-(request ``B`` waits for the *minimum* of ``B`` lengths). We therefore work in *slot tokens*
-(``W·r`` with the per-slot rate ``r = X / B`` tokens/s) and split by position:
+* ``k < B + small_n_threshold``: a Monte-Carlo table built once per distribution update: ``M`` queues of lengths
+  drawn from the reservoir (rescaled to the Welford mean) through ``B`` slots (list scheduling), giving per
+  position the mean, variance, third central moment and quantile of the start time (``M·B·(B + threshold)``
+  numpy operations, ``M`` bounded by ``table_work_budget``).
+* beyond it, cumulants grow linearly from the table's edge ``e``: ``mean_k = m_e + (k−e)·μ/B``,
+  ``var_k = v_e + (k−e)·σ²/B²``, ``κ3_k = κ3_e + (k−e)·κ3(L)/B³``; the quantile is Cornish–Fisher,
+  ``mean_k + (z + (z²−1)·γ_k/6)·sqrt(var_k)`` with ``γ_k = κ3_k / var_k^1.5``, plus the edge's residual decayed
+  as ``sqrt(v_e / var_k)`` so the two regimes join. O(1) per position.
+* the learned mean's own uncertainty is added in quadrature (not while the prior is in use):
+  ``q ← mean + sqrt((q − mean)² + z²·mean²·σ²/(μ²·count))``.
 
-* **small n (``k < B + small_n_threshold``): Monte-Carlo table from the empirical distribution.** Once per
-  distribution update (not per refresh) we simulate ``M`` independent queues of ``B + small_n_threshold``
-  requests, with lengths drawn from the reservoir sample of observed output lengths, through ``B`` slots
-  (list scheduling = continuous batching, FIFO), and keep per position the mean, variance, third central
-  moment and the upper quantile of the start time. This is exact up to Monte-Carlo error (the n-fold sum of
-  the empirical distribution *and* the residual work of the running slots); it is what makes the quantile
-  right where the normal approximation of a skewed length distribution is weak (the paper's open question).
-  Cost: ``M·B·(B + threshold)`` element operations in numpy (``M`` is reduced for very large ``B`` to keep
-  that under ``table_work_budget``); with the defaults 20–65 ms for ``B`` from 1 to 256 on one CPU core.
-* **large n (``k ≥ B + small_n_threshold``): CLT from the table's edge.** Each further request adds one
-  length ``L`` of work shared by ``B`` slots, so from the last table position ``e`` the cumulants grow
-  linearly: ``mean_k = m_e + (k−e)·μ/B``, ``var_k = v_e + (k−e)·σ²/B²``, ``κ3_k = κ3_e + (k−e)·κ3(L)/B³``.
-  The quantile is the Cornish–Fisher (skew-corrected) normal quantile
-  ``mean_k + (z + (z²−1)·γ_k/6)·sqrt(var_k)`` with ``γ_k = κ3_k / var_k^1.5``, plus the table edge's
-  residual (empirical minus Cornish–Fisher quantile at ``e``) decayed as ``sqrt(v_e / var_k)``, so the two
-  regimes join continuously. All of this is arithmetic in ``k``: ``O(1)`` per position asked.
-* **uncertainty of the learned distribution.** The mean wait scales with ``μ``, and ``μ`` is learned from
-  ``count`` lengths (relative variance ``σ²/(μ²·count)``), so the quantile adds that in quadrature:
-  ``q ← mean + sqrt((q − mean)² + z²·mean²·σ²/(μ²·count))``. It matters only for ``k`` comparable to
-  ``count`` (at 20,000 requests ahead learned from 6,000 lengths it is the larger term; without it the p95 of
-  huge queues is over-confident). Not applied while the prior is in use (the prior is taken as given).
-
-Choice of the threshold: ``small_n_threshold = 256`` requests beyond the slots. Measured with ``chiron bench
-estimator`` (8 slots, ShareGPT / Azure-conversation lengths, 20 train/test splits): with a table covering
-only the first free slots (threshold 1, i.e. Cornish–Fisher from one request beyond the slots) the p95
-coverage at a queue of 50 is 0.897 / 0.915 (under-covers: the start time of the first waiting requests is
-a minimum of slot finish times, not a sum); thresholds 16, 64 and 256 all give 0.946–0.956 at 50, 200 and
-2,000. 256 keeps a wide margin for more skewed length distributions (skewness of the sum ``γ/√n`` ≤ 0.05 by
-then for these traces) at a table cost that stays small.
-
-Compared with the paper's formula used verbatim (``clt_normal``: ``S_k ~ Normal(kμ, kσ²)``, ``W = S_k/X``):
-with one slot both agree (the sums are near-normal from n ≈ 10 for these traces); with several slots the
-verbatim formula ignores the residual work ``R_k``, over-predicts by ``≈ (B−1)·E[L²]/(2μX)``, and its R² at a
-queue of 50 falls to 0.79 / 0.71 (8 slots), below zero from 16 slots, while this estimator stays at the
-ceiling set by the queue's own randomness.
-
-The reservoir sample is rescaled to the Welford mean (which saw every observation) before the table is built.
-
-Output-length distribution (per model)
---------------------------------------
-:class:`OutputLengthModel`: Welford online mean/variance (and third central moment) of all observed output
-lengths, plus a bounded reservoir sample (Vitter's Algorithm R, seeded, so deterministic) as the empirical
-distribution. Until ``min_observations`` lengths have been seen, the prior from config is used instead:
-its ``(mean, std)`` as the moments and a lognormal with that mean and std (a deterministic quantile grid) as
-the distribution.
-
-Cost of a stats refresh
------------------------
-:meth:`WaitingTimeEstimator.refresh` takes per-group *counts* (:class:`GroupSnapshot`), orders groups EDF,
-computes each group's first and last position by a running sum, and evaluates two positions per group:
-``O(G log G)`` for ``G`` groups, independent of how many requests are queued (1,000,000 queued requests in
-50 groups cost the same as 50). A table rebuild (at most once per ``rebuild_min_new``–``rebuild_max_new``
-new observations) is the only other cost; :meth:`WaitingTimeEstimator.prepare` builds it ahead, off the stats
-path.
+Why a table, and its threshold: ``docs/decisions/0041-estimator-small-n-table.md``. :class:`OutputLengthModel`
+(per model): Welford mean, variance and third moment of every observed length plus a seeded reservoir sample
+(Vitter's Algorithm R); before ``min_observations`` lengths, the configured prior ``(mean, std)`` as a lognormal.
+:meth:`WaitingTimeEstimator.refresh` costs ``O(G log G)`` for ``G`` groups whatever their sizes (per-group counts,
+:class:`GroupSnapshot`); :meth:`WaitingTimeEstimator.prepare` rebuilds a table off the stats path.
 """
 
 from __future__ import annotations

@@ -1,56 +1,32 @@
 """The queue store over PostgreSQL (psycopg 3): several interchangeable queue replicas over one database.
 
 ``chiron queue --db postgresql://user:password@host:port/dbname`` selects it (:func:`open_store`); a path keeps
-the embedded SQLite store (:class:`~services.queue.store.QueueStore`, the default). Both keep one contract: the
-same methods, results, errors, order and positions; ``tests/test_queue_store.py`` and
-``tests/test_batch_store.py`` run against both.
+the embedded SQLite store (:class:`~services.queue.store.QueueStore`). Both keep one contract (methods, results,
+errors, order, positions; ``tests/test_queue_store.py`` and ``tests/test_batch_store.py`` run against both). Apart:
 
-What differs from SQLite
-------------------------
-* **No per-process state.** Every answer is derived from the database at the moment of the call, so the
-  estimator's view is the same whichever replica answers:
-  - group aggregates (:meth:`PgQueueStore.groups`, :meth:`PgQueueStore.counts`) come from a per-group summary:
-    statement-level triggers on ``requests`` append one ``group_deltas`` row per (statement, group) in the
-    transaction that changes the rows, whatever the path (enqueue, lease, ack, return, cancel, expiry, purge,
-    or SQL by hand); :meth:`PgQueueStore.compact` (the service's maintenance task, every second; or ``groups()``
-    itself past a few thousand pending deltas) folds them into ``group_summary``. Deltas are append-only, so
-    concurrent enqueues into one group do not queue behind one hot row. ``groups()`` reads summary + deltas in
-    one snapshot plus one index probe per group for its head's arrival: O(groups), not O(requests) (a few ms at
-    1,000,000 queued; :meth:`PgQueueStore.recount_groups` is the from-scratch aggregate it always equals);
-  - the measured serving capacity (:class:`~services.queue.core.CapacityTracker`'s tokens over its window
-    and first-served time): every ack and every return with progress writes its new output tokens to ``served``
-    in its own transaction; :meth:`PgQueueStore.served_window` sums them (folded into per-second totals by
-    ``compact``), so each replica measures the whole fleet's throughput, not the ``1/N`` acked through it.
-  What is still per replica: the estimator's output-length distribution (learnt from the acks each replica
-  sees: the same distribution, fewer samples) and its prepared tables.
-* **Leases** are taken with ``SELECT … ORDER BY bucket, model, seq LIMIT n FOR UPDATE SKIP LOCKED``: the same
-  earliest-deadline-first, FIFO-inside order as SQLite; two replicas leasing at once get disjoint requests
-  (a row locked by one is skipped by the other). Ack / return / renew / cancel read their row ``FOR UPDATE`` and
-  check the current lease id in the same transaction, so only the current lease holder can complete a request.
-* **Sequence numbers** come from an identity column: FIFO inside a group is commit-order within one replica and
-  allocation order across replicas.
-* **Capacity** (``QueueConfig.capacity``) is checked against a count of outstanding rows that is at most one
-  second old, and recounted whenever the request would come close to the limit; concurrent enqueues through
-  several replicas can overshoot it by at most what they insert at the same moment.
-* **Clock.** Arrival, deadline and lease expiry are on each replica's clock (``time.time`` by default): keep the
-  replicas' clocks in sync (NTP), as lease expiry compares one replica's expiry with another's now.
-* **Loss of the database.** A call that finds the database gone raises ``QueueError("UNAVAILABLE")`` (the
-  service answers gRPC UNAVAILABLE); the next call reconnects, so the replica recovers by itself when the
-  database returns. A transaction cut in the middle is rolled back by PostgreSQL: nothing half-done remains.
-* **Start-up.** An unreachable URL, or a database created by another schema version or another
-  ``group_granularity_s``, stops the queue at start-up with the URL (password hidden) and the fix. A version-1
-  database (before the group summary and served tokens) is upgraded in place by the first replica that starts:
-  tables and triggers added, the summary counted once from the rows (one scan, under the setup lock).
+* **No per-process state**: every answer comes from the database, so it is the same whichever replica answers.
+  Group aggregates come from a per-group summary: statement-level triggers on ``requests`` append one
+  ``group_deltas`` row per (statement, group) in the changing transaction, whatever the path;
+  :meth:`PgQueueStore.compact` (the maintenance round, or ``groups()`` past a few thousand deltas) folds them into
+  ``group_summary``. Deltas are append-only, so concurrent enqueues into one group share no hot row; ``groups()``
+  is O(groups) (:meth:`PgQueueStore.recount_groups` is the from-scratch aggregate it always equals). Served
+  tokens (:class:`~services.queue.core.CapacityTracker`'s input) are written to ``served`` in each ack's and
+  return's transaction and summed by :meth:`PgQueueStore.served_window`: each replica measures the whole fleet.
+* **Leases**: ``SELECT … ORDER BY bucket, model, seq LIMIT n FOR UPDATE SKIP LOCKED`` (the SQLite order; replicas
+  leasing at once get disjoint requests). Ack / return / renew / cancel lock their row and check the current
+  lease id in the same transaction. ``seq`` is an identity column: FIFO is commit order within a replica.
+* **Capacity** is checked against an outstanding count at most one second old (recounted near the limit):
+  concurrent enqueues through several replicas can overshoot it by what they insert at the same moment.
+* **Clock**: times are each replica's; keep their clocks in sync (NTP): lease expiry compares across replicas.
+* **Loss of the database**: a call raises ``QueueError("UNAVAILABLE")`` (gRPC UNAVAILABLE) and the next call
+  reconnects; PostgreSQL rolls back a cut transaction. At start-up an unreachable URL, another schema version or
+  another ``group_granularity_s`` stops the queue with the URL (password hidden) and the fix; a version-1 database
+  is upgraded in place by the first replica (under the setup lock).
 
-High availability is PostgreSQL's: point ``--db`` at the primary of a streaming-replication pair or a managed
-service's endpoint, or at a proxy (HAProxy over Patroni, PgBouncer in session mode, or in transaction mode from 1.21 with
-``max_prepared_statements`` set: psycopg prepares statements it runs often) that
-follows the primary; after a fail-over the replicas reconnect by themselves. A committed call is durable as
-PostgreSQL's ``synchronous_commit`` (and synchronous standbys) make it.
-
-Threads: like the SQLite store, one store object is used from one thread (the queue server's event loop);
-calls block for one database round trip or a few.
-"""
+High availability is PostgreSQL's: point ``--db`` at the primary's endpoint or a proxy that follows it (HAProxy
+over Patroni; PgBouncer in session mode, or transaction mode from 1.21 with ``max_prepared_statements`` set);
+replicas reconnect after a fail-over. Threads: one store object per thread (the server's event loop); a call
+blocks for one database round trip or a few."""
 
 from __future__ import annotations
 

@@ -1,61 +1,33 @@
 """Durable, grouped, lease-based global batch queue store (pure Python + stdlib ``sqlite3``; no gRPC, no asyncio).
 
-What it is
-----------
-The queue service (``../shared/DESIGN.md`` §1, batch path) stores every accepted batch request durably, files
-it under a *request group* and hands requests out by **lease**: an engine agent leases work, streams results
-back and acks; a lease that expires (agent died) puts the work back. No accepted request is lost and nothing is
-ever completed twice: only the holder of a request's *current* lease can ack it.
+The queue (``../shared/DESIGN.md`` §1, batch path) stores every accepted batch request durably, files it under
+a *request group* and hands requests out by **lease**: an engine agent leases work, streams results back and
+acks; a lease that expires (agent died) puts the work back. Only the holder of a request's *current* lease can
+ack it, so nothing accepted is lost and nothing is completed twice.
 
-Groups and order
-----------------
-A request's deadline is ``deadline_s = arrival_s + ttft_slo_ms / 1000`` (seconds, the injected clock). Its group
-key is ``(model, bucket)`` with ``bucket = floor(deadline_s / group_granularity_s)`` and its group id is
-``f"{model}/{bucket}"`` (a model name may itself contain ``/``: split the id with ``rsplit("/", 1)``). Groups are
-served earliest-deadline-first (by bucket; for a lease over several models, ties by model name), requests
-inside a group first-in-first-out by their enqueue sequence number ``seq``. A returned or expired request keeps
-its ``seq``, so it is the next one served in its group. The *position* of a queued request is the number of
-queued requests served before it among requests of the **same model**: every queued request of the model's
-earlier buckets plus the queued requests of its own group with a smaller ``seq``, exactly the ``requests_ahead``
-of :meth:`services.queue.estimator.WaitingTimeEstimator.estimate`.
+**Groups and order.** ``deadline_s = arrival_s + ttft_slo_ms / 1000`` (seconds, the injected clock); the group
+key is ``(model, bucket)`` with ``bucket = floor(deadline_s / group_granularity_s)``, the group id
+``f"{model}/{bucket}"`` (split it with ``rsplit("/", 1)``: a model name may contain ``/``). Groups are served
+earliest-deadline-first (by bucket, ties by model name), requests inside a group FIFO by enqueue sequence
+``seq``; a returned or expired request keeps its ``seq``. A queued request's *position* (the estimator's
+``requests_ahead``) counts the queued requests of its model served before it. A group's ``deadline_s`` is the start
+of its bucket: a lower bound of its deadlines (by under one granularity), stable while it drains.
 
-A group's ``deadline_s`` (:class:`GroupStats`, and :class:`~services.queue.estimator.GroupSnapshot` from
-:meth:`QueueStore.group_snapshots`) is the **start of its bucket**, ``bucket · group_granularity_s``: a lower
-bound of every deadline in the group (by less than one granularity), stable while the group drains, and so a
-conservative deadline for the scaler's slack (the exact earliest deadline would need a per-request structure
-in memory or an extra index; for batch SLOs of minutes to hours a 60 s granularity costs at most 60 s of slack).
+**Durability.** SQLite in WAL mode, ``synchronous=NORMAL``: every public mutating call is one transaction
+committed before it returns, so it survives ``kill -9``; a power loss may lose the transactions since the last
+WAL checkpoint (the database stays consistent). ``locking_mode=EXCLUSIVE``: one store owns a database file at a
+time, because the per-group aggregates live in its memory; a second opener gets
+``QueueError(FAILED_PRECONDITION)``. Opening rebuilds the aggregates (one scan of queued and leased rows); LEASED
+requests come back to the queue when their lease expires (:meth:`QueueStore.expire_leases`, also run by every
+:meth:`QueueStore.lease`).
 
-Durability
-----------
-SQLite in WAL mode with ``synchronous=NORMAL``: every public mutating call is one transaction (or one
-auto-committed statement) committed before it returns, so a committed call survives ``kill -9`` of the process;
-a power loss or OS crash may lose the last transactions committed since the last WAL checkpoint (the database
-stays consistent). The file is opened with ``locking_mode=EXCLUSIVE``: one store (one process, one connection)
-owns a database file at a time, because the per-group aggregates live in that process's memory; a second opener
-gets ``QueueError(FAILED_PRECONDITION)``. At open the aggregates are rebuilt from the database (one scan of the
-queued and leased rows: seconds for a million); LEASED requests stay leased until their lease expires, then come
-back to the queue (:meth:`QueueStore.expire_leases`, also run at the start of every :meth:`QueueStore.lease`).
+**Cost.** Prompts and resume tokens live only in the database (int32 little-endian bytes); memory holds a few
+numbers per group (:class:`_Group`) plus SQLite's page cache (``cache_size_kib``). :meth:`QueueStore.groups` is
+``O(G)`` for ``G`` groups whatever the number of requests; :meth:`QueueStore.get` is an indexed lookup plus a
+``COUNT`` over the shorter side of its group. Throughput and memory measured: ``docs/decisions/0042-queue-store.md``.
 
-Memory and cost
----------------
-Prompts and resume tokens live only in the database (int32 little-endian bytes); memory holds a few numbers per
-*group* (:class:`_Group`) plus SQLite's page cache (``cache_size_kib``, default 64 MiB). :meth:`QueueStore.groups`
-and :meth:`QueueStore.group_snapshots` are ``O(G)`` for ``G`` groups, independent of the number of requests.
-:meth:`QueueStore.get` is one indexed lookup plus, for a queued request, an indexed ``COUNT`` over the part of
-its group on the shorter side of it (``O(G + min(ahead, behind))`` index entries, about 20 ns each).
-
-Measured in-process on a shared 2-core machine (another benchmark running, so ±50 %): ``enqueue`` one at a time
-with a commit per call 25,000/s (≈30 µs CPU each; 9,000/s at the worst moment of contention), ``enqueue_many``
-(batches of 1,000–5,000) 60,000–75,000/s, ``lease(…, 100)`` 23,000–27,000 requests/s. With 1,000,000 queued requests
-of 200-token prompts in 51 groups: process RSS 134 MB (database file 1.06 GB), ``groups()`` 0.06 ms, ``get()``
-0.03–0.6 ms (a group of 20,000), reopen (aggregate rebuild) 3 s.
-
-Threads
--------
-A store object must be used from the one thread that created it (the queue server calls it from its asyncio
-event loop; calls are short and never block on other processes). SQLite's ``check_same_thread`` enforces this:
-a call from another thread raises ``sqlite3.ProgrammingError``.
-"""
+**Threads.** Use a store from the thread that created it (the queue server's asyncio loop); SQLite's
+``check_same_thread`` raises ``sqlite3.ProgrammingError`` otherwise."""
 
 from __future__ import annotations
 
