@@ -21,14 +21,14 @@ import math
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
 from chiron.v1 import batch_pb2_grpc, queue_pb2, queue_pb2_grpc, types_pb2
-from services.common.grpc_util import create_server, mark_serving, settle_heap, status_code, timestamp
+from services.common.grpc_util import status_code, timestamp
 from services.common.metrics import QueueMetrics
+from services.common.serving import RunningService, every_interval, start_server
 from services.queue.batch_service import BatchApiService
 from services.queue.batches import BatchStore
 from services.queue.core import CapacityTracker, QueueCore
@@ -203,21 +203,17 @@ class QueueService(QueueCore, queue_pb2_grpc.QueueServicer):
         return queue_pb2.QueueGetStatsResponse(stats=self.stats())
 
     async def WatchStats(self, request: queue_pb2.QueueWatchStatsRequest, context):
-        interval = max(request.interval_ms or 1000, 50) / 1e3
-        while True:
-            yield queue_pb2.QueueWatchStatsResponse(stats=self.stats())
-            await asyncio.sleep(interval)
+        async for msg in every_interval(lambda: queue_pb2.QueueWatchStatsResponse(stats=self.stats()),
+                                        request.interval_ms):
+            yield msg
 
 
-@dataclass
-class RunningQueue:
-    server: grpc.aio.Server
+class RunningQueue(RunningService):
     service: QueueService
-    port: int
 
     async def stop(self, grace_s: float = 1.0) -> None:
-        await self.server.stop(grace_s)
-        await self.service.stop()
+        """Stop the server and the service, then close the store."""
+        await super().stop(grace_s)
         self.service.store.close()
 
 
@@ -270,10 +266,6 @@ async def serve(config: QueueConfig, host: str = "127.0.0.1", port: int = 0,
         queue_pb2_grpc.add_QueueServicer_to_server(service, s)
         batch_pb2_grpc.add_BatchApiServicer_to_server(batch_api, s)
 
-    server, health_servicer, bound = create_server(add, name, host, port)
-    await service.start()
-    await server.start()
-    settle_heap()
-    await mark_serving(health_servicer, name)
+    server, _health, bound = await start_server(add, name, host, port, before_start=lambda _h: service.start())
     log.info("queue serving on %s:%d (store %s)", host, bound, getattr(store, "url", config.db_path))
     return RunningQueue(server, service, bound)
