@@ -1,7 +1,6 @@
 """``chiron soak``: a local cluster under steady load for N minutes, sampling every process's memory and descriptors.
 
-A benchmark (issue 29), not a CI test. It starts a local cluster with :func:`services.cluster.start_cluster`
-(as ``chiron up`` / ``chiron demo`` do; simulated engines), then for ``minutes`` of wall time:
+A benchmark, not a CI test: a local cluster (:func:`services.cluster.start_cluster`), for ``minutes`` of wall time:
 
 * **Load**: interactive requests at a constant rate (``interactive_rate_per_s``) as streaming ``POST
   /v1/completions`` through the OpenAI-compatible gateway (so gateway → router → engine), at most
@@ -11,9 +10,8 @@ A benchmark (issue 29), not a CI test. It starts a local cluster with :func:`ser
 * **Sampling**: every ``interval_s`` seconds, every process of the cluster: etcd, queue, router, gateway,
   scaler (a part the supervisor restarted appears as a new pid), every process below them (the scaler's engine
   agents) and every ``chiron engine`` whose port file is under the cluster's ``engines`` folder (an engine
-  whose scaler died). Each process is tracked by pid with its role and name; a sample is ``[t_s, rss_bytes,
-  open_fds]`` with ``t_s`` seconds since the load started, read from ``/proc/PID/status`` (``VmRSS``) and
-  ``/proc/PID/fd`` (Linux; psutil is not a dependency).
+  whose scaler died), tracked by pid with role and name; a sample is ``[t_s, rss_bytes, open_fds]`` (``t_s``:
+  seconds since the load started) from ``/proc/PID/status`` (``VmRSS``) and ``/proc/PID/fd`` (Linux).
 
 **Summary per process** (:func:`summarize_process`, a pure function), over the *window*: the last 50 minutes of
 the run (``--minutes`` ≥ 60), else the last ``minutes − 10`` minutes, but at least the second half of the run
@@ -27,9 +25,8 @@ the run (``--minutes`` ≥ 60), else the last ``minutes − 10`` minutes, but at
   minutes, over the process's samples in the window; ``fd_drift`` = |slope| × span (the window's length for a
   process that covers it, else the minutes it was sampled in the window); ``fd_flat`` = ``fd_drift`` ≤ 2.
 
-**Targets** (issue 29, for ``--minutes 60``): every process that covers the window has ``rss_growth_pct`` ≤ 5
-and a flat descriptor count. ``targets.met`` says whether all of them do; processes that did not cover the
-window (engines the scaler added or removed) are listed but not judged.
+**Targets** (``--minutes 60``): every process that covers the window has ``rss_growth_pct`` ≤ 5 and a flat
+descriptor count (``targets.met``); processes that did not (engines the scaler added or removed) are not judged.
 """
 
 from __future__ import annotations
@@ -374,11 +371,46 @@ async def _batch_outcomes(router: str, ids: list[str]) -> dict[str, int]:
 # ---------------------------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------------------------
+async def _load_and_sample(cluster, cfg: SoakConfig, stats: LoadStats, rng: np.random.Generator,
+                           progress) -> tuple[Sampler, int]:
+    """Load ``cluster`` (interactive through the gateway, batch through the router) for ``cfg.minutes`` while
+    sampling every process of it every ``cfg.interval_s``; returns the sampler and the number of samples."""
+    import httpx
+
+    total_s = cfg.minutes * 60.0
+    t0 = time.monotonic()
+    end = t0 + total_s
+    sampler = Sampler(t0)
+
+    def pids() -> dict[int, tuple[str, str]]:
+        roots = {n: p.pid for n, p in cluster.procs.items() if p.poll() is None}
+        if cluster.etcd.running and cluster.etcd.proc is not None:
+            roots["etcd"] = cluster.etcd.proc.pid
+        return discover(roots, cluster.work / "engines")
+
+    async with httpx.AsyncClient(timeout=httpx.Timeout(120.0, connect=10.0),
+                                 limits=httpx.Limits(max_connections=cfg.max_in_flight)) as client:
+        load = [asyncio.create_task(_interactive_load(client, cluster.gateway_url, cfg, stats, end, rng)),
+                asyncio.create_task(_batch_load(cluster.endpoint("router"), cfg, stats, end, rng))]
+        k = 0
+        while True:
+            now = time.monotonic()
+            at = t0 + k * cfg.interval_s
+            if at > end + 1e-6:
+                break
+            await asyncio.sleep(max(0.0, at - now))
+            found = await asyncio.to_thread(pids)
+            await asyncio.to_thread(sampler.sample, found)
+            k += 1
+            if progress:
+                progress(min(time.monotonic() - t0, total_s), total_s)
+        await asyncio.gather(*load, return_exceptions=True)
+    return sampler, k
+
+
 async def run_soak(cfg: SoakConfig, progress=None, on_message=None) -> dict:
     """Start a local cluster, load it and sample it for ``cfg.minutes``, stop it; return the report.
     ``progress(elapsed_s, total_s)`` is called after every sample; ``on_message(str)`` with cluster messages."""
-    import httpx
-
     from services.cluster import ClusterConfig, start_cluster
 
     say = on_message or (lambda _m: None)
@@ -388,37 +420,8 @@ async def run_soak(cfg: SoakConfig, progress=None, on_message=None) -> dict:
     startup_s = time.monotonic() - t_start_cluster
     stats = LoadStats()
     rng = np.random.default_rng(0)
-    total_s = cfg.minutes * 60.0
-    samples_taken = 0
     try:
-        t0 = time.monotonic()
-        end = t0 + total_s
-        sampler = Sampler(t0)
-
-        def pids() -> dict[int, tuple[str, str]]:
-            roots = {n: p.pid for n, p in cluster.procs.items() if p.poll() is None}
-            if cluster.etcd.running and cluster.etcd.proc is not None:
-                roots["etcd"] = cluster.etcd.proc.pid
-            return discover(roots, cluster.work / "engines")
-
-        async with httpx.AsyncClient(timeout=httpx.Timeout(120.0, connect=10.0),
-                                     limits=httpx.Limits(max_connections=cfg.max_in_flight)) as client:
-            load = [asyncio.create_task(_interactive_load(client, cluster.gateway_url, cfg, stats, end, rng)),
-                    asyncio.create_task(_batch_load(cluster.endpoint("router"), cfg, stats, end, rng))]
-            k = 0
-            while True:
-                now = time.monotonic()
-                at = t0 + k * cfg.interval_s
-                if at > end + 1e-6:
-                    break
-                await asyncio.sleep(max(0.0, at - now))
-                found = await asyncio.to_thread(pids)
-                await asyncio.to_thread(sampler.sample, found)
-                samples_taken += 1
-                k += 1
-                if progress:
-                    progress(min(time.monotonic() - t0, total_s), total_s)
-            await asyncio.gather(*load, return_exceptions=True)
+        sampler, samples_taken = await _load_and_sample(cluster, cfg, stats, rng, progress)
         # The run's end: the last sampling time (every covering process has a sample there).
         run_end_s = max((s["samples"][-1][0] for s in sampler.processes.values() if s["samples"]), default=0.0)
         batch_states = await _batch_outcomes(cluster.endpoint("router"), stats.batch_ids)

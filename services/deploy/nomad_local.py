@@ -24,11 +24,9 @@ command's ``${...}`` runtime references filled from it (an unresolved one fails 
 check passes. Stopping (job-specification/task#kill_timeout): deregister, ``shutdown_delay``, ``kill_signal``
 (default SIGINT), SIGKILL to the process group ``kill_timeout`` (default 5 s) later.
 
-Not modelled: evaluations and the scheduler (placement always succeeds; no devices, so no
-``NVIDIA_VISIBLE_DEVICES``), deployments, blocking queries, registration through the API, ACL policies beyond
-one token, restarts and rescheduling (an exited task fails its allocation), template re-rendering, Vault, Nomad
-variables, and every other endpoint (404).
-"""
+Not modelled: evaluations and the scheduler (placement always succeeds; no devices: no ``NVIDIA_VISIBLE_DEVICES``),
+deployments, blocking queries, registration through the API, ACL beyond one token, restarts and rescheduling (an
+exited task fails its allocation), template re-rendering, Vault, Nomad variables, every other endpoint (404)."""
 
 from __future__ import annotations
 
@@ -658,6 +656,8 @@ class LocalExecutor:
         alloc.client_status = "failed"
 
     def _run(self, alloc: Allocation, rec: AllocationRecord, stop: threading.Event) -> None:
+        """Run one allocation: its directories and runtime environment, its templates, then its command,
+        supervised until ``stop``; every failure is the allocation's (``rec.error``)."""
         job = self.jobs[alloc.job_id]
         group = job.groups[alloc.group]
         if len(group.tasks) != 1:
@@ -672,51 +672,9 @@ class LocalExecutor:
         rec.log_dir = str(shared / "logs")
         ip = "127.0.0.1"
         ports = {label: (static if static is not None else _free_port()) for label, static in group.ports.items()}
-        env = {k: os.environ[k] for k in _BASE_ENV if k in os.environ}
-        env |= self.extra_env
-        env |= {"NOMAD_ALLOC_DIR": str(shared), "NOMAD_TASK_DIR": str(task_dir / "local"),
-                "NOMAD_SECRETS_DIR": str(task_dir / "secrets"), "NOMAD_ALLOC_ID": alloc.id,
-                "NOMAD_SHORT_ALLOC_ID": alloc.id[:8], "NOMAD_ALLOC_NAME": f"{alloc.job_id}.{alloc.group}[{alloc.index}]",
-                "NOMAD_ALLOC_INDEX": str(alloc.index), "NOMAD_JOB_ID": job.id, "NOMAD_JOB_NAME": job.id,
-                "NOMAD_GROUP_NAME": group.name, "NOMAD_TASK_NAME": task.name, "NOMAD_NAMESPACE": alloc.namespace,
-                "NOMAD_REGION": "global", "NOMAD_DC": "dc1"}
-        for label, port in ports.items():
-            env |= {f"NOMAD_IP_{label}": ip, f"NOMAD_HOST_IP_{label}": ip, f"NOMAD_PORT_{label}": str(port),
-                    f"NOMAD_HOST_PORT_{label}": str(port), f"NOMAD_ADDR_{label}": f"{ip}:{port}",
-                    f"NOMAD_HOST_ADDR_{label}": f"{ip}:{port}"}
-        if task.identity_env:
-            env["NOMAD_TOKEN"] = self.identity_token
-        for k, v in task.env.items():
-            env[k] = interpolate_runtime(v, env)[0]
-        # Templates: consul-template blocks until every service it lists has a healthy instance.
-        deadline = time.monotonic() + self.template_timeout_s
-        for tpl in task.templates:
-            while True:
-                if stop.is_set():
-                    alloc.client_status = "complete"
-                    rec.stopped_at = time.monotonic()
-                    return
-                try:
-                    text = render(tpl.data, Context(env=dict(env), service=self.catalog.lookup))
-                    break
-                except ServiceNotReady as e:
-                    if time.monotonic() > deadline:
-                        self._fail(alloc, rec, f"template {tpl.destination}: service {e.name!r} had no healthy "
-                                               f"instance within {self.template_timeout_s:g} s")
-                        return
-                    self.catalog.wait_changed(0.2)
-                except TemplateError as e:
-                    self._fail(alloc, rec, f"template {tpl.destination}: {e}")
-                    return
-            dest = task_dir / tpl.destination
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            dest.write_text(text)
-            if tpl.env:
-                try:
-                    env |= parse_env_file(text)
-                except TemplateError as e:
-                    self._fail(alloc, rec, f"template {tpl.destination}: {e}")
-                    return
+        env = self._runtime_env(alloc, job, group, task, shared, task_dir, ip, ports)
+        if not self._render_templates(alloc, rec, stop, task, task_dir, env):
+            return
         argv, missing = task.runtime_command(env)
         if missing:
             self._fail(alloc, rec, f"unresolved runtime reference(s) {', '.join('${' + m + '}' for m in missing)} "
@@ -747,6 +705,62 @@ class LocalExecutor:
         rec.started_at = time.monotonic()
         alloc.client_status = "running"
         self._supervise(alloc, rec, stop, proc, group, task, ip, ports)
+
+    def _runtime_env(self, alloc: Allocation, job: JobSpec, group: GroupSpec, task: Any, shared: Path,
+                     task_dir: Path, ip: str, ports: Mapping[str, int]) -> dict[str, str]:
+        """Nomad's runtime environment of the allocation's task, then the task's own ``env`` (interpolated)."""
+        env = {k: os.environ[k] for k in _BASE_ENV if k in os.environ}
+        env |= self.extra_env
+        env |= {"NOMAD_ALLOC_DIR": str(shared), "NOMAD_TASK_DIR": str(task_dir / "local"),
+                "NOMAD_SECRETS_DIR": str(task_dir / "secrets"), "NOMAD_ALLOC_ID": alloc.id,
+                "NOMAD_SHORT_ALLOC_ID": alloc.id[:8], "NOMAD_ALLOC_NAME": f"{alloc.job_id}.{alloc.group}[{alloc.index}]",
+                "NOMAD_ALLOC_INDEX": str(alloc.index), "NOMAD_JOB_ID": job.id, "NOMAD_JOB_NAME": job.id,
+                "NOMAD_GROUP_NAME": group.name, "NOMAD_TASK_NAME": task.name, "NOMAD_NAMESPACE": alloc.namespace,
+                "NOMAD_REGION": "global", "NOMAD_DC": "dc1"}
+        for label, port in ports.items():
+            env |= {f"NOMAD_IP_{label}": ip, f"NOMAD_HOST_IP_{label}": ip, f"NOMAD_PORT_{label}": str(port),
+                    f"NOMAD_HOST_PORT_{label}": str(port), f"NOMAD_ADDR_{label}": f"{ip}:{port}",
+                    f"NOMAD_HOST_ADDR_{label}": f"{ip}:{port}"}
+        if task.identity_env:
+            env["NOMAD_TOKEN"] = self.identity_token
+        for k, v in task.env.items():
+            env[k] = interpolate_runtime(v, env)[0]
+        return env
+
+    def _render_templates(self, alloc: Allocation, rec: AllocationRecord, stop: threading.Event, task: Any,
+                          task_dir: Path, env: dict[str, str]) -> bool:
+        """Render the task's templates into ``task_dir`` (``env = true`` ones also into ``env``), each blocking, as
+        consul-template does, until every service it lists has a healthy instance. Returns False when the
+        allocation failed or was stopped meanwhile."""
+        deadline = time.monotonic() + self.template_timeout_s
+        for tpl in task.templates:
+            while True:
+                if stop.is_set():
+                    alloc.client_status = "complete"
+                    rec.stopped_at = time.monotonic()
+                    return False
+                try:
+                    text = render(tpl.data, Context(env=dict(env), service=self.catalog.lookup))
+                    break
+                except ServiceNotReady as e:
+                    if time.monotonic() > deadline:
+                        self._fail(alloc, rec, f"template {tpl.destination}: service {e.name!r} had no healthy "
+                                               f"instance within {self.template_timeout_s:g} s")
+                        return False
+                    self.catalog.wait_changed(0.2)
+                except TemplateError as e:
+                    self._fail(alloc, rec, f"template {tpl.destination}: {e}")
+                    return False
+            dest = task_dir / tpl.destination
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_text(text)
+            if tpl.env:
+                try:
+                    env |= parse_env_file(text)
+                except TemplateError as e:
+                    self._fail(alloc, rec, f"template {tpl.destination}: {e}")
+                    return False
+        return True
 
     def _supervise(self, alloc: Allocation, rec: AllocationRecord, stop: threading.Event, proc: subprocess.Popen,
                    group: GroupSpec, task: Any, ip: str, ports: Mapping[str, int]) -> None:
