@@ -9,53 +9,9 @@ microseconds per request.
 Names follow the Prometheus conventions: ``chiron_`` prefix, base units (seconds, ratios 0..1, tokens),
 ``_total`` counters. Label ``instance_id`` (not ``instance``, which Prometheus sets to the scrape target).
 
-Requests (router and queue; one name, each process exports the label values it sees; sum over jobs):
-
-- ``chiron_requests_total{class, outcome}`` counter: requests that reached a final outcome. ``class``:
-  ``interactive`` | ``batch``; ``outcome``: ``ok`` | ``rejected`` (admission control, invalid request) |
-  ``error`` | ``cancelled``. Interactive requests are counted by the router when their stream ends; batch
-  ones by the router when ``Submit`` fails (rejected, error) and by the queue when acked (ok) or cancelled.
-- ``chiron_request_ttft_seconds{class}`` histogram [s]: time to first token. Interactive: router arrival to
-  the first chunk with tokens (router); batch: queue arrival to the first lease (queue), as in replay reports.
-- ``chiron_request_itl_seconds{class}`` histogram [s]: time between successive chunks of one interactive
-  stream (router; one token per chunk from the engines).
-- ``chiron_slo_met_total{class}`` counter: requests that met their SLO. Interactive: a stream that ended ok
-  with TTFT ≤ its TTFT SLO and mean ITL ≤ its ITL SLO; batch: first lease by its deadline (arrival + TTFT SLO),
-  counted at that lease. SLO attainment = ``rate(chiron_slo_met_total) / rate(chiron_requests_total)`` by class
-  (batch: over windows longer than a request's service time).
-
-Queue (groups read from the service's state at scrape time; a group that empties out disappears):
-
-- ``chiron_queue_requests{group, model, state}`` gauge [requests], ``state``: ``queued`` | ``leased``;
-- ``chiron_queue_estimated_wait_seconds{group, model, stat}`` gauge [s]: estimated wait until the group's last
-  queued request starts, ``stat``: ``mean`` | ``p95`` (+Inf while the serving capacity is unknown);
-- ``chiron_queue_group_slack_seconds{group, model}`` gauge [s]: deadline − now − wait p95 (< 0: a projected
-  TTFT SLO violation); ``chiron_queue_group_deadline_timestamp_seconds{group, model}`` gauge [Unix s];
-- ``chiron_queue_capacity_tokens_per_second{model}`` / ``chiron_queue_capacity_slots{model}`` gauges: batch
-  serving capacity the estimates assume (output tokens/s; concurrent leases);
-- ``chiron_queue_enqueued_total{model}``, ``chiron_queue_returned_total{model}`` (given back by an engine:
-  eviction, drain) counters [requests].
-
-Scaler (set at every decision):
-
-- ``chiron_scaler_desired_instances{role, reason}`` gauge [instances]: the last decision's desired count; one
-  series per role, ``reason`` the short code of what shaped it (:data:`services.global_scaler.policy.REASON_CODES`);
-- ``chiron_scaler_running_instances{role}`` gauge [instances]: instances serving when it decided;
-- ``chiron_scaler_wanted_instances{role}`` gauge [instances]: what the load asks for before rounding and limits;
-- ``chiron_scaler_decisions_total{role, reason}``, ``chiron_scaler_provider_errors_total{role}`` counters;
-- ``chiron_scaler_overprovisioning_ratio`` (Θ) and ``chiron_scaler_batch_backpressure`` (BBP) gauges [ratio].
-
-Engine (one engine per process; read from the agent at scrape time; labels ``instance_id, role, model``):
-
-- gauges ``chiron_engine_max_batch_size`` (the local autoscaler's current cap), ``chiron_engine_running_requests``,
-  ``chiron_engine_waiting_requests``, ``chiron_engine_batch_requests`` [requests];
-  ``chiron_engine_kv_cache_usage_ratio`` [0..1]; ``chiron_engine_kv_cache_capacity_tokens`` [tokens];
-  ``chiron_engine_throughput_tokens_per_second``; ``chiron_engine_window_itl_seconds{quantile}`` and
-  ``chiron_engine_window_ttft_seconds{quantile}`` [s] over the agent's stats window; ``chiron_engine_itl_slo_seconds``;
-  ``chiron_engine_latency_backpressure_ratio`` and ``chiron_engine_throughput_backpressure_ratio``;
-- counters ``chiron_engine_preemptions_total``, ``chiron_engine_generated_tokens_total`` [tokens],
-  ``chiron_engine_finished_requests_total``, ``chiron_engine_batch_finished_requests_total`` [requests],
-  ``chiron_engine_late_control_steps_total`` (local-autoscaler steps over 3 intervals late: a stalled agent or engine).
+The metrics each service exports, with their labels and units, are listed in the docstrings of
+:func:`_request_families` (router and queue), :class:`QueueMetrics`, :class:`ScalerMetrics` and
+:class:`EngineMetrics`; ``docs/operations.md`` lists their names.
 """
 
 from __future__ import annotations
@@ -160,6 +116,23 @@ class ServiceMetrics:
 
 
 def _request_families(registry: CollectorRegistry) -> tuple[Counter, Histogram, Counter]:
+    """The request families in ``registry``: (requests, TTFT, SLO met).
+
+    Requests (router and queue; one name, each process exports the label values it sees; sum over jobs):
+
+    - ``chiron_requests_total{class, outcome}`` counter: requests that reached a final outcome. ``class``:
+      ``interactive`` | ``batch``; ``outcome``: ``ok`` | ``rejected`` (admission control, invalid request) |
+      ``error`` | ``cancelled``. Interactive requests are counted by the router when their stream ends; batch
+      ones by the router when ``Submit`` fails (rejected, error) and by the queue when acked (ok) or cancelled.
+    - ``chiron_request_ttft_seconds{class}`` histogram [s]: time to first token. Interactive: router arrival to
+      the first chunk with tokens (router); batch: queue arrival to the first lease (queue), as in replay reports.
+    - ``chiron_request_itl_seconds{class}`` histogram [s]: time between successive chunks of one interactive
+      stream (router; one token per chunk from the engines).
+    - ``chiron_slo_met_total{class}`` counter: requests that met their SLO. Interactive: a stream that ended ok
+      with TTFT ≤ its TTFT SLO and mean ITL ≤ its ITL SLO; batch: first lease by its deadline (arrival + TTFT SLO),
+      counted at that lease. SLO attainment = ``rate(chiron_slo_met_total) / rate(chiron_requests_total)`` by class
+      (batch: over windows longer than a request's service time).
+    """
     requests = Counter("chiron_requests_total", "Requests that reached a final outcome, by class (interactive, batch) and "
                        "outcome (ok, rejected, error, cancelled) [requests].", ["class", "outcome"], registry=registry)
     ttft = Histogram("chiron_request_ttft_seconds", "Time to first token [s]: interactive from router arrival to the first "
@@ -171,7 +144,7 @@ def _request_families(registry: CollectorRegistry) -> tuple[Counter, Histogram, 
 
 
 class RouterMetrics(ServiceMetrics):
-    """The router's request counters and TTFT/ITL histograms (module docstring)."""
+    """The router's request counters and TTFT/ITL histograms (:func:`_request_families`)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -234,8 +207,21 @@ class StreamTimer:
 
 
 class QueueMetrics(ServiceMetrics):
-    """The queue's batch request counters, batch TTFT and per-group gauges. ``stats``: the service's current
-    :class:`chiron.v1.QueueStats` (called on the service's loop at scrape time)."""
+    """The queue's batch request counters, batch TTFT (:func:`_request_families`) and per-group gauges.
+    ``stats``: the service's current :class:`chiron.v1.QueueStats` (called on the service's loop at scrape time).
+
+    Queue (groups read from the service's state at scrape time; a group that empties out disappears):
+
+    - ``chiron_queue_requests{group, model, state}`` gauge [requests], ``state``: ``queued`` | ``leased``;
+    - ``chiron_queue_estimated_wait_seconds{group, model, stat}`` gauge [s]: estimated wait until the group's last
+      queued request starts, ``stat``: ``mean`` | ``p95`` (+Inf while the serving capacity is unknown);
+    - ``chiron_queue_group_slack_seconds{group, model}`` gauge [s]: deadline − now − wait p95 (< 0: a projected
+      TTFT SLO violation); ``chiron_queue_group_deadline_timestamp_seconds{group, model}`` gauge [Unix s];
+    - ``chiron_queue_capacity_tokens_per_second{model}`` / ``chiron_queue_capacity_slots{model}`` gauges: batch
+      serving capacity the estimates assume (output tokens/s; concurrent leases);
+    - ``chiron_queue_enqueued_total{model}``, ``chiron_queue_returned_total{model}`` (given back by an engine:
+      eviction, drain) counters [requests].
+    """
 
     def __init__(self, stats: Callable[[], queue_pb2.QueueStats]) -> None:
         super().__init__()
@@ -303,7 +289,17 @@ class _RoleDecision(Protocol):
 
 
 class ScalerMetrics(ServiceMetrics):
-    """The global scaler's last decision per role (module docstring)."""
+    """The global scaler's last decision per role.
+
+    Scaler (set at every decision):
+
+    - ``chiron_scaler_desired_instances{role, reason}`` gauge [instances]: the last decision's desired count; one
+      series per role, ``reason`` the short code of what shaped it (:data:`services.global_scaler.policy.REASON_CODES`);
+    - ``chiron_scaler_running_instances{role}`` gauge [instances]: instances serving when it decided;
+    - ``chiron_scaler_wanted_instances{role}`` gauge [instances]: what the load asks for before rounding and limits;
+    - ``chiron_scaler_decisions_total{role, reason}``, ``chiron_scaler_provider_errors_total{role}`` counters;
+    - ``chiron_scaler_overprovisioning_ratio`` (Θ) and ``chiron_scaler_batch_backpressure`` (BBP) gauges [ratio].
+    """
 
     def __init__(self) -> None:
         super().__init__()
@@ -344,7 +340,20 @@ _ROLE_LABEL = {v: k.removeprefix("INSTANCE_ROLE_").lower() for k, v in types_pb2
 
 class EngineMetrics(ServiceMetrics):
     """One engine agent's gauges and counters, read from ``stats`` (its current :class:`chiron.v1.EngineStats`,
-    called on the agent's loop at scrape time)."""
+    called on the agent's loop at scrape time).
+
+    Engine (one engine per process; read from the agent at scrape time; labels ``instance_id, role, model``):
+
+    - gauges ``chiron_engine_max_batch_size`` (the local autoscaler's current cap), ``chiron_engine_running_requests``,
+      ``chiron_engine_waiting_requests``, ``chiron_engine_batch_requests`` [requests];
+      ``chiron_engine_kv_cache_usage_ratio`` [0..1]; ``chiron_engine_kv_cache_capacity_tokens`` [tokens];
+      ``chiron_engine_throughput_tokens_per_second``; ``chiron_engine_window_itl_seconds{quantile}`` and
+      ``chiron_engine_window_ttft_seconds{quantile}`` [s] over the agent's stats window; ``chiron_engine_itl_slo_seconds``;
+      ``chiron_engine_latency_backpressure_ratio`` and ``chiron_engine_throughput_backpressure_ratio``;
+    - counters ``chiron_engine_preemptions_total``, ``chiron_engine_generated_tokens_total`` [tokens],
+      ``chiron_engine_finished_requests_total``, ``chiron_engine_batch_finished_requests_total`` [requests],
+      ``chiron_engine_late_control_steps_total`` (local-autoscaler steps over 3 intervals late: a stalled agent or engine).
+    """
 
     def __init__(self, stats: Callable[[], types_pb2.EngineStats]) -> None:
         super().__init__()
