@@ -1,61 +1,29 @@
 """``chiron bench fidelity``: the simulator against a live local cluster on the same trace slice.
 
-Target (the issue): given the same 5-minute slice of the Azure conversation trace
-(``../shared/data/traces/azure_llm_2023/AzureLLMInferenceTrace_conv.csv``, Microsoft, CC-BY-4.0, loaded by
-:func:`services.common.traces.load_azure_trace`), the simulator (:mod:`simulator.fleet`) and a live cluster
-(:func:`services.cluster.start_cluster`: etcd, queue, router, scaler with the ``local`` provider starting
-simulated engine agents, as ``chiron up`` / ``chiron demo``) agree on interactive SLO attainment within 3
-percentage points and on GPU-seconds within 10%.
+Targets: on the same slice of the Azure conversation trace (``AzureLLMInferenceTrace_conv.csv``, Microsoft,
+CC-BY-4.0, :func:`services.common.traces.load_azure_trace`), the simulator (:mod:`simulator.fleet`) and a live
+cluster (:func:`services.cluster.start_cluster`, simulated engines) agree on interactive SLO attainment within 3
+percentage points and on GPU-seconds within 10%. Why 1× speed-up and no batch traffic, with measurements:
+``docs/decisions/0051-fidelity-bench-configuration.md``.
 
-**Live.** :func:`services.cluster.start_cluster` with ``--backend simulated --speedup S`` engines and the
-cluster's default scaler arguments, then :func:`services.replay.replay` of the slice at ``S``× (engine and
-replay clocks in trace time = wall × S), then ``Cluster.stop()`` (always).
+**Live.** The cluster with ``--backend simulated --speedup S`` engines and its default scaler arguments, then
+:func:`services.replay.replay` of the slice at ``S``× (engine and replay clocks in trace time = wall × S).
 
-**Simulator, configured like that cluster.** Everything the live scaler does on the *wall* clock is scaled
-by ``S`` into trace (virtual) time, because its engines and the trace run ``S``× faster than it:
+**Simulator, configured like that cluster**, wall-clock settings × ``S`` into trace time:
 
-* every duration of the scaler's policy (:class:`~services.global_scaler.policy.PolicyConfig` fields ``*_s``:
-  the scaling interval, the scale-down delay, the concurrency memory, the batch settle time) × ``S``;
-* the scaler's model-load time ``L`` in Θ = z·CV/sqrt(λL): the live scaler measures λ per wall second, which
-  is ``S``× the trace-time rate, so the same Θ needs ``L_sim = L_live × S``;
-* role limits, GPU budget, arrival CV (fixed, ``--arrival-cv``) as parsed from the scaler arguments by the
-  ``chiron scaler`` command itself (same defaults);
-* the time a new instance takes before it serves (the simulator's ``SimConfig.model_load_time_s``): the
-  median start → serving time of the engine processes of *this* live run (the local provider's
-  ``starting instance`` / ``is serving`` log lines in ``scaler.log``; the initial instance included), × S;
-* initial instances: 1 warm INTERACTIVE instance (the cluster waits for its first INTERACTIVE instance
-  before the replay starts; the scaler's minimum is 1);
-* the engines' local autoscaler ITL SLOs: ``chiron engine``'s defaults (50 ms INTERACTIVE/MIXED, 500 ms
-  BATCH), not the request SLO; request SLOs as :class:`services.replay.ReplayConfig` (TTFT 10 s, mean ITL
-  100 ms); outputs capped at ``ReplayConfig.max_output_tokens`` like the replay.
+* the scaler's policy (:class:`~services.common.settings.ScalerSettings` from the cluster's scaler arguments,
+  defaults as ``chiron scaler``'s): every ``*_s`` duration × ``S``; role limits, GPU budget and arrival CV as is;
+  the model-load time ``L`` in Θ = z·CV/sqrt(λL) × ``S`` too (the live scaler measures λ per wall second);
+* the time a new instance takes to serve: the median start → serving time of this run's engine processes
+  (the local provider's ``starting instance`` / ``is serving`` lines in ``scaler.log``) × ``S``;
+* 1 warm INTERACTIVE instance at the start; the engines' local-autoscaler ITL SLOs as ``chiron engine``'s
+  defaults (:class:`~services.common.settings.EngineSettings`); request SLOs and output caps as
+  :class:`services.replay.ReplayConfig`.
 
-**Batch traffic: none** (``batch_rate_per_s = 0``): the issue's numbers are interactive attainment and
-GPU-seconds; the replay draws its batch stream from an RNG it shares with prompt ids, and the live queue
-runs on the wall clock, so leaving batch out keeps the comparison about the interactive path and the
-INTERACTIVE/MIXED scaling without reproducing replay internals here.
-
-**GPU-seconds, one accounting on both sides: start → release** (what a GPU is held for). The simulator
-counts each instance from its start to its release. For the live run the same is taken from the local
-provider's log (``starting instance`` → ``drained and stopped``), clipped to the replay's span (the initial
-instance was started before the replay; instances still up at the end count until it). The replay report's
-own ``gpu_seconds`` (the scaler's ``WatchDecisions`` timeline: *registered and serving* instances × time,
-sampled every scaling interval) is reported beside it as ``gpu_seconds_serving``, with the simulator's
-serving-only counterpart (ready → release), but the target is judged on start → release.
-
-**Speed-up: 1 by default** (the live replay then takes the slice's 5 minutes of wall time). A simulated engine
-starts each iteration when the previous one's host work (token chunks to its gRPC streams, stats) is done, and
-it counts engine time as wall × speedup, so every millisecond of host overhead or CPU contention is ``speedup``
-ms of ITL. Its local autoscaler halves its batch size on one control interval's ITL p99 above the SLO, so on a
-2-core machine at 2× and more the live engines halve on host hiccups, keep smaller batches, queue (TTFT) and
-ask the scaler for more instances: the comparison then measures the host, not the simulator (seen here:
-4× missed both targets by far, 2× by 6 pp and 24%, 1.5× met attainment but missed GPU-seconds by 26%).
-
-**What still differs at 1×** (``live.decisions`` / ``sim.decisions`` hold every scaling decision's inputs to
-compare): a live simulated engine spends host time between iterations (chunks to the gRPC streams, stats)
-that its performance model does not have, so its ITL runs ~10% above the simulator's and an occasional host
-hiccup halves its batch size; requests stay longer (demand D a little higher) and the instance concurrency C
-the scaler reads is lower. INTERACTIVE count is ``floor(D / C)`` held over the scale-down window, so that
-small shift becomes more INTERACTIVE instance-seconds live; MIXED instance-seconds agree closely.
+**GPU-seconds, start → release on both sides.** The simulator counts each instance from start to release; the
+live run takes the same from the local provider's log (``starting instance`` → ``drained and stopped``), clipped
+to the replay's span. The serving-only counterparts (live: the scaler's ``WatchDecisions`` timeline; simulator:
+ready → release) are reported beside them as ``gpu_seconds_serving``.
 """
 
 from __future__ import annotations
