@@ -78,6 +78,105 @@ def _prompt(rng: np.random.Generator, n: int) -> list[int]:
     return rng.integers(3, 32000, size=max(1, n)).tolist()
 
 
+async def _generate(stub, rec: _Interactive, rng: np.random.Generator, cfg: ReplayConfig, auth) -> None:
+    """Stream one interactive request through ``Router.Generate``, recording its outcome in ``rec``."""
+    req = types_pb2.InferenceRequest(
+        request_id=rec.rid, model=MODEL, prompt_token_ids=_prompt(rng, rec.prompt), max_tokens=rec.output,
+        ignore_eos=True, slo=types_pb2.SLO(ttft_ms=cfg.interactive_ttft_ms, itl_ms=cfg.interactive_itl_ms))
+    try:
+        async for msg in stub.Generate(router_pb2.RouterGenerateRequest(request=req), metadata=auth):
+            rec.accepted = True
+            c = msg.chunk
+            if c.token_ids:
+                if rec.tokens == 0:
+                    rec.ttft_ms = c.ttft_ms
+                else:
+                    rec.itls.append(c.itl_ms)
+                rec.tokens += len(c.token_ids)
+            if c.finish_reason:
+                rec.finish = c.finish_reason
+        rec.status = "OK"
+    except grpc.aio.AioRpcError as e:
+        rec.status = e.code().name
+
+
+async def _submit(stub, rec: _Batch, prompt_len: int, rng: np.random.Generator, cfg: ReplayConfig, auth) -> None:
+    """Submit one batch request (``Router.Submit``; its TTFT SLO in wall time, the queue's clock)."""
+    req = types_pb2.InferenceRequest(
+        request_id=rec.rid, model=MODEL, prompt_token_ids=_prompt(rng, prompt_len), max_tokens=rec.output,
+        ignore_eos=True, request_class=types_pb2.REQUEST_CLASS_BATCH,
+        slo=types_pb2.SLO(ttft_ms=max(1, int(cfg.batch_ttft_s * 1000 / cfg.speedup))))
+    try:
+        await stub.Submit(router_pb2.SubmitRequest(request=req), metadata=auth)
+        rec.accepted = True
+    except grpc.aio.AioRpcError as e:
+        rec.status = e.code().name
+
+
+async def _watch_scaler(scaler: str | None, timeline: list[dict], t_wall0: float, speedup: float) -> None:
+    """Append each streamed scaler decision's current and desired instances per role to ``timeline`` (trace time)."""
+    if not scaler:
+        return
+    async with FailoverChannel(scaler) as ch:
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            async for msg in scaler_pb2_grpc.GlobalScalerStub(ch).WatchDecisions(scaler_pb2.WatchDecisionsRequest()):
+                d = msg.decision
+                timeline.append({"t_s": (time.monotonic() - t_wall0) * speedup,
+                                 **{r.role: r.current for r in d.roles},
+                                 **{f"desired_{r.role}": r.desired for r in d.roles}})
+
+
+async def _watch_queue(queue: str | None, sizes: list[tuple[float, int]], t_wall0: float, speedup: float) -> None:
+    """Append (trace time, queued + leased requests) to ``sizes`` every 500 ms of the queue's stats stream."""
+    if not queue:
+        return
+    async with FailoverChannel(queue) as ch:
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            async for msg in queue_pb2_grpc.QueueStub(ch).WatchStats(queue_pb2.QueueWatchStatsRequest(interval_ms=500)):
+                sizes.append(((time.monotonic() - t_wall0) * speedup, msg.stats.queued + msg.stats.leased))
+
+
+def _arrival_events(trace: Trace, batch_lengths: np.ndarray, rng: np.random.Generator, batch_rate_per_s: float,
+                    duration_s: float) -> list[tuple[float, str, int, int]]:
+    """(trace time, "i" or "b", prompt tokens, output tokens), sorted: interactive arrivals from the trace, batch
+    ones at a Poisson rate over the same span with lengths drawn from ``batch_lengths``."""
+    events = [(float(t), "i", int(p), int(g)) for t, p, g in zip(trace.arrival_s, trace.prompt_tokens,
+                                                                 trace.output_tokens, strict=True)]
+    t = rng.exponential(1 / batch_rate_per_s) if batch_rate_per_s > 0 else math.inf
+    while t < duration_s:
+        p, d = batch_lengths[rng.integers(len(batch_lengths))]
+        events.append((t, "b", int(p), int(d)))
+        t += rng.exponential(1 / batch_rate_per_s)
+    events.sort()
+    return events
+
+
+async def _await_batch_results(stub, batch: list[_Batch], cfg: ReplayConfig, auth) -> None:
+    """Poll ``Router.GetResult`` each second until every accepted batch request is done or ``drain_timeout_s``
+    (wall) has passed, recording each one's state, TTFT (trace time) and tokens."""
+    deadline = time.monotonic() + cfg.drain_timeout_s
+    pending = [b for b in batch if b.accepted]
+    while pending and time.monotonic() < deadline:
+        still = []
+        for b in pending:
+            try:
+                res = (await stub.GetResult(router_pb2.GetResultRequest(request_id=b.rid), metadata=auth)).result
+            except grpc.aio.AioRpcError as e:
+                b.status = e.code().name
+                continue
+            b.state = res.state
+            if res.HasField("first_leased"):
+                b.ttft_s = (res.first_leased.ToNanoseconds() - res.arrival.ToNanoseconds()) / 1e9 * cfg.speedup
+            if res.state == queue_pb2.QUEUED_REQUEST_STATE_DONE:
+                b.tokens = len(res.output_token_ids) or res.num_generated_tokens
+                b.status = "OK"
+            else:
+                still.append(b)
+        pending = still
+        if pending:
+            await asyncio.sleep(1.0)
+
+
 async def replay(router: str, scaler: str | None, queue: str | None, trace: Trace, batch_lengths: np.ndarray,
                  cfg: ReplayConfig, progress=None) -> dict:
     """Replay ``trace`` (interactive) plus a batch stream through ``router``; returns the §4 report. ``router``
@@ -95,66 +194,9 @@ async def replay(router: str, scaler: str | None, queue: str | None, trace: Trac
     async with FailoverChannel(router) as rch:  # several routers: 'a:1,b:2', failed over
         stub = router_pb2_grpc.RouterStub(rch)
 
-        async def one_interactive(rec: _Interactive) -> None:
-            req = types_pb2.InferenceRequest(
-                request_id=rec.rid, model=MODEL, prompt_token_ids=_prompt(rng, rec.prompt), max_tokens=rec.output,
-                ignore_eos=True, slo=types_pb2.SLO(ttft_ms=cfg.interactive_ttft_ms, itl_ms=cfg.interactive_itl_ms))
-            try:
-                async for msg in stub.Generate(router_pb2.RouterGenerateRequest(request=req), metadata=auth):
-                    rec.accepted = True
-                    c = msg.chunk
-                    if c.token_ids:
-                        if rec.tokens == 0:
-                            rec.ttft_ms = c.ttft_ms
-                        else:
-                            rec.itls.append(c.itl_ms)
-                        rec.tokens += len(c.token_ids)
-                    if c.finish_reason:
-                        rec.finish = c.finish_reason
-                rec.status = "OK"
-            except grpc.aio.AioRpcError as e:
-                rec.status = e.code().name
-
-        async def one_batch(rec: _Batch, prompt_len: int) -> None:
-            req = types_pb2.InferenceRequest(
-                request_id=rec.rid, model=MODEL, prompt_token_ids=_prompt(rng, prompt_len), max_tokens=rec.output,
-                ignore_eos=True, request_class=types_pb2.REQUEST_CLASS_BATCH,
-                slo=types_pb2.SLO(ttft_ms=max(1, int(cfg.batch_ttft_s * 1000 / cfg.speedup))))
-            try:
-                await stub.Submit(router_pb2.SubmitRequest(request=req), metadata=auth)
-                rec.accepted = True
-            except grpc.aio.AioRpcError as e:
-                rec.status = e.code().name
-
-        async def watch_scaler() -> None:
-            if not scaler:
-                return
-            async with FailoverChannel(scaler) as ch:
-                with contextlib.suppress(grpc.aio.AioRpcError):
-                    async for msg in scaler_pb2_grpc.GlobalScalerStub(ch).WatchDecisions(scaler_pb2.WatchDecisionsRequest()):
-                        d = msg.decision
-                        timeline.append({"t_s": (time.monotonic() - t_wall0) * cfg.speedup,
-                                         **{r.role: r.current for r in d.roles},
-                                         **{f"desired_{r.role}": r.desired for r in d.roles}})
-
-        async def watch_queue() -> None:
-            if not queue:
-                return
-            async with FailoverChannel(queue) as ch:
-                with contextlib.suppress(grpc.aio.AioRpcError):
-                    async for msg in queue_pb2_grpc.QueueStub(ch).WatchStats(queue_pb2.QueueWatchStatsRequest(interval_ms=500)):
-                        queue_sizes.append(((time.monotonic() - t_wall0) * cfg.speedup, msg.stats.queued + msg.stats.leased))
-
-        watchers = [asyncio.create_task(watch_scaler()), asyncio.create_task(watch_queue())]
-        # Arrivals: interactive from the trace, batch at a Poisson rate over the same span (trace time).
-        events = [(float(t), "i", int(p), int(g)) for t, p, g in zip(trace.arrival_s, trace.prompt_tokens,
-                                                                     trace.output_tokens, strict=True)]
-        t = rng.exponential(1 / cfg.batch_rate_per_s) if cfg.batch_rate_per_s > 0 else math.inf
-        while t < duration_trace_s:
-            p, d = batch_lengths[rng.integers(len(batch_lengths))]
-            events.append((t, "b", int(p), int(d)))
-            t += rng.exponential(1 / cfg.batch_rate_per_s)
-        events.sort()
+        watchers = [asyncio.create_task(_watch_scaler(scaler, timeline, t_wall0, cfg.speedup)),
+                    asyncio.create_task(_watch_queue(queue, queue_sizes, t_wall0, cfg.speedup))]
+        events = _arrival_events(trace, batch_lengths, rng, cfg.batch_rate_per_s, duration_trace_s)
         tasks = []
         for k, (t_s, kind, p, d) in enumerate(events):
             delay = t_wall0 + t_s / cfg.speedup - time.monotonic()
@@ -163,37 +205,15 @@ async def replay(router: str, scaler: str | None, queue: str | None, trace: Trac
             if kind == "i":
                 rec = _Interactive(f"i-{k}", p, max(1, min(d, cfg.max_output_tokens)))
                 inter.append(rec)
-                tasks.append(asyncio.create_task(one_interactive(rec)))
+                tasks.append(asyncio.create_task(_generate(stub, rec, rng, cfg, auth)))
             else:
                 brec = _Batch(f"b-{k}", max(1, min(d, cfg.batch_max_output_tokens)))
                 batch.append(brec)
-                tasks.append(asyncio.create_task(one_batch(brec, p)))
+                tasks.append(asyncio.create_task(_submit(stub, brec, p, rng, cfg, auth)))
             if progress:
                 progress(t_s / max(duration_trace_s, 1e-9))
         await asyncio.gather(*tasks)
-
-        # Batch outcomes: wait (bounded) for every accepted batch request to finish.
-        deadline = time.monotonic() + cfg.drain_timeout_s
-        pending = [b for b in batch if b.accepted]
-        while pending and time.monotonic() < deadline:
-            still = []
-            for b in pending:
-                try:
-                    res = (await stub.GetResult(router_pb2.GetResultRequest(request_id=b.rid), metadata=auth)).result
-                except grpc.aio.AioRpcError as e:
-                    b.status = e.code().name
-                    continue
-                b.state = res.state
-                if res.HasField("first_leased"):
-                    b.ttft_s = (res.first_leased.ToNanoseconds() - res.arrival.ToNanoseconds()) / 1e9 * cfg.speedup
-                if res.state == queue_pb2.QUEUED_REQUEST_STATE_DONE:
-                    b.tokens = len(res.output_token_ids) or res.num_generated_tokens
-                    b.status = "OK"
-                else:
-                    still.append(b)
-            pending = still
-            if pending:
-                await asyncio.sleep(1.0)
+        await _await_batch_results(stub, batch, cfg, auth)
         for w in watchers:
             w.cancel()
         await asyncio.gather(*watchers, return_exceptions=True)

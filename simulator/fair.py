@@ -316,6 +316,54 @@ def _frontier(rows: list[dict]) -> list[dict]:
 # ---------------------------------------------------------------------------------------------------------
 # The suite
 # ---------------------------------------------------------------------------------------------------------
+def _check_plan(workloads: tuple[str, ...], slo_levels: tuple[str, ...], seeds: tuple[int, ...]) -> None:
+    """ValueError for an unknown workload or SLO level (listing the valid ones) or no seed."""
+    for w in workloads:
+        if w not in SUITE:
+            raise ValueError(f"unknown suite workload {w!r}; valid: {', '.join(SUITE)}")
+    for s in slo_levels:
+        if s not in SLO_LEVELS:
+            raise ValueError(f"unknown SLO level {s!r}; valid: {', '.join(SLO_LEVELS)}")
+    if not seeds:
+        raise ValueError("need at least one seed")
+
+
+def _confirm_jobs(rows: list[dict], workloads: tuple[str, ...], slo_levels: tuple[str, ...], rest: tuple[int, ...],
+                  quick: bool, max_frontier: int) -> list[Job]:
+    """Stage 2: Chiron and the oracle on the other seeds, and each baseline's first-seed frontier (at most
+    ``max_frontier``: the cheapest, the most attaining, and between them evenly) on the other seeds."""
+    jobs = []
+    for w in workloads:
+        for s in slo_levels:
+            jobs += [j for seed in rest for j in _reference_jobs(w, s, seed) if j.policy != "chiron-ablation"]
+            for policy in {p for p, _, _ in baseline_configs(w, quick)}:
+                cand = [r for r in rows if r["workload"] == w and r["slo_level"] == s and r["policy"] == policy]
+                front = sorted(_frontier(cand), key=lambda r: r["gpu_hours"])
+                if len(front) > max_frontier:
+                    idx = np.unique(np.linspace(0, len(front) - 1, max_frontier).round().astype(int))
+                    front = [front[k] for k in idx]
+                jobs += [Job(w, s, seed, policy, r["variant"], tuple(sorted(r["params"].items())))
+                         for r in front for seed in rest]
+    return jobs
+
+
+def _check_rows(rows: list[dict], workloads: tuple[str, ...], slo_levels: tuple[str, ...], quick: bool) -> None:
+    """:class:`LostRequests` when a run lost a request; RuntimeError when every configuration of a baseline
+    failed on a workload and SLO level (each with its reason)."""
+    lost = [r for r in rows if r.get("lost_requests")]
+    if lost:
+        raise LostRequests("runs lost accepted requests: " + "; ".join(
+            f"{r['workload']}/{r['slo_level']} {r['policy']} {r['variant']} {r['params']} seed {r['seed']}: "
+            f"{r['lost_requests']} lost ({', '.join(r['lost_request_ids'][:10])})" for r in lost))
+    for w in workloads:
+        for s in slo_levels:
+            for policy in {p for p, _, _ in baseline_configs(w, quick)}:
+                cand = [r for r in rows if r["workload"] == w and r["slo_level"] == s and r["policy"] == policy]
+                if cand and all("error" in r for r in cand):
+                    raise RuntimeError(f"every {policy} configuration failed on {w}/{s}: " + "; ".join(
+                        f"{r['variant']} {r['params']}: {r['error']}" for r in cand))
+
+
 def run_fair(out_dir: str | Path, quick: bool = False, workloads: tuple[str, ...] | None = None,
              slo_levels: tuple[str, ...] | None = None, seeds: tuple[int, ...] | None = None, workers: int = 2,
              max_frontier: int = 3, progress: Callable[[int, int, str], None] | None = None) -> dict:
@@ -329,14 +377,7 @@ def run_fair(out_dir: str | Path, quick: bool = False, workloads: tuple[str, ...
     workloads = tuple(workloads or SUITE)
     slo_levels = tuple(slo_levels or SLO_LEVELS)
     seeds = tuple(seeds if seeds is not None else (SEEDS[:1] if quick else SEEDS))
-    for w in workloads:
-        if w not in SUITE:
-            raise ValueError(f"unknown suite workload {w!r}; valid: {', '.join(SUITE)}")
-    for s in slo_levels:
-        if s not in SLO_LEVELS:
-            raise ValueError(f"unknown SLO level {s!r}; valid: {', '.join(SLO_LEVELS)}")
-    if not seeds:
-        raise ValueError("need at least one seed")
+    _check_plan(workloads, slo_levels, seeds)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -364,33 +405,10 @@ def run_fair(out_dir: str | Path, quick: bool = False, workloads: tuple[str, ...
                     progress(done[0], total[0], f"{r['workload']}/{r['slo_level']} {r['policy']} {r['variant']}")
 
     run(stage1)
-    stage2 = []
-    for w in workloads:
-        for s in slo_levels:
-            stage2 += [j for seed in rest for j in _reference_jobs(w, s, seed) if j.policy != "chiron-ablation"]
-            for policy in {p for p, _, _ in baseline_configs(w, quick)}:
-                cand = [r for r in rows if r["workload"] == w and r["slo_level"] == s and r["policy"] == policy]
-                front = sorted(_frontier(cand), key=lambda r: r["gpu_hours"])
-                if len(front) > max_frontier:  # keep the cheapest, the most attaining, and between them evenly
-                    idx = np.unique(np.linspace(0, len(front) - 1, max_frontier).round().astype(int))
-                    front = [front[k] for k in idx]
-                stage2 += [Job(w, s, seed, policy, r["variant"], tuple(sorted(r["params"].items())))
-                           for r in front for seed in rest]
+    stage2 = _confirm_jobs(rows, workloads, slo_levels, rest, quick, max_frontier)
     total[0] += len(stage2)
     run(stage2)
-
-    lost = [r for r in rows if r.get("lost_requests")]
-    if lost:
-        raise LostRequests("runs lost accepted requests: " + "; ".join(
-            f"{r['workload']}/{r['slo_level']} {r['policy']} {r['variant']} {r['params']} seed {r['seed']}: "
-            f"{r['lost_requests']} lost ({', '.join(r['lost_request_ids'][:10])})" for r in lost))
-    for w in workloads:
-        for s in slo_levels:
-            for policy in {p for p, _, _ in baseline_configs(w, quick)}:
-                cand = [r for r in rows if r["workload"] == w and r["slo_level"] == s and r["policy"] == policy]
-                if cand and all("error" in r for r in cand):
-                    raise RuntimeError(f"every {policy} configuration failed on {w}/{s}: " + "; ".join(
-                        f"{r['variant']} {r['params']}: {r['error']}" for r in cand))
+    _check_rows(rows, workloads, slo_levels, quick)
     headline = [_headline(rows, w, s) for w in workloads for s in slo_levels]
     ablation = _ablation(rows, workloads)
     data = {"suite": "fair", "quick": quick, "seeds": list(seeds), "rows": rows, "headline": headline,
