@@ -50,10 +50,9 @@ _ROLES = {"batch": types_pb2.INSTANCE_ROLE_BATCH, "mixed": types_pb2.INSTANCE_RO
 _FINAL = (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT)
 _MIN_BACKOFF_S = 0.05
 # Output tokens per chunk of a batch request's stream (BackendRequest.stream_interval; vLLM coalesces in its output
-# processor). The worker needs the output, not each token as it comes: on vLLM's CPU build 32 streams at interval 8
-# ran at 5053 tokens/s with 26 us of frontend CPU per token, against 4584 and 35 at 1 (chiron bench engine-overhead,
-# direct path). An eviction keeps only the tokens already handed back, so up to 7 are generated again elsewhere; the
-# first token still comes at once (batch TTFT).
+# processor): the worker needs the output, not each token as it comes, and coalescing saves frontend CPU
+# (docs/decisions/0044-batch-stream-interval.md). An eviction keeps only the tokens already handed back, so up to 7
+# are generated again elsewhere; the first token still comes at once (batch TTFT).
 _BATCH_STREAM_INTERVAL = 8
 
 

@@ -83,8 +83,7 @@ class RequestState(Enum):
 @dataclass(slots=True)
 class EngineRequest:
     """One request inside the engine. Token counts are in tokens; times in seconds of the engine clock.
-    (Slotted: its fields are read and written for every running request in every iteration, and slot access
-    made the fleet simulator's 100k batch-backlog run 8% faster.)"""
+    (Slotted: its fields are read and written for every running request in every iteration.)"""
 
     request_id: str
     prompt_tokens: int
@@ -177,13 +176,12 @@ class EngineConfig:
     an integer fixes it (vLLM's behaviour; v1's default on 80 GB GPUs for the OpenAI server is 8192),
     ``None`` ties it to the current max batch size, so that the one knob the local autoscaler turns bounds
     all the tokens of an iteration (decode tokens plus prefill chunks) and hence its latency. Chiron's
-    default is the tied budget (a choice, measured in ``chiron bench local-autoscaler``): with prompts much
-    longer than outputs, a fixed large budget lets prefill chunks stall every decode in the iteration and no
-    batch size then meets an ITL SLO. ``min_prefill_tokens`` widens the tied budget to ``running +
-    min_prefill_tokens`` when that is more: without it an engine running close to its cap admits a long prompt
-    a few tokens per iteration (seen in the fleet simulator: TTFT misses on MIXED instances full of batch work;
-    ``chiron engine`` and the simulator's Chiron policy use 512). ``kv_capacity_tokens`` 0 = derive it from GPU memory minus weights
-    (:func:`~services.engine.perf_model.kv_capacity_tokens`).
+    default is the tied budget: with prompts much longer than outputs, a fixed large budget lets prefill
+    chunks stall every decode in the iteration and no batch size then meets an ITL SLO.
+    ``min_prefill_tokens`` widens the tied budget to ``running + min_prefill_tokens`` when that is more:
+    without it an engine running close to its cap admits a long prompt a few tokens per iteration, and
+    its TTFT suffers (``chiron engine`` and the simulator's Chiron policy use 512). ``kv_capacity_tokens``
+    0 = derive it from GPU memory minus weights (:func:`~services.engine.perf_model.kv_capacity_tokens`).
     """
 
     max_num_seqs: int = 256

@@ -190,8 +190,7 @@ class EngineAgent(engine_pb2_grpc.EngineServicer):
     def _check_late(self, engine_gap_s: float, held_cap: int) -> None:
         """Warn when this control step comes long after the previous one (``engine_gap_s`` of the backend's clock,
         which runs ``speedup`` times the wall clock): the batch size stayed at ``held_cap`` meanwhile whatever the
-        load did. Seen once in ``chiron bench local-autoscaler --backend vllm``: no step for 113 s while vLLM kept
-        serving at the last cap."""
+        load did (a stalled event loop or engine)."""
         speedup = self.backend.speedup
         wall_gap_s = engine_gap_s / speedup
         interval_wall_s = self.config.autoscaler.control_interval_s / speedup
