@@ -116,9 +116,10 @@ def _rss_child(db_path: str, n: int, prompt_tokens: int) -> None:
     """Run in a fresh process: fill a store with ``n`` queued requests; print RSS and refresh time as JSON."""
     import psutil
 
+    from services.queue.core import CapacityTracker
     from services.queue.estimator import WaitingTimeEstimator
     from services.queue.pg_store import open_store
-    from services.queue.server import CapacityTracker, QueueService
+    from services.queue.server import QueueService
     from services.queue.store import QueueConfig
 
     store = open_store(QueueConfig(db_path=db_path))
