@@ -27,8 +27,7 @@ margin (default ``max(0.5, ttl_s / 4)`` seconds) covers clock-rate differences b
 one provider call takes after the leadership check (a call longer than that could overlap a successor's).
 
 Errors: etcd failures are logged and retried with backoff, never raised; ``ValueError`` for bad arguments.
-Client: ``aetcd``, a fresh connection after each failure, as in :mod:`services.common.membership`.
-"""
+Client: ``aetcd``, a fresh connection after each failure, as in :mod:`services.common.membership`."""
 
 from __future__ import annotations
 

@@ -72,6 +72,25 @@ MAX_FAILOVERS = 2
 _CONNECTION_LOST = ("rst_stream", "connection reset", "socket closed", "broken pipe", "stream removed", "goaway")
 
 
+def _resumed(fwd: types_pb2.InferenceRequest, streamed: list[int]) -> types_pb2.InferenceRequest:
+    """``fwd`` to resume after the tokens the client already has (as an evicted batch request resumes), or
+    ``fwd`` itself when it has none."""
+    if not streamed:
+        return fwd
+    send = types_pb2.InferenceRequest()
+    send.CopyFrom(fwd)
+    send.resume_token_ids.extend(streamed)
+    return send
+
+
+def _length_finish(fwd: types_pb2.InferenceRequest, generated: int) -> engine_pb2.GenerateResponse:
+    """The final chunk of a request whose every token reached the client but whose finish was lost with its
+    engine: no tokens, finish reason LENGTH."""
+    return engine_pb2.GenerateResponse(request_id=fwd.request_id, num_generated_tokens=generated,
+                                       num_prompt_tokens=len(fwd.prompt_token_ids),
+                                       finish_reason=types_pb2.FINISH_REASON_LENGTH)
+
+
 def engine_failed(e: grpc.aio.AioRpcError) -> bool:
     """Whether an engine call ended because the engine (process, host or connection) went away, so the request
     should go on elsewhere: UNAVAILABLE (a SIGKILLed engine: "Stream removed (Socket closed)"; an unreachable one;
@@ -310,6 +329,19 @@ class RouterService(router_pb2_grpc.RouterServicer):
         log.warning("%s; %s on %s", what, "resuming it" if streamed else "sending it again", target.instance_id)
         return target
 
+    async def _admit(self, r: types_pb2.InferenceRequest) -> tuple[Classified, InstanceLoad]:
+        """Classify an interactive request and choose its instance; :class:`RouterStatus` (counted as rejected)
+        for a batch-class request (FAILED_PRECONDITION: use Submit) or a rejection by classification or routing."""
+        c = None
+        try:
+            c = self._classify(r)
+            if c.request_class == "batch":
+                raise Rejected(f"a TTFT SLO of {c.ttft_ms} ms makes this a batch request: use Submit", "FAILED_PRECONDITION")
+            return c, await self._choose(r.model, c.ttft_ms)
+        except Rejected as e:
+            self.metrics.count(c.request_class if c is not None else "interactive", "rejected")
+            raise RouterStatus(status_code(e.code), str(e)) from None
+
     # ---- RPCs -------------------------------------------------------------------------------------------
     async def _generate(self, r: types_pb2.InferenceRequest, timeout_s: float | None,
                         on_call: Callable[[grpc.aio.Call], None] | None = None
@@ -325,15 +357,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
         DEADLINE_EXCEEDED, or the engine's)."""
         start_s = time.monotonic()
         deadline_s = None if timeout_s is None else start_s + timeout_s
-        c = None
-        try:
-            c = self._classify(r)
-            if c.request_class == "batch":
-                raise Rejected(f"a TTFT SLO of {c.ttft_ms} ms makes this a batch request: use Submit", "FAILED_PRECONDITION")
-            target = await self._choose(r.model, c.ttft_ms)
-        except Rejected as e:
-            self.metrics.count(c.request_class if c is not None else "interactive", "rejected")
-            raise RouterStatus(status_code(e.code), str(e)) from None
+        c, target = await self._admit(r)
         fwd = self._forwarded(r, c, types_pb2.REQUEST_CLASS_INTERACTIVE, f"req-{uuid.uuid4().hex[:12]}")
         self.accepted += 1
         timer = self.metrics.stream(start_s, c.ttft_ms / 1e3, c.itl_ms / 1e3)
@@ -343,11 +367,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
         last_chunk_s = start_s  # when the client got its last chunk with tokens (time.monotonic() seconds)
         try:
             while True:
-                send = fwd
-                if streamed:  # resume after the client's tokens, as an evicted batch request does
-                    send = types_pb2.InferenceRequest()
-                    send.CopyFrom(fwd)
-                    send.resume_token_ids.extend(streamed)
+                send = _resumed(fwd, streamed)
                 remaining_s = None if deadline_s is None else deadline_s - time.monotonic()
                 if remaining_s is not None and remaining_s <= 0:
                     outcome = outcome_of(grpc.StatusCode.DEADLINE_EXCEEDED)
@@ -390,9 +410,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
                 failed.append(target.instance_id)
                 self._loads.pop(target.instance_id, None)  # out of routing until a stats refresh reaches it again
                 if len(streamed) >= fwd.max_tokens:  # every token out, only the finish lost with the engine
-                    yield router_pb2.RouterGenerateResponse(chunk=engine_pb2.GenerateResponse(
-                        request_id=fwd.request_id, num_generated_tokens=len(streamed),
-                        num_prompt_tokens=len(fwd.prompt_token_ids), finish_reason=types_pb2.FINISH_REASON_LENGTH))
+                    yield router_pb2.RouterGenerateResponse(chunk=_length_finish(fwd, len(streamed)))
                     outcome = "ok"
                     return
                 try:
