@@ -26,6 +26,7 @@ from services.engine.local_autoscaler import (
     Observation,
     decide,
     initial_state,
+    observation,
     role_overrides,
 )
 
@@ -558,3 +559,8 @@ def test_cli_refuses_a_token_budget_below_one():
 
     res = CliRunner().invoke(main, ["bench", "local-autoscaler", "--backend", "vllm", "--token-budget", "0"])
     assert res.exit_code == 2 and "token-budget" in res.output
+
+
+def test_observation_builder_gives_tokens_per_second_over_the_interval():
+    assert observation(10.0, 42.0, 500, 2.0, True, 12) == Observation(10.0, 42.0, 250.0, True, running=12)
+    assert observation(10.0, math.nan, 0, 0.0, False).throughput_tokens_per_s == 0.0  # empty interval: no division by 0

@@ -20,7 +20,15 @@ from services.engine.server import serve as serve_engine
 from services.gateway.router_mux import RouterMux
 from services.queue.server import serve as serve_queue
 from services.queue.store import QueueConfig
-from services.router.routing import InstanceLoad, Rejected, RouterConfig, choose_instance, classify
+from services.router.routing import (
+    EngineStatsView,
+    InstanceLoad,
+    Rejected,
+    RouterConfig,
+    choose_instance,
+    classify,
+    instance_load,
+)
 from services.router.server import RouterService
 from services.router.server import serve as serve_router
 from tests.conftest import eventually, start_etcd
@@ -300,3 +308,9 @@ async def test_an_instance_that_registered_after_the_last_stats_refresh_is_used_
         await srv.stop(grace_s=1.0)
         await watcher.stop()
         etcd.stop()
+
+
+def test_instance_load_builder_reads_engine_stats_fields():
+    stats = EngineStatsView(max_batch_size=32, num_running=5, num_waiting=1, num_batch_requests=2, ttft_p50_ms=80.0)
+    assert instance_load("m0", "mixed", "h:1", "llama-3-8b", stats) == InstanceLoad(
+        "m0", "mixed", "h:1", "llama-3-8b", 32, 5, 1, 80.0, batch_requests=2)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 
+import numpy as np
 import pytest
 from scipy.stats import norm
 
@@ -17,11 +19,18 @@ from services.global_scaler.policy import (
     PolicyState,
     RoleLimits,
     ScalerInputs,
+    arrival_cv,
     decide,
+    engine_load,
+    group_view,
+    group_views,
+    hold_in_window,
     observe,
     overprovisioning_theta,
     with_limits,
 )
+from services.router.routing import EngineStatsView
+from services.slo import slo_met
 
 CFG = PolicyConfig(model_load_time_s=60.0, scale_down_delay_s=30.0, default_instance_concurrency=50.0).validate()
 
@@ -293,3 +302,51 @@ def test_batch_work_in_service_keeps_its_instances_when_nothing_waits():
     for t in (90.0, 111.0):
         st, d = decide(CFG, st, ScalerInputs(t, fleet(1, batch=2), groups=done))
     assert d.desired("batch") == 0
+
+
+def test_decide_returns_a_new_state_and_leaves_the_given_one_unchanged():
+    st = PolicyState()
+    inst = [InstanceView("i0", "interactive", max_batch_size=64, num_running=40, num_waiting=20, admit_rate_per_s=4.0)]
+    st1, _ = decide(CFG, st, ScalerInputs(0.0, inst, ArrivalStats(10.0, 1.0, 60.0)))
+    assert st == PolicyState() and st1 is not st
+    assert st1.history["interactive"] and st1.admit_rate["i0"] == (0.0, 4.0)
+    # The same state and inputs give the same decision (no hidden state).
+    assert decide(CFG, st, ScalerInputs(0.0, inst, ArrivalStats(10.0, 1.0, 60.0)))[1] == \
+        decide(CFG, st, ScalerInputs(0.0, inst, ArrivalStats(10.0, 1.0, 60.0)))[1]
+
+
+def test_hold_in_window_raises_only_the_latest_count():
+    st, _ = decide(CFG, PolicyState(), ScalerInputs(0.0, fleet(1)))
+    held = hold_in_window(st, "interactive", 5)
+    assert held.history["interactive"][-1] == (0.0, 5) and st.history["interactive"][-1] == (0.0, 1)
+    assert hold_in_window(held, "interactive", 2) is held  # never lowers it
+    assert hold_in_window(PolicyState(), "batch", 3) == PolicyState()  # nothing to hold yet
+
+
+def test_observation_builders():
+    stats = EngineStatsView(max_batch_size=64, num_running=10, num_waiting=2, finished_requests_total=7,
+                            num_batch_requests=3, batch_finished_total=1)
+    assert engine_load("m0", "mixed", stats) == EngineLoad("m0", "mixed", 64, 10, 2, 7, batch_requests=3,
+                                                           batch_finished_total=1)
+    assert engine_load("m0", "mixed", None) == EngineLoad("m0", "mixed", has_stats=False)
+    assert group_view("g", 3, math.nan, 100.0, 1) == GroupView("g", 3, math.inf, 100.0, 1)
+    G = collections.namedtuple("G", "group_id queued deadline_s leased")
+    E = collections.namedtuple("E", "group_id last_wait_quantile_s")
+    views = group_views([G("a", 0, 50.0, 4), G("b", 5, 60.0, 1)], [E("b", 12.0)])
+    assert views == [GroupView("b", 5, 12.0, 60.0, 1), GroupView("a", 0, 0.0, 50.0, 4)]  # leased-only group kept
+
+
+def test_arrival_cv_over_the_window():
+    assert arrival_cv(np.arange(100, dtype=float), 100.0, 50.0) == pytest.approx(0.0)  # evenly spaced
+    assert arrival_cv(np.arange(10, dtype=float), 10.0, 50.0) == 1.0  # too few arrivals: Poisson
+    rng = np.random.default_rng(0)
+    t = np.cumsum(rng.exponential(0.1, 5000))
+    assert arrival_cv(t, float(t[-1]), 1e9) == pytest.approx(1.0, abs=0.05)
+
+
+def test_slo_met_rule():
+    assert slo_met(True, 5.0, 10.0, 90.0, 100.0) is True
+    assert slo_met(True, 5.0, 10.0, 120.0, 100.0) is False
+    assert slo_met(False, 5.0, 10.0) is False and slo_met(True, math.nan, 10.0) is False
+    met = slo_met(np.array([True, True, False]), np.array([1.0, 20.0, 1.0]), 10.0)
+    assert met.tolist() == [True, False, False]
