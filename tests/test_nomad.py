@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
+from services.deploy.jobspec import evaluate, resolve_locals, resolve_variables
 from services.global_scaler.nomad import DEFAULT_GROUPS, NomadApiError, NomadConfig, NomadProvider, parse_groups
 from services.global_scaler.providers import ROLES, InstanceCounts, ProviderError
 from tests.conftest import eventually
@@ -31,7 +32,14 @@ def _one(blocks: Any) -> Any:
 
 
 def _job(spec: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The job's id and body, its ``dynamic "group"`` blocks expanded into ``group`` blocks as ``nomad job run``
+    renders them (variables at their defaults; static groups stay as parsed)."""
     (job_id, job), = _one(spec["job"]).items()
+    dynamic = [b for b in job.get("dynamic", []) if "group" in b]
+    if dynamic:
+        var = resolve_variables(spec)
+        made = evaluate({"dynamic": dynamic}, {"var": var, "local": resolve_locals(spec, var)})["group"]
+        job = {**job, "group": [*job.get("group", []), *made]}
     return job_id, job
 
 
@@ -104,8 +112,8 @@ def test_engine_spec_has_what_the_scaler_relies_on(specs):
         assert "grpc" in ports and "static" not in ports["grpc"]
         (task,) = _tasks(group).values()
         cmd = _command_line(task)
-        for part in ("engine", "--backend vllm", "--model ${var.model_dir}", f"--role {role}", "--port ${NOMAD_PORT_grpc}",
-                     "--etcd ${var.etcd_address}"):
+        for part in ("engine", "--backend vllm", f"--model {variables['model_dir']}", f"--role {role}",
+                     "--port ${NOMAD_PORT_grpc}", f"--etcd {variables['etcd_address']}"):
             assert part in cmd, (group_name, part, cmd)
         # BATCH and MIXED engines lease batch work: they need the queue (from Consul, like the router and scaler).
         if role in ("batch", "mixed"):

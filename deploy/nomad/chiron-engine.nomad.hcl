@@ -92,6 +92,18 @@ variable "vault_pki_ca_chain" {
 }
 
 locals {
+  # One task group per engine role: its initial count, the bounds the global scaler works within (the group's
+  # `scaling` block), the ITL SLO its local autoscaler holds, and whether it leases batch work from the queue
+  # (MIXED: interactive overflow plus batch; BATCH: batch only). `$${...}` stays `${...}` in the command line, for
+  # Nomad's runtime interpolation.
+  engine_roles = {
+    interactive = { count = 1, min = 1, max = 16, itl_slo_ms = var.interactive_itl_slo_ms, queue_args = "" }
+    mixed       = { count = 0, min = 0, max = 8, itl_slo_ms = var.interactive_itl_slo_ms, queue_args = "--queue $${CHIRON_QUEUE_ADDRESS} " }
+    batch       = { count = 0, min = 0, max = 32, itl_slo_ms = var.batch_itl_slo_ms, queue_args = "--queue $${CHIRON_QUEUE_ADDRESS} " }
+  }
+}
+
+locals {
   # What every task renders when var.tls is on (TLS.md): its certificate, issued by Vault's PKI secrets engine for
   # the service's Consul name and the node's IP (the address peers dial), with the issuing CA and the key in one
   # file (pkiCert issues it once and again when it nears expiry; the task then restarts); the CA chain that
@@ -119,325 +131,122 @@ job "chiron-engine" {
   datacenters = var.datacenters
   type        = "service"
 
-  # --------------------------------------------------------------------------- INTERACTIVE: TTFT-bound requests
-  group "engine-interactive" {
-    count = 1
+  # Groups engine-interactive, engine-mixed and engine-batch (local.engine_roles).
+  dynamic "group" {
+    for_each = local.engine_roles
+    labels   = ["engine-${group.key}"]
 
-    # Bounds the global scaler works within; no `policy` block: Chiron's scaler, not the Nomad Autoscaler, decides.
-    scaling {
-      enabled = true
-      min     = 1
-      max     = 16
-    }
+    content {
+      count = group.value.count
 
-    network {
-      port "grpc" {}
-    }
-
-    # No deployments (max_parallel = 0): Nomad refuses a job scale request while the job has an active deployment
-    # ("job scaling blocked due to active deployment", HTTP 400), and with deployments every scale-up would start one
-    # that lasts a model load. The price: a changed spec replaces this group's allocations all at once.
-    update {
-      max_parallel = 0
-    }
-
-    restart {
-      attempts = 2
-      interval = "10m"
-      delay    = "30s"
-      mode     = "fail"
-    }
-
-    task "engine" {
-      driver = "raw_exec"
-
-      # TLS (var.tls): a Vault token for the certificate templates, then certificate, CA chain and CHIRON_TLS_*.
-      dynamic "vault" {
-        for_each = var.tls ? [1] : []
-        content {
-          change_mode = "restart"
-        }
+      # Bounds the global scaler works within; no `policy` block: Chiron's scaler, not the Nomad Autoscaler, decides.
+      scaling {
+        enabled = true
+        min     = group.value.min
+        max     = group.value.max
       }
 
-      dynamic "template" {
-        for_each = var.tls ? local.tls_templates : []
-        content {
-          data        = template.value.data
-          destination = template.value.destination
-          env         = template.value.env
-          change_mode = "restart"
-        }
+      network {
+        port "grpc" {}
       }
 
-      # A task-level service: check_restart restarts this task, and its grace restarts with the task.
-      service {
-        provider = "consul"
-        name     = "chiron-engine-interactive"
-        port     = "grpc"
-        tags     = ["chiron", "engine", "role-interactive"]
+      # No deployments (max_parallel = 0): Nomad refuses a job scale request while the job has an active deployment
+      # ("job scaling blocked due to active deployment", HTTP 400), and with deployments every scale-up would start
+      # one that lasts a model load. The price: a changed spec replaces this group's allocations all at once.
+      update {
+        max_parallel = 0
+      }
 
-        check {
-          name         = "engine-grpc-health"
-          type         = "grpc"
-          port         = "grpc"
-          grpc_service = ""
-          grpc_use_tls = var.tls
-          interval     = "10s"
-          timeout      = "2s"
+      restart {
+        attempts = 2
+        interval = "10m"
+        delay    = "30s"
+        mode     = "fail"
+      }
 
-          check_restart {
-            limit = 3
-            grace = "20m"
+      task "engine" {
+        driver = "raw_exec"
+
+        # BATCH and MIXED engines lease batch work from the queue: its address from Consul (service "chiron-queue").
+        # The engine restarts when the queue moves.
+        dynamic "template" {
+          for_each = group.value.queue_args != "" ? [1] : []
+          content {
+            data        = "{{ range service \"chiron-queue\" }}CHIRON_QUEUE_ADDRESS={{ .Address }}:{{ .Port }}\n{{ end }}"
+            destination = "local/queue.env"
+            env         = true
+            change_mode = "restart"
           }
         }
-      }
 
-      config {
-        command = "/bin/sh"
-        args = [
-          "-c",
-          "CUDA_VISIBLE_DEVICES=\"$NVIDIA_VISIBLE_DEVICES\" exec ${var.chiron_bin} engine --backend vllm --model ${var.model_dir} --role interactive --host ${NOMAD_IP_grpc} --port ${NOMAD_PORT_grpc} --instance-id ${NOMAD_ALLOC_ID} --itl-slo-ms ${var.interactive_itl_slo_ms} --etcd ${var.etcd_address} ${var.engine_args}",
-        ]
-      }
-
-      # The engine drains on SIGTERM (new requests UNAVAILABLE, running ones finish, at most 30 s).
-      # shutdown_delay: the Consul service is deregistered this long before SIGTERM.
-      kill_signal    = "SIGTERM"
-      kill_timeout   = "45s"
-      shutdown_delay = "5s"
-
-      resources {
-        cpu    = var.engine_cpu_mhz
-        memory = var.engine_memory_mb
-
-        device "nvidia/gpu" {
-          count = 1
-
-          constraint {
-            attribute = "${device.model}"
-            operator  = "regexp"
-            value     = "A100" # device.model as the NVIDIA plugin reports it, e.g. "A100-SXM4-80GB"
+        # TLS (var.tls): a Vault token for the certificate templates, then certificate, CA chain and CHIRON_TLS_*.
+        dynamic "vault" {
+          for_each = var.tls ? [1] : []
+          content {
+            change_mode = "restart"
           }
         }
-      }
-    }
-  }
 
-  # --------------------------------------------------------------------------- MIXED: interactive overflow + batch
-  group "engine-mixed" {
-    count = 0
-
-    scaling {
-      enabled = true
-      min     = 0
-      max     = 8
-    }
-
-    network {
-      port "grpc" {}
-    }
-
-    # No deployments (max_parallel = 0): Nomad refuses a job scale request while the job has an active deployment
-    # ("job scaling blocked due to active deployment", HTTP 400), and with deployments every scale-up would start one
-    # that lasts a model load. The price: a changed spec replaces this group's allocations all at once.
-    update {
-      max_parallel = 0
-    }
-
-    restart {
-      attempts = 2
-      interval = "10m"
-      delay    = "30s"
-      mode     = "fail"
-    }
-
-    task "engine" {
-      driver = "raw_exec"
-
-      # TLS (var.tls): a Vault token for the certificate templates, then certificate, CA chain and CHIRON_TLS_*.
-      dynamic "vault" {
-        for_each = var.tls ? [1] : []
-        content {
-          change_mode = "restart"
-        }
-      }
-
-      dynamic "template" {
-        for_each = var.tls ? local.tls_templates : []
-        content {
-          data        = template.value.data
-          destination = template.value.destination
-          env         = template.value.env
-          change_mode = "restart"
-        }
-      }
-
-      # A task-level service: check_restart restarts this task, and its grace restarts with the task.
-      service {
-        provider = "consul"
-        name     = "chiron-engine-mixed"
-        port     = "grpc"
-        tags     = ["chiron", "engine", "role-mixed"]
-
-        check {
-          name         = "engine-grpc-health"
-          type         = "grpc"
-          port         = "grpc"
-          grpc_service = ""
-          grpc_use_tls = var.tls
-          interval     = "10s"
-          timeout      = "2s"
-
-          check_restart {
-            limit = 3
-            grace = "20m"
+        dynamic "template" {
+          for_each = var.tls ? local.tls_templates : []
+          content {
+            data        = template.value.data
+            destination = template.value.destination
+            env         = template.value.env
+            change_mode = "restart"
           }
         }
-      }
 
-      # The queue's address from Consul (service "chiron-queue"): BATCH and MIXED engines lease batch work from it.
-      # The engine restarts when the queue moves.
-      template {
-        data        = "{{ range service \"chiron-queue\" }}CHIRON_QUEUE_ADDRESS={{ .Address }}:{{ .Port }}\n{{ end }}"
-        destination = "local/queue.env"
-        env         = true
-        change_mode = "restart"
-      }
+        # A task-level service: check_restart restarts this task, and its grace restarts with the task.
+        service {
+          provider = "consul"
+          name     = "chiron-engine-${group.key}"
+          port     = "grpc"
+          tags     = ["chiron", "engine", "role-${group.key}"]
 
-      config {
-        command = "/bin/sh"
-        args = [
-          "-c",
-          "CUDA_VISIBLE_DEVICES=\"$NVIDIA_VISIBLE_DEVICES\" exec ${var.chiron_bin} engine --backend vllm --model ${var.model_dir} --role mixed --host ${NOMAD_IP_grpc} --port ${NOMAD_PORT_grpc} --instance-id ${NOMAD_ALLOC_ID} --itl-slo-ms ${var.interactive_itl_slo_ms} --etcd ${var.etcd_address} --queue ${CHIRON_QUEUE_ADDRESS} ${var.engine_args}",
-        ]
-      }
+          check {
+            name         = "engine-grpc-health"
+            type         = "grpc"
+            port         = "grpc"
+            grpc_service = ""
+            grpc_use_tls = var.tls
+            interval     = "10s"
+            timeout      = "2s"
 
-      kill_signal    = "SIGTERM"
-      kill_timeout   = "45s"
-      shutdown_delay = "5s"
-
-      resources {
-        cpu    = var.engine_cpu_mhz
-        memory = var.engine_memory_mb
-
-        device "nvidia/gpu" {
-          count = 1
-
-          constraint {
-            attribute = "${device.model}"
-            operator  = "regexp"
-            value     = "A100" # device.model as the NVIDIA plugin reports it, e.g. "A100-SXM4-80GB"
+            check_restart {
+              limit = 3
+              grace = "20m"
+            }
           }
         }
-      }
-    }
-  }
 
-  # --------------------------------------------------------------------------- BATCH: leases work from the queue
-  group "engine-batch" {
-    count = 0
-
-    scaling {
-      enabled = true
-      min     = 0
-      max     = 32
-    }
-
-    network {
-      port "grpc" {}
-    }
-
-    # No deployments (max_parallel = 0): Nomad refuses a job scale request while the job has an active deployment
-    # ("job scaling blocked due to active deployment", HTTP 400), and with deployments every scale-up would start one
-    # that lasts a model load. The price: a changed spec replaces this group's allocations all at once.
-    update {
-      max_parallel = 0
-    }
-
-    restart {
-      attempts = 2
-      interval = "10m"
-      delay    = "30s"
-      mode     = "fail"
-    }
-
-    task "engine" {
-      driver = "raw_exec"
-
-      # TLS (var.tls): a Vault token for the certificate templates, then certificate, CA chain and CHIRON_TLS_*.
-      dynamic "vault" {
-        for_each = var.tls ? [1] : []
-        content {
-          change_mode = "restart"
+        config {
+          command = "/bin/sh"
+          args = [
+            "-c",
+            "CUDA_VISIBLE_DEVICES=\"$NVIDIA_VISIBLE_DEVICES\" exec ${var.chiron_bin} engine --backend vllm --model ${var.model_dir} --role ${group.key} --host ${NOMAD_IP_grpc} --port ${NOMAD_PORT_grpc} --instance-id ${NOMAD_ALLOC_ID} --itl-slo-ms ${group.value.itl_slo_ms} --etcd ${var.etcd_address} ${group.value.queue_args}${var.engine_args}",
+          ]
         }
-      }
 
-      dynamic "template" {
-        for_each = var.tls ? local.tls_templates : []
-        content {
-          data        = template.value.data
-          destination = template.value.destination
-          env         = template.value.env
-          change_mode = "restart"
-        }
-      }
+        # The engine drains on SIGTERM (new requests UNAVAILABLE, running ones finish, at most 30 s; a BATCH or MIXED
+        # engine returns its leased work to the queue, lease expiry at worst). shutdown_delay: the Consul service is
+        # deregistered this long before SIGTERM.
+        kill_signal    = "SIGTERM"
+        kill_timeout   = "45s"
+        shutdown_delay = "5s"
 
-      # A task-level service: check_restart restarts this task, and its grace restarts with the task.
-      service {
-        provider = "consul"
-        name     = "chiron-engine-batch"
-        port     = "grpc"
-        tags     = ["chiron", "engine", "role-batch"]
+        resources {
+          cpu    = var.engine_cpu_mhz
+          memory = var.engine_memory_mb
 
-        check {
-          name         = "engine-grpc-health"
-          type         = "grpc"
-          port         = "grpc"
-          grpc_service = ""
-          grpc_use_tls = var.tls
-          interval     = "10s"
-          timeout      = "2s"
+          device "nvidia/gpu" {
+            count = 1
 
-          check_restart {
-            limit = 3
-            grace = "20m"
-          }
-        }
-      }
-
-      # The queue's address from Consul (service "chiron-queue"): BATCH and MIXED engines lease batch work from it.
-      # The engine restarts when the queue moves.
-      template {
-        data        = "{{ range service \"chiron-queue\" }}CHIRON_QUEUE_ADDRESS={{ .Address }}:{{ .Port }}\n{{ end }}"
-        destination = "local/queue.env"
-        env         = true
-        change_mode = "restart"
-      }
-
-      config {
-        command = "/bin/sh"
-        args = [
-          "-c",
-          "CUDA_VISIBLE_DEVICES=\"$NVIDIA_VISIBLE_DEVICES\" exec ${var.chiron_bin} engine --backend vllm --model ${var.model_dir} --role batch --host ${NOMAD_IP_grpc} --port ${NOMAD_PORT_grpc} --instance-id ${NOMAD_ALLOC_ID} --itl-slo-ms ${var.batch_itl_slo_ms} --etcd ${var.etcd_address} --queue ${CHIRON_QUEUE_ADDRESS} ${var.engine_args}",
-        ]
-      }
-
-      # A batch engine that is stopped returns its leased work to the queue (lease expiry at worst).
-      kill_signal    = "SIGTERM"
-      kill_timeout   = "45s"
-      shutdown_delay = "5s"
-
-      resources {
-        cpu    = var.engine_cpu_mhz
-        memory = var.engine_memory_mb
-
-        device "nvidia/gpu" {
-          count = 1
-
-          constraint {
-            attribute = "${device.model}"
-            operator  = "regexp"
-            value     = "A100" # device.model as the NVIDIA plugin reports it, e.g. "A100-SXM4-80GB"
+            constraint {
+              attribute = "${device.model}"
+              operator  = "regexp"
+              value     = "A100" # device.model as the NVIDIA plugin reports it, e.g. "A100-SXM4-80GB"
+            }
           }
         }
       }

@@ -13,7 +13,8 @@ evaluates what Nomad's HCL2 front end evaluates at submission
   ``template.key``), literals (strings, numbers, ``true``/``false``, lists), ``==``/``!=``, ``!``, ``&&``/``||``
   and the conditional ``c ? a : b``; an expression that is a whole string keeps its type, one inside a string is
   written into it;
-* ``dynamic "LABEL" { for_each = ...; content { ... } }`` blocks, expanded into ``LABEL`` blocks.
+* ``dynamic "LABEL" { for_each = ...; labels = [...]; content { ... } }`` blocks, expanded into ``LABEL``
+  blocks (named by ``labels`` where given, e.g. ``group`` blocks).
 
 References Nomad leaves for the client (runtime interpolation,
 https://developer.hashicorp.com/nomad/docs/runtime/interpolation) stay in the text as ``${NAME}``:
@@ -330,7 +331,8 @@ def evaluate(value: Any, scope: Mapping[str, Any]) -> Any:
 
 def _expand_dynamic(label: str, body: Mapping[str, Any], scope: Mapping[str, Any]) -> list[Any]:
     """The ``label`` blocks a ``dynamic "label"`` block generates: ``content`` once per ``for_each`` element,
-    with the iterator (``iterator``, default the label) bound to ``{key, value}``."""
+    with the iterator (``iterator``, default the label) bound to ``{key, value}``; ``labels`` (evaluated with the
+    iterator) name each generated block, as a labeled block's names (``group "NAME"``)."""
     items = interpolate(body["for_each"], scope) if isinstance(body.get("for_each"), str) else body.get("for_each")
     if isinstance(items, str):
         raise ExpressionError(f"dynamic {label!r}: for_each {body.get('for_each')!r} does not evaluate here")
@@ -345,8 +347,12 @@ def _expand_dynamic(label: str, body: Mapping[str, Any], scope: Mapping[str, Any
     out = []
     for key, item in pairs:
         inner = {**scope, iterator: {"key": key, "value": item}}
+        names = [_stringify(interpolate(n, inner)) for n in body.get("labels", [])]
         for content in contents:
-            out.append(evaluate(content, inner))
+            block = evaluate(content, inner)
+            for name in reversed(names):
+                block = {name: block}
+            out.append(block)
     return out
 
 
@@ -507,6 +513,16 @@ def _labeled(body: Mapping[str, Any], key: str) -> dict[str, Any]:
     return {name: b for block in _blocks(body, key) for name, b in block.items()}
 
 
+def _dynamic_groups(raw_job: Mapping[str, Any], scope: Mapping[str, Any]) -> dict[str, Any]:
+    """The job's ``dynamic "group"`` blocks expanded: group name (its ``labels``) -> evaluated group body."""
+    made: dict[str, Any] = {}
+    for block in _blocks(raw_job, "dynamic"):
+        if "group" in block:
+            for group in _expand_dynamic("group", block["group"], scope):
+                made.update(group)
+    return made
+
+
 def _service(s: Mapping[str, Any]) -> ServiceSpec:
     checks = []
     for c in _blocks(s, "check"):
@@ -560,9 +576,13 @@ def render_job_file(path: str | Path, variables: Mapping[str, Any] | None = None
     for job_block in _blocks(spec, "job"):
         for job_id, raw_job in job_block.items():
             groups: dict[str, GroupSpec] = {}
-            for gname, raw_group in _labeled(raw_job, "group").items():
+            try:
+                made = _dynamic_groups(raw_job, scope)
+            except ExpressionError as e:
+                raise JobFileError(path, str(e)) from e
+            for gname, raw_group in [*_labeled(raw_job, "group").items(), *made.items()]:
                 try:
-                    g = evaluate(raw_group, scope)
+                    g = made[gname] if gname in made else evaluate(raw_group, scope)
                 except ExpressionError as e:
                     raise JobFileError(path, str(e), group=gname) from e
                 tasks = []
