@@ -175,16 +175,6 @@ class OutputLengthModel:
         return self.count < self.min_observations
 
     @property
-    def sample_mean(self) -> float:
-        """Mean of the observed lengths (tokens); nan before any observation."""
-        return self._mean if self.count else math.nan
-
-    @property
-    def sample_variance(self) -> float:
-        """Population variance of the observed lengths (tokens²); nan before any observation."""
-        return self._m2 / self.count if self.count else math.nan
-
-    @property
     def mean(self) -> float:
         """Output tokens per request used by the estimator: the prior's mean or the observed mean."""
         return self.prior.mean_tokens if self.uses_prior else self._mean
