@@ -26,10 +26,10 @@ from services.global_scaler.policy import (
     PolicyConfig,
     PolicyState,
     RoleLimits,
-    arrival_cv,
     decide,
     engine_load,
     group_views,
+    measured_arrival_cv,
     observe,
 )
 from services.router.routing import EngineStatsView, Rejected, choose_instance, instance_load
@@ -216,7 +216,7 @@ class ChironPolicy(FleetPolicy):
     def _arrival_cv(self, fleet: Fleet) -> float:
         if self.arrival_cv is not None:
             return self.arrival_cv
-        return arrival_cv(np.frombuffer(fleet.arrival_times, dtype=float), fleet.now, self.cv_window_s)
+        return measured_arrival_cv(np.frombuffer(fleet.arrival_times, dtype=float), fleet.now, self.cv_window_s)
 
     def group_views(self, fleet: Fleet, groups: list[GroupView]) -> list[GroupView]:
         """The request groups the scaler is shown (an ablation overrides it)."""

@@ -19,12 +19,12 @@ from services.global_scaler.policy import (
     PolicyState,
     RoleLimits,
     ScalerInputs,
-    arrival_cv,
     decide,
     engine_load,
     group_view,
     group_views,
     hold_in_window,
+    measured_arrival_cv,
     observe,
     overprovisioning_theta,
     with_limits,
@@ -336,12 +336,12 @@ def test_observation_builders():
     assert views == [GroupView("b", 5, 12.0, 60.0, 1), GroupView("a", 0, 0.0, 50.0, 4)]  # leased-only group kept
 
 
-def test_arrival_cv_over_the_window():
-    assert arrival_cv(np.arange(100, dtype=float), 100.0, 50.0) == pytest.approx(0.0)  # evenly spaced
-    assert arrival_cv(np.arange(10, dtype=float), 10.0, 50.0) == 1.0  # too few arrivals: Poisson
+def test_measured_arrival_cv_over_the_window():
+    assert measured_arrival_cv(np.arange(100, dtype=float), 100.0, 50.0) == pytest.approx(0.0)  # evenly spaced
+    assert measured_arrival_cv(np.arange(10, dtype=float), 10.0, 50.0) == 1.0  # too few arrivals: Poisson
     rng = np.random.default_rng(0)
     t = np.cumsum(rng.exponential(0.1, 5000))
-    assert arrival_cv(t, float(t[-1]), 1e9) == pytest.approx(1.0, abs=0.05)
+    assert measured_arrival_cv(t, float(t[-1]), 1e9) == pytest.approx(1.0, abs=0.05)
 
 
 def test_slo_met_rule():

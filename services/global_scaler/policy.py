@@ -265,7 +265,7 @@ def group_views(groups: Sequence, estimates: Sequence) -> list[GroupView]:
     return out + [GroupView(g.group_id, 0, 0.0, g.deadline_s, g.leased) for g in groups if g.group_id not in seen]
 
 
-def arrival_cv(arrival_times: np.ndarray, now: float, window_s: float, min_arrivals: int = 20) -> float:
+def measured_arrival_cv(arrival_times: np.ndarray, now: float, window_s: float, min_arrivals: int = 20) -> float:
     """Coefficient of variation of the inter-arrival times of the arrivals within ``window_s`` [s] before
     ``now`` (``arrival_times`` ascending, s); 1 (Poisson) with fewer than ``min_arrivals`` of them or no spread
     in time."""
