@@ -5,8 +5,8 @@ What runs here is the product's own decision code, imported, never copied (``../
 * every instance is a :class:`~services.engine.core.EngineCore` (the simulated backend's continuous-batching
   scheduler and fitted A100 performance model), advanced with :meth:`EngineCore.advance` (bulk steady-decode
   iterations between events, identical to stepping one iteration at a time);
-* its local autoscaler is :func:`services.engine.local_autoscaler.decide`, fed the same observation as the
-  engine agent's control loop (ITL quantile and output tokens/s over the control interval, saturation);
+* its local autoscaler is :func:`services.engine.local_autoscaler.decide`, fed by the engine agent's builder
+  (:func:`~services.engine.local_autoscaler.observation`: ITL quantile, output tokens/s, saturation);
 * Chiron's batch path is the queue's own core (:class:`~services.queue.core.QueueCore` over an
   in-memory :class:`~services.queue.store.QueueStore`, its waiting-time estimator and capacity tracker) with
   the batch worker's leasing and eviction rules (:func:`~services.engine.batch_rules.lease_room`,
