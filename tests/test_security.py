@@ -363,12 +363,15 @@ def test_nomad_jobs_render_the_variables_the_services_read_when_tls_is_on():
         path = root / f"{name}.nomad.hcl"
         spec = load_job_spec(path)
         (job_name, job), = spec["job"][0].items()
-        templates = {t["destination"]: t for t in spec["locals"][0]["tls_templates"]}
+        local = {name: value for block in spec["locals"] for name, value in block.items()}
+        templates = {t["destination"]: t for t in local["tls_templates"]}
         env_lines = [line for line in templates["secrets/tls.env"]["data"].splitlines() if line]
         assert {line.split("=", 1)[0] for line in env_lines} == {"CHIRON_TLS_CERT", "CHIRON_TLS_KEY", "CHIRON_TLS_CA"} <= fields
         assert templates["secrets/tls.env"]["env"] is True
         assert f"common_name={job_name}.service.consul" in templates["secrets/chiron.pem"]["data"]
-        for group in (body for block in job["group"] for body in block.values()):
+        groups = [body for block in job.get("group", []) for body in block.values()]
+        groups += [b["group"]["content"][0] for b in job.get("dynamic", []) if "group" in b]  # the engine's roles
+        for group in groups:
             for task in (body for block in group["task"] for body in block.values()):
                 dynamic = [(kind, body) for block in task["dynamic"] for kind, body in block.items()]
                 gated = {(kind, body["for_each"]) for kind, body in dynamic}
