@@ -76,7 +76,7 @@ def test_capacity_prior_before_any_ack_and_the_sqlite_tracker_unchanged(pg_url, 
     s = QueueService(a, WaitingTimeEstimator(), CapacityTracker(prior_throughput_tokens_per_s=500.0), clock=clock)
     a.enqueue("r", "m", [1], 10, 60_000)
     assert s.capacities()["m"].throughput_tokens_per_s == 500.0
-    assert s.capacity._events == {}  # nothing kept in memory over PostgreSQL
+    assert s.capacity.models() == set()  # nothing kept in memory over PostgreSQL
 
 
 def _ops(rng: random.Random, stores: list[PgQueueStore], clock: Clock, n: int, state: dict) -> None:
