@@ -142,6 +142,13 @@ def cluster_engine_args(backend: str, model: str | None, dummy_weights: bool, sp
     return vllm_engine_args(model, dummy_weights)
 
 
+def save_json(doc: dict, json_path: str | Path) -> None:
+    """Write ``doc`` as indented JSON to ``json_path``, making its folder first. Raises OSError."""
+    path = Path(json_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=2))
+
+
 def write_report_files(report: dict, json_path: str | Path, plot_path: str | Path) -> str | None:
     """Write ``report`` as JSON to ``json_path``, then its plot to ``plot_path``, making their folders first.
 

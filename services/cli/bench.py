@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import json
-from pathlib import Path
 
 import click
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from services.cli._common import console, fmt
+from services.cli._common import console, fmt, save_json
 from services.common.grpc_util import run_event_loop
 
 
@@ -52,8 +50,7 @@ def bench_perf_model(json_path, holdout, seed) -> None:
     report = {"median_abs_rel_error": worst, "target": 0.10, "holdout_fraction": holdout, "seed": seed,
               "models": models}
     console.print(f"median_abs_rel_error (worst model) = {report['median_abs_rel_error']:.3f} (target ≤ 0.10)")
-    Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-    Path(json_path).write_text(json.dumps(report, indent=2))
+    save_json(report, json_path)
     console.print(f"written to {json_path}")
 
 
@@ -188,8 +185,7 @@ def bench_queue(json_path, n_rss, db_url) -> None:
         ok = "" if bound is None else ("met" if (v >= bound if op == ">=" else v <= bound) else "MISSED")
         table.add_row(key, f"{v:,.1f}", f"{op} {bound:,.0f} {ok}" if bound is not None else "—")
     console.print(table)
-    Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-    Path(json_path).write_text(json.dumps(report, indent=2))
+    save_json(report, json_path)
     console.print(f"written to {json_path}")
 
 
@@ -212,8 +208,7 @@ def bench_scaler(json_path) -> None:
                   "≤ 10 " + ("met" if report["decision_ms_p99"] <= 10 else "MISSED"))
     table.add_row("scale_up_to_registered_s", fmt(report["scale_up_to_registered_s"], 2), "")
     console.print(table)
-    Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-    Path(json_path).write_text(json.dumps(report, indent=2))
+    save_json(report, json_path)
     console.print(f"written to {json_path}")
 
 
@@ -239,8 +234,7 @@ def bench_router(json_path, duration_s) -> None:
     if at200:
         console.print(f"p99 overhead at 200 req/s: {at200['overhead_p99_ms']:.2f} ms (target ≤ 5 ms): "
                       f"{'met' if at200['overhead_p99_ms'] <= 5 else 'MISSED'}")
-    Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-    Path(json_path).write_text(json.dumps(report, indent=2))
+    save_json(report, json_path)
     console.print(f"written to {json_path}")
 
 
@@ -296,8 +290,7 @@ def bench_gateway(json_path, duration_s, http_client, gateway_workers) -> None:
                       f"{'met' if at200['overhead_p99_ms'] <= 5 else 'MISSED'}; 95% interval \\[{lo:.1f}, {hi:.1f}] ms, "
                       f"{where} ({report['config']['cpu_count']} CPUs, gateway workers {report['config']['gateway_workers']}, "
                       f"machine CPU busy {at200.get('machine_cpu_busy', float('nan')):.0%})")
-    Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-    Path(json_path).write_text(json.dumps(report, indent=2))
+    save_json(report, json_path)
     console.print(f"written to {json_path}")
 
 

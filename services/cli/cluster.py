@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ from services.cli._common import (
     dummy_weights_option,
     fmt,
     print_security,
+    save_json,
     security_options,
     stop_on_signal,
     write_report_files,
@@ -260,8 +260,7 @@ def chaos(json_path, faults, minutes, fault_interval_s, stall_s, quick, work_dir
     for row in [*report["faults"], {"fault": "total", **report["totals"]}]:
         table.add_row(*(fmt(row.get(c), 2) for c in cols))
     console.print(table)
-    Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-    Path(json_path).write_text(json.dumps(report, indent=2))
+    save_json(report, json_path)
     console.print(f"report: {json_path}")
     for miss in report["targets_missed"]:
         console.print(f"[red]target missed: {escape(miss)}[/]")
@@ -329,8 +328,7 @@ def demo_engine(trace_name, start_s, duration_s, speedup, itl_slo_ms, json_path)
               "max_batch_size_initial", "max_batch_size_final", "wall_seconds"):
         summary.add_row(k, fmt(report[k], 3 if k == "itl_slo_attainment" else 1))
     console.print(summary)
-    Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-    Path(json_path).write_text(json.dumps(report, indent=2))
+    save_json(report, json_path)
     console.print(f"report written to {json_path}")
     if report["errors"] or report["lost_requests"]:
         raise SystemExit(1)

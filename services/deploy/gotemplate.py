@@ -25,6 +25,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from services.deploy.lexing import tokens
+
 
 class TemplateError(ValueError):
     """A template this renderer cannot parse or evaluate (the message says what and where)."""
@@ -60,18 +62,8 @@ class _Node:
 
 
 def _lex(expr: str) -> list[tuple[str, str]]:
-    out, pos = [], 0
     expr = expr.strip()
-    while pos < len(expr):
-        m = _TERM.match(expr, pos)
-        if m is None or m.end() == pos:
-            raise TemplateError(f"cannot read {expr[pos:pos + 20]!r} in {{{{ {expr} }}}}")
-        kind = m.lastgroup or ""
-        out.append((kind, m.group(kind)))
-        pos = m.end()
-        while pos < len(expr) and expr[pos].isspace():
-            pos += 1
-    return out
+    return tokens(_TERM, expr, lambda pos: TemplateError(f"cannot read {expr[pos:pos + 20]!r} in {{{{ {expr} }}}}"))
 
 
 def parse(text: str) -> list[_Node]:

@@ -37,6 +37,8 @@ from typing import Any
 import hcl2
 from hcl2 import SerializationOptions
 
+from services.deploy.lexing import tokens
+
 _HCL_OPTIONS = SerializationOptions(strip_string_quotes=True, explicit_blocks=False, with_comments=False)
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
 _DURATION_S = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -96,18 +98,8 @@ _TOKEN = re.compile(r"""\s*(?:
 
 
 def _tokens(text: str) -> list[tuple[str, str]]:
-    out, pos = [], 0
     text = text.strip()
-    while pos < len(text):
-        m = _TOKEN.match(text, pos)
-        if m is None or m.end() == pos:
-            raise ExpressionError(f"cannot read {text[pos:pos + 20]!r} in expression {text!r}")
-        kind = m.lastgroup or ""
-        out.append((kind, m.group(kind)))
-        pos = m.end()
-        while pos < len(text) and text[pos].isspace():
-            pos += 1
-    return out
+    return tokens(_TOKEN, text, lambda pos: ExpressionError(f"cannot read {text[pos:pos + 20]!r} in expression {text!r}"))
 
 
 class _Unresolved(Exception):
