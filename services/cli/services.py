@@ -191,8 +191,8 @@ def queue(host, port, port_file, db_path, models, capacity, group_granularity_s,
     async def run() -> None:
         from services.queue.server import CapacityTracker, serve
 
-        srv = await serve(cfg, host, port, capacity=CapacityTracker(prior_throughput_tokens_per_s=prior_throughput),
-                          max_file_bytes=max_file_bytes)
+        srv = await serve(cfg, host, port, capacity=CapacityTracker(prior_throughput_tokens_per_s=s.prior_throughput),
+                          max_file_bytes=s.max_file_bytes)
         msrv = await serve_until_signal(srv, srv.service.metrics, host, port_file, metrics_port, metrics_port_file,
                                         banner=lambda m: f"queue serving on {host}:{srv.port} (store {redact_url(db_path)})" + m)
         await srv.stop()

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, field_validator
 
+from services.common.grpc_util import MAX_MESSAGE_BYTES as MAX_FILE_BYTES  # a Batch API upload is one message
+
 if TYPE_CHECKING:
     from services.engine.core import EngineConfig
     from services.engine.local_autoscaler import LocalAutoscalerConfig
@@ -26,7 +28,6 @@ if TYPE_CHECKING:
 
 Role = Literal["interactive", "mixed", "batch"]
 SIMULATED_MODELS = ("llama-3-8b", "llama-2-70b")
-MAX_FILE_BYTES = 80 * 2**20  # the gRPC message limit (services/common/grpc_util.py)
 
 
 class EngineSettings(BaseModel):
