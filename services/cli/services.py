@@ -307,11 +307,11 @@ async def _run_scaler(s, cfg, elects: bool, host, port, port_file, etcd, queue_a
     service = ScalerService(cfg, watcher, prov, queue=queue_addr, advisory=s.advisory, arrival_cv=s.arrival_cv,
                             election=elect)
     srv = await serve(service, host, port)
-    role = ("" if elect is None else f", {'leader' if elect.is_leader else 'standby'} as {elect.candidate_id}")
-    msrv = await serve_until_signal(
-        srv, service.metrics, host, port_file, metrics_port, metrics_port_file,
-        banner=lambda m: f"scaler serving on {host}:{srv.port} ({'advisory' if s.advisory else s.provider + ' provider'}"
-                         f"{role})" + m)
+    def banner(metrics: str) -> str:  # the election's state when serving starts
+        role = "" if elect is None else f", {'leader' if elect.is_leader else 'standby'} as {elect.candidate_id}"
+        return f"scaler serving on {host}:{srv.port} ({'advisory' if s.advisory else s.provider + ' provider'}{role})" + metrics
+
+    msrv = await serve_until_signal(srv, service.metrics, host, port_file, metrics_port, metrics_port_file, banner=banner)
     await srv.stop()
     if msrv is not None:
         msrv.stop()
