@@ -81,6 +81,18 @@ async def test_lease_ack_and_stats(queue):
     assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
+async def test_a_group_with_every_request_leased_is_still_listed(queue):
+    """Nothing waits, but work is in service: the scaler must see the group (and keep its BATCH instances)."""
+    _, stub = queue
+    for i in range(3):
+        await stub.Enqueue(req(f"r{i}"))
+    await stub.Lease(queue_pb2.LeaseRequest(worker_id="w", max_requests=3))
+    stats = (await stub.GetStats(queue_pb2.QueueGetStatsRequest())).stats
+    assert stats.queued == 0 and stats.leased == 3 and len(stats.groups) == 1
+    g = stats.groups[0]
+    assert g.size == 0 and g.leased == 3 and g.slack_s > 0 and not g.projected_slo_violation
+
+
 async def test_return_resumes_with_progress_at_its_place(queue):
     _, stub = queue
     for i in range(3):
