@@ -11,13 +11,13 @@ percentage points and on GPU-seconds within 10%. Why 1× speed-up and no batch t
 
 **Simulator, configured like that cluster**, wall-clock settings × ``S`` into trace time:
 
-* the scaler's policy (:class:`~services.common.settings.ScalerSettings` from the cluster's scaler arguments,
+* the scaler's policy (:class:`~services.settings.ScalerSettings` from the cluster's scaler arguments,
   defaults as ``chiron scaler``'s): every ``*_s`` duration × ``S``; role limits, GPU budget and arrival CV as is;
   the model-load time ``L`` in Θ = z·CV/sqrt(λL) × ``S`` too (the live scaler measures λ per wall second);
 * the time a new instance takes to serve: the median start → serving time of this run's engine processes
   (the local provider's ``starting instance`` / ``is serving`` lines in ``scaler.log``) × ``S``;
 * 1 warm INTERACTIVE instance at the start; the engines' local-autoscaler ITL SLOs as ``chiron engine``'s
-  defaults (:class:`~services.common.settings.EngineSettings`); request SLOs and output caps as
+  defaults (:class:`~services.settings.EngineSettings`); request SLOs and output caps as
   :class:`services.replay.ReplayConfig`.
 
 **GPU-seconds, start → release on both sides.** The simulator counts each instance from start to release; the
@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from services.common.settings import EngineSettings, ScalerSettings
+from services.settings import EngineSettings, ScalerSettings
 
 TARGETS = {"attainment_pp": 3, "gpu_seconds_rel": 0.10}
 DEFAULT_START_S = 0.0

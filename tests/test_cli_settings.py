@@ -1,4 +1,4 @@
-"""The service commands' option defaults are their settings models' defaults (services/common/settings.py), so
+"""The service commands' option defaults are their settings models' defaults (services/settings.py), so
 a command only maps options onto settings; the settings build the same service configs the commands did."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from services.cli import main
-from services.common.settings import EngineSettings, QueueSettings, RouterSettings, ScalerSettings
+from services.settings import EngineSettings, QueueSettings, RouterSettings, ScalerSettings
 
 # option name (click's parameter name) -> settings field, where they differ
 RENAMED = {"queue_addr": "queue_address", "lim_i": "interactive", "lim_m": "mixed", "lim_b": "batch"}

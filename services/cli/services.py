@@ -1,5 +1,5 @@
 """The service commands: ``chiron engine``, ``queue``, ``router``, ``scaler`` and ``gateway``. Each maps its
-options onto the service's settings (:mod:`services.common.settings`, :class:`services.gateway.config.GatewayConfig`)
+options onto the service's settings (:mod:`services.settings`, :class:`services.gateway.config.GatewayConfig`)
 and serves until SIGINT or SIGTERM."""
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def engine(host, port, port_file, backend, model, load_format, dtype, max_num_ba
 
     SIGTERM or Ctrl-C drains: new requests get UNAVAILABLE, running ones finish (up to 30 s).
     """
-    from services.common.settings import EngineSettings
+    from services.settings import EngineSettings
 
     s = EngineSettings(backend=backend, model=model, load_format=load_format, dtype=dtype,
                        max_num_batched_tokens=max_num_batched_tokens, kv_cache_mb=kv_cache_mb, role=role,
@@ -174,8 +174,8 @@ def queue(host, port, port_file, db_path, models, capacity, group_granularity_s,
     """Run the global queue: the chiron.v1.Queue gRPC service (durable request groups, leases, waiting-time
     estimates) and chiron.v1.BatchApi (uploaded files and batches, in the same database), with health checking
     and reflection. SIGTERM or Ctrl-C stops it; the store survives."""
-    from services.common.settings import QueueSettings
     from services.queue.pg_store import check_database, is_postgres_url, redact_url
+    from services.settings import QueueSettings
 
     s = QueueSettings(db_path=db_path, models=models, capacity=capacity, group_granularity_s=group_granularity_s,
                       lease_timeout_s=lease_timeout_s, max_ttft_slo_s=max_ttft_slo_s, max_prompt_tokens=max_prompt_tokens,
@@ -256,7 +256,7 @@ def scaler(host, port, port_file, etcd, queue_addr, provider, advisory, interval
     over-provisioning Θ) and batch backpressure, applied through an instance provider, explained over gRPC
     (GetDecision / WatchDecisions) and in the log.
     """
-    from services.common.settings import ScalerSettings
+    from services.settings import ScalerSettings
 
     s = ScalerSettings(
         provider=provider, advisory=advisory, interval_s=interval_s, scale_down_delay_s=scale_down_delay_s,
@@ -336,7 +336,7 @@ def router(host, port, port_file, etcd, queue_addr, interactive_ttft_max_ms, sta
            metrics_port_file) -> None:
     """Run the router: the client-facing chiron.v1.Router service (Generate for interactive requests,
     Submit / GetResult / StreamResult / Cancel for batch ones), with health checking and reflection."""
-    from services.common.settings import RouterSettings
+    from services.settings import RouterSettings
 
     s = RouterSettings(interactive_ttft_max_ms=interactive_ttft_max_ms, stats_interval_s=stats_interval_s)
     try:
