@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
-from collections.abc import Awaitable, Callable
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 
+import aetcd
 import pytest
 
 from services.common.etcd_server import EtcdNotFound, EtcdServer
+from services.common.membership import parse_endpoint
 from services.common.pg_server import PostgresServer
 
 
@@ -59,6 +63,39 @@ async def start_sim_engine(instance_id: str, role: str, *, cap: int = 16, speedu
         registration = await Registration.create(etcd, InstanceInfo(instance_id=instance_id, role=role, model=model,
                                                                     address=f"127.0.0.1:{server.port}"))
     return server, registration
+
+
+# ---- one etcd per test module (membership and self-healing tests) ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def etcd_module(tmp_path_factory) -> EtcdServer:
+    server = start_etcd(tmp_path_factory.mktemp("etcd"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def etcd(etcd_module: EtcdServer) -> EtcdServer:
+    """The module's etcd, started again if a test stopped it (a failed restart test must not take the following
+    tests down with it). A test module may define its own ``etcd`` fixture instead."""
+    if not etcd_module.running:
+        etcd_module.start()
+    return etcd_module
+
+
+@pytest.fixture
+def prefix() -> str:
+    """A fresh instances prefix per test, so tests sharing one etcd never see each other's keys."""
+    return f"/chiron-test/{uuid.uuid4().hex[:8]}/instances/"
+
+
+@contextlib.asynccontextmanager
+async def admin_client(server: EtcdServer) -> AsyncIterator[aetcd.Client]:
+    """A fresh client (a new channel: one that saw etcd restart may sit in gRPC's reconnect backoff)."""
+    host, port = parse_endpoint(server.endpoint)
+    async with aetcd.Client(host=host, port=port, timeout=5) as client:
+        yield client
 
 
 # ----------------------------------------------------------------------------------------------

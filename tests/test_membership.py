@@ -14,7 +14,6 @@ import json
 import logging
 import shutil
 import time
-import uuid
 from collections.abc import AsyncIterator
 
 import aetcd
@@ -29,36 +28,13 @@ from services.common.membership import (
     Registration,
     parse_endpoint,
 )
-from tests.conftest import eventually, start_etcd
+from tests.conftest import admin_client, eventually
 
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.fixture(scope="module")
-def etcd_module(tmp_path_factory) -> EtcdServer:
-    server = start_etcd(tmp_path_factory.mktemp("etcd"))
-    yield server
-    server.stop()
 
 
-@pytest.fixture
-def etcd(etcd_module: EtcdServer) -> EtcdServer:
-    if not etcd_module.running:  # a failed restart test must not take the following tests down with it
-        etcd_module.start()
-    return etcd_module
-
-
-@pytest.fixture
-def prefix() -> str:
-    return f"/chiron-test/{uuid.uuid4().hex[:8]}/instances/"
-
-
-@contextlib.asynccontextmanager
-async def admin_client(server: EtcdServer) -> AsyncIterator[aetcd.Client]:
-    """A fresh client (a new channel: one that saw etcd restart may sit in gRPC's reconnect backoff)."""
-    host, port = parse_endpoint(server.endpoint)
-    async with aetcd.Client(host=host, port=port, timeout=5) as client:
-        yield client
 
 
 def make_info(instance_id: str, **kw) -> InstanceInfo:

@@ -13,18 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from services.common.membership import InstanceInfo, MembershipWatcher, Registration
-from services.engine.backend import SimulatedBackend
-from services.engine.core import EngineConfig
-from services.engine.local_autoscaler import LocalAutoscalerConfig
-from services.engine.server import AgentConfig, EngineAgent
-from services.engine.server import serve as serve_engine
+from services.common.membership import MembershipWatcher
 from services.queue.server import serve as serve_queue
 from services.queue.store import QueueConfig
 from services.router.routing import RouterConfig
 from services.router.server import RouterService
 from services.router.server import serve as serve_router
-from tests.conftest import start_etcd
+from tests.conftest import start_etcd, start_sim_engine
 
 pytestmark = pytest.mark.timeout(120)
 MODEL = "llama-3-8b"
@@ -49,14 +44,6 @@ def node_or_skip() -> str:
     return node
 
 
-async def engine(etcd: str, iid: str, role: str, cap: int):
-    be = SimulatedBackend(MODEL, EngineConfig(max_num_seqs=cap), speedup=20.0)
-    agent = EngineAgent(be, AgentConfig(instance_id=iid, autoscale=False,
-                                        autoscaler=LocalAutoscalerConfig(initial_batch_size=cap)))
-    srv = await serve_engine(agent, port=0)
-    reg = await Registration.create(etcd, InstanceInfo(instance_id=iid, role=role, model=MODEL,
-                                                       address=f"127.0.0.1:{srv.port}"))
-    return srv, reg
 
 
 @pytest.fixture
@@ -64,7 +51,8 @@ async def cluster(tmp_path):
     """The router's address, once membership shows both engines and the router has served its first stats refresh."""
     node = node_or_skip()  # before starting anything
     etcd = start_etcd(tmp_path / "etcd")
-    engines = [await engine(etcd.endpoint, "inter-1", "interactive", 2), await engine(etcd.endpoint, "mixed-1", "mixed", 8)]
+    engines = [await start_sim_engine("inter-1", "interactive", cap=2, speedup=20.0, etcd=etcd.endpoint),
+               await start_sim_engine("mixed-1", "mixed", cap=8, speedup=20.0, etcd=etcd.endpoint)]
     watcher = MembershipWatcher(etcd.endpoint)
     await watcher.start()
     await watcher.wait_for(lambda m: len(m) == 2, timeout_s=20)

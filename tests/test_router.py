@@ -11,12 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from chiron.v1 import queue_pb2, router_pb2, router_pb2_grpc, types_pb2
-from services.common.membership import InstanceInfo, MembershipWatcher, Registration
-from services.engine.backend import SimulatedBackend
-from services.engine.core import EngineConfig
-from services.engine.local_autoscaler import LocalAutoscalerConfig
-from services.engine.server import AgentConfig, EngineAgent
-from services.engine.server import serve as serve_engine
+from services.common.membership import MembershipWatcher
 from services.gateway.router_mux import RouterMux
 from services.queue.server import serve as serve_queue
 from services.queue.store import QueueConfig
@@ -31,26 +26,19 @@ from services.router.routing import (
 )
 from services.router.server import RouterService
 from services.router.server import serve as serve_router
-from tests.conftest import eventually, start_etcd
+from tests.conftest import eventually, start_etcd, start_sim_engine
 
 pytestmark = pytest.mark.timeout(120)
 MODEL = "llama-3-8b"
 
 
-async def engine(etcd: str, iid: str, role: str, cap: int):
-    be = SimulatedBackend(MODEL, EngineConfig(max_num_seqs=cap), speedup=20.0)
-    agent = EngineAgent(be, AgentConfig(instance_id=iid, autoscale=False,
-                                        autoscaler=LocalAutoscalerConfig(initial_batch_size=cap)))
-    srv = await serve_engine(agent, port=0)
-    reg = await Registration.create(etcd, InstanceInfo(instance_id=iid, role=role, model=MODEL,
-                                                       address=f"127.0.0.1:{srv.port}"))
-    return srv, reg
 
 
 @pytest.fixture
 async def cluster(tmp_path):
     etcd = start_etcd(tmp_path / "etcd")
-    engines = [await engine(etcd.endpoint, "inter-1", "interactive", 2), await engine(etcd.endpoint, "mixed-1", "mixed", 8)]
+    engines = [await start_sim_engine("inter-1", "interactive", cap=2, speedup=20.0, etcd=etcd.endpoint),
+               await start_sim_engine("mixed-1", "mixed", cap=8, speedup=20.0, etcd=etcd.endpoint)]
     watcher = MembershipWatcher(etcd.endpoint)
     await watcher.start()
     await watcher.wait_for(lambda m: len(m) == 2, timeout_s=20)
@@ -295,7 +283,7 @@ async def test_an_instance_that_registered_after_the_last_stats_refresh_is_used_
     queue = await serve_queue(QueueConfig(db_path=str(tmp_path / "q.db")), port=0)
     router = await serve_router(RouterService(RouterConfig(), watcher, f"127.0.0.1:{queue.port}", stats_interval_s=3600),
                                 port=0)
-    srv, reg = await engine(etcd.endpoint, "late-1", "interactive", 4)
+    srv, reg = await start_sim_engine("late-1", "interactive", cap=4, speedup=20.0, etcd=etcd.endpoint)
     try:
         await watcher.wait_for(lambda m: "late-1" in m, timeout_s=20)
         async with grpc.aio.insecure_channel(f"127.0.0.1:{router.port}") as ch:

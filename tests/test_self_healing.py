@@ -13,43 +13,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import uuid
 from collections.abc import AsyncIterator
 
 import aetcd
 import pytest
 
 from services.common.etcd_server import EtcdServer
-from services.common.membership import InstanceInfo, Registration, client_factory, parse_endpoint
-from tests.conftest import eventually, start_etcd
+from services.common.membership import InstanceInfo, Registration, client_factory
+from tests.conftest import admin_client, eventually
 
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.fixture(scope="module")
-def etcd_module(tmp_path_factory) -> EtcdServer:
-    server = start_etcd(tmp_path_factory.mktemp("etcd"))
-    yield server
-    server.stop()
 
 
-@pytest.fixture
-def etcd(etcd_module: EtcdServer) -> EtcdServer:
-    if not etcd_module.running:
-        etcd_module.start()
-    return etcd_module
-
-
-@pytest.fixture
-def prefix() -> str:
-    return f"/chiron-test/{uuid.uuid4().hex[:8]}/instances/"
-
-
-@contextlib.asynccontextmanager
-async def admin_client(server: EtcdServer) -> AsyncIterator[aetcd.Client]:
-    host, port = parse_endpoint(server.endpoint)
-    async with aetcd.Client(host=host, port=port, timeout=5) as client:
-        yield client
 
 
 async def key_present(server: EtcdServer, key: str) -> bool:
