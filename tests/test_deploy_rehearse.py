@@ -82,6 +82,24 @@ def test_env_templates_are_read_as_key_value_lines():
 
 # ---------------------------------------------------------------------------------------------------- job files
 
+def test_the_engine_groups_render_from_one_labeled_dynamic_group_block():
+    """``dynamic "group"`` with ``labels`` (the engine job's roles): one named group per element, the iterator
+    usable in nested blocks and nested dynamic blocks, ``$${...}`` in a local left for runtime interpolation."""
+    (job,) = render_job_file(DEFAULT_NOMAD_DIR / "chiron-engine.nomad.hcl", {"batch_itl_slo_ms": "400"})
+    assert sorted(job.groups) == ["engine-batch", "engine-interactive", "engine-mixed"]
+    bounds = {name: (g.count, g.scaling) for name, g in job.groups.items()}
+    assert bounds == {"engine-interactive": (1, (1, 16, True)), "engine-mixed": (0, (0, 8, True)),
+                      "engine-batch": (0, (0, 32, True))}
+    for role in ("interactive", "mixed", "batch"):
+        (task,) = job.groups[f"engine-{role}"].tasks
+        cmd = " ".join(task.args)
+        assert f"--role {role} " in cmd and task.services[0].name == f"chiron-engine-{role}"
+        assert f"--itl-slo-ms {400 if role == 'batch' else 50} " in cmd
+        leases = role != "interactive"
+        assert ("--queue ${CHIRON_QUEUE_ADDRESS} " in cmd) == leases
+        assert [t.destination for t in task.templates] == (["local/queue.env"] if leases else [])
+
+
 def test_job_files_render_with_var_overrides_locals_and_dynamic_blocks():
     (job,) = render_job_file(DEFAULT_NOMAD_DIR / "chiron-gateway.nomad.hcl",
                              {"gateway_count": "1", "gateway_port": "18000", "tls": "true", "auth": "true",
