@@ -44,6 +44,7 @@ lint: $(STAMP) node_modules/.installed
 	$(PY) scripts/gen_protos.py --check
 	cd protos && ../node_modules/.bin/buf lint && ../node_modules/.bin/buf format --diff --exit-code
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 
 ## The whole test suite, the real-vLLM tests included (CI runs exactly this).
 test: lint $(VLLM_STAMP)
