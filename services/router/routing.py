@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 # Interactive requests waiting for their first token that make a queue rather than the normal moment between an
 # arrival and the next iteration (requests). The one threshold of the router's choice, of
-# :func:`queue_binds` (router and scaler) and of the MIXED eviction rule (``services.engine.batch_worker.eviction_need``).
+# :func:`queue_binds` (router and scaler) and of the MIXED eviction rule (``services.engine.batch_rules.eviction_need``).
 INTERACTIVE_QUEUE = 4
 
 
