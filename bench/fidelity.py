@@ -145,25 +145,10 @@ async def _run_live(trace, rcfg, ccfg, say) -> tuple[dict, float, float, Path, l
     return report, t0, t1, cluster.work, decisions
 
 
-@contextlib.contextmanager
-def _recording_decisions(out: list[dict]):
-    """Record every scaling decision the simulated Chiron policy makes (same fields as the live scaler's
-    ``WatchDecisions`` stream), by wrapping the policy module's ``decide`` for the duration of the run."""
-    import simulator.policies as sp
-
-    decide = sp.decide
-
-    def recording(cfg, state, inp):
-        state, d = decide(cfg, state, inp)
-        out.append({"t_s": d.now, "theta": d.theta, **d.inputs, **{r: v.current for r, v in d.roles.items()},
-                    **{f"desired_{r}": v.desired for r, v in d.roles.items()}})
-        return state, d
-
-    sp.decide = recording
-    try:
-        yield
-    finally:
-        sp.decide = decide
+def _decision_row(d) -> dict:
+    """One scaling decision as a row with the live scaler's ``WatchDecisions`` fields."""
+    return {"t_s": d.now, "theta": d.theta, **d.inputs, **{r: v.current for r, v in d.roles.items()},
+            **{f"desired_{r}": v.desired for r, v in d.roles.items()}}
 
 
 def run_bench(minutes: float = 5.0, start_s: float = DEFAULT_START_S, speedup: float = DEFAULT_SPEEDUP, seed: int = 0,
@@ -210,12 +195,12 @@ def run_bench(minutes: float = 5.0, start_s: float = DEFAULT_START_S, speedup: f
     live_pcfg = ScalerSettings.from_args(ccfg.scaler_args).policy_config()
     scaled = {f.name: getattr(live_pcfg, f.name) * speedup for f in dataclasses.fields(live_pcfg) if f.name.endswith("_s")}
     pcfg = dataclasses.replace(live_pcfg, **scaled).validate()
-    policy = make_policy("chiron", wl, sim_cfg, arrival_cv=live_set["arrival_cv"], la_itl_slo_ms=LIVE_LA_ITL_SLO_MS,
-                         batch_la_itl_slo_ms=LIVE_BATCH_LA_ITL_SLO_MS, policy_config=pcfg)
-    fleet = Fleet(wl, policy, sim_cfg)
     sim_decisions: list[dict] = []
-    with _recording_decisions(sim_decisions):
-        sim_rep = fleet.run()
+    policy = make_policy("chiron", wl, sim_cfg, arrival_cv=live_set["arrival_cv"], la_itl_slo_ms=LIVE_LA_ITL_SLO_MS,
+                         batch_la_itl_slo_ms=LIVE_BATCH_LA_ITL_SLO_MS, policy_config=pcfg,
+                         on_decision=lambda d: sim_decisions.append(_decision_row(d)))
+    fleet = Fleet(wl, policy, sim_cfg)
+    sim_rep = fleet.run()
     sim_serving = sum(max(0.0, (i.end_s if i.end_s is not None else fleet.now) - i.ready_s)
                       for i in fleet.retired + fleet.instances) * sim_cfg.gpus_per_instance
 

@@ -26,6 +26,7 @@ from services.global_scaler.policy import (
     PolicyConfig,
     PolicyState,
     RoleLimits,
+    ScalerDecision,
     decide,
     engine_load,
     group_views,
@@ -154,7 +155,8 @@ class ChironPolicy(FleetPolicy):
     relaxed batch one on BATCH instances). Role limits: INTERACTIVE 0..budget, MIXED 1..budget, BATCH 0..budget,
     so the fleet multiplexes batch work onto interactive headroom from its first instance. The arrival CV given to
     the scaler is measured over the last ``cv_window_s`` of interactive arrivals (the router sees them),
-    or fixed with ``arrival_cv``."""
+    or fixed with ``arrival_cv``. ``on_decision(decision)``, when given, is called with every
+    :class:`~services.global_scaler.policy.ScalerDecision` the scaler makes (``chiron bench fidelity`` records them)."""
 
     name = "chiron"
     roles = ("interactive", "mixed", "batch")
@@ -164,8 +166,9 @@ class ChironPolicy(FleetPolicy):
     def __init__(self, workload: Workload, sim: SimConfig, interval_s: float = 5.0, arrival_cv: float | None = None,
                  cv_window_s: float = 300.0, scale_down_delay_s: float = 120.0, la_itl_slo_ms: float | None = None,
                  batch_la_itl_slo_ms: float | None = None, policy_config: PolicyConfig | None = None,
-                 min_prefill_tokens: int = 512) -> None:
+                 min_prefill_tokens: int = 512, on_decision: Callable[[ScalerDecision], None] | None = None) -> None:
         super().__init__(workload, sim)
+        self.on_decision = on_decision
         budget = sim.gpu_budget // sim.gpus_per_instance
         self.cfg = (policy_config or PolicyConfig(
             interval_s=interval_s, model_load_time_s=max(sim.model_load_time_s, 1.0), scale_down_delay_s=scale_down_delay_s,
@@ -233,6 +236,8 @@ class ChironPolicy(FleetPolicy):
         inputs = replace(inputs, pending={r: sum(1 for i in fleet.instances if i.role == r and i.state == "loading")
                                           for r in self.roles})
         self.state, d = decide(self.cfg, self.state, inputs)
+        if self.on_decision is not None:
+            self.on_decision(d)
         self.thetas.append(d.theta)
         self.decisions += 1
         for role in self.roles:

@@ -280,6 +280,15 @@ def test_same_seed_gives_identical_reports():
         (a["requests"], a["gpu_seconds"], a["throughput_tokens_per_s"])
 
 
+def test_on_decision_sees_every_scaling_decision_and_changes_nothing():
+    seen = []
+    fleet, rep = _run("chiron", _mixed_workload(seed=7), on_decision=seen.append)
+    _plain_fleet, plain = _run("chiron", _mixed_workload(seed=7))
+    assert len(seen) == fleet.policy.decisions > 0
+    assert [d.now for d in seen] == sorted(d.now for d in seen)
+    assert rep["gpu_seconds"] == plain["gpu_seconds"] and rep["scale_events"] == plain["scale_events"]
+
+
 # ---- 7. bad input through the CLI ----------------------------------------------------------------------------
 
 
