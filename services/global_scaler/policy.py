@@ -536,16 +536,13 @@ def decide(cfg: PolicyConfig, state: PolicyState, inp: ScalerInputs) -> tuple[Po
     need = max(demand / cap.concurrency, by_rate)
     want_i = float(math.floor(need + 1e-9))
     batch = batch_need(cfg, inp, current["batch"])
-    # Kept as the decision has always been explained (the simulator's reports record it): under batch
-    # backpressure the MIXED reason and ``interactive_need_instances`` show the batch need, not N.
-    shown_need = batch.need if math.isfinite(batch.need) else need
     wanted = {"interactive": want_i, "mixed": max(0.0, need * (1 + theta) - want_i), "batch": batch.wanted}
     reasons = {
         "interactive": (f"demand {demand:.1f} running requests / {cap.concurrency:.1f} per instance"
                         + (f"; arrivals {inp.arrivals.rate_per_s:.2f}/s / {cap.admit_rate:.2f}/s admitted per "
                            f"instance" if math.isfinite(cap.admit_rate) else "")),
         "mixed": (f"headroom Θ={theta:.2f} (λ={inp.arrivals.rate_per_s:.2f}/s, CV={inp.arrivals.cv:.2f}, "
-                  f"L={cfg.model_load_time_s:g} s) over {shown_need:.2f} instances' worth"),
+                  f"L={cfg.model_load_time_s:g} s) over {need:.2f} instances' worth"),
         "batch": batch.reason,
     }
     codes = {"interactive": "demand", "mixed": "headroom", "batch": batch.code}
@@ -575,7 +572,7 @@ def decide(cfg: PolicyConfig, state: PolicyState, inp: ScalerInputs) -> tuple[Po
     decision = ScalerDecision(now, roles, theta, batch.backpressure, {
         "demand_requests": demand, "instance_concurrency": cap.concurrency,
         "arrival_rate_per_s": inp.arrivals.rate_per_s, "admit_rate_per_instance": cap.admit_rate,
-        "interactive_need_instances": shown_need, "arrival_cv": inp.arrivals.cv,
+        "interactive_need_instances": need, "arrival_cv": inp.arrivals.cv,
         "batch_capacity_instances": batch.capacity, "mixed_lend_instances": batch.lend,
         "queued_requests": float(batch.queued), "in_service_requests": float(batch.in_service),
         "groups": float(len(inp.groups)), "worst_group_ratio": batch.ratio})
