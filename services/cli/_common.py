@@ -149,6 +149,17 @@ def save_json(doc: dict, json_path: str | Path) -> None:
     path.write_text(json.dumps(doc, indent=2))
 
 
+def write_report_json(report: dict, json_path: str | Path) -> None:
+    """Write ``report`` as indented JSON (numpy numbers as floats) to ``json_path``, making its folder first;
+    raises click.ClickException naming the path when it cannot be written."""
+    path = Path(json_path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2, default=float))
+    except OSError as e:
+        raise click.ClickException(f"cannot write the report to {path}: {e}") from e
+
+
 def write_report_files(report: dict, json_path: str | Path, plot_path: str | Path) -> str | None:
     """Write ``report`` as JSON to ``json_path``, then its plot to ``plot_path``, making their folders first.
 
@@ -157,12 +168,7 @@ def write_report_files(report: dict, json_path: str | Path, plot_path: str | Pat
     (None when it was written), since the report is already safe."""
     from services.replay import plot_report
 
-    json_path = Path(json_path)
-    try:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(report, indent=2, default=float))
-    except OSError as e:
-        raise click.ClickException(f"cannot write the report to {json_path}: {e}") from e
+    write_report_json(report, json_path)
     try:
         Path(plot_path).parent.mkdir(parents=True, exist_ok=True)
         plot_report(report, str(plot_path))

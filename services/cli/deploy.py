@@ -4,10 +4,11 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from pathlib import Path
 
 import click
+
+from services.cli._common import write_report_json
 
 
 @click.group()
@@ -62,12 +63,7 @@ def rehearse_command(json_path, nomad_dir, variables, duration_s, start_s, speed
         report = asyncio.run(rehearse(cfg, chiron, progress=lambda m: click.echo(f"  {m}")))
     except RehearsalError as e:
         raise click.ClickException(f"rehearsal failed: {e}") from None
-    path = Path(json_path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report, indent=2, default=float))
-    except OSError as e:
-        raise click.ClickException(f"cannot write the report to {path}: {e}") from e
+    write_report_json(report, json_path)
     i, b, t = report["interactive"], report["batch"], report["targets"]
     click.echo(f"interactive: {i['served']}/{i['count']} served, SLO attainment {i['slo_attainment']:.3f}; "
                f"batch: {b['done']}/{b['count']} done; allocations started {report['allocations_started']}, "
@@ -75,6 +71,6 @@ def rehearse_command(json_path, nomad_dir, variables, duration_s, start_s, speed
                f"started, {report['scaler_allocations']['stopped']} stopped); scale events "
                f"{len(report['scale_events'])}; lost_requests {report['lost_requests']}; "
                f"{report['wall_seconds']['total']:.0f} s")
-    click.echo(f"report: {path}")
+    click.echo(f"report: {json_path}")
     if not t["ok"]:
         raise click.ClickException("targets missed: " + ", ".join(k for k, v in t.items() if k != "ok" and not v))
