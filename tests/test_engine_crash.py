@@ -1,4 +1,4 @@
-"""Engine crashes are invisible to interactive clients (issue 29, part 4), over real processes: a real etcd, the
+"""Engine crashes are invisible to interactive clients, over real processes: a real etcd, the
 queue in this process, and a router and simulated engine agents as ``chiron`` subprocesses. An engine is SIGKILLed
 while it serves requests (at a condition, never a fixed sleep): every request finishes on the other engine with
 exactly ``max_tokens`` tokens, token indices (``num_generated_tokens``) continuing without a gap or a repeat, and no

@@ -1,4 +1,4 @@
-"""Self-healing after faults (issue 29, part 5), over real etcd, gRPC servers and the gateway's HTTP app:
+"""Self-healing after faults, over real etcd, gRPC servers and the gateway's HTTP app:
 
 * an engine's registration comes back whatever happened to its lease: lost between grant and first write (a host
   stall), lost while etcd was down for seconds, or its keep-alive's gRPC call cancelled under it;

@@ -1,6 +1,6 @@
 """The Batch API's durable state: uploaded files and batches, in the queue's own database (SQLite or PostgreSQL).
 
-A batch (OpenAI Batch API, issue 8) is a set of batch requests that share a TTFT SLO, its *completion
+A batch (OpenAI Batch API) is a set of batch requests that share a TTFT SLO, its *completion
 window*: every parsed input line becomes one request in the global queue (request id
 ``<batch_id>-<line>``), filed under the request group of its deadline like any other batch request, so the
 waiting-time estimator and the global scaler see it. Lines that could not become a request (bad JSON, unknown
