@@ -48,7 +48,7 @@ class EngineSettings(BaseModel):
     max_batch_size: int | None = None  # None: 1024 (simulated), 256 (vllm)
     control_interval_s: float = 1.0
     static_batch_size: int | None = None  # set: no local autoscaler, this max batch size
-    min_prefill_tokens: int | None = None  # None: from the ITL SLO (perf_model.prefill_chunk_tokens)
+    min_prefill_tokens: int = 512
     token_budget: int | None = None  # None: tied to the batch size
     speedup: float = 1.0
     queue_address: str | None = None  # leased from by BATCH and MIXED agents only
@@ -82,13 +82,8 @@ class EngineSettings(BaseModel):
     def engine_config(self, autoscaler: LocalAutoscalerConfig) -> EngineConfig:
         from services.engine.core import EngineConfig
 
-        chunk = self.min_prefill_tokens
-        if chunk is None:
-            from services.engine.perf_model import default_perf_model, prefill_chunk_tokens
-
-            chunk = prefill_chunk_tokens(default_perf_model(self.model), autoscaler.itl_slo_ms)
         return EngineConfig(max_num_seqs=autoscaler.initial_batch_size, max_num_seqs_limit=autoscaler.max_batch_size,
-                            max_num_batched_tokens=self.token_budget, min_prefill_tokens=chunk)
+                            max_num_batched_tokens=self.token_budget, min_prefill_tokens=self.min_prefill_tokens)
 
     def vllm_config(self) -> VllmConfig:
         from services.engine.vllm_backend import VllmConfig

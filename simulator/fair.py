@@ -88,9 +88,8 @@ CHIRON_PARAMS: dict = {}  # one configuration for every workload: the policy's d
 # Each baseline's sweep (fair-comparison.md §2): its own knobs, engine options, and the variant. The default
 # configuration of every baseline (its published defaults, engine-queue) is always a row of its own.
 # ``engine``: (max_batch_size, max_batched_tokens) pairs, vLLM options any operator can set: a small batch for
-# tight ITL, vLLM's A100 defaults, its H100 defaults (1024 requests, 8192 tokens; baselines.md §7), and a small
-# token budget (512: short prefill chunks for a tight ITL SLO, as Chiron's engines get from prefill_chunk_tokens).
-ENGINES = ((64, 2048), (256, 2048), (1024, 8192), (256, 512))
+# tight ITL, vLLM's A100 defaults, and its H100 defaults (1024 requests, 8192 tokens; baselines.md §7).
+ENGINES = ((64, 2048), (256, 2048), (1024, 8192))
 BASELINE_GRIDS: dict[str, dict[str, tuple]] = {
     "queue-length": {"threshold": (5.0, 50.0, 500.0), "engine": ENGINES},
     "kpa": {"target": (35.0, 70.0, 140.0), "engine": ENGINES},
@@ -168,7 +167,6 @@ class ChironAblation(ChironPolicy):
         self.params["removed"] = removed
 
     def setup(self, fleet: Fleet) -> None:
-        self.perf = fleet.perf
         if self.removed == "mixed instances":
             for _ in range(self.sim.initial_instances):
                 fleet.start_instance("interactive", warm=True)

@@ -20,7 +20,7 @@ import numpy as np
 
 from services.engine.core import EngineConfig
 from services.engine.local_autoscaler import LocalAutoscalerConfig, role_overrides
-from services.engine.perf_model import PerfModel, prefill_chunk_tokens
+from services.engine.perf_model import PerfModel
 from services.global_scaler.policy import (
     GroupView,
     PolicyConfig,
@@ -166,8 +166,7 @@ class ChironPolicy(FleetPolicy):
     def __init__(self, workload: Workload, sim: SimConfig, interval_s: float = 5.0, arrival_cv: float | None = None,
                  cv_window_s: float = 300.0, scale_down_delay_s: float = 120.0, la_itl_slo_ms: float | None = None,
                  batch_la_itl_slo_ms: float | None = None, policy_config: PolicyConfig | None = None,
-                 min_prefill_tokens: int | None = None,
-                 on_decision: Callable[[ScalerDecision], None] | None = None) -> None:
+                 min_prefill_tokens: int = 512, on_decision: Callable[[ScalerDecision], None] | None = None) -> None:
         super().__init__(workload, sim)
         self.on_decision = on_decision
         budget = sim.gpu_budget // sim.gpus_per_instance
@@ -191,7 +190,6 @@ class ChironPolicy(FleetPolicy):
         self.thetas: list[float] = []
 
     def setup(self, fleet: Fleet) -> None:
-        self.perf = fleet.perf
         lim = self.cfg.limit("interactive")
         for k in range(self.sim.initial_instances):  # the first ones MIXED when INTERACTIVE may be 0 (multiplexing)
             fleet.start_instance("mixed" if k < self.cfg.limit("mixed").min_instances or lim.max_instances == 0
@@ -201,9 +199,8 @@ class ChironPolicy(FleetPolicy):
     def engine_setup(self, role: str) -> tuple[EngineConfig, LocalAutoscalerConfig | None]:
         la = LocalAutoscalerConfig(itl_slo_ms=self.batch_la_itl if role == "batch" else self.la_itl,
                                    **role_overrides(role))
-        chunk = self.min_prefill_tokens or prefill_chunk_tokens(self.perf, la.itl_slo_ms)
         return EngineConfig(max_num_seqs=la.initial_batch_size, max_num_seqs_limit=la.max_batch_size,
-                            min_prefill_tokens=chunk), la
+                            min_prefill_tokens=self.min_prefill_tokens), la
 
     def dispatch(self, fleet: Fleet, rid: str) -> SimInstance | None:
         now = fleet.now

@@ -36,10 +36,6 @@ def test_engine_defaults_that_depend_on_role_and_backend():
     assert EngineSettings(role="batch", queue_address="q:1").agent_config(a).queue_address == "q:1"
     with pytest.raises(ValueError, match="llama-3-8b or llama-2-70b"):
         EngineSettings(model="gpt-2").check_model()
-    # The prefill chunk follows the ITL SLO unless given (perf_model.prefill_chunk_tokens).
-    for kw, chunk in (({}, 256), ({"role": "batch"}, 512), ({"itl_slo_ms": 100.0}, 512), ({"min_prefill_tokens": 64}, 64)):
-        s = EngineSettings(**kw)
-        assert s.engine_config(s.autoscaler_config()).min_prefill_tokens == chunk, kw
 
 
 def test_scaler_settings_from_args_and_election():

@@ -18,7 +18,6 @@ from services.engine.perf_model import (
     default_perf_model,
     fit_perf_model,
     kv_capacity_tokens,
-    prefill_chunk_tokens,
 )
 
 MODEL_NAMES = ("llama-3-8b", "llama-2-70b")
@@ -161,18 +160,3 @@ def test_unknown_model_raises_key_error():
         fit_perf_model("gpt-5-mega")
     with pytest.raises(KeyError):
         default_perf_model("no-such-model")
-
-
-def test_prefill_chunk_follows_the_itl_slo():
-    perf = default_perf_model("llama-3-8b")
-    chunks = [prefill_chunk_tokens(perf, slo) for slo in (25.0, 50.0, 75.0, 100.0, 500.0)]
-    assert chunks == sorted(chunks) and chunks[-1] == 512  # tighter SLO, shorter chunk; at most 512
-    assert prefill_chunk_tokens(perf, 50.0) == 256 and prefill_chunk_tokens(perf, 100.0) == 512
-    for slo in (50.0, 100.0):  # the chunk's iteration fits its share of the SLO, one step more would not
-        c = prefill_chunk_tokens(perf, slo)
-        assert perf.iteration_ms(1, 1024.0, [(c, 1024)]) <= 0.6 * slo
-        if c < 512:
-            assert perf.iteration_ms(1, 1024.0, [(c + 64, 1024)]) > 0.6 * slo
-    assert prefill_chunk_tokens(perf, 1.0) == 64  # nothing fits: the smallest step, never 0
-    with pytest.raises(ValueError, match="itl_slo_ms"):
-        prefill_chunk_tokens(perf, 0.0)

@@ -510,13 +510,3 @@ def test_llumnix_tuned_returns_best_of_its_sweep():
         if abs(s["slo_attainment"] - rep["slo_attainment"]) <= 1e-3:
             assert s["gpu_seconds"] >= rep["gpu_seconds"]
     assert rep["lost_requests"] == 0
-
-
-def test_chirons_prefill_chunk_follows_each_roles_itl_slo():
-    chat = make_workload("poisson", rate_per_s=2, duration_s=30, interactive_itl_ms=50.0, seed=0)
-    fleet = Fleet(chat, make_policy("chiron", chat, SimConfig(model_load_time_s=10)), SimConfig(model_load_time_s=10))
-    fleet.policy.setup(fleet)
-    chunk = {r: fleet.policy.engine_setup(r)[0].min_prefill_tokens for r in ("interactive", "mixed", "batch")}
-    assert chunk == {"interactive": 256, "mixed": 256, "batch": 512}  # 50-ms SLO; the relaxed batch one keeps 512
-    fixed = make_policy("chiron", chat, SimConfig(), min_prefill_tokens=128)
-    assert fixed.engine_setup("interactive")[0].min_prefill_tokens == 128

@@ -42,10 +42,9 @@ from services.common.grpc_util import run_event_loop
 @click.option("--control-interval-s", default=1.0, show_default=True, help="Local autoscaler period [s].")
 @click.option("--static-batch-size", type=int, default=None,
               help="Disable the local autoscaler and fix the max batch size [requests].")
-@click.option("--min-prefill-tokens", type=int, default=None,
+@click.option("--min-prefill-tokens", type=int, default=512, show_default=True,
               help="simulated: with the tied token budget, prefill tokens an iteration may add beyond its decodes "
-                   "(keeps long prompts from starving behind a full batch) [tokens]. Default: from the ITL SLO, the "
-                   "largest chunk whose iteration takes at most 0.6x the SLO, up to 512 (256 at 50 ms, 512 at 100 ms).")
+                   "(keeps long prompts from starving behind a full batch) [tokens].")
 @click.option("--token-budget", type=int, default=None,
               help="Fixed per-iteration token budget (vLLM max_num_batched_tokens); default: tied to the batch size.")
 @click.option("--speedup", default=1.0, show_default=True, help="Run the simulated engine's clock this much faster.")

@@ -400,30 +400,3 @@ def fit_perf_model(model_name: str = "llama-3-8b", holdout_fraction: float = 0.0
 def default_perf_model(model_name: str = "llama-3-8b") -> PerfModel:
     """The model fitted on all profile rows (cached per process)."""
     return fit_perf_model(model_name)
-
-
-PREFILL_CHUNK_SLO_SHARE = 0.6
-"""Share of the ITL SLO one iteration's prefill chunk may take (:func:`prefill_chunk_tokens`)."""
-
-
-def prefill_chunk_tokens(perf: PerfModel, itl_slo_ms: float, share: float = PREFILL_CHUNK_SLO_SHARE,
-                         max_tokens: int = 512, step: int = 64, context_tokens: int = 1024) -> int:
-    """Prefill tokens an iteration may carry beyond its decodes under an ITL SLO [tokens]
-    (``EngineConfig.min_prefill_tokens``).
-
-    Sarathi-Serve's rule (Agrawal et al., OSDI 2024: the token budget from the TBT SLO): the largest multiple of
-    ``step`` tokens, at most ``max_tokens``, whose iteration (that chunk plus one decode, at ``context_tokens`` of
-    context) takes at most ``share`` × ``itl_slo_ms``; at least ``step``. The rest of the SLO is left to the decodes
-    that share the iteration. Example on the simulated Llama-3-8B/A100: a 50-ms SLO gives 256 tokens (27.3 ms ≤
-    30 ms; 320 would take 31.7 ms), 100 ms gives 512 (the ceiling; 45.1 ms). ``share`` was chosen on the fair
-    suite's tuning workloads (``docs/decisions/0015-prefill-chunk-from-itl-slo.md``).
-
-    Raises ValueError for a non-positive SLO, share or step.
-    """
-    if itl_slo_ms <= 0 or share <= 0 or step <= 0:
-        raise ValueError(f"itl_slo_ms, share and step must be > 0 (got {itl_slo_ms}, {share}, {step})")
-    best = step
-    for chunk in range(step, max(max_tokens, step) + 1, step):
-        if perf.iteration_ms(1, float(context_tokens), [(chunk, context_tokens)]) <= share * itl_slo_ms:
-            best = chunk
-    return best
