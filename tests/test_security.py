@@ -38,9 +38,9 @@ from services.queue.store import QueueConfig
 from services.router.routing import RouterConfig
 from services.router.server import RouterService
 from services.router.server import serve as serve_router
-from tests.conftest import start_etcd
+from tests.conftest import start_etcd, start_sim_engine
 from tests.nomad_standin import load_job_spec
-from tests.test_node_client import engine, node_or_skip, run_client, summary
+from tests.test_node_client import node_or_skip, run_client, summary
 
 pytestmark = pytest.mark.timeout(120)
 TOKEN = "s3cret-token-for-tests"
@@ -283,7 +283,7 @@ async def node_cluster(mtls_and_auth_on, tmp_path):
     Node.js client's binary and the router's address."""
     node = node_or_skip()
     etcd = start_etcd(tmp_path / "etcd")
-    srv, reg = await engine(etcd.endpoint, "inter-1", "interactive", 4)
+    srv, reg = await start_sim_engine("inter-1", "interactive", cap=4, speedup=20.0, etcd=etcd.endpoint)
     watcher = MembershipWatcher(etcd.endpoint)
     await watcher.start()
     await watcher.wait_for(lambda m: len(m) == 1, timeout_s=20)
