@@ -81,3 +81,28 @@ def test_cores_reach_neither_grpc_nor_the_wire_contract(graph, core):
     for forbidden in ("grpc", "chiron.v1"):
         chain = graph.find_shortest_chain(importer=core, imported=forbidden, as_packages=True)
         assert chain is None, f"{core} reaches {forbidden}: {' -> '.join(chain)}"
+
+
+def _python_files(*folders: str) -> list:
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    return [p for f in folders for p in sorted((root / f).rglob("*.py")) if "_pb2" not in p.name]
+
+
+def test_module_docstrings_within_30_lines_and_functions_within_80_in_services_and_simulator():
+    """The size limits of the codebase (design decisions live in docs/decisions/, not in module docstrings)."""
+    import ast
+
+    too_long = []
+    for path in _python_files("services", "simulator", "bench"):
+        tree = ast.parse(path.read_text())
+        doc = ast.get_docstring(tree, clean=False)
+        if doc and doc.count("\n") + 1 > 30:
+            too_long.append(f"{path.name}: module docstring of {doc.count(chr(10)) + 1} lines")
+        if path.parts[-2] == "bench" or "bench" in path.parts[-3:-1]:
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 80:
+                too_long.append(f"{path.name}:{node.lineno} {node.name}: {node.end_lineno - node.lineno + 1} lines")
+    assert too_long == []
