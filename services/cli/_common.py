@@ -142,22 +142,21 @@ def cluster_engine_args(backend: str, model: str | None, dummy_weights: bool, sp
     return vllm_engine_args(model, dummy_weights)
 
 
-def save_json(doc: dict, json_path: str | Path) -> None:
-    """Write ``doc`` as indented JSON to ``json_path``, making its folder first. Raises OSError."""
+def save_json(doc: dict, json_path: str | Path, default=None) -> None:
+    """Write ``doc`` as indented JSON to ``json_path``, making its folder first; ``default`` as in
+    :func:`json.dumps` (``float`` writes numpy numbers). Raises OSError."""
     path = Path(json_path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(doc, indent=2))
+    path.write_text(json.dumps(doc, indent=2, default=default))
 
 
 def write_report_json(report: dict, json_path: str | Path) -> None:
-    """Write ``report`` as indented JSON (numpy numbers as floats) to ``json_path``, making its folder first;
-    raises click.ClickException naming the path when it cannot be written."""
-    path = Path(json_path)
+    """:func:`save_json` with numpy numbers as floats; raises click.ClickException naming the path when it cannot
+    be written."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report, indent=2, default=float))
+        save_json(report, json_path, default=float)
     except OSError as e:
-        raise click.ClickException(f"cannot write the report to {path}: {e}") from e
+        raise click.ClickException(f"cannot write the report to {Path(json_path)}: {e}") from e
 
 
 def write_report_files(report: dict, json_path: str | Path, plot_path: str | Path) -> str | None:
