@@ -148,3 +148,45 @@ async def test_an_engine_without_stats_or_a_stale_membership_holds_and_a_fresh_r
         assert provider.calls == [("interactive", 1)]
     finally:
         await service.stop()
+
+
+class Placed(InstanceProvider):
+    """Provider stand-in that places what it is asked for: ``live`` instances answer, the rest of ``count``
+    are placed but not serving yet (or dead and still counted, as a provider may count a crashed one)."""
+
+    name = "placed"
+
+    def __init__(self, count: int, live: int) -> None:
+        self.count, self.live = count, live
+        self.calls: list[tuple[str, int]] = []
+
+    async def set_count(self, role: str, count: int, reason: str = "") -> None:
+        self.calls.append((role, count))
+        if role == "interactive":
+            self.count = count
+
+    async def counts(self, role: str) -> InstanceCounts:
+        if role != "interactive":
+            return InstanceCounts(0)
+        return InstanceCounts(running=self.live, pending=self.count - self.live)
+
+
+async def test_a_dead_engine_still_listed_holds_the_fleet_without_growing_it(engines):
+    # i2 was SIGKILLed: membership lists it until its lease expires, its stats fail, and the provider counts it
+    # as placed. Holding "current + pending" (2 + 1) started one more instance every interval (3, 4, 5, ...).
+    members = Members()
+    i1 = await engines("i1", "interactive")
+    i2 = await engines("i2", "interactive")
+    members.add("i1", "interactive", i1.port)
+    members.add("i2", "interactive", i2.port)
+    await i2.stop(grace_s=0.1)
+    provider = Placed(count=2, live=1)
+    service = ScalerService(CFG, members, provider)
+    try:
+        for _ in range(4):
+            d = await service.step()
+            assert roles(d)["interactive"][1] == 2, roles(d)
+            assert roles(d)["interactive"][2].startswith("holding: engine stats unavailable: i2"), roles(d)
+        assert provider.calls == [], provider.calls
+    finally:
+        await service.stop()

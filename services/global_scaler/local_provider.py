@@ -4,7 +4,8 @@ Scaling up starts ``chiron engine --role ROLE --etcd ENDPOINT ...`` subprocesses
 registers itself in etcd once it serves (the scaler sees it through membership, not through this
 provider). A process that exits during start-up is restarted with exponential backoff up to
 ``start_attempts`` times, then reported (:attr:`LocalProvider.errors`, and :class:`ProviderError` from the
-next :meth:`set_count`). Scaling down drains: the newest instance gets SIGTERM, its agent stops taking new
+next :meth:`set_count`). One that exits after it served is no longer counted (a warning says so): the
+scaler's next decision starts a replacement if the role still needs one. Scaling down drains: the newest instance gets SIGTERM, its agent stops taking new
 requests (UNAVAILABLE), lets running ones finish (up to the agent's grace period), deregisters and exits;
 SIGKILL only after ``drain_timeout_s``.
 """
@@ -125,6 +126,14 @@ class LocalProvider(InstanceProvider):
             self._draining.remove(inst)
         log.info("instance %s (%s) drained and stopped (status %s)", inst.instance_id, inst.role, inst.proc.returncode)
 
+    def _forget_exited(self, role: str) -> None:
+        """Drop instances of ``role`` that exited after they served (crashed or killed): neither running nor
+        starting, so not counted; the scaler starts a replacement if the role still needs one."""
+        for inst in [i for i in self._instances[role] if i.ready and i.proc.poll() is not None]:
+            self._instances[role].remove(inst)
+            log.warning("instance %s (%s) exited with status %s after serving; no longer counted", inst.instance_id,
+                        inst.role, inst.proc.returncode)
+
     # ---- InstanceProvider ----------------------------------------------------------------------
     async def set_count(self, role: str, count: int, reason: str = "") -> None:
         if role not in ROLES:
@@ -132,6 +141,7 @@ class LocalProvider(InstanceProvider):
         if count < 0:
             raise ValueError(f"count must be >= 0 (got {count})")
         errors, self.errors = self.errors, []
+        self._forget_exited(role)
         live = self._instances[role]
         while len(live) < count:
             iid = f"local-{role}-{uuid.uuid4().hex[:8]}"
@@ -153,6 +163,7 @@ class LocalProvider(InstanceProvider):
             raise ProviderError("; ".join(errors))
 
     async def counts(self, role: str) -> InstanceCounts:
+        self._forget_exited(role)
         live = self._instances[role]
         running = sum(1 for i in live if i.ready and i.proc.poll() is None)
         return InstanceCounts(running=running, pending=len(live) - running)

@@ -231,7 +231,11 @@ class ScalerService(scaler_pb2_grpc.GlobalScalerServicer):
         why = "; ".join(obs.unavailable)
         roles = {}
         for role, rd in d.roles.items():
-            have = rd.current + int(obs.inputs.pending.get(role, 0))
+            # What the role has is what the provider has placed, when it says: an engine that died but is still
+            # listed in membership (its lease not expired) is in ``current`` and maybe in ``pending`` too, and
+            # holding at their sum would start one more instance every interval until the lease expires.
+            counts = obs.counts.get(role)
+            have = counts.total if counts is not None else rd.current + int(obs.inputs.pending.get(role, 0))
             if rd.desired < have:
                 roles[role] = replace(rd, desired=have, code="scale_down_delay",
                                       reason=f"holding: {why}; kept at {have} (no scale-down while an input is "
