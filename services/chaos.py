@@ -23,7 +23,8 @@ unlike the tokens streamed), ``batch_lost`` (lines of the slot's job without a 2
 of the fault (the SIGKILL, or the SIGCONT) until a request through every gateway has succeeded AND the scaler
 replica holding the leadership has made a decision after the fault; ``replica_back_s``: until every replica and
 etcd member answers its health check again. Targets (:func:`targets_met`): the four counts 0; ``recovery_s`` ≤
-leader TTL + 5 s for the scaler, the etcd stop and the freeze, ≤ 5 s otherwise.
+leader TTL + 5 s for the scaler, the etcd stop and the freeze, ≤ 5 s otherwise. ``duplicated_requests``
+lists each try that streamed more tokens than asked, with the log lines that name its gateway request id.
 """
 
 from __future__ import annotations
@@ -431,6 +432,7 @@ class _Req:
     restarted: int = 0  # streams cut after they started, retried from the start
     cut_at: list[tuple[str, float]] = field(default_factory=list)  # (gateway URL, monotonic time) of each cut
     duplicated: int = 0
+    duplicated_ids: list[str] = field(default_factory=list)  # the gateway's X-Request-Id of each try that had them
     error: str = ""
     at: str | None = None  # gateway URL of the try in progress
 
@@ -544,7 +546,9 @@ class LoadGenerator:
             if not done or usage is None:
                 raise _StreamCut("stream ended without [DONE]")
             got = int(usage.get("completion_tokens", 0))
-            r.duplicated += max(0, got - r.max_tokens)
+            if got > r.max_tokens:
+                r.duplicated += got - r.max_tokens
+                r.duplicated_ids.append(resp.headers.get("x-request-id", "?"))
             if got < r.max_tokens or finished != "length":
                 raise _StreamCut(f"{got}/{r.max_tokens} tokens, finish {finished}")
             return None
@@ -810,6 +814,20 @@ def _r(v: float | None) -> float | None:
     return None if v is None else round(v, 3)
 
 
+def _duplicated_requests(load: LoadGenerator, work: Path) -> list[dict]:
+    """Each try that streamed more tokens than asked: its gateway request id and the services' log lines that
+    name it (what to read first when that target is missed)."""
+    ids = [i for r in load.reqs for i in r.duplicated_ids]
+    out = []
+    for rid in ids:
+        lines = []
+        for f in sorted(work.glob("*.log")):
+            with contextlib.suppress(OSError):
+                lines += [f"{f.name}: {ln}" for ln in f.read_text(errors="replace").splitlines() if rid in ln]
+        out.append({"gateway_request_id": rid, "log": lines[:20]})
+    return out
+
+
 def _report(cfg: ChaosConfig, rows: list[dict], jobs: list[BatchJob], load: LoadGenerator, cluster: ChaosCluster,
             wall_s: float, work: Path) -> dict:
     for i, row in enumerate(rows):
@@ -842,6 +860,7 @@ def _report(cfg: ChaosConfig, rows: list[dict], jobs: list[BatchJob], load: Load
               "mean_request_s": round(load.mean_s, 3), "wall_seconds": round(wall_s, 1), "work_dir": str(work),
               "recovery_s_definition": "from the fault's end (SIGKILL sent; SIGCONT of a stop or freeze) until a "
                                        "request through every gateway succeeded and the scaler leader made a decision"}
+    report["duplicated_requests"] = _duplicated_requests(load, work)
     report["targets_missed"] = targets_met(report)
     report["targets_met"] = not report["targets_missed"]
     return report

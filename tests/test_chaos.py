@@ -64,7 +64,8 @@ def test_quick_chaos_meets_every_target(tmp_path):
         assert "gateway_connections_cut" in gateway
         assert {"interactive_failed", "batch_lost", "batch_completed_twice", "interactive_duplicated_tokens",
                 "gateway_connections_cut"} <= report["totals"].keys()
-        assert report["targets_missed"] == [], f"{report['targets_missed']}\n{proc.stdout[-4000:]}"
+        assert report["targets_missed"] == [], (f"{report['targets_missed']}\n{report['duplicated_requests']}\n"
+                                                f"{proc.stdout[-4000:]}")
         assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
         # The supervisor restarted what was killed, on its port.
         assert report["restarts"]["gateway-a"] >= 1 and report["restarts"]["router-a"] >= 1

@@ -313,3 +313,23 @@ def test_demo_replays_the_azure_trace_end_to_end(tmp_path):
     assert report["timeline"] and report["max_batch_size_initial"] == 16
     assert 0.0 <= report["itl_slo_attainment"] <= 1.0 and report["throughput_tokens_per_s"] > 0
     assert "Local autoscaler over time" in out.stdout
+
+
+async def test_a_request_resent_under_the_same_id_gets_only_its_own_tokens():
+    # A gateway that loses its router resends the request, same id, through another router, which may pick the
+    # same engine: the first copy is cancelled while an iteration that included it runs, and the second copy is
+    # added before that iteration ends. The iteration's token belongs to the first copy, never to the second.
+    from services.engine.backend import BackendRequest
+
+    backend = SimulatedBackend("llama-3-8b", EngineConfig(max_num_seqs=8), speedup=1.0)
+    await backend.start()
+    try:
+        first = backend.generate(BackendRequest("same-id", tuple(range(3, 67)), 50))
+        await first.__anext__()  # its first token: it is decoding, in every iteration from now on
+        await asyncio.sleep(0.005)  # inside the next iteration (each takes ~10 ms at speedup 1)
+        await first.aclose()  # cancelled mid-iteration
+        outs = [out async for out in backend.generate(BackendRequest("same-id", tuple(range(3, 67)), 5))]
+        assert sum(len(o.token_ids) for o in outs) == 5, [(o.token_ids, o.num_generated) for o in outs]
+        assert [o.num_generated for o in outs if o.token_ids] == [1, 2, 3, 4, 5]
+    finally:
+        await backend.stop()

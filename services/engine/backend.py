@@ -311,14 +311,17 @@ class SimulatedBackend(Backend):
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=0.01)
                 continue
+            # The streams this iteration ran for: a request cancelled while it runs and re-sent under the same id
+            # (a gateway retrying through another router) is another stream, and this iteration's tokens are not its.
+            streams = self._streams
+            owners = [streams.get(ev.request_id) for ev in result.events]
             await asyncio.sleep(max(0.0, result.end_s - self.now()) / self.speedup)
             end = self._prev_end_s = result.end_s
             itl: dict[float, int] = {}
             ttft: list[float] = []
             finished = 0
-            for ev in result.events:
-                stream = self._streams.get(ev.request_id)
-                if stream is None:
+            for ev, stream in zip(result.events, owners, strict=True):
+                if stream is None or streams.get(ev.request_id) is not stream:
                     continue  # aborted while the step ran
                 tok = stream.rng.randrange(self.vocab_size)
                 stream.token_ids.append(tok)

@@ -360,10 +360,13 @@ async def _stream(call, first: router_pb2.RouterGenerateResponse, shape: common.
     generated = 0
     finish: str | None = None
     out = _sse(shape.chunk("", role=True)) if shape.chat else b""  # events not yet written
+    instances: list[str] = []  # the engines that served it, in order (named on their first message)
     try:
         msg = first
         while msg is not grpc.aio.EOF:
             c = msg.chunk
+            if msg.instance_id:
+                instances.append(msg.instance_id)
             if c.token_ids:
                 generated += len(c.token_ids)
                 text = detok.step(c.token_ids)
@@ -375,6 +378,10 @@ async def _stream(call, first: router_pb2.RouterGenerateResponse, shape: common.
                 yield out
                 out = b""
             msg = await call.read()
+        if generated > call.request.max_tokens:  # the router broke its contract: say so, with what to look for
+            log.error("request %s: the router streamed %d tokens for max_tokens %d (instances %s); look for it in "
+                      "the router's and engines' logs", call.request.request_id, generated, call.request.max_tokens,
+                      ", ".join(instances) or "none named")
         tail = detok.flush()
         end = [out, _sse(shape.chunk(tail)) if tail else b"", _sse(shape.chunk("", finish or "stop")),
                _sse(shape.usage_chunk(common.usage(prompt_tokens, generated))) if include_usage else b"", b"data: [DONE]\n\n"]
