@@ -61,7 +61,7 @@ def scaler_settings(scaler_args: str) -> dict:
     """The live scaler's policy settings from its arguments (:meth:`ScalerSettings.from_args`: the service's
     defaults), as the report gives them."""
     s = ScalerSettings.from_args(scaler_args)
-    return {"interval_s": s.interval_s, "scale_down_delay_s": s.scale_down_delay_s,
+    return {"interval_s": s.interval_s, "scale_down_delay_s": s.policy_config().delay_s,
             "model_load_time_s": s.model_load_time_s, "arrival_cv": s.arrival_cv, "gpu_budget": s.gpu_budget,
             "gpus_per_instance": s.gpus_per_instance, "limits": s.limits}
 
@@ -193,7 +193,8 @@ def run_bench(minutes: float = 5.0, start_s: float = DEFAULT_START_S, speedup: f
     # The live scaler's PolicyConfig as ``chiron scaler`` builds it, then every duration in it (``*_s``: the
     # scaler's wall clock) × speedup into trace time.
     live_pcfg = ScalerSettings.from_args(ccfg.scaler_args).policy_config()
-    scaled = {f.name: getattr(live_pcfg, f.name) * speedup for f in dataclasses.fields(live_pcfg) if f.name.endswith("_s")}
+    scaled = {f.name: getattr(live_pcfg, f.name) * speedup for f in dataclasses.fields(live_pcfg)
+              if f.name.endswith("_s") and getattr(live_pcfg, f.name) is not None}  # None: derived from the others
     pcfg = dataclasses.replace(live_pcfg, **scaled).validate()
     sim_decisions: list[dict] = []
     policy = make_policy("chiron", wl, sim_cfg, arrival_cv=live_set["arrival_cv"], la_itl_slo_ms=LIVE_LA_ITL_SLO_MS,
@@ -233,7 +234,7 @@ def run_bench(minutes: float = 5.0, start_s: float = DEFAULT_START_S, speedup: f
                                                f"scaler.log ({load_wall_s:.2f} s wall) × speedup" if loads else
                                                "no start → serving pair in scaler.log: 3 s wall assumed × speedup"),
                     "initial_instances": sim_cfg.initial_instances, "interval_s": pcfg.interval_s,
-                    "scale_down_delay_s": pcfg.scale_down_delay_s, "policy_model_load_time_s": pcfg.model_load_time_s,
+                    "scale_down_delay_s": pcfg.delay_s, "policy_model_load_time_s": pcfg.model_load_time_s,
                     "policy_durations_s": scaled,
                     "arrival_cv": live_set["arrival_cv"], "limits": live_set["limits"],
                     "local_autoscaler_itl_slo_ms": {"interactive": LIVE_LA_ITL_SLO_MS, "batch": LIVE_BATCH_LA_ITL_SLO_MS},

@@ -159,7 +159,7 @@ class ScalerSettings(BaseModel):
     provider: Literal["local", "nomad", "keda"] = "local"
     advisory: bool = False
     interval_s: float = 5.0
-    scale_down_delay_s: float = 120.0
+    scale_down_delay_s: float | None = None  # None: 2 × model_load_time_s
     model_load_time_s: float = 60.0
     arrival_cv: float = 1.0
     interactive_ttft_slo_ms: float = 10_000.0

@@ -164,7 +164,7 @@ class ChironPolicy(FleetPolicy):
     local_autoscaler = True
 
     def __init__(self, workload: Workload, sim: SimConfig, interval_s: float = 5.0, arrival_cv: float | None = None,
-                 cv_window_s: float = 300.0, scale_down_delay_s: float = 120.0, la_itl_slo_ms: float | None = None,
+                 cv_window_s: float = 300.0, scale_down_delay_s: float | None = None, la_itl_slo_ms: float | None = None,
                  batch_la_itl_slo_ms: float | None = None, policy_config: PolicyConfig | None = None,
                  min_prefill_tokens: int = 512, on_decision: Callable[[ScalerDecision], None] | None = None) -> None:
         super().__init__(workload, sim)
@@ -184,7 +184,7 @@ class ChironPolicy(FleetPolicy):
         self.state = PolicyState()
         self.samples: dict = {}
         self.decisions = 0
-        self.params.update(interval_s=self.cfg.interval_s, scale_down_delay_s=self.cfg.scale_down_delay_s,
+        self.params.update(interval_s=self.cfg.interval_s, scale_down_delay_s=self.cfg.delay_s,
                            local_autoscaler_itl_slo_ms={"interactive": self.la_itl, "batch": self.batch_la_itl},
                            arrival_cv="measured" if arrival_cv is None else arrival_cv)
         self.thetas: list[float] = []

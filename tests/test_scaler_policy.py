@@ -235,6 +235,20 @@ def test_scale_down_waits_for_the_delay_window_but_scale_up_is_immediate():
     assert d.desired("interactive") == 1
 
 
+def test_the_default_delay_window_is_twice_the_model_load_time():
+    cfg = dataclasses.replace(CFG, scale_down_delay_s=None, model_load_time_s=20.0).validate()
+    assert cfg.delay_s == 40.0 and PolicyConfig().delay_s == 120.0  # the service's default load time is 60 s
+    busy = ArrivalStats(10.0, 1.0, inflight=400.0)
+    quiet = ArrivalStats(10.0, 1.0, inflight=50.0)
+    st, d = decide(cfg, PolicyState(), ScalerInputs(0.0, fleet(1), busy))
+    assert d.desired("interactive") > 1
+    up = d.desired("interactive")
+    st, d = decide(cfg, st, ScalerInputs(39.0, fleet(up), quiet))
+    assert d.desired("interactive") == up and "40 s delay window" in d.roles["interactive"].reason
+    st, d = decide(cfg, st, ScalerInputs(41.0, fleet(up), quiet))
+    assert d.desired("interactive") < up
+
+
 def test_interactive_and_mixed_instances_cover_each_others_shortfall():
     arrivals = lambda d: ArrivalStats(10.0, 1.0, inflight=d)  # noqa: E731 - Θ = theta_min (0.1) at this rate
     st0, d = decide(CFG, PolicyState(), ScalerInputs(0.0, fleet(1, 2), arrivals(95.0)))

@@ -223,7 +223,9 @@ def _role_limits(text: str, role: str) -> tuple[int, int]:
 @click.option("--advisory", is_flag=True,
               help="Compute, log and expose every decision exactly as when active, but never call the provider.")
 @click.option("--interval-s", default=5.0, show_default=True, help="Scaling interval [s].")
-@click.option("--scale-down-delay-s", default=120.0, show_default=True, help="Scale-down delay window [s].")
+@click.option("--scale-down-delay-s", type=float, default=None,
+              help="Scale-down delay window [s]: a lower count applies once it held this long.  [default: twice "
+                   "--model-load-time-s, 120 s for its default]")
 @click.option("--model-load-time-s", default=60.0, show_default=True,
               help="Time a new instance needs before it serves [s] (sizes the over-provisioning Θ).")
 @click.option("--arrival-cv", default=1.0, show_default=True,

@@ -9,8 +9,7 @@ paper (arXiv 2501.08090; ``../shared/notes/paper.md`` §0b, §3.4) gives the sha
 and MIXED instances (a queue counts only until the instance has a measured admission rate). ``C``: the mean of
 what each instance holds, its max batch size or the running count it had when requests last waited below that
 cap (remembered ``concurrency_memory_s`` while the cap stays within 2×; a queue admitted within the TTFT SLO
-does not count).
-``μ̄``: mean admission rate of instances where a queue stood through an interval (their service rate).
+does not count). ``μ̄``: mean admission rate of instances where a queue stood through an interval.
 
 **Headroom Θ.** Arrivals over one model-load time ``L`` ~ Normal(λL, λL·CV²), so the ``theta_quantile`` fits
 with ``Θ = z_q · CV / sqrt(λL)``, clamped to ``[theta_min, theta_max]``. ``n_I = floor(N)``, ``n_M =
@@ -25,8 +24,9 @@ hold. Scale-up is paced (the queue's measured capacity lags new instances): none
 or within ``batch_settle_s`` of serving, else at most max(2×, +4) per step (Kubernetes HPA's default).
 
 **Stability and limits.** Per-role min/max apply; a count below the current one (serving + starting) applies only
-after ``scale_down_delay_s`` (the window's largest count is used); a growing role first uses instances of the
-other interactive role that window holds. GPU budget: cut BATCH, MIXED, then INTERACTIVE, to their minimums.
+after :attr:`PolicyConfig.delay_s` (default 2 × ``L``; the window's largest count is used); a growing role first
+uses instances of the other interactive role that window holds. GPU budget: cut BATCH, MIXED, then INTERACTIVE,
+to their minimums.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ class PolicyConfig:
     mixed_lend_fraction: float = 1.0  # share of a MIXED instance's idle capacity lent to batch work
     batch_margin: float = 0.1
     max_ratio: float = 10.0  # wait/time-left ratio assumed for a group already past its deadline
-    scale_down_delay_s: float = 120.0
+    scale_down_delay_s: float | None = None  # None: 2 × model_load_time_s (see delay_s)
     concurrency_memory_s: float = 300.0  # how long an instance's saturated running count stands for its capacity
     batch_settle_s: float = 60.0  # after a BATCH scale-up, time for its capacity to show in the queue's measurement
     interactive_ttft_slo_s: float = 10.0  # TTFT SLO of interactive requests [s] (the router's default class)
@@ -79,7 +79,7 @@ class PolicyConfig:
         for name in ("interval_s", "model_load_time_s", "default_instance_concurrency", "interactive_ttft_slo_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0 (got {getattr(self, name)})")
-        if self.scale_down_delay_s < 0:
+        if self.scale_down_delay_s is not None and self.scale_down_delay_s < 0:
             raise ValueError(f"scale_down_delay_s must be >= 0 (got {self.scale_down_delay_s})")
         if not 0.5 < self.theta_quantile < 1:
             raise ValueError(f"theta_quantile must be in (0.5, 1) (got {self.theta_quantile})")
@@ -106,6 +106,14 @@ class PolicyConfig:
             raise ValueError(f"the per-role minimums need {mins * self.gpus_per_instance} GPUs, over the budget "
                              f"of {self.gpu_budget}")
         return self
+
+    @property
+    def delay_s(self) -> float:
+        """The scale-down delay [s]: ``scale_down_delay_s``, or twice ``model_load_time_s`` when that is None. An
+        instance that goes and is needed again costs its load time on a GPU that serves nothing, plus its load time
+        of demand it cannot serve; keeping it idle for as long (the break-even of the rent-or-buy problem) bounds
+        either loss by the other. Measured against fixed windows: ``docs/decisions/0025``."""
+        return 2.0 * self.model_load_time_s if self.scale_down_delay_s is None else self.scale_down_delay_s
 
     def limit(self, role: str) -> RoleLimits:
         return self.limits.get(role, RoleLimits())
@@ -197,7 +205,7 @@ class ScalerDecision:
 class PolicyState:
     """What :func:`decide` carries from one call to the next (it returns a new one, never changes this one).
 
-    ``history``: per role, the (time [s], raw desired count) pairs of the last ``scale_down_delay_s`` (the
+    ``history``: per role, the (time [s], raw desired count) pairs of the last :attr:`PolicyConfig.delay_s` (the
     delay window). ``saturated``: per instance, (time, running requests, its max batch size then) when it last
     had requests waiting below its cap. ``last_batch_up_s``: time of the last BATCH scale-up.
     ``last_interactive_mixed``: INTERACTIVE + MIXED instances the previous decision wanted (before the delay).
@@ -475,12 +483,12 @@ def pace_batch(cfg: PolicyConfig, last_up_s: float, now: float, want: int, have:
 def delay_window(cfg: PolicyConfig, history: Mapping[str, tuple[tuple[float, int], ...]], now: float,
                  raw: Mapping[str, int], have: Mapping[str, int]
                  ) -> tuple[dict[str, tuple[tuple[float, int], ...]], dict[str, int], set[str]]:
-    """The scale-down delay: a role below ``have`` gets the largest raw count of the last ``scale_down_delay_s``.
+    """The scale-down delay: a role below ``have`` gets the largest raw count of the last ``cfg.delay_s``.
     Returns the new history, the desired counts, and the roles the window held."""
     new_history, desired, held_roles = {}, {}, set()
     for role in ROLES:
         h = (*history.get(role, ()), (now, raw[role]))
-        first = next(k for k, (t, _) in enumerate(h) if t >= now - cfg.scale_down_delay_s)
+        first = next(k for k, (t, _) in enumerate(h) if t >= now - cfg.delay_s)
         h = h[first:]
         new_history[role] = h
         d = raw[role]
@@ -556,7 +564,7 @@ def decide(cfg: PolicyConfig, state: PolicyState, inp: ScalerInputs) -> tuple[Po
         codes["batch"] = code
     history, desired, held = delay_window(cfg, state.history, now, raw, have)
     for role in held:
-        reasons[role] += f"; scale-down held by the {cfg.scale_down_delay_s:g} s delay window"
+        reasons[role] += f"; scale-down held by the {cfg.delay_s:g} s delay window"
         codes[role] = "scale_down_delay"
     both = raw["interactive"] + raw["mixed"]
     for role, covered in role_cover(cfg, raw, desired, have, current, both > state.last_interactive_mixed).items():
