@@ -5,9 +5,9 @@ registers itself in etcd once it serves (the scaler sees it through membership, 
 provider). A process that exits during start-up is restarted with exponential backoff up to
 ``start_attempts`` times, then reported (:attr:`LocalProvider.errors`, and :class:`ProviderError` from the
 next :meth:`set_count`). One that exits after it served is no longer counted (a warning says so): the
-scaler's next decision starts a replacement if the role still needs one. Scaling down drains: the newest instance gets SIGTERM, its agent stops taking new
-requests (UNAVAILABLE), lets running ones finish (up to the agent's grace period), deregisters and exits;
-SIGKILL only after ``drain_timeout_s``.
+scaler's next decision starts a replacement if the role still needs one. Scaling down drains: the newest
+instance gets SIGTERM, its agent stops taking new requests (UNAVAILABLE), lets running ones finish (up to the
+agent's grace period), deregisters and exits; SIGKILL only after ``drain_timeout_s``.
 """
 
 from __future__ import annotations
