@@ -74,6 +74,14 @@ async def engines():
         await s.stop(grace_s=0.1)
 
 
+async def two_interactive(engines) -> tuple[Members, object]:
+    """Membership listing two INTERACTIVE engines, i1 and i2 (real simulated agents); returns it and i2."""
+    members = Members()
+    for iid in ("i1", "i2"):
+        members.add(iid, "interactive", (server := await engines(iid, "interactive")).port)
+    return members, server
+
+
 async def test_a_stopped_queue_holds_every_role_and_decisions_resume_when_it_returns(tmp_path, engines):
     qcfg = QueueConfig(db_path=str(tmp_path / "queue.db"))
     queue = await serve_queue(qcfg, port=0, capacity=CapacityTracker(prior_throughput_tokens_per_s=50.0))
@@ -116,11 +124,7 @@ async def test_a_stopped_queue_holds_every_role_and_decisions_resume_when_it_ret
 
 
 async def test_an_engine_without_stats_or_a_stale_membership_holds_and_a_fresh_reading_resumes(engines):
-    members = Members()
-    i1 = await engines("i1", "interactive")
-    i2 = await engines("i2", "interactive")
-    members.add("i1", "interactive", i1.port)
-    members.add("i2", "interactive", i2.port)
+    members, i2 = await two_interactive(engines)
     provider = Recorder(members)
     service = ScalerService(CFG, members, provider)
     try:
@@ -174,11 +178,7 @@ class Placed(InstanceProvider):
 async def test_a_dead_engine_still_listed_holds_the_fleet_without_growing_it(engines):
     # i2 was SIGKILLed: membership lists it until its lease expires, its stats fail, and the provider counts it
     # as placed. Holding "current + pending" (2 + 1) started one more instance every interval (3, 4, 5, ...).
-    members = Members()
-    i1 = await engines("i1", "interactive")
-    i2 = await engines("i2", "interactive")
-    members.add("i1", "interactive", i1.port)
-    members.add("i2", "interactive", i2.port)
+    members, i2 = await two_interactive(engines)
     await i2.stop(grace_s=0.1)
     provider = Placed(count=2, live=1)
     service = ScalerService(CFG, members, provider)
