@@ -161,7 +161,7 @@ class ScalerSettings(BaseModel):
     interval_s: float = 5.0
     scale_down_delay_s: float | None = None  # None: 2 × model_load_time_s
     model_load_time_s: float = 60.0
-    arrival_cv: float = 1.0
+    arrival_cv: float | None = None  # None: measured from the observed arrival rates
     interactive_ttft_slo_ms: float = 10_000.0
     interactive: tuple[int, int] = (1, 16)
     mixed: tuple[int, int] = (0, 16)

@@ -245,7 +245,6 @@ class Fleet:
         self.gateway: GatewayQueue | None = GatewayQueue() if variant == "gateway-queue" else None
         self.priority_interactive = variant == "priority"
         self._ticks: dict[str, float] = {}
-        self.arrival_times = array("d")  # interactive arrivals seen (for burstiness estimates)
 
     # ---- instances -------------------------------------------------------------------------
     def start_instance(self, role: str, warm: bool = False) -> SimInstance | None:
@@ -592,7 +591,6 @@ class Fleet:
             elif t_i <= t_heap:
                 rid = f"i{self._next_i}"
                 self._next_i += 1
-                self.arrival_times.append(t)
                 self._dispatch(rid)
             else:
                 _, _, kind, obj = heapq.heappop(self._heap)

@@ -154,8 +154,9 @@ class ChironPolicy(FleetPolicy):
     autoscaler on every instance (ITL SLO: the workload's interactive one on INTERACTIVE/MIXED instances, its
     relaxed batch one on BATCH instances). Role limits: INTERACTIVE 0..budget, MIXED 1..budget, BATCH 0..budget,
     so the fleet multiplexes batch work onto interactive headroom from its first instance. The arrival CV given to
-    the scaler is measured over the last ``cv_window_s`` of interactive arrivals (the router sees them),
-    or fixed with ``arrival_cv``. ``on_decision(decision)``, when given, is called with every
+    the scaler is measured as the service measures it, from its own arrival rates over the last ``cv_window_s``
+    (:func:`~services.global_scaler.policy.measured_arrival_cv`), or fixed with ``arrival_cv``.
+    ``on_decision(decision)``, when given, is called with every
     :class:`~services.global_scaler.policy.ScalerDecision` the scaler makes (``chiron bench fidelity`` records them)."""
 
     name = "chiron"
@@ -173,11 +174,11 @@ class ChironPolicy(FleetPolicy):
         self.cfg = (policy_config or PolicyConfig(
             interval_s=interval_s, model_load_time_s=max(sim.model_load_time_s, 1.0), scale_down_delay_s=scale_down_delay_s,
             gpus_per_instance=sim.gpus_per_instance, gpu_budget=sim.gpu_budget,
-            interactive_ttft_slo_s=workload.interactive_ttft_ms / 1e3,
+            interactive_ttft_slo_s=workload.interactive_ttft_ms / 1e3, arrival_cv_window_s=cv_window_s,
             limits={"interactive": RoleLimits(0, budget), "mixed": RoleLimits(1, budget), "batch": RoleLimits(0, budget)},
         )).validate()
         self.arrival_cv = arrival_cv
-        self.cv_window_s = cv_window_s
+        self.rates: list[tuple[float, float]] = []  # (time, interactive arrivals/s) per decision
         self.min_prefill_tokens = min_prefill_tokens
         self.la_itl = la_itl_slo_ms or workload.interactive_itl_ms
         self.batch_la_itl = batch_la_itl_slo_ms or workload.batch_itl_ms
@@ -216,10 +217,10 @@ class ChironPolicy(FleetPolicy):
             return None
         return by_id[chosen.instance_id]
 
-    def _arrival_cv(self, fleet: Fleet) -> float:
+    def _arrival_cv(self, now: float) -> float:
         if self.arrival_cv is not None:
             return self.arrival_cv
-        return measured_arrival_cv(np.frombuffer(fleet.arrival_times, dtype=float), fleet.now, self.cv_window_s)
+        return measured_arrival_cv(self.rates, now, self.cfg.arrival_cv_window_s)
 
     def group_views(self, fleet: Fleet, groups: list[GroupView]) -> list[GroupView]:
         """The request groups the scaler is shown (an ablation overrides it)."""
@@ -232,7 +233,8 @@ class ChironPolicy(FleetPolicy):
         if fleet.queue is not None and fleet.queue.store.groups():
             gstats, estimates, _caps = fleet.queue.group_estimates()
             groups = group_views(gstats, estimates)
-        inputs = observe(now, loads, self.samples, self._arrival_cv(fleet), self.group_views(fleet, groups))
+        inputs = observe(now, loads, self.samples, self._arrival_cv(now), self.group_views(fleet, groups))
+        self.rates.append((now, inputs.arrivals.rate_per_s))
         inputs = replace(inputs, pending={r: sum(1 for i in fleet.instances if i.role == r and i.state == "loading")
                                           for r in self.roles})
         self.state, d = decide(self.cfg, self.state, inputs)

@@ -350,12 +350,28 @@ def test_observation_builders():
     assert views == [GroupView("b", 5, 12.0, 60.0, 1), GroupView("a", 0, 0.0, 50.0, 4)]  # leased-only group kept
 
 
-def test_measured_arrival_cv_over_the_window():
-    assert measured_arrival_cv(np.arange(100, dtype=float), 100.0, 50.0) == pytest.approx(0.0)  # evenly spaced
-    assert measured_arrival_cv(np.arange(10, dtype=float), 10.0, 50.0) == 1.0  # too few arrivals: Poisson
+def _rates(arrivals: np.ndarray, interval_s: float = 5.0) -> list[tuple[float, float]]:
+    """(time, arrivals/s) per interval, as the scaler observes them, for arrival times ``arrivals`` [s]."""
+    edges = np.arange(0.0, float(arrivals[-1]) + interval_s, interval_s)
+    counts, _ = np.histogram(arrivals, edges)
+    return [(0.0, 0.0)] + [(float(t), c / interval_s) for t, c in zip(edges[1:], counts, strict=True)]
+
+
+def test_measured_arrival_cv_from_the_observed_arrival_rates():
     rng = np.random.default_rng(0)
-    t = np.cumsum(rng.exponential(0.1, 5000))
-    assert measured_arrival_cv(t, float(t[-1]), 1e9) == pytest.approx(1.0, abs=0.05)
+    for cv in (1.0, 4.0):  # Gamma renewal arrivals at 8/s: the dispersion of 5-s counts gives their CV back
+        shape = 1 / cv**2
+        t = np.cumsum(rng.gamma(shape, 1 / (8.0 * shape), 24_000))
+        rates = _rates(t)
+        assert measured_arrival_cv(rates, rates[-1][0], 1e9) == pytest.approx(cv, rel=0.2)
+    smooth = [(5.0 * k, 8.0) for k in range(100)]  # the same count every interval
+    assert measured_arrival_cv(smooth, 495.0, 300.0) == pytest.approx(0.0)
+    assert measured_arrival_cv(smooth[:5], 20.0, 300.0) == 1.0  # too few intervals: Poisson
+    assert measured_arrival_cv([(5.0 * k, 0.0) for k in range(100)], 495.0, 300.0) == 1.0  # no arrivals
+    # Only the window counts: a burst long ago is forgotten.
+    old_burst = [(5.0 * k, 80.0 if k == 3 else 8.0) for k in range(200)]
+    assert measured_arrival_cv(old_burst, 995.0, 300.0) == pytest.approx(0.0)
+    assert measured_arrival_cv(old_burst, 995.0, 1e9) > 2.0
 
 
 def test_slo_met_rule():

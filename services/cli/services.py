@@ -228,8 +228,9 @@ def _role_limits(text: str, role: str) -> tuple[int, int]:
                    "--model-load-time-s, 120 s for its default]")
 @click.option("--model-load-time-s", default=60.0, show_default=True,
               help="Time a new instance needs before it serves [s] (sizes the over-provisioning Θ).")
-@click.option("--arrival-cv", default=1.0, show_default=True,
-              help="Coefficient of variation of interactive inter-arrival times (1 = Poisson) until the router reports it.")
+@click.option("--arrival-cv", type=float, default=None,
+              help="Coefficient of variation of interactive inter-arrival times (1 = Poisson) for the headroom Θ.  "
+                   "[default: measured from the arrival counts of the last 300 s; 1 until 12 intervals are seen]")
 @click.option("--interactive-ttft-slo-ms", default=10_000.0, show_default=True,
               help="Interactive TTFT SLO [ms]: a queue an instance admits within it is not read as that instance's "
                    "concurrency bound (set it to your SLO class, e.g. 2000 for chat).")

@@ -31,6 +31,7 @@ to their minimums.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -67,6 +68,7 @@ class PolicyConfig:
     batch_margin: float = 0.1
     max_ratio: float = 10.0  # wait/time-left ratio assumed for a group already past its deadline
     scale_down_delay_s: float | None = None  # None: 2 × model_load_time_s (see delay_s)
+    arrival_cv_window_s: float = 300.0  # arrival rates the measured arrival CV is taken over [s]
     concurrency_memory_s: float = 300.0  # how long an instance's saturated running count stands for its capacity
     batch_settle_s: float = 60.0  # after a BATCH scale-up, time for its capacity to show in the queue's measurement
     interactive_ttft_slo_s: float = 10.0  # TTFT SLO of interactive requests [s] (the router's default class)
@@ -273,15 +275,21 @@ def group_views(groups: Sequence, estimates: Sequence) -> list[GroupView]:
     return out + [GroupView(g.group_id, 0, 0.0, g.deadline_s, g.leased) for g in groups if g.group_id not in seen]
 
 
-def measured_arrival_cv(arrival_times: np.ndarray, now: float, window_s: float, min_arrivals: int = 20) -> float:
-    """Coefficient of variation of the inter-arrival times of the arrivals within ``window_s`` [s] before
-    ``now`` (``arrival_times`` ascending, s); 1 (Poisson) with fewer than ``min_arrivals`` of them or no spread
-    in time."""
-    t = arrival_times[arrival_times >= now - window_s]
-    if len(t) < min_arrivals:
+def measured_arrival_cv(rates: Sequence[tuple[float, float]], now: float, window_s: float,
+                        min_intervals: int = 12) -> float:
+    """The arrival CV Θ needs, from the arrival rates :func:`observe` measured: ``rates`` holds (time [s],
+    interactive arrivals/s over the interval ending then), oldest first. The counts per interval over the last
+    ``window_s`` give the index of dispersion ``I = Var / Mean``, and ``CV = sqrt(I)``: for a renewal process the
+    count over a window much longer than the mean gap has variance ≈ mean × CV² (Cox & Lewis, *The Statistical
+    Analysis of Series of Events*, 1966, §4.5), the Normal(λL, λL·CV²) of Θ's formula. Needs no arrival
+    timestamps, so the scaler service and the simulator measure it alike. 1 (Poisson) with fewer than
+    ``min_intervals`` intervals in the window or no arrivals. E.g. counts 40, 0, 80, 0: mean 30, variance 1,467,
+    I ≈ 49, CV ≈ 7.0."""
+    counts = [r * (t - t0) for (t0, _), (t, r) in itertools.pairwise(rates) if t > now - window_s]
+    if len(counts) < min_intervals:
         return 1.0
-    gaps = np.diff(t)
-    return float(gaps.std() / gaps.mean()) if gaps.mean() > 0 else 1.0
+    mean = float(np.mean(counts))
+    return math.sqrt(float(np.var(counts, ddof=1)) / mean) if mean > 0 else 1.0
 
 
 def observe(now: float, loads: Sequence[EngineLoad], samples: dict[str, LoadSample], arrival_cv: float,
