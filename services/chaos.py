@@ -818,14 +818,13 @@ def _duplicated_requests(load: LoadGenerator, work: Path) -> list[dict]:
     """Each try that streamed more tokens than asked: its gateway request id and the services' log lines that
     name it (what to read first when that target is missed)."""
     ids = [i for r in load.reqs for i in r.duplicated_ids]
-    out = []
-    for rid in ids:
-        lines = []
-        for f in sorted(work.glob("*.log")):
-            with contextlib.suppress(OSError):
-                lines += [f"{f.name}: {ln}" for ln in f.read_text(errors="replace").splitlines() if rid in ln]
-        out.append({"gateway_request_id": rid, "log": lines[:20]})
-    return out
+    if not ids:
+        return []
+    lines = []  # every service's log, read once
+    for f in sorted(work.glob("*.log")):
+        with contextlib.suppress(OSError):
+            lines += [f"{f.name}: {ln}" for ln in f.read_text(errors="replace").splitlines()]
+    return [{"gateway_request_id": rid, "log": [ln for ln in lines if rid in ln][:20]} for rid in ids]
 
 
 def _report(cfg: ChaosConfig, rows: list[dict], jobs: list[BatchJob], load: LoadGenerator, cluster: ChaosCluster,

@@ -22,6 +22,7 @@ from services.engine.core import EngineConfig
 from services.engine.local_autoscaler import LocalAutoscalerConfig, role_overrides
 from services.engine.perf_model import PerfModel
 from services.global_scaler.policy import (
+    ArrivalRates,
     GroupView,
     PolicyConfig,
     PolicyState,
@@ -30,7 +31,6 @@ from services.global_scaler.policy import (
     decide,
     engine_load,
     group_views,
-    measured_arrival_cv,
     observe,
 )
 from services.router.routing import EngineStatsView, Rejected, choose_instance, instance_load
@@ -155,7 +155,7 @@ class ChironPolicy(FleetPolicy):
     relaxed batch one on BATCH instances). Role limits: INTERACTIVE 0..budget, MIXED 1..budget, BATCH 0..budget,
     so the fleet multiplexes batch work onto interactive headroom from its first instance. The arrival CV given to
     the scaler is measured as the service measures it, from its own arrival rates over the last ``cv_window_s``
-    (:func:`~services.global_scaler.policy.measured_arrival_cv`), or fixed with ``arrival_cv``.
+    (:class:`~services.global_scaler.policy.ArrivalRates`), or fixed with ``arrival_cv``.
     ``on_decision(decision)``, when given, is called with every
     :class:`~services.global_scaler.policy.ScalerDecision` the scaler makes (``chiron bench fidelity`` records them)."""
 
@@ -177,8 +177,7 @@ class ChironPolicy(FleetPolicy):
             interactive_ttft_slo_s=workload.interactive_ttft_ms / 1e3, arrival_cv_window_s=cv_window_s,
             limits={"interactive": RoleLimits(0, budget), "mixed": RoleLimits(1, budget), "batch": RoleLimits(0, budget)},
         )).validate()
-        self.arrival_cv = arrival_cv
-        self.rates: list[tuple[float, float]] = []  # (time, interactive arrivals/s) per decision
+        self.arrivals = ArrivalRates(self.cfg.arrival_cv_window_s, arrival_cv)
         self.min_prefill_tokens = min_prefill_tokens
         self.la_itl = la_itl_slo_ms or workload.interactive_itl_ms
         self.batch_la_itl = batch_la_itl_slo_ms or workload.batch_itl_ms
@@ -217,11 +216,6 @@ class ChironPolicy(FleetPolicy):
             return None
         return by_id[chosen.instance_id]
 
-    def _arrival_cv(self, now: float) -> float:
-        if self.arrival_cv is not None:
-            return self.arrival_cv
-        return measured_arrival_cv(self.rates, now, self.cfg.arrival_cv_window_s)
-
     def group_views(self, fleet: Fleet, groups: list[GroupView]) -> list[GroupView]:
         """The request groups the scaler is shown (an ablation overrides it)."""
         return groups
@@ -233,8 +227,8 @@ class ChironPolicy(FleetPolicy):
         if fleet.queue is not None and fleet.queue.store.groups():
             gstats, estimates, _caps = fleet.queue.group_estimates()
             groups = group_views(gstats, estimates)
-        inputs = observe(now, loads, self.samples, self._arrival_cv(now), self.group_views(fleet, groups))
-        self.rates.append((now, inputs.arrivals.rate_per_s))
+        inputs = observe(now, loads, self.samples, self.arrivals.cv(now), self.group_views(fleet, groups))
+        self.arrivals.add(now, inputs.arrivals.rate_per_s)
         inputs = replace(inputs, pending={r: sum(1 for i in fleet.instances if i.role == r and i.state == "loading")
                                           for r in self.roles})
         self.state, d = decide(self.cfg, self.state, inputs)

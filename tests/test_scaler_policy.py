@@ -11,6 +11,7 @@ import pytest
 from scipy.stats import norm
 
 from services.global_scaler.policy import (
+    ArrivalRates,
     ArrivalStats,
     EngineLoad,
     GroupView,
@@ -372,6 +373,17 @@ def test_measured_arrival_cv_from_the_observed_arrival_rates():
     old_burst = [(5.0 * k, 80.0 if k == 3 else 8.0) for k in range(200)]
     assert measured_arrival_cv(old_burst, 995.0, 300.0) == pytest.approx(0.0)
     assert measured_arrival_cv(old_burst, 995.0, 1e9) > 2.0
+
+
+def test_arrival_rates_keep_what_the_window_reads_and_a_fixed_cv_wins():
+    rng = np.random.default_rng(1)
+    t = np.cumsum(rng.gamma(1 / 16, 16 / 8.0, 12_000))  # Gamma CV 4 at 8/s
+    rates, kept = _rates(t), ArrivalRates(300.0)
+    for k, (now, r) in enumerate(rates):
+        assert kept.cv(now) == measured_arrival_cv(rates[:k], now, 300.0)  # what the whole history would give
+        kept.add(now, r)
+    assert len(kept._rates) == 61  # 60 intervals of 5 s in the window, plus the start of the first
+    assert ArrivalRates(300.0, fixed_cv=2.5).cv(0.0) == 2.5
 
 
 def test_slo_met_rule():

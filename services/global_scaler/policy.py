@@ -31,6 +31,7 @@ to their minimums.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import math
 from collections.abc import Mapping, Sequence
@@ -290,6 +291,29 @@ def measured_arrival_cv(rates: Sequence[tuple[float, float]], now: float, window
         return 1.0
     mean = float(np.mean(counts))
     return math.sqrt(float(np.var(counts, ddof=1)) / mean) if mean > 0 else 1.0
+
+
+class ArrivalRates:
+    """The interactive arrival rates :func:`observe` measured, kept for :func:`measured_arrival_cv` over
+    ``window_s`` [s]; ``fixed_cv`` (not None) replaces the measurement. The scaler service and the simulator each
+    hold one: ``observe(now, ..., rates.cv(now), ...)``, then ``rates.add(now, inputs.arrivals.rate_per_s)``."""
+
+    def __init__(self, window_s: float, fixed_cv: float | None = None) -> None:
+        self.window_s = window_s
+        self.fixed_cv = fixed_cv
+        self._rates: collections.deque[tuple[float, float]] = collections.deque()  # (time [s], arrivals/s)
+
+    def cv(self, now: float) -> float:
+        """The arrival CV for a decision at ``now``: ``fixed_cv``, or measured from the rates added so far."""
+        return self.fixed_cv if self.fixed_cv is not None else measured_arrival_cv(self._rates, now, self.window_s)
+
+    def add(self, now: float, rate_per_s: float) -> None:
+        """Record the arrival rate of the interval ending at ``now``; forget what no later window reads (an entry
+        is kept while it is in the window or is the start of the first interval in it)."""
+        rates = self._rates
+        rates.append((now, rate_per_s))
+        while len(rates) > 1 and rates[1][0] <= now - self.window_s:
+            rates.popleft()
 
 
 def observe(now: float, loads: Sequence[EngineLoad], samples: dict[str, LoadSample], arrival_cv: float,

@@ -7,7 +7,7 @@ Every ``interval_s`` the scaler
 2. asks each serving instance for ``Engine.GetStats`` and the queue for its per-group estimates
    (``Queue.GetStats``), and builds the policy's inputs with :func:`~services.global_scaler.policy.observe`
    (the same builder the simulator uses; the arrival CV from its own past arrival rates,
-   :func:`~services.global_scaler.policy.measured_arrival_cv`, unless ``arrival_cv`` fixes it);
+   :class:`~services.global_scaler.policy.ArrivalRates`, unless ``arrival_cv`` fixes it);
 3. runs the pure policy and, unless ``advisory`` or a standby, asks the provider for each role's count;
 4. records the decision (inputs, reasons, provider actions and errors), logs it and streams it to
    ``WatchDecisions`` clients. Advisory mode does all but call the provider.
@@ -50,6 +50,7 @@ from services.global_scaler import keda
 from services.global_scaler.leader import LeaderElection
 from services.global_scaler.policy import (
     ROLES,
+    ArrivalRates,
     GroupView,
     LoadSample,
     PolicyConfig,
@@ -60,7 +61,6 @@ from services.global_scaler.policy import (
     engine_load,
     group_view,
     hold_in_window,
-    measured_arrival_cv,
     observe,
 )
 from services.global_scaler.providers import InstanceCounts, InstanceProvider, ProviderError
@@ -114,8 +114,7 @@ class ScalerService(scaler_pb2_grpc.GlobalScalerServicer):
         self.provider = provider
         self.queue = queue
         self.advisory = advisory
-        self.arrival_cv = arrival_cv  # None: measured (module docstring)
-        self._rates: deque[tuple[float, float]] = deque()  # (time, interactive arrivals/s) per observation
+        self._arrivals = ArrivalRates(self.config.arrival_cv_window_s, arrival_cv)  # None: measured
         self.clock = clock
         self.election = election
         self.state = PolicyState()
@@ -209,13 +208,8 @@ class ScalerService(scaler_pb2_grpc.GlobalScalerServicer):
         groups, queue_error = await self._queue_groups(now)
         if queue_error is not None:
             unavailable.append(f"queue stats unavailable ({queue_error})")
-        cv = self.arrival_cv
-        if cv is None:
-            cv = measured_arrival_cv(self._rates, now, self.config.arrival_cv_window_s)
-        inputs = observe(now, loads, self._samples, cv, groups)
-        self._rates.append((now, inputs.arrivals.rate_per_s))
-        while self._rates and self._rates[0][0] < now - 2 * self.config.arrival_cv_window_s:
-            self._rates.popleft()
+        inputs = observe(now, loads, self._samples, self._arrivals.cv(now), groups)
+        self._arrivals.add(now, inputs.arrivals.rate_per_s)
         counts: dict[str, InstanceCounts | None] = {}
         if self.provider is not None and not self.advisory:
             pending = {}
