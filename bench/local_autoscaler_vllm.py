@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.local_autoscaler import RunResult, converge_time
+from bench.local_autoscaler import PER_TOKEN_ITL_QUANTILE, RunResult, converge_time
 from services.common.traces import load_sharegpt_lengths
 from services.engine.backend import BackendRequest, StepStats
 from services.engine.local_autoscaler import LocalAutoscalerConfig
@@ -237,7 +237,7 @@ async def run_bench(slo_factors=(1.5, 3.0), static_s: float = 15.0, static_warmu
             return _result(slo, "best_static", cap, *run[:3])
 
         for slo in slos:
-            cfg = LocalAutoscalerConfig(itl_slo_ms=slo, max_batch_size=max_cap)
+            cfg = LocalAutoscalerConfig(itl_slo_ms=slo, max_batch_size=max_cap, itl_quantile=PER_TOKEN_ITL_QUANTILE)
             adaptive[slo] = await _run_setting(backend, lengths, cap=None, duration_s=adaptive_s,
                                                warmup_s=adaptive_warmup_s, seed=seed, autoscaler=cfg)
             if progress:
@@ -299,4 +299,4 @@ async def run_bench(slo_factors=(1.5, 3.0), static_s: float = 15.0, static_warmu
                        "run for adaptive_s with adaptive_warmup_s", "seed": seed, "token_budget": token_budget,
                        "max_batch_size": max_cap,
                        "workload": "ShareGPT lengths (<= 2048 tokens), closed loop, 32 beyond the largest cap",
-                       "autoscaler": asdict(LocalAutoscalerConfig())}}
+                       "autoscaler": asdict(LocalAutoscalerConfig(itl_quantile=PER_TOKEN_ITL_QUANTILE))}}

@@ -163,6 +163,7 @@ class ScalerSettings(BaseModel):
     model_load_time_s: float = 60.0
     arrival_cv: float | None = None  # None: measured from the observed arrival rates
     interactive_ttft_slo_ms: float = 10_000.0
+    prefill_tokens_per_s: float = 10_000.0  # an engine's prefill rate [prompt tokens/s] (the TTFT bound on C)
     interactive: tuple[int, int] = (1, 16)
     mixed: tuple[int, int] = (0, 16)
     batch: tuple[int, int] = (0, 16)
@@ -200,7 +201,8 @@ class ScalerSettings(BaseModel):
             with_limits(PolicyConfig(), **self.limits), interval_s=self.interval_s,
             scale_down_delay_s=self.scale_down_delay_s, model_load_time_s=self.model_load_time_s,
             gpu_budget=self.gpu_budget, gpus_per_instance=self.gpus_per_instance,
-            interactive_ttft_slo_s=self.interactive_ttft_slo_ms / 1e3).validate()
+            interactive_ttft_slo_s=self.interactive_ttft_slo_ms / 1e3,
+            prefill_tokens_per_s=self.prefill_tokens_per_s).validate()
 
     @classmethod
     def from_args(cls, args: str) -> ScalerSettings:

@@ -93,12 +93,12 @@ def run_experiments(out_dir: str | Path, quick: bool = False, workers: int = 2, 
             if progress:
                 progress(f"{len(results)}/{len(jobs)} runs ({r['tag']} {r['trace']} {r['policy']})")
     from bench.estimator import run_bench as estimator_bench
-    from bench.local_autoscaler import LocalAutoscalerConfig, run_engine
+    from bench.local_autoscaler import PER_TOKEN_ITL_QUANTILE, LocalAutoscalerConfig, run_engine
 
     est = estimator_bench(sizes=plan["estimator_sizes"], splits=10)
     la = []
     for slo in (25.0, 50.0, 100.0):
-        cfg = LocalAutoscalerConfig(itl_slo_ms=slo)
+        cfg = LocalAutoscalerConfig(itl_slo_ms=slo, itl_quantile=PER_TOKEN_ITL_QUANTILE)
         r, _ = run_engine(slo, "adaptive", cfg.initial_batch_size, plan["la_duration_s"], 60.0, 0, autoscaler=cfg)
         la.append({"itl_slo_ms": slo, "converge_s": r.converge_s, "throughput_tokens_per_s": r.throughput_tokens_per_s,
                    "itl_slo_attainment": r.itl_slo_attainment, "final_max_batch_size": r.max_batch_size})

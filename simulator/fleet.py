@@ -46,7 +46,7 @@ from services.engine.batch_rules import eviction_need, eviction_order, lease_roo
 from services.engine.core import EngineConfig, EngineCore
 from services.engine.local_autoscaler import LocalAutoscalerConfig, decide, initial_state, observation
 from services.engine.perf_model import PerfModel, default_perf_model
-from services.engine.stats import LatencyWindow, weighted_quantile
+from services.engine.stats import LatencyWindow, weighted_statistic
 from services.queue.core import CapacityTracker, QueueCore
 from services.queue.estimator import WaitingTimeEstimator
 from services.queue.store import QueueConfig, QueueStore
@@ -139,6 +139,7 @@ class SimInstance:
         self.ctl_itl_n: list[int] = []
         self.ctl_tokens = 0
         self.ttft = LatencyWindow(10.0)
+        self.prompts = LatencyWindow(10.0)  # prompt tokens of the interactive requests it accepted (engine stats)
         self.finished_total = 0
         self.batch_finished_total = 0  # leased batch requests finished here (Chiron)
         self.leases: dict[str, str] = {}  # batch request id → lease id (Chiron's queue)
@@ -338,6 +339,7 @@ class Fleet:
                               interactive=k == "i")
         if k == "i":
             inst.interactive_waiting += 1
+            inst.prompts.add(self.now, prompt)
             if inst.role == "mixed" and inst.leases:
                 self._make_room(inst, 1)
         self._kick(inst)
@@ -530,7 +532,7 @@ class Fleet:
             if inst.la is None or inst.state != "serving":
                 continue
             interval = inst.la.control_interval_s
-            q = (weighted_quantile(np.asarray(inst.ctl_itl_ms), np.asarray(inst.ctl_itl_n, dtype=float), inst.la.itl_quantile)
+            q = (weighted_statistic(np.asarray(inst.ctl_itl_ms), np.asarray(inst.ctl_itl_n, dtype=float), inst.la.itl_quantile)
                  if inst.ctl_itl_ms else math.nan)
             obs = observation(self.now, q, inst.ctl_tokens, interval, inst.core.saturated, len(inst.core.running))
             inst.la_state, d = decide(inst.la, inst.la_state, obs)

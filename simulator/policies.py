@@ -49,12 +49,15 @@ VLLM_A100_MAX_NUM_SEQS = 256
 VLLM_A100_MAX_BATCHED_TOKENS = 2048
 
 
-def engine_stats(inst: SimInstance, now: float | None = None) -> EngineStatsView:
+def engine_stats(inst: SimInstance, now: float | None = None, prompts_at: float | None = None) -> EngineStatsView:
     """A simulated engine's stats as the engine agent reports them (``Engine.GetStats``), for the router's and the
-    scaler's builders; the median TTFT (last 10 s, 0 when none) only with ``now`` (the router reads it)."""
+    scaler's builders; the median TTFT (last 10 s, 0 when none) only with ``now`` (the router reads it), the mean
+    interactive prompt (last 10 s) only with ``prompts_at`` (the scaler reads it)."""
     p50 = inst.ttft.quantile(0.5, now) if now is not None else 0.0
+    prompt = inst.prompts.statistic(None, prompts_at) if prompts_at is not None else 0.0
     return EngineStatsView(inst.max_batch_size, inst.num_running, inst.num_waiting, inst.finished_total,
-                           len(inst.leases), inst.batch_finished_total, 0.0 if math.isnan(p50) else p50)
+                           len(inst.leases), inst.batch_finished_total, 0.0 if math.isnan(p50) else p50,
+                           0.0 if math.isnan(prompt) else prompt)
 
 
 class FleetPolicy:
@@ -222,7 +225,7 @@ class ChironPolicy(FleetPolicy):
 
     def on_tick(self, fleet: Fleet, name: str) -> None:
         now = fleet.now
-        loads = [engine_load(i.iid, i.role, engine_stats(i)) for i in fleet.serving()]
+        loads = [engine_load(i.iid, i.role, engine_stats(i, prompts_at=now)) for i in fleet.serving()]
         groups = []
         if fleet.queue is not None and fleet.queue.store.groups():
             gstats, estimates, _caps = fleet.queue.group_estimates()

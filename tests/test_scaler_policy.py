@@ -133,11 +133,12 @@ def test_admission_rate_sizes_a_prefill_bound_fleet_and_a_backlog_is_not_concurr
     assert d.inputs["demand_requests"] == 10 and d.inputs["interactive_need_instances"] == pytest.approx(8.0)
     assert (d.desired("interactive"), d.desired("mixed")) == (8, 1)  # 8 whole; ceil(8 × 1.1) − 8 on MIXED
     assert "admitted per instance" in d.roles["interactive"].reason
-    # No admission rate known yet: the queue is all there is to size by, 310 / 10 = 31 instances (without it, long
-    # requests queued at a full batch would never start an instance).
+    # No admission rate known yet: the queue counts in the demand, but it has not stood through an interval, so it
+    # is no bound on the instance (a queue behind one long prefill is gone by the next sample): 310 / 1024.
     _, d = decide(CFG, PolicyState(), ScalerInputs(0.0, [dataclasses.replace(inst[0], admit_rate_per_s=math.nan)],
                                                     arrivals))
-    assert d.inputs["interactive_need_instances"] == pytest.approx(31.0)
+    assert d.inputs["instance_concurrency"] == 1024
+    assert d.inputs["interactive_need_instances"] == pytest.approx(310 / 1024)
 
 
 def test_observe_reports_an_admission_rate_only_while_a_queue_stands():
@@ -175,9 +176,10 @@ def test_a_queue_admitted_within_the_ttft_slo_is_not_a_concurrency_bound():
 
 
 def test_a_saturated_count_is_forgotten_once_the_cap_grows():
-    # A fresh instance at its initial cap of 16 runs 2 requests with 10 waiting (its 16-token budget binds).
+    # A fresh instance at its initial cap of 16 runs 2 requests with 10 waiting through an interval (its 16-token
+    # budget binds), admitting 0.5/s: the queue outlasts the 10-s TTFT SLO.
     st = PolicyState()
-    ramping = [InstanceView("i0", "mixed", max_batch_size=16, num_running=2, num_waiting=10)]
+    ramping = [InstanceView("i0", "mixed", max_batch_size=16, num_running=2, num_waiting=10, admit_rate_per_s=0.5)]
     st, d = decide(CFG, st, ScalerInputs(0.0, ramping, ArrivalStats(1.0, 1.0, 20.0)))
     assert d.inputs["instance_concurrency"] == 2
     # Same cap, nothing waiting a moment later: the count still stands (the cap's worth is not free room).

@@ -94,7 +94,7 @@ class RequestProgress(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., generated_token_ids: _Optional[_Iterable[int]] = ..., num_prompt_tokens: _Optional[int] = ..., kv_offloaded_tokens: _Optional[int] = ..., kv_offload_ms: _Optional[float] = ...) -> None: ...
 
 class EngineStats(_message.Message):
-    __slots__ = ("instance_id", "role", "model", "backend", "time", "num_running", "num_waiting", "max_batch_size", "kv_cache_usage", "kv_cache_capacity_tokens", "itl_p50_ms", "itl_p95_ms", "ttft_p50_ms", "throughput_tokens_per_s", "num_preemptions_total", "generated_tokens_total", "finished_requests_total", "latency_backpressure", "throughput_backpressure", "itl_slo_ms", "num_batch_requests", "batch_finished_total", "late_control_steps_total")
+    __slots__ = ("instance_id", "role", "model", "backend", "time", "num_running", "num_waiting", "max_batch_size", "kv_cache_usage", "kv_cache_capacity_tokens", "itl_p50_ms", "itl_p95_ms", "ttft_p50_ms", "throughput_tokens_per_s", "num_preemptions_total", "generated_tokens_total", "finished_requests_total", "latency_backpressure", "throughput_backpressure", "itl_slo_ms", "num_batch_requests", "batch_finished_total", "late_control_steps_total", "interactive_prompt_tokens_mean")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -118,6 +118,7 @@ class EngineStats(_message.Message):
     NUM_BATCH_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     BATCH_FINISHED_TOTAL_FIELD_NUMBER: _ClassVar[int]
     LATE_CONTROL_STEPS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    INTERACTIVE_PROMPT_TOKENS_MEAN_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     role: InstanceRole
     model: str
@@ -141,4 +142,5 @@ class EngineStats(_message.Message):
     num_batch_requests: int
     batch_finished_total: int
     late_control_steps_total: int
-    def __init__(self, instance_id: _Optional[str] = ..., role: _Optional[_Union[InstanceRole, str]] = ..., model: _Optional[str] = ..., backend: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ..., kv_cache_capacity_tokens: _Optional[int] = ..., itl_p50_ms: _Optional[float] = ..., itl_p95_ms: _Optional[float] = ..., ttft_p50_ms: _Optional[float] = ..., throughput_tokens_per_s: _Optional[float] = ..., num_preemptions_total: _Optional[int] = ..., generated_tokens_total: _Optional[int] = ..., finished_requests_total: _Optional[int] = ..., latency_backpressure: _Optional[float] = ..., throughput_backpressure: _Optional[float] = ..., itl_slo_ms: _Optional[int] = ..., num_batch_requests: _Optional[int] = ..., batch_finished_total: _Optional[int] = ..., late_control_steps_total: _Optional[int] = ...) -> None: ...
+    interactive_prompt_tokens_mean: float
+    def __init__(self, instance_id: _Optional[str] = ..., role: _Optional[_Union[InstanceRole, str]] = ..., model: _Optional[str] = ..., backend: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ..., kv_cache_capacity_tokens: _Optional[int] = ..., itl_p50_ms: _Optional[float] = ..., itl_p95_ms: _Optional[float] = ..., ttft_p50_ms: _Optional[float] = ..., throughput_tokens_per_s: _Optional[float] = ..., num_preemptions_total: _Optional[int] = ..., generated_tokens_total: _Optional[int] = ..., finished_requests_total: _Optional[int] = ..., latency_backpressure: _Optional[float] = ..., throughput_backpressure: _Optional[float] = ..., itl_slo_ms: _Optional[int] = ..., num_batch_requests: _Optional[int] = ..., batch_finished_total: _Optional[int] = ..., late_control_steps_total: _Optional[int] = ..., interactive_prompt_tokens_mean: _Optional[float] = ...) -> None: ...

@@ -234,6 +234,9 @@ def _role_limits(text: str, role: str) -> tuple[int, int]:
 @click.option("--interactive-ttft-slo-ms", default=10_000.0, show_default=True,
               help="Interactive TTFT SLO [ms]: a queue an instance admits within it is not read as that instance's "
                    "concurrency bound (set it to your SLO class, e.g. 2000 for chat).")
+@click.option("--prefill-tokens-per-s", default=10_000.0, show_default=True,
+              help="Prompt tokens one engine prefills per second (Llama-3-8B on an A100: about 10,000): with the "
+                   "TTFT SLO and the engines' mean prompt it bounds the requests an instance is sized for.")
 @click.option("--interactive", "lim_i", default="1:16", show_default=True, help="MIN:MAX INTERACTIVE instances.")
 @click.option("--mixed", "lim_m", default="0:16", show_default=True, help="MIN:MAX MIXED instances.")
 @click.option("--batch", "lim_b", default="0:16", show_default=True, help="MIN:MAX BATCH instances.")
@@ -253,8 +256,8 @@ def _role_limits(text: str, role: str) -> tuple[int, int]:
                    "leader that cannot refresh stops acting max(0.5, TTL/4) s before it ends.")
 @metrics_options
 def scaler(host, port, port_file, etcd, queue_addr, provider, advisory, interval_s, scale_down_delay_s, model_load_time_s,
-           arrival_cv, interactive_ttft_slo_ms, lim_i, lim_m, lim_b, gpu_budget, gpus_per_instance, engine_args, work_dir,
-           nomad_address, nomad_job, election, leader_ttl_s, metrics_port, metrics_port_file) -> None:
+           arrival_cv, interactive_ttft_slo_ms, prefill_tokens_per_s, lim_i, lim_m, lim_b, gpu_budget, gpus_per_instance,
+           engine_args, work_dir, nomad_address, nomad_job, election, leader_ttl_s, metrics_port, metrics_port_file) -> None:
     """Run the global scaler: desired INTERACTIVE / MIXED / BATCH instance counts from interactive load (with
     over-provisioning Θ) and batch backpressure, applied through an instance provider, explained over gRPC
     (GetDecision / WatchDecisions) and in the log.
@@ -264,7 +267,7 @@ def scaler(host, port, port_file, etcd, queue_addr, provider, advisory, interval
     s = ScalerSettings(
         provider=provider, advisory=advisory, interval_s=interval_s, scale_down_delay_s=scale_down_delay_s,
         model_load_time_s=model_load_time_s, arrival_cv=arrival_cv, interactive_ttft_slo_ms=interactive_ttft_slo_ms,
-        interactive=_role_limits(lim_i, "interactive"), mixed=_role_limits(lim_m, "mixed"),
+        prefill_tokens_per_s=prefill_tokens_per_s, interactive=_role_limits(lim_i, "interactive"), mixed=_role_limits(lim_m, "mixed"),
         batch=_role_limits(lim_b, "batch"), gpu_budget=gpu_budget, gpus_per_instance=gpus_per_instance,
         engine_args=engine_args, work_dir=work_dir, nomad_address=nomad_address, nomad_job=nomad_job,
         election=election, leader_ttl_s=leader_ttl_s)

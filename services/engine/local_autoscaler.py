@@ -7,8 +7,10 @@ throughput``; ``> 1`` halves the batch size, ``< 1`` grows it through an EWMA ``
 
 Where the paper is silent (pitfalls: ``paper.md`` §0c; measurements: ``docs/decisions/0022``):
 
-* **Observed ITL** is the ``itl_quantile`` (p99) of the interval's per-token ITLs, EWMA-smoothed
-  (``itl_smoothing``); one interval above ``overload_factor`` × SLO still halves at once.
+* **Observed ITL** is the token-weighted mean of the interval's per-token ITLs (``itl_quantile`` None; a
+  quantile when set), EWMA-smoothed (``itl_smoothing``): the SLO judges each request's mean ITL, which every
+  running request sees; a p99 chases prefill-chunk iterations no cap shortens (``docs/decisions/0027``).
+  One interval above ``overload_factor`` × SLO still halves at once.
 * **Halve above the SLO, grow toward ``latency_target_fraction`` × SLO** (0.9); between the two the same
   proportional step eases down, so noise around the target does not halve the batch.
 * **TBP counts only while saturated and right after a growth step** (throughput also falls with load, and after
@@ -46,7 +48,7 @@ class LocalAutoscalerConfig:
     initial_batch_size: int = 16
     control_interval_s: float = 1.0
     ewma_alpha: float = 0.9  # weight of the new target in the proportional step
-    itl_quantile: float = 0.99
+    itl_quantile: float | None = None  # None: the token-weighted mean ITL of the interval
     itl_smoothing: float = 0.5  # EWMA weight of a new ITL / throughput observation
     latency_target_fraction: float = 0.9
     tbp_tolerance: float = 0.25
@@ -71,8 +73,8 @@ class LocalAutoscalerConfig:
             v = getattr(self, name)
             if not 0 < v <= 1:
                 raise ValueError(f"{name} must be in (0, 1] (got {v})")
-        if not 0 < self.itl_quantile < 1:
-            raise ValueError("itl_quantile must be in (0, 1)")
+        if self.itl_quantile is not None and not 0 < self.itl_quantile < 1:
+            raise ValueError("itl_quantile must be None (the mean) or in (0, 1)")
         if self.tbp_tolerance < 0:
             raise ValueError("tbp_tolerance must be >= 0")
         if self.max_growth_factor <= 1:
@@ -88,7 +90,7 @@ class LocalAutoscalerConfig:
 class Observation:
     """What the engine saw over the last control interval.
 
-    ``itl_ms``: the ``itl_quantile`` of per-token ITLs in the interval (NaN when no token was produced);
+    ``itl_ms``: the mean (or ``itl_quantile``) of per-token ITLs in the interval (NaN when no token was produced);
     ``throughput_tokens_per_s``: output tokens per second in the interval; ``saturated``: work was waiting
     or the batch was at its cap at the end of the interval; ``running``: requests running at the end of the
     interval (``None``: unknown, and the running set is taken as settled).
@@ -104,7 +106,7 @@ class Observation:
 def observation(now: float, itl_ms: float, output_tokens: int, interval_s: float, saturated: bool,
                 running: int | None = None) -> Observation:
     """The observation of one control interval of ``interval_s`` [s] ending at ``now``: ``itl_ms`` the interval's
-    ITL quantile (NaN: no token), ``output_tokens`` generated in it, ``saturated`` and ``running`` at its end
+    observed ITL (NaN: no token), ``output_tokens`` generated in it, ``saturated`` and ``running`` at its end
     (:class:`Observation`). Built by the engine agent and the fleet simulator alike."""
     return Observation(now, itl_ms, output_tokens / max(interval_s, 1e-9), saturated, running=running)
 

@@ -89,6 +89,7 @@ class EngineAgent(engine_pb2_grpc.EngineServicer):
         cfg.autoscaler.validate()
         self.itl = LatencyWindow(cfg.stats_window_s)
         self.ttft = LatencyWindow(cfg.stats_window_s)
+        self.prompts = LatencyWindow(cfg.stats_window_s)  # prompt tokens of accepted interactive requests
         self.tokens = RateWindow(cfg.stats_window_s)
         self._ctl_itl = LatencyWindow(max(cfg.autoscaler.control_interval_s * 4, 1.0))
         self._ctl_tokens = 0
@@ -173,7 +174,7 @@ class EngineAgent(engine_pb2_grpc.EngineServicer):
         first = self._ctl_last_s is None
         last = now - cfg.control_interval_s if first else self._ctl_last_s
         snap = self.backend.snapshot()
-        q = self._ctl_itl.quantile(cfg.itl_quantile, now, since_s=last)
+        q = self._ctl_itl.statistic(cfg.itl_quantile, now, since_s=last)
         obs = observation(now, q, self._ctl_tokens, now - last, snap.saturated or self._saturated, snap.num_running)
         self._ctl_tokens = 0
         self._ctl_last_s = now
@@ -227,6 +228,7 @@ class EngineAgent(engine_pb2_grpc.EngineServicer):
             throughput_backpressure=d.throughput_backpressure if d else 0.0,
             itl_slo_ms=int(self.config.autoscaler.itl_slo_ms),
             late_control_steps_total=self.late_control_steps,
+            interactive_prompt_tokens_mean=nz(self.prompts.statistic(None, now)),
         )
 
     # ---- request validation ----------------------------------------------------------------
@@ -276,6 +278,8 @@ class EngineAgent(engine_pb2_grpc.EngineServicer):
         backend = self.backend
         rid, n_prompt, interval = br.request_id, len(br.prompt_token_ids), br.stream_interval
         start_s = backend.now()
+        if interactive and n_prompt:
+            self.prompts.add(start_s, n_prompt)
         # Backend-clock seconds -> wall-clock seconds since the epoch, fixed for the request's life.
         wall_at_zero_s, per_s = time.time() - start_s / backend.speedup, 1.0 / backend.speedup
         prev_s: float | None = None

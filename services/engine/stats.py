@@ -24,6 +24,15 @@ def weighted_quantile(values: np.ndarray, weights: np.ndarray, q: float) -> floa
     return float(v[min(idx, v.size - 1)])
 
 
+def weighted_statistic(values: np.ndarray, weights: np.ndarray, q: float | None) -> float:
+    """The count-weighted mean of ``values`` when ``q`` is None, else :func:`weighted_quantile` ``q`` (NaN when
+    empty). The local autoscaler's observed ITL: per-token ITLs weighted by the tokens each iteration produced."""
+    if q is not None:
+        return weighted_quantile(values, weights, q)
+    keep = weights > 0
+    return float(np.average(values[keep], weights=weights[keep])) if keep.any() else math.nan
+
+
 class LatencyWindow:
     """Samples ``(time_s, latency_ms, count)`` kept for ``horizon_s`` seconds.
 
@@ -53,6 +62,18 @@ class LatencyWindow:
             return math.nan
         arr = np.array(sel, dtype=float)
         return weighted_quantile(arr[:, 0], arr[:, 1], q)
+
+    def statistic(self, q: float | None, now: float, since_s: float | None = None) -> float:
+        """Like :meth:`quantile`, but the count-weighted mean when ``q`` is None (:func:`weighted_statistic`)."""
+        if q is not None:
+            return self.quantile(q, now, since_s)
+        self._trim(now)
+        start = now - self.horizon_s if since_s is None else since_s
+        sel = [(lat, c) for t, lat, c in self._samples if t >= start]
+        if not sel:
+            return math.nan
+        arr = np.array(sel, dtype=float)
+        return weighted_statistic(arr[:, 0], arr[:, 1], None)
 
     def count(self, now: float, since_s: float | None = None) -> int:
         self._trim(now)

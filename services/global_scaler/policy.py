@@ -1,20 +1,21 @@
 """Chiron's global scaling policy: desired INTERACTIVE, MIXED and BATCH instances. Pure and clock-injected.
 
 :func:`decide` maps observed instances, arrivals and queue groups plus a :class:`PolicyState` to a new state and
-desired counts per role with reasons; the ``chiron scaler`` service and the fleet simulator both run it. The
-paper (arXiv 2501.08090; ``../shared/notes/paper.md`` §0b, §3.4) gives the shape, the formulas are Chiron's
-(measurements: ``docs/decisions/0020``, ``0021``).
+desired counts per role with reasons; the ``chiron scaler`` service and the fleet simulator both run it. Shape from
+the paper (arXiv 2501.08090; ``../shared/notes/paper.md`` §0b, §3.4), formulas Chiron's (``docs/decisions/0020``+).
 
 **Interactive need** ``N = max(D / C, λ / μ̄)`` instances. ``D``: interactive requests running at INTERACTIVE
-and MIXED instances (a queue counts only until the instance has a measured admission rate). ``C``: the mean of
-what each instance holds, its max batch size or the running count it had when requests last waited below that
-cap (remembered ``concurrency_memory_s`` while the cap stays within 2×; a queue admitted within the TTFT SLO
-does not count). ``μ̄``: mean admission rate of instances where a queue stood through an interval.
+and MIXED instances (a queue counts only until the instance has a measured admission rate). ``μ̄``: mean
+admission rate of instances where a queue stood through an interval. ``C``: the mean of what each instance
+holds, its max batch size or its running count when a queue last stood below that cap through an interval and
+outlasted the TTFT SLO (remembered ``concurrency_memory_s`` while the cap stays within 2×), at most
+``ttft_burst_factor · R_p · T / P̄`` (R_p: prompt tokens/s an instance prefills, T: the TTFT SLO, P̄: the mean
+interactive prompt): the requests it is sized for, arriving together, are prefilled within about 2 T.
 
 **Headroom Θ.** Arrivals over one model-load time ``L`` ~ Normal(λL, λL·CV²), so the ``theta_quantile`` fits
 with ``Θ = z_q · CV / sqrt(λL)``, clamped to ``[theta_min, theta_max]``. ``n_I = floor(N)``, ``n_M =
-ceil(N·(1+Θ)) − n_I``: the fractional part goes to MIXED instances, whose idle capacity is lent to batch work.
-E.g. λ = 10/s, CV = 1, L = 60 s, p99: Θ = 2.33 / sqrt(600) ≈ 0.095 → theta_min 0.1; N = 4.5 → 4 I + 1 M.
+ceil(N·(1+Θ)) − n_I``: the fractional part goes to MIXED instances, whose idle capacity is lent to batch work
+(λ = 10/s, CV = 1, L = 60 s, p99: Θ = 2.33 / sqrt(600) ≈ 0.095 → theta_min 0.1; N = 4.5 → 4 I + 1 M).
 
 **Batch backpressure.** ``B`` = BATCH instances + what MIXED ones lend (each its idle share, at most its batch
 requests over a busy BATCH instance's). A group's wait scales as ``1 / B``, so ``BBP = max_g(wait_p95 /
@@ -25,8 +26,7 @@ or within ``batch_settle_s`` of serving, else at most max(2×, +4) per step (Kub
 
 **Stability and limits.** Per-role min/max apply; a count below the current one (serving + starting) applies only
 after :attr:`PolicyConfig.delay_s` (default 2 × ``L``; the window's largest count is used); a growing role first
-uses instances of the other interactive role that window holds. GPU budget: cut BATCH, MIXED, then INTERACTIVE,
-to their minimums.
+uses instances of the other interactive role that window holds. GPU budget: cut BATCH, MIXED, INTERACTIVE.
 """
 
 from __future__ import annotations
@@ -73,13 +73,19 @@ class PolicyConfig:
     concurrency_memory_s: float = 300.0  # how long an instance's saturated running count stands for its capacity
     batch_settle_s: float = 60.0  # after a BATCH scale-up, time for its capacity to show in the queue's measurement
     interactive_ttft_slo_s: float = 10.0  # TTFT SLO of interactive requests [s] (the router's default class)
+    # An instance's prefill rate [prompt tokens/s]: Llama-3-8B on an A100-80GB with a 512-token chunk beside 16
+    # decodes takes 47.8 ms per iteration in services/engine/perf_model.py (10,700 tokens/s), rounded down.
+    prefill_tokens_per_s: float = 10_000.0
+    ttft_burst_factor: float = 2.0  # C <= this × the requests an instance prefills in one TTFT SLO (tune split)
+    prompt_window_s: float = 300.0  # time constant of the EWMA over the engines' mean prompts [s]
     gpus_per_instance: int = 1
     gpu_budget: int = 50  # the paper's experiments cap the fleet at 50 GPUs
     limits: Mapping[str, RoleLimits] = field(default_factory=lambda: {
         "interactive": RoleLimits(1, 64), "mixed": RoleLimits(0, 64), "batch": RoleLimits(0, 64)})
 
     def validate(self) -> PolicyConfig:
-        for name in ("interval_s", "model_load_time_s", "default_instance_concurrency", "interactive_ttft_slo_s"):
+        for name in ("interval_s", "model_load_time_s", "default_instance_concurrency", "interactive_ttft_slo_s",
+                     "prefill_tokens_per_s", "ttft_burst_factor", "prompt_window_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0 (got {getattr(self, name)})")
         if self.scale_down_delay_s is not None and self.scale_down_delay_s < 0:
@@ -149,11 +155,12 @@ class InstanceView:
 class ArrivalStats:
     """Interactive arrivals over the scaler's window: ``rate_per_s`` (λ, requests/s) and ``cv`` (coefficient
     of variation of inter-arrival times; 1 for Poisson). ``inflight``: interactive requests running or
-    waiting now (the demand D, requests)."""
+    waiting now (the demand D, requests). ``prompt_tokens_mean``: P̄ [tokens], NaN when no instance saw one."""
 
     rate_per_s: float = 0.0
     cv: float = 1.0
     inflight: float = 0.0
+    prompt_tokens_mean: float = math.nan  # mean interactive prompt over the instances that saw one [tokens]
 
 
 @dataclass(frozen=True)
@@ -213,6 +220,7 @@ class PolicyState:
     had requests waiting below its cap. ``last_batch_up_s``: time of the last BATCH scale-up.
     ``last_interactive_mixed``: INTERACTIVE + MIXED instances the previous decision wanted (before the delay).
     ``admit_rate``: per instance, (time, interactive admissions/s) when it last admitted with a queue standing.
+    ``prompt_tokens``: (time, P̄ smoothed over ``prompt_window_s``) at the last decision that saw prompts.
     """
 
     history: Mapping[str, tuple[tuple[float, int], ...]] = field(default_factory=lambda: {r: () for r in ROLES})
@@ -220,6 +228,7 @@ class PolicyState:
     last_batch_up_s: float = -math.inf
     last_interactive_mixed: int = 0
     admit_rate: Mapping[str, tuple[float, float]] = field(default_factory=dict)
+    prompt_tokens: tuple[float, float] = (-math.inf, math.nan)  # (time [s], smoothed P̄ [tokens])
 
 
 @dataclass(frozen=True)
@@ -236,6 +245,7 @@ class EngineLoad:
     has_stats: bool = True  # False when the stats call failed: the instance is counted without load
     batch_requests: int = 0  # of running + waiting, batch requests leased from the queue (MIXED instances)
     batch_finished_total: int = 0
+    prompt_tokens_mean: float = 0.0  # mean prompt of the interactive requests it accepted lately [tokens], 0: none
 
 
 @dataclass(frozen=True)
@@ -257,7 +267,8 @@ def engine_load(instance_id: str, role: str, stats: EngineStatsView | None) -> E
         return EngineLoad(instance_id, role, has_stats=False)
     return EngineLoad(instance_id, role, stats.max_batch_size, stats.num_running, stats.num_waiting,
                       stats.finished_requests_total, batch_requests=stats.num_batch_requests,
-                      batch_finished_total=stats.batch_finished_total)
+                      batch_finished_total=stats.batch_finished_total,
+                      prompt_tokens_mean=stats.interactive_prompt_tokens_mean)
 
 
 def group_view(group_id: str, queued: int, wait_p95_s: float, deadline_s: float, leased: int) -> GroupView:
@@ -328,7 +339,7 @@ def observe(now: float, loads: Sequence[EngineLoad], samples: dict[str, LoadSamp
     interactive requests stood there at both samples (then it admitted as fast as it could) and it admitted at
     least ``INTERACTIVE_QUEUE`` of them meanwhile: a count of one or two in an interval is noise, not a rate.
     """
-    instances, inflight, rate = [], 0.0, 0.0
+    instances, inflight, rate, prompts = [], 0.0, 0.0, []
     for s in loads:
         if not s.has_stats:
             instances.append(InstanceView(s.instance_id, s.role))
@@ -340,6 +351,8 @@ def observe(now: float, loads: Sequence[EngineLoad], samples: dict[str, LoadSamp
         admit = math.nan
         if s.role in ("interactive", "mixed"):
             inflight += busy
+            if s.prompt_tokens_mean > 0:
+                prompts.append(s.prompt_tokens_mean)
             prev = samples.get(s.instance_id)
             if prev is not None and now > prev.time_s:
                 done = max(0, finished - prev.finished)
@@ -351,7 +364,8 @@ def observe(now: float, loads: Sequence[EngineLoad], samples: dict[str, LoadSamp
         instances.append(InstanceView(s.instance_id, s.role, s.max_batch_size, s.num_running, s.num_waiting,
                                       interactive_running=running, interactive_waiting=waiting,
                                       admit_rate_per_s=admit))
-    return ScalerInputs(now, instances, ArrivalStats(rate, arrival_cv, inflight), tuple(groups))
+    p_mean = sum(prompts) / len(prompts) if prompts else math.nan
+    return ScalerInputs(now, instances, ArrivalStats(rate, arrival_cv, inflight, p_mean), tuple(groups))
 
 
 def overprovisioning_theta(cfg: PolicyConfig, arrivals: ArrivalStats) -> float:
@@ -395,6 +409,27 @@ class BatchNeed:
     need: float = math.nan
 
 
+def smooth_prompt(cfg: PolicyConfig, last: tuple[float, float], now: float, seen: float) -> tuple[float, float]:
+    """The (time, P̄) to carry: an EWMA of the engines' mean prompts with time constant ``prompt_window_s`` (one
+    10-s engine window of a few requests is noisy, and the delay window keeps the largest count it causes)."""
+    if not (seen > 0 and math.isfinite(seen)):
+        return last
+    t, p = last
+    if not math.isfinite(p):
+        return now, seen
+    w = 1.0 - math.exp(-max(0.0, now - t) / cfg.prompt_window_s)
+    return now, p + w * (seen - p)
+
+
+def ttft_concurrency(cfg: PolicyConfig, arrivals: ArrivalStats) -> float:
+    """The TTFT bound on C [requests per instance] (module docstring): ``ttft_burst_factor`` ×
+    ``prefill_tokens_per_s`` × TTFT SLO / P̄; infinite while no prompt has been seen."""
+    p = arrivals.prompt_tokens_mean
+    if not (p > 0 and math.isfinite(p)):
+        return math.inf
+    return cfg.ttft_burst_factor * cfg.prefill_tokens_per_s * cfg.interactive_ttft_slo_s / p
+
+
 def instance_capacity(cfg: PolicyConfig, state: PolicyState, inp: ScalerInputs) -> InstanceCapacity:
     """C and μ̄ over INTERACTIVE and MIXED instances (module docstring, "Instance concurrency"). Pure."""
     now = inp.now
@@ -417,7 +452,10 @@ def instance_capacity(cfg: PolicyConfig, state: PolicyState, inp: ScalerInputs) 
         if rate_known:
             # With a rate measured, the queue is the rate term's business (λ / μ); with none yet, it counts in D.
             left_out += queued
-        if queue_binds(i.num_running, i.num_waiting, i.max_batch_size) and not drains:
+        # A bound only when the queue stood through an interval (its admission rate is measured now): a queue behind
+        # one long prefill is gone by the next sample, and the TTFT bound sizes for prefills.
+        stood = math.isfinite(i.admit_rate_per_s)
+        if queue_binds(i.num_running, i.num_waiting, i.max_batch_size) and not drains and stood:
             saturated[i.instance_id] = (now, i.num_running, i.max_batch_size)
         seen = saturated.get(i.instance_id)
         # A count seen under a cap less than half the current one says nothing of what the instance holds now.
@@ -425,7 +463,7 @@ def instance_capacity(cfg: PolicyConfig, state: PolicyState, inp: ScalerInputs) 
         caps.append(min(i.max_batch_size, seen[1]) if fresh else i.max_batch_size)
     saturated = {k: v for k, v in saturated.items() if k in live}
     admit_rates = {k: v for k, v in admit_rates.items() if k in live}
-    conc = sum(caps) / len(caps) if caps else cfg.default_instance_concurrency
+    conc = min(sum(caps) / len(caps) if caps else cfg.default_instance_concurrency, ttft_concurrency(cfg, inp.arrivals))
     rates = [r for t, r in admit_rates.values() if now - t <= cfg.concurrency_memory_s and r > 0]
     mu = sum(rates) / len(rates) if rates else math.nan
     return InstanceCapacity(conc, mu, left_out, saturated, admit_rates)
@@ -567,6 +605,8 @@ def gpu_budget_cuts(cfg: PolicyConfig, desired: Mapping[str, int]) -> dict[str, 
 def decide(cfg: PolicyConfig, state: PolicyState, inp: ScalerInputs) -> tuple[PolicyState, ScalerDecision]:
     """One scaling decision, O(instances + groups): the next state (``state`` is not changed) and the decision."""
     now = inp.now
+    prompt = smooth_prompt(cfg, state.prompt_tokens, now, inp.arrivals.prompt_tokens_mean)
+    inp = replace(inp, arrivals=replace(inp.arrivals, prompt_tokens_mean=prompt[1]))
     current = {r: sum(1 for i in inp.instances if i.role == r) for r in ROLES}
     cap = instance_capacity(cfg, state, inp)
     # Interactive: N = max(D / C, λ / μ̄); whole instances INTERACTIVE, the rest plus Θ·N MIXED.
@@ -579,6 +619,7 @@ def decide(cfg: PolicyConfig, state: PolicyState, inp: ScalerInputs) -> tuple[Po
     wanted = {"interactive": want_i, "mixed": max(0.0, need * (1 + theta) - want_i), "batch": batch.wanted}
     reasons = {
         "interactive": (f"demand {demand:.1f} running requests / {cap.concurrency:.1f} per instance"
+                        + (" (the TTFT bound)" if cap.concurrency >= ttft_concurrency(cfg, inp.arrivals) else "")
                         + (f"; arrivals {inp.arrivals.rate_per_s:.2f}/s / {cap.admit_rate:.2f}/s admitted per "
                            f"instance" if math.isfinite(cap.admit_rate) else "")),
         "mixed": (f"headroom Θ={theta:.2f} (λ={inp.arrivals.rate_per_s:.2f}/s, CV={inp.arrivals.cv:.2f}, "
@@ -613,10 +654,11 @@ def decide(cfg: PolicyConfig, state: PolicyState, inp: ScalerInputs) -> tuple[Po
         "demand_requests": demand, "instance_concurrency": cap.concurrency,
         "arrival_rate_per_s": inp.arrivals.rate_per_s, "admit_rate_per_instance": cap.admit_rate,
         "interactive_need_instances": need, "arrival_cv": inp.arrivals.cv,
+        "prompt_tokens_mean": inp.arrivals.prompt_tokens_mean, "ttft_concurrency": ttft_concurrency(cfg, inp.arrivals),
         "batch_capacity_instances": batch.capacity, "mixed_lend_instances": batch.lend,
         "queued_requests": float(batch.queued), "in_service_requests": float(batch.in_service),
         "groups": float(len(inp.groups)), "worst_group_ratio": batch.ratio})
-    nxt = PolicyState(history, cap.saturated, last_up, both, cap.admit_rates)
+    nxt = PolicyState(history, cap.saturated, last_up, both, cap.admit_rates, prompt)
     return nxt, decision
 
 

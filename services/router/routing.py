@@ -8,9 +8,11 @@ is batch; a request with no SLO at all is interactive with the default SLOs.
 **Choice**: among the instances serving the model with room (``max_batch_size`` minus running, waiting and the
 requests this router sent since their last stats; none while a queue of interactive requests waits there at
 least a quarter of its running ones, since then its KV cache or token budget binds before its cap; on a MIXED
-instance its batch requests count as room, because it evicts them), in this order, the most room wins within a
-tier: INTERACTIVE ones where no queue of interactive requests (≥ 4) waits; MIXED ones without a queue and
-without batch work; INTERACTIVE ones; MIXED ones. Concentrating load on INTERACTIVE instances leaves MIXED ones
+instance its batch requests count as room, because it evicts them), in this order of tiers: INTERACTIVE ones
+where no queue of interactive requests (≥ 4) waits; MIXED ones without a queue and without batch work;
+INTERACTIVE ones; MIXED ones. Within a tier the fewest interactive requests waiting (and sent since the last
+stats) win, then the most room: a request behind others' prompts waits for their prefills, whatever the cap
+(``docs/decisions/0027``). Concentrating load on INTERACTIVE instances leaves MIXED ones
 idle to lend to batch work, but a request that would queue at an INTERACTIVE instance starts at once on a MIXED
 one that lends nothing (measured: ``docs/decisions/0023``). **Admission**: an
 instance is eligible only if its projected TTFT fits the request's TTFT SLO: ``ttft_p50 × (1 + queued /
@@ -121,6 +123,7 @@ class EngineStatsView:
     num_batch_requests: int = 0  # batch requests leased from the queue among running + waiting
     batch_finished_total: int = 0
     ttft_p50_ms: float = 0.0
+    interactive_prompt_tokens_mean: float = 0.0  # tokens, 0 when none (the scaler's TTFT bound reads it)
 
 
 @dataclass(frozen=True)
@@ -140,7 +143,8 @@ class InstanceLoad:
     batch_requests: int = 0  # batch requests a MIXED instance serves (evictable for interactive work)
 
     @property
-    def _interactive_waiting(self) -> int:
+    def interactive_waiting(self) -> int:
+        """Interactive requests waiting there at its last stats (a MIXED instance's batch requests excluded)."""
         return max(0, self.num_waiting - (self.batch_requests if self.role == "mixed" else 0))
 
     @property
@@ -156,15 +160,15 @@ class InstanceLoad:
     def queued(self) -> bool:
         """A queue of interactive requests (at least :data:`INTERACTIVE_QUEUE`) waits here: a new one would wait
         behind them."""
-        return self._interactive_waiting >= INTERACTIVE_QUEUE
+        return self.interactive_waiting >= INTERACTIVE_QUEUE
 
     @property
     def _bound(self) -> bool:
         # Interactive requests queue below the cap.
-        return queue_binds(self.num_running, self._interactive_waiting, self.max_batch_size)
+        return queue_binds(self.num_running, self.interactive_waiting, self.max_batch_size)
 
     def projected_ttft_ms(self) -> float:
-        waiting = self._interactive_waiting + self.pending
+        waiting = self.interactive_waiting + self.pending
         if self._bound:  # not admitting: everything waiting is ahead
             queued = waiting
         else:
@@ -196,7 +200,7 @@ def choose_instance(instances: Iterable[InstanceLoad], model: str, ttft_slo_ms: 
     for tier in tiers:
         cands = [i for i in with_room if tier(i)]
         if cands:
-            return max(cands, key=lambda i: (i.room, i.instance_id))
+            return max(cands, key=lambda i: (-(i.interactive_waiting + i.pending), i.room, i.instance_id))
     if eligible:  # no room anywhere but the projected TTFT still fits: the least loaded one queues it
         return min(eligible, key=lambda i: (i.projected_ttft_ms(), -i.room, i.instance_id))
     best = min(serving, key=lambda i: i.projected_ttft_ms())
