@@ -107,6 +107,7 @@ async def test_stats_and_watch(agent):
     assert stats.instance_id == "test-engine" and stats.backend == "simulated" and stats.model == "llama-3-8b"
     assert stats.max_batch_size == 64
     assert stats.generated_tokens_total == 30 and stats.finished_requests_total == 1
+    assert stats.interactive_prompt_tokens_mean == 128  # the one interactive prompt of the window (the scaler's P̄)
     assert stats.itl_p50_ms > 0 and stats.itl_p95_ms >= stats.itl_p50_ms
     assert 350_000 < stats.kv_cache_capacity_tokens < 450_000
     stream = stub.WatchStats(engine_pb2.WatchStatsRequest(interval_ms=50))

@@ -274,6 +274,22 @@ def test_a_request_that_would_queue_goes_to_a_mixed_instance_that_lends_nothing(
     assert choose_instance([busy_lending], MODEL, 10_000).instance_id == "m"
 
 
+def test_within_a_tier_the_fewest_waiting_requests_win_over_the_most_room():
+    # Two INTERACTIVE instances without a queue (fewer than 4 waiting): one with a cap of 400 and 3 prompts waiting
+    # for their prefills, one with a cap of 64 and none. The new request starts at once on the second, where the
+    # most-room rule would put it behind three prefills on the first.
+    big = InstanceLoad("big", "interactive", "x", MODEL, 400, 30, 3)
+    small = InstanceLoad("small", "interactive", "y", MODEL, 64, 30, 0)
+    assert big.room > small.room and not big.queued
+    assert choose_instance([big, small], MODEL, 2_000).instance_id == "small"
+    # Requests this router sent since the last stats count as waiting: four sent to "small" make it the busier one.
+    sent = InstanceLoad("small", "interactive", "y", MODEL, 64, 30, 0, pending=4)
+    assert choose_instance([big, sent], MODEL, 2_000).instance_id == "big"
+    # Equal queues: the most room wins, as before.
+    assert choose_instance([InstanceLoad("big", "interactive", "x", MODEL, 400, 30, 0), small], MODEL,
+                           2_000).instance_id == "big"
+
+
 async def test_an_instance_that_registered_after_the_last_stats_refresh_is_used_at_once(tmp_path):
     """Start-up race: the cluster reports an instance serving (etcd) before the router's next stats refresh; the
     first request must not be refused for want of stats."""

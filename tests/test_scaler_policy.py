@@ -28,6 +28,8 @@ from services.global_scaler.policy import (
     measured_arrival_cv,
     observe,
     overprovisioning_theta,
+    smooth_prompt,
+    ttft_concurrency,
     with_limits,
 )
 from services.router.routing import EngineStatsView
@@ -194,6 +196,53 @@ def test_a_saturated_count_is_forgotten_once_the_cap_grows():
     st, d = decide(CFG, st, ScalerInputs(10.0, [InstanceView("i0", "mixed", max_batch_size=400, num_running=30)],
                                           ArrivalStats(1.0, 1.0, 20.0)))
     assert d.inputs["instance_concurrency"] == 400
+
+
+def test_the_ttft_bound_caps_what_an_instance_is_sized_for():
+    # Chat SLO (T = 2 s), prompts of 1,000 tokens, 10,000 prompt tokens/s: an instance prefills 20 requests in one
+    # TTFT SLO; with the burst factor 2 it is sized for 40, whatever its cap of 400 (the mean-ITL cap).
+    cfg = dataclasses.replace(CFG, interactive_ttft_slo_s=2.0)
+    arrivals = ArrivalStats(5.0, 1.0, inflight=200.0, prompt_tokens_mean=1000.0)
+    assert ttft_concurrency(cfg, arrivals) == pytest.approx(2 * 10_000 * 2.0 / 1000)
+    _, d = decide(cfg, PolicyState(), ScalerInputs(0.0, fleet(2, cap=400), arrivals))
+    assert d.inputs["instance_concurrency"] == pytest.approx(40.0) and d.inputs["demand_requests"] == 200
+    assert d.inputs["interactive_need_instances"] == pytest.approx(5.0) and "TTFT bound" in d.roles["interactive"].reason
+    # Prompts twice as long halve it; at the standard 10-s TTFT SLO the cap binds first.
+    longer = dataclasses.replace(arrivals, prompt_tokens_mean=2000.0)
+    _, d = decide(cfg, PolicyState(), ScalerInputs(0.0, fleet(2, cap=400), longer))
+    assert d.inputs["instance_concurrency"] == pytest.approx(20.0)
+    _, d = decide(dataclasses.replace(cfg, interactive_ttft_slo_s=10.0), PolicyState(),
+                  ScalerInputs(0.0, fleet(2, cap=150), arrivals))
+    assert d.inputs["instance_concurrency"] == 150 and "TTFT bound" not in d.roles["interactive"].reason
+    # No prompt seen yet: no bound.
+    assert ttft_concurrency(cfg, ArrivalStats(5.0, 1.0, 200.0)) == math.inf
+
+
+def test_the_mean_prompt_is_smoothed_over_the_prompt_window():
+    cfg = dataclasses.replace(CFG, prompt_window_s=300.0)
+    last = smooth_prompt(cfg, (-math.inf, math.nan), 0.0, 1000.0)
+    assert last == (0.0, 1000.0)  # the first one seen is taken as it is
+    # 5 s later a 10-s engine window of a few long prompts reads 3,000: the estimate moves 1/60 of the way.
+    t, p = smooth_prompt(cfg, last, 5.0, 3000.0)
+    assert t == 5.0 and p == pytest.approx(1000.0 + (1 - math.exp(-5 / 300)) * 2000.0)
+    # Nothing seen (no interactive request anywhere): the last estimate stands.
+    assert smooth_prompt(cfg, (t, p), 10.0, math.nan) == (t, p)
+    # decide() carries it in the state and reports it.
+    st, d = decide(cfg, PolicyState(), ScalerInputs(0.0, fleet(1), ArrivalStats(1.0, 1.0, 1.0, 1000.0)))
+    st, d = decide(cfg, st, ScalerInputs(5.0, fleet(1), ArrivalStats(1.0, 1.0, 1.0, 3000.0)))
+    assert st.prompt_tokens == (5.0, pytest.approx(p)) and d.inputs["prompt_tokens_mean"] == pytest.approx(p)
+
+
+def test_observe_takes_the_mean_prompt_over_interactive_and_mixed_instances():
+    loads = [EngineLoad("i0", "interactive", 64, 4, 0, prompt_tokens_mean=1000.0),
+             EngineLoad("m0", "mixed", 64, 4, 0, prompt_tokens_mean=3000.0),
+             EngineLoad("i1", "interactive", 64, 0, 0),  # saw no interactive request lately
+             EngineLoad("b0", "batch", 256, 100, 0, prompt_tokens_mean=9000.0)]
+    assert observe(0.0, loads, {}, 1.0).arrivals.prompt_tokens_mean == pytest.approx(2000.0)
+    assert math.isnan(observe(0.0, loads[2:], {}, 1.0).arrivals.prompt_tokens_mean)
+    # The engine stats field reaches the scaler's view.
+    stats = EngineStatsView(max_batch_size=64, num_running=4, interactive_prompt_tokens_mean=1234.0)
+    assert engine_load("i0", "interactive", stats).prompt_tokens_mean == 1234.0
 
 
 def test_idle_mixed_capacity_is_lent_to_batch_work():

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from services.engine.stats import LatencyWindow, RateWindow, weighted_quantile
+from services.engine.stats import LatencyWindow, RateWindow, weighted_quantile, weighted_statistic
 
 # ---- weighted_quantile --------------------------------------------------------------------------
 
@@ -95,6 +95,21 @@ def test_latency_window_since_and_counts():
 
 
 # ---- RateWindow -------------------------------------------------------------------------------
+
+
+def test_the_mean_itl_weights_each_iteration_by_its_tokens():
+    # 9 iterations of 20 ms for 40 decodes each, one of 60 ms (a prefill chunk) for 40: every request's mean ITL
+    # over the interval is 24 ms, while the p99 token ITL is the chunk's 60 ms.
+    w = LatencyWindow(10.0)
+    for k in range(9):
+        w.add(k * 0.02, 20.0, 40)
+    w.add(0.2, 60.0, 40)
+    assert w.statistic(None, 0.2) == pytest.approx(24.0)
+    assert w.statistic(0.99, 0.2) == w.quantile(0.99, 0.2) == 60.0
+    assert w.statistic(None, 0.2, since_s=0.2) == 60.0  # only the last iteration
+    assert math.isnan(LatencyWindow(1.0).statistic(None, 5.0))
+    assert weighted_statistic(np.array([10.0, 30.0]), np.array([3.0, 1.0]), None) == pytest.approx(15.0)
+    assert math.isnan(weighted_statistic(np.array([10.0]), np.array([0.0]), None))
 
 
 def test_rate_window_empty_is_zero():
