@@ -55,25 +55,18 @@ class LatencyWindow:
 
     def quantile(self, q: float, now: float, since_s: float | None = None) -> float:
         """Quantile of the samples newer than ``since_s`` (default: the whole horizon). NaN if none."""
-        self._trim(now)
-        start = now - self.horizon_s if since_s is None else since_s
-        sel = [(lat, c) for t, lat, c in self._samples if t >= start]
-        if not sel:
-            return math.nan
-        arr = np.array(sel, dtype=float)
-        return weighted_quantile(arr[:, 0], arr[:, 1], q)
+        return self.statistic(q, now, since_s)
 
     def statistic(self, q: float | None, now: float, since_s: float | None = None) -> float:
-        """Like :meth:`quantile`, but the count-weighted mean when ``q`` is None (:func:`weighted_statistic`)."""
-        if q is not None:
-            return self.quantile(q, now, since_s)
+        """:func:`weighted_statistic` of the samples newer than ``since_s`` (default: the whole horizon): their
+        count-weighted mean when ``q`` is None, else their quantile ``q``. NaN if none."""
         self._trim(now)
         start = now - self.horizon_s if since_s is None else since_s
         sel = [(lat, c) for t, lat, c in self._samples if t >= start]
         if not sel:
             return math.nan
         arr = np.array(sel, dtype=float)
-        return weighted_statistic(arr[:, 0], arr[:, 1], None)
+        return weighted_statistic(arr[:, 0], arr[:, 1], q)
 
     def count(self, now: float, since_s: float | None = None) -> int:
         self._trim(now)
