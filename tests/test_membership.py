@@ -297,3 +297,23 @@ async def test_recovery_from_an_etcd_that_lost_its_data(etcd: EtcdServer, prefix
         await eventually(lambda: _true(watcher.healthy), timeout_s=5)
         await reg.close()
         await watcher.wait_for(lambda m: not m, timeout_s=5)
+
+
+async def test_closing_an_etcd_client_that_ignores_cancellation_is_bounded():
+    """``_close_quietly`` gives up after its timeout even when the client's close ignores cancellation (a
+    ``wait_for`` there waits for the cancelled close without bound, and a watcher's ``stop()`` with it)."""
+    from services.common.membership import _close_quietly
+
+    release = asyncio.Event()
+
+    class StuckClient:
+        async def close(self) -> None:
+            while not release.is_set():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await release.wait()
+
+    t0 = time.monotonic()
+    await asyncio.wait_for(_close_quietly(StuckClient(), timeout_s=0.2), 5.0)
+    assert time.monotonic() - t0 < 2.0
+    release.set()  # let the background close finish before the loop ends
+    await asyncio.sleep(0)
