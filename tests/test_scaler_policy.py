@@ -65,9 +65,40 @@ def test_interactive_demand_and_mixed_headroom():
     assert d.desired("mixed") == math.ceil(200 * (1 + theta) / 50) - 4
     assert d.desired("batch") == 0 and d.batch_backpressure == -1.0
     assert "demand 200.0" in d.roles["interactive"].reason and "Θ=" in d.roles["mixed"].reason
-    # The per-instance concurrency is what the local autoscalers settled on, not the default.
+    # The per-instance concurrency is what the local autoscalers settled on, not the default (the fleet of 4 it
+    # found is held through the first delay window, then 2 apply).
     _, d2 = decide(CFG, PolicyState(), ScalerInputs(0.0, fleet(4, cap=100), arrivals))
-    assert d2.desired("interactive") == 2
+    assert d2.roles["interactive"].wanted == 2 and d2.desired("interactive") == 4
+
+
+def test_a_scaler_that_just_started_holds_the_fleet_it_found_for_one_window():
+    # A new leader (or a restarted scaler) has no history: what it finds counts as the window's first count,
+    # so a quiet first interval does not tear down the fleet before one window of observations.
+    quiet = ArrivalStats(1.0, 1.0, inflight=10.0)
+    st, d = decide(CFG, PolicyState(), ScalerInputs(0.0, fleet(6), quiet))
+    assert d.desired("interactive") == 6 and "delay window" in d.roles["interactive"].reason
+    st, d = decide(CFG, st, ScalerInputs(CFG.delay_s - 1, fleet(6), quiet))
+    assert d.desired("interactive") == 6
+    st, d = decide(CFG, st, ScalerInputs(CFG.delay_s + 1, fleet(6), quiet))
+    assert d.desired("interactive") == CFG.limit("interactive").min_instances == 1
+    # Growth is never held back.
+    _, d = decide(CFG, PolicyState(), ScalerInputs(0.0, fleet(1), ArrivalStats(1.0, 1.0, inflight=400.0)))
+    assert d.desired("interactive") == 8
+
+
+def test_the_fraction_goes_to_mixed_instances_only_when_one_holds_it():
+    # Nine INTERACTIVE instances at 50 and a MIXED one at 50: C = 50, N = 115 / 50 = 2.3, and the 0.3 × 50 = 15
+    # requests fit the MIXED instance: 2 INTERACTIVE. With the MIXED cap at 10 (batch prefills keep it small),
+    # C = 46, N = 2.5, and 23 requests would queue there: 3 INTERACTIVE.
+    arrivals = ArrivalStats(10.0, 1.0, inflight=115.0)
+    _, d = decide(CFG, PolicyState(), ScalerInputs(0.0, [*fleet(9), InstanceView("m0", "mixed", 50)], arrivals))
+    assert d.roles["interactive"].wanted == 2
+    small = [*fleet(9), InstanceView("m0", "mixed", 10)]
+    _, d = decide(CFG, PolicyState(), ScalerInputs(0.0, small, arrivals))
+    assert d.inputs["instance_concurrency"] == 46 and d.roles["interactive"].wanted == 3
+    # A whole number of instances' worth (138 / 46 = 3) leaves nothing to the MIXED instance.
+    _, d = decide(CFG, PolicyState(), ScalerInputs(0.0, small, ArrivalStats(10.0, 1.0, inflight=138.0)))
+    assert d.roles["interactive"].wanted == 3
 
 
 def test_batch_backpressure_adds_capacity_in_proportion():

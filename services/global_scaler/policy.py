@@ -1,32 +1,32 @@
 """Chiron's global scaling policy: desired INTERACTIVE, MIXED and BATCH instances. Pure and clock-injected.
 
 :func:`decide` maps observed instances, arrivals and queue groups plus a :class:`PolicyState` to a new state and
-desired counts per role with reasons; the ``chiron scaler`` service and the fleet simulator both run it. Shape from
-the paper (arXiv 2501.08090; ``../shared/notes/paper.md`` §0b, §3.4), formulas Chiron's (``docs/decisions/0020``+).
+desired counts per role with reasons (run by ``chiron scaler`` and the simulator). Shape from the paper (arXiv
+2501.08090; ``../shared/notes/paper.md`` §0b, §3.4), formulas Chiron's (``docs/decisions/0020``+).
 
 **Interactive need** ``N = max(D / C, λ / μ̄)`` instances. ``D``: interactive requests running at INTERACTIVE
-and MIXED instances (a queue counts only until the instance has a measured admission rate). ``μ̄``: mean
-admission rate of instances where a queue stood through an interval. ``C``: the mean of what each instance
-holds, its max batch size or its running count when a queue last stood below that cap through an interval and
-outlasted the TTFT SLO (remembered ``concurrency_memory_s`` while the cap stays within 2×), at most
-``ttft_burst_factor · R_p · T / P̄`` (R_p: prompt tokens/s an instance prefills, T: the TTFT SLO, P̄: the mean
-interactive prompt): the requests it is sized for, arriving together, are prefilled within about 2 T.
+and MIXED instances (a queue counts until the instance has a measured admission rate). ``μ̄``: mean admission
+rate of instances where a queue stood through an interval. ``C``: the mean of what each instance holds, its max
+batch size or its running count when a queue last stood below that cap through an interval and outlasted the
+TTFT SLO (remembered ``concurrency_memory_s`` while the cap stays within 2×), at most ``ttft_burst_factor · R_p ·
+T / P̄`` (R_p: prompt tokens/s an instance prefills, T: TTFT SLO, P̄: mean interactive prompt; ~2 T to prefill).
 
 **Headroom Θ.** Arrivals over one model-load time ``L`` ~ Normal(λL, λL·CV²), so the ``theta_quantile`` fits
 with ``Θ = z_q · CV / sqrt(λL)``, clamped to ``[theta_min, theta_max]``. ``n_I = floor(N)``, ``n_M =
-ceil(N·(1+Θ)) − n_I``: the fractional part goes to MIXED instances, whose idle capacity is lent to batch work
-(λ = 10/s, CV = 1, L = 60 s, p99: Θ = 2.33 / sqrt(600) ≈ 0.095 → theta_min 0.1; N = 4.5 → 4 I + 1 M).
+ceil(N·(1+Θ)) − n_I``: MIXED instances take the fractional part and lend their idle capacity to batch work
+(λ = 10/s, CV = 1, L = 60 s, p99: Θ = 2.33 / sqrt(600) ≈ 0.095 → theta_min 0.1; N = 4.5 → 4 I + 1 M), unless
+its ``(N − n_I)·C`` requests exceed the largest MIXED cap (batch prefills keep it small): then ``n_I = ceil(N)``.
 
 **Batch backpressure.** ``B`` = BATCH instances + what MIXED ones lend (each its idle share, at most its batch
 requests over a busy BATCH instance's). A group's wait scales as ``1 / B``, so ``BBP = max_g(wait_p95 /
 time_left) − 1`` and the groups need ``B·(1 + BBP)·(1 + batch_margin)``; a group past its deadline counts
-``max_ratio``, one whose wait is under ``L`` at most 1. Empty queue: no BATCH instance; leased work only:
-hold. Scale-up is paced (the queue's measured capacity lags new instances): none while BATCH instances start
-or within ``batch_settle_s`` of serving, else at most max(2×, +4) per step (Kubernetes HPA's default).
+``max_ratio``, one whose wait is under ``L`` at most 1. Empty queue: no BATCH instance; leased work only: hold.
+Scale-up is paced (the queue's capacity lags new instances): none while BATCH instances start or within
+``batch_settle_s`` of serving, else at most max(2×, +4) per step (Kubernetes HPA's default).
 
 **Stability and limits.** Per-role min/max apply; a count below the current one (serving + starting) applies only
-after :attr:`PolicyConfig.delay_s` (default 2 × ``L``; the window's largest count is used); a growing role first
-uses instances of the other interactive role that window holds. GPU budget: cut BATCH, MIXED, INTERACTIVE.
+after :attr:`PolicyConfig.delay_s` (default 2 × ``L``; the window's largest count, at first the fleet found);
+a growing role first uses what the other interactive role's window holds. GPU budget: cut BATCH, MIXED, INTERACTIVE.
 """
 
 from __future__ import annotations
@@ -553,11 +553,15 @@ def pace_batch(cfg: PolicyConfig, last_up_s: float, now: float, want: int, have:
 def delay_window(cfg: PolicyConfig, history: Mapping[str, tuple[tuple[float, int], ...]], now: float,
                  raw: Mapping[str, int], have: Mapping[str, int]
                  ) -> tuple[dict[str, tuple[tuple[float, int], ...]], dict[str, int], set[str]]:
-    """The scale-down delay: a role below ``have`` gets the largest raw count of the last ``cfg.delay_s``.
-    Returns the new history, the desired counts, and the roles the window held."""
+    """The scale-down delay: a role below ``have`` gets the largest raw count of the last ``cfg.delay_s``; with
+    no history for a role, ``have`` is that largest count. Returns the new history, the desired counts, and the
+    roles the window held."""
     new_history, desired, held_roles = {}, {}, set()
     for role in ROLES:
-        h = (*history.get(role, ()), (now, raw[role]))
+        # No history yet (a scaler just started, or a new leader took over): the fleet it found is the window's
+        # first count, so it is not torn down before one window of observations.
+        seen = history.get(role) or ((now, have[role]),)
+        h = (*seen, (now, raw[role]))
         first = next(k for k, (t, _) in enumerate(h) if t >= now - cfg.delay_s)
         h = h[first:]
         new_history[role] = h
@@ -602,6 +606,13 @@ def gpu_budget_cuts(cfg: PolicyConfig, desired: Mapping[str, int]) -> dict[str, 
     return cuts
 
 
+def mixed_hold(instances: Sequence[InstanceView]) -> float:
+    """Interactive requests one MIXED instance holds: the largest MIXED max batch size [requests] (its batch
+    requests are evicted for them, so the whole cap counts); infinite while no MIXED instance reports one."""
+    caps = [i.max_batch_size for i in instances if i.role == "mixed" and i.max_batch_size > 0]
+    return float(max(caps)) if caps else math.inf
+
+
 def decide(cfg: PolicyConfig, state: PolicyState, inp: ScalerInputs) -> tuple[PolicyState, ScalerDecision]:
     """One scaling decision, O(instances + groups): the next state (``state`` is not changed) and the decision."""
     now = inp.now
@@ -615,6 +626,9 @@ def decide(cfg: PolicyConfig, state: PolicyState, inp: ScalerInputs) -> tuple[Po
     by_rate = inp.arrivals.rate_per_s / cap.admit_rate if math.isfinite(cap.admit_rate) else 0.0
     need = max(demand / cap.concurrency, by_rate)
     want_i = float(math.floor(need + 1e-9))
+    rest = (need - want_i) * cap.concurrency  # requests left to the MIXED instances [requests]
+    if rest > mixed_hold(inp.instances):
+        want_i = float(math.ceil(need - 1e-9))
     batch = batch_need(cfg, inp, current["batch"])
     wanted = {"interactive": want_i, "mixed": max(0.0, need * (1 + theta) - want_i), "batch": batch.wanted}
     reasons = {
