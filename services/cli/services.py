@@ -140,6 +140,7 @@ async def _run_engine(s, vllm_cfg, e_cfg, agent_cfg, host, port, port_file, etcd
         banner=lambda m: (f"engine agent [bold]{agent.config.instance_id}[/] ({s.backend}, {be.model_name}, {s.role}) "
                           f"serving on {host}:{srv.port}" + (f", registered in etcd {etcd}" if reg else "") + m))
     console.print("draining…")
+    srv.agent.draining = True  # refuse new work before membership says so: "draining" means none is taken
     if reg is not None:
         await reg.update(state="draining")  # routers stop sending; in-flight requests finish below
     await srv.stop(grace_s=30.0)

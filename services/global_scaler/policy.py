@@ -560,7 +560,7 @@ def delay_window(cfg: PolicyConfig, history: Mapping[str, tuple[tuple[float, int
     for role in ROLES:
         # No history yet (a scaler just started, or a new leader took over): the fleet it found is the window's
         # first count, so it is not torn down before one window of observations.
-        seen = history.get(role) or ((now, have[role]),)
+        seen = history.get(role) or (((now, have[role]),) if cfg.delay_s > 0 else ())
         h = (*seen, (now, raw[role]))
         first = next(k for k, (t, _) in enumerate(h) if t >= now - cfg.delay_s)
         h = h[first:]
