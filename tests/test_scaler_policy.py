@@ -86,6 +86,22 @@ def test_a_scaler_that_just_started_holds_the_fleet_it_found_for_one_window():
     assert d.desired("interactive") == 8
 
 
+def test_headroom_outlasts_a_burst_for_the_arrival_window():
+    # A burst needs 6 instances, then nothing arrives. Θ·N alone would keep no headroom once the delay window
+    # passes; the window's mean need and rate (N̄ = 6/21, λ̄ = 10/21 per s, CV 3) keep one MIXED instance up for
+    # the next burst until the burst leaves the 300-s window.
+    st, d = decide(CFG, PolicyState(), ScalerInputs(0.0, fleet(6), ArrivalStats(10.0, 3.0, inflight=300.0)))
+    assert d.desired("interactive") == 6
+    quiet = ArrivalStats(0.0, 3.0, inflight=0.0)
+    for t in range(5, 105, 5):
+        st, d = decide(CFG, st, ScalerInputs(float(t), fleet(1, mixed=1), quiet))
+    assert d.desired("mixed") == 1 and "kept from the last 300 s" in d.roles["mixed"].reason
+    assert d.roles["mixed"].wanted == pytest.approx(6 / 21 * overprovisioning_theta(CFG, ArrivalStats(10 / 21, 3.0)))
+    for t in range(105, 405, 5):
+        st, d = decide(CFG, st, ScalerInputs(float(t), fleet(1, mixed=1), quiet))
+    assert d.desired("mixed") == 0
+
+
 def test_the_fraction_goes_to_mixed_instances_only_when_one_holds_it():
     # Nine INTERACTIVE instances at 50 and a MIXED one at 50: C = 50, N = 115 / 50 = 2.3, and the 0.3 × 50 = 15
     # requests fit the MIXED instance: 2 INTERACTIVE. With the MIXED cap at 10 (batch prefills keep it small),

@@ -12,17 +12,17 @@ TTFT SLO (remembered ``concurrency_memory_s`` while the cap stays within 2×), a
 T / P̄`` (R_p: prompt tokens/s an instance prefills, T: TTFT SLO, P̄: mean interactive prompt; ~2 T to prefill).
 
 **Headroom Θ.** Arrivals over one model-load time ``L`` ~ Normal(λL, λL·CV²), so the ``theta_quantile`` fits
-with ``Θ = z_q · CV / sqrt(λL)``, clamped to ``[theta_min, theta_max]``. ``n_I = floor(N)``, ``n_M =
-ceil(N·(1+Θ)) − n_I``: MIXED instances take the fractional part and lend their idle capacity to batch work
-(λ = 10/s, CV = 1, L = 60 s, p99: Θ = 2.33 / sqrt(600) ≈ 0.095 → theta_min 0.1; N = 4.5 → 4 I + 1 M), unless
-its ``(N − n_I)·C`` requests exceed the largest MIXED cap (batch prefills keep it small): then ``n_I = ceil(N)``.
+with ``Θ = z_q · CV / sqrt(λL)``, clamped to ``[theta_min, theta_max]``; headroom ``H = max(N·Θ, N̄·Θ(λ̄))``, N̄
+and λ̄ the means of the last ``arrival_cv_window_s`` (a lull between bursts keeps what the window saw). ``n_I =
+floor(N)``, ``n_M = ceil(N + H) − n_I``: MIXED instances take the rest and lend their idle capacity to batch work
+(λ = 10/s, CV = 1, L = 60 s, p99: Θ = 2.33 / sqrt(600) ≈ 0.095 → 0.1; N = 4.5 → 4 I + 1 M), unless the
+``(N − n_I)·C`` requests exceed the largest MIXED cap (batch prefills keep it small): then ``n_I = ceil(N)``.
 
 **Batch backpressure.** ``B`` = BATCH instances + what MIXED ones lend (each its idle share, at most its batch
-requests over a busy BATCH instance's). A group's wait scales as ``1 / B``, so ``BBP = max_g(wait_p95 /
-time_left) − 1`` and the groups need ``B·(1 + BBP)·(1 + batch_margin)``; a group past its deadline counts
-``max_ratio``, one whose wait is under ``L`` at most 1. Empty queue: no BATCH instance; leased work only: hold.
-Scale-up is paced (the queue's capacity lags new instances): none while BATCH instances start or within
-``batch_settle_s`` of serving, else at most max(2×, +4) per step (Kubernetes HPA's default).
+requests over a busy BATCH instance's). A group's wait scales as ``1 / B``: ``BBP = max_g(wait_p95 / time_left)
+− 1``, the groups need ``B·(1 + BBP)·(1 + batch_margin)``; a group past its deadline counts ``max_ratio``, one
+whose wait is under ``L`` at most 1. Empty queue: no BATCH instance; leased work only: hold. Scale-up is paced:
+none while BATCH instances start or within ``batch_settle_s`` of serving, else ≤ max(2×, +4) per step (HPA's).
 
 **Stability and limits.** Per-role min/max apply; a count below the current one (serving + starting) applies only
 after :attr:`PolicyConfig.delay_s` (default 2 × ``L``; the window's largest count, at first the fleet found);
@@ -221,6 +221,7 @@ class PolicyState:
     ``last_interactive_mixed``: INTERACTIVE + MIXED instances the previous decision wanted (before the delay).
     ``admit_rate``: per instance, (time, interactive admissions/s) when it last admitted with a queue standing.
     ``prompt_tokens``: (time, P̄ smoothed over ``prompt_window_s``) at the last decision that saw prompts.
+    ``recent``: (time, interactive need N, arrival rate λ) of each decision of the last ``arrival_cv_window_s``.
     """
 
     history: Mapping[str, tuple[tuple[float, int], ...]] = field(default_factory=lambda: {r: () for r in ROLES})
@@ -229,6 +230,7 @@ class PolicyState:
     last_interactive_mixed: int = 0
     admit_rate: Mapping[str, tuple[float, float]] = field(default_factory=dict)
     prompt_tokens: tuple[float, float] = (-math.inf, math.nan)  # (time [s], smoothed P̄ [tokens])
+    recent: tuple[tuple[float, float, float], ...] = ()  # (time [s], N [instances], λ [1/s]) of the CV window
 
 
 @dataclass(frozen=True)
@@ -606,6 +608,19 @@ def gpu_budget_cuts(cfg: PolicyConfig, desired: Mapping[str, int]) -> dict[str, 
     return cuts
 
 
+def window_headroom(cfg: PolicyConfig, recent: tuple[tuple[float, float, float], ...], arrivals: ArrivalStats,
+                    now: float, need: float, theta: float) -> tuple[tuple[tuple[float, float, float], ...], float, bool]:
+    """Headroom [instances]: the larger of ``N·Θ`` now and ``N̄·Θ(λ̄)``, N̄ and λ̄ the means over the decisions of
+    the last ``arrival_cv_window_s`` (module docstring, "Headroom"). Returns the new window, the headroom and
+    whether the window's term set it. Example: a burst needed 6 instances for 60 of the last 300 s and none
+    since: N̄ = 1.2, and Θ(λ̄) over that window's CV keeps 1.2·Θ(λ̄) instances up where N·Θ would keep 0."""
+    window = (*(r for r in recent if r[0] >= now - cfg.arrival_cv_window_s), (now, need, arrivals.rate_per_s))
+    n_bar = sum(r[1] for r in window) / len(window)
+    l_bar = sum(r[2] for r in window) / len(window)
+    kept = n_bar * overprovisioning_theta(cfg, replace(arrivals, rate_per_s=l_bar))
+    return window, max(need * theta, kept), kept > need * theta
+
+
 def mixed_hold(instances: Sequence[InstanceView]) -> float:
     """Interactive requests one MIXED instance holds: the largest MIXED max batch size [requests] (its batch
     requests are evicted for them, so the whole cap counts); infinite while no MIXED instance reports one."""
@@ -630,14 +645,17 @@ def decide(cfg: PolicyConfig, state: PolicyState, inp: ScalerInputs) -> tuple[Po
     if rest > mixed_hold(inp.instances):
         want_i = float(math.ceil(need - 1e-9))
     batch = batch_need(cfg, inp, current["batch"])
-    wanted = {"interactive": want_i, "mixed": max(0.0, need * (1 + theta) - want_i), "batch": batch.wanted}
+    recent, head, from_window = window_headroom(cfg, state.recent, inp.arrivals, now, need, theta)
+    wanted = {"interactive": want_i, "mixed": max(0.0, need + head - want_i), "batch": batch.wanted}
     reasons = {
         "interactive": (f"demand {demand:.1f} running requests / {cap.concurrency:.1f} per instance"
                         + (" (the TTFT bound)" if cap.concurrency >= ttft_concurrency(cfg, inp.arrivals) else "")
                         + (f"; arrivals {inp.arrivals.rate_per_s:.2f}/s / {cap.admit_rate:.2f}/s admitted per "
                            f"instance" if math.isfinite(cap.admit_rate) else "")),
         "mixed": (f"headroom Θ={theta:.2f} (λ={inp.arrivals.rate_per_s:.2f}/s, CV={inp.arrivals.cv:.2f}, "
-                  f"L={cfg.model_load_time_s:g} s) over {need:.2f} instances' worth"),
+                  f"L={cfg.model_load_time_s:g} s) over {need:.2f} instances' worth"
+                  + (f"; {head:.2f} instances' worth kept from the last {cfg.arrival_cv_window_s:g} s"
+                     if from_window else "")),
         "batch": batch.reason,
     }
     codes = {"interactive": "demand", "mixed": "headroom", "batch": batch.code}
@@ -672,7 +690,7 @@ def decide(cfg: PolicyConfig, state: PolicyState, inp: ScalerInputs) -> tuple[Po
         "batch_capacity_instances": batch.capacity, "mixed_lend_instances": batch.lend,
         "queued_requests": float(batch.queued), "in_service_requests": float(batch.in_service),
         "groups": float(len(inp.groups)), "worst_group_ratio": batch.ratio})
-    nxt = PolicyState(history, cap.saturated, last_up, both, cap.admit_rates, prompt)
+    nxt = PolicyState(history, cap.saturated, last_up, both, cap.admit_rates, prompt, recent)
     return nxt, decision
 
 
