@@ -137,6 +137,8 @@ class SimInstance:
         self.busy = False  # an iteration is in flight
         self.ctl_itl_ms: list[float] = []
         self.ctl_itl_n: list[int] = []
+        self.ctl_decode_ms: list[float] = []  # of those, iterations that prefilled nothing (decode-only)
+        self.ctl_decode_n: list[int] = []
         self.ctl_tokens = 0
         self.ttft = LatencyWindow(10.0)
         self.prompts = LatencyWindow(10.0)  # prompt tokens of the interactive requests it accepted (engine stats)
@@ -498,6 +500,9 @@ class Fleet:
                     inst.lease_started.pop(rid, None)
         inst.ctl_tokens += res.num_tokens
         n_itl_all, n_itl_inter = res.num_itl, res.num_itl_interactive
+        if n_itl_all and res.num_prefill_tokens == 0:
+            inst.ctl_decode_ms.extend(d * 1e3 for d in durs)
+            inst.ctl_decode_n.extend([n_itl_all] * len(durs))
         if len(durs) == 1:
             ms = durs[0] * 1e3
             if n_itl_all:
@@ -534,10 +539,14 @@ class Fleet:
             interval = inst.la.control_interval_s
             q = (weighted_statistic(np.asarray(inst.ctl_itl_ms), np.asarray(inst.ctl_itl_n, dtype=float), inst.la.itl_quantile)
                  if inst.ctl_itl_ms else math.nan)
-            obs = observation(self.now, q, inst.ctl_tokens, interval, inst.core.saturated, len(inst.core.running))
+            dq = (weighted_statistic(np.asarray(inst.ctl_decode_ms), np.asarray(inst.ctl_decode_n, dtype=float), None)
+                  if inst.ctl_decode_ms else math.nan)
+            obs = observation(self.now, q, inst.ctl_tokens, interval, inst.core.saturated, len(inst.core.running),
+                              decode_itl_ms=dq)
             inst.la_state, d = decide(inst.la, inst.la_state, obs)
             inst.core.set_max_num_seqs(d.max_batch_size)
             inst.ctl_itl_ms, inst.ctl_itl_n, inst.ctl_tokens = [], [], 0
+            inst.ctl_decode_ms, inst.ctl_decode_n = [], []
             self._fill(inst)
             self._kick(inst)
 

@@ -17,7 +17,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from chiron.v1 import engine_pb2, engine_pb2_grpc, types_pb2
 from services.common.metrics import engine_families
-from services.engine.backend import SimulatedBackend
+from services.engine.backend import SimulatedBackend, StepStats
 from services.engine.core import EngineConfig
 from services.engine.local_autoscaler import LocalAutoscalerConfig
 from services.engine.server import AgentConfig, EngineAgent, serve
@@ -251,6 +251,26 @@ async def test_a_late_control_step_is_counted_and_logged(caplog):
         assert families["chiron_engine_late_control_steps"].samples[0].value == 1
     finally:
         await backend.stop()
+
+
+async def test_the_local_autoscaler_tells_decode_only_steps_from_prefill_steps():
+    """Two steps of one interval: a decode-only one at 20 ms and a prefill one at 90 ms (mean ITL 72.5 ms, over
+    the 50-ms SLO). With the decode-only step seen the cap is pinned (prefill-bound); with both steps prefilling
+    nothing tells the two apart and it halves."""
+    for prefill_tokens, action in ((0, "pin"), (512, "halve")):
+        backend = SimulatedBackend("llama-3-8b", EngineConfig(max_num_seqs=8), speedup=20.0)
+        agent = EngineAgent(backend, AgentConfig(instance_id="pf", autoscale=False, autoscaler=LocalAutoscalerConfig(
+            itl_slo_ms=50.0, initial_batch_size=8, young_target_fraction=1.0)))
+        await backend.start()
+        try:
+            await agent.control_step()  # opens the interval
+            now = backend.now()
+            agent._on_step(StepStats(now, 4, 0, 0.0, 4, 0, 0, ((20.0, 4),), (), True, num_prefill_tokens=prefill_tokens))
+            agent._on_step(StepStats(now, 4, 0, 0.0, 12, 0, 0, ((90.0, 12),), (), True, num_prefill_tokens=512))
+            d = await agent.control_step()
+            assert d.action == action, d.reason
+        finally:
+            await backend.stop()
 
 
 async def test_health_and_reflection(agent):

@@ -403,6 +403,35 @@ def test_after_a_halving_it_waits_for_the_running_requests_to_finish_down_to_the
     assert d.action == "halve" and d.max_batch_size == 50
 
 
+def test_an_itl_over_the_slo_from_prefill_chunks_pins_the_cap_to_the_running_count():
+    # Decode-only iterations at 20 ms meet the target: the 60-ms mean comes from prefill chunks, which a smaller
+    # batch would not shorten. The cap goes to the 40 running requests (no new admissions), not to 32.
+    state = dataclasses.replace(initial_state(CFG), batch_size=64.0)
+    pinned, d = decide(CFG, state, Observation(1.0, 1.2 * SLO, 1000.0, True, running=40, decode_itl_ms=20.0))
+    assert d.action == "pin" and d.max_batch_size == 40 and "prefill" in d.reason and not pinned.draining
+    # The same mean with slow decode-only iterations: the batch is what is too big, and it is halved.
+    _, d = decide(CFG, state, Observation(1.0, 1.2 * SLO, 1000.0, True, running=40, decode_itl_ms=0.95 * SLO))
+    assert d.action == "halve" and d.max_batch_size == 32
+    # No decode-only iteration seen yet: nothing tells prefill from batch, so it halves as before.
+    _, d = decide(CFG, state, Observation(1.0, 1.2 * SLO, 1000.0, True, running=40))
+    assert d.action == "halve" and d.max_batch_size == 32
+    # A pin never raises the cap: with more running than the cap it holds the cap.
+    _, d = decide(CFG, state, Observation(1.0, 1.2 * SLO, 1000.0, True, running=100, decode_itl_ms=20.0))
+    assert d.action == "pin" and d.max_batch_size == 64
+
+
+def test_the_decode_only_itl_is_remembered_through_intervals_that_all_prefilled():
+    state = dataclasses.replace(initial_state(CFG), batch_size=64.0)
+    state, d = decide(CFG, state, Observation(1.0, 0.6 * SLO, 1000.0, True, running=40, decode_itl_ms=20.0))
+    assert d.action != "pin" and state.decode_itl_ewma_ms == 20.0  # under the target: nothing to pin
+    # Every iteration of the next interval prefilled (no decode-only ITL): the last one seen still says prefill.
+    state, d = decide(CFG, state, Observation(2.0, 2 * SLO, 1000.0, True, running=40))
+    assert d.action == "pin" and d.max_batch_size == 40
+    # Decode-only iterations that slow down past the target end the pin: the smoothed value crosses and it halves.
+    state, d = decide(CFG, state, Observation(3.0, 2 * SLO, 1000.0, True, running=40, decode_itl_ms=2 * SLO))
+    assert d.action == "halve"
+
+
 # ---- (e2) a running set that is still growing -------------------------------------------------------
 
 

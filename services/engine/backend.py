@@ -72,7 +72,9 @@ class StepStats:
     """Statistics of one engine iteration (vLLM: SchedulerStats + IterationStats).
 
     ``itl_ms``: inter-token latency of the tokens this step produced after each request's first, as
-    ``(latency_ms, count)``; ``ttft_ms``: time to first token of requests that got their first token.
+    ``(latency_ms, count)``; ``ttft_ms``: time to first token of requests that got their first token;
+    ``num_prefill_tokens``: prompt tokens the step prefilled (0: a decode-only step, whose ITL the batch size
+    alone sets; the local autoscaler's prefill-bound test reads it).
     """
 
     time_s: float
@@ -85,6 +87,7 @@ class StepStats:
     itl_ms: tuple[tuple[float, int], ...]
     ttft_ms: tuple[float, ...]
     saturated: bool
+    num_prefill_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -338,4 +341,5 @@ class SimulatedBackend(Backend):
                     self._streams.pop(ev.request_id, None)
             c = self.core
             self._emit(StepStats(end, len(c.running), len(c.waiting), c.kv_cache_usage, len(result.events),
-                                 len(result.preempted), finished, tuple(itl.items()), tuple(ttft), c.saturated))
+                                 len(result.preempted), finished, tuple(itl.items()), tuple(ttft), c.saturated,
+                                 result.num_prefill_tokens))

@@ -12,21 +12,21 @@ Where the paper is silent (pitfalls: ``paper.md`` §0c; measurements: ``docs/dec
   running request sees; a p99 chases prefill-chunk iterations no cap shortens (``docs/decisions/0027``).
   One interval above ``overload_factor`` × SLO still halves at once.
 * **Halve above the SLO, grow toward ``latency_target_fraction`` × SLO** (0.9); between the two the same
-  proportional step eases down, so noise around the target does not halve the batch.
+  proportional step eases down; it holds within 1 ± ``deadband`` (0.08). **Unless prefill-bound**:
+  when decode-only iterations meet the target, prefill chunks (no cap shortens them) set the ITL, so the cap
+  is pinned to the running count (no new admissions, no queue built behind a halved cap; ``docs/decisions/0031``).
 * **TBP counts only while saturated and right after a growth step** (throughput also falls with load, and after
   a halving by construction), beyond ``1 + tbp_tolerance``, and only once the fall has lasted
   ``tbp_confirm_intervals``: the prefills a larger batch admitted dip throughput with no cliff behind them.
   A confirmed cliff caps growth at the pre-growth size for ``tbp_ceiling_ttl_s``.
 * **After a halving** both EWMAs restart, and nothing is judged until the running requests have finished down
   to the new cap (a lower cap evicts no one; the intervals until then show the old batch).
-* **Hold within 1 ± ``deadband``** (0.08): the right size moves with context lengths and a 1-s p99 is noisy.
 * **Aim lower while the running set grows** (BATCH instances only, :func:`role_overrides`): the target is
   scaled by ``f + (1 − f)·m``, ``f = young_target_fraction``, ``m`` = running count ``maturity_window_s`` ago /
   now, until ``m ≥ mature_running_ratio`` or an unsaturated interval; the ITL at a fixed cap rises as it fills.
 * Growth uses ``BP = max(ITL / target, TBP / (1 + tbp_tolerance))``, on the larger of the smoothed and latest
-  ITL; one step grows at most ``max_growth_factor``. Worked example, ITL ≈ a + b·B: growth maps B to
-  ``(1−α)B + α·B·S/(a+bB)``, increasing and concave with its fixed point at the largest B meeting target S,
-  so it approaches that from below. ``tests/test_local_autoscaler.py`` checks step load, oscillation, noise.
+  ITL, at most ``max_growth_factor`` per step. With ITL ≈ a + b·B it maps B to ``(1−α)B + α·B·S/(a+bB)``,
+  concave with its fixed point at the largest B meeting target S, approached from below (tests check it).
 """
 
 from __future__ import annotations
@@ -93,7 +93,8 @@ class Observation:
     ``itl_ms``: the mean (or ``itl_quantile``) of per-token ITLs in the interval (NaN when no token was produced);
     ``throughput_tokens_per_s``: output tokens per second in the interval; ``saturated``: work was waiting
     or the batch was at its cap at the end of the interval; ``running``: requests running at the end of the
-    interval (``None``: unknown, and the running set is taken as settled).
+    interval (``None``: unknown, and the running set is taken as settled); ``decode_itl_ms``: the mean ITL of
+    the interval's iterations that prefilled nothing (NaN: none, or not measured), what the cap alone sets.
     """
 
     now: float
@@ -101,14 +102,17 @@ class Observation:
     throughput_tokens_per_s: float
     saturated: bool
     running: int | None = None
+    decode_itl_ms: float = math.nan
 
 
 def observation(now: float, itl_ms: float, output_tokens: int, interval_s: float, saturated: bool,
-                running: int | None = None) -> Observation:
+                running: int | None = None, decode_itl_ms: float = math.nan) -> Observation:
     """The observation of one control interval of ``interval_s`` [s] ending at ``now``: ``itl_ms`` the interval's
-    observed ITL (NaN: no token), ``output_tokens`` generated in it, ``saturated`` and ``running`` at its end
-    (:class:`Observation`). Built by the engine agent and the fleet simulator alike."""
-    return Observation(now, itl_ms, output_tokens / max(interval_s, 1e-9), saturated, running=running)
+    observed ITL (NaN: no token), ``output_tokens`` generated in it, ``saturated`` and ``running`` at its end,
+    ``decode_itl_ms`` over its decode-only iterations (:class:`Observation`). Built by the engine agent and the
+    fleet simulator alike."""
+    return Observation(now, itl_ms, output_tokens / max(interval_s, 1e-9), saturated, running=running,
+                       decode_itl_ms=decode_itl_ms)
 
 
 @dataclass(frozen=True)
@@ -128,6 +132,7 @@ class LocalAutoscalerState:
     draining: bool = False  # halved, and the running requests have not yet finished down to the new cap
     running_settled: bool = False  # the running set has stopped growing, or the engine was not saturated, once
     running_history: tuple[tuple[float, int], ...] = ()  # (t, running) until then, within maturity_window_s
+    decode_itl_ewma_ms: float | None = None  # smoothed ITL of decode-only iterations (the last ones seen)
 
 
 @dataclass(frozen=True)
@@ -139,7 +144,7 @@ class Decision:
     latency_backpressure: float
     throughput_backpressure: float
     backpressure: float
-    action: str  # "grow", "halve", "hold"
+    action: str  # "grow", "halve", "pin" (to the running count, prefill-bound), "hold"
     reason: str
 
 
@@ -211,6 +216,26 @@ def _unjudged(cfg: LocalAutoscalerConfig, state: LocalAutoscalerState, obs: Obse
     return None
 
 
+def _prefill_pin(cfg: LocalAutoscalerConfig, state: LocalAutoscalerState, obs: Observation, itl_ms: float,
+                 target_ms: float) -> tuple[float | None, tuple[float, str] | None]:
+    """(smoothed decode-only ITL [ms] to carry, (batch size, reason) or None). A pin is due when the smoothed
+    ITL ``itl_ms`` calls for a smaller batch (above the SLO, or above ``target_ms`` beyond the deadband) while
+    decode-only iterations meet ``target_ms``: prefill chunks push the mean up and a smaller batch would not
+    shorten them; halving would only queue new prompts (TTFT). The cap is pinned to the running count instead
+    (never raised): nothing is admitted until one finishes, nothing is evicted."""
+    decode = (_ewma(state.decode_itl_ewma_ms, obs.decode_itl_ms, cfg.itl_smoothing)
+              if math.isfinite(obs.decode_itl_ms) else state.decode_itl_ewma_ms)
+    slow = (itl_ms > cfg.itl_slo_ms or obs.itl_ms > cfg.overload_factor * cfg.itl_slo_ms
+            or itl_ms / target_ms > 1.0 + cfg.deadband)
+    if not slow or decode is None or not decode <= target_ms:
+        return decode, None
+    cur = state.batch_size
+    running = cur if obs.running is None else float(obs.running)
+    new = min(cur, max(running, float(cfg.min_batch_size)))
+    return decode, (new, f"ITL {itl_ms:.1f} ms over target {target_ms:.1f} ms from prefill chunks (decode-only "
+                         f"iterations {decode:.1f} ms): cap pinned to the {running:.0f} running requests, not cut")
+
+
 def decide(config: LocalAutoscalerConfig, state: LocalAutoscalerState,
            obs: Observation) -> tuple[LocalAutoscalerState, Decision]:
     """One control step. Returns the new state and the decision (``max_batch_size`` to apply)."""
@@ -243,7 +268,10 @@ def decide(config: LocalAutoscalerConfig, state: LocalAutoscalerState,
     bp_grow = max(max(itl, obs.itl_ms) / target_ms, tbp_term)
     ceiling, ceiling_until = (state.ceiling, state.ceiling_until_s) if obs.now < state.ceiling_until_s else (None, -math.inf)
 
-    if lbp > 1.0 or obs.itl_ms > cfg.overload_factor * cfg.itl_slo_ms:
+    decode, pin = _prefill_pin(cfg, state, obs, itl, target_ms)
+    if pin is not None:
+        (new, reason), action = pin, "pin"
+    elif lbp > 1.0 or obs.itl_ms > cfg.overload_factor * cfg.itl_slo_ms:
         new, action = cur / 2.0, "halve"
         reason = (f"latency backpressure {max(lbp, obs.itl_ms / cfg.itl_slo_ms):.2f} > 1 "
                   f"(ITL {itl:.1f} ms, SLO {cfg.itl_slo_ms:g} ms)")
@@ -284,5 +312,6 @@ def decide(config: LocalAutoscalerConfig, state: LocalAutoscalerState,
     new_state = LocalAutoscalerState(new, None if halved else itl, None if halved else tp, obs.now, action,
                                      batch_size_before=before, ceiling=ceiling, ceiling_until_s=ceiling_until,
                                      tbp_reference=tbp_reference, tbp_low_intervals=low_intervals,
-                                     draining=halved, running_settled=settled, running_history=history)
+                                     draining=halved, running_settled=settled, running_history=history,
+                                     decode_itl_ewma_ms=decode)
     return new_state, Decision(obs.now, int(new), lbp, tbp, bp, action, reason)

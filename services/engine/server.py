@@ -92,6 +92,7 @@ class EngineAgent(engine_pb2_grpc.EngineServicer):
         self.prompts = LatencyWindow(cfg.stats_window_s)  # prompt tokens of accepted interactive requests
         self.tokens = RateWindow(cfg.stats_window_s)
         self._ctl_itl = LatencyWindow(max(cfg.autoscaler.control_interval_s * 4, 1.0))
+        self._ctl_decode_itl = LatencyWindow(self._ctl_itl.horizon_s)  # of decode-only steps
         self._ctl_tokens = 0
         self._ctl_last_s: float | None = None
         self.late_control_steps = 0  # control steps that came over LATE_CONTROL_FACTOR intervals (and 1 s) late
@@ -154,6 +155,8 @@ class EngineAgent(engine_pb2_grpc.EngineServicer):
         for lat, count in s.itl_ms:
             self.itl.add(s.time_s, lat, count)
             self._ctl_itl.add(s.time_s, lat, count)
+            if s.num_prefill_tokens == 0:
+                self._ctl_decode_itl.add(s.time_s, lat, count)
         for t in s.ttft_ms:
             self.ttft.add(s.time_s, t)
         self.tokens.add(s.time_s, s.num_generation_tokens)
@@ -175,7 +178,8 @@ class EngineAgent(engine_pb2_grpc.EngineServicer):
         last = now - cfg.control_interval_s if first else self._ctl_last_s
         snap = self.backend.snapshot()
         q = self._ctl_itl.statistic(cfg.itl_quantile, now, since_s=last)
-        obs = observation(now, q, self._ctl_tokens, now - last, snap.saturated or self._saturated, snap.num_running)
+        obs = observation(now, q, self._ctl_tokens, now - last, snap.saturated or self._saturated, snap.num_running,
+                          decode_itl_ms=self._ctl_decode_itl.statistic(None, now, since_s=last))
         self._ctl_tokens = 0
         self._ctl_last_s = now
         self._state, decision = decide(cfg, self._state, obs)

@@ -239,18 +239,21 @@ class VllmBackend(Backend):
         kv = sched.kv_cache_usage if sched is not None else (prev.kv_cache_usage if prev else 0.0)
         itl: dict[float, int] = {}
         ttft: tuple[float, ...] = ()
-        n_gen = n_pre = n_fin = 0
+        n_gen = n_pre = n_fin = n_prompt = 0
         if it is not None:
             for lat_s in it.inter_token_latencies_iter:
                 key = round(lat_s * 1e3, 3)
                 itl[key] = itl.get(key, 0) + 1
             ttft = tuple(t * 1e3 for t in it.time_to_first_tokens_iter)
             n_gen, n_pre, n_fin = it.num_generation_tokens, it.num_preempted_reqs, len(it.finished_requests)
+            # vLLM counts a prompt when its prefill completes, so a step running only a middle chunk reads as
+            # decode-only: the decode-only ITL errs high, i.e. toward halving as without the prefill test.
+            n_prompt = it.num_prompt_tokens
         self._preemptions += n_pre
         self._generated += n_gen
         self._finished += n_fin
         stats = StepStats(now, running, waiting, kv, n_gen, n_pre, n_fin, tuple(itl.items()), ttft,
-                          saturated=waiting > 0 or running >= self._cap)
+                          saturated=waiting > 0 or running >= self._cap, num_prefill_tokens=n_prompt)
         self._last = stats
         self._emit(stats)
 
