@@ -247,8 +247,9 @@ class VllmBackend(Backend):
             ttft = tuple(t * 1e3 for t in it.time_to_first_tokens_iter)
             n_gen, n_pre, n_fin = it.num_generation_tokens, it.num_preempted_reqs, len(it.finished_requests)
             # vLLM counts a prompt when its prefill completes, so a step running only a middle chunk reads as
-            # decode-only: the decode-only ITL errs high, i.e. toward halving as without the prefill test.
-            n_prompt = it.num_prompt_tokens
+            # decode-only: the decode-only ITL errs high, i.e. toward halving as without the prefill test (and
+            # so does a vLLM without the counter).
+            n_prompt = getattr(it, "num_prompt_tokens", 0)
         self._preemptions += n_pre
         self._generated += n_gen
         self._finished += n_fin
