@@ -500,24 +500,16 @@ class Fleet:
                     inst.lease_started.pop(rid, None)
         inst.ctl_tokens += res.num_tokens
         n_itl_all, n_itl_inter = res.num_itl, res.num_itl_interactive
-        if n_itl_all and res.num_prefill_tokens == 0:
-            inst.ctl_decode_ms.extend(d * 1e3 for d in durs)
-            inst.ctl_decode_n.extend([n_itl_all] * len(durs))
-        if len(durs) == 1:
-            ms = durs[0] * 1e3
-            if n_itl_all:
-                inst.ctl_itl_ms.append(ms)
-                inst.ctl_itl_n.append(n_itl_all)
-            if n_itl_inter:
-                self.itl_ms.append(ms)
-                self.itl_n.append(n_itl_inter)
-        else:
-            ms = [d * 1e3 for d in durs]
+        ms = [d * 1e3 for d in durs]
+        if inst.la is not None and n_itl_all:  # the local autoscaler's samples (an engine without one keeps none)
             inst.ctl_itl_ms.extend(ms)
             inst.ctl_itl_n.extend([n_itl_all] * len(ms))
-            if n_itl_inter:
-                self.itl_ms.extend(ms)
-                self.itl_n.extend([float(n_itl_inter)] * len(ms))
+            if res.num_prefill_tokens == 0:
+                inst.ctl_decode_ms.extend(ms)
+                inst.ctl_decode_n.extend([n_itl_all] * len(ms))
+        if n_itl_inter:
+            self.itl_ms.extend(ms)
+            self.itl_n.extend([float(n_itl_inter)] * len(ms))
         if inst.state == "draining":
             self._maybe_release(inst)
         elif finished_any or inst.role in ("batch", "mixed"):

@@ -217,16 +217,14 @@ def _unjudged(cfg: LocalAutoscalerConfig, state: LocalAutoscalerState, obs: Obse
 
 
 def _prefill_pin(cfg: LocalAutoscalerConfig, state: LocalAutoscalerState, obs: Observation, itl_ms: float,
-                 target_ms: float) -> tuple[float | None, tuple[float, str] | None]:
+                 target_ms: float, slow: bool) -> tuple[float | None, tuple[float, str] | None]:
     """(smoothed decode-only ITL [ms] to carry, (batch size, reason) or None). A pin is due when the smoothed
-    ITL ``itl_ms`` calls for a smaller batch (above the SLO, or above ``target_ms`` beyond the deadband) while
-    decode-only iterations meet ``target_ms``: prefill chunks push the mean up and a smaller batch would not
+    ITL ``itl_ms`` calls for a smaller batch (``slow``: above the SLO, or above ``target_ms`` beyond the deadband)
+    while decode-only iterations meet ``target_ms``: prefill chunks push the mean up and a smaller batch would not
     shorten them; halving would only queue new prompts (TTFT). The cap is pinned to the running count instead
     (never raised): nothing is admitted until one finishes, nothing is evicted."""
     decode = (_ewma(state.decode_itl_ewma_ms, obs.decode_itl_ms, cfg.itl_smoothing)
               if math.isfinite(obs.decode_itl_ms) else state.decode_itl_ewma_ms)
-    slow = (itl_ms > cfg.itl_slo_ms or obs.itl_ms > cfg.overload_factor * cfg.itl_slo_ms
-            or itl_ms / target_ms > 1.0 + cfg.deadband)
     if not slow or decode is None or not decode <= target_ms:
         return decode, None
     cur = state.batch_size
@@ -268,10 +266,11 @@ def decide(config: LocalAutoscalerConfig, state: LocalAutoscalerState,
     bp_grow = max(max(itl, obs.itl_ms) / target_ms, tbp_term)
     ceiling, ceiling_until = (state.ceiling, state.ceiling_until_s) if obs.now < state.ceiling_until_s else (None, -math.inf)
 
-    decode, pin = _prefill_pin(cfg, state, obs, itl, target_ms)
+    over_slo = lbp > 1.0 or obs.itl_ms > cfg.overload_factor * cfg.itl_slo_ms
+    decode, pin = _prefill_pin(cfg, state, obs, itl, target_ms, over_slo or itl / target_ms > 1.0 + cfg.deadband)
     if pin is not None:
         (new, reason), action = pin, "pin"
-    elif lbp > 1.0 or obs.itl_ms > cfg.overload_factor * cfg.itl_slo_ms:
+    elif over_slo:
         new, action = cur / 2.0, "halve"
         reason = (f"latency backpressure {max(lbp, obs.itl_ms / cfg.itl_slo_ms):.2f} > 1 "
                   f"(ITL {itl:.1f} ms, SLO {cfg.itl_slo_ms:g} ms)")
