@@ -160,3 +160,14 @@ def test_unknown_model_raises_key_error():
         fit_perf_model("gpt-5-mega")
     with pytest.raises(KeyError):
         default_perf_model("no-such-model")
+
+
+def test_decode_iteration_ms_is_iteration_ms_bit_for_bit(perf):
+    # The engine's bulk decode path uses the precomputed form; any drift would change simulated clocks.
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 7, 64, 255, 1024):
+        f = perf.decode_iteration_ms(n)
+        for s in rng.integers(n, n * 8192, size=50):
+            assert f(int(s)) == perf.iteration_ms(n, int(s))
+    with pytest.raises(ValueError, match="num_decode"):
+        perf.decode_iteration_ms(0)

@@ -568,7 +568,7 @@ class EngineCore:
         request (no preemption), the k-th iteration starts before ``until_s`` (so the end may pass
         ``until_s`` by one iteration; one runs even if ``now >= until_s``) and k ≤ ``max_steps``. The engine
         state, the events' totals, the token times and each iteration's duration are those of k
-        consecutive :meth:`step` calls (durations from the same :meth:`PerfModel.iteration_ms` calls, the
+        consecutive :meth:`step` calls (durations equal to :meth:`PerfModel.iteration_ms`'s bit for bit, the
         clock summed in the same order). Cost: O(running + k), one ``iteration_ms`` call per iteration.
         ``all_events=False``: events only for first tokens and finishes (see :class:`StepResult`).
         """
@@ -577,12 +577,11 @@ class EngineCore:
             return self.step(now, all_events)
         k, sum_ctx = plan
         n = len(self.running)
-        iteration_ms = self.perf.iteration_ms
-        no_chunks: tuple[tuple[int, int], ...] = ()
+        iteration_ms = self.perf.decode_iteration_ms(n)
         durations: list[float] = []
         end = now
         for j in range(1, k + 1):
-            d = iteration_ms(n, sum_ctx, no_chunks) / 1e3
+            d = iteration_ms(sum_ctx) / 1e3
             durations.append(d)
             end += d
             sum_ctx += n

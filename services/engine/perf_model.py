@@ -34,7 +34,7 @@ from __future__ import annotations
 import csv
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -277,8 +277,9 @@ class PerfModel:
 
     # --- per-layer pieces (ms) -------------------------------------------------------------
     def linear_layer_ms(self, num_tokens: float) -> float:
+        # linear_ops_ms in Python floats: the same libm pow, bit for bit, without a 0-d array per call.
         a, b, p = self.linear
-        return float(linear_ops_ms(num_tokens, a, b, p))
+        return (a**p + (b * num_tokens) ** p) ** (1.0 / p)
 
     def decode_attention_layer_ms(self, num_decode: int, sum_context_tokens: float) -> float:
         if num_decode <= 0:
@@ -295,11 +296,16 @@ class PerfModel:
         """Roofline of the ``hidden × vocab`` LM-head GEMM for the sampled sequences (hardware.md)."""
         if num_seqs <= 0:
             return 0.0
+        mem, flops_coef, tp, peak = self._lm_head_terms
+        return 1e3 * max(mem, flops_coef * num_seqs / tp / peak)
+
+    @functools.cached_property
+    def _lm_head_terms(self) -> tuple[float, float, int, float]:
+        """Per-model constants of :meth:`lm_head_ms`: weight-read seconds, ``2·hidden·vocab``, TP, peak FLOP/s."""
         m, g = self.model, self.gpu
         tp = m.tensor_parallel
-        mem = m.hidden * m.vocab * m.dtype_bytes / tp / g.hbm_bandwidth_bytes_per_s
-        flops = 2.0 * m.hidden * m.vocab * num_seqs / tp / g.bf16_flops_per_s
-        return 1e3 * max(mem, flops)
+        return (m.hidden * m.vocab * m.dtype_bytes / tp / g.hbm_bandwidth_bytes_per_s, 2.0 * m.hidden * m.vocab,
+                tp, g.bf16_flops_per_s)
 
     # --- the engine's call -----------------------------------------------------------------
     def iteration_ms(self, num_decode: int, sum_decode_context: float,
@@ -311,7 +317,9 @@ class PerfModel:
             sum_decode_context: their summed context lengths (prompt + generated so far), tokens.
             prefill_chunks: ``(chunk_tokens, already_cached_tokens)`` for each request prefilling.
         """
-        n_tokens = num_decode + sum(c for c, _ in prefill_chunks)
+        n_tokens = num_decode
+        for c, _ in prefill_chunks:
+            n_tokens += c
         if n_tokens <= 0:
             return 0.0
         m = self.model
@@ -328,6 +336,27 @@ class PerfModel:
         num_seqs = num_decode + len(prefill_chunks)
         return (m.num_layers * per_layer + self.lm_head_ms(num_seqs)
                 + self.cpu_overhead_ms + self.cpu_overhead_per_seq_ms * num_seqs)
+
+    def decode_iteration_ms(self, num_decode: int) -> Callable[[float], float]:
+        """``iteration_ms(num_decode, s)`` (no prefill chunks) as a function of the summed context ``s`` [tokens],
+        equal to it bit for bit: the terms that depend on ``num_decode`` alone are computed once, for an engine that
+        runs many decode-only iterations of one batch back to back. ``num_decode`` ≥ 1."""
+        if num_decode <= 0:
+            raise ValueError(f"num_decode must be >= 1, got {num_decode}")
+        m = self.model
+        n = num_decode
+        layers = m.num_layers
+        lin = self.linear_layer_ms(n)
+        c0, c1, c2 = self.decode
+        att0 = c0 + c1 * n
+        e0, e1 = self.kv_save
+        kv = e0 + e1 * n
+        r0, r1 = self.allreduce
+        ar = 2.0 * (r0 + r1 * n * m.hidden * m.dtype_bytes) if m.tensor_parallel > 1 else None
+        lm, cpu, cpu_seqs = self.lm_head_ms(n), self.cpu_overhead_ms, self.cpu_overhead_per_seq_ms * n
+        if ar is None:
+            return lambda s: layers * (lin + (att0 + c2 * s) + kv) + lm + cpu + cpu_seqs
+        return lambda s: layers * (lin + (att0 + c2 * s) + kv + ar) + lm + cpu + cpu_seqs
 
     def decode_step_ms(self, batch_size: int, context_tokens: int) -> float:
         """Iteration time of a decode-only batch of ``batch_size`` requests at ``context_tokens`` each."""

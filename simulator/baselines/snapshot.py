@@ -113,9 +113,10 @@ def snapshot_instance(inst: SimInstance, order: int) -> InstanceSnapshot:
     preempted = sum(1 for r in core.running if r.num_preemptions)
     if w:
         blocks = pre = n = 0
-        for r in islice(w, _WAITING_SAMPLE):
-            blocks += -(-(r.context_len - r.num_computed) // bs)
-            pre += r.num_preemptions > 0
+        for r in islice(w, _WAITING_SAMPLE):  # context_len spelled out: this loop is the baselines' hot path
+            blocks += -(-(r.prompt_tokens + r.num_generated - r.num_computed) // bs)
+            if r.num_preemptions:
+                pre += 1
             n += 1
         head = float(-(-(w[0].context_len - w[0].num_computed) // bs))
         wb = blocks * len(w) / n
