@@ -9,8 +9,9 @@ What one run of the suite does, per workload × SLO level (:data:`SLO_LEVELS`):
    configuration, :data:`CHIRON_PARAMS`), the oracle and Chiron's ablations beside them.
 2. **Confirm** on the other seeds every baseline configuration on its frontier (not dominated in GPU-hours,
    interactive and batch attainment on the first seed; at most ``max_frontier`` per baseline, spread from the
-   cheapest to the most attaining), plus Chiron and the oracle (the ablations run on the first seed only). Headline
-   numbers are means over all seeds; only configurations run on every seed are comparators.
+   cheapest to the most attaining, plus the two that bracket Chiron's first-seed attainment), plus Chiron and the
+   oracle (the ablations run on the first seed only). Headline numbers are means over all seeds; only
+   configurations run on every seed are comparators.
 3. **Match attainment** (§3): the comparator is the cheapest baseline configuration whose mean interactive
    *and* batch attainment reach Chiron's (0.1 percentage-point tolerance); if none does, the one with the
    highest attainment (the lower of its two classes), and ``attainment_gain`` is by how much Chiron's lower
@@ -333,21 +334,35 @@ def _check_plan(workloads: tuple[str, ...], slo_levels: tuple[str, ...], seeds: 
 
 def _confirm_jobs(rows: list[dict], workloads: tuple[str, ...], slo_levels: tuple[str, ...], rest: tuple[int, ...],
                   quick: bool, max_frontier: int) -> list[Job]:
-    """Stage 2: Chiron and the oracle on the other seeds, and each baseline's first-seed frontier (at most
-    ``max_frontier``: the cheapest, the most attaining, and between them evenly) on the other seeds."""
+    """Stage 2: Chiron and the oracle on the other seeds, and on them each baseline's first-seed frontier: at
+    most ``max_frontier`` spread from the cheapest to the most attaining, plus the two that bracket Chiron's
+    first-seed attainment (:func:`_bracket`), so the spread never skips the configuration that would match."""
     jobs = []
     for w in workloads:
         for s in slo_levels:
             jobs += [j for seed in rest for j in _reference_jobs(w, s, seed) if j.policy != "chiron-ablation"]
-            for policy in {p for p, _, _ in baseline_configs(w, quick)}:
+            ref = next((r for r in rows if r["workload"] == w and r["slo_level"] == s and r["policy"] == "chiron"
+                        and "error" not in r), None)
+            for policy in sorted({p for p, _, _ in baseline_configs(w, quick)}):
                 cand = [r for r in rows if r["workload"] == w and r["slo_level"] == s and r["policy"] == policy]
                 front = sorted(_frontier(cand), key=lambda r: r["gpu_hours"])
+                keep = set(range(len(front)))
                 if len(front) > max_frontier:
-                    idx = np.unique(np.linspace(0, len(front) - 1, max_frontier).round().astype(int))
-                    front = [front[k] for k in idx]
-                jobs += [Job(w, s, seed, policy, r["variant"], tuple(sorted(r["params"].items())))
-                         for r in front for seed in rest]
+                    keep = set(np.linspace(0, len(front) - 1, max_frontier).round().astype(int).tolist())
+                keep |= _bracket(front, ref)
+                jobs += [Job(w, s, seed, policy, front[k]["variant"], tuple(sorted(front[k]["params"].items())))
+                         for k in sorted(keep) for seed in rest]
     return jobs
+
+
+def _bracket(front: list[dict], ref: dict | None) -> set[int]:
+    """Indices into ``front`` (a frontier sorted by GPU-hours) of the cheapest configuration that clears ``ref``'s
+    attainment and of the one just cheaper (it may clear on the mean over seeds): the likely comparator, whichever
+    way the other seeds move. Empty without a reference run."""
+    if ref is None:
+        return set()
+    k = next((k for k, r in enumerate(front) if _clears(r, ref)), len(front))
+    return {j for j in (k - 1, k) if 0 <= j < len(front)}
 
 
 def _check_rows(rows: list[dict], workloads: tuple[str, ...], slo_levels: tuple[str, ...], quick: bool) -> None:

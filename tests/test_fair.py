@@ -300,3 +300,18 @@ def test_a_bad_trace_file_is_refused_before_anything_runs(tiny_suite, tmp_path):
     res = CliRunner().invoke(main, ["experiments", "--suite", "fair", "--batch-requests", "5", "--out", str(tmp_path)])
     assert res.exit_code == 2 and "--trace-file" in res.output
     assert not (tmp_path / "o").exists()
+
+
+def test_confirmation_keeps_the_configuration_that_would_match_chiron(tiny_suite):
+    # Six first-seed frontier points; the even spread of three takes targets 140, 50 and 5, but the one that clears
+    # Chiron's 0.99 most cheaply is target 35: it must be confirmed too (with 50, the point just cheaper).
+    rows = [_row("chiron", "", 2.5, 0.99, 1.0)]
+    rows += [_row("kpa", "gateway-queue", g, ia, 1.0, params={"target": t})
+             for g, ia, t in ((1.0, 0.90, 140.0), (1.5, 0.95, 70.0), (2.0, 0.98, 50.0), (2.2, 0.991, 35.0),
+                              (3.0, 0.995, 20.0), (5.0, 0.999, 5.0))]
+
+    def confirmed(rs):
+        jobs = fair._confirm_jobs(rs, ("mixed",), ("standard",), (1,), True, 3)
+        return sorted(dict(j.params)["target"] for j in jobs if j.policy == "kpa")
+    assert confirmed(rows) == [5.0, 35.0, 50.0, 140.0]
+    assert confirmed(rows[1:]) == [5.0, 50.0, 140.0]  # no Chiron run: the spread alone
