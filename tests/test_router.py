@@ -256,17 +256,19 @@ def test_classification_and_admission_are_pure():
     assert choose_instance(full, MODEL, 10_000).instance_id == "a"  # a relaxed SLO still fits
 
 
-def test_a_request_that_would_queue_goes_to_a_mixed_instance_that_lends_nothing():
-    # INTERACTIVE first while a request starts there at once; 6 interactive requests queue there (not bound: fewer
-    # than a quarter of its 100 running), so an idle MIXED instance takes the next one, but not one busy with batch
-    # work (its idle capacity is lent to the queue), and not over an INTERACTIVE instance without a queue.
+def test_a_mixed_instance_without_batch_work_shares_interactive_load_and_one_lending_is_kept_for_a_queue():
+    # A MIXED instance without batch work lends nothing: it is as good as an INTERACTIVE one, and the less loaded
+    # of the two takes the request (idle "m" over "i" with 100 running, and over "i" where 6 interactive requests
+    # queue). One busy with batch work is used only when no INTERACTIVE instance has room, even one with a queue
+    # (not bound: fewer than a quarter of its 100 running), so its idle capacity stays lent to the batch queue.
     inter = InstanceLoad("i", "interactive", "x", MODEL, 800, 100, 0)
     queued = InstanceLoad("i", "interactive", "x", MODEL, 800, 100, 6)
     idle_mixed = InstanceLoad("m", "mixed", "y", MODEL, 16, 0, 0)
     lending = InstanceLoad("m", "mixed", "y", MODEL, 800, 40, 0, batch_requests=40)
     assert queued.room > 0 and queued.queued and not inter.queued
-    assert choose_instance([inter, idle_mixed], MODEL, 10_000).instance_id == "i"
+    assert choose_instance([inter, idle_mixed], MODEL, 10_000).instance_id == "m"
     assert choose_instance([queued, idle_mixed], MODEL, 10_000).instance_id == "m"
+    assert choose_instance([inter, lending], MODEL, 10_000).instance_id == "i"
     assert choose_instance([queued, lending], MODEL, 10_000).instance_id == "i"
     # A MIXED instance's batch requests in its waiting list are not an interactive queue.
     busy_lending = InstanceLoad("m", "mixed", "y", MODEL, 800, 40, 8, batch_requests=48)
@@ -285,9 +287,13 @@ def test_within_a_tier_the_fewest_waiting_requests_win_over_the_most_room():
     # Requests this router sent since the last stats count as waiting: four sent to "small" make it the busier one.
     sent = InstanceLoad("small", "interactive", "y", MODEL, 64, 30, 0, pending=4)
     assert choose_instance([big, sent], MODEL, 2_000).instance_id == "big"
-    # Equal queues: the most room wins, as before.
+    # Equal queues and running counts: the most room wins.
     assert choose_instance([InstanceLoad("big", "interactive", "x", MODEL, 400, 30, 0), small], MODEL,
                            2_000).instance_id == "big"
+    # Equal queues: the fewer running win over the most room (each request beside it lengthens its ITL).
+    light = InstanceLoad("light", "interactive", "y", MODEL, 64, 10, 0)
+    assert choose_instance([InstanceLoad("big", "interactive", "x", MODEL, 400, 30, 0), light], MODEL,
+                           2_000).instance_id == "light"
 
 
 async def test_an_instance_that_registered_after_the_last_stats_refresh_is_used_at_once(tmp_path):

@@ -376,6 +376,24 @@ def test_interactive_and_mixed_instances_cover_each_others_shortfall():
     assert d.desired("interactive") == 2
 
 
+def test_the_delay_window_keeps_the_interactive_roles_largest_total_not_each_roles_largest():
+    # The window wanted 3 I + 1 M at t = 0 and wants 2 I + 2 M now (145 in flight, C = 50: N = 2.9, Θ = 0.1); the
+    # fleet has 3 + 2. Each role's own maximum would keep 3 + 2, but no decision wanted more than 4 together: one
+    # goes, MIXED first but not below what is wanted now (2), so the third INTERACTIVE one.
+    hist = {"interactive": ((0.0, 3),), "mixed": ((0.0, 1),), "batch": ((0.0, 0),)}
+    _, d = decide(CFG, PolicyState(history=hist), ScalerInputs(5.0, fleet(3, 2), ArrivalStats(10.0, 1.0, inflight=145.0)))
+    assert (d.desired("interactive"), d.desired("mixed")) == (2, 2)
+    assert d.roles["interactive"].code == "scale_down_delay"
+    assert "INTERACTIVE + MIXED at once" in d.roles["interactive"].reason
+    # Wanted 3 + 1 now too (155 in flight: N = 3.1), the surplus MIXED instance goes.
+    _, d = decide(CFG, PolicyState(history=hist), ScalerInputs(5.0, fleet(3, 2), ArrivalStats(10.0, 1.0, inflight=155.0)))
+    assert (d.desired("interactive"), d.desired("mixed")) == (3, 1)
+    # A window that did want 5 together keeps 5.
+    hist = {"interactive": ((0.0, 3),), "mixed": ((0.0, 2),), "batch": ((0.0, 0),)}
+    _, d = decide(CFG, PolicyState(history=hist), ScalerInputs(5.0, fleet(3, 2), ArrivalStats(10.0, 1.0, inflight=145.0)))
+    assert (d.desired("interactive"), d.desired("mixed")) == (3, 2)
+
+
 def test_limits_and_gpu_budget_cut_batch_first():
     cfg = dataclasses.replace(with_limits(CFG, interactive=(2, 10), mixed=(0, 3), batch=(0, 20)), gpu_budget=12).validate()
     groups = [GroupView("m/1", 1000, wait_p95_s=3000.0, deadline_s=300.0)]

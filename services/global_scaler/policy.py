@@ -25,8 +25,8 @@ whose wait is under ``L`` at most 1. Empty queue: no BATCH instance; leased work
 none while BATCH instances start or within ``batch_settle_s`` of serving, else ≤ max(2×, +4) per step (HPA's).
 
 **Stability and limits.** Per-role min/max apply; a count below the current one (serving + starting) applies only
-after :attr:`PolicyConfig.delay_s` (default 2 × ``L``; the window's largest count, at first the fleet found);
-a growing role first uses what the other interactive role's window holds. GPU budget: cut BATCH, MIXED, INTERACTIVE.
+after :attr:`PolicyConfig.delay_s` (default 2 × ``L``; the window's largest count, for I + M its largest total); a
+growing role first uses what the other interactive role's window holds. GPU budget: cut BATCH, MIXED, INTERACTIVE.
 """
 
 from __future__ import annotations
@@ -593,6 +593,30 @@ def role_cover(cfg: PolicyConfig, raw: Mapping[str, int], desired: Mapping[str, 
     return covers
 
 
+def joint_hold_excess(history: Mapping[str, tuple[tuple[float, int], ...]], raw: Mapping[str, int],
+                      desired: Mapping[str, int], have: Mapping[str, int]) -> dict[str, int]:
+    """Instances to drop per interactive role where the delay window, holding each role's largest count on its
+    own, holds more INTERACTIVE + MIXED than any one decision of the window wanted (``history`` as
+    :func:`delay_window` returns it). The need moves between the roles as its fraction does (4.9 → 4 I + 2 M,
+    5.1 → 5 I + 1 M: the roles' maxima hold 7 where either decision wanted 6). MIXED first, never below ``raw``;
+    none while either role grows (:func:`role_cover` settles that, and a starting instance is never cancelled)."""
+    if any(desired[r] > have[r] for r in ("interactive", "mixed")):
+        return {}
+    # Both roles' windows are appended and trimmed together: pair them from the newest (the fleet found at
+    # first is one such pair).
+    pairs = zip(reversed(history.get("interactive", ())), reversed(history.get("mixed", ())), strict=False)
+    totals = [ci + cm for (ti, ci), (tm, cm) in pairs if ti == tm]
+    bound = max(max(totals, default=0), raw["interactive"] + raw["mixed"])
+    over = desired["interactive"] + desired["mixed"] - bound
+    cuts = {}
+    for role in ("mixed", "interactive"):
+        cut = min(over, desired[role] - raw[role])
+        if cut > 0:
+            cuts[role] = cut
+            over -= cut
+    return cuts
+
+
 def gpu_budget_cuts(cfg: PolicyConfig, desired: Mapping[str, int]) -> dict[str, int]:
     """Instances to cut per role to fit ``gpu_budget``: BATCH first, then MIXED, then INTERACTIVE, none below its
     minimum."""
@@ -677,6 +701,10 @@ def decide(cfg: PolicyConfig, state: PolicyState, inp: ScalerInputs) -> tuple[Po
         desired[role] -= covered
         reasons[role] += f"; {covered} of it covered by {other.upper()} instance(s) kept by the scale-down delay"
         codes[role] = "other_role_covers"
+    for role, cut in joint_hold_excess(history, raw, desired, have).items():
+        desired[role] -= cut
+        reasons[role] += f"; {cut} fewer: the window never wanted this many INTERACTIVE + MIXED at once"
+        codes[role] = "scale_down_delay"
     for role, cut in gpu_budget_cuts(cfg, desired).items():
         desired[role] -= cut
         reasons[role] += f"; cut by {cut} to fit the GPU budget of {cfg.gpu_budget}"

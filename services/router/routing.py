@@ -8,13 +8,13 @@ is batch; a request with no SLO at all is interactive with the default SLOs.
 **Choice**: among the instances serving the model with room (``max_batch_size`` minus running, waiting and the
 requests this router sent since their last stats; none while a queue of interactive requests waits there at
 least a quarter of its running ones, since then its KV cache or token budget binds before its cap; on a MIXED
-instance its batch requests count as room, because it evicts them), in this order of tiers: INTERACTIVE ones
-where no queue of interactive requests (≥ 4) waits; MIXED ones without a queue and without batch work;
-INTERACTIVE ones; MIXED ones. Within a tier the fewest interactive requests waiting (and sent since the last
-stats) win, then the most room: a request behind others' prompts waits for their prefills, whatever the cap
-(``docs/decisions/0027``). Concentrating load on INTERACTIVE instances leaves MIXED ones
-idle to lend to batch work, but a request that would queue at an INTERACTIVE instance starts at once on a MIXED
-one that lends nothing (measured: ``docs/decisions/0023``). **Admission**: an
+instance its batch requests count as room, because it evicts them), in this order of tiers: INTERACTIVE ones and
+MIXED ones without batch work, where no queue of interactive requests (≥ 4) waits; INTERACTIVE ones; MIXED ones.
+Within a tier the fewest interactive requests waiting (and sent since the last stats) win, then the fewest
+running, then the most room: a request behind others' prompts waits for their prefills, whatever the cap
+(``docs/decisions/0027``), and every request running beside it lengthens its ITL (``0032``). A MIXED instance
+with batch work is used only when the others queue, so it keeps lending its idle share; one without batch work
+lends nothing, and leaving it idle only loads the INTERACTIVE ones (``0023``, ``0032``). **Admission**: an
 instance is eligible only if its projected TTFT fits the request's TTFT SLO: ``ttft_p50 × (1 + queued /
 max_batch_size)`` where ``queued`` counts the requests waiting there (a heuristic: each full batch ahead
 costs about one more TTFT). No eligible instance ⇒ the request is refused at once (RESOURCE_EXHAUSTED)
@@ -192,15 +192,15 @@ def choose_instance(instances: Iterable[InstanceLoad], model: str, ttft_slo_ms: 
     eligible = [i for i in serving if i.projected_ttft_ms() <= ttft_slo_ms]
     with_room = [i for i in eligible if i.room > 0]
     tiers = (
-        lambda i: i.role == "interactive" and not i.queued,
-        lambda i: i.role == "mixed" and not i.queued and i.batch_requests == 0,
+        lambda i: not i.queued and (i.role == "interactive" or i.batch_requests == 0),
         lambda i: i.role == "interactive",
         lambda i: i.role == "mixed",
     )
     for tier in tiers:
         cands = [i for i in with_room if tier(i)]
         if cands:
-            return max(cands, key=lambda i: (-(i.interactive_waiting + i.pending), i.room, i.instance_id))
+            return max(cands, key=lambda i: (-(i.interactive_waiting + i.pending), -(i.num_running + i.pending),
+                                             i.room, i.instance_id))
     if eligible:  # no room anywhere but the projected TTFT still fits: the least loaded one queues it
         return min(eligible, key=lambda i: (i.projected_ttft_ms(), -i.room, i.instance_id))
     best = min(serving, key=lambda i: i.projected_ttft_ms())
