@@ -151,12 +151,14 @@ class _VllmFleet(FleetPolicy):
 # Chiron
 # ---------------------------------------------------------------------------------------------------------
 class ChironPolicy(FleetPolicy):
-    """Chiron as built: the router's :func:`choose_instance` for interactive requests (INTERACTIVE first, MIXED
-    overflow, admission control on the projected TTFT), batch requests through the global queue (leased by
-    BATCH and idle MIXED instances), the global scaler's :func:`decide` every ``interval_s``, and a local
-    autoscaler on every instance (ITL SLO: the workload's interactive one on INTERACTIVE/MIXED instances, its
-    relaxed batch one on BATCH instances). Role limits: INTERACTIVE 0..budget, MIXED 1..budget, BATCH 0..budget,
-    so the fleet multiplexes batch work onto interactive headroom from its first instance. The arrival CV given to
+    """Chiron as built: the router's :func:`choose_instance` for interactive requests (the least loaded
+    INTERACTIVE or batch-free MIXED instance, MIXED instances with batch work as overflow, admission control on
+    the projected TTFT), batch requests through the global queue (leased by BATCH and idle MIXED instances), the
+    global scaler's :func:`decide` every ``interval_s``, and a local autoscaler on every instance (ITL SLO: the
+    workload's interactive one on INTERACTIVE/MIXED instances, its relaxed batch one on BATCH instances). Role
+    limits: INTERACTIVE 1..budget, MIXED 1..budget, BATCH 0..budget: the fleet multiplexes batch work onto
+    interactive headroom from its first instance, and never serves interactive traffic from a single instance,
+    which a burst would overrun for a whole model-load time (``docs/decisions/0033``). The arrival CV given to
     the scaler is measured as the service measures it, from its own arrival rates over the last ``cv_window_s``
     (:class:`~services.global_scaler.policy.ArrivalRates`), or fixed with ``arrival_cv``.
     ``on_decision(decision)``, when given, is called with every
@@ -178,7 +180,7 @@ class ChironPolicy(FleetPolicy):
             interval_s=interval_s, model_load_time_s=max(sim.model_load_time_s, 1.0), scale_down_delay_s=scale_down_delay_s,
             gpus_per_instance=sim.gpus_per_instance, gpu_budget=sim.gpu_budget,
             interactive_ttft_slo_s=workload.interactive_ttft_ms / 1e3, arrival_cv_window_s=cv_window_s,
-            limits={"interactive": RoleLimits(0, budget), "mixed": RoleLimits(1, budget), "batch": RoleLimits(0, budget)},
+            limits={"interactive": RoleLimits(1, budget), "mixed": RoleLimits(1, budget), "batch": RoleLimits(0, budget)},
         )).validate()
         self.arrivals = ArrivalRates(self.cfg.arrival_cv_window_s, arrival_cv)
         self.min_prefill_tokens = min_prefill_tokens
