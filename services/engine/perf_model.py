@@ -215,9 +215,11 @@ def load_profiles(model_name: str, data_dir: str | None = None) -> ProfileTables
 # --------------------------------------------------------------------------------------------
 
 
-def linear_ops_ms(n: np.ndarray | float, a: float, b: float, p: float) -> np.ndarray:
-    """Smooth roofline ``(a^p + (b·n)^p)^(1/p)`` (ms per layer for ``n`` tokens)."""
-    n = np.asarray(n, dtype=float)
+def linear_ops_ms(n: np.ndarray | float, a: float, b: float, p: float) -> np.ndarray | float:
+    """Smooth roofline ``(a^p + (b·n)^p)^(1/p)`` (ms per layer for ``n`` tokens). A Python number gives a float
+    (the engine's per-step call: no 0-d array; the same libm pow, bit for bit), anything else an array."""
+    if not isinstance(n, int | float):
+        n = np.asarray(n, dtype=float)
     return (a**p + (b * n) ** p) ** (1.0 / p)
 
 
@@ -277,9 +279,7 @@ class PerfModel:
 
     # --- per-layer pieces (ms) -------------------------------------------------------------
     def linear_layer_ms(self, num_tokens: float) -> float:
-        # linear_ops_ms in Python floats: the same libm pow, bit for bit, without a 0-d array per call.
-        a, b, p = self.linear
-        return (a**p + (b * num_tokens) ** p) ** (1.0 / p)
+        return linear_ops_ms(num_tokens, *self.linear)
 
     def decode_attention_layer_ms(self, num_decode: int, sum_context_tokens: float) -> float:
         if num_decode <= 0:
