@@ -117,6 +117,19 @@ def test_the_fraction_goes_to_mixed_instances_only_when_one_holds_it():
     assert d.roles["interactive"].wanted == 3
 
 
+def test_the_interactive_minimum_serves_the_need_and_mixed_instances_hold_only_the_headroom():
+    # N = 48 / 50 = 0.96 < 1: the one INTERACTIVE instance the minimum keeps serves it, so MIXED instances hold
+    # the headroom H = Θ·N (Θ = 0.1 at 10 req/s, CV 1) alone: 1 + 1 instances, not 1 + ceil(N + H) = 1 + 2.
+    arrivals = ArrivalStats(rate_per_s=10.0, cv=1.0, inflight=48.0)
+    _, d = decide(CFG, PolicyState(), ScalerInputs(0.0, fleet(1), arrivals))
+    head = 0.96 * overprovisioning_theta(CFG, arrivals)
+    assert d.roles["mixed"].wanted == pytest.approx(head) and d.desired("mixed") == 1
+    assert d.desired("interactive") == 1 and "INTERACTIVE instance(s) of the minimum" in d.roles["mixed"].reason
+    # From N = 1.2 up the split is floor(N) INTERACTIVE and the rest plus H MIXED, as without a minimum.
+    _, d = decide(CFG, PolicyState(), ScalerInputs(0.0, fleet(1), dataclasses.replace(arrivals, inflight=60.0)))
+    assert d.roles["mixed"].wanted == pytest.approx(1.2 + 1.2 * overprovisioning_theta(CFG, arrivals) - 1)
+
+
 def test_batch_backpressure_adds_capacity_in_proportion():
     groups = [GroupView("m/1", 500, wait_p95_s=600.0, deadline_s=300.0),  # needs 2x the capacity
               GroupView("m/2", 100, wait_p95_s=200.0, deadline_s=3600.0)]

@@ -14,8 +14,8 @@ T / P̄`` (R_p: prompt tokens/s an instance prefills, T: TTFT SLO, P̄: mean int
 **Headroom Θ.** Arrivals over one model-load time ``L`` ~ Normal(λL, λL·CV²), so the ``theta_quantile`` fits
 with ``Θ = z_q · CV / sqrt(λL)``, clamped to ``[theta_min, theta_max]``; headroom ``H = max(N·Θ, N̄·Θ(λ̄))``, N̄
 and λ̄ the means of the last ``arrival_cv_window_s`` (a lull between bursts keeps what the window saw). ``n_I =
-floor(N)``, ``n_M = ceil(N + H) − n_I``: MIXED instances take the rest and lend their idle capacity to batch work
-(λ = 10/s, CV = 1, L = 60 s, p99: Θ = 2.33 / sqrt(600) ≈ 0.095 → 0.1; N = 4.5 → 4 I + 1 M), unless the
+floor(N)`` or its minimum, ``n_M = ceil(max(N, n_I) + H) − n_I``: MIXED instances take the rest and lend their idle
+capacity to batch work (λ = 10/s, CV = 1, L = 60 s, p99: Θ = 2.33 / sqrt(600) ≈ 0.1; N = 4.5 → 4 I + 1 M), unless the
 ``(N − n_I)·C`` requests exceed the largest MIXED cap (batch prefills keep it small): then ``n_I = ceil(N)``.
 
 **Batch backpressure.** ``B`` = BATCH instances + what MIXED ones lend (each its idle share, at most its batch
@@ -670,7 +670,9 @@ def decide(cfg: PolicyConfig, state: PolicyState, inp: ScalerInputs) -> tuple[Po
         want_i = float(math.ceil(need - 1e-9))
     batch = batch_need(cfg, inp, current["batch"])
     recent, head, from_window = window_headroom(cfg, state.recent, inp.arrivals, now, need, theta)
-    wanted = {"interactive": want_i, "mixed": max(0.0, need + head - want_i), "batch": batch.wanted}
+    # Below its minimum, the INTERACTIVE instances the minimum keeps serve N: MIXED instances hold the headroom.
+    served_i = max(want_i, float(cfg.limit("interactive").min_instances))
+    wanted = {"interactive": want_i, "mixed": max(0.0, max(need, served_i) + head - served_i), "batch": batch.wanted}
     reasons = {
         "interactive": (f"demand {demand:.1f} running requests / {cap.concurrency:.1f} per instance"
                         + (" (the TTFT bound)" if cap.concurrency >= ttft_concurrency(cfg, inp.arrivals) else "")
@@ -679,7 +681,8 @@ def decide(cfg: PolicyConfig, state: PolicyState, inp: ScalerInputs) -> tuple[Po
         "mixed": (f"headroom Θ={theta:.2f} (λ={inp.arrivals.rate_per_s:.2f}/s, CV={inp.arrivals.cv:.2f}, "
                   f"L={cfg.model_load_time_s:g} s) over {need:.2f} instances' worth"
                   + (f"; {head:.2f} instances' worth kept from the last {cfg.arrival_cv_window_s:g} s"
-                     if from_window else "")),
+                     if from_window else "")
+                  + (f"; N served by the {served_i:g} INTERACTIVE instance(s) of the minimum" if served_i > want_i else "")),
         "batch": batch.reason,
     }
     codes = {"interactive": "demand", "mixed": "headroom", "batch": batch.code}
