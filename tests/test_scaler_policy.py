@@ -260,10 +260,9 @@ def test_a_saturated_count_is_forgotten_once_the_cap_grows():
 
 def test_the_ttft_bound_caps_what_an_instance_is_sized_for():
     # Chat SLO (T = 2 s), prompts of 1,000 tokens, 10,000 prompt tokens/s: an instance prefills 20 requests in one
-    # TTFT SLO; with the burst factor 2 it is sized for 40, whatever its cap of 400 (the mean-ITL cap). A burst of
-    # 40 requests/s needs 40 × 1,000 / (0.7 × 10,000) = 5.7 instances to prefill, so the bound's 5 stands.
+    # TTFT SLO; with the burst factor 2 it is sized for 40, whatever its cap of 400 (the mean-ITL cap).
     cfg = dataclasses.replace(CFG, interactive_ttft_slo_s=2.0)
-    arrivals = ArrivalStats(40.0, 1.0, inflight=200.0, prompt_tokens_mean=1000.0)
+    arrivals = ArrivalStats(5.0, 1.0, inflight=200.0, prompt_tokens_mean=1000.0)
     assert ttft_concurrency(cfg, arrivals) == pytest.approx(2 * 10_000 * 2.0 / 1000)
     _, d = decide(cfg, PolicyState(), ScalerInputs(0.0, fleet(2, cap=400), arrivals))
     assert d.inputs["instance_concurrency"] == pytest.approx(40.0) and d.inputs["demand_requests"] == 200
@@ -277,27 +276,6 @@ def test_the_ttft_bound_caps_what_an_instance_is_sized_for():
     assert d.inputs["instance_concurrency"] == 150 and "TTFT bound" not in d.roles["interactive"].reason
     # No prompt seen yet: no bound.
     assert ttft_concurrency(cfg, ArrivalStats(5.0, 1.0, 200.0)) == math.inf
-
-
-def test_the_ttft_bound_counts_no_more_instances_than_the_prompts_need_to_prefill():
-    # Steady long prompts (3.4 requests/s of 2,583 tokens, outputs of ~300 tokens): 31 requests in flight, most of
-    # them decoding. The chat TTFT bound (2 × 10,000 × 2 / 2,583 = 15.5 per instance) would count 2 instances;
-    # prefilling 8,782 tokens/s at ρ = 0.7 takes 1.25, so N = 1.25.
-    cfg = dataclasses.replace(CFG, interactive_ttft_slo_s=2.0)
-    steady = ArrivalStats(3.4, 1.0, inflight=31.0, prompt_tokens_mean=2583.0)
-    _, d = decide(cfg, PolicyState(), ScalerInputs(0.0, fleet(2, cap=256), steady))
-    assert d.inputs["prefill_need_instances"] == pytest.approx(3.4 * 2583 / (0.7 * 10_000))
-    assert d.inputs["interactive_need_instances"] == pytest.approx(d.inputs["prefill_need_instances"])
-    assert "at most the prefill need 1.25" in d.roles["interactive"].reason
-    # The cap C still binds below it: 31 requests over instances holding 8 each need 3.9.
-    _, d = decide(cfg, PolicyState(), ScalerInputs(0.0, fleet(2, cap=8), steady))
-    assert d.inputs["interactive_need_instances"] == pytest.approx(31 / 8)
-    # A denser utilisation needs fewer; none outside (0, 1].
-    _, d = decide(dataclasses.replace(cfg, prefill_utilisation=0.9), PolicyState(),
-                  ScalerInputs(0.0, fleet(2, cap=256), steady))
-    assert d.inputs["interactive_need_instances"] == pytest.approx(3.4 * 2583 / (0.9 * 10_000))
-    with pytest.raises(ValueError, match="prefill_utilisation"):
-        dataclasses.replace(cfg, prefill_utilisation=1.2).validate()
 
 
 def test_the_mean_prompt_is_smoothed_over_the_prompt_window():

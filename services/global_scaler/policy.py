@@ -4,12 +4,12 @@
 desired counts per role with reasons (run by ``chiron scaler`` and the simulator). Shape from the paper (arXiv
 2501.08090; ``../shared/notes/paper.md`` §0b, §3.4), formulas Chiron's (``docs/decisions/0020``+).
 
-**Interactive need** ``N = max(D / C, min(D / C_T, λ·P̄ / (ρ·R_p)), λ / μ̄)``. ``D``: interactive requests running
-at INTERACTIVE and MIXED instances (a queue counts until the instance has a measured admission rate). ``μ̄``: mean
-admission rate where a queue stood through an interval. ``C``: the mean of what each instance holds, its max batch
-size or its running count when a queue last stood below that cap through an interval and outlasted the TTFT SLO
-(kept ``concurrency_memory_s`` while the cap stays within 2×). TTFT bound ``C_T = min(C, ttft_burst_factor · R_p ·
-T / P̄)`` (R_p: prompt tokens/s an instance prefills, T: TTFT SLO, P̄: mean prompt): no more than prefill needs.
+**Interactive need** ``N = max(D / C, λ / μ̄)`` instances. ``D``: interactive requests running at INTERACTIVE
+and MIXED instances (a queue counts until the instance has a measured admission rate). ``μ̄``: mean admission
+rate of instances where a queue stood through an interval. ``C``: the mean of what each instance holds, its max
+batch size or its running count when a queue last stood below that cap through an interval and outlasted the
+TTFT SLO (remembered ``concurrency_memory_s`` while the cap stays within 2×), at most ``ttft_burst_factor · R_p ·
+T / P̄`` (R_p: prompt tokens/s an instance prefills, T: TTFT SLO, P̄: mean interactive prompt; ~2 T to prefill).
 
 **Headroom Θ.** Arrivals over one model-load time ``L`` ~ Normal(λL, λL·CV²), so the ``theta_quantile`` fits
 with ``Θ = z_q · CV / sqrt(λL)``, clamped to ``[theta_min, theta_max]``; headroom ``H = max(N·Θ, N̄·Θ(λ̄))``, N̄
@@ -77,9 +77,6 @@ class PolicyConfig:
     # decodes takes 47.8 ms per iteration in services/engine/perf_model.py (10,700 tokens/s), rounded down.
     prefill_tokens_per_s: float = 10_000.0
     ttft_burst_factor: float = 2.0  # C <= this × the requests an instance prefills in one TTFT SLO (tune split)
-    # The TTFT bound sizes for at most the instances that prefill the arrivals' prompts at this utilisation (ρ;
-    # chosen on the tune split among 0.6-0.9, docs/decisions/0034).
-    prefill_utilisation: float = 0.7
     prompt_window_s: float = 300.0  # time constant of the EWMA over the engines' mean prompts [s]
     gpus_per_instance: int = 1
     gpu_budget: int = 50  # the paper's experiments cap the fleet at 50 GPUs
@@ -97,8 +94,6 @@ class PolicyConfig:
             raise ValueError(f"theta_quantile must be in (0.5, 1) (got {self.theta_quantile})")
         if not 0 <= self.theta_min <= self.theta_max:
             raise ValueError(f"need 0 <= theta_min <= theta_max (got {self.theta_min}, {self.theta_max})")
-        if not 0 < self.prefill_utilisation <= 1:
-            raise ValueError(f"prefill_utilisation must be in (0, 1] (got {self.prefill_utilisation})")
         if not 0 <= self.mixed_lend_fraction <= 1:
             raise ValueError(f"mixed_lend_fraction must be in [0, 1] (got {self.mixed_lend_fraction})")
         if self.batch_margin < 0 or self.max_ratio < 1:
@@ -386,12 +381,10 @@ def overprovisioning_theta(cfg: PolicyConfig, arrivals: ArrivalStats) -> float:
 
 @dataclass(frozen=True)
 class InstanceCapacity:
-    """What the interactive instances hold (:func:`instance_capacity`): ``held`` C and ``concurrency`` C_T (C under
-    the TTFT bound) [requests per instance], ``admit_rate`` μ̄ [requests/s per instance, NaN when none is measured],
-    ``left_out`` interactive requests waiting where the rate term covers them (not counted in D), and the updated
-    per-instance memories."""
+    """What the interactive instances hold (:func:`instance_capacity`): ``concurrency`` C [requests per
+    instance], ``admit_rate`` μ̄ [requests/s per instance, NaN when none is measured], ``left_out`` interactive
+    requests waiting where the rate term covers them (not counted in D), and the updated per-instance memories."""
 
-    held: float
     concurrency: float
     admit_rate: float
     left_out: float
@@ -439,17 +432,6 @@ def ttft_concurrency(cfg: PolicyConfig, arrivals: ArrivalStats) -> float:
     return cfg.ttft_burst_factor * cfg.prefill_tokens_per_s * cfg.interactive_ttft_slo_s / p
 
 
-def prefill_need(cfg: PolicyConfig, arrivals: ArrivalStats) -> float:
-    """Instances that prefill the interactive arrivals' prompts at utilisation ``prefill_utilisation`` (ρ):
-    ``λ·P̄ / (ρ·R_p)`` [instances]; infinite while no prompt has been seen. E.g. 3.4 requests/s of 2,583-token
-    prompts at 10,000 tokens/s and ρ = 0.7: 1.25 instances, where 31 requests in flight over a chat TTFT bound of
-    15.5 would count 2."""
-    p = arrivals.prompt_tokens_mean
-    if not (p > 0 and math.isfinite(p)):
-        return math.inf
-    return arrivals.rate_per_s * p / (cfg.prefill_utilisation * cfg.prefill_tokens_per_s)
-
-
 def instance_capacity(cfg: PolicyConfig, state: PolicyState, inp: ScalerInputs) -> InstanceCapacity:
     """C and μ̄ over INTERACTIVE and MIXED instances (module docstring, "Instance concurrency"). Pure."""
     now = inp.now
@@ -483,10 +465,10 @@ def instance_capacity(cfg: PolicyConfig, state: PolicyState, inp: ScalerInputs) 
         caps.append(min(i.max_batch_size, seen[1]) if fresh else i.max_batch_size)
     saturated = {k: v for k, v in saturated.items() if k in live}
     admit_rates = {k: v for k, v in admit_rates.items() if k in live}
-    held = sum(caps) / len(caps) if caps else cfg.default_instance_concurrency
+    conc = min(sum(caps) / len(caps) if caps else cfg.default_instance_concurrency, ttft_concurrency(cfg, inp.arrivals))
     rates = [r for t, r in admit_rates.values() if now - t <= cfg.concurrency_memory_s and r > 0]
     mu = sum(rates) / len(rates) if rates else math.nan
-    return InstanceCapacity(held, min(held, ttft_concurrency(cfg, inp.arrivals)), mu, left_out, saturated, admit_rates)
+    return InstanceCapacity(conc, mu, left_out, saturated, admit_rates)
 
 
 def mixed_lend(cfg: PolicyConfig, instances: Sequence[InstanceView]) -> float:
@@ -681,9 +663,7 @@ def decide(cfg: PolicyConfig, state: PolicyState, inp: ScalerInputs) -> tuple[Po
     theta = overprovisioning_theta(cfg, inp.arrivals)
     demand = max(0.0, inp.arrivals.inflight - cap.left_out)
     by_rate = inp.arrivals.rate_per_s / cap.admit_rate if math.isfinite(cap.admit_rate) else 0.0
-    prefill = prefill_need(cfg, inp.arrivals)
-    bounded = min(demand / cap.concurrency, prefill)  # the TTFT bound, at most the prefill need
-    need = max(demand / cap.held, bounded, by_rate)
+    need = max(demand / cap.concurrency, by_rate)
     want_i = float(math.floor(need + 1e-9))
     rest = (need - want_i) * cap.concurrency  # requests left to the MIXED instances [requests]
     if rest > mixed_hold(inp.instances):
@@ -695,8 +675,7 @@ def decide(cfg: PolicyConfig, state: PolicyState, inp: ScalerInputs) -> tuple[Po
     wanted = {"interactive": want_i, "mixed": max(0.0, max(need, served_i) + head - served_i), "batch": batch.wanted}
     reasons = {
         "interactive": (f"demand {demand:.1f} running requests / {cap.concurrency:.1f} per instance"
-                        + (" (the TTFT bound)" if cap.concurrency < cap.held else "")
-                        + (f", at most the prefill need {prefill:.2f}" if bounded < demand / cap.concurrency else "")
+                        + (" (the TTFT bound)" if cap.concurrency >= ttft_concurrency(cfg, inp.arrivals) else "")
                         + (f"; arrivals {inp.arrivals.rate_per_s:.2f}/s / {cap.admit_rate:.2f}/s admitted per "
                            f"instance" if math.isfinite(cap.admit_rate) else "")),
         "mixed": (f"headroom Θ={theta:.2f} (λ={inp.arrivals.rate_per_s:.2f}/s, CV={inp.arrivals.cv:.2f}, "
@@ -735,7 +714,7 @@ def decide(cfg: PolicyConfig, state: PolicyState, inp: ScalerInputs) -> tuple[Po
         codes[role] = "gpu_budget"
     roles = {r: RoleDecision(r, current[r], wanted[r], desired[r], reasons[r], codes[r]) for r in ROLES}
     decision = ScalerDecision(now, roles, theta, batch.backpressure, {
-        "demand_requests": demand, "instance_concurrency": cap.concurrency, "prefill_need_instances": prefill,
+        "demand_requests": demand, "instance_concurrency": cap.concurrency,
         "arrival_rate_per_s": inp.arrivals.rate_per_s, "admit_rate_per_instance": cap.admit_rate,
         "interactive_need_instances": need, "arrival_cv": inp.arrivals.cv,
         "prompt_tokens_mean": inp.arrivals.prompt_tokens_mean, "ttft_concurrency": ttft_concurrency(cfg, inp.arrivals),
