@@ -278,6 +278,25 @@ def test_the_ttft_bound_caps_what_an_instance_is_sized_for():
     assert ttft_concurrency(cfg, ArrivalStats(5.0, 1.0, 200.0)) == math.inf
 
 
+def test_a_fleet_that_keeps_up_stays_sized_for_what_it_prefills():
+    # 4 instances keep up with 4.2 requests/s of 5,200-token prompts: nothing waits, so no admission rate is
+    # measured, and 28 running requests over C = 38.5 (the TTFT bound at T = 10 s) read as 0.73 instances. Prefilling
+    # 4.2 × 5,200 tokens/s at 10,000 tokens/s per instance keeps 2.18 instances busy: N may not fall below that.
+    cfg = dataclasses.replace(CFG, interactive_ttft_slo_s=10.0)
+    arrivals = ArrivalStats(4.2, 1.0, inflight=28.0, prompt_tokens_mean=5200.0)
+    st, d = decide(cfg, PolicyState(), ScalerInputs(0.0, fleet(4, cap=1024), arrivals))
+    assert d.inputs["demand_requests"] / d.inputs["instance_concurrency"] == pytest.approx(28 / 38.46, rel=1e-3)
+    assert d.inputs["prefill_need_instances"] == pytest.approx(4.2 * 5200 / 10_000)
+    assert d.inputs["interactive_need_instances"] == pytest.approx(2.184)
+    assert "prefilling 4.20/s" in d.roles["interactive"].reason
+    # The rate is the mean over the arrival window: one quiet interval after a busy one does not halve it.
+    _, d = decide(cfg, st, ScalerInputs(5.0, fleet(4, cap=1024), dataclasses.replace(arrivals, rate_per_s=2.1)))
+    assert d.inputs["prefill_need_instances"] == pytest.approx((4.2 + 2.1) / 2 * 5200 / 10_000, rel=1e-3)
+    # No prompt seen yet: no prefill term.
+    _, d = decide(cfg, PolicyState(), ScalerInputs(0.0, fleet(4, cap=1024), ArrivalStats(4.2, 1.0, 28.0)))
+    assert d.inputs["prefill_need_instances"] == 0
+
+
 def test_the_mean_prompt_is_smoothed_over_the_prompt_window():
     cfg = dataclasses.replace(CFG, prompt_window_s=300.0)
     last = smooth_prompt(cfg, (-math.inf, math.nan), 0.0, 1000.0)

@@ -4,19 +4,19 @@
 desired counts per role with reasons (run by ``chiron scaler`` and the simulator). Shape from the paper (arXiv
 2501.08090; ``../shared/notes/paper.md`` §0b, §3.4), formulas Chiron's (``docs/decisions/0020``+).
 
-**Interactive need** ``N = max(D / C, λ / μ̄)`` instances. ``D``: interactive requests running at INTERACTIVE
-and MIXED instances (a queue counts until the instance has a measured admission rate). ``μ̄``: mean admission
-rate of instances where a queue stood through an interval. ``C``: the mean of what each instance holds, its max
-batch size or its running count when a queue last stood below that cap through an interval and outlasted the
-TTFT SLO (remembered ``concurrency_memory_s`` while the cap stays within 2×), at most ``ttft_burst_factor · R_p ·
-T / P̄`` (R_p: prompt tokens/s an instance prefills, T: TTFT SLO, P̄: mean interactive prompt; ~2 T to prefill).
+**Interactive need** ``N = max(D / C, λ / μ̄, λ̄·P̄ / R_p)`` instances. ``D``: interactive requests running at
+INTERACTIVE and MIXED instances (a queue counts until the instance has a measured admission rate). ``μ̄``: mean
+admission rate of instances where a queue stood through an interval. ``λ̄·P̄ / R_p``: prefilling the mean arrivals of
+the last ``arrival_cv_window_s`` (R_p: prompt tokens/s an instance prefills, P̄: mean prompt). ``C``: the mean of
+what each instance holds, its max batch size or its running count when a queue last stood below that cap through an
+interval and outlasted the TTFT SLO (kept ``concurrency_memory_s`` while the cap stays within 2×), at most
+``ttft_burst_factor · R_p · T / P̄`` (T: TTFT SLO; ~2 T to prefill).
 
-**Headroom Θ.** Arrivals over one model-load time ``L`` ~ Normal(λL, λL·CV²), so the ``theta_quantile`` fits
-with ``Θ = z_q · CV / sqrt(λL)``, clamped to ``[theta_min, theta_max]``; headroom ``H = max(N·Θ, N̄·Θ(λ̄))``, N̄
-and λ̄ the means of the last ``arrival_cv_window_s`` (a lull between bursts keeps what the window saw). ``n_I =
-floor(N)`` or its minimum, ``n_M = ceil(max(N, n_I) + H) − n_I``: MIXED instances take the rest and lend their idle
-capacity to batch work (λ = 10/s, CV = 1, L = 60 s, p99: Θ = 2.33 / sqrt(600) ≈ 0.1; N = 4.5 → 4 I + 1 M), unless the
-``(N − n_I)·C`` requests exceed the largest MIXED cap (batch prefills keep it small): then ``n_I = ceil(N)``.
+**Headroom Θ.** Arrivals over one model-load time ``L`` ~ Normal(λL, λL·CV²), so the ``theta_quantile`` fits with
+``Θ = z_q · CV / sqrt(λL)`` in ``[theta_min, theta_max]``; headroom ``H = max(N·Θ, N̄·Θ(λ̄))``, N̄ and λ̄ the means of
+the last ``arrival_cv_window_s`` (a lull between bursts keeps what the window saw). ``n_I = floor(N)`` or its minimum,
+``n_M = ceil(max(N, n_I) + H) − n_I``: MIXED instances lend their idle capacity to batch work (λ = 10/s, CV = 1, L =
+60 s, p99: Θ ≈ 0.1; N = 4.5 → 4 I + 1 M); if ``(N − n_I)·C`` requests exceed the largest MIXED cap, ``n_I = ceil(N)``.
 
 **Batch backpressure.** ``B`` = BATCH instances + what MIXED ones lend (each its idle share, at most its batch
 requests over a busy BATCH instance's). A group's wait scales as ``1 / B``: ``BBP = max_g(wait_p95 / time_left)
@@ -632,6 +632,21 @@ def gpu_budget_cuts(cfg: PolicyConfig, desired: Mapping[str, int]) -> dict[str, 
     return cuts
 
 
+def prefill_need(cfg: PolicyConfig, recent: tuple[tuple[float, float, float], ...], arrivals: ArrivalStats,
+                 now: float) -> tuple[float, float]:
+    """The instances that prefilling the arrivals' prompts keeps busy, ``λ̄·P̄ / R_p`` (module docstring): λ̄ the mean
+    arrival rate [requests/s] of the decisions in ``recent`` over the last ``arrival_cv_window_s`` and of this one,
+    P̄ the smoothed mean prompt [tokens], R_p ``prefill_tokens_per_s``. Returns (need [instances], λ̄); need 0 while no
+    prompt has been seen. Below it the fleet's prefill queue grows without bound, whatever C and μ̄ say: a fleet
+    that kept up has no standing queue, so μ̄ ages out and D / C alone sizes it for what it runs, not what it
+    prefills. The window mean, not this interval's λ, so one busy interval's noise is not held for the delay
+    window. E.g. 4.2 requests/s of 5,200-token prompts at 10,000 tokens/s: 2.2 instances."""
+    rates = [r[2] for r in recent if r[0] >= now - cfg.arrival_cv_window_s] + [arrivals.rate_per_s]
+    lam = sum(rates) / len(rates)
+    p = arrivals.prompt_tokens_mean
+    return (lam * p / cfg.prefill_tokens_per_s if p > 0 and math.isfinite(p) else 0.0), lam
+
+
 def window_headroom(cfg: PolicyConfig, recent: tuple[tuple[float, float, float], ...], arrivals: ArrivalStats,
                     now: float, need: float, theta: float) -> tuple[tuple[tuple[float, float, float], ...], float, bool]:
     """Headroom [instances]: the larger of ``N·Θ`` now and ``N̄·Θ(λ̄)``, N̄ and λ̄ the means over the decisions of
@@ -659,11 +674,12 @@ def decide(cfg: PolicyConfig, state: PolicyState, inp: ScalerInputs) -> tuple[Po
     inp = replace(inp, arrivals=replace(inp.arrivals, prompt_tokens_mean=prompt[1]))
     current = {r: sum(1 for i in inp.instances if i.role == r) for r in ROLES}
     cap = instance_capacity(cfg, state, inp)
-    # Interactive: N = max(D / C, λ / μ̄); whole instances INTERACTIVE, the rest plus Θ·N MIXED.
+    # Interactive: N = max(D / C, λ / μ̄, λ̄·P̄ / R_p); whole instances INTERACTIVE, the rest plus the headroom MIXED.
     theta = overprovisioning_theta(cfg, inp.arrivals)
     demand = max(0.0, inp.arrivals.inflight - cap.left_out)
     by_rate = inp.arrivals.rate_per_s / cap.admit_rate if math.isfinite(cap.admit_rate) else 0.0
-    need = max(demand / cap.concurrency, by_rate)
+    prefill, lam_bar = prefill_need(cfg, state.recent, inp.arrivals, now)
+    need = max(demand / cap.concurrency, by_rate, prefill)
     want_i = float(math.floor(need + 1e-9))
     rest = (need - want_i) * cap.concurrency  # requests left to the MIXED instances [requests]
     if rest > mixed_hold(inp.instances):
@@ -677,7 +693,10 @@ def decide(cfg: PolicyConfig, state: PolicyState, inp: ScalerInputs) -> tuple[Po
         "interactive": (f"demand {demand:.1f} running requests / {cap.concurrency:.1f} per instance"
                         + (" (the TTFT bound)" if cap.concurrency >= ttft_concurrency(cfg, inp.arrivals) else "")
                         + (f"; arrivals {inp.arrivals.rate_per_s:.2f}/s / {cap.admit_rate:.2f}/s admitted per "
-                           f"instance" if math.isfinite(cap.admit_rate) else "")),
+                           f"instance" if math.isfinite(cap.admit_rate) else "")
+                        + (f"; prefilling {lam_bar:.2f}/s (the window's mean) × {inp.arrivals.prompt_tokens_mean:.0f} "
+                           f"prompt tokens at {cfg.prefill_tokens_per_s:g} tokens/s per instance needs {prefill:.2f}"
+                           if prefill > 0 and prefill >= need else "")),
         "mixed": (f"headroom Θ={theta:.2f} (λ={inp.arrivals.rate_per_s:.2f}/s, CV={inp.arrivals.cv:.2f}, "
                   f"L={cfg.model_load_time_s:g} s) over {need:.2f} instances' worth"
                   + (f"; {head:.2f} instances' worth kept from the last {cfg.arrival_cv_window_s:g} s"
@@ -716,7 +735,7 @@ def decide(cfg: PolicyConfig, state: PolicyState, inp: ScalerInputs) -> tuple[Po
     decision = ScalerDecision(now, roles, theta, batch.backpressure, {
         "demand_requests": demand, "instance_concurrency": cap.concurrency,
         "arrival_rate_per_s": inp.arrivals.rate_per_s, "admit_rate_per_instance": cap.admit_rate,
-        "interactive_need_instances": need, "arrival_cv": inp.arrivals.cv,
+        "interactive_need_instances": need, "prefill_need_instances": prefill, "arrival_cv": inp.arrivals.cv,
         "prompt_tokens_mean": inp.arrivals.prompt_tokens_mean, "ttft_concurrency": ttft_concurrency(cfg, inp.arrivals),
         "batch_capacity_instances": batch.capacity, "mixed_lend_instances": batch.lend,
         "queued_requests": float(batch.queued), "in_service_requests": float(batch.in_service),
