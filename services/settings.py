@@ -163,7 +163,7 @@ class ScalerSettings(BaseModel):
     model_load_time_s: float = 60.0
     arrival_cv: float | None = None  # None: measured from the observed arrival rates
     interactive_ttft_slo_ms: float = 10_000.0
-    prefill_tokens_per_s: float = 10_000.0  # an engine's prefill rate [prompt tokens/s] (the TTFT bound on C)
+    prefill_tokens_per_s: float = 10_000.0  # an engine's prefill rate [prompt tokens/s] (the TTFT bound on C, the prefill need)
     interactive: tuple[int, int] = (1, 16)
     mixed: tuple[int, int] = (0, 16)
     batch: tuple[int, int] = (0, 16)

@@ -237,7 +237,8 @@ def _role_limits(text: str, role: str) -> tuple[int, int]:
                    "concurrency bound (set it to your SLO class, e.g. 2000 for chat).")
 @click.option("--prefill-tokens-per-s", default=10_000.0, show_default=True,
               help="Prompt tokens one engine prefills per second (Llama-3-8B on an A100: about 10,000): with the "
-                   "TTFT SLO and the engines' mean prompt it bounds the requests an instance is sized for.")
+                   "TTFT SLO and the engines' mean prompt it bounds the requests an instance is sized for, and the "
+                   "fleet never has fewer instances than prefilling the arrivals' prompts keeps busy.")
 @click.option("--interactive", "lim_i", default="1:16", show_default=True, help="MIN:MAX INTERACTIVE instances.")
 @click.option("--mixed", "lim_m", default="0:16", show_default=True, help="MIN:MAX MIXED instances.")
 @click.option("--batch", "lim_b", default="0:16", show_default=True, help="MIN:MAX BATCH instances.")

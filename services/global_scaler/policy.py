@@ -73,8 +73,9 @@ class PolicyConfig:
     concurrency_memory_s: float = 300.0  # how long an instance's saturated running count stands for its capacity
     batch_settle_s: float = 60.0  # after a BATCH scale-up, time for its capacity to show in the queue's measurement
     interactive_ttft_slo_s: float = 10.0  # TTFT SLO of interactive requests [s] (the router's default class)
-    # An instance's prefill rate [prompt tokens/s]: Llama-3-8B on an A100-80GB with a 512-token chunk beside 16
-    # decodes takes 47.8 ms per iteration in services/engine/perf_model.py (10,700 tokens/s), rounded down.
+    # An instance's prefill rate [prompt tokens/s] (the TTFT bound on C, the prefill need): Llama-3-8B on an A100-80GB
+    # with a 512-token chunk beside 16 decodes takes 47.8 ms per iteration in services/engine/perf_model.py (10,700
+    # tokens/s), rounded down.
     prefill_tokens_per_s: float = 10_000.0
     ttft_burst_factor: float = 2.0  # C <= this × the requests an instance prefills in one TTFT SLO (tune split)
     prompt_window_s: float = 300.0  # time constant of the EWMA over the engines' mean prompts [s]
