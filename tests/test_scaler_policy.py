@@ -297,22 +297,6 @@ def test_a_fleet_that_keeps_up_stays_sized_for_what_it_prefills():
     assert d.inputs["prefill_need_instances"] == 0
 
 
-def test_an_interval_without_arrivals_is_a_lull_not_an_idle_fleet():
-    # 3.4 requests/s for a minute, then one 5-s interval with none while 20 requests still run: Θ reads the
-    # window's mean rate, not the "no traffic" theta_max that would double N in headroom.
-    st = PolicyState()
-    arrivals = ArrivalStats(3.4, 1.0, inflight=20.0)
-    for t in range(0, 60, 5):
-        st, _ = decide(CFG, st, ScalerInputs(float(t), fleet(1, 1), arrivals))
-    _, d = decide(CFG, st, ScalerInputs(60.0, fleet(1, 1), dataclasses.replace(arrivals, rate_per_s=0.0)))
-    lam_bar = 3.4 * 12 / 13
-    assert d.theta == pytest.approx(overprovisioning_theta(CFG, ArrivalStats(lam_bar, 1.0)))
-    assert d.theta < CFG.theta_max
-    # A window that never saw an arrival (a cold start) still gets theta_max.
-    _, d = decide(CFG, PolicyState(), ScalerInputs(0.0, fleet(1, 1), ArrivalStats(0.0, 1.0)))
-    assert d.theta == CFG.theta_max
-
-
 def test_the_mean_prompt_is_smoothed_over_the_prompt_window():
     cfg = dataclasses.replace(CFG, prompt_window_s=300.0)
     last = smooth_prompt(cfg, (-math.inf, math.nan), 0.0, 1000.0)

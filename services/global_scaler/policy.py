@@ -13,10 +13,10 @@ interval and outlasted the TTFT SLO (kept ``concurrency_memory_s`` while the cap
 ``ttft_burst_factor · R_p · T / P̄`` (T: TTFT SLO; ~2 T to prefill).
 
 **Headroom Θ.** Arrivals over one model-load time ``L`` ~ Normal(λL, λL·CV²), so the ``theta_quantile`` fits with
-``Θ = z_q · CV / sqrt(λL)`` in ``[theta_min, theta_max]`` (λ̄ for an interval without arrivals); ``H = max(N·Θ,
-N̄·Θ(λ̄))``, N̄ and λ̄ the means of the last ``arrival_cv_window_s``. ``n_I = floor(N)`` or its minimum, ``n_M =
-ceil(max(N, n_I) + H) − n_I``: MIXED instances lend idle capacity to batch work (λ = 10/s, CV = 1, L = 60 s: Θ ≈ 0.1;
-N = 4.5 → 4 I + 1 M); if ``(N − n_I)·C`` requests exceed the largest MIXED cap, ``n_I = ceil(N)``.
+``Θ = z_q · CV / sqrt(λL)`` in ``[theta_min, theta_max]``; headroom ``H = max(N·Θ, N̄·Θ(λ̄))``, N̄ and λ̄ the means of
+the last ``arrival_cv_window_s`` (a lull between bursts keeps what the window saw). ``n_I = floor(N)`` or its minimum,
+``n_M = ceil(max(N, n_I) + H) − n_I``: MIXED instances lend their idle capacity to batch work (λ = 10/s, CV = 1, L =
+60 s, p99: Θ ≈ 0.1; N = 4.5 → 4 I + 1 M); if ``(N − n_I)·C`` requests exceed the largest MIXED cap, ``n_I = ceil(N)``.
 
 **Batch backpressure.** ``B`` = BATCH instances + what MIXED ones lend (each its idle share, at most its batch
 requests over a busy BATCH instance's). A group's wait scales as ``1 / B``: ``BBP = max_g(wait_p95 / time_left)
@@ -676,13 +676,10 @@ def decide(cfg: PolicyConfig, state: PolicyState, inp: ScalerInputs) -> tuple[Po
     current = {r: sum(1 for i in inp.instances if i.role == r) for r in ROLES}
     cap = instance_capacity(cfg, state, inp)
     # Interactive: N = max(D / C, λ / μ̄, λ̄·P̄ / R_p); whole instances INTERACTIVE, the rest plus the headroom MIXED.
+    theta = overprovisioning_theta(cfg, inp.arrivals)
     demand = max(0.0, inp.arrivals.inflight - cap.left_out)
     by_rate = inp.arrivals.rate_per_s / cap.admit_rate if math.isfinite(cap.admit_rate) else 0.0
     prefill, lam_bar = prefill_need(cfg, state.recent, inp.arrivals, now)
-    # An interval without arrivals is a lull, not an idle fleet: Θ reads the window's mean rate (theta_max only
-    # when the whole window saw none, as at a cold start).
-    theta = overprovisioning_theta(cfg, inp.arrivals if inp.arrivals.rate_per_s > 0
-                                   else replace(inp.arrivals, rate_per_s=lam_bar))
     need = max(demand / cap.concurrency, by_rate, prefill)
     want_i = float(math.floor(need + 1e-9))
     rest = (need - want_i) * cap.concurrency  # requests left to the MIXED instances [requests]
