@@ -649,15 +649,16 @@ def prefill_need(cfg: PolicyConfig, recent: tuple[tuple[float, float, float], ..
 
 
 def window_headroom(cfg: PolicyConfig, recent: tuple[tuple[float, float, float], ...], arrivals: ArrivalStats,
-                    now: float, need: float, theta: float) -> tuple[tuple[tuple[float, float, float], ...], float, bool]:
-    """Headroom [instances]: the larger of ``N·Θ`` now and ``N̄·Θ(λ̄)``, N̄ and λ̄ the means over the decisions of
-    the last ``arrival_cv_window_s`` (module docstring, "Headroom"). Returns the new window, the headroom and
+                    now: float, need: float, theta: float,
+                    rate_bar: float) -> tuple[tuple[tuple[float, float, float], ...], float, bool]:
+    """Headroom [instances]: the larger of ``N·Θ`` now and ``N̄·Θ(λ̄)``, N̄ the mean need over the decisions of the
+    last ``arrival_cv_window_s`` and this one, λ̄ = ``rate_bar`` their mean arrival rate [requests/s] (as
+    :func:`prefill_need` returns it; module docstring, "Headroom"). Returns the new window, the headroom and
     whether the window's term set it. Example: a burst needed 6 instances for 60 of the last 300 s and none
     since: N̄ = 1.2, and Θ(λ̄) over that window's CV keeps 1.2·Θ(λ̄) instances up where N·Θ would keep 0."""
     window = (*(r for r in recent if r[0] >= now - cfg.arrival_cv_window_s), (now, need, arrivals.rate_per_s))
     n_bar = sum(r[1] for r in window) / len(window)
-    l_bar = sum(r[2] for r in window) / len(window)
-    kept = n_bar * overprovisioning_theta(cfg, replace(arrivals, rate_per_s=l_bar))
+    kept = n_bar * overprovisioning_theta(cfg, replace(arrivals, rate_per_s=rate_bar))
     return window, max(need * theta, kept), kept > need * theta
 
 
@@ -686,7 +687,7 @@ def decide(cfg: PolicyConfig, state: PolicyState, inp: ScalerInputs) -> tuple[Po
     if rest > mixed_hold(inp.instances):
         want_i = float(math.ceil(need - 1e-9))
     batch = batch_need(cfg, inp, current["batch"])
-    recent, head, from_window = window_headroom(cfg, state.recent, inp.arrivals, now, need, theta)
+    recent, head, from_window = window_headroom(cfg, state.recent, inp.arrivals, now, need, theta, lam_bar)
     # Below its minimum, the INTERACTIVE instances the minimum keeps serve N: MIXED instances hold the headroom.
     served_i = max(want_i, float(cfg.limit("interactive").min_instances))
     wanted = {"interactive": want_i, "mixed": max(0.0, max(need, served_i) + head - served_i), "batch": batch.wanted}
