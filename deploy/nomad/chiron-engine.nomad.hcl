@@ -98,7 +98,7 @@ locals {
   # Nomad's runtime interpolation.
   engine_roles = {
     interactive = { count = 1, min = 1, max = 16, itl_slo_ms = var.interactive_itl_slo_ms, queue_args = "" }
-    mixed       = { count = 1, min = 1, max = 8, itl_slo_ms = var.interactive_itl_slo_ms, queue_args = "--queue $${CHIRON_QUEUE_ADDRESS} " }
+    mixed       = { count = 0, min = 0, max = 8, itl_slo_ms = var.interactive_itl_slo_ms, queue_args = "--queue $${CHIRON_QUEUE_ADDRESS} " }
     batch       = { count = 0, min = 0, max = 32, itl_slo_ms = var.batch_itl_slo_ms, queue_args = "--queue $${CHIRON_QUEUE_ADDRESS} " }
   }
 }

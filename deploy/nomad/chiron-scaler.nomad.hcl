@@ -191,7 +191,7 @@ job "chiron-scaler" {
           "--gpu-budget", "${var.gpu_budget}",
           "--gpus-per-instance", "1",
           "--interactive", "1:16",
-          "--mixed", "1:8",
+          "--mixed", "0:8",
           "--batch", "0:32",
           "--provider", "nomad",
           "--nomad-address", var.nomad_address,
