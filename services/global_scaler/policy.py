@@ -681,6 +681,7 @@ def decide(cfg: PolicyConfig, state: PolicyState, inp: ScalerInputs) -> tuple[Po
     demand = max(0.0, inp.arrivals.inflight - cap.left_out)
     by_rate = inp.arrivals.rate_per_s / cap.admit_rate if math.isfinite(cap.admit_rate) else 0.0
     prefill, lam_bar = prefill_need(cfg, state.recent, inp.arrivals, now)
+    c_ttft = ttft_concurrency(cfg, inp.arrivals)
     need = max(demand / cap.concurrency, by_rate, prefill)
     want_i = float(math.floor(need + 1e-9))
     rest = (need - want_i) * cap.concurrency  # requests left to the MIXED instances [requests]
@@ -693,7 +694,7 @@ def decide(cfg: PolicyConfig, state: PolicyState, inp: ScalerInputs) -> tuple[Po
     wanted = {"interactive": want_i, "mixed": max(0.0, max(need, served_i) + head - served_i), "batch": batch.wanted}
     reasons = {
         "interactive": (f"demand {demand:.1f} running requests / {cap.concurrency:.1f} per instance"
-                        + (" (the TTFT bound)" if cap.concurrency >= ttft_concurrency(cfg, inp.arrivals) else "")
+                        + (" (the TTFT bound)" if cap.concurrency >= c_ttft else "")
                         + (f"; arrivals {inp.arrivals.rate_per_s:.2f}/s / {cap.admit_rate:.2f}/s admitted per "
                            f"instance" if math.isfinite(cap.admit_rate) else "")
                         + (f"; prefilling {lam_bar:.2f}/s (the window's mean) × {inp.arrivals.prompt_tokens_mean:.0f} "
@@ -738,7 +739,7 @@ def decide(cfg: PolicyConfig, state: PolicyState, inp: ScalerInputs) -> tuple[Po
         "demand_requests": demand, "instance_concurrency": cap.concurrency,
         "arrival_rate_per_s": inp.arrivals.rate_per_s, "admit_rate_per_instance": cap.admit_rate,
         "interactive_need_instances": need, "prefill_need_instances": prefill, "arrival_cv": inp.arrivals.cv,
-        "prompt_tokens_mean": inp.arrivals.prompt_tokens_mean, "ttft_concurrency": ttft_concurrency(cfg, inp.arrivals),
+        "prompt_tokens_mean": inp.arrivals.prompt_tokens_mean, "ttft_concurrency": c_ttft,
         "batch_capacity_instances": batch.capacity, "mixed_lend_instances": batch.lend,
         "queued_requests": float(batch.queued), "in_service_requests": float(batch.in_service),
         "groups": float(len(inp.groups)), "worst_group_ratio": batch.ratio})
