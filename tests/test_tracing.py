@@ -36,6 +36,7 @@ class Span:
     trace_id: bytes
     span_id: bytes
     parent_span_id: bytes
+    end_ns: int  # end time, Unix ns
 
 
 class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
@@ -56,7 +57,7 @@ class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
         for rs in request.resource_spans:
             service = next((a.value.string_value for a in rs.resource.attributes if a.key == "service.name"), "")
             for ss in rs.scope_spans:
-                got += [Span(service, s.name, s.kind, s.trace_id, s.span_id, s.parent_span_id) for s in ss.spans]
+                got += [Span(service, s.name, s.kind, s.trace_id, s.span_id, s.parent_span_id, s.end_time_unix_nano) for s in ss.spans]
         with self._lock:
             self._spans += got
             self.exports += 1
@@ -162,6 +163,8 @@ async def test_one_trace_spans_router_engine_and_queue(tmp_path, receiver):
         assert (server.service, server.name, server.kind) == ("chiron-router", "/chiron.v1.Router/Generate", SERVER)
         assert engine.trace_id == client.trace_id == server.trace_id and len(engine.trace_id) == 16
         assert not server.parent_span_id  # the test's client is not traced: the trace starts at the router
+        # The engine call's span ends with the call, inside the request's span (not when its stream is freed).
+        assert client.end_ns <= server.end_ns
 
         # Submit: router SERVER → router CLIENT (Queue/Enqueue) → queue SERVER.
         async def submit_traced() -> bool:

@@ -377,12 +377,15 @@ class RouterService(router_pb2_grpc.RouterServicer):
                 call = None
                 died = None
                 first_here = True  # no message from this instance yet
+                finished = False  # the client has the finish chunk
                 try:
                     call = engine_pb2_grpc.EngineStub(self._channels.get(target.address)).Generate(
                         engine_pb2.GenerateRequest(request=send), timeout=remaining_s)
                     if on_call is not None:
                         on_call(call)
                     async for chunk in call:
+                        if finished:  # nothing follows a finish chunk to the client
+                            continue
                         if chunk.token_ids:
                             timer.chunk()
                             now_s = time.monotonic()
@@ -394,11 +397,16 @@ class RouterService(router_pb2_grpc.RouterServicer):
                         yield router_pb2.RouterGenerateResponse(chunk=chunk,
                                                                 instance_id=target.instance_id if first_here else "")
                         first_here = False
-                        if chunk.finish_reason:  # the client has the end: what befalls the call now is moot
-                            break
+                        # The engine closes its stream right after the finish chunk. Reading on to that end,
+                        # rather than leaving the loop, lets the call's tracing span end with the call instead
+                        # of whenever the garbage collector frees the suspended stream iterator.
+                        finished = bool(chunk.finish_reason)
                     outcome = "ok"
                     return
                 except grpc.aio.AioRpcError as e:
+                    if finished:  # the client has the end: what befalls the call now is moot
+                        outcome = "ok"
+                        return
                     if not engine_failed(e):
                         outcome = outcome_of(e.code())
                         raise RouterStatus(e.code(), f"engine {target.instance_id}: {e.details()}") from None
