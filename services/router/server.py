@@ -91,6 +91,21 @@ def _length_finish(fwd: types_pb2.InferenceRequest, generated: int) -> engine_pb
                                        finish_reason=types_pb2.FINISH_REASON_LENGTH)
 
 
+def _relayed(chunk: engine_pb2.GenerateResponse, timer, streamed: list[int], resumed_here: bool, last_chunk_s: float) -> float:
+    """Count ``chunk``'s tokens into ``streamed`` (the client's, in order) and the request's stream ``timer``; the
+    first tokens of a stream resumed on another instance (``resumed_here``) get no second TTFT, and their ITL runs
+    from the client's last chunk. Returns when the client got its last chunk with tokens (``time.monotonic()`` s)."""
+    if not chunk.token_ids:
+        return last_chunk_s
+    timer.chunk()
+    now_s = time.monotonic()
+    if resumed_here:
+        chunk.ttft_ms = 0.0
+        chunk.itl_ms = (now_s - last_chunk_s) * 1e3 / len(chunk.token_ids)
+    streamed.extend(chunk.token_ids)
+    return now_s
+
+
 def engine_failed(e: grpc.aio.AioRpcError) -> bool:
     """Whether an engine call ended because the engine (process, host or connection) went away, so the request
     should go on elsewhere: UNAVAILABLE (a SIGKILLed engine: "Stream removed (Socket closed)"; an unreachable one;
@@ -386,20 +401,12 @@ class RouterService(router_pb2_grpc.RouterServicer):
                     async for chunk in call:
                         if finished:  # nothing follows a finish chunk to the client
                             continue
-                        if chunk.token_ids:
-                            timer.chunk()
-                            now_s = time.monotonic()
-                            if first_here and streamed:  # a resumed stream's first tokens: no second TTFT
-                                chunk.ttft_ms = 0.0
-                                chunk.itl_ms = (now_s - last_chunk_s) * 1e3 / len(chunk.token_ids)
-                            last_chunk_s = now_s
-                            streamed.extend(chunk.token_ids)
+                        last_chunk_s = _relayed(chunk, timer, streamed, first_here and bool(streamed), last_chunk_s)
                         yield router_pb2.RouterGenerateResponse(chunk=chunk,
                                                                 instance_id=target.instance_id if first_here else "")
                         first_here = False
-                        # The engine closes its stream right after the finish chunk. Reading on to that end,
-                        # rather than leaving the loop, lets the call's tracing span end with the call instead
-                        # of whenever the garbage collector frees the suspended stream iterator.
+                        # Read on to the stream's end (the engine closes it after the finish chunk), so the call's
+                        # tracing span ends with it, not when the garbage collector frees the suspended iterator.
                         finished = bool(chunk.finish_reason)
                     outcome = "ok"
                     return
