@@ -165,7 +165,7 @@ class ScalerSettings(BaseModel):
     interactive_ttft_slo_ms: float = 10_000.0
     prefill_tokens_per_s: float = 10_000.0  # an engine's prefill rate [prompt tokens/s] (the TTFT bound on C, the prefill need)
     interactive: tuple[int, int] = (1, 16)
-    mixed: tuple[int, int] = (0, 16)
+    mixed: tuple[int, int] = (1, 16)
     batch: tuple[int, int] = (0, 16)
     gpu_budget: int = 50
     gpus_per_instance: int = 1

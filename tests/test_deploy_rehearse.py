@@ -88,7 +88,7 @@ def test_the_engine_groups_render_from_one_labeled_dynamic_group_block():
     (job,) = render_job_file(DEFAULT_NOMAD_DIR / "chiron-engine.nomad.hcl", {"batch_itl_slo_ms": "400"})
     assert sorted(job.groups) == ["engine-batch", "engine-interactive", "engine-mixed"]
     bounds = {name: (g.count, g.scaling) for name, g in job.groups.items()}
-    assert bounds == {"engine-interactive": (1, (1, 16, True)), "engine-mixed": (0, (0, 8, True)),
+    assert bounds == {"engine-interactive": (1, (1, 16, True)), "engine-mixed": (1, (1, 8, True)),
                       "engine-batch": (0, (0, 32, True))}
     for role in ("interactive", "mixed", "batch"):
         (task,) = job.groups[f"engine-{role}"].tasks

@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from services.deploy.jobspec import evaluate, resolve_locals, resolve_variables
+from services.deploy.jobspec import evaluate, interpolate, resolve_locals, resolve_variables
 from services.global_scaler.nomad import DEFAULT_GROUPS, NomadApiError, NomadConfig, NomadProvider, parse_groups
 from services.global_scaler.providers import ROLES, InstanceCounts, ProviderError
 from tests.conftest import eventually
@@ -153,7 +153,7 @@ def test_scaler_spec_points_the_nomad_provider_at_the_engine_job(specs):
     (group,) = _groups(job).values()
     assert int(group.get("count", 1)) == 1  # one writer of scale decisions
     args = _one(_tasks(group)["scaler"]["config"])["args"]
-    opts = {args[i]: resolve(args[i + 1], variables) for i in range(len(args) - 1) if args[i].startswith("--")}
+    opts = {args[i]: interpolate(args[i + 1], {"var": variables}) for i in range(len(args) - 1) if args[i].startswith("--")}
     engine_id, engine = _job(specs["chiron-engine"])
     assert opts["--provider"] == "nomad"
     assert opts["--nomad-job"] == engine_id == "chiron-engine"

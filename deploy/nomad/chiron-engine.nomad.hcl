@@ -55,6 +55,12 @@ variable "batch_itl_slo_ms" {
   default     = 500
 }
 
+variable "mixed_min" {
+  type        = number
+  description = "MIXED engines kept at least: the MIXED group's initial count and scaling min (the scaler job's mixed_min must be the same). 1 is what every measured Chiron run keeps (docs/decisions/0036)."
+  default     = 1
+}
+
 variable "engine_args" {
   type        = string
   description = "Extra `chiron engine` arguments appended to every engine's command line (shell words; a later option wins over the same option before it), e.g. \"--max-num-batched-tokens 2048\", or \"--backend simulated --model llama-3-8b\" for a rehearsal without GPUs."
@@ -98,7 +104,7 @@ locals {
   # Nomad's runtime interpolation.
   engine_roles = {
     interactive = { count = 1, min = 1, max = 16, itl_slo_ms = var.interactive_itl_slo_ms, queue_args = "" }
-    mixed       = { count = 0, min = 0, max = 8, itl_slo_ms = var.interactive_itl_slo_ms, queue_args = "--queue $${CHIRON_QUEUE_ADDRESS} " }
+    mixed       = { count = var.mixed_min, min = var.mixed_min, max = 8, itl_slo_ms = var.interactive_itl_slo_ms, queue_args = "--queue $${CHIRON_QUEUE_ADDRESS} " }
     batch       = { count = 0, min = 0, max = 32, itl_slo_ms = var.batch_itl_slo_ms, queue_args = "--queue $${CHIRON_QUEUE_ADDRESS} " }
   }
 }

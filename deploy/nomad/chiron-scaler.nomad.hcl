@@ -66,6 +66,12 @@ variable "gpu_budget" {
   default     = 56
 }
 
+variable "mixed_min" {
+  type        = number
+  description = "MIXED engines kept at least (the engine job's mixed_min must be the same). 1 is what every measured Chiron run keeps (docs/decisions/0036)."
+  default     = 1
+}
+
 variable "tls" {
   type        = bool
   description = "Mutual TLS on every gRPC hop, with certificates from Vault's PKI secrets engine (see TLS.md)."
@@ -191,7 +197,7 @@ job "chiron-scaler" {
           "--gpu-budget", "${var.gpu_budget}",
           "--gpus-per-instance", "1",
           "--interactive", "1:16",
-          "--mixed", "0:8",
+          "--mixed", "${var.mixed_min}:8",
           "--batch", "0:32",
           "--provider", "nomad",
           "--nomad-address", var.nomad_address,

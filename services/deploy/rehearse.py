@@ -115,13 +115,16 @@ def rehearsal_variables(cfg: RehearsalConfig, *, chiron_bin: str, etcd: str, nom
     """The ``-var`` settings of a local rehearsal (each applies to the files that declare it): this machine's
     ``chiron``, etcd and Nomad stand-in; one router and one gateway (their ``distinct_hosts`` constraint allows
     one per node, and this is one node) on free static ports; simulated engines (``engine_args``); the scaler's
-    intervals, and a GPU budget (one per engine) that keeps the engine count within what a small machine runs."""
+    intervals, and a GPU budget (one per engine) that keeps the engine count within what a small machine runs.
+    No MIXED engine is kept (``mixed_min`` 0, the shipped files keep 1): a MIXED engine's idle capacity would
+    serve the rehearsal's small batch job, and the rehearsal is there to see the scaler start and stop one."""
     return {
         "chiron_bin": chiron_bin, "etcd_address": etcd, "nomad_address": nomad,
         "gateway_port": str(gateway_port), "gateway_count": "1", "router_port": str(router_port), "router_count": "1",
         "engine_args": f"--backend simulated --model {MODEL} --speedup {cfg.speedup:g}",
         "scaling_interval_s": f"{cfg.scaling_interval_s:g}", "scale_down_delay_s": f"{cfg.scale_down_delay_s:g}",
         "model_load_time_s": f"{cfg.model_load_time_s:g}", "gpu_budget": str(cfg.gpu_budget),
+        "mixed_min": "0",
     }
 
 
