@@ -4,7 +4,7 @@
 The issue's unseen trace is a real conversation trace with long prompts: 12,031 requests over an hour, a lower
 bound near 2.2 GPU-h. None of its requests is here; each stand-in keeps its count and varies what is not known
 (arrival process, prompt length), and none was used to choose a Chiron setting (each results folder says when it
-was run and what, if anything, it showed). Sources (``CHIRON_DATA_DIR``, default ``../shared/data``):
+was run and what, if anything, it showed). Sources (under :func:`services.common.paths.shared_data_dir`):
 
 - arrivals ``azure-conv``: a seeded draw of 12,031 of the 19,366 timestamps of the Azure LLM inference trace 2023,
   conversation (``traces/azure_llm_2023/AzureLLMInferenceTrace_conv.csv``, Azure/AzurePublicDataset, CC-BY-4.0);
@@ -23,13 +23,15 @@ was run and what, if anything, it showed). Sources (``CHIRON_DATA_DIR``, default
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import click
 import numpy as np
 import pandas as pd
+
+from services.common.paths import shared_data_dir
+from services.common.traces import AZURE_TRACES
+from simulator.workloads import ARXIV
 
 REQUESTS = 12_031  # the issue's count for the unseen trace
 POISSON_SPAN_S = 3_600.0
@@ -51,20 +53,20 @@ STAND_INS = {
 }
 
 
-def stand_in_trace(name: str, data_dir: Path) -> pd.DataFrame:
+def stand_in_trace(name: str) -> pd.DataFrame:
     """The stand-in ``name`` (module docstring) as a DataFrame of TIMESTAMP, ContextTokens, GeneratedTokens
     [tokens], one row per request. Raises KeyError for an unknown name, FileNotFoundError for a missing source."""
     s = STAND_INS[name]
-    traces = data_dir / "traces"
+    data = shared_data_dir()
     rng = np.random.default_rng(s.seed)
     if s.arrivals == "azure-conv":
-        conv = pd.read_csv(traces / "azure_llm_2023" / "AzureLLMInferenceTrace_conv.csv")
+        conv = pd.read_csv(data / AZURE_TRACES["azure-conv"])
         out = conv.iloc[np.sort(rng.choice(len(conv), REQUESTS, replace=False))].reset_index(drop=True)
     else:
         arrival_s = np.sort(rng.uniform(0, POISSON_SPAN_S, REQUESTS))
         stamps = [(POISSON_START + pd.Timedelta(seconds=float(x))).strftime("%Y-%m-%d %H:%M:%S.%f") for x in arrival_s]
         out = pd.DataFrame({"TIMESTAMP": stamps})
-    arxiv = pd.read_csv(traces / "arxiv_summarization" / "arxiv_summarization_stats_llama2_tokenizer_filtered_v2.csv")
+    arxiv = pd.read_csv(data / ARXIV)  # the raw rows: a draw indexes them all, unlike simulator.workloads.arxiv_lengths
     picks = [rng.integers(0, len(arxiv), len(out)) for _ in range(s.papers)]
     prompt = arxiv.num_prefill_tokens.to_numpy()
     out["ContextTokens"] = sum(prompt[p] for p in picks)
@@ -76,8 +78,7 @@ def stand_in_trace(name: str, data_dir: Path) -> pd.DataFrame:
 @click.argument("name", type=click.Choice(sorted(STAND_INS)))
 @click.argument("out", type=click.Path(dir_okay=False))
 def main(name: str, out: str) -> None:
-    data_dir = Path(os.environ.get("CHIRON_DATA_DIR", "../shared/data"))
-    stand_in_trace(name, data_dir).to_csv(out, index=False)
+    stand_in_trace(name).to_csv(out, index=False)
     click.echo(f"wrote {out}: stand-in {name}, {REQUESTS} requests")
 
 

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from bench.heldout import REQUESTS, STAND_INS, stand_in_trace
-from services.common.paths import shared_data_dir
 from services.common.traces import load_azure_trace
 
 # name: (mean prompt, mean output) [tokens] as the results folders report them, and the arrival span bounds [s]
@@ -17,7 +16,7 @@ REPORTED = {"long-prompt": (2_583, 288, 3_300, 3_600), "long-context": (5_167, 2
 
 @pytest.mark.parametrize("name", sorted(STAND_INS))
 def test_each_stand_in_is_the_trace_its_results_report(name, tmp_path):
-    df = stand_in_trace(name, shared_data_dir())
+    df = stand_in_trace(name)
     path = tmp_path / f"{name}.csv"
     df.to_csv(path, index=False)
     trace = load_azure_trace(str(path))
@@ -26,9 +25,9 @@ def test_each_stand_in_is_the_trace_its_results_report(name, tmp_path):
     assert round(float(np.mean(trace.prompt_tokens))) == prompt
     assert round(float(np.mean(trace.output_tokens))) == output
     assert span_lo < trace.arrival_s[-1] <= span_hi and np.all(np.diff(trace.arrival_s) >= 0)
-    assert stand_in_trace(name, shared_data_dir()).equals(df)  # seeded: the same trace every time
+    assert stand_in_trace(name).equals(df)  # seeded: the same trace every time
 
 
 def test_an_unknown_stand_in_is_a_key_error():
     with pytest.raises(KeyError):
-        stand_in_trace("no-such-trace", shared_data_dir())
+        stand_in_trace("no-such-trace")
