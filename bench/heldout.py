@@ -78,7 +78,11 @@ def stand_in_trace(name: str) -> pd.DataFrame:
 @click.argument("name", type=click.Choice(sorted(STAND_INS)))
 @click.argument("out", type=click.Path(dir_okay=False))
 def main(name: str, out: str) -> None:
-    stand_in_trace(name).to_csv(out, index=False)
+    try:
+        trace = stand_in_trace(name)
+    except FileNotFoundError as e:
+        raise click.ClickException(str(e)) from None
+    trace.to_csv(out, index=False)
     click.echo(f"wrote {out}: stand-in {name}, {REQUESTS} requests")
 
 
