@@ -633,30 +633,30 @@ def gpu_budget_cuts(cfg: PolicyConfig, desired: Mapping[str, int]) -> dict[str, 
     return cuts
 
 
-def prefill_need(cfg: PolicyConfig, recent: tuple[tuple[float, float, float], ...], arrivals: ArrivalStats,
-                 now: float) -> tuple[float, float]:
+def prefill_need(cfg: PolicyConfig, window: tuple[tuple[float, float, float], ...],
+                 arrivals: ArrivalStats) -> tuple[float, float]:
     """The instances that prefilling the arrivals' prompts keeps busy, ``λ̄·P̄ / R_p`` (module docstring): λ̄ the mean
-    arrival rate [requests/s] of the decisions in ``recent`` over the last ``arrival_cv_window_s`` and of this one,
+    arrival rate [requests/s] of the decisions in ``window`` (those of the last ``arrival_cv_window_s``) and of this one,
     P̄ the smoothed mean prompt [tokens], R_p ``prefill_tokens_per_s``. Returns (need [instances], λ̄); need 0 while no
     prompt has been seen. Below it the fleet's prefill queue grows without bound, whatever C and μ̄ say: a fleet
     that kept up has no standing queue, so μ̄ ages out and D / C alone sizes it for what it runs, not what it
     prefills. The window mean, not this interval's λ, so one busy interval's noise is not held for the delay
     window. E.g. 4.2 requests/s of 5,200-token prompts at 10,000 tokens/s: 2.2 instances."""
-    rates = [r[2] for r in recent if r[0] >= now - cfg.arrival_cv_window_s] + [arrivals.rate_per_s]
+    rates = [r[2] for r in window] + [arrivals.rate_per_s]
     lam = sum(rates) / len(rates)
     p = arrivals.prompt_tokens_mean
     return (lam * p / cfg.prefill_tokens_per_s if p > 0 and math.isfinite(p) else 0.0), lam
 
 
-def window_headroom(cfg: PolicyConfig, recent: tuple[tuple[float, float, float], ...], arrivals: ArrivalStats,
+def window_headroom(cfg: PolicyConfig, window: tuple[tuple[float, float, float], ...], arrivals: ArrivalStats,
                     now: float, need: float, theta: float,
                     rate_bar: float) -> tuple[tuple[tuple[float, float, float], ...], float, bool]:
-    """Headroom [instances]: the larger of ``N·Θ`` now and ``N̄·Θ(λ̄)``, N̄ the mean need over the decisions of the
-    last ``arrival_cv_window_s`` and this one, λ̄ = ``rate_bar`` their mean arrival rate [requests/s] (as
+    """Headroom [instances]: the larger of ``N·Θ`` now and ``N̄·Θ(λ̄)``, N̄ the mean need over the decisions in
+    ``window`` (those of the last ``arrival_cv_window_s``) and this one, λ̄ = ``rate_bar`` their mean arrival rate [requests/s] (as
     :func:`prefill_need` returns it; module docstring, "Headroom"). Returns the new window, the headroom and
     whether the window's term set it. Example: a burst needed 6 instances for 60 of the last 300 s and none
     since: N̄ = 1.2, and Θ(λ̄) over that window's CV keeps 1.2·Θ(λ̄) instances up where N·Θ would keep 0."""
-    window = (*(r for r in recent if r[0] >= now - cfg.arrival_cv_window_s), (now, need, arrivals.rate_per_s))
+    window = (*window, (now, need, arrivals.rate_per_s))
     n_bar = sum(r[1] for r in window) / len(window)
     kept = n_bar * overprovisioning_theta(cfg, replace(arrivals, rate_per_s=rate_bar))
     return window, max(need * theta, kept), kept > need * theta
@@ -680,7 +680,8 @@ def decide(cfg: PolicyConfig, state: PolicyState, inp: ScalerInputs) -> tuple[Po
     theta = overprovisioning_theta(cfg, inp.arrivals)
     demand = max(0.0, inp.arrivals.inflight - cap.left_out)
     by_rate = inp.arrivals.rate_per_s / cap.admit_rate if math.isfinite(cap.admit_rate) else 0.0
-    prefill, lam_bar = prefill_need(cfg, state.recent, inp.arrivals, now)
+    window = tuple(r for r in state.recent if r[0] >= now - cfg.arrival_cv_window_s)  # (time, N, λ) of the CV window
+    prefill, lam_bar = prefill_need(cfg, window, inp.arrivals)
     c_ttft = ttft_concurrency(cfg, inp.arrivals)
     need = max(demand / cap.concurrency, by_rate, prefill)
     want_i = float(math.floor(need + 1e-9))
@@ -688,7 +689,7 @@ def decide(cfg: PolicyConfig, state: PolicyState, inp: ScalerInputs) -> tuple[Po
     if rest > mixed_hold(inp.instances):
         want_i = float(math.ceil(need - 1e-9))
     batch = batch_need(cfg, inp, current["batch"])
-    recent, head, from_window = window_headroom(cfg, state.recent, inp.arrivals, now, need, theta, lam_bar)
+    recent, head, from_window = window_headroom(cfg, window, inp.arrivals, now, need, theta, lam_bar)
     # Below its minimum, the INTERACTIVE instances the minimum keeps serve N: MIXED instances hold the headroom.
     served_i = max(want_i, float(cfg.limit("interactive").min_instances))
     wanted = {"interactive": want_i, "mixed": max(0.0, max(need, served_i) + head - served_i), "batch": batch.wanted}
